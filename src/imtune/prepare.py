@@ -1,0 +1,51 @@
+"""The data half of the flow in one call: load -> formats -> validate -> template -> weights.
+
+`prepare_examples` is what train, eval, stats and inspect call; it returns the examples plus everything a person
+should be told about what happened to their data (skipped records, truncations, examples without weight)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .templates import Renderer
+from .types import Conversation, Problem, Rendered, TokenizedExample
+from .weights import LossSpec, TokenizeReport, tokenize
+
+
+@dataclass
+class Prepared:
+    examples: list[TokenizedExample]
+    report: TokenizeReport
+    renderer: Renderer
+    conversations: list[Conversation]
+    rendered: list[Rendered]
+    load_skipped: list[Problem]
+
+    def summary(self) -> str:
+        s = self.report.summary()
+        if self.load_skipped:
+            s = f"{len(self.load_skipped)} invalid records skipped; " + s
+        return s
+
+
+def load(data: str | list[Conversation], format: str = "auto", fields: dict | None = None,
+         on_invalid: str = "error", limit: int | None = None) -> tuple[list[Conversation], list[Problem]]:
+    if isinstance(data, (list, tuple)):
+        convs, skipped = list(data), []
+    else:
+        from .load import load_conversations
+
+        res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid)
+        convs, skipped = res.conversations, res.skipped
+    return (convs[:limit] if limit else convs), skipped
+
+
+def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
+                     max_length: int | None = None, truncation: str = "drop", format: str = "auto",
+                     fields: dict | None = None, on_invalid: str = "error", limit: int | None = None) -> Prepared:
+    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch."""
+    convs, skipped = load(data, format, fields, on_invalid, limit)
+    renderer = Renderer(template, tokenizer)
+    rendered = [renderer.render(c) for c in convs]
+    examples, report = tokenize(rendered, tokenizer, spec, max_length, truncation,
+                                on_empty="error" if on_invalid == "error" else "skip")
+    return Prepared(examples, report, renderer, convs, rendered, skipped)
