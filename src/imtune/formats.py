@@ -1,0 +1,172 @@
+"""Record (a dict) -> Conversation. One small converter a format, listed in the FORMATS registry.
+
+Converters read *canonical* field names through a field map: with `fields={"output": "response"}` the canonical
+`output` is read from the record's `response` key (every name below can be mapped, nested ones too: role, content,
+from, value). Problems are reported with the name the record actually uses, so a person can find it.
+
+| format            | record                                                                | detected by        |
+|-------------------|-----------------------------------------------------------------------|--------------------|
+| messages          | {"messages": [{"role": "system"/"user"/"assistant", "content": str}]} | messages           |
+| sharegpt          | {"conversations": [{"from": "human"/"gpt"/"system", "value": str}]}   | conversations      |
+| alpaca            | {"instruction", "input"?, "output", "system"?}                        | instruction, output|
+| prompt_completion | {"prompt", "completion", "system"?}                                   | prompt, completion |
+
+alpaca's user message is the instruction, followed by a blank line and the input when the input is not blank.
+"user"/"assistant" are accepted as sharegpt roles too; `system` in the flat formats becomes a leading system message.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import validate
+from .types import ROLES, Conversation, Message, Problem, Where
+
+Bad = validate.Bad
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record being converted: its data, the field map and where problems go."""
+
+    data: dict
+    fields: dict[str, str]
+    format: str
+    bad: Bad
+
+    def key(self, canonical: str) -> str:
+        return self.fields.get(canonical, canonical)
+
+    def required(self, canonical: str, obj: dict | None = None, prefix: str = "") -> Any:
+        """The value of a required field (None, reported, when absent or null)."""
+        obj = self.data if obj is None else obj
+        key = self.key(canonical)
+        value = obj.get(key)
+        if value is None:
+            what = "message" if prefix else "record"
+            self.bad(prefix + key, validate.missing(obj, key, canonical, self.format, what))
+        return value
+
+    def text(self, canonical: str) -> str | None:
+        value = self.required(canonical)
+        return None if value is None else validate.text(value, self.key(canonical), self.bad)
+
+    def optional_text(self, canonical: str) -> str | None:
+        return validate.optional_text(self.data.get(self.key(canonical)), self.key(canonical), self.bad)
+
+    def system(self) -> list[Message]:
+        """The optional `system` field of the flat formats, as a leading system message."""
+        content = self.optional_text("system")
+        return [Message("system", content)] if content is not None else []
+
+
+def _turns(r: Record, list_field: str, role_field: str, content_field: str, roles: dict[str, str]) -> list[Message]:
+    """A list of {role, content}-like objects -> messages; shared by `messages` and `sharegpt`."""
+    key = r.key(list_field)
+    turns = r.required(list_field)
+    if isinstance(turns, str):  # a JSON list stored as text (a CSV cell, a string column)
+        try:
+            turns = json.loads(turns)
+        except ValueError:
+            r.bad(key, "expected a list of messages, got a string that is not JSON")
+            return []
+    if turns is None:
+        return []
+    if not isinstance(turns, list):
+        r.bad(key, f"expected a list of messages, got {validate.kind(turns)}")
+        return []
+    if not turns:
+        r.bad(key, "empty list; a conversation needs at least one user and one assistant message")
+        return []
+    messages: list[Message] = []
+    seen: list[str | None] = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            r.bad(where, f"expected an object with {r.key(role_field)} and {r.key(content_field)}, "
+                         f"got {validate.kind(turn)}")
+            continue
+        raw_role = r.required(role_field, turn, where + ".")
+        raw_content = r.required(content_field, turn, where + ".")
+        role = None if raw_role is None else validate.role(raw_role, f"{where}.{r.key(role_field)}", roles, r.bad)
+        content = None if raw_content is None else validate.text(raw_content, f"{where}.{r.key(content_field)}", r.bad)
+        seen.append(role)
+        if role is not None and content is not None:
+            messages.append(Message(role, content))
+    if len(seen) == len(turns) and None not in seen:  # every role was read: a missing assistant is its own problem
+        validate.has_assistant(seen, key, r.bad)
+    return messages
+
+
+def from_messages(r: Record) -> list[Message]:
+    return _turns(r, "messages", "role", "content", {role: role for role in ROLES})
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def from_sharegpt(r: Record) -> list[Message]:
+    return _turns(r, "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def from_alpaca(r: Record) -> list[Message]:
+    system = r.system()
+    instruction, extra, output = r.text("instruction"), r.optional_text("input"), r.text("output")
+    if instruction is None or output is None:
+        return []
+    user = instruction if extra is None else instruction + "\n\n" + extra
+    return system + [Message("user", user), Message("assistant", output)]
+
+
+def from_prompt_completion(r: Record) -> list[Message]:
+    system = r.system()
+    prompt, completion = r.text("prompt"), r.text("completion")
+    if prompt is None or completion is None:
+        return []
+    return system + [Message("user", prompt), Message("assistant", completion)]
+
+
+@dataclass(frozen=True)
+class Format:
+    convert: Callable[[Record], list[Message]]
+    detect: tuple[str, ...]  # canonical fields whose presence identifies the format (in this registry's order)
+    fields: tuple[str, ...]  # every canonical field it reads, for --field
+
+
+FORMATS: dict[str, Format] = {
+    "messages": Format(from_messages, ("messages",), ("messages", "role", "content")),
+    "sharegpt": Format(from_sharegpt, ("conversations",), ("conversations", "from", "value")),
+    "alpaca": Format(from_alpaca, ("instruction", "output"), ("instruction", "input", "output", "system")),
+    "prompt_completion": Format(from_prompt_completion, ("prompt", "completion"), ("prompt", "completion", "system")),
+}
+
+CANONICAL_FIELDS = tuple(dict.fromkeys(name for f in FORMATS.values() for name in f.fields))
+
+
+def detect(record: Any, fields: dict[str, str]) -> str | None:
+    """The first format whose identifying fields (through the field map) are all keys of the record."""
+    if not isinstance(record, dict):
+        return None
+    for name, fmt in FORMATS.items():
+        if all(fields.get(c, c) in record for c in fmt.detect):
+            return name
+    return None
+
+
+def describe_formats(fields: dict[str, str]) -> str:
+    """'messages (messages), alpaca (instruction, output), ...' with the field map applied."""
+    return "; ".join(f"{name} ({', '.join(fields.get(c, c) for c in f.detect)})" for name, f in FORMATS.items())
+
+
+def to_conversation(record: Any, where: Where, format: str,
+                    fields: dict[str, str]) -> tuple[Conversation | None, list[Problem]]:
+    """One record -> (Conversation, []) or (None, its problems)."""
+    if not isinstance(record, dict):
+        return None, [Problem(where, "", validate.not_object(record))]
+    problems: list[Problem] = []
+    r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)))
+    messages = FORMATS[format].convert(r)
+    if problems:
+        return None, problems
+    return Conversation(tuple(messages), where), []

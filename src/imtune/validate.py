@@ -1,0 +1,107 @@
+"""The content rules a record must meet, and how to say so to a person.
+
+Every check reports through `bad(field, message)` (the caller knows the record's `Where`), so one record can carry
+several problems and each reads `path:line: field: what is wrong, what to do`. The rules:
+
+- text (content, instruction, output, ...) is a string that is not empty or whitespace-only;
+- a role is one the format knows (the message lists them);
+- a conversation has at least one assistant turn. It may end on a user turn (the earlier assistant turns still
+  train), repeat a role, or carry a system message anywhere.
+
+`check(conversation)` applies the same rules to a Conversation built in code (synthetic data, tests).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .types import ROLES, Conversation, Problem
+
+Bad = Callable[[str, str], None]  # bad(field, message): record one problem of the record being read
+
+
+def kind(value: Any) -> str:
+    """What a JSON value is, in words: 'a string', 'a list', 'null', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def listing(names) -> str:
+    return ", ".join(str(n) for n in names)
+
+
+def missing(obj: dict, key: str, canonical: str, fmt: str, what: str = "record") -> str:
+    """The message for a required field an object lacks: name the keys it has and how to map one of them."""
+    if key in obj:  # present but null
+        return f"is null; format {fmt} needs a value here"
+    others = [k for k in obj if isinstance(k, str)]
+    has = f"the {what} has fields {listing(others)}" if others else f"the {what} has no fields"
+    return f"missing (format {fmt}); {has}; map one with --field {canonical}=NAME"
+
+
+def text(value: Any, field: str, bad: Bad) -> str | None:
+    """A required piece of text: a string with something other than whitespace in it."""
+    if not isinstance(value, str):
+        bad(field, f"expected a string, got {kind(value)}")
+        return None
+    if not value.strip():
+        what = "empty" if not value else "whitespace-only"
+        bad(field, f"{what} text; fill it in or remove the record")
+        return None
+    return value
+
+
+def optional_text(value: Any, field: str, bad: Bad) -> str | None:
+    """Optional text (alpaca `input`, `system`): absent, null or blank mean none; anything else must be a string."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        bad(field, f"expected a string, got {kind(value)}")
+        return None
+    return value
+
+
+def role(value: Any, field: str, roles: dict[str, str], bad: Bad) -> str | None:
+    """A role as spelled in the data -> one of ROLES, through `roles` (spelling -> role)."""
+    if isinstance(value, str) and value in roles:
+        return roles[value]
+    shown = repr(value) if isinstance(value, str) else kind(value)
+    bad(field, f"unknown role {shown}; use one of {listing(roles)}")
+    return None
+
+
+def has_assistant(roles: list[str | None], field: str, bad: Bad) -> None:
+    """A conversation with no assistant turn has nothing to learn from (it may end on any role)."""
+    if "assistant" not in roles:
+        bad(field, "no assistant turn; a conversation needs at least one assistant message to train on")
+
+
+def not_object(value: Any) -> str:
+    return f"the record is {kind(value)}, expected an object ({{...}}) with named fields"
+
+
+def check(conversation: Conversation) -> list[Problem]:
+    """The same rules for a Conversation built in code; [] when it is fine."""
+    problems: list[Problem] = []
+
+    def bad(field: str, message: str) -> None:
+        problems.append(Problem(conversation.source, field, message))
+
+    if not conversation.messages:
+        bad("messages", "no messages")
+        return problems
+    for i, m in enumerate(conversation.messages):
+        role(m.role, f"messages[{i}].role", {r: r for r in ROLES}, bad)
+        text(m.content, f"messages[{i}].content", bad)
+    has_assistant([m.role for m in conversation.messages], "messages", bad)
+    return problems
