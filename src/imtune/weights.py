@@ -137,8 +137,8 @@ def tokenize(rendered: list[Rendered], tokenizer, spec: LossSpec, max_length: in
         return [], report
     enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True,
                     return_attention_mask=False)
-    table = np.array([spec.table[c] for c in CLASSES], dtype=np.float32)
-    hist_w = np.float32(spec.table["user"])
+    table = np.array([spec.table[c] for c in CLASSES], dtype=np.float64)
+    hist_w = np.float64(spec.table["user"])
     out: list[TokenizedExample] = []
     for r, ids, offs in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
         offsets = np.asarray(offs, dtype=np.int64).reshape(-1, 2)

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real data beside the repo (../shared/data), the default tokenizer, and a second tokenizer of
+another family (SentencePiece-style Metaspace BPE that adds BOS), so mask invariants are checked on more than one."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_file(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"{p} is absent: the shared reference data is not beside this checkout")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from imtune.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def sp_tok(tmp_path_factory):
+    """A small SentencePiece-style tokenizer (Metaspace pre-tokenizer, BPE) that adds <s> by itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    corpus = ["Hello world, this is a tiny corpus for a tiny tokenizer.",
+              "The quick brown fox jumps over the lazy dog.\nWhat is 2+2? It is 4.",
+              "<|user|> <|assistant|> instruction output answer question"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(corpus, trainer)
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+    d = tmp_path_factory.mktemp("sp_tok")
+    fast.save_pretrained(d)
+    return PreTrainedTokenizerFast.from_pretrained(d)

@@ -1,0 +1,224 @@
+"""Mask invariants, checked per token: on hand-made cases, on random conversations (hypothesis) and on real data.
+
+The invariants (issue #2):
+- token ids are identical to tokenizing the full rendered string once;
+- `it`: the weighted tokens cover exactly the assistant contents and their end-of-turn tokens (and, for clean
+  contents with no whitespace at the edges, decode to exactly those strings);
+- `im`: no token made only of template text carries weight, every token holding data content does;
+- `all`: every token has weight 1; `weighted`: instruction tokens have weight λ;
+- a token straddling two classes takes the highest class (eot > assistant > user > system > template);
+- truncation and all-zero examples are counted, never silent.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import shared_file
+from imtune.templates import Renderer
+from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
+from imtune.weights import LOSS_MODES, loss_spec, parse_weights, tokenize
+
+TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
+
+
+def conv(*pairs, path="t.jsonl") -> Conversation:
+    return Conversation(tuple(Message(r, c) for r, c in pairs), Where(path, 1, 0))
+
+
+def token_ranges(tokenizer, text: str, n: int) -> list[tuple[int, int]]:
+    """Characters each token owns: [start_i, start_{i+1}) — the rule weights.py documents."""
+    offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:n]
+    starts = [s for s, _ in offs] + [len(text)]
+    return [(starts[i], max(starts[i], starts[i + 1])) for i in range(n)]
+
+
+def check_invariants(ex, rendered, tokenizer, mode: str) -> None:
+    text = rendered.text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == ids[: len(ex.input_ids)], "ids differ from one tokenisation of the rendered text"
+    ranges = token_ranges(tokenizer, text, len(ex.input_ids))
+    char_cls = np.zeros(len(text), dtype=int)
+    for s in rendered.spans:
+        char_cls[s.start:s.end] = CLASS_ID[s.cls]
+    table = LOSS_MODES[mode]
+    for i, ((a, b), c, w) in enumerate(zip(ranges, ex.classes, ex.weights)):
+        # A token with an empty range shares its first character with the next token (a byte-split character).
+        covered = set(char_cls[a:max(b, a + 1)].tolist()) or {0}
+        assert c == max(covered), f"token {i} {text[a:b]!r}: class {CLASSES[c]}, chars {covered}"
+        assert w == table[CLASSES[c]]
+        if mode == "im":
+            assert (w > 0) == (max(covered) > 0), f"token {i} {text[a:b]!r}"
+        if mode == "it":
+            assert (w > 0) == bool(covered & {CLASS_ID["assistant"], CLASS_ID["eot"]}), f"token {i} {text[a:b]!r}"
+    # Every data character is owned by a token of its class or higher (no content is ever left unweighted).
+    for s in rendered.spans:
+        for i, (a, b) in enumerate(ranges):
+            if a < s.end and b > s.start:
+                assert ex.classes[i] >= CLASS_ID[s.cls]
+
+
+def it_text(ex, tokenizer) -> str:
+    return tokenizer.decode([t for t, w in zip(ex.input_ids, ex.weights) if w > 0])
+
+
+# -- hand-made cases --------------------------------------------------------------------------------------------
+SIMPLE = conv(("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"),
+              ("user", "And 3+3?"), ("assistant", "6, obviously."))
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("mode", ["it", "im", "all"])
+def test_invariants_simple(tok, template, mode):
+    r = Renderer(template, tok).render(SIMPLE)
+    (ex,), rep = tokenize([r], tok, loss_spec(mode))
+    check_invariants(ex, r, tok, mode)
+    if mode == "it":
+        assert it_text(ex, tok) == "4<|im_end|>6, obviously.<|im_end|>"
+    if mode == "im":
+        assert it_text(ex, tok) == "Be brief.What is 2+2?4<|im_end|>And 3+3?6, obviously.<|im_end|>"
+
+
+def test_template_tokens_never_weighted_in_im(tok):
+    r = Renderer("tulu", tok).render(SIMPLE)
+    (ex,), _ = tokenize([r], tok, loss_spec("im"))
+    template_text = "".join(tok.decode([t]) for t, c in zip(ex.input_ids, ex.classes) if c == CLASS_ID["template"])
+    assert "<|user|>" in template_text and "<|assistant|>" in template_text and "<|system|>" in template_text
+    assert all(w == 0 for w, c in zip(ex.weights, ex.classes) if c == CLASS_ID["template"])
+
+
+def test_weighted_and_overrides(tok):
+    r = Renderer("tulu", tok).render(SIMPLE)
+    (ex,), _ = tokenize([r], tok, loss_spec("weighted", prompt_weight=0.25))
+    by = {CLASSES[c]: w for c, w in zip(ex.classes, ex.weights)}
+    assert by == {"template": 0.0, "system": 0.25, "user": 0.25, "assistant": 1.0, "eot": 1.0}
+    spec = loss_spec("im", weights="system=0,user=0.5,template=0.01")
+    (ex,), _ = tokenize([r], tok, spec)
+    by = {CLASSES[c]: w for c, w in zip(ex.classes, ex.weights)}
+    assert by == {"template": 0.01, "system": 0.0, "user": 0.5, "assistant": 1.0, "eot": 1.0}
+
+
+def test_last_turn_only_gives_history_the_prompt_weight(tok):
+    r = Renderer("chatml", tok).render(SIMPLE)
+    (ex,), _ = tokenize([r], tok, loss_spec("it", last_turn_only=True))
+    assert it_text(ex, tok) == "6, obviously.<|im_end|>"
+    (ex,), _ = tokenize([r], tok, loss_spec("weighted", prompt_weight=0.1, last_turn_only=True))
+    weighted = [(tok.decode([t]), w) for t, w in zip(ex.input_ids, ex.weights) if w > 0]
+    assert ("4", pytest.approx(0.1)) in [(s, pytest.approx(w)) for s, w in weighted]
+    assert tok.decode([t for t, w in zip(ex.input_ids, ex.weights) if w == 1.0]) == "6, obviously.<|im_end|>"
+
+
+def test_straddling_token_takes_the_content_class(tok):
+    # An answer that starts with two spaces: the template's "\n" after <|assistant|> and the content's first space
+    # merge into one token "\n ". It takes the content's class, so the whole content is learnt (plus one template
+    # character) in IT.
+    r = Renderer("tulu", tok).render(conv(("user", "Question?"), ("assistant", "  Answer.")))
+    (ex,), _ = tokenize([r], tok, loss_spec("it"))
+    check_invariants(ex, r, tok, "it")
+    pieces = [(tok.decode([t]), CLASSES[c]) for t, c in zip(ex.input_ids, ex.classes)]
+    assert ("\n ", "assistant") in pieces
+    assert it_text(ex, tok) == "\n  Answer.<|im_end|>"
+
+
+def test_truncation_drop_and_truncate_are_counted(tok):
+    long = conv(("user", "word " * 200), ("assistant", "ok"))
+    r = [Renderer("tulu", tok).render(c) for c in (long, SIMPLE)]
+    exs, rep = tokenize(r, tok, loss_spec("it"), max_length=64, truncation="drop")
+    assert len(exs) == 1 and len(rep.dropped_too_long) == 1 and "t.jsonl:1" in str(rep.dropped_too_long[0])
+    exs, rep = tokenize(r, tok, loss_spec("im"), max_length=64, truncation="truncate")
+    assert len(exs) == 2 and rep.truncated == 1 and len(exs[0].input_ids) == 64 and exs[0].truncated
+    # In IT the truncated example lost its only output tokens: skipped and counted, never silent.
+    exs, rep = tokenize(r, tok, loss_spec("it"), max_length=64, truncation="truncate")
+    assert len(exs) == 1 and len(rep.dropped_no_weight) == 1
+    with pytest.raises(DataError, match="t.jsonl:1: no token carries loss weight"):
+        tokenize(r, tok, loss_spec("it"), max_length=64, truncation="truncate", on_empty="error")
+
+
+def test_bad_loss_arguments_are_usage_errors():
+    with pytest.raises(UsageError, match="valid: it, im, all, weighted"):
+        loss_spec("nope")
+    with pytest.raises(UsageError, match="needs --prompt-weight"):
+        loss_spec("weighted")
+    with pytest.raises(UsageError, match="unknown class 'usr'"):
+        parse_weights("usr=1")
+    with pytest.raises(UsageError, match="must be a number"):
+        parse_weights("user=abc")
+    assert parse_weights(" user=0.1 , system=0 ") == {"user": 0.1, "system": 0.0}
+
+
+# -- property tests: random conversations, every template, two tokenizer families -------------------------------
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Co")), min_size=1, max_size=40).filter(
+    lambda s: s.strip())
+
+
+@st.composite
+def conversations(draw):
+    msgs = []
+    if draw(st.booleans()):
+        msgs.append(Message("system", draw(_text)))
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append(Message("user", draw(_text)))
+        msgs.append(Message("assistant", draw(_text)))
+    return Conversation(tuple(msgs), Where("h.jsonl", 1, 0))
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=conversations(), mode=st.sampled_from(["it", "im", "all"]))
+def test_invariants_random_conversations(tok, template, c, mode):
+    r = Renderer(template, tok).render(c)
+    (ex,), _ = tokenize([r], tok, loss_spec(mode))
+    check_invariants(ex, r, tok, mode)
+    if mode == "it" and all(m.content == m.content.strip() for m in c.messages):
+        expect = "".join(m.content + "<|im_end|>" for m in c.messages if m.role == "assistant")
+        covered = "".join(r.text[a:b] for (a, b), w in zip(token_ranges(tok, r.text, len(ex.input_ids)), ex.weights)
+                          if w > 0)
+        assert covered == expect
+
+
+@pytest.mark.parametrize("template", ["tulu", "alpaca"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=conversations(), mode=st.sampled_from(["it", "im"]))
+def test_invariants_sentencepiece_tokenizer(sp_tok, template, c, mode):
+    r = Renderer(template, sp_tok).render(c)
+    assert r.text.startswith("<s>")  # this tokenizer adds BOS by itself, so the template renders it (as template)
+    (ex,), _ = tokenize([r], sp_tok, loss_spec(mode))
+    check_invariants(ex, r, sp_tok, mode)
+    assert ex.classes[0] == CLASS_ID["template"] and ex.weights[0] == 0
+
+
+# -- golden checks on real data ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lima():
+    rows = [json.loads(line) for line in shared_file("train/lima.jsonl").open()]
+    return [Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"]), Where("lima.jsonl", i + 1, i))
+            for i, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("template", ["tulu", "chatml", "model"])
+def test_lima_masks_satisfy_every_invariant(tok, lima, template):
+    renderer = Renderer(template, tok)
+    rendered = [renderer.render(c) for c in lima]
+    assert sum(c.messages[-1].role == "assistant" and len(c.messages) > 2 for c in lima) == 30  # multi-turn
+    for mode in ("it", "im", "all"):
+        exs, rep = tokenize(rendered, tok, loss_spec(mode))
+        assert len(exs) == 1030 and rep.n_skipped == 0
+        step = 1 if mode == "im" else 7  # every example in im, a spread sample in the other modes (time)
+        for ex, r in list(zip(exs, rendered))[::step]:
+            check_invariants(ex, r, tok, mode)
+    # A golden example: LIMA's first record in tulu/IT decodes to its answer plus <|im_end|>.
+    exs, _ = tokenize(rendered[:1], tok, loss_spec("it"))
+    assert it_text(exs[0], tok) == lima[0].messages[1].content + "<|im_end|>"
+
+
+def test_model_template_injected_system_prompt_is_template(tok, lima):
+    r = Renderer("model", tok).render(lima[0])
+    assert "You are a helpful AI assistant named SmolLM" in r.text  # SmolLM2's template injects it
+    (ex,), _ = tokenize([r], tok, loss_spec("im"))
+    check_invariants(ex, r, tok, "im")
+    injected = [t for t, c in zip(ex.input_ids, ex.classes) if c == CLASS_ID["template"]]
+    assert "named SmolLM" in tok.decode(injected)
