@@ -13,6 +13,7 @@ from .types import DataError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("imtune.commands.inspect", "show which tokens carry loss and with what weight"),
     "models prepare": ("imtune.commands.models", "convert the embedded default model to safetensors (once)"),
+    "data stats": ("imtune.commands.data_stats", "lengths, instruction/output ratio, supervised shares, loss advice"),
 }
 
 

@@ -1,0 +1,67 @@
+"""`imtune data stats DATA [DATA...]`: lengths, instruction/output ratio, the share of tokens each loss mode trains
+on, and advice on the loss mode (imtune.stats). One file: a detailed block; several: one row each, side by side.
+`--json`: one file prints the stats object; several print a JSON list of them, in the order given, each with its
+`path`. `--plot DIR` writes `<file stem>.lengths.png` and `<file stem>.scatter.png` per file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import add_data_args, add_length_args, add_model_args, add_template_args, fields_from, say
+
+
+def add_arguments(p) -> None:
+    add_data_args(p, nargs="+")
+    add_model_args(p)
+    add_template_args(p)
+    p.add_argument("--unit", choices=["tokens", "words"], default="tokens",
+                   help="tokens: counted from one tokenisation of the rendered text (what training sees); words: "
+                        "the IM paper's convention (whitespace words of '<|role|>\\n' + content)")
+    add_length_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (an object for one file, a list for several)")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write length histograms and a scatter plot here")
+
+
+def _plot_name(path: str, taken: set[str]) -> str:
+    stem = Path(path).name.split(".")[0] or "data"
+    name, k = stem, 2
+    while name in taken:  # two files with the same stem keep both plots
+        name, k = f"{stem}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def run(args) -> int:
+    from ..load import load_conversations
+    from ..models import load_tokenizer
+    from ..stats import format_one, format_table, measure, plot, stats_from_lengths
+    from ..templates import Renderer
+    from ..types import UsageError
+
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError("--max-length must be >= 1")
+    tok = load_tokenizer(args.model)
+    renderer = Renderer(args.template, tok)
+    fields = fields_from(args)
+    results, taken = [], set()
+    for path in args.data:
+        res = load_conversations(path, format=args.format, fields=fields, on_invalid=args.on_invalid)
+        if res.skipped:
+            say(f"{path}: {len(res.skipped)} invalid records skipped (first: {res.skipped[0]})")
+        lengths = measure(res.conversations, tok, renderer, args.unit)
+        stats = {"path": str(path), **stats_from_lengths(res.conversations, lengths, args.max_length, renderer.name)}
+        stats["skipped"] = len(res.skipped)
+        if args.max_length is not None:
+            stats["max_length"]["truncation"] = args.truncation
+        results.append(stats)
+        if args.plot:
+            for f in plot(lengths, args.plot, _plot_name(path, taken)):
+                say(f"wrote {f}")
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return 0
+    if len(results) > 1:
+        print(format_table([(Path(s["path"]).name, s) for s in results]))
+        print()
+    print("\n\n".join(format_one(s, s["path"]) for s in results))
+    return 0

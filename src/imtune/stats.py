@@ -1,0 +1,323 @@
+"""Dataset statistics: will Instruction Modelling help on this data?
+
+    conversations ─▶ measure ─▶ Lengths (per example) ─▶ summarize ─▶ the stats object ─▶ recommend
+
+Two units:
+- `tokens` (default): ONE tokenisation of each rendered conversation (weights.tokenize, the same pass training
+  uses); instruction = tokens of class system/user, output = tokens of class assistant. End-of-turn and template
+  tokens are not content and count in neither (they do count in the sequence length).
+- `words` (the paper's Table 5 convention): whitespace-separated words of each message rendered as
+  `"<|role|>\\n" + content`, summed per example; instruction = system + user messages, output = assistant messages.
+
+Per length: mean, population std, median, mode (the smallest of the most common values), p90 (linear
+interpolation, numpy's default) and max. `ratio` = mean instruction / mean output in `unit` (the paper's
+instruction/output ratio), `inverse_ratio` its inverse, and `ratio_words` the ratio in words whatever the unit:
+`recommend` reads that one, because its thresholds come from the paper's word counts (units shift the ratio: code
+outputs take more tokens per word, so Code Alpaca's ratio is 0.65 in words but 0.42 in SmolLM2 tokens).
+`supervised_share[mode]` = the share of predicted tokens (positions 1..n-1, the ones a label exists for) with
+weight > 0 under loss mode `it`, `im` or `all`; in tokens whenever a tokenizer is given, else in words (role tags
+as template) — `share_unit` says which.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .types import CLASS_ID, CLASSES, ROLES, Conversation, DataError, UsageError
+from .weights import LOSS_MODES
+
+UNITS = ("tokens", "words")
+STAT_KEYS = ("mean", "std", "median", "mode", "p90", "max")
+SHARE_MODES = ("it", "im", "all")
+
+# The recommendation rule, all thresholds in one place (see `recommend`).
+RULE = {
+    "high_ratio": 0.5,  # instruction/output >= this: IM (Alpagasus-Dolly 0.64, Code Alpaca: largest IM gains)
+    "low_ratio": 0.15,  # below this: IT (LIMA 0.094: IM gains small or negative)
+    "small_n": 5000,  # between the two ratios: N <= this -> IM (few examples), else weighted
+    "prompt_weight": 0.1,  # λ suggested for `weighted` (Huerta-Enochian & Ko 2024: 0.01–0.5 best on short outputs)
+}
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Per-example measurements, before summarising. `class_counts[i, c]`: predicted tokens (or words) of example i in
+    class CLASSES[c], used for supervised shares; `sequence`: tokens per rendered example (None without tokenizer)."""
+
+    unit: str
+    instruction: np.ndarray
+    output: np.ndarray
+    class_counts: np.ndarray
+    share_unit: str
+    sequence: np.ndarray | None = None
+
+
+def _words(conv: Conversation) -> tuple[int, int, np.ndarray]:
+    """Instruction words, output words (paper convention) and the per-class word counts (tags = template)."""
+    ins = out = 0
+    counts = np.zeros(len(CLASSES), dtype=np.int64)
+    for m in conv.messages:
+        n = len(f"<|{m.role}|>\n{m.content}".split())
+        if m.role == "assistant":
+            out += n
+        else:
+            ins += n
+        content = len(m.content.split())
+        counts[CLASS_ID[m.role]] += content
+        counts[CLASS_ID["template"]] += n - content
+    return ins, out, counts
+
+
+def _tokens(conversations: list[Conversation], tokenizer, renderer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: class counts over all tokens, class counts over predicted tokens, sequence length."""
+    from .templates import Renderer
+    from .weights import loss_spec, tokenize
+
+    renderer = renderer or Renderer(None, tokenizer)
+    rendered = [renderer.render(c) for c in conversations]
+    # Loss mode `all` gives every token weight, so tokenize keeps every example with at least two tokens.
+    examples, report = tokenize(rendered, tokenizer, loss_spec("all"), max_length=None)
+    if len(examples) != len(rendered):
+        raise DataError(report.dropped_no_weight)
+    k = len(CLASSES)
+    every = np.stack([np.bincount(ex.classes, minlength=k) for ex in examples])
+    predicted = np.stack([np.bincount(ex.classes[1:], minlength=k) for ex in examples])
+    return every, predicted, np.array([len(ex) for ex in examples])
+
+
+def measure(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens") -> Lengths:
+    """Conversations -> per-example lengths in `unit` (tokens need a tokenizer; words use one, if given, for shares)."""
+    if unit not in UNITS:
+        raise UsageError(f"unknown unit {unit!r}; valid: {', '.join(UNITS)}")
+    if not conversations:
+        raise DataError("no conversations to measure")
+    if tokenizer is None and unit == "tokens":
+        raise UsageError("unit tokens needs a tokenizer (or use unit words)")
+    if tokenizer is not None:
+        every, predicted, sequence = _tokens(conversations, tokenizer, renderer)
+        instruction = every[:, CLASS_ID["system"]] + every[:, CLASS_ID["user"]]
+        output = every[:, CLASS_ID["assistant"]]
+    if unit == "words":
+        w = [_words(c) for c in conversations]
+        instruction = np.array([x[0] for x in w])
+        output = np.array([x[1] for x in w])
+        if tokenizer is None:
+            return Lengths(unit, instruction, output, np.stack([x[2] for x in w]), "words")
+    return Lengths(unit, instruction, output, predicted, "tokens", sequence)
+
+
+def summarize(values) -> dict:
+    """mean, population std, median, mode (smallest most common), p90 (linear interpolation), max."""
+    v = np.asarray(values, dtype=np.float64)
+    uniq, counts = np.unique(v, return_counts=True)
+    as_num = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731 - counts print as integers
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
+            "mode": as_num(uniq[np.argmax(counts)]), "p90": float(np.percentile(v, 90)), "max": as_num(v.max())}
+
+
+def supervised_share(class_counts: np.ndarray) -> dict[str, float]:
+    """Share of predicted tokens (or words) with weight > 0 under each of it, im, all."""
+    total = class_counts.sum()
+    out = {}
+    for mode in SHARE_MODES:
+        carries = np.array([LOSS_MODES[mode][c] > 0 for c in CLASSES])
+        out[mode] = float(class_counts[:, carries].sum() / total) if total else 0.0
+    return out
+
+
+def dataset_stats(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
+                  max_length: int | None = None) -> dict:
+    """The stats object (what `imtune data stats --json` prints for one file and the run directory saves)."""
+    if max_length is not None and tokenizer is None:
+        raise UsageError("max_length is in tokens: pass a tokenizer")
+    lengths = measure(conversations, tokenizer, renderer, unit)
+    return stats_from_lengths(conversations, lengths, max_length, getattr(renderer, "name", None))
+
+
+def stats_from_lengths(conversations: list[Conversation], lengths: Lengths, max_length: int | None = None,
+                       template: str | None = None) -> dict:
+    n_asst = np.array([sum(m.role == "assistant" for m in c.messages) for c in conversations])
+    roles = {r: sum(m.role == r for c in conversations for m in c.messages) for r in ROLES}
+    ins, out = summarize(lengths.instruction), summarize(lengths.output)
+    words = np.array([_words(c)[:2] for c in conversations]).sum(axis=0)  # the rule's unit, whatever `unit` is
+    share = supervised_share(lengths.class_counts)
+    stats = {
+        "n_examples": len(conversations),
+        "n_turns": int(n_asst.sum()),  # assistant turns
+        "multi_turn_share": float((n_asst > 1).mean()),
+        "roles": {r: n for r, n in roles.items() if n},
+        "unit": lengths.unit,
+        "instruction": ins,
+        "output": out,
+        "ratio": ins["mean"] / out["mean"] if out["mean"] else None,
+        "inverse_ratio": out["mean"] / ins["mean"] if ins["mean"] else None,
+        "ratio_words": float(words[0] / words[1]) if words[1] else None,
+        "supervised_share": share,
+        "share_unit": lengths.share_unit,
+        "im_over_it": share["im"] / share["it"] if share["it"] else None,
+        "sequence_tokens": summarize(lengths.sequence) if lengths.sequence is not None else None,
+        "template": template,
+        "max_length": None,
+    }
+    if max_length is not None and lengths.sequence is not None:
+        over = lengths.sequence > max_length
+        stats["max_length"] = {"limit": max_length, "over": int(over.sum()), "over_share": float(over.mean()),
+                               "tokens_beyond": int((lengths.sequence - max_length)[over].sum())}
+    stats["recommendation"] = recommend(stats)
+    return stats
+
+
+def recommend(stats: dict) -> dict:
+    """Advice on the loss mode from the instruction/output ratio in words (`ratio_words`, else `ratio`) and the
+    number of examples N. RULE holds the numbers:
+
+    - ratio >= RULE["high_ratio"] (0.5)                 -> `im`: instructions are long next to outputs, the regime
+      where the IM paper found its largest gains (Alpagasus-Dolly, ratio 0.64; Code Alpaca);
+    - ratio <  RULE["low_ratio"] (0.15)                 -> `it`: long outputs, where IM gained little or lost (LIMA,
+      ratio 0.094); the instruction tokens are a small share of the loss anyway;
+    - in between, N <= RULE["small_n"] (5,000)          -> `im`: few examples, IM's second factor (the
+      Superficial Alignment Hypothesis setting: IM regularises against overfitting the few outputs);
+    - in between, N >  RULE["small_n"]                  -> `weighted` with λ = RULE["prompt_weight"] (0.1):
+      Huerta-Enochian & Ko (2024) found small prompt-loss weights (0.01–0.5) best on short-completion data.
+
+    The rule is advice from two published results, not a guarantee: compare arms on your data (`imtune compare`)."""
+    # The thresholds come from the paper's word counts, so the rule reads the ratio in words whatever the unit.
+    ratio, n = stats.get("ratio_words", stats.get("ratio")), stats["n_examples"]
+    unit = "words" if "ratio_words" in stats else stats.get("unit", "tokens")
+    hi, lo, small = RULE["high_ratio"], RULE["low_ratio"], RULE["small_n"]
+    r = "undefined (no output)" if ratio is None else f"{ratio:.3g}"
+    few = n <= small
+    n_text = f"N = {n:,} {'<=' if few else '>'} {small:,} ({'few' if few else 'many'} examples)"
+    reasons = [f"instruction/output length ratio = {r} in {unit} (IM thresholds: >= {hi} im, < {lo} it)"
+               + (f"; {stats['ratio']:.3g} in tokens" if stats.get("unit") == "tokens" and stats.get("ratio") else "")]
+    if ratio is None or ratio >= hi:
+        mode, weight = "im", None
+        reasons.append("instructions are long relative to outputs: the IM paper's largest gains were on such data "
+                       "(Alpagasus-Dolly ratio 0.64, Code Alpaca)")
+    elif ratio < lo:
+        mode, weight = "it", None
+        reasons.append("outputs are long relative to instructions: on LIMA-like data (ratio 0.094) IM gained little "
+                       "or lost; instruction tokens would add only a small share of the loss")
+    elif few:
+        mode, weight = "im", None
+        reasons.append(n_text + ": IM helps most with few training examples (Superficial Alignment Hypothesis)")
+    else:
+        mode, weight = "weighted", RULE["prompt_weight"]
+        reasons.append(n_text + f" and an intermediate ratio: a small prompt weight λ = {weight} "
+                                "(Huerta-Enochian & Ko 2024 found 0.01–0.5 best for short-completion data)")
+    share = stats.get("supervised_share")
+    if share:
+        su = stats.get("share_unit", "tokens")
+        reasons.append(f"{su} carrying loss: it {share['it']:.1%}, im {share['im']:.1%}"
+                       + (f" (IM trains on x{share['im'] / share['it']:.2f} as many)" if share["it"] else ""))
+    return {"mode": mode, "prompt_weight": weight, "reasons": reasons,
+            "note": "advice from the instruction/output ratio and N, not a guarantee: compare arms on your data"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text output
+
+def _num(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.{digits}f}"
+
+
+def format_one(stats: dict, name: str) -> str:
+    s = stats
+    lines = [f"{name}: {s['n_examples']:,} examples, {s['n_turns']:,} assistant turns "
+             f"({s['multi_turn_share']:.1%} multi-turn), roles: "
+             + ", ".join(f"{r} {n:,}" for r, n in s["roles"].items())
+             + (f"   [template: {s['template']}]" if s.get("template") else "")]
+    head = f"  {'length (' + s['unit'] + ')':<20}" + "".join(f"{k:>10}" for k in STAT_KEYS)
+    lines.append(head)
+    for part in ("instruction", "output") + (("sequence_tokens",) if s.get("sequence_tokens") else ()):
+        label = "sequence (tokens)" if part == "sequence_tokens" else part
+        lines.append(f"  {label:<20}" + "".join(f"{_num(s[part][k]):>10}" for k in STAT_KEYS))
+    inv = f" (output/instruction {_num(s['inverse_ratio'])})" if s.get("inverse_ratio") is not None else ""
+    words = f"; in words {_num(s['ratio_words'], 4)}" if s["unit"] != "words" and s.get("ratio_words") else ""
+    lines.append(f"  instruction/output ratio {_num(s['ratio'], 4)}{inv}{words}")
+    sh = s["supervised_share"]
+    gain = f"; IM trains on x{s['im_over_it']:.2f} the {s['share_unit']} of IT" if s.get("im_over_it") else ""
+    lines.append(f"  {s['share_unit']} carrying loss: it {sh['it']:.1%}   im {sh['im']:.1%}   all {sh['all']:.1%}"
+                 + gain)
+    ml = s.get("max_length")
+    if ml:
+        fate = ("truncated" if ml.get("truncation") == "truncate"
+                else "dropped (or truncated, with --truncation truncate)")
+        lines.append(f"  --max-length {ml['limit']:,}: {ml['over']:,} examples ({ml['over_share']:.1%}) are longer "
+                     f"({ml['tokens_beyond']:,} tokens beyond it): training would see them {fate}")
+    rec = s["recommendation"]
+    lam = f" (prompt weight {rec['prompt_weight']})" if rec["prompt_weight"] is not None else ""
+    lines.append(f"  recommendation (advice, not a guarantee): --loss {rec['mode']}{lam}")
+    lines += [f"    - {r}" for r in rec["reasons"]]
+    return "\n".join(lines)
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    """Several datasets side by side: one row each."""
+    unit = rows[0][1]["unit"]
+    cols = ["file", "N", f"instr mean ({unit})", "instr std", f"out mean ({unit})", "out std", "ratio", "it %",
+            "im %", "over max-len", "advice"]
+    body = []
+    for name, s in rows:
+        rec = s["recommendation"]
+        ml = s.get("max_length")
+        body.append([name, f"{s['n_examples']:,}", _num(s["instruction"]["mean"]), _num(s["instruction"]["std"]),
+                     _num(s["output"]["mean"]), _num(s["output"]["std"]), _num(s["ratio"], 4),
+                     f"{s['supervised_share']['it']:.1%}", f"{s['supervised_share']['im']:.1%}",
+                     f"{ml['over']:,}" if ml else "-",
+                     rec["mode"] + (f" λ={rec['prompt_weight']}" if rec["prompt_weight"] is not None else "")])
+    width = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, width)))  # noqa
+    return "\n".join([fmt(cols), fmt(["-" * w for w in width]), *map(fmt, body)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+
+def plot(lengths: Lengths, out_dir: str | Path, name: str) -> list[Path]:
+    """`<name>.lengths.png` (histograms of instruction and output lengths, log-x when they span > 2 decades) and
+    `<name>.scatter.png` (instruction vs output length per example, log-log, with the lines ratio = 1 and the
+    dataset's ratio of means). Zero lengths are drawn at 1 on log axes."""
+    from matplotlib.figure import Figure  # the object API: no pyplot state, renders with Agg
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ins, outp = lengths.instruction.astype(float), lengths.output.astype(float)
+    unit = lengths.unit
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    for ax, v, label, color in zip(fig.subplots(1, 2), (ins, outp), ("instruction", "output"), ("C0", "C1")):
+        pos = np.maximum(v, 1)
+        log = pos.max() / max(np.percentile(pos, 5), 1) > 100
+        bins = np.geomspace(pos.min(), pos.max() * 1.01, 40) if log else 40
+        ax.hist(pos if log else v, bins=bins, color=color, alpha=0.85)
+        if log:
+            ax.set_xscale("log")
+        ax.axvline(v.mean(), color="k", ls="--", lw=1, label=f"mean {v.mean():.1f}")
+        ax.axvline(np.median(v), color="k", ls=":", lw=1, label=f"median {np.median(v):.1f}")
+        ax.set(xlabel=f"{label} length ({unit}{', log scale' if log else ''})", ylabel="examples",
+               title=f"{name}: {label} length (N={len(v):,})")
+        ax.legend()
+    p1 = out / f"{name}.lengths.png"
+    fig.savefig(p1, dpi=110)
+
+    fig = Figure(figsize=(6, 5.5), layout="constrained")
+    ax = fig.subplots()
+    x, y = np.maximum(outp, 1), np.maximum(ins, 1)
+    ax.scatter(x, y, s=6, alpha=0.4, edgecolors="none")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    lim = np.array([1, max(x.max(), y.max()) * 1.2])
+    ax.plot(lim, lim, "k-", lw=0.8, label="instruction = output")
+    ratio = ins.mean() / outp.mean() if outp.mean() else None
+    if ratio:
+        ax.plot(lim, lim * ratio, "r--", lw=0.8, label=f"ratio of means {ratio:.3g}")
+    ax.set(xlim=lim, ylim=lim, xlabel=f"output length ({unit}, log)", ylabel=f"instruction length ({unit}, log)",
+           title=f"{name}: instruction vs output per example")
+    ax.legend(loc="upper left")
+    p2 = out / f"{name}.scatter.png"
+    fig.savefig(p2, dpi=110)
+    return [p1, p2]
