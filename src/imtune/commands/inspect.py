@@ -33,24 +33,28 @@ def _use_color(mode: str) -> bool:
 
 
 def show(ex, rendered, tokenizer, color: bool, boundaries: bool) -> str:
-    """The rendered text with every token coloured by its weight (or, without colour, bracketed by weight)."""
+    """The rendered text with runs of equally weighted tokens coloured (or, without colour, bracketed) by weight."""
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"][: len(ex.input_ids)]
     assert ids == ex.input_ids, "token ids differ from one tokenisation of the rendered text (an imtune bug)"
-    starts = [s for s, _ in enc["offset_mapping"][: len(ids)]] + [len(rendered.text)]
-    out = []
+    offsets = enc["offset_mapping"][: len(ids)]
+    end = offsets[-1][1] if ex.truncated else len(rendered.text)
+    starts = [s for s, _ in offsets] + [end]
+    runs: list[tuple[float, str]] = []  # (weight, text) of consecutive tokens with the same weight
     for i, w in enumerate(ex.weights):
-        piece = rendered.text[starts[i]:max(starts[i], starts[i + 1])]
-        if i + 1 == len(ex.weights) and ex.truncated:
-            piece = rendered.text[starts[i]:enc["offset_mapping"][i][1]]
-        piece = piece.replace("\n", "↵\n")
-        if boundaries:
-            piece += "│"
+        piece = rendered.text[starts[i]:max(starts[i], starts[i + 1])] + ("│" if boundaries else "")
+        if runs and runs[-1][0] == w:
+            runs[-1] = (w, runs[-1][1] + piece)
+        else:
+            runs.append((w, piece))
+    out = []
+    for w, text in runs:
+        text = text.replace("\n", "↵\n")
         if color:
             style = GREEN if w >= 1 else YELLOW if w > 0 else DIM
-            out.append(f"{style}{piece}{RESET}")
+            out.append(style + text.replace("\n", RESET + "\n" + style) + RESET)
         else:
-            out.append(piece if w == 0 else f"[{piece}]" if w >= 1 else f"[{piece}|{w:g}]")
+            out.append(text if w == 0 else f"[{text}]" if w >= 1 else f"[{text}|{w:g}]")
     return "".join(out)
 
 

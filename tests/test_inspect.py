@@ -1,0 +1,66 @@
+"""`imtune inspect`: the view, the --jsonl rows, and errors for people (no tracebacks)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, shared_file
+from imtune.cli import main
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def test_jsonl_rows_and_view(tmp_path, capsys):
+    data = write(tmp_path, "d.jsonl", json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n"
+                 + json.dumps({"instruction": "Count", "input": "1 2", "output": "3"}) + "\n")
+    out = tmp_path / "rows.jsonl"
+    assert main(["inspect", data, "--template", "tulu", "--loss", "it", "--jsonl", str(out), "--color", "never"]) == 0
+    view = capsys.readouterr().out
+    assert "<|user|>↵\nSay hi↵\n<|assistant|>↵\n[hi<|im_end|>]↵" in view
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    r = rows[1]
+    assert len(r["input_ids"]) == len(r["weights"]) == len(r["classes"])
+    assert {c for c, w in zip(r["classes"], r["weights"]) if w > 0} == {"assistant", "eot"}
+    assert "user" in r["classes"] and "template" in r["classes"]
+
+
+def test_weighted_view_marks_partial_weights(tmp_path, capsys):
+    data = write(tmp_path, "d.jsonl", json.dumps({"prompt": "Why?", "completion": "Because."}) + "\n")
+    assert main(["inspect", data, "--template", "chatml", "--loss", "weighted", "--prompt-weight", "0.1",
+                 "--color", "never"]) == 0
+    assert "[Why?|0.1]" in capsys.readouterr().out
+
+
+def test_bad_data_gets_path_line_and_no_traceback(tmp_path):
+    data = write(tmp_path, "bad.jsonl", json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]})
+                 + "\n{not json\n")
+    p = subprocess.run([str(ROOT / ".venv/bin/imtune"), "inspect", data], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert f"{data}:2:" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--template", "nope"], "unknown template 'nope'"),
+    (["--loss", "weighted"], "needs --prompt-weight"),
+    (["--weights", "bogus=1"], "unknown class 'bogus'"),
+])
+def test_usage_errors(tmp_path, capsys, args, message):
+    data = write(tmp_path, "d.jsonl", json.dumps({"prompt": "Why?", "completion": "Because."}) + "\n")
+    assert main(["inspect", data, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inspect_lima_model_template(capsys):
+    lima = shared_file("train/lima.jsonl")
+    assert main(["inspect", str(lima), "--loss", "im", "--limit", "2", "--color", "never"]) == 0
+    out = capsys.readouterr()
+    assert "2/2 examples kept" in out.err and out.out.count("── example") == 2

@@ -1,0 +1,40 @@
+"""Model sources: default (converted once from the embedded GGUF), random sizes, directories, run dirs, hub ids."""
+from __future__ import annotations
+
+import pytest
+
+from imtune import models
+from imtune.types import UsageError
+
+
+def test_resolve_kinds(tmp_path):
+    assert models.resolve(None).kind == "default"
+    assert models.resolve("random:tiny").size == "tiny"
+    assert models.resolve("HuggingFaceTB/SmolLM2-360M").kind == "hub"
+    (tmp_path / "final").mkdir()
+    assert models.resolve(str(tmp_path)).path == str(tmp_path / "final")  # a run directory
+    with pytest.raises(UsageError, match="unknown random model size 'huge'; valid: tiny"):
+        models.resolve("random:huge")
+    with pytest.raises(UsageError, match="no such directory"):
+        models.resolve("./nope/model")
+
+
+def test_default_tokenizer_is_prepared_and_cached(tok):
+    d = models.prepare_default()
+    assert (d / "model.safetensors").exists() and (d / "tokenizer.json").exists()
+    assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
+    assert models.load_tokenizer("default") is tok
+
+
+def test_random_tiny_is_seeded_llama(tok):
+    a, b = models.load_model("random:tiny", seed=1), models.load_model("random:tiny", seed=1)
+    assert a.config.model_type == "llama" and a.config.vocab_size == len(tok)
+    assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+    c = models.load_model("random:tiny", seed=2)
+    assert not all((p == q).all() for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_tokenizer_only_directory_needs_no_weights(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    t = models.load_tokenizer(str(tmp_path))
+    assert t("hello").input_ids == tok("hello").input_ids
