@@ -13,6 +13,9 @@ from .types import DataError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("imtune.commands.inspect", "show which tokens carry loss and with what weight"),
     "models prepare": ("imtune.commands.models", "convert the embedded default model to safetensors (once)"),
+    "eval": ("imtune.commands.eval", "per-class loss, train/held-out gap, generations and BLEU-to-train"),
+    "judge": ("imtune.commands.judge", "pairwise LLM-judge win rate against reference outputs (AlpacaEval-style)"),
+    "serve": ("imtune.commands.serve", "OpenAI-compatible chat-completions server on 127.0.0.1"),
     "data stats": ("imtune.commands.data_stats", "lengths, instruction/output ratio, supervised shares, loss advice"),
 }
 
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except DataError as e:
         print(e.render(), file=sys.stderr)
+        if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where"):
+            print("imtune: fix these records, or pass --on-invalid skip to train on the valid ones",
+                  file=sys.stderr)
         return 2
     except UsageError as e:
         print(f"imtune: {e}", file=sys.stderr)
