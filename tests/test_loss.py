@@ -1,0 +1,157 @@
+"""imtune.loss: the chunked weighted NLL equals the naive one (values and gradients), and its helpers."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imtune import loss as L
+from imtune.pack import collate
+from imtune.types import CLASSES, TokenizedExample, Where
+
+B, T, H, V = 2, 13, 16, 50
+
+
+def _data(seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, -3:] = -100  # padding
+    labels[1, 5] = -100
+    weights = torch.rand(B, T, generator=g)
+    weights[0, :4] = 0.0  # zero-weight but labelled positions
+    weights[labels == -100] = 0.0
+    classes = torch.randint(0, len(CLASSES), (B, T), generator=g).to(torch.int8)
+    classes[labels == -100] = -1
+    return hidden, W, b, labels, weights, classes
+
+
+def _naive(hidden, W, b, labels, weights):
+    logits = F.linear(hidden, W, b).float()  # [B, T, V], all at once
+    nll = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none", ignore_index=-100)
+    return (nll * weights.reshape(-1)).sum(), nll.reshape(B, T)
+
+
+def _grads(out, *ts):
+    return torch.autograd.grad(out, [t for t in ts if t is not None])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 6, 1024])  # the 18 active positions: 6 divides, 4 does not, 1024 > all
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_naive_values_and_grads(chunk, bias):
+    hidden, W, b, labels, weights, _ = _data(bias=bias)
+    assert int(((labels != -100) & (weights > 0)).sum()) == 18
+    got = L.weighted_nll(hidden, W, labels, weights, chunk_size=chunk, lm_head_bias=b)
+    ref, _ = _naive(hidden, W, b, labels, weights)
+    torch.testing.assert_close(got.nll_sum, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.weight_sum, weights.sum())
+    assert not got.weight_sum.requires_grad
+    for g1, g2 in zip(_grads(got.nll_sum, hidden, W, b), _grads(ref, hidden, W, b)):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_only_weighted_positions_are_computed_and_chunks_are_bounded(monkeypatch):
+    hidden, W, _, labels, weights, _ = _data()
+    seen = []
+    real = L._chunk_nll
+    monkeypatch.setattr(L, "_chunk_nll", lambda h, *a: seen.append(h.shape[0]) or real(h, *a))
+    L.weighted_nll(hidden, W, labels, weights, chunk_size=4).nll_sum.backward()
+    # forward: 18 positions in chunks of <= 4; backward recomputes each chunk once (checkpoint)
+    assert max(seen) <= 4 and sum(seen) == 2 * 18
+
+
+def test_all_zero_weights_give_zero_and_backward_works():
+    hidden, W, _, labels, _, _ = _data()
+    got = L.weighted_nll(hidden, W, labels, torch.zeros(B, T), chunk_size=4)
+    assert got.nll_sum.item() == 0.0 and got.weight_sum.item() == 0.0
+    got.nll_sum.backward()
+    assert hidden.grad is not None and not hidden.grad.any()
+
+
+def test_per_class_sums_cover_every_labelled_token_unweighted():
+    hidden, W, _, labels, weights, classes = _data()
+    got = L.weighted_nll(hidden, W, labels, weights, chunk_size=5, classes=classes)
+    _, nll = _naive(hidden, W, None, labels, weights)
+    for c, name in enumerate(CLASSES):
+        sel = (classes == c) & (labels != -100)
+        if sel.any():
+            s, n = got.per_class[name]
+            assert n == sel.sum().item()
+            assert s == pytest.approx(nll[sel].sum().item(), abs=1e-4)
+        else:
+            assert name not in got.per_class
+    assert sum(n for _, n in got.per_class.values()) == (labels != -100).sum().item()  # zero-weight ones included
+
+
+def test_token_nll_matches_naive():
+    hidden, W, _, labels, weights, _ = _data()
+    _, ref = _naive(hidden, W, None, labels, weights)
+    torch.testing.assert_close(L.token_nll(hidden, W, labels, chunk_size=3), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_hidden_works():
+    hidden, W, _, labels, weights, _ = _data()
+    h16 = hidden.detach().to(torch.bfloat16).requires_grad_()
+    got = L.weighted_nll(h16, W, labels, weights, chunk_size=4)
+    ref, _ = _naive(h16.detach().float(), W, None, labels, weights)
+    assert got.nll_sum.dtype == torch.float32
+    torch.testing.assert_close(got.nll_sum, ref, atol=1e-4, rtol=1e-4)  # same inputs, fp32 head: only rounding
+    got.nll_sum.backward()
+    assert h16.grad.dtype == torch.bfloat16 and h16.grad.abs().sum() > 0
+
+
+def _ex(n, w=1.0):
+    return TokenizedExample(list(range(1, n + 1)), [w] * n, [3] * n, Where("<t>", 1))
+
+
+def test_sequence_weights_make_each_example_sum_to_one():
+    batch = collate([_ex(5), _ex(3, 2.0), _ex(4)], packed=True, max_length=9)  # rows [5, 3] and [4] + padding
+    ids = L.sequence_ids(batch.position_ids)
+    w = L.sequence_weights(batch.weights, ids)
+    per_seq = torch.zeros(int(ids.max()) + 1).index_add_(0, ids.reshape(-1), w.reshape(-1))
+    assert per_seq.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])  # three examples + one padded tail
+    assert (w[batch.labels == -100] == 0).all()
+
+
+def test_sequence_normalisation_gives_mean_over_examples():
+    # nll_sum / weight_sum with sequence weights == mean over examples of each example's weighted mean nll
+    g = torch.Generator().manual_seed(1)
+    batch = collate([_ex(6), _ex(3), _ex(5)], packed=True, max_length=16)
+    hidden = torch.randn(*batch.input_ids.shape, H, generator=g)
+    W = torch.randn(V, H, generator=g)
+    labels = batch.labels.clamp_max(V - 1).where(batch.labels != -100, -100)
+    w = L.sequence_weights(batch.weights, L.sequence_ids(batch.position_ids))
+    got = L.weighted_nll(hidden, W, labels, w)
+    nll = L.token_nll(hidden, W, labels)[0]
+    means = [nll[s:e][:-1].mean() for s, e in [(0, 6), (6, 9), (9, 14)]]  # last token of each predicts nothing
+    assert got.weight_sum.item() == pytest.approx(3.0)
+    assert (got.nll_sum / got.weight_sum).item() == pytest.approx(torch.stack(means).mean().item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from imtune.models import load_model
+
+    return load_model("random:tiny")
+
+
+def test_hidden_states_and_lm_head_match_the_model_logits(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    batch = collate([_ex(7, 1.0), _ex(4, 0.5)], packed=False)
+    ref = tiny(**L.model_inputs(batch)).logits  # [B, T, V]
+    keep = batch.labels != -100
+    ref_sum = (F.cross_entropy(ref[keep], batch.labels[keep], reduction="none") * batch.weights[keep]).sum()
+    w, b = L.lm_head(tiny)
+    assert b is None and w is tiny.model.embed_tokens.weight  # tied
+    got = L.weighted_nll(L.hidden_states(tiny, batch), w, batch.labels, batch.weights, chunk_size=3)
+    torch.testing.assert_close(got.nll_sum, ref_sum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.hidden_states(tiny, batch, through_forward=True), L.hidden_states(tiny, batch))
+    peft_model = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj"]))
+    try:
+        w2, _ = L.lm_head(peft_model)
+        assert w2 is w
+        got2 = L.weighted_nll(L.hidden_states(peft_model, batch), w2, batch.labels, batch.weights)
+        torch.testing.assert_close(got2.nll_sum, ref_sum, atol=1e-5, rtol=1e-5)  # LoRA B starts at 0
+    finally:
+        peft_model.unload()
