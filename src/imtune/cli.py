@@ -14,33 +14,50 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("imtune.commands.inspect", "show which tokens carry loss and with what weight"),
     "models prepare": ("imtune.commands.models", "convert the embedded default model to safetensors (once)"),
     "eval": ("imtune.commands.eval", "per-class loss, train/held-out gap, generations and BLEU-to-train"),
+    "bench": ("imtune.commands.bench", "benchmarks: gsm8k, humaneval, bbh (offline) and lm-eval tasks (harness)"),
     "judge": ("imtune.commands.judge", "pairwise LLM-judge win rate against reference outputs (AlpacaEval-style)"),
     "serve": ("imtune.commands.serve", "OpenAI-compatible chat-completions server on 127.0.0.1"),
     "data stats": ("imtune.commands.data_stats", "lengths, instruction/output ratio, supervised shares, loss advice"),
+    "data synth": ("imtune.commands.data_synth", "synthetic controlled tasks (long instructions, short checkable outputs)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imtune", description=__doc__.splitlines()[0])
-    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
-    for words, (module, help_) in COMMANDS.items():
-        *group, name = words.split()
-        sub = top
-        if group:
-            if group[0] not in groups:
-                g = top.add_parser(group[0], help=f"{group[0]} commands")
-                groups[group[0]] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            sub = groups[group[0]]
-        p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
-    return parser
+def _usage() -> str:
+    width = max(len(w) for w in COMMANDS)
+    lines = [f"  {w:<{width}}  {h}" for w, (_, h) in COMMANDS.items()]
+    return ("usage: imtune COMMAND [options]   (imtune COMMAND --help for its options)\n\n"
+            + __doc__.splitlines()[0] + "\n\ncommands:\n" + "\n".join(lines))
+
+
+def _find_command(argv: list[str]) -> str | None:
+    """The longest registered command the arguments start with ('data stats' before 'data')."""
+    for n in (2, 1):
+        words = " ".join(argv[:n])
+        if len(argv) >= n and words in COMMANDS:
+            return words
+    return None
+
+
+def build_parser(words: str) -> argparse.ArgumentParser:
+    """The parser of one command. Only that command's module is imported: `imtune --help` and every command stay
+    fast, and one command's heavy imports never slow another."""
+    module, help_ = COMMANDS[words]
+    p = argparse.ArgumentParser(prog=f"imtune {words}", description=help_,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(_module=module)
+    importlib.import_module(module).add_arguments(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = _find_command(argv)
+    if words is None:
+        print(_usage(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nimtune: unknown command {' '.join(argv[:2])!r}", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    args = build_parser(words).parse_args(argv[len(words.split()):])
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except DataError as e:
