@@ -84,9 +84,9 @@ def test_errors():
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_tokens_mode_is_one_tokenisation(tok, template):
-    """Counts are the classes of one tokenisation: instruction + output + eot + template = sequence length, and the
-    user/assistant counts equal tokenizing each content alone (chatml keeps content tokens apart: '\\n' before,
-    a special token after)."""
+    """Counts are the classes of one tokenisation of the rendered text: the sequence lengths are its lengths, the
+    class counts cover every predicted position, and (chatml keeps content tokens apart: '\\n' before, a special
+    token after) the user/assistant counts equal tokenizing each content alone."""
     r = Renderer(template, tok)
     s = dataset_stats(HAND, tok, r, unit="tokens", max_length=12)
     lengths = measure(HAND, tok, r, "tokens")
@@ -96,6 +96,7 @@ def test_tokens_mode_is_one_tokenisation(tok, template):
     assert (lengths.instruction + lengths.output <= lengths.sequence).all()
     assert lengths.class_counts.sum() == sum(n - 1 for n in n_tokens)  # predicted positions only
     assert s["sequence_tokens"]["max"] == max(n_tokens)
+    assert s["template"] == template
     over = [n for n in n_tokens if n > 12]
     assert s["max_length"] == {"limit": 12, "over": len(over), "over_share": len(over) / 4,
                                "tokens_beyond": sum(n - 12 for n in over)}
@@ -111,8 +112,9 @@ def test_tokens_mode_is_one_tokenisation(tok, template):
 
 
 def test_words_mode_with_tokenizer_gives_token_shares(tok):
-    s = dataset_stats(HAND, tok, Renderer("tulu", tok), unit="words")
+    s = dataset_stats(HAND, tok, unit="words")
     assert s["unit"] == "words" and s["share_unit"] == "tokens"
+    assert s["template"] == "model"  # no renderer given: the tokenizer's own chat template, as everywhere
     assert s["instruction"]["mean"] == 4.0 and s["output"]["mean"] == 3.5  # lengths stay in words
 
 

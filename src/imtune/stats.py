@@ -132,6 +132,10 @@ def dataset_stats(conversations: list[Conversation], tokenizer=None, renderer=No
     """The stats object (what `imtune data stats --json` prints for one file and the run directory saves)."""
     if max_length is not None and tokenizer is None:
         raise UsageError("max_length is in tokens: pass a tokenizer")
+    if tokenizer is not None and renderer is None:
+        from .templates import Renderer
+
+        renderer = Renderer(None, tokenizer)  # the tokenizer's own chat template, else tulu (as everywhere)
     lengths = measure(conversations, tokenizer, renderer, unit)
     return stats_from_lengths(conversations, lengths, max_length, getattr(renderer, "name", None))
 

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
                                   for name, f in FAMILIES.items()))
     p.add_argument("--n", type=int, required=True, help="training examples")
     p.add_argument("--ratio", type=float, default=None,
-                   help="target instruction/output length ratio in words (default: the family's)")
+                   help="target instruction/output length ratio in words; None: the family's default ratio")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same files")
     p.add_argument("--heldout", type=int, default=0, metavar="H", help="held-out examples, scored by exact match")
     p.add_argument("--out", required=True, metavar="FILE", help="train split (.jsonl); held-out: FILE.heldout.jsonl")
