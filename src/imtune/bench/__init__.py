@@ -1,0 +1,302 @@
+"""Offline benchmarks. Each is one small module that reads top to bottom, `load → prompts → score`:
+
+    load(data, limit, opts) -> [Example]      the records of a local file (or hf:owner/name[/config][:split]),
+                                              each with the chat messages it is asked as and its reference
+    generate (imtune.generate)                the model's reply to each prompt
+    postprocess(example, reply) -> str        the completion that is scored and saved (code extraction for HumanEval)
+    score(pairs, opts) -> [Verdict]           each (example, completion) right or wrong, and what was compared
+    summarize(pairs, verdicts, opts) -> dict  the metrics (accuracy, pass@k, per task)
+
+`run_benchmark` generates and scores; `score_samples` scores completions someone already has: a JSONL file whose
+rows name their example by the module's KEY_FIELDS (gsm8k: index; bbh: task, index; humaneval: task_id) and carry a
+"completion". The `harness` entry hands the model to lm-evaluation-harness instead (imtune.bench.harness).
+
+Results are plain dicts, e.g. {"benchmark": "gsm8k", "n": 1319, "accuracy": 0.41, ...}; a generation run also writes
+LABEL.json, LABEL.samples.jsonl (prompt, completion, reference, correct) and LABEL.md into its output folder.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Protocol
+
+from ..types import DataError, Message, Problem, UsageError, Where
+
+# name -> module. Each module has Options, KEY_FIELDS, label, max_new_tokens, load, postprocess, score, summarize
+# (harness differs: it runs lm-eval, see imtune.bench.harness).
+BENCHMARKS: dict[str, str] = {
+    "gsm8k": "imtune.bench.gsm8k",  # grade-school math; 0- or 8-shot chain of thought; final-number exact match
+    "humaneval": "imtune.bench.humaneval",  # 164 Python functions; pass@k by running their tests in a sandbox
+    "bbh": "imtune.bench.bbh",  # BIG-Bench Hard, 27 tasks; answer-only or 3-shot chain of thought; exact match
+    "harness": "imtune.bench.harness",  # lm-evaluation-harness tasks (mmlu, arc_challenge, ..., or `paper`)
+}
+
+
+class Example(Protocol):
+    key: tuple  # the values of the module's KEY_FIELDS: how a samples file names this example
+    messages: tuple[Message, ...]  # what the model is asked (few-shot exemplars as earlier turns)
+    reference: str  # the reference answer, as the data file has it
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    extracted: str  # what was compared with the reference: the final answer, or the program's outcome
+
+
+def module(name: str):
+    if name not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name])
+
+
+def make_options(name: str, options: dict):
+    """The module's Options from keyword options; an unknown one is a user mistake, listed with the valid ones."""
+    mod = module(name)
+    valid = [f.name for f in fields(mod.Options)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UsageError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return mod.Options(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading records
+
+
+def read_rows(spec: str, list_key: str | None = None) -> list[tuple[Where, dict]]:
+    """Records of a .jsonl / .json file (either optionally .gz) or of hf:owner/name[/config][:split], each with where
+    it came from. A .json file holds a list, or an object whose `list_key` field is the list (BBH: "examples")."""
+    if spec.startswith("hf:"):
+        return _read_hub(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{spec}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{spec}: cannot read: {e}") from None
+    stem = path.name[:-3] if path.suffix == ".gz" else path.name
+    if stem.endswith(".json") and text.lstrip()[:1] in ("[", "{") and not _is_json_lines(text):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{spec}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if isinstance(value, dict) and list_key and isinstance(value.get(list_key), list):
+            value = value[list_key]
+        if not isinstance(value, list):
+            raise DataError(f"{spec}: expected a JSON list of records" + (f" or {{{list_key!r}: [...]}}" if list_key
+                                                                           else ""))
+        rows = [(Where(spec, 0, i), r) for i, r in enumerate(value)]
+    else:
+        rows, problems = [], []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = Where(spec, line_no, len(rows))
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(Problem(where, "", f"not valid JSON: {e.msg}"))
+        if problems:
+            raise DataError(problems)
+    bad = [Problem(w, "", "expected a JSON object") for w, r in rows if not isinstance(r, dict)]
+    if bad:
+        raise DataError(bad)
+    return rows
+
+
+def _is_json_lines(text: str) -> bool:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
+        return False
+    try:
+        json.loads(lines[0])
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_hub(spec: str) -> list[tuple[Where, dict]]:
+    name, _, split = spec[3:].partition(":")
+    parts = name.split("/")
+    config = parts[2] if len(parts) == 3 else None
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(f"{spec}: expected hf:owner/name[/config][:split]")
+    import datasets
+
+    ds = datasets.load_dataset("/".join(parts[:2]), config, split=split or "test")
+    return [(Where(spec, i + 1, i), dict(r)) for i, r in enumerate(ds)]
+
+
+def text_field(where: Where, record: dict, name: str) -> str:
+    """A required string field of a data record, or a DataError saying which record lacks it."""
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise DataError([Problem(where, name, "missing or not a string")])
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating and scoring
+
+
+def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit: int | None = None, gen_cfg=None,
+                  out_dir: Path | str | None = None, model_name: str | None = None, progress: bool = False,
+                  **options) -> dict:
+    """Generate with `model` for every example of `data` and score; write the files into `out_dir` if given."""
+    if name == "harness":
+        from . import harness
+
+        return harness.run_benchmark(model, tokenizer, limit=limit, out_dir=out_dir, model_name=model_name,
+                                     **options)
+    from ..generate import GenerationConfig, generate
+
+    mod, opts = module(name), make_options(name, options)
+    if not data:
+        raise UsageError(f"{name}: give the data file (--data PATH)")
+    examples = mod.load(data, limit, opts)
+    cfg = gen_cfg or GenerationConfig(max_new_tokens=mod.max_new_tokens(opts))
+    asked = [ex for ex in examples for _ in range(getattr(opts, "n_samples", 1))]
+    replies = generate(model, tokenizer, renderer, [list(ex.messages) for ex in asked], cfg, progress=progress)
+    pairs = [(ex, mod.postprocess(ex, reply)) for ex, reply in zip(asked, replies)]
+    verdicts = mod.score(pairs, opts)
+    result = _result(name, mod, opts, examples, pairs, verdicts, data, limit)
+    result["model"] = model_name or getattr(model.config, "name_or_path", "") or type(model).__name__
+    result["generation"] = {"template": renderer.name, "max_new_tokens": cfg.max_new_tokens,
+                            "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
+    rows = []
+    for (ex, completion), reply, verdict in zip(pairs, replies, verdicts):
+        row = {**dict(zip(mod.KEY_FIELDS, ex.key)), "prompt": renderer.prompt(list(ex.messages)),
+               "completion": completion, "reference": ex.reference, "extracted": verdict.extracted,
+               "correct": verdict.correct}
+        if reply != completion:
+            row["response"] = reply  # the model's words, when the completion was taken out of them
+        rows.append(row)
+    if out_dir is not None:
+        result["files"] = write_outputs(result, rows, Path(out_dir))
+    return result
+
+
+def score_samples(name: str, samples_path: str, data: str, limit: int | None = None,
+                  out_dir: Path | str | None = None, **options) -> dict:
+    """Score completions someone already has. Rows name their example by the module's KEY_FIELDS; a leading key
+    field that is missing is taken from the data when all its examples share one value (BBH's task, with one task);
+    the last one (index, task_id) is always required."""
+    if name == "harness":
+        raise UsageError("harness: lm-eval scores its own generations; --samples is for gsm8k, humaneval and bbh")
+    mod, opts = module(name), make_options(name, options)
+    examples = mod.load(data, limit, opts)
+    by_key = {ex.key: ex for ex in examples}
+    shared = {f: {ex.key[i] for ex in examples} for i, f in enumerate(mod.KEY_FIELDS)}
+    everything = None  # keys of the whole data set, read only when a sample's key is not among the examples
+    pairs, problems, ignored = [], [], 0
+    for where, row in read_rows(samples_path):
+        key_values = []
+        for f in mod.KEY_FIELDS:  # (a row with a key field missing breaks out and skips the else below)
+            if f in row:
+                key_values.append(row[f])
+            elif len(shared[f]) == 1 and f != mod.KEY_FIELDS[-1]:
+                key_values.append(next(iter(shared[f])))
+            else:
+                problems.append(Problem(where, f, f"missing; rows name their example by {', '.join(mod.KEY_FIELDS)}"))
+                break
+        else:
+            key = tuple(key_values)
+            completion = row.get("completion")
+            if not isinstance(completion, str):
+                problems.append(Problem(where, "completion", "missing or not a string"))
+            elif key in by_key:
+                pairs.append((by_key[key], completion))
+            else:
+                if everything is None:  # the whole data set, without --limit or --tasks
+                    whole = replace(opts, tasks=()) if hasattr(opts, "tasks") else opts
+                    everything = {ex.key for ex in mod.load(data, None, whole)}
+                if key in everything:
+                    ignored += 1
+                else:
+                    problems.append(Problem(where, "", f"no example {dict(zip(mod.KEY_FIELDS, key))} in {data}"))
+    if problems:
+        raise DataError(problems)
+    if not pairs:
+        raise DataError(f"{samples_path}: no samples for the examples of {data}")
+    verdicts = mod.score(pairs, opts)
+    result = _result(name, mod, opts, examples, pairs, verdicts, data, limit)
+    result["samples_file"] = str(samples_path)
+    if ignored:
+        result["ignored"] = ignored  # samples of examples left out by --limit or --tasks
+    if out_dir is not None:
+        rows = [{**dict(zip(mod.KEY_FIELDS, ex.key)), "completion": c, "reference": ex.reference,
+                 "extracted": v.extracted, "correct": v.correct} for (ex, c), v in zip(pairs, verdicts)]
+        result["files"] = write_outputs(result, rows, Path(out_dir))
+    return result
+
+
+def _result(name, mod, opts, examples, pairs, verdicts, data, limit) -> dict:
+    scored = {ex.key for ex, _ in pairs}
+    result = {"benchmark": name, "label": mod.label(opts), "n": len(scored), "samples": len(pairs),
+              **mod.summarize(pairs, verdicts, opts), "options": _jsonable(asdict(opts)), "data": str(data),
+              "limit": limit}
+    if len(scored) < len(examples):
+        result["missing"] = len(examples) - len(scored)  # examples without a sample
+    return result
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Showing and writing
+
+METRIC_ORDER = ("accuracy", "task_average")
+
+
+def metric_names(result: dict) -> list[str]:
+    """The headline metrics of a result, in a fixed order (pass@k after accuracy)."""
+    names = [m for m in METRIC_ORDER if m in result]
+    names += sorted((m for m in result if m.startswith("pass@")), key=lambda m: int(m[5:]))
+    return names
+
+
+def summary_line(result: dict) -> str:
+    metrics = ", ".join(f"{m} {100 * result[m]:.1f}%" for m in metric_names(result))
+    extra = f", {result['missing']} without a sample" if result.get("missing") else ""
+    extra += f", {result['ignored']} samples outside --limit/--tasks ignored" if result.get("ignored") else ""
+    return f"{result['label']}: {metrics} (n={result['n']}{extra})"
+
+
+def markdown_table(result: dict) -> str:
+    names = metric_names(result)
+    lines = [f"| benchmark | model | n | {' | '.join(names)} |", "|---|---|---:|" + "---:|" * len(names),
+             f"| {result['label']} | {result.get('model', '')} | {result['n']} | "
+             + " | ".join(f"{100 * result[m]:.1f}" for m in names) + " |"]
+    tasks = result.get("tasks")
+    if tasks:
+        lines += ["", "| task | n | accuracy |", "|---|---:|---:|"]
+        lines += [f"| {t} | {r['n']} | {100 * r['accuracy']:.1f} |" for t, r in tasks.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, rows: list[dict] | None, out_dir: Path, markdown: str | None = None) -> dict[str, str]:
+    """LABEL.json (the result), LABEL.samples.jsonl (one row a sample, when there are rows) and LABEL.md (a table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = result["label"]
+    files = {"json": str(out_dir / f"{label}.json"), "markdown": str(out_dir / f"{label}.md")}
+    if rows is not None:
+        files["samples"] = str(out_dir / f"{label}.samples.jsonl")
+        with open(files["samples"], "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    Path(files["markdown"]).write_text(f"# {label}\n\n" + (markdown or markdown_table(result)), encoding="utf-8")
+    Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=2) + "\n", encoding="utf-8")
+    return files

@@ -1,0 +1,144 @@
+"""`imtune bench NAME`: offline benchmarks (gsm8k, humaneval, bbh) and lm-evaluation-harness tasks (harness).
+
+    imtune bench gsm8k --model M --data ../shared/data/eval/gsm8k_test.jsonl [--shots 0|8] [--limit N]
+    imtune bench bbh --model M --data ../shared/data/eval/bbh [--tasks a,b] [--cot] [--limit N]
+    imtune bench humaneval --model M --data ../shared/data/eval/HumanEval.jsonl.gz [--n-samples N --temperature T]
+    imtune bench NAME --samples S.jsonl --data PATH            score completions you already have
+    imtune bench harness --model M --tasks mmlu,arc_challenge [--include-path DIR] [--num-fewshot K]
+
+A generation run writes LABEL.json, LABEL.samples.jsonl and LABEL.md into --out (default RUN/eval/ for a run
+directory, else ./imtune-bench/NAME/); --json OUT also writes the result to OUT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..bench import BENCHMARKS
+from ..types import UsageError
+from .common import add_model_args, add_template_args, say
+
+# benchmark -> the flags (argparse dests) that become its Options fields
+OPTION_FLAGS: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("shots",),
+    "bbh": ("cot", "tasks", "prompts"),
+    "humaneval": ("n_samples", "k", "timeout", "memory_mb", "workers"),
+    "harness": ("tasks", "include_path", "num_fewshot", "batch_size", "apply_chat_template"),
+}
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in _names(text))
+
+
+def add_arguments(p) -> None:
+    p.add_argument("name", choices=list(BENCHMARKS), help="the benchmark")
+    source = p.add_mutually_exclusive_group()
+    add_model_args(source, default=None)
+    source.add_argument("--samples", default=None, metavar="S.jsonl",
+                        help="score these completions instead of generating: rows {task_id, completion} "
+                             "(humaneval) or {index, completion} (gsm8k; bbh also 'task')")
+    p.add_argument("--data", default=None, help="the benchmark's data: a file, a folder (bbh) or "
+                                                "hf:owner/name[/config][:split]; e.g. ../shared/data/eval/...")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (bbh, harness: per task)")
+    add_template_args(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: gsm8k 256, bbh 32 (--cot 512), humaneval 512")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="OUT", help="write the result (JSON) to OUT")
+    o.add_argument("--out", default=None, metavar="DIR", help="folder for LABEL.json/.samples.jsonl/.md (default: RUN/eval for a run "
+                                                            "directory, else imtune-bench/NAME)")
+    b = p.add_argument_group("benchmark options")
+    b.add_argument("--shots", type=int, default=8, help="gsm8k: chain-of-thought exemplars (0-8)")
+    b.add_argument("--cot", action="store_true", help="bbh: 3-shot chain of thought (default: answer-only)")
+    b.add_argument("--tasks", type=_names, default=(), metavar="A,B",
+                   help="bbh: tasks (default all); harness: lm-eval tasks or `paper`")
+    b.add_argument("--prompts", default=None, metavar="DIR", help="bbh: folder of <task>.txt 3-shot prompts")
+    b.add_argument("--n-samples", type=int, default=1, help="humaneval: completions per problem")
+    b.add_argument("--k", type=_ints, default=(1, 10, 100), metavar="1,10", help="humaneval: pass@k to report")
+    b.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program")
+    b.add_argument("--memory-mb", type=int, default=1024, help="humaneval: memory limit per program")
+    b.add_argument("--workers", type=int, default=2, help="humaneval: programs run at once")
+    b.add_argument("--include-path", default=None, metavar="DIR", help="harness: folder of extra task YAMLs")
+    b.add_argument("--num-fewshot", type=int, default=None, help="harness: few-shot examples (default: task's)")
+    b.add_argument("--apply-chat-template", action="store_true", help="harness: use the tokenizer's chat template")
+
+
+def default_out_dir(model: str | None, name: str) -> Path:
+    if model:
+        p = Path(model).expanduser()
+        if p.is_dir() and (p / "final").is_dir():  # a run directory: results live with the run
+            return p / "eval"
+    return Path("imtune-bench") / name
+
+
+def run(args) -> int:
+    from .. import bench
+
+    options = {flag: getattr(args, flag) for flag in OPTION_FLAGS[args.name]}
+    if args.name == "harness":
+        if args.samples:
+            raise UsageError("harness: lm-eval generates and scores itself; give --model, not --samples")
+        from ..bench import harness
+
+        out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
+        result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=out, **options)
+        print(harness.markdown_table(result), end="")
+        return _finish(result, args)
+    if not args.data:
+        raise UsageError(f"{args.name}: --data PATH is required, e.g. ../shared/data/eval/"
+                         + {"gsm8k": "gsm8k_test.jsonl", "bbh": "bbh", "humaneval": "HumanEval.jsonl.gz"}[args.name])
+    if args.samples:
+        out = Path(args.out) if args.out else None
+        result = bench.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
+    elif args.model:
+        result = _generate(args, options)
+    else:
+        raise UsageError("give --model M to generate and score, or --samples S.jsonl to score completions you have")
+    print(bench.summary_line(result))
+    if result.get("tasks"):
+        print(bench.markdown_table(result).split("\n\n", 1)[-1], end="")
+    return _finish(result, args)
+
+
+def _generate(args, options: dict) -> dict:
+    import torch
+
+    from .. import bench
+    from ..generate import GenerationConfig
+    from ..models import load_model, load_tokenizer
+    from ..templates import Renderer
+
+    mod = bench.module(args.name)
+    opts = bench.make_options(args.name, options)
+    tok = load_tokenizer(args.model)
+    renderer = Renderer(args.template, tok)
+    model = load_model(args.model)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens or mod.max_new_tokens(opts), temperature=args.temperature,
+                           top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+    if getattr(opts, "n_samples", 1) > 1 and cfg.temperature == 0:
+        say(f"{args.name}: {opts.n_samples} samples per problem with greedy decoding are identical; "
+            "use --temperature > 0 (e.g. 0.8) for pass@k")
+    out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
+    say(f"{args.name}: model {args.model}, template {renderer.name}, max_new_tokens {cfg.max_new_tokens}")
+    result = bench.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
+                                 out_dir=out, model_name=args.model, progress=True, **options)
+    say(f"wrote {', '.join(result['files'].values())}")
+    return result
+
+
+def _finish(result: dict, args) -> int:
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        say(f"wrote {args.json}")
+    return 0
