@@ -1,14 +1,16 @@
 """The data half of the flow in one call: load -> formats -> validate -> template -> weights.
 
 `prepare_examples` is what train, eval, stats and inspect call; it returns the examples plus everything a person
-should be told about what happened to their data (skipped records, truncations, examples without weight)."""
+should be told about what happened to their data (skipped records, truncations, examples without weight).
+Tokenisation goes through a disk cache (imtune.cache): unchanged data with the same template and tokenizer is never
+tokenized twice, whatever the loss mode."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .templates import Renderer
 from .types import Conversation, Problem, Rendered, TokenizedExample
-from .weights import LossSpec, TokenizeReport, tokenize
+from .weights import LossSpec, TokenizeReport, check_truncation, weigh
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Prepared:
     conversations: list[Conversation]
     rendered: list[Rendered]
     load_skipped: list[Problem]
+    cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
 
     def summary(self) -> str:
         s = self.report.summary()
@@ -41,11 +44,17 @@ def load(data: str | list[Conversation], format: str = "auto", fields: dict | No
 
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
-                     fields: dict | None = None, on_invalid: str = "error", limit: int | None = None) -> Prepared:
-    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch."""
+                     fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
+                     cache: bool = True) -> Prepared:
+    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
+    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
+    from .cache import encode_cached
+
     convs, skipped = load(data, format, fields, on_invalid, limit)
     renderer = Renderer(template, tokenizer)
     rendered = [renderer.render(c) for c in convs]
-    examples, report = tokenize(rendered, tokenizer, spec, max_length, truncation,
-                                on_empty="error" if on_invalid == "error" else "skip")
-    return Prepared(examples, report, renderer, convs, rendered, skipped)
+    check_truncation(truncation)  # before any tokenizing
+    encoded, status = encode_cached(rendered, tokenizer, cache)
+    examples, report = weigh(encoded, rendered, spec, max_length, truncation,
+                             on_empty="error" if on_invalid == "error" else "skip")
+    return Prepared(examples, report, renderer, convs, rendered, skipped, status)
