@@ -1,0 +1,107 @@
+"""Per-token-class loss of any model on any data: the paper's overfitting measure.
+
+Every token of every example is scored once (the NLL of predicting it from the tokens before it) and the NLLs are
+summed by the token's class. `output` = assistant + eot (the tokens IT trains on), `instruction` = user + system;
+`template` tokens (role tags) are reported per class only. Means are per token over the whole data set (micro
+average), so long outputs weigh more than short ones, exactly as in training."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..types import CLASSES, Conversation
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "output": ("assistant", "eot"),
+    "instruction": ("user", "system"),
+    "all": CLASSES,
+}
+
+
+def _stat(nll_sum: float, tokens: int) -> dict:
+    if tokens == 0:
+        return {"nll": None, "ppl": None, "tokens": 0}
+    mean = nll_sum / tokens
+    return {"nll": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(tokens)}
+
+
+def class_sums(model, examples, pad_id: int, batch_size: int = 8,
+               progress: bool = False) -> tuple[list[float], list[int]]:
+    """Sum of NLL and number of tokens per class (indexed like CLASSES) over `examples` (TokenizedExample).
+
+    Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded."""
+    import torch
+
+    from ..loss import hidden_states, lm_head, token_nll
+    from ..pack import IGNORE, collate
+
+    sums = torch.zeros(len(CLASSES), dtype=torch.float64)
+    counts = torch.zeros(len(CLASSES), dtype=torch.int64)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths share a batch
+    device = next(model.parameters()).device
+    weight, bias = lm_head(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            starts = range(0, len(order), batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                starts = tqdm(starts, desc="loss", unit="batch")
+            for s in starts:
+                batch = collate([examples[i] for i in order[s:s + batch_size]], packed=False, pad_id=pad_id)
+                batch = batch.to(device)
+                nll = token_nll(hidden_states(model, batch), weight, batch.labels, lm_head_bias=bias)  # [B, T]
+                # Position t predicts labels[t], whose class is classes[t]; -100 at padding and each last token.
+                mask = batch.labels != IGNORE
+                cls = batch.classes[mask].long().cpu()
+                sums += torch.bincount(cls, weights=nll[mask].double().cpu(), minlength=len(CLASSES))
+                counts += torch.bincount(cls, minlength=len(CLASSES))
+    finally:
+        model.train(was_training)
+    return sums.tolist(), counts.tolist()
+
+
+def summarise(sums: list[float], counts: list[int]) -> dict:
+    """Class sums -> {"output": {...}, "instruction": {...}, "all": {...}, "per_class": {cls: {...}}}."""
+    out = {}
+    for group, members in GROUPS.items():
+        idx = [CLASSES.index(c) for c in members]
+        out[group] = _stat(sum(sums[i] for i in idx), sum(counts[i] for i in idx))
+    out["per_class"] = {c: _stat(sums[i], counts[i]) for i, c in enumerate(CLASSES)}
+    return out
+
+
+def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversation], max_length: int | None = None,
+                  batch_size: int = 8, limit: int | None = None, truncation: str = "truncate", format: str = "auto",
+                  fields: dict | None = None, on_invalid: str = "error", progress: bool = False) -> dict:
+    """Mean NLL and perplexity per token class of `model` on `data` (a path/hub spec or conversations).
+
+    Returns {"n", "tokens", "output": {"nll", "ppl", "tokens"}, "instruction": {...}, "all": {...},
+    "per_class": {class: {...}}, "truncated", "skipped"}. Over-long examples are truncated to `max_length` by
+    default (truncation="drop" leaves them out); either way the count is reported."""
+    from ..prepare import prepare_examples
+    from ..weights import loss_spec
+
+    # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
+    prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
+                            loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,
+                            limit=limit)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sums, counts = class_sums(model, prep.examples, pad_id, batch_size, progress)
+    result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}
+    result.update(summarise(sums, counts))
+    result["truncated"] = prep.report.truncated
+    result["skipped"] = [str(p) for p in prep.load_skipped] + prep.report.as_dict()["dropped_too_long"] \
+        + prep.report.as_dict()["dropped_no_weight"]
+    return result
+
+
+def gap(train: dict, heldout: dict) -> dict:
+    """Held-out minus train mean NLL, per group and per class: the paper's overfitting gap (IM narrows it on
+    outputs). None where either side has no tokens."""
+    diff = lambda a, b: None if a["nll"] is None or b["nll"] is None else b["nll"] - a["nll"]  # noqa: E731
+    out = {g: diff(train[g], heldout[g]) for g in GROUPS}
+    out["per_class"] = {c: diff(train["per_class"][c], heldout["per_class"][c]) for c in CLASSES}
+    return out

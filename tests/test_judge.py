@@ -1,0 +1,155 @@
+"""The judge: reply parsing and win-rate arithmetic on hand-made replies, and end to end against a real
+`imtune serve random:tiny` process (its replies are gibberish, so every pair is a tie: the plumbing is what is
+tested — both orders requested, counts, the cache making a re-run free)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_serve import get, serving
+
+from imtune.cli import main
+from imtune.evaluate.judge import (JudgeCache, JudgeClient, JudgeError, cache_key, chat_url, judge_messages,
+                                   pair_outcome, pair_up, parse_preference, read_outputs, win_rate)
+from imtune.types import DataError
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Output (a)", "a"), ("Output (b)", "b"), ("output (B).", "b"), ("**Output (a)**", "a"), ("(b)", "b"),
+    ("a", "a"), ("B", "b"), ("Output a", "a"), ("Answer: Output (a)", "a"), ("The best is Output (b)", "b"),
+    ("Output (b)\n\nHere the answer is Output (b) because it is accurate; output (a) is a joke.", "b"),
+    ("Output (a) is better than Output (b).", "a"),
+    ("I prefer Output (b) over Output (a).", "b"),
+    ("Between Output (a) and Output (b), I would choose Output (b).", "b"),
+    ("I think Output (b) is clearly better; Output (a) misses the point.", "b"),
+    ("", None), ("a cat sat on the mat", None), ("Both Output (a) and Output (b) are good.", None),
+    ("Output (c)", None), ("Outputs", None), ("\n\n\n", None),
+])
+def test_parse_preference(reply, expected):
+    assert parse_preference(reply) == expected
+
+
+def test_pair_outcome_needs_agreement_in_both_orders():
+    # model_first: the model output was (a); reference_first: the reference was (a).
+    assert pair_outcome("a", "b") == "win"
+    assert pair_outcome("b", "a") == "loss"
+    for inconsistent in [("a", "a"), ("b", "b"), (None, "b"), ("a", None), (None, None)]:
+        assert pair_outcome(*inconsistent) == "tie"
+
+
+def test_win_rate_arithmetic():
+    r = win_rate(["win", "win", "tie", "loss"])
+    assert (r["n"], r["wins"], r["losses"], r["ties"]) == (4, 2, 1, 1)
+    assert r["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    scores = [1, 1, 0.5, 0]
+    var = sum((s - 0.625) ** 2 for s in scores) / 3
+    assert r["standard_error"] == pytest.approx(math.sqrt(var / 4))
+    assert win_rate(["tie"] * 3)["win_rate"] == 0.5 and win_rate(["tie"] * 3)["standard_error"] == 0
+    assert win_rate([])["win_rate"] is None
+
+
+def test_chat_url_accepts_base_or_full_urls():
+    full = "http://127.0.0.1:8000/v1/chat/completions"
+    for base in ["http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1", full]:
+        assert chat_url(base) == full
+    with pytest.raises(Exception, match="http"):
+        chat_url("127.0.0.1:8000")
+
+
+def test_read_outputs_and_pair_up(tmp_path):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps([{"instruction": f"q{i}", "output": f"ref {i}", "generator": "r"} for i in range(4)]))
+    outs = tmp_path / "outs.jsonl"
+    outs.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "q2 ", "output": "mine 2"},
+        {"prompt": [{"role": "user", "content": "q0"}], "output": "mine 0"},
+        {"prompt": "q9", "output": "no reference"}]) + "\n")
+    pairs, unmatched = pair_up(read_outputs(outs), read_outputs(refs))
+    assert [(p["instruction"], p["output"], p["reference"]) for p in pairs] == [("q0", "mine 0", "ref 0"),
+                                                                                ("q2", "mine 2", "ref 2")]
+    assert unmatched == 1
+    assert len(pair_up(read_outputs(outs), read_outputs(refs), limit=1)[0]) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: output"):
+        read_outputs(bad)
+
+
+def test_cache_roundtrip(tmp_path):
+    msgs = judge_messages("q", "A", "B")
+    k = cache_key("judge", msgs)
+    assert k != cache_key("other-judge", msgs) and k != cache_key("judge", judge_messages("q", "B", "A"))
+    c = JudgeCache(tmp_path / "c.sqlite")
+    assert c.get(k) is None
+    c.put(k, "judge", "Output (a)")
+    c.close()
+    assert JudgeCache(tmp_path / "c.sqlite").get(k) == "Output (a)"
+
+
+def test_unreachable_judge_is_a_clear_error():
+    client = JudgeClient("http://127.0.0.1:9/v1/chat/completions", "m", retries=0, timeout=5)
+    with pytest.raises(JudgeError, match="cannot reach the judge"):
+        client.ask(judge_messages("q", "a", "b"))
+
+
+def _requests(url: str) -> int:
+    return get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"]
+
+
+def test_judge_end_to_end_against_imtune_serve(tmp_path, capsys):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps([{"dataset": "t", "instruction": q, "output": a, "generator": "ref"} for q, a in [
+        ("Name a primary colour.", "Red."), ("What is 2 + 2?", "4"), ("Say hi in French.", "Bonjour"),
+        ("Unused reference?", "yes")]]))
+    outs = tmp_path / "model.jsonl"
+    outs.write_text("\n".join(json.dumps({"instruction": q, "output": a}) for q, a in [
+        ("Name a primary colour.", "Blue is one."), ("What is 2 + 2?", "Four."), ("Say hi in French.", "Salut"),
+        ("Not in the references", "x")]) + "\n")
+    out_dir, cache = tmp_path / "eval", tmp_path / "cache.sqlite"
+    with serving("random:tiny", "--max-tokens", "8") as (_, url, _err):
+        before = _requests(url)
+        args = ["judge", "--outputs", str(outs), "--references", str(refs), "--judge-model", "tiny",
+                "--cache", str(cache), "--out", str(out_dir), "--max-tokens", "4"]
+        assert main([*args, "--judge-url", url.removesuffix("/v1")]) == 0
+        s = json.loads((out_dir / "judge-model.json").read_text())
+        assert (s["n"], s["judgements"], s["unique_prompts"]) == (3, 6, 6)
+        assert s["requests"] == 6 and s["cache_hits"] == 0 and s["unmatched_outputs"] == 1
+        assert _requests(url) - before == 6  # both orders of every pair reached the server
+        assert s["wins"] + s["losses"] + s["ties"] == 3
+        assert s["ties"] >= s["pairs_with_unparseable"] + s["inconsistent_pairs"]
+        assert s["win_rate"] == pytest.approx((s["wins"] + 0.5 * s["ties"]) / 3)
+        pairs = [json.loads(line) for line in (out_dir / "judge-model.jsonl").read_text().splitlines()]
+        assert [p["instruction"] for p in pairs] == ["Name a primary colour.", "What is 2 + 2?", "Say hi in French."]
+        for p in pairs:
+            assert {"reply_model_first", "reply_reference_first", "outcome"} <= set(p)
+            assert p["preference_model_first"] == parse_preference(p["reply_model_first"])
+        assert "| 3 |" in (out_dir / "judge-model.md").read_text()
+
+        # Re-run, with the /v1 form of the URL: everything comes from the cache, no request reaches the server.
+        before = _requests(url)
+        assert main([*args, "--judge-url", url]) == 0
+        s2 = json.loads((out_dir / "judge-model.json").read_text())
+        assert s2["requests"] == 0 and s2["cache_hits"] == 6 and _requests(url) == before
+        assert {k: s2[k] for k in ("wins", "losses", "ties")} == {k: s[k] for k in ("wins", "losses", "ties")}
+
+        # A judge slower than --timeout is an error that says what to do, not a retry that queues the work again.
+        with pytest.raises(JudgeError, match="did not answer within"):
+            JudgeClient(chat_url(url), "tiny", timeout=0.001).ask(judge_messages("a fresh question", "x", "y"))
+
+        # --generate: the model's answers to the reference instructions first, then the judgement.
+        gen_out = tmp_path / "gen"
+        assert main(["judge", "--generate", "--model", "random:tiny", "--references", str(refs), "--limit", "2",
+                     "--max-new-tokens", "4", "--judge-url", url, "--judge-model", "tiny", "--cache", str(cache),
+                     "--out", str(gen_out), "--max-tokens", "4"]) == 0
+        rows = [json.loads(line) for line in (gen_out / "alpaca_eval-outputs.jsonl").read_text().splitlines()]
+        assert [r["instruction"] for r in rows] == ["Name a primary colour.", "What is 2 + 2?"]
+        assert all(r["generator"] == "random:tiny" for r in rows)
+        assert json.loads((gen_out / "judge-alpaca_eval-outputs.json").read_text())["n"] == 2
+
+
+def test_judge_usage_errors(tmp_path, capsys):
+    assert main(["judge", "--references", "x.json", "--judge-url", "http://127.0.0.1:9"]) == 2
+    assert "--outputs" in capsys.readouterr().err
+    assert main(["judge", "--outputs", "a.jsonl", "--references", "x.json", "--judge-url", "http://127.0.0.1:9"]) == 2
+    assert "--judge-model" in capsys.readouterr().err
