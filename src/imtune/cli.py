@@ -13,6 +13,7 @@ from .types import DataError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("imtune.commands.inspect", "show which tokens carry loss and with what weight"),
     "models prepare": ("imtune.commands.models", "convert the embedded default model to safetensors (once)"),
+    "train": ("imtune.commands.train", "train one run: config + data -> run directory (checkpoints, metrics, final/)"),
     "eval": ("imtune.commands.eval", "per-class loss, train/held-out gap, generations and BLEU-to-train"),
     "bench": ("imtune.commands.bench", "benchmarks: gsm8k, humaneval, bbh (offline) and lm-eval tasks (harness)"),
     "judge": ("imtune.commands.judge", "pairwise LLM-judge win rate against reference outputs (AlpacaEval-style)"),

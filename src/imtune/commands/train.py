@@ -1,0 +1,19 @@
+"""`imtune train [CONFIG.yaml] [--flags]`: one run directory (config, data stats, chat template, metrics,
+checkpoints, final model). Every flag is a TrainConfig field (imtune.config); flags override CONFIG.yaml, which
+overrides --preset. Multi-GPU: `accelerate launch -m imtune.cli train ...` (see configs/)."""
+from __future__ import annotations
+
+from ..config import add_train_arguments
+
+
+def add_arguments(p) -> None:
+    add_train_arguments(p)
+
+
+def run(args) -> int:
+    from ..config import TrainConfig
+    from ..train import train
+
+    path = train(TrainConfig.from_args(args))
+    print(path)
+    return 0

@@ -1,0 +1,274 @@
+"""Training configuration: one dataclass, whose fields are at once the YAML keys and the `imtune train` flags.
+
+Precedence, lowest first: field defaults < `--preset` < CONFIG.yaml < flags given on the command line. The resolved
+config (what was asked + defaults) is printed at the start of a run and saved as RUN/config.yaml, which is itself a
+valid CONFIG.yaml: `imtune train RUN/config.yaml` repeats the run.
+
+    cfg = TrainConfig(data="lima.jsonl", loss="im", max_steps=100)     # Python
+    cfg = TrainConfig.from_yaml("configs/lima-im.yaml")                 # YAML
+    cfg = TrainConfig.from_args(args)                                   # CLI (imtune.commands.train)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .types import UsageError
+
+
+def _f(default, help: str, type=None, choices=None, flag: str | None = None):
+    """A config field: `help` is the flag's help text; `type` is needed where the default is None."""
+    meta = dict(help=help, type=type or default.__class__, choices=choices, flag=flag)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # -- model ---------------------------------------------------------------------------------------------------
+    model: str = _f("default", "model spec (see --model)", flag="common")
+    template: str | None = _f(None, "chat template (see --template)", str, flag="common")
+    lora: bool = _f(False, "train a LoRA adapter (peft) instead of every weight")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path")
+    lora_targets: str = _f("all-linear", "modules to adapt: all-linear or a comma-separated list of module names")
+    merge_lora: bool = _f(False, "merge the adapter into the weights of final/ (else final/ holds the adapter)")
+    precision: str = _f("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16 (mixed: fp32 master "
+                                "weights, bf16 autocast)", choices=["auto", "fp32", "bf16"])
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30%% slower)")
+    # -- data ----------------------------------------------------------------------------------------------------
+    data: str = _f("", "training data: JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
+    format: str = _f("auto", "data format (see --format)", flag="common")
+    fields: dict = _f({}, "record key per canonical field, e.g. {output: response} (--field output=response)",
+                      flag="common")
+    on_invalid: str = _f("error", "bad records: error or skip", flag="common")
+    max_length: int = _f(1024, "maximum tokens per example (and per packed row)", flag="common")
+    truncation: str = _f("drop", "over-long examples: drop or truncate", flag="common")
+    packing: bool = _f(True, "pack several examples into each row (attention never crosses examples); "
+                             "--no-packing gives one right-padded row per example")
+    limit: int | None = _f(None, "use only the first N records of --data", int)
+    # -- loss ----------------------------------------------------------------------------------------------------
+    loss: str = _f("it", "loss mode (see --loss)", flag="common")
+    prompt_weight: float | None = _f(None, "λ for --loss weighted", float, flag="common")
+    weights: str | None = _f(None, "class weight overrides, e.g. user=0.1", str, flag="common")
+    last_turn_only: bool = _f(False, "only the last assistant turn is output", flag="common")
+    normalize: str = _f("tokens", "tokens: Σw·nll / Σw over the whole optimizer step (every weighted token counts "
+                                  "the same); sequences: each example's weighted mean, averaged over examples",
+                        choices=["tokens", "sequences"])
+    neftune_alpha: float = _f(0.0, "NEFTune: add uniform noise of scale alpha/sqrt(L·d) to the input embeddings "
+                                   "while training (L = the example's own length); 0 = off (the paper used 5)")
+    kl_coef: float = _f(0.0, "λ of the KL(p_model ‖ p_start) regulariser on weighted positions; 0 = off")
+    chunk_size: int = _f(1024, "positions per chunk of the chunked cross-entropy (memory knob)")
+    # -- optimisation --------------------------------------------------------------------------------------------
+    epochs: float = _f(2.0, "passes over the data (ignored when --max-steps is given)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (the schedule spans them)", int)
+    batch_size: int = _f(4, "micro-batch per process: packed rows (packing) or examples (--no-packing)")
+    grad_accum: int = _f(1, "micro-batches per process per optimizer step")
+    effective_batch: int | None = _f(None, "rows per optimizer step over all processes; sets --grad-accum to "
+                                           "effective_batch / (batch_size × processes)", int)
+    lr: float | None = _f(None, "peak learning rate (default: 2e-5, or 2e-4 with --lora)", float)
+    lr_schedule: str = _f("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    warmup_ratio: float = _f(0.03, "share of the steps spent warming up linearly")
+    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only, never biases or norms)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    seed: int = _f(42, "seed for initialisation (random:* models), data order, dropout and noise")
+    # -- run -----------------------------------------------------------------------------------------------------
+    output_dir: str | None = _f(None, "run directory (default: runs/<data>-<loss>-<time>)", str)
+    save_every: int | None = _f(None, "write a checkpoint every N optimizer steps (and at the end)", int)
+    keep_checkpoints: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
+    resume: str | None = _f(None, "continue from the newest complete checkpoint in --output-dir (bare --resume), "
+                                  "or from a given checkpoint directory", str)
+    eval_data: str | None = _f(None, "held-out data: output-token (IT) loss is logged on it", str)
+    eval_every: int | None = _f(None, "evaluate every N steps (also at the start and the end)", int)
+    eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked")
+    log_class_losses: bool = _f(True, "log loss_output / loss_instruction every step (costs an extra "
+                                      "forward-only pass over untrained positions)")
+    tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tensorboard")
+    progress: bool = _f(True, "show a progress bar on stderr")
+    threads: int | None = _f(None, "torch CPU threads per process (default: torch's, split among local processes)",
+                             int)
+    preset: str | None = _f(None, "start from a named recipe: paper (the IM paper's)", str,
+                            choices=["paper"])
+
+    # -- building ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Fields from a mapping (YAML, flags); unknown keys are an error that lists the valid ones."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UsageError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+        return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
+        base = read_yaml(path)
+        preset = (overrides or {}).get("preset", base.get("preset"))
+        return cls.from_dict({**preset_fields(preset), **base, **(overrides or {})})
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The config `imtune train` asked for: flags given > CONFIG.yaml > --preset > defaults.
+
+        With a bare --resume and no CONFIG.yaml, the run directory's own config.yaml is the base."""
+        given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+        if "field" in vars(args):
+            from .load import parse_fields
+
+            given["fields"] = parse_fields(args.field)
+        base: dict = {}
+        if getattr(args, "config", None):
+            base = read_yaml(args.config)
+        elif given.get("resume") and given.get("output_dir") and (Path(given["output_dir"]) / "config.yaml").exists():
+            base = read_yaml(Path(given["output_dir"]) / "config.yaml")
+        preset = given.get("preset", base.get("preset"))
+        return cls.from_dict({**preset_fields(preset), **base, **given})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- checking ------------------------------------------------------------------------------------------------
+    def check(self) -> TrainConfig:
+        """Raise UsageError for values that cannot work; return self."""
+        if not self.data:
+            raise UsageError("no training data: give --data FILE (or `data:` in the config file)")
+        for name in ("batch_size", "grad_accum", "max_length", "chunk_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "eval_every", "effective_batch", "threads", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be >= 1 when given, not {getattr(self, name)}")
+        for name in ("neftune_alpha", "kl_coef", "weight_decay", "max_grad_norm", "warmup_ratio", "lora_dropout",
+                     "epochs", "eval_train_sample", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise UsageError(f"--{_flag(name)} must be a finite number >= 0, not {v}")
+        if self.warmup_ratio >= 1:
+            raise UsageError(f"--warmup-ratio must be < 1, not {self.warmup_ratio}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise UsageError("--epochs must be > 0 (or give --max-steps)")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a finite number > 0, not {self.lr}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: valid: {', '.join(choices)}")
+        if self.merge_lora and not self.lora:
+            raise UsageError("--merge-lora needs --lora")
+        from .weights import loss_spec
+
+        loss_spec(self.loss, self.prompt_weight, self.weights, self.last_turn_only)  # raises on a bad loss
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+# Named recipes: field values applied before CONFIG.yaml and flags (so both can still change them).
+PRESETS: dict[str, dict] = {
+    # Instruction Modelling (Shi et al. 2024), following Open-Instruct: AdamW at 2e-5 decaying linearly after 3%
+    # warm-up, no weight decay, 2 epochs, 2,048 tokens, 128 examples per optimizer step (via accumulation: padded
+    # batches, so a row is an example), bf16 where the hardware has it.
+    "paper": dict(lr=2e-5, lr_schedule="linear", warmup_ratio=0.03, weight_decay=0.0, epochs=2.0, max_length=2048,
+                  effective_batch=128, packing=False, precision="auto", template="tulu"),
+}
+
+
+def preset_fields(name: str | None) -> dict:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return {**PRESETS[name], "preset": name}
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: config file not found")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{p}: a config file must be a mapping of field: value")
+    return d
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, v):
+    """YAML and flags give strings for some numbers (PyYAML reads `2e-5` as a string): convert to the field's type."""
+    kind = f.metadata["type"]
+    if v is None or isinstance(v, kind) and not (kind is int and isinstance(v, bool)):
+        return v
+    try:
+        if kind is bool:
+            if isinstance(v, str) and v.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return v.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind is int and isinstance(v, float) and v.is_integer():
+            return int(v)
+        if kind in (int, float, str):
+            return kind(v)
+    except (TypeError, ValueError):
+        pass
+    raise UsageError(f"{f.name}: expected {kind.__name__}, got {v!r}")
+
+
+# -- flags ----------------------------------------------------------------------------------------------------------
+ALIASES = {"lr": ["--learning-rate"], "grad_accum": ["--gradient-accumulation-steps"]}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag. Flags shared with other commands come from commands.common; defaults are
+    SUPPRESSed so that from_args sees only what was typed (and CONFIG.yaml / --preset values are not overridden)."""
+    from .commands.common import add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args
+
+    p.add_argument("config", nargs="?", default=None, help="CONFIG.yaml (fields as below; flags override it)")
+    add_model_args(p)
+    add_template_args(p)
+    add_data_args(p, positional=False)
+    add_loss_args(p)
+    add_length_args(p)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if meta.get("flag") == "common":
+            continue
+        names = [f"--{_flag(f.name)}", *ALIASES.get(f.name, [])]
+        kw = dict(dest=f.name, help=meta["help"])
+        if meta["type"] is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.name == "resume":
+            kw.update(nargs="?", const="auto", metavar="CHECKPOINT")
+        else:
+            kw.update(type=meta["type"], choices=meta.get("choices"))
+        p.add_argument(*names, **kw)
+    defaults = TrainConfig()
+    for action in p._actions:
+        if action.dest in ("help", "config"):
+            continue
+        d = getattr(defaults, "fields" if action.dest == "field" else action.dest, None)
+        if action.help and "default" not in action.help and d not in (None, {}, ""):
+            action.help += f" (default: {d})"
+        action.default = argparse.SUPPRESS

@@ -1,0 +1,118 @@
+"""What a person (and evaluation code) sees of a run: config.yaml, chat_template.jinja, data_stats.json,
+RUN/metrics.jsonl, optional TensorBoard, a progress bar.
+
+metrics.jsonl has one JSON object a line:
+    {"type": "train", "step": 12, "epoch": 0.4, "loss": 2.31, "loss_output": 2.5, "loss_instruction": 3.1,
+     "lr": 1.9e-05, "grad_norm": 1.7, "tokens_per_s": 5400.0, "tokens": 98304, "time": 31.2}     every optimizer step
+    {"type": "eval", "step": 12, "epoch": 0.4, "train_output_loss": 2.2, "eval_output_loss": 2.6, ...}
+    {"type": "stopped", "step": 13, "reason": "..."}                                  a run stopped on a bad loss
+`loss` is the training objective's Σw·nll / Σw of that step (the KL term, when on, is logged apart as `kl`);
+`loss_output` / `loss_instruction` are unweighted mean nll over assistant+eot / user+system label tokens.
+Only rank 0 writes; the other ranks hold a RunLog(None) that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+class RunLog:
+    def __init__(self, run_dir: Path | None, total_steps: int = 0, start_step: int = 0, tensorboard: bool = False,
+                 progress: bool = True):
+        self.active = run_dir is not None
+        self.file = self.tb = self.bar = None
+        if not self.active:
+            return
+        path = Path(run_dir) / "metrics.jsonl"
+        trim_metrics(path, start_step)  # a resumed run rewrites the steps after its checkpoint
+        self.file = open(path, "a", encoding="utf-8", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            desc="train")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            kind = record.get("type", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "type"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        if self.bar is not None and record.get("type") == "train":
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def note(self, msg: str) -> None:
+        """A line for the person watching, printed above the progress bar."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for h in (self.bar, self.tb, self.file):
+            if h is not None:
+                h.close()
+        self.file = self.tb = self.bar = None
+
+
+def trim_metrics(path: Path, keep_through_step: int) -> None:
+    """Drop metric lines of steps after `keep_through_step` (0: start afresh)."""
+    if not path.exists():
+        return
+    if keep_through_step == 0:
+        path.unlink()
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= keep_through_step:
+                keep.append(line)
+        except ValueError:  # blank, or the half-written last line of a killed run
+            continue
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
+    """The records of RUN/metrics.jsonl, optionally of one type ("train", "eval")."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("type", "train") == kind]
+
+
+def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[float], extra: dict) -> None:
+    """config.yaml (printed too), chat_template.jinja and data_stats.json: the run directory describes itself."""
+    from .types import CLASSES
+
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # part of the layout; empty without --save-every
+    text = cfg.to_yaml()
+    (run_dir / "config.yaml").write_text(text, encoding="utf-8")
+    (run_dir / "chat_template.jinja").write_text(prep.renderer.jinja, encoding="utf-8")
+    lengths = [len(e) for e in examples]
+    by_class = [0] * len(CLASSES)
+    for e in examples:
+        for c in e.classes[1:]:  # token 0 is never predicted
+            by_class[c] += 1
+    stats = {
+        "data": cfg.data, "template": prep.renderer.name, "loss": cfg.loss,
+        "records_loaded": len(prep.conversations), "records_skipped": [str(p) for p in prep.load_skipped],
+        "tokenize": prep.report.as_dict(), "examples": len(examples), "tokens": sum(lengths),
+        "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
+        "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,
+    }
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    print(f"# imtune train -> {run_dir}\n{text}".rstrip(), file=sys.stderr, flush=True)

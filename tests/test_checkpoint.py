@@ -1,0 +1,112 @@
+"""Checkpoints: atomic publication, resume only from complete ones, and exact resume — for real: `imtune train`
+as a subprocess, killed with SIGKILL once a checkpoint exists, resumed, and compared bit for bit with an
+uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imtune import checkpoint as ckpt
+from test_train import metrics, tiny, write_conversations
+
+
+def test_save_is_atomic_and_resume_trusts_only_complete_checkpoints(tmp_path):
+    from imtune.models import load_model
+    from imtune.types import UsageError
+
+    model = load_model("random:tiny", dtype=torch.float32, seed=0)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model, None, opt, sched, {"step": step}, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]  # pruned, no temporary left behind
+    # A crash mid-write leaves a temp dir (ignored) or a dir without COMPLETE (ignored, refused when named).
+    (root / ".tmp-step-4").mkdir()
+    (root / "step-5").mkdir()
+    (root / "step-5" / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step-3"
+    with pytest.raises(UsageError, match="not a complete checkpoint"):
+        ckpt.read_trainer_state(root / "step-5")
+    # Weights come back exactly, tied embedding included.
+    other = load_model("random:tiny", dtype=torch.float32, seed=1)
+    ckpt.load_weights(other, root / "step-3", lora=False)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "imtune.cli", "train", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    data = write_conversations(tmp_path / "d.jsonl", 24)
+    common = ["--model", "random:tiny", "--data", data, "--loss", "weighted", "--prompt-weight", "0.3",
+              "--max-length", "128", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "8", "--lr", "1e-3",
+              "--save-every", "2", "--threads", "1", "--neftune-alpha", "5", "--no-progress", "--seed", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_cli(*common, "--output-dir", str(whole)), env=env, check=True, capture_output=True)
+    log = open(tmp_path / "victim.log", "w")
+    victim = subprocess.Popen(_cli(*common, "--output-dir", str(killed)), env=env, stdout=log, stderr=log)
+
+    deadline = time.time() + 300
+    while ckpt.latest_checkpoint(killed) is None and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    log.close()
+    assert victim.returncode == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-2000:]
+    at = ckpt.latest_checkpoint(killed)
+    assert at is not None and not (killed / "DONE").exists() and not (killed / "final").exists()
+
+    resumed = subprocess.run(_cli(*common, "--output-dir", str(killed), "--resume"), env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {killed / 'checkpoints'}" in resumed.stderr
+    a = load_file(whole / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]  # noqa
+    assert strip(metrics(killed)) == strip(metrics(whole))  # every step's loss, lr, grad norm; no duplicates
+    print(f"killed after {at.name}; resumed; final weights bit-identical ({len(a)} tensors)")
+
+
+def test_lora_resume_from_a_named_checkpoint_is_bit_identical(tmp_path):
+    from imtune.train import train
+
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    cfg = tiny(data, tmp_path / "whole", lora=True, lora_r=4, lora_dropout=0.1, batch_size=2, max_steps=3,
+               save_every=1, keep_checkpoints=0, kl_coef=0.1)
+    whole = train(cfg)
+    again = train(cfg.replace(output_dir=str(tmp_path / "again"), resume=str(whole / "checkpoints" / "step-1")))
+    state = json.loads((whole / "checkpoints" / "step-1" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["data_fingerprint"]
+    a = load_file(whole / "final" / "adapter_model.safetensors")
+    b = load_file(again / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(again)] == [r["loss"] for r in metrics(whole)][1:]
+
+
+def test_resume_refuses_other_data(tmp_path):
+    from imtune.train import train
+    from imtune.types import UsageError
+
+    run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", batch_size=2, max_steps=1,
+                     save_every=1))
+    (run / "DONE").unlink()
+    other = write_conversations(tmp_path / "other.jsonl", 4, seed=9)
+    with pytest.raises(UsageError, match="data_fingerprint"):
+        train(tiny(other, run, batch_size=2, max_steps=2, resume="auto"))
+    assert Path(run / "checkpoints" / "step-1" / "COMPLETE").exists()

@@ -1,0 +1,50 @@
+"""Two processes on CPU (torchrun, gloo): 2 ranks × accumulation 2 × batch 2 make the same optimizer steps as one
+process × accumulation 4 × batch 2 — including a short last step where one rank only runs a zero-weight stand-in —
+and only rank 0 writes the run directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import metrics, tiny, write_conversations
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+    from imtune.train import train
+
+    # 10 examples, padded batches of 2 -> 5 micro-batches an epoch: a step of 4, then a step of 1 (rank 1: stand-in)
+    data = write_conversations(tmp_path / "d.jsonl", 10)
+    shared = dict(batch_size=2, epochs=1.0, packing=False, max_grad_norm=0.0, loss="weighted", prompt_weight=0.5)
+    one = train(tiny(data, tmp_path / "one", grad_accum=4, **shared))
+
+    args = ["--model", "random:tiny", "--data", data, "--loss", "weighted", "--prompt-weight", "0.5",
+            "--max-length", "128", "--lr", "1e-3", "--warmup-ratio", "0", "--batch-size", "2", "--grad-accum", "2",
+            "--epochs", "1", "--no-packing", "--max-grad-norm", "0", "--threads", "1", "--no-progress",
+            "--output-dir", str(tmp_path / "two")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "imtune.cli", "train", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    two = tmp_path / "two"
+
+    m1, m2 = metrics(one), metrics(two)
+    assert [r["step"] for r in m2] == [1, 2]  # one line per step: only rank 0 writes
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["tokens"] == a["tokens"] and b["lr"] == a["lr"]
+    w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    for k in w1:
+        # AdamW's early steps are ~lr·sign(g): coordinates with |g| near eps can differ by up to ~lr; all others
+        # agree to float rounding. Bound the difference by a fraction of lr, and the typical one much tighter.
+        diff = (w1[k] - w2[k]).abs()
+        assert diff.max() <= 2e-3 * 1e-3 + 1e-6 and diff.mean() <= 1e-7, k
+    assert '"processes": 2' in (two / "data_stats.json").read_text()
+    assert (two / "DONE").exists()
