@@ -162,14 +162,25 @@ def _batch_encode(texts: list[str], tokenizer) -> tuple[list[list[int]], list[li
     return enc["input_ids"], enc["offset_mapping"]
 
 
+def _tokens(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [N] int32, start offset of every token [N] int64, tokens per text [K] int64) for all texts, from one
+    batched call. (Chunking the call to overlap this conversion with the tokenizer in a worker thread was measured
+    slower on a busy 2-core machine; see BENCHMARKS.md.)"""
+    ids, offsets = _batch_encode(texts, tokenizer)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    n = int(lengths.sum())
+    input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=n)
+    starts = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * n)[0::2]
+    return input_ids, starts, lengths
+
+
 def encode(rendered: list[Rendered], tokenizer) -> Encoded:
     """Tokenize every rendered text (one batched call) and give each token its class, for all examples at once.
 
     Equal to _class_ids per example: the texts are laid end to end, each followed by one sentinel character of class
     0, and one reduceat runs over all token starts plus one extra start at each sentinel (whose segment, covering the
     characters before the next example's first token, is dropped)."""
-    ids, offsets = _batch_encode([r.text for r in rendered], tokenizer)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    input_ids, first, lengths = _tokens([r.text for r in rendered], tokenizer)
     n_chars = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered))
     base = np.concatenate([[0], np.cumsum(n_chars + 1)])  # text k starts at base[k]; its sentinel at base[k+1]-1
     char_cls = np.zeros(int(base[-1]), dtype=np.int8)
@@ -181,10 +192,9 @@ def encode(rendered: list[Rendered], tokenizer) -> Encoded:
             char_cls[b + s.start:b + s.end] = CLASS_ID[s.cls]
             if s.cls in ("assistant", "eot") and s.turn != last_asst:
                 hist[b + s.start:b + s.end] = 1
-    n = int(lengths.sum())
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * n)
+    n = len(input_ids)
     example = np.repeat(np.arange(len(rendered)), lengths)  # [N] example of each token
-    starts = np.minimum(flat[0::2], n_chars[example]) + base[example]
+    starts = np.minimum(first, n_chars[example]) + base[example]
     starts = np.maximum.accumulate(starts)  # per example, as base[k] exceeds every start of earlier examples
     # Each example's token starts, then its sentinel: token j of example k sits at bounds[k] + k + j.
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -195,7 +205,6 @@ def encode(rendered: list[Rendered], tokenizer) -> Encoded:
     idx[~is_token] = base[1:] - 1
     classes = np.maximum.reduceat(char_cls, idx)[is_token] if n else np.zeros(0, np.int8)
     history = np.maximum.reduceat(hist, idx)[is_token] if n else np.zeros(0, np.int8)
-    input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=n)
     return Encoded(input_ids, classes, history, lengths)
 
 
