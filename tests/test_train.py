@@ -154,7 +154,7 @@ def test_normalize_sequences_is_the_mean_of_example_means(tmp_path):
 
 # -- NEFTune and KL ----------------------------------------------------------------------------------------------
 def test_neftune_noise_scale_follows_each_packed_example():
-    from imtune.train import neftune_noise
+    from imtune.objective import neftune_noise
 
     d, alpha = 4096, 5.0
     embeds = torch.zeros(1, 10, d)
@@ -169,7 +169,7 @@ def test_neftune_noise_scale_follows_each_packed_example():
 
 
 def test_weighted_kl_matches_full_logits():
-    from imtune.train import weighted_kl
+    from imtune.objective import weighted_kl
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 8, generator=g, requires_grad=True)
@@ -193,13 +193,14 @@ def test_neftune_only_while_training(tmp_path):
     from imtune.models import load_model, load_tokenizer
     from imtune.pack import collate
     from imtune.prepare import prepare_examples
-    from imtune.train import _objective_class, batch_args
+    from imtune.objective import Objective
+    from imtune.train import batch_args
     from imtune.weights import loss_spec
 
     prep = prepare_examples(write_conversations(tmp_path / "d.jsonl", 3), load_tokenizer("random:tiny"),
                             loss_spec("im"))
     batch = collate(prep.examples, packed=True)
-    Objective = _objective_class()
+
     model = load_model("random:tiny", dtype=torch.float32, seed=0)
     clean, noisy = Objective(model, 64, 0.0), Objective(model, 64, 5.0)
     with torch.no_grad():

@@ -1,0 +1,97 @@
+"""The training objective of one micro-batch: Σw·nll (+ Σw·KL to the starting model), with NEFTune noise.
+
+One nn.Module (`Objective`) wraps the causal LM, so DDP / FSDP see every use of the parameters inside forward()
+(loss.hidden_states would bypass a DDP wrapper's forward and with it the gradient all-reduce). The normalisation by
+the global weight sum stays in the trainer (imtune.train); everything here returns sums."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .loss import lm_head, sequence_ids, weighted_nll
+from .pack import IGNORE
+
+
+class Objective(torch.nn.Module):
+    """(Σw·nll, Σw·KL, per-class sums) of one micro-batch. Wraps the causal LM (or its peft wrapper).
+
+    `ref`: the frozen starting model for the KL term (full fine-tuning); with LoRA the starting model is the
+    same module with its adapter switched off. Kept out of the module tree: never trained, never saved."""
+
+    def __init__(self, model, chunk_size: int, neftune_alpha: float, ref=None):
+        super().__init__()
+        self.model, self.chunk_size, self.neftune_alpha = model, chunk_size, neftune_alpha
+        self._ref = (ref,)  # a tuple hides it from nn.Module registration (and so from DDP and state_dict)
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks here
+
+    def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False):
+        embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, H]
+        noise = None
+        if self.training and self.neftune_alpha:
+            noise = neftune_noise(embeds, position_ids, attention_mask, self.neftune_alpha)
+            embeds = embeds + noise
+        hidden = decoder(self.model)(inputs_embeds=embeds, position_ids=position_ids,
+                                     attention_mask=attention_mask, use_cache=False).last_hidden_state
+        head_w, head_b = lm_head(self.model)
+        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b)
+        kl_sum = sums.nll_sum.new_zeros(())
+        if kl:
+            ref_hidden, ref_w, ref_b = self.reference(input_ids, position_ids, attention_mask, noise)
+            kl_sum = weighted_kl(hidden, head_w, head_b, ref_hidden, ref_w, ref_b, labels, weights,
+                                 self.chunk_size)
+        return sums.nll_sum, kl_sum, sums.per_class
+
+    @torch.no_grad()
+    def reference(self, input_ids, position_ids, attention_mask, noise):
+        """Hidden states and head of the starting model, on the same (noised, with NEFTune) input embeddings."""
+        ref = self._ref[0]
+        lora = ref is None
+        with self.model.disable_adapter() if lora else contextlib.nullcontext():
+            net = self.model if lora else ref
+            embeds = net.get_input_embeddings()(input_ids)
+            embeds = embeds if noise is None else embeds + noise
+            hidden = decoder(net)(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+            return (hidden, *lm_head(net))
+
+
+def decoder(model):
+    """The transformer body (embeddings -> final norm) of a causal LM, under any peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def neftune_noise(embeds, position_ids, attention_mask, alpha: float):
+    """NEFTune (Jain et al. 2023): uniform noise in [-1, 1] · alpha / sqrt(L·d), L = the token's own example length
+    (packed rows: each example's; padded rows: the real tokens'), d = hidden size; none on padding."""
+    if attention_mask is not None:  # padded: one example per row
+        live = attention_mask.to(embeds.dtype)
+        L = live.sum(1, keepdim=True).expand_as(live)
+    else:  # packed: an example starts wherever position_ids restart at 0
+        ids = sequence_ids(position_ids)
+        L = torch.bincount(ids.reshape(-1))[ids].to(embeds.dtype)
+        live = torch.ones_like(L)
+    scale = alpha / torch.sqrt(L.clamp_min(1) * embeds.shape[-1]) * live  # [B, T]
+    return (torch.rand_like(embeds) * 2 - 1) * scale.unsqueeze(-1)
+
+
+def _chunk_kl(h, w, b, h_ref, w_ref, b_ref):
+    """KL(p ‖ p_ref) per position [c] from hidden states [c, H]: Σ_v p (log p - log p_ref), softmax in fp32."""
+    logp = F.log_softmax(F.linear(h.to(w.dtype), w, b).float(), -1)
+    logq = F.log_softmax(F.linear(h_ref.to(w_ref.dtype), w_ref, b_ref).float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def weighted_kl(hidden, head_w, head_b, ref_hidden, ref_w, ref_b, labels, weights, chunk_size: int):
+    """Σ w·KL(p_model ‖ p_ref) over positions with weight > 0 — the direction of the IM paper's code
+    (F.kl_div(ref_logprob, logprob, log_target=True)) — chunked and checkpointed like weighted_nll."""
+    w = weights.reshape(-1).float()
+    idx = ((labels.reshape(-1) != IGNORE) & (w > 0)).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]
+    h_ref = ref_hidden.reshape(-1, ref_hidden.shape[-1])[idx]
+    parts = [checkpoint(_chunk_kl, h[s:s + chunk_size], head_w, head_b, h_ref[s:s + chunk_size], ref_w, ref_b,
+                        use_reentrant=False) for s in range(0, len(idx), chunk_size)]
+    return (torch.cat(parts) * w[idx]).sum() if parts else h.sum() * 0.0
