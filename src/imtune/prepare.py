@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .templates import Renderer
 from .types import Conversation, Problem, Rendered, TokenizedExample
-from .weights import LossSpec, TokenizeReport, check_truncation, weigh
+from .weights import LossSpec, TokenizeReport, check_truncation, gc_paused, weigh
 
 
 @dataclass
@@ -50,11 +50,12 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
     from .cache import encode_cached
 
+    check_truncation(truncation)  # before any work
     convs, skipped = load(data, format, fields, on_invalid, limit)
     renderer = Renderer(template, tokenizer)
     rendered = [renderer.render(c) for c in convs]
-    check_truncation(truncation)  # before any tokenizing
-    encoded, status = encode_cached(rendered, tokenizer, cache)
-    examples, report = weigh(encoded, rendered, spec, max_length, truncation,
-                             on_empty="error" if on_invalid == "error" else "skip")
+    with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
+        encoded, status = encode_cached(rendered, tokenizer, cache)
+        examples, report = weigh(encoded, rendered, spec, max_length, truncation,
+                                 on_empty="error" if on_invalid == "error" else "skip")
     return Prepared(examples, report, renderer, convs, rendered, skipped, status)
