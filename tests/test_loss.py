@@ -53,11 +53,11 @@ def test_chunked_equals_naive_values_and_grads(chunk, bias):
 def test_only_weighted_positions_are_computed_and_chunks_are_bounded(monkeypatch):
     hidden, W, _, labels, weights, _ = _data()
     seen = []
-    real = L._chunk_nll
-    monkeypatch.setattr(L, "_chunk_nll", lambda h, *a: seen.append(h.shape[0]) or real(h, *a))
+    real = L._chunk_nll_grad
+    monkeypatch.setattr(L, "_chunk_nll_grad", lambda h, *a: seen.append(h.shape[0]) or real(h, *a))
     L.weighted_nll(hidden, W, labels, weights, chunk_size=4).nll_sum.backward()
-    # forward: 18 positions in chunks of <= 4; backward recomputes each chunk once (checkpoint)
-    assert max(seen) <= 4 and sum(seen) == 2 * 18
+    # 18 positions in chunks of <= 4, each computed once: the gradient is formed in forward, backward recomputes none
+    assert max(seen) <= 4 and sum(seen) == 18
 
 
 def test_all_zero_weights_give_zero_and_backward_works():
@@ -98,6 +98,28 @@ def test_bf16_hidden_works():
     torch.testing.assert_close(got.nll_sum, ref, atol=1e-4, rtol=1e-4)  # same inputs, fp32 head: only rounding
     got.nll_sum.backward()
     assert h16.grad.dtype == torch.bfloat16 and h16.grad.abs().sum() > 0
+
+
+def test_frozen_head_no_grad_and_autocast_match_the_naive_loss():
+    hidden, W, b, labels, weights, _ = _data(bias=True)
+    ref, _ = _naive(hidden, W, b, labels, weights)
+    ref_grads = torch.autograd.grad(ref, [hidden, W, b])
+    # a frozen head (LoRA): only dL/dh
+    Wf, bf = W.detach(), b.detach()
+    got = L.weighted_nll(hidden, Wf, labels, weights, chunk_size=5, lm_head_bias=bf)
+    (gh,) = torch.autograd.grad(got.nll_sum, [hidden])
+    torch.testing.assert_close(gh, ref_grads[0], atol=1e-5, rtol=1e-5)
+    # no grad (evaluation): the same value, nothing attached
+    with torch.no_grad():
+        got = L.weighted_nll(hidden, W, labels, weights, chunk_size=5, lm_head_bias=b)
+    assert not got.nll_sum.requires_grad
+    torch.testing.assert_close(got.nll_sum, ref.detach(), atol=1e-5, rtol=1e-5)
+    # bf16 autocast: the gradient matmuls follow the forward's dtype; values stay close to fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.weighted_nll(hidden, W, labels, weights, chunk_size=5, lm_head_bias=b)
+    for g1, g2 in zip(_grads(got.nll_sum, hidden, W, b), ref_grads):
+        assert g1.dtype == g2.dtype
+        torch.testing.assert_close(g1, g2, atol=0.1, rtol=0.05)
 
 
 def _ex(n, w=1.0):

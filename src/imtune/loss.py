@@ -11,9 +11,13 @@ so the gradient is that of Σw·nll / Σw over the step, whatever the split into
 equals `weights.sum()` (weights are 0 where labels == -100), hence W can be computed up front, from the same
 weights that are passed in (batch.weights, or their per-sequence rescaling below).
 
-Memory. Only positions with a label and weight > 0 are computed at all. Their hidden states are gathered ([N, H]) and
-split into chunks of `chunk_size` positions; each chunk's logits ([chunk, V], fp32) live only inside a
-torch.utils.checkpoint, so neither the forward nor the backward ever holds more than one chunk of logits.
+Memory and speed. Only positions with a label and weight > 0 are computed at all. Their hidden states are gathered
+([N, H]) and split into chunks of `chunk_size` positions. With gradients on, each chunk's logits ([chunk, V], fp32)
+are computed once, in the forward pass, and turned right there into the gradient of Σ w·nll with respect to them,
+w·(softmax − onehot), which is folded into dL/dh [N, H] and dL/dW [V, H] at once (_WeightedNLL): no logits outlive
+their chunk, and backward only scales the saved gradients. That is 3 head-sized matmuls per position instead of the 4
+of a checkpointed chunk (forward, recomputation, two in backward), and one softmax pass instead of three
+(BENCHMARKS.md). Without gradients (evaluation), chunks are computed forward only.
 
 Per-sequence normalisation (--normalize sequences): weights = sequence_weights(batch.weights,
 sequence_ids(batch.position_ids)) rescales each example's weights to sum to 1; weight_sum then counts examples, and
@@ -44,6 +48,61 @@ def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _chunk_nll_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                    w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [c, H], y [c], w [c] -> (nll [c] fp32, d(Σ w·nll)/d logits [c, V] in the head matmul's dtype).
+
+    The gradient w·(softmax − onehot) is built in place of the fp32 logits: one exp pass, no second [c, V] buffer."""
+    lin = F.linear(h.to(weight.dtype), weight, bias)  # [c, V], bf16 under autocast
+    logits = lin.float()
+    rows = torch.arange(len(y), device=y.device)
+    target = logits[rows, y]  # [c], a copy: the logits are overwritten next
+    m = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()  # exp(logit - max)
+    z = e.sum(dim=-1, keepdim=True)
+    nll = (m + z.log()).squeeze(1) - target
+    d = e.mul_(w[:, None] / z)  # w · softmax
+    d[rows, y] -= w
+    return nll, d.to(lin.dtype)
+
+
+class _WeightedNLL(torch.autograd.Function):
+    """(Σ w·nll, nll [N]) over positions h [N, H]; each chunk's gradient is computed in forward (see the module
+    docstring), so backward only scales dL/dh, dL/dW, dL/db by the incoming gradient. nll is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, w, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        nll = torch.empty(len(y), dtype=torch.float32, device=h.device)
+        for s in range(0, len(y), chunk_size):
+            e = s + chunk_size
+            nll[s:e], d = _chunk_nll_grad(h[s:e], weight, bias, y[s:e], w[s:e])
+            # The gradient matmuls run in the dtype of the forward one (bf16 under autocast), like autograd's would.
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                if gh is not None:
+                    gh[s:e] = torch.mm(d, weight.to(d.dtype))
+                if gw is not None:
+                    hc = h[s:e].to(d.dtype)
+                    if gw.dtype == d.dtype:
+                        gw.addmm_(d.t(), hc)
+                    else:
+                        gw += torch.mm(d.t(), hc)
+                if gb is not None:
+                    gb += d.sum(0)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(nll)
+        return (nll * w).sum(), nll
+
+    @staticmethod
+    def backward(ctx, g, _):
+        gh, gw, gb = ctx.saved_tensors
+        return (None if gh is None else gh * g, None if gw is None else gw * g, None if gb is None else gb * g,
+                None, None, None)
+
+
 def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
             idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Per-token nll [N] fp32 at flat positions idx [N] of hidden [B, T, H] / labels [B, T], chunk by chunk."""
@@ -71,9 +130,15 @@ def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: tor
     labelled = y != IGNORE
     active = labelled & (w > 0)
     idx = active.nonzero().squeeze(1)  # [N] flat positions that carry loss
-    nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
     w_act = w[idx]
-    sums = LossSums(nll_sum=(nll * w_act).sum(), weight_sum=w_act.sum().detach())
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]  # [N, H], the only positions that cost anything
+    bias_grad = lm_head_bias is not None and lm_head_bias.requires_grad
+    if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad or bias_grad):
+        nll_sum, nll = _WeightedNLL.apply(h, lm_head_weight, lm_head_bias, y[idx], w_act, chunk_size)
+    else:
+        nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
+        nll_sum = (nll * w_act).sum()
+    sums = LossSums(nll_sum=nll_sum, weight_sum=w_act.sum().detach())
     if classes is not None:
         with torch.no_grad():
             rest = (labelled & ~active).nonzero().squeeze(1)  # labelled but weightless: logged, never trained
