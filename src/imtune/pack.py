@@ -30,6 +30,7 @@ import torch
 from .types import TokenizedExample, UsageError
 
 IGNORE = -100  # label of positions that predict nothing (torch's cross_entropy ignore_index)
+GROUP_WINDOW = 16  # packed micro-batches are formed from bins of similar length within windows of this many
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,12 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: 
 
     padded: examples shuffled, `batch_size` EXAMPLES per micro-batch.
     packed: the examples are packed once (pack_examples, independent of seed and epoch); the bins are shuffled and
-      grouped `batch_size` ROWS (bins) per micro-batch. Inside a micro-batch the bins are listed in their opening
+      grouped `batch_size` ROWS (bins) per micro-batch, bins of similar length together (see GROUP_WINDOW). Inside a micro-batch the bins are listed in their opening
       order, each with its longest example first; then collate's next-fit reproduces exactly these bins, because a
       bin's first example did not fit into any older bin when it was opened (and bins only fill up).
     Use: `for mb in make_batches(...): batch = collate([examples[i] for i in mb], packed, max_length, pad_id)`.
-    Every example appears exactly once per epoch. The last micro-batch may be smaller (drop_last=False).
+    Every example appears exactly once per epoch. One micro-batch may be smaller (drop_last=False): the last one when
+    padded, any one when packed.
     Micro-batches hold different numbers of tokens and of weighted tokens: the trainer normalises by the weight sum
     of the whole optimizer step (see imtune.loss), never per micro-batch. pad_id is unused (shared signature)."""
     if batch_size < 1:
@@ -163,14 +165,24 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: 
     rng = np.random.default_rng([seed, epoch])
     if packed:
         bins = pack_examples(examples, max_length)
-        order = rng.permutation(len(bins))
-        groups = [sorted(order[s:s + batch_size].tolist()) for s in range(0, len(bins), batch_size)]
-        batches = [[i for b in group for i in bins[b]] for group in groups]
-    else:
-        _check_lengths([len(e) for e in examples], max_length, examples)
-        order = rng.permutation(len(examples)).tolist()
-        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    if drop_last and batches and len(groups[-1] if packed else batches[-1]) < batch_size:
+        size = [sum(len(examples[i]) for i in b) for b in bins]
+        order = rng.permutation(len(bins)).tolist()
+        # The rows of a micro-batch are padded to its longest, so group bins of similar length: the shuffled bins
+        # are taken GROUP_WINDOW micro-batches at a time, sorted by length inside that window and cut into
+        # micro-batches, which are then shuffled. (LIMA, 4 rows × 512: padding 8.9% -> 1.1%, BENCHMARKS.md.)
+        groups: list[list[int]] = []
+        step = GROUP_WINDOW * batch_size
+        for s in range(0, len(order), step):
+            window = sorted(order[s:s + step], key=lambda b: -size[b])  # stable: ties keep the shuffled order
+            groups += [sorted(window[k:k + batch_size]) for k in range(0, len(window), batch_size)]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+        if drop_last:
+            groups = [g for g in groups if len(g) == batch_size]  # at most one is short
+        return [[i for b in group for i in bins[b]] for group in groups]
+    _check_lengths([len(e) for e in examples], max_length, examples)
+    order = rng.permutation(len(examples)).tolist()
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
 
