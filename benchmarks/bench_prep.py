@@ -71,7 +71,7 @@ def imtune_prepare(tok, cache: bool, chunks: int | None = None):
     from imtune.prepare import prepare_examples
     from imtune.weights import loss_spec
 
-    default = weights.PIPELINE_CHUNKS
+    default = getattr(weights, "PIPELINE_CHUNKS", 1)
     weights.PIPELINE_CHUNKS = chunks or default
     try:
         return prepare_examples(str(LIMA), tok, loss_spec("it"), cache=cache)
