@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("imtune.commands.serve", "OpenAI-compatible chat-completions server on 127.0.0.1"),
     "data stats": ("imtune.commands.data_stats", "lengths, instruction/output ratio, supervised shares, loss advice"),
     "data synth": ("imtune.commands.data_synth", "synthetic controlled tasks (long instructions, short checkable outputs)"),
+    "compare": ("imtune.commands.compare", "train loss arms (it, im, weighted:λ, +neftune, +kl) alike, evaluate, report"),
+    "demo": ("imtune.commands.demo", "offline example: IT vs IM on the default model and synthetic data, with report"),
 }
 
 

@@ -1,0 +1,97 @@
+"""`imtune compare --data F [--eval-data G] --arms it,im[,weighted:0.1][,im+neftune:5][,it+kl:1] [--flags]`:
+train every arm with the same model, data, order, budget and seed, evaluate each final model, write a report
+(imtune.compare, imtune.report). Every `imtune train` flag applies to all arms. Re-running the same command skips
+finished arms. `imtune compare --report-only DIR` rebuilds the report of a finished comparison.
+Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import say
+
+
+def add_arguments(p) -> None:
+    from ..compare import ARM_FORMS
+    from ..config import add_train_arguments
+
+    add_train_arguments(p)  # first: it SUPPRESSes the defaults of every action already added
+    g = p.add_argument_group("comparison")
+    g.add_argument("--arms", default="it,im", help=f"the arms, comma-separated: {ARM_FORMS}")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="comparison directory (default: runs/compare-<data>); re-running with it resumes")
+    g.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="without --eval-data: this share of --data (a seeded split) is held out")
+    g.add_argument("--loss-samples", type=int, default=None, metavar="N",
+                   help="score the final output loss on a fixed sample of N training examples (default: all)")
+    g.add_argument("--bleu-samples", type=int, default=16, metavar="N",
+                   help="memorisation: greedy answers to N fixed training prompts vs their outputs (0: skip)")
+    g.add_argument("--exact-match", type=int, default=0, metavar="N",
+                   help="greedy answers to the first N held-out prompts scored by exact match (short checkable "
+                        "answers, e.g. imtune data synth); 0: skip")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="generation length for BLEU and exact match")
+    g.add_argument("--bench", action="append", default=[], metavar="NAME:PATH",
+                   help="also run a benchmark on each final model, e.g. gsm8k:gsm8k_test.jsonl (repeatable)")
+    g.add_argument("--bench-limit", type=int, default=None, metavar="N", help="first N examples of each benchmark")
+    g.add_argument("--device", default="auto", help="device for the final evaluation: auto (cuda if any), cpu, ...")
+    g.add_argument("--report-only", default=None, metavar="DIR",
+                   help="only rebuild report.md/report.html of an existing comparison directory")
+
+
+def settings_from(args):
+    from ..compare import CompareSettings, parse_arms
+    from ..config import TrainConfig
+    from ..types import UsageError
+
+    for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir"),
+                       ("--neftune-alpha", "neftune_alpha"), ("--kl-coef", "kl_coef")):
+        if hasattr(args, dest):
+            raise UsageError(f"{flag} is set per arm in compare: use --arms (e.g. --arms it,im,weighted:0.1,"
+                             "im+neftune:5,it+kl:1)" + (" and --out DIR" if dest == "output_dir" else ""))
+    for name in ("loss_samples", "bleu_samples", "exact_match", "max_new_tokens", "bench_limit"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name in ("loss_samples", "max_new_tokens", "bench_limit") else 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name != 'bleu_samples' else 0}, not {v}")
+    bench = []
+    for item in args.bench:
+        name, sep, path = item.partition(":")
+        if not sep or not path:
+            raise UsageError(f"--bench {item!r}: expected NAME:PATH, e.g. gsm8k:../shared/data/eval/gsm8k_test.jsonl")
+        bench.append((name, path))
+    base = TrainConfig.from_args(args)
+    if not base.data:
+        raise UsageError("no training data: give --data FILE")
+    stem = Path(base.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{stem}"
+    return CompareSettings(out=out, base=base, arms=parse_arms(args.arms), heldout_fraction=args.heldout_fraction,
+                           loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
+                           exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
+                           bench_limit=args.bench_limit, device=args.device)
+
+
+def show(out: Path) -> None:
+    """The results table, the verdict and where the report is (stdout)."""
+    import json
+
+    from ..report import text_table, verdict
+
+    summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    print(text_table(summary))
+    print()
+    print(verdict(summary, out)["text"].replace("**", ""))
+    print()
+    print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
+
+
+def run(args) -> int:
+    from ..compare import compare, is_main_process
+    from ..report import write_report
+
+    if args.report_only:
+        md, page = write_report(args.report_only)
+        say(f"wrote {md} and {page}")
+        show(Path(args.report_only))
+        return 0
+    out = compare(settings_from(args))
+    if is_main_process():
+        show(out)
+    return 0

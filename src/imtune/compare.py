@@ -1,0 +1,413 @@
+"""`compare(settings) -> COMPARE_DIR`: train several loss arms on the same data, evaluate each, write a report.
+
+    arms ─▶ one run directory each (imtune.train: same model, data, order, budget and seed) ─▶ final evaluation
+         ─▶ compare.json ─▶ report.md / report.html (imtune.report)
+
+An arm is a loss mode plus optional regularisers (ARM_FORMS): `it`, `im`, `all`, `weighted:0.1`, `im+neftune:5`,
+`it+kl:1`. Everything else (model, data, epochs, lr, seed, ...) comes from one TrainConfig shared by every arm.
+
+    COMPARE_DIR/
+      compare.json        settings, command lines, data stats + recommendation, per-arm results, the verdict
+      data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format
+      data/heldout.jsonl  held-out data: G, or a seeded split of F (--heldout-fraction)
+      arms/<arm>/         one imtune run directory per arm; arms/<arm>/eval/compare.json its final evaluation
+      plots/*.png, report.md, report.html
+
+Re-running the same command skips finished arms (RUN/DONE) and arms already evaluated with the same settings;
+an unfinished arm continues from its newest checkpoint. An arm trained with other settings is never mixed in: the
+run stops and says which setting differs. The report reads only compare.json and the run directories, so
+`imtune compare --report-only DIR` rebuilds it.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .types import Conversation, UsageError
+
+ARM_FORMS = ("it, im, all or weighted:λ (λ >= 0), each optionally followed by +neftune:α and/or +kl:λ, "
+             "e.g. it,im,weighted:0.1,im+neftune:5,it+kl:1")
+BASE_MODES = ("it", "im", "all")
+MODIFIERS = {"neftune": "neftune_alpha", "kl": "kl_coef"}  # +name:value -> TrainConfig field
+# Config fields that may differ between a finished arm and a re-run without changing what was trained.
+IGNORED_ON_RERUN = ("progress", "tensorboard", "threads", "resume", "save_every", "keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class Arm:
+    spec: str  # as typed, e.g. "im+neftune:5"
+    name: str  # directory name, e.g. "im+neftune-5"
+    overrides: dict  # TrainConfig fields this arm sets
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v >= 0):
+        raise UsageError(f"arm {what!r}: {text!r} is not a number >= 0; valid arms: {ARM_FORMS}")
+    return v
+
+
+def parse_arm(spec: str) -> Arm:
+    spec = spec.strip()
+    head, *mods = spec.split("+")
+    mode, _, value = head.partition(":")
+    if mode in BASE_MODES and not value:
+        over = {"loss": mode, "prompt_weight": None}
+    elif mode == "weighted" and value:
+        over = {"loss": "weighted", "prompt_weight": _number(value, spec)}
+    else:
+        raise UsageError(f"unknown arm {spec!r}; valid arms: {ARM_FORMS}")
+    over.update(neftune_alpha=0.0, kl_coef=0.0)
+    for m in mods:
+        name, _, value = m.partition(":")
+        if name not in MODIFIERS or not value:
+            raise UsageError(f"unknown arm modifier {'+' + m!r} in {spec!r}; valid arms: {ARM_FORMS}")
+        over[MODIFIERS[name]] = _number(value, spec)
+    return Arm(spec, re.sub(r"[^A-Za-z0-9+._-]", "-", spec.replace(":", "-")), over)
+
+
+def parse_arms(text: str) -> list[Arm]:
+    arms = [parse_arm(s) for s in text.split(",") if s.strip()]
+    if len(arms) < 1:
+        raise UsageError(f"--arms: give at least one arm; valid arms: {ARM_FORMS}")
+    names = [a.name for a in arms]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--arms {text!r} names an arm twice")
+    return arms
+
+
+@dataclass
+class CompareSettings:
+    """What `imtune compare` was asked. `base` carries every training flag (shared by all arms)."""
+
+    out: Path
+    base: TrainConfig
+    arms: list[Arm]
+    heldout_fraction: float = 0.1
+    loss_samples: int | None = None  # training examples scored at the end (None: all)
+    bleu_samples: int = 16  # training prompts answered greedily for memorisation BLEU
+    exact_match: int = 0  # held-out prompts answered greedily and scored by exact match (short-answer data)
+    max_new_tokens: int = 128
+    bench: list[tuple[str, str]] = field(default_factory=list)  # (benchmark, data path)
+    bench_limit: int | None = None
+    device: str = "auto"
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def eval_settings(self) -> dict:
+        return {"loss_samples": self.loss_samples, "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
+                "max_new_tokens": self.max_new_tokens, "bench": [list(b) for b in self.bench],
+                "bench_limit": self.bench_limit}
+
+
+def say(msg: str) -> None:
+    if is_main_process():  # under accelerate launch, one voice
+        print(msg, file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process trains; only rank 0 evaluates and writes the report."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole comparison, top to bottom
+def compare(s: CompareSettings) -> Path:
+    from . import checkpoint as ckpt
+    from . import report
+    from .train import train
+
+    out = Path(s.out)
+    (out / "arms").mkdir(parents=True, exist_ok=True)
+    old = read_json(out / "compare.json")
+    data = materialise_data(s, out)
+    base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["heldout_path"]), format="messages",
+                          fields={}, limit=None)
+    if base.eval_every is None:
+        base = base.replace(eval_every=default_eval_every(data["steps"]))
+    configs = {a.name: arm_config(base, a, out) for a in s.arms}
+    for cfg in configs.values():  # every arm is checked before any trains: a mistake costs no training time
+        check_same_training(Path(cfg.output_dir), cfg.check())
+
+    t0 = time.perf_counter()
+    for i, arm in enumerate(s.arms, 1):  # 1. train every arm (every process, under accelerate launch)
+        cfg, run_dir = configs[arm.name], Path(configs[arm.name].output_dir)
+        if ckpt.is_finished(run_dir):
+            say(f"[{i}/{len(s.arms)}] arm {arm.spec}: already trained ({run_dir}/DONE); skipping training")
+            continue
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            cfg = cfg.replace(resume="auto")
+        say(f"[{i}/{len(s.arms)}] arm {arm.spec}: training -> {run_dir}  (elapsed {time.perf_counter() - t0:.0f}s)")
+        train(cfg)
+        free_memory()
+    if not is_main_process():
+        return out
+
+    results = {}
+    for i, arm in enumerate(s.arms, 1):  # 2. evaluate each final model (rank 0 only)
+        results[arm.name] = evaluate_arm(s, arm, configs[arm.name], data, i)
+        free_memory()
+
+    commands = (old or {}).get("commands", [])
+    commands.append({"argv": s.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd()})
+    summary = {
+        "version": 1, "dir": str(out), "commands": commands,
+        "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction},
+        "data": {k: v for k, v in data.items() if k not in ("train", "heldout")},
+        "arms": [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
+                  "results": results[a.name]} for a in s.arms],
+    }
+    summary["verdict"] = report.verdict(summary, out)
+    write_json(out / "compare.json", summary)
+    report.write_report(out)
+    say(f"compare: {len(s.arms)} arms in {time.perf_counter() - t0:.0f}s")
+    return out
+
+
+def arm_config(base: TrainConfig, arm: Arm, out: Path) -> TrainConfig:
+    return base.replace(**arm.overrides, output_dir=str(out / "arms" / arm.name))
+
+
+def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
+    """A run directory that exists must have been made by this very arm config; otherwise say what differs."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    from .config import read_yaml
+
+    was = TrainConfig.from_dict(read_yaml(path)).to_dict()
+    now = cfg.to_dict()
+    diff = [k for k in now if k not in IGNORED_ON_RERUN and was.get(k) != now[k]]
+    if diff:
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in diff[:6])
+        raise UsageError(f"{run_dir} was trained with other settings ({shown}); re-run with the same flags to "
+                         f"resume, or give another --out (or delete {run_dir})")
+
+
+def default_eval_every(steps: int) -> int:
+    """About 8 evaluation points over the run (plus the one at step 0 and the one at the end)."""
+    return max(1, round(steps / 8))
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: every arm trains on the same file and is evaluated on the same held-out file
+def materialise_data(s: CompareSettings, out: Path) -> dict:
+    """Load F (format, fields, limit as given), split off the held-out part unless G is given, and write both in the
+    `messages` format to COMPARE_DIR/data/. Deterministic for a seed; refuses to overwrite different data that arms
+    were trained on. Also measures F (imtune.stats) and estimates the optimizer steps (for the eval cadence)."""
+    import numpy as np
+
+    from .models import load_tokenizer
+    from .prepare import load
+    from .stats import dataset_stats
+    from .templates import Renderer
+    from .weights import loss_spec, tokenize
+
+    b = s.base
+    if not b.data:
+        raise UsageError("no training data: give --data FILE")
+    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit)
+    if skipped:
+        say(f"compare: {len(skipped)} invalid records of {b.data} skipped (first: {skipped[0]})")
+    if b.eval_data:
+        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid)[0]
+        split = {"kind": "given", "heldout_source": b.eval_data}
+    else:
+        if not 0 < s.heldout_fraction < 1:
+            raise UsageError(f"--heldout-fraction must be between 0 and 1, not {s.heldout_fraction}")
+        if len(convs) < 2:
+            raise UsageError(f"{b.data}: {len(convs)} example(s): too few to split off held-out data; give --eval-data")
+        k = min(len(convs) - 1, max(1, round(s.heldout_fraction * len(convs))))
+        pick = set(np.random.default_rng([b.seed, 1717]).permutation(len(convs))[:k].tolist())
+        train = [c for i, c in enumerate(convs) if i not in pick]
+        heldout = [c for i, c in enumerate(convs) if i in pick]
+        split = {"kind": "split", "heldout_fraction": s.heldout_fraction, "seed": b.seed}
+    if not heldout:
+        raise UsageError(f"{b.eval_data}: no held-out examples")
+    tok = load_tokenizer(b.model)
+    renderer = Renderer(b.template, tok)
+    # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
+    # any other arm could train on them too. The trainer would drop the rest for IT alone.
+    examples, report = tokenize([renderer.render(c) for c in train], tok, loss_spec("it"), b.max_length,
+                                b.truncation)
+    kept = {e.source for e in examples}
+    dropped = [str(c.source) for c in train if c.source not in kept]
+    train = [c for c in train if c.source in kept]
+    if dropped:
+        say(f"compare: {len(dropped)} training examples left out for every arm ({report.summary()})")
+    if not train:
+        raise UsageError(f"{b.data}: no training example has an output token within --max-length {b.max_length}")
+    paths = {}
+    for name, part in (("train", train), ("heldout", heldout)):
+        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part)
+    stats = dataset_stats(convs, tok, renderer, "tokens", b.max_length)
+    return {"source": b.data, "format": b.format, "limit": b.limit, "records": len(convs),
+            "skipped": [str(p) for p in skipped], "split": split, "n_train": len(train), "n_heldout": len(heldout),
+            "dropped_train": dropped, "train_path": str(paths["train"]), "heldout_path": str(paths["heldout"]),
+            "stats": stats, "steps": estimate_steps(b, examples), "train": train, "heldout": heldout}
+
+
+def write_conversations(path: Path, convs: list[Conversation]) -> Path:
+    text = "".join(json.dumps({"source": str(c.source), "messages": [{"role": m.role, "content": m.content}
+                                                                      for m in c.messages]}, ensure_ascii=False) + "\n"
+                   for c in convs)
+    if path.exists() and path.read_text(encoding="utf-8") != text:
+        if any((path.parent.parent / "arms").glob("*/config.yaml")):
+            raise UsageError(f"{path} holds other data than this command makes (another --data, --limit, "
+                             "--heldout-fraction or --seed?), and arms were trained on it; give another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # every process may write: same bytes, atomic rename
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def estimate_steps(b: TrainConfig, examples: list) -> int:
+    """Optimizer steps the trainer will take (packing as the trainer does it; one process). For the eval cadence."""
+    from .pack import pack_examples
+
+    if b.max_steps:
+        return b.max_steps
+    rows = len(pack_examples(examples, b.max_length)) if b.packing else len(examples)
+    accum = b.effective_batch // b.batch_size if b.effective_batch else b.grad_accum
+    per_epoch = math.ceil(math.ceil(max(rows, 1) / b.batch_size) / max(accum, 1))
+    return max(1, math.ceil(b.epochs * per_epoch))
+
+
+def fixed_sample(items: list, n: int | None, seed: int, salt: int) -> list:
+    """The same n items for every arm (sorted back into file order); all of them when n is None or >= len."""
+    import numpy as np
+
+    if n is None or n >= len(items):
+        return list(items)
+    pick = np.random.default_rng([seed, salt]).permutation(len(items))[:n]
+    return [items[i] for i in sorted(pick.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Final evaluation of one arm
+def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, i: int) -> dict:
+    """Output-token loss on (a sample of) the training data and on the held-out data, their gap, memorisation BLEU,
+    held-out exact match and benchmarks of RUN/final. Cached in RUN/eval/compare.json per evaluation settings."""
+    run_dir = Path(cfg.output_dir)
+    cache = run_dir / "eval" / "compare.json"
+    key = hashlib.sha256(json.dumps([s.eval_settings(), data["train_path"], data["heldout_path"],
+                                     file_digest(data["train_path"]), file_digest(data["heldout_path"]),
+                                     (run_dir / "DONE").read_text(encoding="utf-8")],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cached = read_json(cache)
+    if cached and cached.get("key") == key:
+        say(f"[{i}/{len(s.arms)}] arm {arm.spec}: already evaluated ({cache}); skipping")
+        return cached["results"]
+
+    import torch
+
+    from .bench import run_benchmark
+    from .evaluate.bleu import generation_rows, memorisation_bleu
+    from .evaluate.loss import evaluate_loss
+    from .generate import GenerationConfig
+    from .models import load_model, load_tokenizer
+    from .synth import exact_match
+    from .templates import Renderer
+
+    t0 = time.perf_counter()
+    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(str(run_dir))
+    renderer = Renderer(cfg.template, tok)
+    model = load_model(str(run_dir)).to(device)
+    say(f"[{i}/{len(s.arms)}] arm {arm.spec}: evaluating {run_dir / 'final'} on {device}")
+    res: dict = {}
+    train_sample = fixed_sample(data["train"], s.loss_samples, cfg.seed, 1)
+    for name, convs in (("train", train_sample), ("heldout", data["heldout"])):
+        r = evaluate_loss(model, tok, renderer, convs, cfg.max_length, truncation=cfg.truncation)
+        res[name] = {"n": r["n"], "output_loss": r["output"]["nll"], "output_tokens": r["output"]["tokens"],
+                     "instruction_loss": r["instruction"]["nll"], "truncated": r["truncated"],
+                     "skipped": len(r["skipped"])}
+    tr, ho = res["train"]["output_loss"], res["heldout"]["output_loss"]
+    res["gap"] = None if tr is None or ho is None else ho - tr
+    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, batch_size=8)
+    if s.bleu_samples:
+        sample = fixed_sample(data["train"], s.bleu_samples, cfg.seed, 2)
+        b = memorisation_bleu(model, tok, renderer, sample, gen_cfg=gen)
+        words = [len(r["reference"].split()) for r in b["rows"]]
+        res["bleu"] = {"n": b["n"], "corpus_bleu": b["corpus_bleu"], "sentence_bleu_mean": b["sentence_bleu_mean"],
+                       "sentence_bleu": b["sentence_bleu"], "signature": b["signature"],
+                       "reference_words_mean": sum(words) / max(len(words), 1)}
+        write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"])
+    if s.exact_match:
+        rows = generation_rows(model, tok, renderer, data["heldout"], gen, limit=s.exact_match)
+        correct = [bool(exact_match(r["output"], r["reference"])) for r in rows if r["reference"] is not None]
+        res["exact_match"] = {"n": len(correct), "accuracy": sum(correct) / max(len(correct), 1),
+                              "correct": correct}
+        write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
+                    [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows])
+    if s.bench:
+        res["bench"] = {}
+        for name, path in s.bench:
+            say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
+            b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench")
+            metric = next((m for m in ("accuracy", "task_average") if m in b), None) or \
+                next((m for m in b if m.startswith("pass@")), None)
+            res["bench"][b.get("label", name)] = {"benchmark": name, "metric": metric,
+                                                  "value": b.get(metric) if metric else None, "n": b.get("n")}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
+    del model
+    say(f"  train output loss {fmt(tr)}, held-out {fmt(ho)}, gap {fmt(res['gap'])}"
+        + (f", BLEU-to-train {fmt(res['bleu']['corpus_bleu'], 2)}" if "bleu" in res else "")
+        + (f", held-out exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
+        + f" ({res['seconds']:.0f}s)")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+def fmt(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

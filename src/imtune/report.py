@@ -1,0 +1,490 @@
+"""The comparison report: COMPARE_DIR/compare.json + arms/*/ (config.yaml, metrics.jsonl) -> plots, report.md,
+report.html (self-contained: the PNGs are embedded as base64 data URIs), and the verdict.
+
+Nothing here trains or evaluates: the report is a function of files, so `imtune compare --report-only DIR` rebuilds
+it. The page is built once as a list of blocks (heading, paragraph, table, image, code) and written twice, as
+Markdown and as HTML, so both always say the same.
+
+The verdict decides each measure between the best arm and every other arm; a difference counts only when it is larger
+than the measure's threshold (THRESHOLDS, stated in the report):
+- losses (held-out output loss, the train/held-out gap): 1% of the value, or the change between the last two
+  evaluation points of either arm's held-out curve (how much the number moves from one eval to the next), the larger;
+- BLEU-to-train: 1 BLEU point, or 2 standard errors of the per-prompt sentence-BLEU difference, the larger;
+- accuracies (held-out exact match, benchmarks): 2 standard errors of the difference (paired per example when both
+  arms answered the same examples, else binomial).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str, str]]:
+    """(compare.json, arm name -> metrics.jsonl records, arm name -> config.yaml text)."""
+    from .runlog import read_metrics
+
+    d = Path(compare_dir)
+    path = d / "compare.json"
+    if not path.exists():
+        from .types import UsageError
+
+        raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    metrics = {a["name"]: read_metrics(d / a["dir"], kind=None) for a in summary["arms"]}
+    configs = {}
+    for a in summary["arms"]:
+        p = d / a["dir"] / "config.yaml"
+        configs[a["name"]] = p.read_text(encoding="utf-8") if p.exists() else "(missing)"
+    return summary, metrics, configs
+
+
+def eval_points(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("type") == "eval"]
+
+
+def train_points(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("type", "train") == "train"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The verdict
+def _measures(summary: dict) -> list[tuple[str, str, str, dict]]:
+    """(key, label, 'lower'|'higher', arm -> value) for every measure the arms have."""
+    arms = summary["arms"]
+    get = lambda f: {a["name"]: f(a["results"]) for a in arms}  # noqa: E731
+    out = [("heldout_loss", "held-out output loss", "lower", get(lambda r: r["heldout"]["output_loss"])),
+           ("gap", "train/held-out gap", "lower", get(lambda r: r["gap"]))]
+    if all("bleu" in a["results"] and bleu_meaningful(a["results"]["bleu"]) for a in arms):
+        out.append(("bleu", "memorisation (BLEU of greedy answers vs training outputs)", "lower",
+                    get(lambda r: r["bleu"]["corpus_bleu"])))
+    if all("exact_match" in a["results"] for a in arms):
+        out.append(("exact_match", "held-out exact match", "higher", get(lambda r: r["exact_match"]["accuracy"])))
+    labels = [set(a["results"].get("bench", {})) for a in arms]
+    for label in sorted(set.intersection(*labels) if labels else set()):
+        out.append((f"bench:{label}", f"{label} ({arms[0]['results']['bench'][label]['metric']})", "higher",
+                    get(lambda r, k=label: r["bench"][k]["value"])))
+    return out
+
+
+def bleu_meaningful(b: dict) -> bool:
+    """4-gram BLEU of answers shorter than 4 words is 0 whatever they say: no verdict on it then."""
+    return b.get("reference_words_mean", 4) >= 4
+
+
+def _spread(records: list[dict], key: str) -> float:
+    """How much the quantity moved between the last two evaluation points (0 with fewer than two)."""
+    pts = [r for r in eval_points(records) if r.get("eval_output_loss") is not None]
+    vals = [r["eval_output_loss"] - (r.get("train_output_loss") or 0.0) if key == "gap" else r["eval_output_loss"]
+            for r in pts if key != "gap" or r.get("train_output_loss") is not None]
+    return abs(vals[-1] - vals[-2]) if len(vals) >= 2 else 0.0
+
+
+def _se_paired(x: list, y: list) -> float | None:
+    if len(x) != len(y) or len(x) < 2:
+        return None
+    d = [float(a) - float(b) for a, b in zip(x, y)]
+    m = sum(d) / len(d)
+    return math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d))
+
+
+def _threshold(key: str, a: str, b: str, summary: dict, metrics: dict) -> tuple[float, str]:
+    """(threshold for |value_a - value_b|, how it was set)."""
+    res = {x["name"]: x["results"] for x in summary["arms"]}
+    k = THRESHOLDS["standard_errors"]
+    if key in ("heldout_loss", "gap"):
+        ref = [res[a]["heldout"]["output_loss"], res[b]["heldout"]["output_loss"]]
+        rel = THRESHOLDS["loss_relative"] * max(abs(v) for v in ref if v is not None)
+        spread = max(_spread(metrics.get(a, []), key), _spread(metrics.get(b, []), key))
+        return (spread, "eval-to-eval change") if spread > rel else (rel, "1% of the loss")
+    if key == "bleu":
+        se = _se_paired(res[a]["bleu"]["sentence_bleu"], res[b]["bleu"]["sentence_bleu"]) or 0.0
+        return (k * se, f"{k:g} SE") if k * se > THRESHOLDS["bleu_points"] else (THRESHOLDS["bleu_points"], "1 point")
+    if key == "exact_match":
+        se = _se_paired(res[a]["exact_match"]["correct"], res[b]["exact_match"]["correct"])
+        if se is not None:
+            return k * se, f"{k:g} paired SE"
+        n, m = res[a]["exact_match"]["n"], res[b]["exact_match"]["n"]
+        p, q = res[a]["exact_match"]["accuracy"], res[b]["exact_match"]["accuracy"]
+    else:
+        label = key.split(":", 1)[1]
+        n, m = res[a]["bench"][label]["n"] or 1, res[b]["bench"][label]["n"] or 1
+        p, q = res[a]["bench"][label]["value"] or 0.0, res[b]["bench"][label]["value"] or 0.0
+    return k * math.sqrt(p * (1 - p) / max(n, 1) + q * (1 - q) / max(m, 1)), f"{k:g} SE"
+
+
+def _show(key: str, v) -> str:
+    if v is None:
+        return "–"
+    if key == "bleu":
+        return f"{v:.2f}"
+    if key == "exact_match" or key.startswith("bench:"):
+        return f"{100 * v:.1f}%"
+    return f"{v:.4f}"
+
+
+def _diff(key: str, d: float) -> str:
+    return f"{100 * d:.1f} points" if key == "exact_match" or key.startswith("bench:") else _show(key, d)
+
+
+def verdict(summary: dict, compare_dir: str | Path) -> dict:
+    """Per measure: the values, the best arm, each other arm's difference and threshold, and the decision; plus the
+    one-paragraph text. Reads metrics.jsonl (for the eval-to-eval spread) and compare.json's results."""
+    from .runlog import read_metrics
+
+    d = Path(compare_dir)
+    metrics = {a["name"]: read_metrics(d / a["dir"], kind=None) for a in summary["arms"]}
+    spec = {a["name"]: a["spec"] for a in summary["arms"]}
+    measures, sentences, wins = [], [], {}
+    for key, label, better, values in _measures(summary):
+        known = {a: v for a, v in values.items() if v is not None}
+        if len(known) < 2:
+            continue
+        order = sorted(known, key=lambda a: known[a] if better == "lower" else -known[a])
+        best = order[0]
+        rows = []
+        for other in order[1:]:
+            diff = abs(known[best] - known[other])
+            thr, how = _threshold(key, best, other, summary, metrics)
+            rows.append({"arm": other, "value": known[other], "diff": diff, "threshold": thr, "threshold_rule": how,
+                         "relative": diff / abs(known[other]) if known[other] else None, "decided": diff > thr})
+        tied = [best] + [r["arm"] for r in rows if not r["decided"]]
+        measures.append({"key": key, "label": label, "better": better, "values": values, "best": best,
+                         "tied_with_best": tied[1:], "comparisons": rows})
+        sentences.append(_sentence(key, label, better, known, best, rows, spec))
+        if len(tied) == 1:
+            wins.setdefault(spec[best], []).append(label.split(" (")[0])
+    text = _paragraph(summary, sentences, wins, spec, metrics)
+    return {"thresholds": THRESHOLDS, "measures": measures, "text": text}
+
+
+def _sentence(key, label, better, known, best, rows, spec) -> str:
+    """One measure in words: who won by how much, or that the differences are within the thresholds."""
+    def vs(r) -> str:
+        rel = f" = {100 * r['relative']:.1f}% {better}" if key == "heldout_loss" and r["relative"] else ""
+        cmp = ">" if r["decided"] else "≤"
+        return (f"{spec[r['arm']]} {_show(key, r['value'])} (Δ {_diff(key, r['diff'])}{rel} {cmp} threshold "
+                f"{_diff(key, r['threshold'])}, {r['threshold_rule']})")
+
+    tied = [r for r in rows if not r["decided"]]
+    ahead = [r for r in rows if r["decided"]]
+    if not tied:
+        return f"On {label}, **{spec[best]}** won: {_show(key, known[best])} vs " + "; ".join(map(vs, rows)) + "."
+    if not ahead:
+        return (f"On {label}, no difference: {spec[best]} {_show(key, known[best])} vs "
+                + "; ".join(map(vs, rows)) + ".")
+    return (f"On {label}, {spec[best]} ({_show(key, known[best])}) and " + "; ".join(map(vs, tied))
+            + " are within the threshold of each other, ahead of " + "; ".join(map(vs, ahead)) + ".")
+
+
+def _overfitting(metrics: dict, spec: dict) -> str:
+    """Did each arm's held-out output loss turn up after its best evaluation point (overfitting), or still fall?"""
+    rising, falling = [], []
+    for name, recs in metrics.items():
+        pts = [(r["step"], r["eval_output_loss"]) for r in eval_points(recs) if r.get("eval_output_loss") is not None]
+        if len(pts) < 3:
+            continue
+        best = min(range(len(pts)), key=lambda i: pts[i][1])
+        if best == len(pts) - 1:
+            falling.append(spec[name])
+        else:
+            rising.append(f"{spec[name]} (best {pts[best][1]:.4f} at step {pts[best][0]}, then {pts[-1][1]:.4f} at "
+                          f"step {pts[-1][0]})")
+    out = ""
+    if rising:
+        out += " Held-out output loss rose after its best point for " + "; ".join(rising) + "."
+    if falling and len(falling) == len(metrics):
+        out += (f" Held-out output loss was still falling at the last evaluation for every arm ({', '.join(falling)}):"
+                " training stopped before any arm began to overfit by this measure, and the IM paper's gains come "
+                "from IM overfitting less.")
+    elif falling:
+        out += " Held-out output loss was still falling at the last evaluation for " + ", ".join(falling) + "."
+    return out
+
+
+def _paragraph(summary: dict, sentences: list[str], wins: dict, spec: dict, metrics: dict) -> str:
+    res = {a["name"]: a["results"] for a in summary["arms"]}
+    tr = {a: r["train"]["output_loss"] for a, r in res.items() if r["train"]["output_loss"] is not None}
+    extra = ""
+    if len(tr) >= 2:
+        lo = min(tr, key=tr.get)
+        extra = (f" Training output loss (not a goal; the paper's sign of overfitting is a low training but high "
+                 f"held-out loss) was lowest for {spec[lo]}: "
+                 + ", ".join(f"{spec[a]} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1])) + ".")
+    if wins:
+        overall = "In short: " + "; ".join(f"{arm} won on {', '.join(ms)}" for arm, ms in wins.items()) + \
+            "; every other measure showed no difference beyond its threshold."
+    else:
+        overall = "In short: no arm won any measure beyond its threshold — no difference at this budget."
+    extra += _overfitting(metrics, spec)
+    b = [a["results"]["bleu"] for a in summary["arms"] if "bleu" in a["results"]]
+    if b and not bleu_meaningful(b[0]):
+        extra += (f" BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
+                  "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
+    seed = summary["settings"]["base_config"].get("seed")
+    return (" ".join(sentences) + extra + " " + overall + f" All arms ran with one seed ({seed}); a single seed "
+            "cannot show seed-to-seed variation, so treat small wins as indicative.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API: no pyplot state; renders with Agg)
+def plot_curves(summary: dict, metrics: dict, out: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for i, a in enumerate(summary["arms"]):
+        c, recs = f"C{i}", metrics[a["name"]]
+        tp = [r for r in train_points(recs) if r.get("loss_output") is not None]
+        ax1.plot([r["step"] for r in tp], [r["loss_output"] for r in tp], color=c, lw=1.2, label=a["spec"])
+        ep = eval_points(recs)
+        h = [r for r in ep if r.get("eval_output_loss") is not None]
+        t = [r for r in ep if r.get("train_output_loss") is not None]
+        ax2.plot([r["step"] for r in h], [r["eval_output_loss"] for r in h], "o-", color=c,
+                 label=f"{a['spec']} held-out")
+        ax2.plot([r["step"] for r in t], [r["train_output_loss"] for r in t], "s--", color=c, alpha=0.55, ms=4,
+                 label=f"{a['spec']} train sample")
+    ax1.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
+    ax1.set_title("training batches: output loss per step", fontsize=10)
+    ax2.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
+    ax2.set_title("evaluation points: held-out (solid), fixed train sample (dashed)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    p = out / "loss_curves.png"
+    fig.savefig(p, dpi=100)
+    return p
+
+
+def plot_bars(summary: dict, out: Path, key: str) -> Path | None:
+    """key 'gap': final train/held-out gap per arm; key 'scores': exact match and benchmark scores per arm."""
+    from matplotlib.figure import Figure
+
+    arms = summary["arms"]
+    if key == "gap":
+        groups = [("held-out − train output loss", [a["results"]["gap"] for a in arms])]
+        ylabel, title, pct = "nats", "final models: held-out − train output loss (lower = less overfit)", False
+    else:
+        groups = []
+        if all("exact_match" in a["results"] for a in arms):
+            groups.append(("held-out exact match", [a["results"]["exact_match"]["accuracy"] for a in arms]))
+        for label in sorted(arms[0]["results"].get("bench", {})):
+            if all(label in a["results"].get("bench", {}) for a in arms):
+                groups.append((label, [a["results"]["bench"][label]["value"] for a in arms]))
+        if not groups:
+            return None
+        ylabel, title, pct = "%", "scores of the final models (higher is better)", True
+    fig = Figure(figsize=(max(5, 1.6 + 1.3 * len(arms) * len(groups)), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(arms)
+    for i, a in enumerate(arms):
+        xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(groups))]
+        vals = [(v or 0.0) * (100 if pct else 1) for _, g in groups for v in [g[i]]]
+        bars = ax.bar(xs, vals, width * 0.95, color=f"C{i}", label=a["spec"])
+        ax.bar_label(bars, labels=[f"{v:.1f}" if pct else f"{v:.4f}" for v in vals], fontsize=8)
+    ax.set_xticks(range(len(groups)), [g for g, _ in groups])
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    p = out / f"{key}.png"
+    fig.savefig(p, dpi=100)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page, as blocks: ("h", level, text) ("p", text) ("table", header, rows) ("img", path, alt) ("code", lang, text)
+def f4(x) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    arms = summary["arms"]
+    r0 = arms[0]["results"]
+    header = ["arm", f"train output loss (n={r0['train']['n']})", f"held-out output loss (n={r0['heldout']['n']})",
+              "gap (held-out − train)"]
+    if all("bleu" in a["results"] for a in arms):
+        header.append(f"BLEU vs train outputs (n={r0['bleu']['n']})")
+    if all("exact_match" in a["results"] for a in arms):
+        header.append(f"held-out exact match (n={r0['exact_match']['n']})")
+    labels = sorted(r0.get("bench", {}))
+    header += [f"{label} ({r0['bench'][label]['metric']}, n={r0['bench'][label]['n']})" for label in labels]
+    rows = []
+    for a in arms:
+        r = a["results"]
+        row = [a["spec"], f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
+        if "BLEU" in " ".join(header):
+            row.append(f"{r['bleu']['corpus_bleu']:.2f}" if r["bleu"]["corpus_bleu"] is not None else "–")
+        if "exact match" in " ".join(header):
+            e = r["exact_match"]
+            row.append(f"{100 * e['accuracy']:.1f}% ({sum(e['correct'])}/{e['n']})")
+        for label in labels:
+            v = r.get("bench", {}).get(label, {}).get("value")
+            row.append("–" if v is None else f"{100 * v:.1f}%")
+        rows.append(row)
+    return header, rows
+
+
+def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "step", "epoch", "train-sample output loss", "held-out output loss", "gap"]
+    rows = []
+    for a in summary["arms"]:
+        for r in eval_points(metrics[a["name"]]):
+            t, h = r.get("train_output_loss"), r.get("eval_output_loss")
+            rows.append([a["spec"], str(r["step"]), f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
+                         f4(h - t if h is not None and t is not None else None)])
+    return header, rows
+
+
+def training_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "steps", "tokens", "train time (s)", "output loss, first step", "output loss, last step",
+              "objective (loss), last step"]
+    rows = []
+    for a in summary["arms"]:
+        tp = train_points(metrics[a["name"]])
+        if not tp:
+            rows.append([a["spec"], "0", "–", "–", "–", "–", "–"])
+            continue
+        rows.append([a["spec"], str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}", f"{tp[-1].get('time', 0):.0f}",
+                     f4(tp[0].get("loss_output")), f4(tp[-1].get("loss_output")), f4(tp[-1].get("loss"))])
+    return header, rows
+
+
+CAN_CANNOT = (
+    "What this comparison can show: for this model, this data, this budget and this seed, which loss arm reached the "
+    "lower output-token loss on held-out data, how far each arm's training and held-out losses drifted apart (the "
+    "IM paper's overfitting signal: IM tends to have a *higher* training output loss but a *lower* held-out one), "
+    "how much each arm reproduces its training outputs (BLEU), and the scores listed. What it cannot show: that the "
+    "ranking holds for other seeds (one seed only: run several `--seed`s and compare the spread), other data sizes, "
+    "larger models (the paper's results are for 7B/13B models) or other benchmarks; nor that a held-out loss "
+    "difference turns into a quality difference a person would notice.")
+
+
+def blocks(summary: dict, metrics: dict, configs: dict, plots: dict) -> list[tuple]:
+    from .stats import format_one
+
+    arms = ", ".join(a["spec"] for a in summary["arms"])
+    data = summary["data"]
+    v = summary["verdict"]
+    b: list[tuple] = [("h", 1, f"imtune compare: {arms}"),
+                      ("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "
+                            f"{data['n_heldout']} held-out: "
+                            + (f"a seeded {100 * data['split']['heldout_fraction']:g}% split of the data"
+                               if data["split"]["kind"] == "split" else f"`{data['split']['heldout_source']}`")
+                            + f"); model `{summary['settings']['base_config']['model']}`."),
+                      ("h", 2, "Verdict"), ("p", v["text"]),
+                      ("h", 2, "Results (final models)"), ("table", *results_table(summary)),
+                      ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT "
+                            "trains on, whatever the arm's own loss. gap = held-out − train. BLEU: greedy answers to "
+                            "a "
+                            "fixed sample of training prompts vs the training outputs (higher = more memorised). "
+                            f"Thresholds for “no difference”: losses {100 * THRESHOLDS['loss_relative']:g}% or the "
+                            "eval-to-eval change of the held-out curve (the larger); BLEU "
+                            f"{THRESHOLDS['bleu_points']:g} point or {THRESHOLDS['standard_errors']:g} SE; accuracies "
+                            f"{THRESHOLDS['standard_errors']:g} SE of the difference.")]
+    b += [("h", 2, "Curves"), ("img", plots["curves"], "output-token loss curves per arm")]
+    b += [("img", plots["gap"], "train/held-out gap per arm")]
+    if plots.get("scores"):
+        b.append(("img", plots["scores"], "exact match and benchmark scores per arm"))
+    b += [("h", 3, "Evaluation points (from each arm's metrics.jsonl)"), ("table", *curve_table(summary, metrics)),
+          ("p", "The train sample is the trainer's fixed sample of training examples (`eval_train_sample`); the final "
+                "results above score the training set (or `--loss-samples` of it) with the final model."),
+          ("h", 3, "Training (from each arm's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
+    b += [("h", 2, "Data"), ("code", "text", format_one(data["stats"], data["source"]))]
+    b += [("h", 2, "Commands")]
+    b += [("code", "bash", "\n".join(f"# {c['time']} in {c['cwd']}\n" + " ".join(shlex.quote(x) for x in c["argv"])
+                                     for c in summary["commands"]))]
+    for a in summary["arms"]:
+        b += [("h", 3, f"Arm {a['spec']}: `{a['dir']}/config.yaml`"), ("code", "yaml", configs[a["name"]].rstrip())]
+    b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
+    return b
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(blocks_: list[tuple], root: Path) -> str:
+    out = []
+    for blk in blocks_:
+        kind = blk[0]
+        if kind == "h":
+            out.append("#" * blk[1] + " " + blk[2])
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "table":
+            header, rows = blk[1], blk[2]
+            rule = "|---|" + "---:|" * (len(header) - 1)  # numbers right-aligned
+            out.append("\n".join(["| " + " | ".join(map(_md_cell, header)) + " |", rule]
+                                 + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
+        elif kind == "img":
+            out.append(f"![{blk[2]}]({Path(blk[1]).relative_to(root).as_posix()})")
+        elif kind == "code":
+            out.append(f"```{blk[1]}\n{blk[2]}\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    t = html.escape(text, quote=False)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"(?<![*\w])\*([^*]+)\*(?![*\w])", r"<em>\1</em>", t)
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
+       "table{border-collapse:collapse;margin:1em 0;font-size:.92em}td,th{border:1px solid #ccc;padding:.25em .6em}"
+       "td{text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}"
+       "pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}img{max-width:100%}")
+
+
+def to_html(blocks_: list[tuple], title: str) -> str:
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body>"]
+    for blk in blocks_:
+        kind = blk[0]
+        if kind == "h":
+            out.append(f"<h{blk[1]}>{_inline(blk[2])}</h{blk[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(blk[1])}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in blk[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in blk[2])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(blk[1]).read_bytes()).decode("ascii")
+            out.append(f"<p><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'></p>")
+        elif kind == "code":
+            out.append(f"<pre><code>{html.escape(blk[2])}</code></pre>")
+    return "\n".join(out) + "\n</body></html>\n"
+
+
+def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
+    """Plots + report.md + report.html from compare.json and the arms' run directories; returns the two paths."""
+    d = Path(compare_dir)
+    summary, metrics, configs = load(d)
+    summary["verdict"] = verdict(summary, d)  # recomputed from the files: the report never trusts a stale text
+    plots_dir = d / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = {"curves": plot_curves(summary, metrics, plots_dir), "gap": plot_bars(summary, plots_dir, "gap"),
+             "scores": plot_bars(summary, plots_dir, "scores")}
+    bl = blocks(summary, metrics, configs, plots)
+    md, page = d / "report.md", d / "report.html"
+    md.write_text(to_markdown(bl, d), encoding="utf-8")
+    page.write_text(to_html(bl, bl[0][2]), encoding="utf-8")
+    return md, page
+
+
+def text_table(summary: dict) -> str:
+    """The results table for a terminal."""
+    header, rows = results_table(summary)
+    width = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))  # noqa
+    return "\n".join([line(header), line(["-" * w for w in width]), *map(line, rows)])
