@@ -5,8 +5,6 @@ Sides (each starts from the JSONL file, except the two tokenizer-only limits, wh
                  load, validate, render with exact spans, one batched tokenisation, classes and weights
   imtune-before  the same with weights.tokenize as it was before this work (the ordinary tokenizer call, then a
                  numpy pass per example): the before/after figure of the batched fast path
-  imtune-1call   the same as imtune with the tokenizer called once for all texts (weights.PIPELINE_CHUNKS = 1)
-                 instead of in chunks overlapped with the conversion of their results
   imtune-cached  the same as imtune with the preparation cache on and holding the data (a repeated run)
   trl-assistant  TRL's SFTTrainer._prepare_dataset (its own code, unchanged) with assistant_only_loss=True on the
                  `messages` records: apply_chat_template per example with a copy of the same chat template that
@@ -66,17 +64,11 @@ def _trl_args(mode: str):
     return _ARGS[mode]
 
 
-def imtune_prepare(tok, cache: bool, chunks: int | None = None):
-    from imtune import weights
+def imtune_prepare(tok, cache: bool):
     from imtune.prepare import prepare_examples
     from imtune.weights import loss_spec
 
-    default = getattr(weights, "PIPELINE_CHUNKS", 1)
-    weights.PIPELINE_CHUNKS = chunks or default
-    try:
-        return prepare_examples(str(LIMA), tok, loss_spec("it"), cache=cache)
-    finally:
-        weights.PIPELINE_CHUNKS = default
+    return prepare_examples(str(LIMA), tok, loss_spec("it"), cache=cache)
 
 
 def imtune_before(tok):
@@ -140,7 +132,6 @@ def main(repeats: int = 3) -> dict:
     sides = {
         "imtune": lambda tok: imtune_prepare(tok, cache=False),
         "imtune-before": imtune_before,
-        "imtune-1call": lambda tok: imtune_prepare(tok, cache=False, chunks=1),
         "imtune-cached": lambda tok: imtune_prepare(tok, cache=True),
         "trl-assistant": lambda tok: trl_prepare(tok, "assistant"),
         "trl-completion": lambda tok: trl_prepare(tok, "completion"),
@@ -164,7 +155,6 @@ def main(repeats: int = 3) -> dict:
         "imtune_over_backend": ratios(times["imtune"], times["backend"]).as_dict(),
         "before_over_tokenizer": ratios(times["imtune-before"], times["tokenizer"]).as_dict(),
         "speedup_vs_before": ratios(times["imtune-before"], times["imtune"]).as_dict(),
-        "speedup_vs_1call": ratios(times["imtune-1call"], times["imtune"]).as_dict(),
         "cached_over_tokenizer": ratios(times["imtune-cached"], times["tokenizer"]).as_dict(),
         "speedup_cached_vs_trl": ratios(trl_best, times["imtune-cached"]).as_dict(),
         "trl_over_tokenizer": ratios(trl_best, times["tokenizer"]).as_dict(),

@@ -56,8 +56,9 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
     add("# BENCHMARKS — imtune vs TRL's SFTTrainer (issue 7)\n")
     add("Written by `make bench` (`benchmarks/run.py`); raw figures in `benchmarks/results.json`. Every figure against "
         "the peer is a ratio of two measurements taken in the same repeat, one right after the other, the order of "
-        "the two sides flipping every repeat; shown as **median** (min – max) over the repeats. Each measurement "
-        "runs in a fresh process.\n")
+        "the sides reversed every other repeat; shown as **median** (min – max) over the repeats. Data preparation: "
+        "all sides in one process, each with a freshly loaded tokenizer. Training: one process per model, in which "
+        "the sides take turns window by window. Memory: every measurement in a fresh process.\n")
     add("| | |\n|---|---|")
     add(f"| command | `{r['command']}` |")
     add(f"| date | {m['date']} |")
@@ -130,8 +131,6 @@ def _prep_section(p: dict) -> str:
     what = {
         "imtune": "file → load, validate, render (exact spans), one batched tokenisation, classes, weights (cache off)",
         "imtune-before": "the same with the per-example tokenize() this work replaced",
-        "imtune-1call": "the same as imtune with one tokenizer call for all texts (no overlap of tokenizing and "
-                        "converting)",
         "imtune-cached": "the same as imtune, cache on and holding these texts (a repeated run)",
         "trl-assistant": "file → `Dataset` → `SFTTrainer._prepare_dataset`, `assistant_only_loss=True` "
                          "(apply_chat_template per example, assistant masks)",
@@ -160,7 +159,6 @@ def _prep_section(p: dict) -> str:
             ("TRL time / tokenizer time", "trl_over_tokenizer"),
             ("before this work: imtune time / tokenizer time", "before_over_tokenizer"),
             ("speed-up of the batched fast path (before / after)", "speedup_vs_before"),
-            ("speed-up of chunked tokenizing overlapped with conversion (one call / chunked)", "speedup_vs_1call"),
             ("repeated run, cache hit: time / tokenizer time", "cached_over_tokenizer"),
             ("repeated run, cache hit: speed-up over TRL", "speedup_cached_vs_trl")]
     L.append("| ratio | median (min – max) |\n|---|---|")
@@ -247,8 +245,12 @@ def _sweep_section(sw: dict) -> str:
     L = ["## TRL settings tried\n",
          f"A separate run (`{sw['command']}`, {sw['machine']['date']}, load {sw['load_start'][0]:.1f} at start, "
          f"{sw['load_end'][0]:.1f} at end; {sw['repeats']} repeat(s)): `{w['model']}`, {w['batch_size']} × "
-         f"{w['max_length']}, each TRL configuration in its own process against imtune as it was then, alternating. "
-         "The fastest is what the comparison above uses.\n",
+         f"{w['max_length']}, each TRL configuration in its own process against imtune as it was then, alternating "
+         "(the machine load moves absolute figures from one configuration to the next; the ratio to imtune in the "
+         "same process is what compares them). The comparison above uses bfd packing, TRL's own answer to the same "
+         "micro-batch of 4 packed rows of ≤ 512 tokens that imtune trains on, with fused AdamW. `padding_free` "
+         "without packing lays 4 *examples* end to end instead: a smaller micro-batch (about two thirds of the "
+         "tokens) in one shorter row (cheaper attention); it came closest to imtune here, still above 2×.\n",
          "| TRL configuration | TRL tokens/s | imtune tokens/s (same process) | imtune / TRL | TRL padding |",
          "|---|---|---|---|---|"]
     for run in sw["runs"]:
@@ -298,9 +300,11 @@ def _analysis(r: dict) -> str:
                  f"while TRL materialises them for the whole row, and more: {ratio.fmt('.2f', '×')} TRL's peak.")
     L.append("\n## Tried and not kept\n")
     L.append("- Tokenizing in chunks on a worker thread so that turning chunk i's offsets into arrays overlaps the "
-             "Rust tokenizer on chunk i+1: 8 chunks were slower (0.81×, 0.71 – 0.97, 6 repeats, load ~9), 4 and 2 "
-             "chunks no faster (0.99× and 1.04×, 8 repeats, load ~3.5): with no idle core, overlap buys nothing and "
-             "each chunk adds a barrier to the tokenizer's thread pool.")
+             "Rust tokenizer on chunk i+1 (whole preparation, one call / chunked, alternating): 8 chunks slower "
+             "(0.81×, 0.71 – 0.97, 6 repeats, load ~9); 4 chunks no faster (1.00×, 0.78 – 1.17 at load ~3.4 and "
+             "1.00×, 0.79 – 1.22 at load ~2.3, 8 repeats each); 2 chunks 1.04× (0.92 – 1.17, load ~3.5). With no "
+             "idle core the overlap buys nothing and each chunk adds a barrier to the tokenizer's thread pool; it "
+             "might pay on an idle machine, which this one never was long enough to show it.")
     L.append("\n## Goals not met: what limits them, what would close the gap\n")
     if p and S(p["speedup_vs_trl"]).median < 2.5:
         L.append(f"- **Preparation vs TRL ({S(p['speedup_vs_trl']).median:.2f}×, goal 2.5×).** imtune's cost is the "
