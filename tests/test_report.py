@@ -90,6 +90,18 @@ def test_eval_to_eval_spread_raises_the_threshold(tmp_path):
     assert not c["decided"]
 
 
+def test_the_verdict_says_whether_held_out_loss_turned_up(tmp_path):
+    d = make_dir(tmp_path, {"it": 0.60, "im": 0.50}, {"it": 0.1, "im": 0.3},
+                 curves={"it": [0.9, 0.5, 0.60], "im": [0.9, 0.5, 0.502]})
+    text = verdict(json.loads((d / "compare.json").read_text()), d)["text"]
+    assert "rose after its best point (by more than 1%) for it (best 0.5000 at step 1, last 0.6000 at step 3)" in text
+    assert "levelled off (within 1% of its best) for im" in text
+    d2 = make_dir(tmp_path / "b", {"it": 0.60, "im": 0.50}, {"it": 0.1, "im": 0.3},
+                  curves={"it": [0.9, 0.7, 0.60], "im": [0.9, 0.6, 0.50]})
+    assert "still falling at the last evaluation for every arm (it, im)" in verdict(
+        json.loads((d2 / "compare.json").read_text()), d2)["text"]
+
+
 def test_exact_match_uses_paired_standard_errors(tmp_path):
     n = 20
     em = {"it": [True] * 5 + [False] * 15, "im": [True] * 15 + [False] * 5}

@@ -187,20 +187,25 @@ def _sentence(key, label, better, known, best, rows, spec) -> str:
 
 def _overfitting(metrics: dict, spec: dict) -> str:
     """Did each arm's held-out output loss turn up after its best evaluation point (overfitting), or still fall?"""
-    rising, falling = [], []
+    rising, flat, falling = [], [], []
     for name, recs in metrics.items():
         pts = [(r["step"], r["eval_output_loss"]) for r in eval_points(recs) if r.get("eval_output_loss") is not None]
         if len(pts) < 3:
             continue
         best = min(range(len(pts)), key=lambda i: pts[i][1])
+        where = f"{spec[name]} (best {pts[best][1]:.4f} at step {pts[best][0]}, last {pts[-1][1]:.4f} at step " \
+                f"{pts[-1][0]})"
         if best == len(pts) - 1:
             falling.append(spec[name])
+        elif pts[-1][1] - pts[best][1] > THRESHOLDS["loss_relative"] * pts[best][1]:
+            rising.append(where)
         else:
-            rising.append(f"{spec[name]} (best {pts[best][1]:.4f} at step {pts[best][0]}, then {pts[-1][1]:.4f} at "
-                          f"step {pts[-1][0]})")
+            flat.append(where)
     out = ""
     if rising:
-        out += " Held-out output loss rose after its best point for " + "; ".join(rising) + "."
+        out += " Held-out output loss rose after its best point (by more than 1%) for " + "; ".join(rising) + "."
+    if flat:
+        out += " Held-out output loss levelled off (within 1% of its best) for " + "; ".join(flat) + "."
     if falling and len(falling) == len(metrics):
         out += (f" Held-out output loss was still falling at the last evaluation for every arm ({', '.join(falling)}):"
                 " training stopped before any arm began to overfit by this measure, and the IM paper's gains come "
