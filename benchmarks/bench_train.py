@@ -12,7 +12,7 @@ under the same machine load, and setup (imports, model init, data preparation) i
     on_step_end) and, at the end of each TRL window, runs the other sides' windows before TRL continues.
   - imtune runs its own loop, `imtune.train.fit(run)`, one window at a time (run.start_step/total_steps set to the
     window), timed around the call.
-  - other imtune sides (optional, `variants`): imtune with some of benchmarks/proposals.py's variants in force
+  - other imtune sides (optional, `variants`): imtune with some of benchmarks/bench_variants.py's variants in force
     (the code as it was before issue 7, or changes proposed to the trainer's owner), measured the same way.
 Order per repeat: sides in turn, reversed every other repeat. Each side's first window is a warm-up (not measured).
 Right before each measured window the fp32 matmul peak is measured (best of 3 torch.mm 2048³), so each window's
@@ -67,8 +67,8 @@ class ImtuneSide:
         from imtune.train import setup
 
         self.variants = list(variants or [])
-        if _proposals_loaded():
-            import proposals as P
+        if _bench_variants_loaded():
+            import bench_variants as P
 
             P.use(self.variants)
         self.name, self.run, self.done = name, setup(cfg), 0
@@ -79,29 +79,44 @@ class ImtuneSide:
     def window(self, steps: int, measured: bool, peak: float | None) -> None:
         from imtune.train import fit
 
-        if _proposals_loaded():
-            import proposals as P
+        if _bench_variants_loaded():
+            import bench_variants as P
 
             P.use(self.variants)  # the loss dispatches on this (optimizer and batches were fixed at setup)
         run = self.run
         run.start_step, run.total_steps = self.done, self.done + steps
         tokens = sum(run.lengths[i] for s in range(self.done, self.done + steps) for mb in run.step_batches(s)
                      for i in mb)
+        sync()
         t = time.perf_counter()
         fit(run)
+        sync()
         dt = time.perf_counter() - t
         self.done += steps
         if measured:
             self.windows.append({"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "peak_gflops": peak})
 
 
-def _proposals_loaded() -> bool:
-    return "proposals" in sys.modules
+def sync() -> None:
+    """Wait for the GPU (if any) so that a wall-clock interval covers the work queued in it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _bench_variants_loaded() -> bool:
+    return "bench_variants" in sys.modules
 
 
 def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats: int, window: int, threads: int,
-         warmup: int = 1, trl: dict | None = None, variants: dict | None = None, loss: str = "it") -> dict:
-    """variants: extra imtune sides, name -> list of benchmarks/proposals.py variants (e.g. {"before": [...]})."""
+         warmup: int = 1, trl: dict | None = None, variants: dict | None = None, loss: str = "it",
+         device: str = "cpu", imtune: dict | None = None) -> dict:
+    """variants: extra imtune sides, name -> list of benchmarks/bench_variants.py variants (e.g. {"before": [...]}).
+    device "cuda": both sides train with bf16 autocast over fp32 master weights (imtune --precision bf16, TRL
+    bf16=True) and the peak is the bf16 matrix-multiply peak of 8192³ products on the GPU."""
+    gpu = device != "cpu"
+    extra = dict(imtune or {})  # more TrainConfig fields for the imtune sides, e.g. {"compile": true}
     import torch
 
     torch.set_num_threads(threads)
@@ -118,9 +133,9 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     mk = lambda tag: TrainConfig(model=model, data=data, max_length=max_length, batch_size=batch_size,  # noqa: E731
                                  grad_accum=grad_accum, max_steps=total, packing=True, loss=loss, lr=2e-5,
                                  lr_schedule="linear", seed=42, output_dir=tempfile.mkdtemp(prefix=f"bench-{tag}-"),
-                                 progress=False, threads=threads)
+                                 progress=False, threads=threads, precision="bf16" if gpu else "fp32", **extra)
     if variants:
-        import proposals as P
+        import bench_variants as P
 
         P.install()
     sides = {"imtune": ImtuneSide("imtune", mk("imtune"))}
@@ -137,7 +152,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                      max_length=trl.pop("max_length", max_length), assistant_only_loss=True, learning_rate=2e-5,
                      lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=42, data_seed=42,
+                     save_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu, fp16=False, seed=42, data_seed=42,
                      dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0, **trl)
     trainer = SFTTrainer(model=net, args=args, train_dataset=ds, processing_class=fresh_tokenizer(GENERATION_TEMPLATE))
     counts: list[tuple[int, int]] = []  # (real tokens, positions computed) per micro-batch, in fetch order
@@ -164,7 +179,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
         while state["pos"] < len(plan):
             name, steps, measured = plan[state["pos"]]
             state["pos"] += 1
-            peak = matmul_peak() if measured else None
+            peak = (matmul_peak(8192, device=device) if gpu else matmul_peak()) if measured else None
             if name == "trl":
                 state.update(trl_left=steps, measured=measured,
                              acc={"tokens": 0, "seconds": 0.0, "peak_gflops": peak})
@@ -176,9 +191,11 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
             advance()
 
         def on_step_begin(self, args, st, control, **kw):
+            sync()
             state["t0"] = time.perf_counter()
 
         def on_step_end(self, args, st, control, **kw):
+            sync()
             dt = time.perf_counter() - state["t0"]
             k = state["step"]
             state["step"] += 1
@@ -206,7 +223,8 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     lengths = run.lengths
     attended = sum(n * n for n in lengths) / (2 * sum(lengths))  # token-weighted mean of half the example length
     out = {"model": model, "params": nparam, "flops_per_token": model_flops_per_token(run.model.config, nparam, attended),
-           "n_examples": len(run.examples), "threads": torch.get_num_threads(), "plan": plan,
+           "n_examples": len(run.examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan, "device": device,
+           "gpu": torch.cuda.get_device_name() if gpu else None,
            "trl": {"windows": trl_windows, "padding": trl_pad, "rows": len(trainer.train_dataset),
                    "settings": {**trl, "padding_free": trainer.padding_free, "optim": args.optim,
                                 "torch_compile": args.torch_compile, "attn": net.config._attn_implementation}}}

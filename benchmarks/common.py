@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# The shared data folder beside the checkout; IMTUNE_SHARED_DATA points elsewhere (a GPU machine gets a copy).
+SHARED = Path(os.environ.get("IMTUNE_SHARED_DATA") or ROOT.parent / "shared" / "data")
 LIMA = SHARED / "train" / "lima.jsonl"
 PY = sys.executable
 

@@ -78,7 +78,7 @@ def test_lr_schedule():
 def _sgd(monkeypatch):
     """AdamW -> plain SGD, so the update is exactly -lr × gradient and comparing updates compares gradients (Adam's
     first step is ~lr·sign(g): it would hide a wrongly scaled gradient)."""
-    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr, betas, eps: torch.optim.SGD(groups, lr=lr))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr, betas, eps, **kw: torch.optim.SGD(groups, lr=lr))
 
 
 def _update(run):
@@ -287,3 +287,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert stopped["type"] == "stopped" and f"step-{stopped['step'] - 1}" in str(e.value)
     assert (run / "checkpoints" / f"step-{stopped['step'] - 1}" / "COMPLETE").exists()
     assert not (run / "checkpoints" / f"step-{stopped['step']}").exists() and not (run / "final").exists()
+
+
+def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
+    """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
+    objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""
+    from imtune.train import compile_layers, train
+    from imtune.models import load_model
+
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    losses = {}
+    for name, kw in {"sdpa": {}, "eager": {"attn_implementation": "eager"}, "compiled": {"compile": True}}.items():
+        out = train(tiny(data, tmp_path / name, batch_size=8, max_steps=1, **kw))
+        losses[name] = metrics(out)[0]["loss"]
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    assert losses["compiled"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    model = load_model("random:tiny", dtype=torch.float32, seed=42)
+    compile_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert set(model.state_dict()) == set(load_model("random:tiny", dtype=torch.float32, seed=42).state_dict())
+    with pytest.raises(UsageError, match="no model.layers"):
+        compile_layers(torch.nn.Linear(2, 2))

@@ -41,6 +41,10 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16 (mixed: fp32 master "
                                 "weights, bf16 autocast)", choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30%% slower)")
+    attn_implementation: str | None = _f(None, "attention kernel passed to transformers: sdpa (its default), "
+                                         "flash_attention_2 (needs flash-attn), flex_attention or eager", str)
+    compile: bool = _f(False, "torch.compile each decoder layer (one compiled layer reused by all; pays a compile "
+                              "at the first steps)")
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = _f("", "training data: JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
     format: str = _f("auto", "data format (see --format)", flag="common")

@@ -57,9 +57,8 @@ def pick_threads() -> int | None:
 
     if torch.cuda.is_available():
         return None
-    cores = os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
-    return None if free >= cores - 0.5 else max(1, int(free + 0.5))
+    cores, busy = os.cpu_count() or 1, os.getloadavg()[0]
+    return None if busy < 1.0 else max(1, round(cores - busy))
 
 
 def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path) -> str:

@@ -4,7 +4,8 @@
                   so every chunk's logits are computed twice and log-softmax runs three times.
   before_batches  imtune.pack.make_batches as it was before issue 7: shuffled bins cut into micro-batches without
                   regard to their lengths (rows padded to the longest of their micro-batch).
-  fused_adamw     a proposal to the trainer's owner: torch.optim.AdamW(..., fused=True) in build_optimizer.
+  before_adamw    imtune.train.build_optimizer as it was before issue 7: torch.optim.AdamW's default (foreach) step,
+                  not fused=True.
 
 install() routes imtune's loss, batching and optimizer construction through dispatchers once; use(names) picks the
 variants in force for the side about to run (the trainer binds the loss at import, so a dispatcher is the only way
@@ -12,7 +13,7 @@ to switch it per side; micro-batches are fixed when a side is set up).
 """
 from __future__ import annotations
 
-KNOWN = ("before_loss", "before_batches", "fused_adamw")
+KNOWN = ("before_loss", "before_batches", "before_adamw")
 ACTIVE: set[str] = set()
 _ORIGINAL: dict = {}
 
@@ -78,15 +79,14 @@ def before_make_batches(examples, batch_size, max_length, packed, pad_id, seed, 
     return [[i for b in group for i in bins[b]] for group in groups]
 
 
-# -- proposal: fused AdamW -------------------------------------------------------------------------------------
-def fused_adamw(cfg, model):
+# -- before: AdamW's default (foreach) step ----------------------------------------------------------------
+def before_adamw(cfg, model):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=True)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _loss_dispatch(*args, **kw):
@@ -94,7 +94,7 @@ def _loss_dispatch(*args, **kw):
 
 
 def _optimizer_dispatch(cfg, model):
-    return (fused_adamw if "fused_adamw" in ACTIVE else _ORIGINAL["build_optimizer"])(cfg, model)
+    return (before_adamw if "before_adamw" in ACTIVE else _ORIGINAL["build_optimizer"])(cfg, model)
 
 
 def _batches_dispatch(*args, **kw):
