@@ -3,6 +3,7 @@ agree with metrics.jsonl, and a re-run skips finished arms. LIMA (../shared/data
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -166,3 +167,19 @@ def test_compare_refuses_per_arm_flags(capsys):
     assert "--arms" in capsys.readouterr().err
     assert main(["compare", "--data", "x.jsonl", "--arms", "im,bogus"]) == 2
     assert "valid arms" in capsys.readouterr().err
+
+
+def test_demo_threads_follow_the_free_cores(monkeypatch):
+    """The demo asks torch for all cores on an idle CPU and leaves busy cores alone (oversubscribed OpenMP threads
+    ran ~5x slower on 2 cores); the busy share is measured now, not a lagging load average."""
+    from imtune.commands import demo
+
+    busy = demo.cores_busy(0.1)
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    for measured, want in ((0.1, None), (0.7, None), (1.0, 1), (1.9, 1), (5.0, 1)):
+        monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0, m=measured: m)
+        assert demo.pick_threads() == want, measured
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0: 4.0)
+    assert demo.pick_threads() == 12

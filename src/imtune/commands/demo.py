@@ -6,6 +6,7 @@ trained alike on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
 modes"). Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -57,8 +58,25 @@ def pick_threads() -> int | None:
 
     if torch.cuda.is_available():
         return None
-    cores, busy = os.cpu_count() or 1, os.getloadavg()[0]
-    return None if busy < 1.0 else max(1, round(cores - busy))
+    cores, busy = os.cpu_count() or 1, cores_busy()
+    return None if busy < 0.75 else max(1, cores - math.ceil(busy - 0.25))
+
+
+def cores_busy(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU time other processes use now: /proc/stat sampled `seconds` apart (Linux). The load average
+    is no substitute: its 1-minute average still counts a job that has just finished. Elsewhere: the load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v[:8]), v[3] + v[4]  # total jiffies (without guest time, counted in user), idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
 def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path) -> str:
@@ -88,7 +106,7 @@ def run(args) -> int:
     threads = pick_threads()
     if threads:
         t["threads"] = threads
-        say(f"imtune demo: the CPU is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
+        say(f"imtune demo: the CPU is busy (other processes use ~{cores_busy(0.2):.1f} of {os.cpu_count()} cores): "
             f"training with {threads} torch thread(s), not {os.cpu_count()}; this run will be slower than on an "
             "idle machine")
     say(f"imtune demo: {args.arms.replace(',', ' vs ')} on {args.model}, offline.\n"
