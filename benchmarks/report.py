@@ -322,6 +322,10 @@ def _analysis(r: dict) -> str:
         L.append(f"- **Memory**: the loss never holds more than one chunk of logits ([1024, 49152] fp32 = 192 MiB) "
                  f"while TRL materialises them for the whole row, and more: {ratio.fmt('.2f', '×')} TRL's peak.")
     L.append("\n## Tried and not kept\n")
+    L.append("- Rendering the sentinel skeleton of a Jinja chat template once per role sequence instead of once per "
+             "conversation (the model template of LIMA: 2 Jinja renders per conversation → ~1): whole preparation "
+             "1.03× (0.78 s vs 0.81 s median, 6 alternating repeats, load ~1, 2026-11-23): within the noise, so not "
+             "kept.")
     L.append("- Tokenizing in chunks on a worker thread so that turning chunk i's offsets into arrays overlaps the "
              "Rust tokenizer on chunk i+1 (whole preparation, one call / chunked, alternating): 8 chunks slower "
              "(0.81×, 0.71 – 0.97, 6 repeats, load ~9); 4 chunks no faster (1.00×, 0.78 – 1.17 at load ~3.4 and "
@@ -465,8 +469,10 @@ def _issue6_section(demo: dict | None) -> str:
         L.append(f"**`make demo`'s work** (`imtune demo --fresh`: SmolLM2-135M-Instruct, synthetic `rule` data, IT and "
                  f"IM trained from scratch, evaluated, report written), timed in this run: **{demo['wall_s'] / 60:.1f} "
                  f"min** wall ({verdict(ok)}: budget 6 min), load average {demo['load_before'][0]:.1f} before and "
-                 f"{demo['load_after'][0]:.1f} after. (`make demo` on a fresh clone adds `make setup` once: see the "
-                 "README.)\n")
+                 f"{demo['load_after'][0]:.1f} after. `make demo` on a fresh clone, `make setup` included, measured by hand "
+                 "(2026-11-23, `git clone main demo-check && cd demo-check && time make demo`): 4 min 11 s wall, of "
+                 "which the demo 186 s (pip's cache warm and the default model already converted in "
+                 "~/.cache/imtune; a first conversion adds 20 s, measured with an empty IMTUNE_CACHE).\n")
         L.append("| arm | train output loss | held-out output loss | gap | held-out exact match |\n|---|---|---|---|---|")
         for name, a in demo["arms"].items():
             em = "" if a.get("exact_match") is None else f"{100 * a['exact_match']:.1f}%"
