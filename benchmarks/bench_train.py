@@ -111,10 +111,11 @@ def _bench_variants_loaded() -> bool:
 
 def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats: int, window: int, threads: int,
          warmup: int = 1, trl: dict | None = None, variants: dict | None = None, loss: str = "it",
-         device: str = "cpu", imtune: dict | None = None) -> dict:
+         device: str = "cpu", imtune: dict | None = None, trl_only: bool = False) -> dict:
     """variants: extra imtune sides, name -> list of benchmarks/bench_variants.py variants (e.g. {"before": [...]}).
     device "cuda": both sides train with bf16 autocast over fp32 master weights (imtune --precision bf16, TRL
-    bf16=True) and the peak is the bf16 matrix-multiply peak of 8192³ products on the GPU."""
+    bf16=True) and the peak is the bf16 matrix-multiply peak of 8192³ products on the GPU.
+    trl_only: TRL alone in this process (for a GPU too small to hold both sides' models and optimizer states)."""
     gpu = device != "cpu"
     extra = dict(imtune or {})  # more TrainConfig fields for the imtune sides, e.g. {"compile": true}
     import torch
@@ -138,7 +139,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
         import bench_variants as P
 
         P.install()
-    sides = {"imtune": ImtuneSide("imtune", mk("imtune"))}
+    sides = {} if trl_only else {"imtune": ImtuneSide("imtune", mk("imtune"))}
     for name, names in (variants or {}).items():
         sides[name] = ImtuneSide(name, mk(name), names)
 
@@ -218,12 +219,18 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     for _ in trainer.get_train_dataloader():
         pass
     trl_pad = 1.0 - sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
-    run = sides["imtune"].run
-    nparam = n_params(run.model)
-    lengths = run.lengths
+    if trl_only:
+        from imtune.prepare import prepare_examples
+        from imtune.weights import loss_spec
+
+        examples = prepare_examples(data, fresh_tokenizer(), loss_spec(loss), max_length=max_length).examples
+        lengths, cfg, nparam = [len(e) for e in examples], net.config, n_params(net)
+    else:
+        run = sides["imtune"].run
+        examples, lengths, cfg, nparam = run.examples, run.lengths, run.model.config, n_params(run.model)
     attended = sum(n * n for n in lengths) / (2 * sum(lengths))  # token-weighted mean of half the example length
-    out = {"model": model, "params": nparam, "flops_per_token": model_flops_per_token(run.model.config, nparam, attended),
-           "n_examples": len(run.examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan, "device": device,
+    out = {"model": model, "params": nparam, "flops_per_token": model_flops_per_token(cfg, nparam, attended),
+           "n_examples": len(examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan, "device": device,
            "gpu": torch.cuda.get_device_name() if gpu else None,
            "trl": {"windows": trl_windows, "padding": trl_pad, "rows": len(trainer.train_dataset),
                    "settings": {**trl, "padding_free": trainer.padding_free, "optim": args.optim,
