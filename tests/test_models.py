@@ -38,3 +38,17 @@ def test_tokenizer_only_directory_needs_no_weights(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     t = models.load_tokenizer(str(tmp_path))
     assert t("hello").input_ids == tok("hello").input_ids
+
+
+def test_unknown_or_missing_attention_kernel_is_a_usage_error():
+    import importlib.util
+
+    from imtune.models import load_model
+    from imtune.types import UsageError
+
+    with pytest.raises(UsageError, match=r"--attn-implementation bogus: .*not supported"):
+        load_model("random:tiny", attn_implementation="bogus")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UsageError, match="--attn-implementation flash_attention_2: .*FlashAttention2"):
+            load_model("random:tiny", attn_implementation="flash_attention_2")
+    assert load_model("random:tiny", attn_implementation="eager").config._attn_implementation == "eager"

@@ -159,19 +159,23 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
     kw = {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    if src.kind == "random":
-        tok = load_tokenizer("default")
-        cfg = random_config(src.size, len(tok), tok.pad_token_id)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, **kw)
-        return model
-    if src.kind == "default":
-        prepare_default()
     try:
+        if src.kind == "random":
+            tok = load_tokenizer("default")
+            cfg = random_config(src.size, len(tok), tok.pad_token_id)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, **kw)
+        if src.kind == "default":
+            prepare_default()
         return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", **kw)
     except OSError as e:
         raise UsageError(f"{spec}: cannot load a model: {e}") from None
+    except (ImportError, ValueError) as e:
+        if attn_implementation and ("attn" in str(e).lower() or "flash" in str(e).lower()):
+            # transformers' own message names what is missing or which kernels exist
+            raise UsageError(f"--attn-implementation {attn_implementation}: {e}") from None
+        raise
 
 
 def n_params(model) -> int:
