@@ -15,28 +15,20 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GENERATION_TEMPLATE, LIMA, child_main, child_peak_rss_mib, fresh_tokenizer  # noqa: E402
+from common import GENERATION_TEMPLATE, child_main, child_peak_rss_mib, fresh_tokenizer, lima_subset  # noqa: E402
 
 
 def one_row(max_length: int) -> str:
     """A JSONL of the first LIMA conversations whose lengths sum to at most max_length (one packed row)."""
-    out = Path(tempfile.gettempdir()) / f"imtune-bench-lima-row{max_length}.jsonl"
-    if out.exists():
-        return str(out)
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
+    def pick(examples) -> set[int]:
+        keep, used = set(), 0
+        for e in examples:
+            if used + len(e) <= max_length:
+                keep.add(e.source.index)
+                used += len(e)
+        return keep
 
-    prep = prepare_examples(str(LIMA), fresh_tokenizer(), loss_spec("it"), max_length=max_length)
-    keep, used = set(), 0
-    for e in prep.examples:
-        if used + len(e) <= max_length:
-            keep.add(e.source.index)
-            used += len(e)
-    lines = [line for i, line in enumerate(LIMA.read_text(encoding="utf-8").splitlines()) if i in keep]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return str(out)
+    return lima_subset(f"imtune-bench-lima-row{max_length}.jsonl", max_length, pick)
 
 
 def reset_peak() -> bool:

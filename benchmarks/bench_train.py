@@ -30,24 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_peak import matmul_peak  # noqa: E402
-from common import GENERATION_TEMPLATE, LIMA, child_main, fresh_tokenizer  # noqa: E402
+from common import GENERATION_TEMPLATE, child_main, fresh_tokenizer, lima_subset  # noqa: E402
 
 
 def subset(max_length: int) -> str:
     """A JSONL of the LIMA conversations whose rendering fits in max_length tokens (written once per length)."""
-    out = Path(tempfile.gettempdir()) / f"imtune-bench-lima-le{max_length}.jsonl"
-    if out.exists():
-        return str(out)
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
-
-    prep = prepare_examples(str(LIMA), fresh_tokenizer(), loss_spec("it"), max_length=max_length)
-    keep = {e.source.index for e in prep.examples}
-    lines = [line for i, line in enumerate(LIMA.read_text(encoding="utf-8").splitlines()) if i in keep]
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return str(out)
+    return lima_subset(f"imtune-bench-lima-le{max_length}.jsonl", max_length,
+                       lambda examples: {e.source.index for e in examples})
 
 
 def n_params(model) -> int:

@@ -36,6 +36,25 @@ GENERATION_TEMPLATE = (
 )
 
 
+def lima_subset(name: str, max_length: int, pick) -> str:
+    """A JSONL of the LIMA records that `pick(examples)` keeps (a set of record indices), from the examples whose
+    rendering with the default template fits in max_length tokens; written once to the temp folder as `name`."""
+    import tempfile
+
+    out = Path(tempfile.gettempdir()) / name
+    if out.exists():
+        return str(out)
+    from imtune.prepare import prepare_examples
+    from imtune.weights import loss_spec
+
+    keep = pick(prepare_examples(str(LIMA), fresh_tokenizer(), loss_spec("it"), max_length=max_length).examples)
+    lines = [line for i, line in enumerate(LIMA.read_text(encoding="utf-8").splitlines()) if i in keep]
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return str(out)
+
+
 def fresh_tokenizer(chat_template: str | None = None):
     """The default tokenizer, loaded anew (an empty BPE cache), optionally with another chat template."""
     from transformers import AutoTokenizer
