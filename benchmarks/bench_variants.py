@@ -22,25 +22,11 @@ _ORIGINAL: dict = {}
 def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int = 1024, classes=None,
                         lm_head_bias=None):
     import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
     from imtune import loss as L
 
-    def chunk_nll(h, weight, bias, y):
-        return F.cross_entropy(F.linear(h.to(weight.dtype), weight, bias).float(), y, reduction="none")
-
-    def nll_at(idx):
-        h = hidden.reshape(-1, hidden.shape[-1])[idx]
-        y = labels.reshape(-1)[idx]
-        if len(idx) == 0:
-            return h.sum(-1).float()
-        grad = torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad)
-        out = []
-        for s in range(0, len(idx), chunk_size):
-            args = (h[s:s + chunk_size], lm_head_weight, lm_head_bias, y[s:s + chunk_size])
-            out.append(checkpoint(chunk_nll, *args, use_reentrant=False) if grad else chunk_nll(*args))
-        return torch.cat(out)
+    def nll_at(idx):  # the checkpointed chunks: imtune.loss._nll_at, still used there for unweighted positions
+        return L._nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)
 
     y, w = labels.reshape(-1), weights.reshape(-1).float()
     labelled = y != L.IGNORE
