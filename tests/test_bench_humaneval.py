@@ -64,6 +64,32 @@ def _live_children() -> set[str]:
     return found
 
 
+def _kill_escaped(before: set[str]) -> None:
+    """If the sandbox failed, end what escaped it: stop the whole tree below us first (a fork storm outruns a kill
+    loop), then kill it."""
+    for _ in range(100):
+        escaped = {int(entry.split()[0]) for entry in _live_children() - before}
+        parents = {}
+        for entry in os.listdir("/proc"):
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            except (ValueError, OSError):
+                continue
+        tree, grown = set(escaped), True
+        while grown:
+            grown = {pid for pid, ppid in parents.items() if ppid in tree and pid not in tree}
+            tree |= grown
+        if not tree:
+            return
+        for sig in (19, 9):  # SIGSTOP, then SIGKILL
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def subreaper():
     """Make this process the reaper of its orphaned descendants, so a program that escaped shows up as our child."""
@@ -160,7 +186,9 @@ def test_hostile_completions_score_zero_and_leave_no_trace(tmp_path, monkeypatch
         server.accept()
     server.close()
     time.sleep(1.0)  # the setsid child would write half a second after it started, if it still lived
-    assert _live_children() <= before, "a program's process outlived its sandbox"
+    escaped = _live_children() - before
+    _kill_escaped(before)
+    assert not escaped, "a program's process outlived its sandbox"
     assert not outside.exists() and not late.exists() and not Path("/usr/imtune-hostile").exists()
     assert list(our_tmp.iterdir()) == []
 
