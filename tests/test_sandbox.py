@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,9 @@ def test_without_a_working_sandbox_model_code_is_refused(tmp_path, monkeypatch, 
 
 def test_unsafe_no_sandbox_runs_with_the_same_proof_of_a_pass(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    ours = tmp_path / "tmp"
+    ours.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(ours))
     data, samples = _samples(tmp_path)
     out = tmp_path / "r.json"
     assert main(["bench", "humaneval", "--samples", str(samples), "--data", str(data), "--unsafe-no-sandbox",
@@ -115,3 +119,4 @@ def test_unsafe_no_sandbox_runs_with_the_same_proof_of_a_pass(tmp_path, monkeypa
     assert result["pass@1"] == 0.5  # the right answer passes, sys.exit(0) does not
     [outcome] = run_programs([_show("os.getuid()")], unsafe_no_sandbox=True)
     assert outcome.detail == f"SystemExit: {os.getuid()}"
+    assert list(ours.iterdir()) == []  # its working folder is gone

@@ -29,7 +29,7 @@ from math import prod
 
 from ..types import Message, UsageError
 from . import Verdict, read_rows, text_field
-from .sandbox import run_programs
+from .sandbox import find_sandbox, run_programs
 
 KEY_FIELDS = ("task_id",)
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
@@ -79,6 +79,7 @@ def load(data: str, limit: int | None, opts: Options) -> list[Problem]:
                                 (Message("user", INSTRUCTION.format(prompt=prompt)),),
                                 text_field(where, r, "canonical_solution"), prompt, text_field(where, r, "test"),
                                 text_field(where, r, "entry_point")))
+    find_sandbox(opts.unsafe_no_sandbox)  # refuse before generating, not after
     return problems
 
 

@@ -40,7 +40,8 @@ Not isolated: the kernel (no seccomp filter; a kernel exploit escapes any namesp
 within the limits, and what /usr and the interpreter's prefix contain (readable). Where bubblewrap is missing or cannot
 create its namespaces, run_programs refuses (SandboxUnavailable, a UsageError saying why) unless
 `unsafe_no_sandbox=True` (`--unsafe-no-sandbox`): then the same harness, token and rlimits (but no process limit) apply
-in a plain `python -I -S` child in its own session, and the file system, network and other processes are reachable.
+in a plain `python -I -S` child in its own session and a temporary folder (removed afterwards), and the file system,
+network and other processes are reachable.
 
 At most `workers` programs run at once. They are started and polled from this one thread (no preexec_fn, no threads).
 """
@@ -154,6 +155,7 @@ class _Job:
     token: bytes
     result_fd: int  # our read end of the result pipe
     stderr: object  # the unnamed temporary file stderr goes to
+    workdir: str | None  # without the sandbox only: a temporary folder of ours, removed at the end
 
 
 def _rlimits(timeout: float, memory_mb: int, sandboxed: bool) -> dict[str, int]:
@@ -177,19 +179,23 @@ def _start(parts: list[str], prefix: list[str] | None, timeout: float, memory_mb
         command = prefix if prefix is not None else [_interpreter()[0], "-I", "-S"]
         args = [*command, "-c", HARNESS, str(token_r), str(result_w),
                 json.dumps(_rlimits(timeout, memory_mb, prefix is not None))]
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-        cwd = "/"
-        if prefix is None:  # unsafe: no private /tmp, so the host's temporary folder
-            env.update(HOME=tempfile.gettempdir(), TMPDIR=tempfile.gettempdir())
-            cwd = tempfile.gettempdir()
+        workdir = None if prefix is not None else tempfile.mkdtemp(prefix="imtune-unsandboxed-")
+        home = workdir or "/tmp"  # in the sandbox, /tmp is its private tmpfs
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         try:
-            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd,
-                                    pass_fds=(token_r, result_w), start_new_session=True)
+            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                    cwd=workdir or "/", pass_fds=(token_r, result_w), start_new_session=True)
+        except OSError:
+            os.close(result_r)
+            err.close()
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
         finally:
             os.close(token_r)
             os.close(result_w)
     os.set_blocking(result_r, False)
-    return _Job(proc, time.monotonic() + timeout, token, result_r, err)
+    return _Job(proc, time.monotonic() + timeout, token, result_r, err, workdir)
 
 
 def _exited(job: _Job) -> bool:
@@ -222,6 +228,8 @@ def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
     job.stderr.seek(max(0, job.stderr.tell() - 4096))
     tail = job.stderr.read().decode("utf-8", "replace")
     job.stderr.close()
+    if job.workdir:
+        shutil.rmtree(job.workdir, ignore_errors=True)
     if timed_out:
         return Outcome("timed out", f"after {timeout:g} s")
     if reported == job.token:
@@ -247,20 +255,26 @@ def _probe(bwrap: str) -> str:
     return "" if outcome.passed else str(outcome)
 
 
-def sandbox_prefix(unsafe_no_sandbox: bool = False) -> list[str] | None:
-    """The bubblewrap command that programs run under, or None for no sandbox (only with unsafe_no_sandbox)."""
+@lru_cache(maxsize=None)
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def find_sandbox(unsafe_no_sandbox: bool = False) -> str | None:
+    """The bubblewrap that programs run under, after checking that it works here; None for no sandbox (only with
+    unsafe_no_sandbox, after a warning). Otherwise a SandboxUnavailable that says why and what to do."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         why = "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap; `make setup` tries)"
     else:
         problem = _probe(bwrap)
         if not problem:
-            return sandbox_command(bwrap)
+            return bwrap
         why = (f"bubblewrap cannot create its sandbox here ({problem}); it needs unprivileged user namespaces "
                "(sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu "
                "kernel.apparmor_restrict_unprivileged_userns=0), or to run as root")
     if unsafe_no_sandbox:
-        print(f"imtune: warning: running model code WITHOUT a sandbox (--unsafe-no-sandbox): {why}", file=sys.stderr)
+        _warn(f"imtune: warning: running model code WITHOUT a sandbox (--unsafe-no-sandbox): {why}")
         return None
     raise SandboxUnavailable(f"refusing to run model-written code without isolation: {why}. Pass "
                              "--unsafe-no-sandbox to run it anyway (it can then read and write your files and reach "
@@ -271,7 +285,7 @@ def run_programs(programs: list, timeout: float = 10.0, memory_mb: int = 1024, w
                  progress: bool = False, unsafe_no_sandbox: bool = False) -> list[Outcome]:
     """The outcome of running each program (a string, or a sequence of source parts), in order; at most `workers`
     at a time."""
-    bwrap = sandbox_prefix(unsafe_no_sandbox)
+    bwrap = find_sandbox(unsafe_no_sandbox)
     outcomes: list[Outcome | None] = [None] * len(programs)
     queue = list(reversed(range(len(programs))))
     running: dict[int, _Job] = {}
@@ -285,7 +299,7 @@ def run_programs(programs: list, timeout: float = 10.0, memory_mb: int = 1024, w
             while queue and len(running) < max(1, workers):
                 i = queue.pop()
                 parts = [programs[i]] if isinstance(programs[i], str) else list(programs[i])
-                prefix = None if bwrap is None else sandbox_command(bwrap[0])  # a fresh uid for each program
+                prefix = None if bwrap is None else sandbox_command(bwrap)  # a fresh uid for each program
                 running[i] = _start(parts, prefix, timeout, memory_mb)
             time.sleep(0.002)
             now = time.monotonic()
