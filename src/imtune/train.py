@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .precision import resolve as resolve_precision
 from .distributed import (FullStateOptimizer, full_model_state, full_tensor, gradient_sync, is_fsdp, needs_cpu_fsdp,
                           resume_supported, shard_on_cpu)
 from .runlog import RunLog, write_run_files
@@ -296,6 +297,7 @@ class Run:
     start_step: int = 0
     tokens: int = 0
     fingerprint: str = ""
+    precision: object = None  # imtune.precision.Precision: what --precision resolved to, and why
     log: RunLog = None
     _epoch: tuple = (-1, None)
 
@@ -332,7 +334,8 @@ def setup(cfg: TrainConfig) -> Run:
     from .weights import loss_spec
 
     cfg = cfg.check()
-    acc = make_accelerator(cfg)
+    prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
+    acc = make_accelerator(cfg, prec)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
     if ckpt.is_finished(run_dir):
         return Run(cfg, run_dir, finished=True)
@@ -351,7 +354,8 @@ def setup(cfg: TrainConfig) -> Run:
     if not prep.examples:
         raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
     examples = per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
-    run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples)
+    run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
+              precision=prec)
     run.lengths = [len(e) for e in examples]
     run.ex_weight = [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
     run.fingerprint = fingerprint(examples)
@@ -393,6 +397,7 @@ def setup(cfg: TrainConfig) -> Run:
             f"{n_micro} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per epoch; "
             f"{run.total_steps} optimizer steps of {run.grad_accum} × {acc.num_processes} micro-batches"
             + (f"; resuming from {resume_from} (step {run.start_step})" if resume_from else ""))
+        say(f"precision: {prec.used} ({prec.why})")
     acc.wait_for_everyone()
     run.log = RunLog(run_dir if acc.is_main_process else None, run.total_steps, run.start_step, cfg.tensorboard,
                      cfg.progress)
@@ -408,7 +413,7 @@ def default_output_dir(cfg: TrainConfig, acc) -> str:
     return broadcast_object_list(name)[0] if acc.num_processes > 1 else name[0]
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, precision):
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -416,7 +421,7 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()  # train() may run several times in one process (compare); precision may differ
     cuda = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    bf16 = precision.used == "bf16"
     # broadcast_buffers=False: no collective inside forward, so ranks may run stand-in passes independently.
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -581,7 +586,7 @@ def stats_extra(run: Run, n_micro: int) -> dict:
     return {"packing": run.cfg.packing, "micro_batches_per_epoch": n_micro,
             "padding_fraction": padding_fraction(run.examples, run.epoch_batches(0), run.cfg.packing,
                                                  run.cfg.max_length),
-            "processes": run.acc.num_processes, "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value, "grad_accum": run.grad_accum,
+            "precision": run.precision.to_dict(), "processes": run.acc.num_processes, "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value, "grad_accum": run.grad_accum,
             "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
             "eval": {name: len(ex) for name, (ex, _) in run.eval_sets.items()}}
 
