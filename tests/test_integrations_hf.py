@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_train import tiny, write_conversations
 
 from imtune.integrations import hf
 from imtune.models import load_model, load_tokenizer
@@ -15,7 +16,6 @@ from imtune.pack import make_batches
 from imtune.prepare import prepare_examples
 from imtune.types import UsageError
 from imtune.weights import loss_spec
-from test_train import tiny, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def _imtune_run(tmp_path, data, **kw):
     and is 40x over the tolerance without)."""
     from imtune.train import train
 
-    same = dict(packing=False, batch_size=2, grad_accum=2, lr_schedule="linear", max_grad_norm=0.0, precision="fp32",
-                epochs=1)
+    same = {"packing": False, "batch_size": 2, "grad_accum": 2, "lr_schedule": "linear", "max_grad_norm": 0.0,
+            "precision": "fp32", "epochs": 1}
     cfg = tiny(data, tmp_path / "run", **{**same, **kw})
     run = train(cfg)
     tok = load_tokenizer(cfg.model)
@@ -131,19 +131,21 @@ def _assert_same_weights(model, run, seed):
 
 def test_trainer_equals_imtune_train(tmp_path, tok):
     """Fractional weights (λ = 0.1: Σw is not a token count), 2 × 2 accumulation, a short last step: the same update
-    as imtune train only if the loss is normalised by Σw of each whole step."""
+    as imtune train only if the loss is normalised by Σw of each whole step. Padded and packed collators alike."""
     from transformers import Trainer, TrainingArguments
 
     data = write_conversations(tmp_path / "c.jsonl", 14)
     cfg, run, order, n_micro = _imtune_run(tmp_path, data, loss="weighted", prompt_weight=0.1)
     ds = hf.to_dataset(data, tok, loss="weighted", prompt_weight=0.1, max_length=cfg.max_length, quiet=True)
-    model, optimizers = _same_optimizer(cfg, n_micro)
-    trainer = Trainer(model=model, args=_args(TrainingArguments, tmp_path / "hf", cfg, remove_unused_columns=False),
-                      train_dataset=ds.select(order), data_collator=hf.collator(tok),
-                      compute_loss_func=hf.compute_loss_func, optimizers=optimizers)
-    hf.count_weights(trainer).train()
-    assert trainer.state.global_step == 4
-    _assert_same_weights(model, run, cfg.seed)
+    for packing in (False, True):
+        model, optimizers = _same_optimizer(cfg, n_micro)
+        args = _args(TrainingArguments, tmp_path / f"hf-{packing}", cfg, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=ds.select(order),
+                          data_collator=hf.collator(tok, packing=packing), compute_loss_func=hf.compute_loss_func,
+                          optimizers=optimizers)
+        hf.count_weights(trainer).train()
+        assert trainer.state.global_step == 4
+        _assert_same_weights(model, run, cfg.seed)
 
 
 def test_trl_sft_trainer_takes_the_masks(tmp_path, tok):
