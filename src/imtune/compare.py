@@ -133,7 +133,8 @@ class CompareSettings:
         for a in self.arms:
             if self.reference in (a.spec, a.name):
                 return a
-        raise UsageError(f"--reference {self.reference!r} is not one of the arms ({', '.join(a.spec for a in self.arms)})")
+        arms = ", ".join(a.spec for a in self.arms)
+        raise UsageError(f"--reference {self.reference!r} is not one of the arms ({arms})")
 
 
 def say(msg: str) -> None:

@@ -515,7 +515,8 @@ def _split_text(data: dict) -> str:
         return held
     if val["kind"] == "none":
         return f"{held}; no validation part ({val['why']}): no best checkpoint"
-    how = f"`{val['source']}`" if val["kind"] == "given" else f"a seeded {100 * val['val_fraction']:g}% of the held-out data"
+    how = (f"`{val['source']}`" if val["kind"] == "given"
+           else f"a seeded {100 * val['val_fraction']:g}% of the held-out data")
     return (f"{held}; best checkpoints are selected on a validation part ({data['n_val']} examples: {how}) and every "
             f"score is measured on the other {data['n_test']} (test), which selection never sees")
 

@@ -208,7 +208,7 @@ def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     (d / "plots").mkdir(exist_ok=True)
     png = plot(result, d / "plots" / "study.png")
     diff = result["difference"]
-    header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens, of all the data)",
+    header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens)",
               f"{diff}, final [95% interval]", f"{diff}, best [95% interval]", "run"]
     rows = [[f"{r['value']:g}", str(r["n_train"]), str(r["n_test"]), str(r["steps"]),
              "–" if r["ratio_measured"] is None else f"{r['ratio_measured']:.2f}", _iv(r.get("final")),

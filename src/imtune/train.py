@@ -337,8 +337,6 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    import numpy as np
-
     from .models import load_tokenizer
     from .pack import make_batches
     from .prepare import prepare_examples

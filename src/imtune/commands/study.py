@@ -18,7 +18,8 @@ def add_arguments(p) -> None:
                    help="ratio: the instruction/output ratio of synthetic data (--family); n: nested subsets of the "
                         "training data (--data FILE or --family F)")
     g.add_argument("--values", default=None, metavar="V1,V2,...", help="the factor's values, e.g. 2,8,32")
-    g.add_argument("--family", default=None, metavar="F", help="synthetic family (imtune data synth): rule, lookup, ...")
+    g.add_argument("--family", default=None, metavar="F",
+                   help="synthetic family (imtune data synth): rule, lookup, ...")
     g.add_argument("--n", type=int, default=64, help="--factor ratio: synthetic training examples per value")
     g.add_argument("--heldout", type=int, default=32, metavar="H", help="synthetic held-out examples")
     g.add_argument("--ratio", type=float, default=None,
@@ -71,8 +72,8 @@ def show(out: Path) -> None:
     result = json.loads((out / "study.json").read_text(encoding="utf-8"))
     print(f"{result['difference']} of held-out output loss against {result['factor']} (95% intervals):")
     for r in result["rows"]:
-        parts = [f"{k} {r[k]['value']:+.4f} [{r[k]['low']:+.4f}, {r[k]['high']:+.4f}]" for k in ("final", "best")
-                 if k in r]
+        parts = [f"{k} {r[k]['value']:+.4f} [{r[k]['low']:+.4f}, {r[k]['high']:+.4f}]"
+                 for k in ("final", "best") if k in r]
         print(f"  {result['factor']} = {r['value']:<8g} " + ", ".join(parts))
     for name, t in result["trend"].items():
         print(f"trend ({name}): {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")

@@ -53,7 +53,8 @@ def show(out: Path) -> None:
 
     result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     for r in result["prompt_weights"]:
-        parts = [f"{k} {r[k]['value']:.4f} [{r[k]['low']:.4f}, {r[k]['high']:.4f}]" for k in ("final", "best") if k in r]
+        parts = [f"{k} {r[k]['value']:.4f} [{r[k]['low']:.4f}, {r[k]['high']:.4f}]"
+                 for k in ("final", "best") if k in r]
         print(f"λ = {r['prompt_weight']:<8g} held-out output loss: " + ", ".join(parts))
     rec = result["recommendation"]
     print(f"\nrecommended λ = {rec['prompt_weight']:g}: {rec['measure']} {rec['value']:.4f} "
