@@ -62,21 +62,26 @@ def check_report_matches_files(out: Path) -> dict:
         assert row[:4] == [arm["spec"], f"{r['train']['output_loss']:.4f}", f"{r['heldout']['output_loss']:.4f}",
                            f"{r['gap']:.4f}"]
         assert r["gap"] == pytest.approx(r["heldout"]["output_loss"] - r["train"]["output_loss"])
-    points = next(t for k, t in tables.items() if k.startswith("arm / step / epoch"))
+    points = next(t for k, t in tables.items() if k.startswith("arm / seed / step"))
     expected = []
-    for arm in summary["arms"]:
-        for rec in read_metrics(out / arm["dir"], kind="eval"):
-            expected.append([arm["spec"], str(rec["step"]), f"{rec['train_output_loss']:.4f}",
+    runs = [(arm, run) for arm in summary["arms"] for run in arm["runs"]]
+    for arm, run in runs:
+        for rec in read_metrics(out / run["dir"], kind="eval"):
+            expected.append([arm["spec"], str(run["seed"]), str(rec["step"]), f"{rec['train_output_loss']:.4f}",
                              f"{rec['eval_output_loss']:.4f}"])
-    assert [[r[0], r[1], r[3], r[4]] for r in points[1:]] == expected
-    training = next(t for k, t in tables.items() if k.startswith("arm / steps / tokens"))
-    for row, arm in zip(training[1:], summary["arms"]):
-        last = read_metrics(out / arm["dir"])[-1]
-        assert row[1] == str(last["step"]) and row[5] == f"{last['loss_output']:.4f}"
+    assert [[r[0], r[1], r[2], r[4], r[5]] for r in points[1:]] == expected
+    training = next(t for k, t in tables.items() if k.startswith("arm / seed / steps"))
+    for row, (arm, run) in zip(training[1:], runs):
+        last = read_metrics(out / run["dir"])[-1]
+        assert row[2] == str(last["step"]) and row[6] == f"{last['loss_output']:.4f}"
     # The final held-out loss of the saved model equals the trainer's last eval point (same examples, same mask).
+    for arm, run in runs:
+        last_eval = read_metrics(out / run["dir"], kind="eval")[-1]
+        assert run["results"]["heldout"]["output_loss"] == pytest.approx(last_eval["eval_output_loss"], rel=1e-4)
+    # The arm's numbers are the means over its seeds.
     for arm in summary["arms"]:
-        last_eval = read_metrics(out / arm["dir"], kind="eval")[-1]
-        assert arm["results"]["heldout"]["output_loss"] == pytest.approx(last_eval["eval_output_loss"], rel=1e-4)
+        ho = [run["results"]["heldout"]["output_loss"] for run in arm["runs"]]
+        assert arm["results"]["heldout"]["output_loss"] == pytest.approx(sum(ho) / len(ho))
     # Self-contained HTML: every image inline, nothing fetched.
     assert html.count("src='data:image/png;base64,") == len(re.findall(r"!\[", md)) >= 2
     assert not re.search(r"src=['\"](?!data:)", html)
@@ -97,18 +102,18 @@ def test_compare_three_arms_on_lima_and_rerun_skips(tmp_path, capsys):
     assert main(argv) == 0
     first = capsys.readouterr()
     for name in ("it", "im", "weighted-0.1"):
-        run = out / "arms" / name
+        run = out / "arms" / name / "seed-42"
         for f in ("config.yaml", "metrics.jsonl", "data_stats.json", "chat_template.jinja", "DONE", "final",
                   "eval/compare.json"):
             assert (run / f).exists(), run / f
     assert (out / "data" / "train.jsonl").exists() and (out / "data" / "heldout.jsonl").exists()
     summary = check_report_matches_files(out)
     assert [a["spec"] for a in summary["arms"]] == ["it", "im", "weighted:0.1"]
-    cfgs = {a["name"]: (out / a["dir"] / "config.yaml").read_text() for a in summary["arms"]}
+    cfgs = {a["name"]: (out / a["dir"] / "seed-42" / "config.yaml").read_text() for a in summary["arms"]}
     assert "loss: weighted" in cfgs["weighted-0.1"] and "prompt_weight: 0.1" in cfgs["weighted-0.1"]
     # Same budget and data for every arm: the same steps, and the first eval (step 0, same start) agrees exactly.
-    evals = {a: read_metrics(out / "arms" / a, kind="eval") for a in cfgs}
-    assert {len(read_metrics(out / "arms" / a)) for a in cfgs} == {2}
+    evals = {a: read_metrics(out / "arms" / a / "seed-42", kind="eval") for a in cfgs}
+    assert {len(read_metrics(out / "arms" / a / "seed-42")) for a in cfgs} == {2}
     assert len({json.dumps(e[0], sort_keys=True) for e in evals.values()}) == 1
     assert summary["data"]["n_heldout"] == 2 and summary["data"]["split"]["kind"] == "split"
     assert summary["data"]["stats"]["recommendation"]["mode"] in ("it", "im", "weighted")
@@ -116,14 +121,14 @@ def test_compare_three_arms_on_lima_and_rerun_skips(tmp_path, capsys):
     assert "arm" in first.out and "report:" in first.out and "it" in first.out
 
     # Re-run: nothing retrained or re-evaluated.
-    stamps = {a: ((out / "arms" / a / "DONE").stat().st_mtime_ns, (out / "arms" / a / "final").stat().st_mtime_ns,
-                  (out / "arms" / a / "metrics.jsonl").read_text()) for a in cfgs}
+    run = lambda a: out / "arms" / a / "seed-42"  # noqa: E731
+    stamps = {a: ((run(a) / "DONE").stat().st_mtime_ns, (run(a) / "final").stat().st_mtime_ns,
+                  (run(a) / "metrics.jsonl").read_text()) for a in cfgs}
     assert main(argv) == 0
     again = capsys.readouterr()
     assert again.err.count("already trained") == 3 and again.err.count("already evaluated") == 3
-    assert stamps == {a: ((out / "arms" / a / "DONE").stat().st_mtime_ns,
-                          (out / "arms" / a / "final").stat().st_mtime_ns,
-                          (out / "arms" / a / "metrics.jsonl").read_text()) for a in cfgs}
+    assert stamps == {a: ((run(a) / "DONE").stat().st_mtime_ns, (run(a) / "final").stat().st_mtime_ns,
+                          (run(a) / "metrics.jsonl").read_text()) for a in cfgs}
     assert len(json.loads((out / "compare.json").read_text())["commands"]) == 2
     check_report_matches_files(out)
 
@@ -143,11 +148,11 @@ def test_compare_on_synthetic_data_with_exact_match_and_modifiers(tmp_path, caps
     assert main(["compare", "--data", str(data), "--eval-data", str(held), "--model", "random:tiny",
                  "--arms", "it,im+neftune:5", "--max-steps", "2", "--batch-size", "2", "--max-length", "256",
                  "--bleu-samples", "0", "--exact-match", "4", "--max-new-tokens", "4", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--val-fraction", "0", "--out", str(out)]) == 0
     capsys.readouterr()
     summary = check_report_matches_files(out)
     assert summary["data"]["split"]["kind"] == "given" and summary["data"]["n_heldout"] == 4
-    cfg = (out / "arms" / "im+neftune-5" / "config.yaml").read_text()
+    cfg = (out / "arms" / "im+neftune-5" / "seed-42" / "config.yaml").read_text()
     assert "loss: im" in cfg and "neftune_alpha: 5.0" in cfg
     for arm in summary["arms"]:
         em = arm["results"]["exact_match"]

@@ -165,16 +165,20 @@ The base model is {base}. To get one merged model directory instead, train with 
 
 
 def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_template: str, stop_ids: list[int],
-               lora: bool, merge_lora: bool, base_dir: str | None) -> Path:
+               lora: bool, merge_lora: bool, base_dir: str | None, name: str = "final",
+               info: dict | None = None) -> Path:
     """RUN/final/: loads with AutoModelForCausalLM.from_pretrained (+ AutoTokenizer, with the training template).
 
     Full fine-tuning: the model. LoRA: the adapter and HOW_TO_LOAD.md, or (merge_lora) the merged model.
     `base_dir`: where the adapter's base model lives; None for a base with no directory (random:*), which is then
-    saved into RUN/base/ so the adapter stays loadable."""
+    saved into RUN/base/ so the adapter stays loadable. name="best" writes RUN/best/ the same way (mid-training:
+    --merge-lora is not applied there, it would fold the adapter into the model being trained), with `info` as
+    best/best.json."""
     import copy
 
     run_dir = Path(run_dir)
-    tmp = run_dir / ".tmp-final"
+    tmp = run_dir / f".tmp-{name}"
+    merge_lora = merge_lora and name == "final"
     shutil.rmtree(tmp, ignore_errors=True)
     if lora and merge_lora:
         model = model.merge_and_unload()  # the adapter is folded into the weights: a plain model from here on
@@ -192,14 +196,16 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
             base_dir = str(base.resolve())
         model.peft_config["default"].base_model_name_or_path = base_dir
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        (tmp / "HOW_TO_LOAD.md").write_text(HOW_TO_LOAD.format(final=run_dir / "final", base=base_dir))
+        (tmp / "HOW_TO_LOAD.md").write_text(HOW_TO_LOAD.format(final=run_dir / name, base=base_dir))
         base_model.generation_config.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tok = copy.deepcopy(tokenizer)  # the tokenizer is cached per process: never mutate the shared one
     tok.chat_template = chat_template
     tok.save_pretrained(tmp)
-    final = run_dir / "final"
+    if info is not None:
+        (tmp / "best.json").write_text(json.dumps(info, indent=1) + "\n")
+    final = run_dir / name
     publish(tmp, final)
     return final
 

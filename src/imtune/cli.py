@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data stats": ("imtune.commands.data_stats", "lengths, instruction/output ratio, supervised shares, loss advice"),
     "data synth": ("imtune.commands.data_synth", "synthetic controlled tasks (long instructions, short checkable outputs)"),
     "compare": ("imtune.commands.compare", "train loss arms (it, im, weighted:λ, +neftune, +kl) alike, evaluate, report"),
+    "sweep": ("imtune.commands.sweep", "prompt-loss weight finder: weighted:λ arms x seeds, intervals, a λ"),
+    "study": ("imtune.commands.study", "IM − IT against instruction/output ratio or data size, with a trend"),
     "demo": ("imtune.commands.demo", "offline example: IT vs IM on the default model and synthetic data, with report"),
 }
 

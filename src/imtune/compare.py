@@ -4,17 +4,26 @@
          ─▶ compare.json ─▶ report.md / report.html (imtune.report)
 
 An arm is a loss mode plus optional regularisers (ARM_FORMS): `it`, `im`, `all`, `weighted:0.1`, `im+neftune:5`,
-`it+kl:1`. Everything else (model, data, epochs, lr, seed, ...) comes from one TrainConfig shared by every arm.
+`it+kl:1`. Everything else (model, data, epochs, lr, ...) comes from one TrainConfig shared by every arm; every arm
+is trained once per seed (--seeds; default the one --seed).
 
     COMPARE_DIR/
-      compare.json        settings, command lines, data stats + recommendation, per-arm results, the verdict
+      compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
+                          spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict
       data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format
       data/heldout.jsonl  held-out data: G, or a seeded split of F (--heldout-fraction)
-      arms/<arm>/         one imtune run directory per arm; arms/<arm>/eval/compare.json its final evaluation
+      data/val.jsonl      the part of the held-out data that selects each run's best checkpoint (or --val-data)
+      data/test.jsonl     the rest: every score is measured here, never on val.jsonl
+      arms/<arm>/seed-<s>/  one imtune run directory per arm and seed; eval/compare.json its evaluation (final/ and
+                          best/, with per-example losses)
       plots/*.png, report.md, report.html
 
-Re-running the same command skips finished arms (RUN/DONE) and arms already evaluated with the same settings;
-an unfinished arm continues from its newest checkpoint. An arm trained with other settings is never mixed in: the
+Best vs final. Each run trains with val.jsonl as its validation set (--keep-best): the model of the evaluation point
+with the lowest validation output loss is saved as RUN/best/. Both RUN/final and RUN/best are scored on test.jsonl,
+which selection never sees.
+
+Re-running the same command skips finished runs (RUN/DONE) and runs already evaluated with the same settings;
+an unfinished run continues from its newest checkpoint. An arm trained with other settings is never mixed in: the
 run stops and says which setting differs. The report reads only compare.json and the run directories, so
 `imtune compare --report-only DIR` rebuilds it.
 """
@@ -95,6 +104,11 @@ class CompareSettings:
     out: Path
     base: TrainConfig
     arms: list[Arm]
+    seeds: list[int] | None = None  # every arm trains once per seed; None: [base.seed]
+    reference: str | None = None  # arm spec or name the others are compared with; None: the first arm
+    val_fraction: float = 0.3  # share of the held-out data that selects best checkpoints (0: no best/)
+    val_data: str | None = None  # validation data for the selection instead of a split of the held-out data
+    max_steps_cap: int | None = None  # at most this many optimizer steps per run (imtune study --budget)
     heldout_fraction: float = 0.1
     loss_samples: int | None = None  # training examples scored at the end (None: all)
     bleu_samples: int = 16  # training prompts answered greedily for memorisation BLEU
@@ -109,6 +123,18 @@ class CompareSettings:
         return {"loss_samples": self.loss_samples, "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
                 "max_new_tokens": self.max_new_tokens, "bench": [list(b) for b in self.bench],
                 "bench_limit": self.bench_limit}
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.base.seed]
+
+    def reference_arm(self) -> Arm:
+        if self.reference is None:
+            return self.arms[0]
+        for a in self.arms:
+            if self.reference in (a.spec, a.name):
+                return a
+        arms = ", ".join(a.spec for a in self.arms)
+        raise UsageError(f"--reference {self.reference!r} is not one of the arms ({arms})")
 
 
 def say(msg: str) -> None:
@@ -126,57 +152,68 @@ def is_main_process() -> bool:
 def compare(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt
     from . import report
+    from .aggregate import aggregate
     from .train import train
 
     out = Path(s.out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
     old = read_json(out / "compare.json")
+    seeds, ref = s.seed_list(), s.reference_arm()
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds {','.join(map(str, seeds))} names a seed twice")
     data = materialise_data(s, out)
-    base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["heldout_path"]), format="messages",
-                          fields={}, limit=None)
+    base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
+                          fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
+    if s.max_steps_cap and data["steps"] > s.max_steps_cap:
+        base = base.replace(max_steps=s.max_steps_cap)
+        data["steps"] = s.max_steps_cap
     if base.eval_every is None:
         base = base.replace(eval_every=default_eval_every(data["steps"]))
-    configs = {a.name: arm_config(base, a, out) for a in s.arms}
-    for cfg in configs.values():  # every arm is checked before any trains: a mistake costs no training time
+    runs = [(arm, seed, arm_config(base, arm, out, seed)) for arm in s.arms for seed in seeds]
+    for _, _, cfg in runs:  # every run is checked before any trains: a mistake costs no training time
         check_same_training(Path(cfg.output_dir), cfg.check())
 
     t0 = time.perf_counter()
-    for i, arm in enumerate(s.arms, 1):  # 1. train every arm (every process, under accelerate launch)
-        cfg, run_dir = configs[arm.name], Path(configs[arm.name].output_dir)
+    for i, (arm, seed, cfg) in enumerate(runs, 1):  # 1. train every arm x seed (every process, under accelerate)
+        run_dir, what = Path(cfg.output_dir), f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"
         if ckpt.is_finished(run_dir):
-            say(f"[{i}/{len(s.arms)}] arm {arm.spec}: already trained ({run_dir}/DONE); skipping training")
+            say(f"{what}: already trained ({run_dir}/DONE); skipping training")
             continue
         if ckpt.latest_checkpoint(run_dir) is not None:
             cfg = cfg.replace(resume="auto")
-        say(f"[{i}/{len(s.arms)}] arm {arm.spec}: training -> {run_dir}  (elapsed {time.perf_counter() - t0:.0f}s)")
+        say(f"{what}: training -> {run_dir}  (elapsed {time.perf_counter() - t0:.0f}s)")
         train(cfg)
         free_memory()
     if not is_main_process():
         return out
 
     results = {}
-    for i, arm in enumerate(s.arms, 1):  # 2. evaluate each final model (rank 0 only)
-        results[arm.name] = evaluate_arm(s, arm, configs[arm.name], data, i)
+    for i, (arm, seed, cfg) in enumerate(runs, 1):  # 2. evaluate final/ and best/ of each run (rank 0 only)
+        results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
         free_memory()
 
     commands = (old or {}).get("commands", [])
     commands.append({"argv": s.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd()})
+    arms = [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
+             "runs": [{"seed": seed, "dir": str(Path("arms") / a.name / f"seed-{seed}"),
+                       "results": results[a.name, seed]} for seed in seeds]} for a in s.arms]
+    evidence = aggregate(arms, ref.name)  # per-arm means, spreads and intervals; strips per-example lists
     summary = {
-        "version": 1, "dir": str(out), "commands": commands,
-        "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction},
-        "data": {k: v for k, v in data.items() if k not in ("train", "heldout")},
-        "arms": [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
-                  "results": results[a.name]} for a in s.arms],
+        "version": 2, "dir": str(out), "commands": commands,
+        "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction,
+                     "seeds": seeds, "reference": ref.spec, "val_fraction": s.val_fraction},
+        "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
+        "arms": arms, "evidence": evidence,
     }
     summary["verdict"] = report.verdict(summary, out)
     write_json(out / "compare.json", summary)
     report.write_report(out)
-    say(f"compare: {len(s.arms)} arms in {time.perf_counter() - t0:.0f}s")
+    say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds in {time.perf_counter() - t0:.0f}s")
     return out
 
 
-def arm_config(base: TrainConfig, arm: Arm, out: Path) -> TrainConfig:
-    return base.replace(**arm.overrides, output_dir=str(out / "arms" / arm.name))
+def arm_config(base: TrainConfig, arm: Arm, out: Path, seed: int) -> TrainConfig:
+    return base.replace(**arm.overrides, seed=seed, output_dir=str(out / "arms" / arm.name / f"seed-{seed}"))
 
 
 def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
@@ -259,14 +296,45 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
         say(f"compare: {len(dropped)} training examples left out for every arm ({report.summary()})")
     if not train:
         raise UsageError(f"{b.data}: no training example has an output token within --max-length {b.max_length}")
+    val, test, split["val"] = validation_split(s, heldout)
     paths = {}
-    for name, part in (("train", train), ("heldout", heldout)):
-        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part)
+    for name, part in (("train", train), ("heldout", heldout), ("val", val), ("test", test)):
+        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part) if part else None
     stats = dataset_stats(convs, tok, renderer, "tokens", b.max_length)
     return {"source": b.data, "format": b.format, "limit": b.limit, "records": len(convs),
             "skipped": [str(p) for p in skipped], "split": split, "n_train": len(train), "n_heldout": len(heldout),
-            "dropped_train": dropped, "train_path": str(paths["train"]), "heldout_path": str(paths["heldout"]),
-            "stats": stats, "steps": estimate_steps(b, examples), "train": train, "heldout": heldout}
+            "n_val": len(val), "n_test": len(test), "dropped_train": dropped, "train_path": str(paths["train"]),
+            "heldout_path": str(paths["heldout"]), "test_path": str(paths["test"]),
+            "val_path": str(paths["val"]) if paths["val"] else None,
+            "stats": stats, "steps": estimate_steps(b, examples), "train": train, "heldout": heldout, "val": val,
+            "test": test}
+
+
+def validation_split(s: CompareSettings, heldout: list[Conversation]) -> tuple[list, list, dict]:
+    """(val, test, how): the validation part selects each run's best checkpoint, the test part scores every run.
+    They never share an example: --val-data that repeats a held-out example is refused."""
+    import numpy as np
+
+    from .prepare import load
+
+    b = s.base
+    key = lambda c: tuple((m.role, m.content) for m in c.messages)  # noqa: E731
+    if s.val_data:
+        val = load(s.val_data, b.format, b.fields, b.on_invalid)[0]
+        both = {key(c) for c in val} & {key(c) for c in heldout}
+        if both:
+            raise UsageError(f"{s.val_data}: {len(both)} example(s) also in the held-out data; selection must never "
+                             "see the data it is scored on: remove them or drop --val-data")
+        return val, heldout, {"kind": "given", "source": s.val_data}
+    if not 0 <= s.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be >= 0 and < 1, not {s.val_fraction}")
+    if s.val_fraction == 0 or len(heldout) < 2:
+        why = "--val-fraction 0" if s.val_fraction == 0 else "one held-out example: too few to split"
+        return [], heldout, {"kind": "none", "why": why}
+    k = min(len(heldout) - 1, max(1, round(s.val_fraction * len(heldout))))
+    pick = set(np.random.default_rng([b.seed, 2929]).permutation(len(heldout))[:k].tolist())
+    return ([c for i, c in enumerate(heldout) if i in pick], [c for i, c in enumerate(heldout) if i not in pick],
+            {"kind": "split", "val_fraction": s.val_fraction, "seed": b.seed})
 
 
 def write_conversations(path: Path, convs: list[Conversation]) -> Path:
@@ -308,25 +376,25 @@ def fixed_sample(items: list, n: int | None, seed: int, salt: int) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Final evaluation of one arm
-def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, i: int) -> dict:
-    """Output-token loss on (a sample of) the training data and on the held-out data, their gap, memorisation BLEU,
-    held-out exact match and benchmarks of RUN/final. Cached in RUN/eval/compare.json per evaluation settings."""
+def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, what: str) -> dict:
+    """Output-token loss on (a sample of) the training data and on the test data, their gap, memorisation BLEU,
+    test exact match and benchmarks of RUN/final; the test output loss of RUN/best (when kept). Per-example output
+    losses ride along (results["per_example"], for the intervals). Cached in RUN/eval/compare.json per settings."""
     run_dir = Path(cfg.output_dir)
     cache = run_dir / "eval" / "compare.json"
-    key = hashlib.sha256(json.dumps([s.eval_settings(), data["train_path"], data["heldout_path"],
-                                     file_digest(data["train_path"]), file_digest(data["heldout_path"]),
+    key = hashlib.sha256(json.dumps([s.eval_settings(), data["train_path"], data["test_path"],
+                                     file_digest(data["train_path"]), file_digest(data["test_path"]),
                                      (run_dir / "DONE").read_text(encoding="utf-8")],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cached = read_json(cache)
     if cached and cached.get("key") == key:
-        say(f"[{i}/{len(s.arms)}] arm {arm.spec}: already evaluated ({cache}); skipping")
+        say(f"{what}: already evaluated ({cache}); skipping")
         return cached["results"]
 
     import torch
 
     from .bench import run_benchmark
     from .evaluate.bleu import generation_rows, memorisation_bleu
-    from .evaluate.loss import evaluate_loss
     from .generate import GenerationConfig
     from .models import load_model, load_tokenizer
     from .synth import exact_match
@@ -337,14 +405,11 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, i: 
     tok = load_tokenizer(str(run_dir))
     renderer = Renderer(cfg.template, tok)
     model = load_model(str(run_dir)).to(device)
-    say(f"[{i}/{len(s.arms)}] arm {arm.spec}: evaluating {run_dir / 'final'} on {device}")
-    res: dict = {}
+    say(f"{what}: evaluating {run_dir / 'final'} on {device}")
+    res: dict = {"per_example": {}}
     train_sample = fixed_sample(data["train"], s.loss_samples, cfg.seed, 1)
-    for name, convs in (("train", train_sample), ("heldout", data["heldout"])):
-        r = evaluate_loss(model, tok, renderer, convs, cfg.max_length, truncation=cfg.truncation)
-        res[name] = {"n": r["n"], "output_loss": r["output"]["nll"], "output_tokens": r["output"]["tokens"],
-                     "instruction_loss": r["instruction"]["nll"], "truncated": r["truncated"],
-                     "skipped": len(r["skipped"])}
+    for name, convs in (("train", train_sample), ("heldout", data["test"])):
+        res[name], res["per_example"][name] = output_loss(model, tok, renderer, convs, cfg)
     tr, ho = res["train"]["output_loss"], res["heldout"]["output_loss"]
     res["gap"] = None if tr is None or ho is None else ho - tr
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, batch_size=8)
@@ -357,7 +422,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, i: 
                        "reference_words_mean": sum(words) / max(len(words), 1)}
         write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"])
     if s.exact_match:
-        rows = generation_rows(model, tok, renderer, data["heldout"], gen, limit=s.exact_match)
+        rows = generation_rows(model, tok, renderer, data["test"], gen, limit=s.exact_match)
         correct = [bool(exact_match(r["output"], r["reference"])) for r in rows if r["reference"] is not None]
         res["exact_match"] = {"n": len(correct), "accuracy": sum(correct) / max(len(correct), 1),
                               "correct": correct}
@@ -372,14 +437,33 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, i: 
                 next((m for m in b if m.startswith("pass@")), None)
             res["bench"][b.get("label", name)] = {"benchmark": name, "metric": metric,
                                                   "value": b.get(metric) if metric else None, "n": b.get("n")}
+    del model
+    best = run_dir / "best"
+    if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
+        info = json.loads((best / "best.json").read_text(encoding="utf-8"))
+        model = load_model(str(best)).to(device)
+        ho_best, res["per_example"]["best_heldout"] = output_loss(model, tok, renderer, data["test"], cfg)
+        res["best"] = {**info, "heldout": ho_best}
+        del model
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
-    del model
-    say(f"  train output loss {fmt(tr)}, held-out {fmt(ho)}, gap {fmt(res['gap'])}"
+    say(f"  train output loss {fmt(tr)}, test {fmt(ho)}, gap {fmt(res['gap'])}"
+        + (f", best checkpoint (step {res['best']['step']}) test {fmt(res['best']['heldout']['output_loss'])}"
+           if "best" in res else "")
         + (f", BLEU-to-train {fmt(res['bleu']['corpus_bleu'], 2)}" if "bleu" in res else "")
-        + (f", held-out exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
+        + (f", test exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
         + f" ({res['seconds']:.0f}s)")
     return res
+
+
+def output_loss(model, tok, renderer, convs: list, cfg: TrainConfig) -> tuple[dict, dict]:
+    """(summary, per-example output sums) of one model on conversations (imtune.evaluate.loss)."""
+    from .evaluate.loss import evaluate_loss
+
+    r = evaluate_loss(model, tok, renderer, convs, cfg.max_length, truncation=cfg.truncation, per_example=True)
+    return ({"n": r["n"], "output_loss": r["output"]["nll"], "output_tokens": r["output"]["tokens"],
+             "instruction_loss": r["instruction"]["nll"], "truncated": r["truncated"], "skipped": len(r["skipped"])},
+            r["per_example"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -63,8 +63,10 @@ class TrainConfig:
     weights: str | None = _f(None, "class weight overrides, e.g. user=0.1", str, flag="common")
     last_turn_only: bool = _f(False, "only the last assistant turn is output", flag="common")
     normalize: str = _f("tokens", "tokens: Σw·nll / Σw over the whole optimizer step (every weighted token counts "
-                                  "the same); sequences: each example's weighted mean, averaged over examples",
-                        choices=["tokens", "sequences"])
+                                  "the same); sequences: each example's weighted mean, averaged over examples; "
+                                  "nonzero: Σw·nll / the number of tokens with w > 0 in the step (Weighted "
+                                  "Instruction Tuning's convention)",
+                        choices=["tokens", "sequences", "nonzero"])
     neftune_alpha: float = _f(0.0, "NEFTune: add uniform noise of scale alpha/sqrt(L·d) to the input embeddings "
                                    "while training (L = the example's own length); 0 = off (the paper used 5)")
     kl_coef: float = _f(0.0, "λ of the KL(p_model ‖ p_start) regulariser on weighted positions; 0 = off")
@@ -89,6 +91,10 @@ class TrainConfig:
     resume: str | None = _f(None, "continue from the newest complete checkpoint in --output-dir (bare --resume), "
                                   "or from a given checkpoint directory", str)
     eval_data: str | None = _f(None, "held-out data: output-token (IT) loss is logged on it", str)
+    val_data: str | None = _f(None, "validation data: output-token loss logged as val_output_loss; --keep-best "
+                                    "selects on it (never on --eval-data when both are given)", str)
+    keep_best: bool = _f(False, "keep the model of the evaluation point with the lowest held-out output loss in "
+                                "RUN/best/ (same format as final/; on --val-data if given, else --eval-data)")
     eval_every: int | None = _f(None, "evaluate every N steps (also at the start and the end)", int)
     eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked")
     log_class_losses: bool = _f(True, "log loss_output / loss_instruction every step (costs an extra "
@@ -171,6 +177,8 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: valid: {', '.join(choices)}")
+        if self.keep_best and not (self.val_data or self.eval_data):
+            raise UsageError("--keep-best needs held-out data to select on: give --val-data (or --eval-data)")
         if self.merge_lora and not self.lora:
             raise UsageError("--merge-lora needs --lora")
         from .weights import loss_spec

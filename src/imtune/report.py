@@ -28,10 +28,19 @@ THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
-def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str, str]]:
-    """(compare.json, arm name -> metrics.jsonl records, arm name -> config.yaml text)."""
-    from .runlog import read_metrics
+def runs_of(summary: dict) -> list[tuple[dict, dict]]:
+    """(arm, run) for every arm x seed; a version-1 compare.json (one seed, arms/<arm>/) has one run per arm."""
+    seed = summary["settings"]["base_config"].get("seed")
+    return [(a, r) for a in summary["arms"] for r in a.get("runs") or [{"seed": seed, "dir": a["dir"]}]]
 
+
+def run_label(arm: dict, run: dict, summary: dict) -> str:
+    return arm["spec"] if len(summary.get("settings", {}).get("seeds") or [0]) == 1 else \
+        f"{arm['spec']} seed {run['seed']}"
+
+
+def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str, str]]:
+    """(compare.json, run dir -> metrics.jsonl records, run dir -> config.yaml text)."""
     d = Path(compare_dir)
     path = d / "compare.json"
     if not path.exists():
@@ -39,12 +48,17 @@ def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str
 
         raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
     summary = json.loads(path.read_text(encoding="utf-8"))
-    metrics = {a["name"]: read_metrics(d / a["dir"], kind=None) for a in summary["arms"]}
     configs = {}
-    for a in summary["arms"]:
-        p = d / a["dir"] / "config.yaml"
-        configs[a["name"]] = p.read_text(encoding="utf-8") if p.exists() else "(missing)"
-    return summary, metrics, configs
+    for _, r in runs_of(summary):
+        p = d / r["dir"] / "config.yaml"
+        configs[r["dir"]] = p.read_text(encoding="utf-8") if p.exists() else "(missing)"
+    return summary, load_metrics(summary, d), configs
+
+
+def load_metrics(summary: dict, d: Path) -> dict[str, list[dict]]:
+    from .runlog import read_metrics
+
+    return {r["dir"]: read_metrics(d / r["dir"], kind=None) for _, r in runs_of(summary)}
 
 
 def eval_points(records: list[dict]) -> list[dict]:
@@ -136,24 +150,36 @@ def _diff(key: str, d: float) -> str:
 
 
 def verdict(summary: dict, compare_dir: str | Path) -> dict:
-    """Per measure: the values, the best arm, each other arm's difference and threshold, and the decision; plus the
-    one-paragraph text. Reads metrics.jsonl (for the eval-to-eval spread) and compare.json's results."""
-    from .runlog import read_metrics
-
+    """Per measure: the values, the decision and the text. Measures with intervals (compare.json "evidence": held-out
+    loss final and best, gap, exact match) compare every arm with the reference arm: "won" only when the 95% interval
+    of the difference excludes zero. The others (BLEU, benchmarks; and every measure of a version-1 compare.json)
+    compare the best arm with the rest against THRESHOLDS. Reads metrics.jsonl and compare.json."""
     d = Path(compare_dir)
-    metrics = {a["name"]: read_metrics(d / a["dir"], kind=None) for a in summary["arms"]}
+    metrics = load_metrics(summary, d)
+    runs = runs_of(summary)
+    by_arm = {}
+    for a, r in runs:  # the threshold rules look at one run per arm (the first seed)
+        by_arm.setdefault(a["name"], metrics[r["dir"]])
     spec = {a["name"]: a["spec"] for a in summary["arms"]}
     measures, sentences, wins = [], [], {}
+    evidence = summary.get("evidence") or {"measures": {}}
+    for key, m in evidence["measures"].items():
+        rec, sentence = _interval_measure(key, m, evidence["reference"])
+        measures.append(rec)
+        sentences.append(sentence)
+        for c in rec["comparisons"]:
+            if c["winner"]:
+                wins.setdefault(c["winner"], []).append(m["label"])
     for key, label, better, values in _measures(summary):
         known = {a: v for a, v in values.items() if v is not None}
-        if len(known) < 2:
+        if len(known) < 2 or key in evidence["measures"]:
             continue
         order = sorted(known, key=lambda a: known[a] if better == "lower" else -known[a])
         best = order[0]
         rows = []
         for other in order[1:]:
             diff = abs(known[best] - known[other])
-            thr, how = _threshold(key, best, other, summary, metrics)
+            thr, how = _threshold(key, best, other, summary, by_arm)
             rows.append({"arm": other, "value": known[other], "diff": diff, "threshold": thr, "threshold_rule": how,
                          "relative": diff / abs(known[other]) if known[other] else None, "decided": diff > thr})
         tied = [best] + [r["arm"] for r in rows if not r["decided"]]
@@ -162,8 +188,52 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
         sentences.append(_sentence(key, label, better, known, best, rows, spec))
         if len(tied) == 1:
             wins.setdefault(spec[best], []).append(label.split(" (")[0])
-    text = _paragraph(summary, sentences, wins, spec, metrics)
-    return {"thresholds": THRESHOLDS, "measures": measures, "text": text}
+    if {"heldout_loss", "best_heldout_loss"} <= set(evidence["measures"]):
+        sentences.append(_early_stopping(measures))
+    curves = {run_label(a, r, summary): metrics[r["dir"]] for a, r in runs}
+    text = _paragraph(summary, sentences, wins, spec, curves)
+    return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures, "text": text}
+
+
+def _iv(key: str, iv: dict) -> str:
+    return f"{_diff(key, iv['value'])} (95% interval {_diff(key, iv['low'])} to {_diff(key, iv['high'])})"
+
+
+def _interval_measure(key: str, m: dict, ref: str) -> tuple[dict, str]:
+    """Each arm minus the reference: the difference, its interval, and who won (None: no difference)."""
+    from .evidence import excludes_zero
+
+    rows, parts = [], []
+    for arm, iv in m["differences"].items():
+        if arm == ref:
+            continue
+        winner = None
+        if excludes_zero(iv):
+            winner = arm if (iv["value"] < 0) == (m["better"] == "lower") else ref
+        rows.append({"arm": arm, "reference": ref, "diff": iv["value"], "low": iv["low"], "high": iv["high"],
+                     "decided": winner is not None, "winner": winner})
+        vals = f"{arm} {_show(key, m['values'][arm]['value'])} vs {ref} {_show(key, m['values'][ref]['value'])}"
+        parts.append(f"{arm} − {ref} = {_iv(key, iv)}, {vals}: "
+                     + (f"**{winner} won**" if winner else "no difference"))
+    rec = {"key": key, "label": m["label"], "better": m["better"], "reference": ref,
+           "values": {a: v["value"] for a, v in m["values"].items()}, "comparisons": rows}
+    return rec, f"On {m['label']} ({m['better']} is better): " + "; ".join(parts) + "."
+
+
+def _early_stopping(measures: list[dict]) -> str:
+    """Which conclusion of the final models survives early stopping (each run's best checkpoint on validation)."""
+    by = {m["key"]: {c["arm"]: c for c in m["comparisons"]} for m in measures}
+    said = []
+    for arm, fin in by["heldout_loss"].items():
+        best = by["best_heldout_loss"].get(arm)
+        if best is None:
+            continue
+        f = f"{fin['winner']} won" if fin["winner"] else "no difference"
+        b = f"{best['winner']} won" if best["winner"] else "no difference"
+        keep = "survives early stopping" if f == b else "does not survive early stopping"
+        said.append(f"{arm} vs {fin['reference']}: final checkpoints — {f}; best checkpoints (selected on the "
+                    f"validation part, scored on the test part) — {b}: the final-checkpoint conclusion {keep}")
+    return ("Best vs final: " + "; ".join(said) + ".") if said else ""
 
 
 def _sentence(key, label, better, known, best, rows, spec) -> str:
@@ -226,17 +296,25 @@ def _paragraph(summary: dict, sentences: list[str], wins: dict, spec: dict, metr
                  + ", ".join(f"{spec[a]} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1])) + ".")
     if wins:
         overall = "In short: " + "; ".join(f"{arm} won on {', '.join(ms)}" for arm, ms in wins.items()) + \
-            "; every other measure showed no difference beyond its threshold."
+            "; every other comparison showed no difference (interval includes zero, or within its threshold)."
     else:
-        overall = "In short: no arm won any measure beyond its threshold — no difference at this budget."
-    extra += _overfitting(metrics, spec)
+        overall = ("In short: no arm won any measure (every interval includes zero, or every difference is within its "
+                   "threshold) — no difference at this budget.")
+    extra += _overfitting(metrics, {k: k for k in metrics})  # keyed by run label
     b = [a["results"]["bleu"] for a in summary["arms"] if "bleu" in a["results"]]
     if b and not bleu_meaningful(b[0]):
         extra += (f" BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
                   "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
-    seed = summary["settings"]["base_config"].get("seed")
-    return (" ".join(sentences) + extra + " " + overall + f" All arms ran with one seed ({seed}); a single seed "
-            "cannot show seed-to-seed variation, so treat small wins as indicative.")
+    seeds = summary["settings"].get("seeds") or [summary["settings"]["base_config"].get("seed")]
+    if summary.get("evidence"):
+        how = (f" Every arm ran with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); intervals: "
+               f"{summary['evidence']['method']}.")
+        if len(seeds) == 1:
+            how += " With one seed the intervals cover the held-out examples only, not seed-to-seed variation."
+    else:
+        how = (f" All arms ran with one seed ({seeds[0]}); a single seed cannot show seed-to-seed variation, so "
+               "treat small wins as indicative.")
+    return " ".join(x for x in sentences if x) + extra + " " + overall + how
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,17 +324,20 @@ def plot_curves(summary: dict, metrics: dict, out: Path) -> Path:
 
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    for i, a in enumerate(summary["arms"]):
-        c, recs = f"C{i}", metrics[a["name"]]
+    colour = {a["name"]: f"C{i}" for i, a in enumerate(summary["arms"])}
+    for a, run in runs_of(summary):
+        c, recs, label = colour[a["name"]], metrics[run["dir"]], run_label(a, run, summary)
+        k = next(i for i, r in enumerate(a.get("runs") or [run]) if r["dir"] == run["dir"])
+        dash = ["-", "-.", ":", (0, (5, 1))][k % 4]  # one line style per seed
         tp = [r for r in train_points(recs) if r.get("loss_output") is not None]
-        ax1.plot([r["step"] for r in tp], [r["loss_output"] for r in tp], color=c, lw=1.2, label=a["spec"])
+        ax1.plot([r["step"] for r in tp], [r["loss_output"] for r in tp], color=c, lw=1.2, ls=dash, label=label)
         ep = eval_points(recs)
         h = [r for r in ep if r.get("eval_output_loss") is not None]
         t = [r for r in ep if r.get("train_output_loss") is not None]
-        ax2.plot([r["step"] for r in h], [r["eval_output_loss"] for r in h], "o-", color=c,
-                 label=f"{a['spec']} held-out")
-        ax2.plot([r["step"] for r in t], [r["train_output_loss"] for r in t], "s--", color=c, alpha=0.55, ms=4,
-                 label=f"{a['spec']} train sample")
+        ax2.plot([r["step"] for r in h], [r["eval_output_loss"] for r in h], "o", ls=dash, color=c,
+                 label=f"{label} held-out")
+        ax2.plot([r["step"] for r in t], [r["train_output_loss"] for r in t], "s", ls="--", color=c, alpha=0.55,
+                 ms=4, label=f"{label} train sample")
     ax1.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
     ax1.set_title("training batches: output loss per step", fontsize=10)
     ax2.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
@@ -312,10 +393,17 @@ def f4(x) -> str:
 
 
 def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per arm: the mean over seeds (one seed: that run), its spread, and the best checkpoint's score."""
     arms = summary["arms"]
     r0 = arms[0]["results"]
     header = ["arm", f"train output loss (n={r0['train']['n']})", f"held-out output loss (n={r0['heldout']['n']})",
               "gap (held-out − train)"]
+    seeds = len(arms[0].get("runs") or [0])
+    if seeds > 1:
+        header.append(f"held-out output loss: sd over {seeds} seeds")
+    has_best = all("best" in a["results"] for a in arms)
+    if has_best:
+        header.append("held-out output loss at the best checkpoint (its step)")
     if all("bleu" in a["results"] for a in arms):
         header.append(f"BLEU vs train outputs (n={r0['bleu']['n']})")
     if all("exact_match" in a["results"] for a in arms):
@@ -326,6 +414,10 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     for a in arms:
         r = a["results"]
         row = [a["spec"], f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
+        if seeds > 1:
+            row.append(f4(r.get("seeds", {}).get("heldout_loss", {}).get("sd")))
+        if has_best:
+            row.append(f"{f4(r['best']['heldout']['output_loss'])} ({', '.join(map(str, r['best']['steps']))})")
         if "BLEU" in " ".join(header):
             row.append(f"{r['bleu']['corpus_bleu']:.2f}" if r["bleu"]["corpus_bleu"] is not None else "–")
         if "exact match" in " ".join(header):
@@ -338,39 +430,95 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "step", "epoch", "train-sample output loss", "held-out output loss", "gap"]
+def difference_table(summary: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every arm minus the reference arm, per measure with an interval."""
+    ev = summary.get("evidence")
+    if not ev or not ev["measures"]:
+        return None
+    from .evidence import excludes_zero
+
+    header = ["measure", "arm − reference", "difference", f"{100 * ev['level']:g}% interval", "decision"]
     rows = []
-    for a in summary["arms"]:
-        for r in eval_points(metrics[a["name"]]):
-            t, h = r.get("train_output_loss"), r.get("eval_output_loss")
-            rows.append([a["spec"], str(r["step"]), f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
-                         f4(h - t if h is not None and t is not None else None)])
+    for key, m in ev["measures"].items():
+        for arm, iv in m["differences"].items():
+            if arm == ev["reference"]:
+                continue
+            win = None
+            if excludes_zero(iv):
+                win = arm if (iv["value"] < 0) == (m["better"] == "lower") else ev["reference"]
+            rows.append([m["label"], f"{arm} − {ev['reference']}", _diff(key, iv["value"]),
+                         f"{_diff(key, iv['low'])} to {_diff(key, iv['high'])}",
+                         f"{win} won" if win else "no difference"])
+    return header, rows
+
+
+def seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per run (arm x seed): what the means above are made of."""
+    header = ["arm", "seed", "train output loss", "held-out output loss (final)", "best step",
+              "held-out output loss (best)", "held-out exact match"]
+    rows = []
+    for a, run in runs_of(summary):
+        r = run.get("results") or a["results"]
+        best = r.get("best")
+        em = r.get("exact_match")
+        rows.append([a["spec"], str(run["seed"]), f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]),
+                     str(best["step"]) if best else "–", f4(best["heldout"]["output_loss"]) if best else "–",
+                     f"{100 * em['accuracy']:.1f}%" if em else "–"])
+    return header, rows
+
+
+def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "seed", "step", "epoch", "train-sample output loss", "held-out output loss", "gap",
+              "validation output loss"]
+    rows = []
+    for a, run in runs_of(summary):
+        for r in eval_points(metrics[run["dir"]]):
+            t, h, v = r.get("train_output_loss"), r.get("eval_output_loss"), r.get("val_output_loss")
+            rows.append([a["spec"], str(run["seed"]), str(r["step"]), f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
+                         f4(h - t if h is not None and t is not None else None), f4(v)])
     return header, rows
 
 
 def training_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "steps", "tokens", "train time (s)", "output loss, first step", "output loss, last step",
+    header = ["arm", "seed", "steps", "tokens", "train time (s)", "output loss, first step", "output loss, last step",
               "objective (loss), last step"]
     rows = []
-    for a in summary["arms"]:
-        tp = train_points(metrics[a["name"]])
+    for a, run in runs_of(summary):
+        tp = train_points(metrics[run["dir"]])
         if not tp:
-            rows.append([a["spec"], "0", "–", "–", "–", "–", "–"])
+            rows.append([a["spec"], str(run["seed"]), "0", "–", "–", "–", "–", "–"])
             continue
-        rows.append([a["spec"], str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}", f"{tp[-1].get('time', 0):.0f}",
-                     f4(tp[0].get("loss_output")), f4(tp[-1].get("loss_output")), f4(tp[-1].get("loss"))])
+        rows.append([a["spec"], str(run["seed"]), str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}",
+                     f"{tp[-1].get('time', 0):.0f}", f4(tp[0].get("loss_output")), f4(tp[-1].get("loss_output")),
+                     f4(tp[-1].get("loss"))])
     return header, rows
 
 
 CAN_CANNOT = (
-    "What this comparison can show: for this model, this data, this budget and this seed, which loss arm reached the "
-    "lower output-token loss on held-out data, how far each arm's training and held-out losses drifted apart (the "
+    "What this comparison can show: for this model, this data, this budget and these seeds, which loss arm reached the "
+    "lower output-token loss on held-out data (at the final checkpoint and at the checkpoint an early stop on the "
+    "validation part would keep), how far each arm's training and held-out losses drifted apart (the "
     "IM paper's overfitting signal: IM tends to have a *higher* training output loss but a *lower* held-out one), "
-    "how much each arm reproduces its training outputs (BLEU), and the scores listed. What it cannot show: that the "
-    "ranking holds for other seeds (one seed only: run several `--seed`s and compare the spread), other data sizes, "
-    "larger models (the paper's results are for 7B/13B models) or other benchmarks; nor that a held-out loss "
-    "difference turns into a quality difference a person would notice.")
+    "how much each arm reproduces its training outputs (BLEU), and the scores listed, with intervals over seeds and "
+    "held-out examples. What it cannot show: that the ranking holds for other data sizes (`imtune study --factor n`), "
+    "instruction/output ratios (`imtune study --factor ratio`), larger models (the paper's results are for 7B/13B "
+    "models) or other benchmarks; nor that a held-out loss difference turns into a quality difference a person would "
+    "notice. With few seeds the seed level of the interval is coarse: more `--seeds` make it trustworthy.")
+
+
+def _split_text(data: dict) -> str:
+    sp = data["split"]
+    held = (f"a seeded {100 * sp['heldout_fraction']:g}% split of the data" if sp["kind"] == "split"
+            else f"`{sp['heldout_source']}`")
+    val = sp.get("val")
+    if not val:
+        return held
+    if val["kind"] == "none":
+        return f"{held}; no validation part ({val['why']}): no best checkpoint"
+    how = (f"`{val['source']}`" if val["kind"] == "given"
+           else f"a seeded {100 * val['val_fraction']:g}% of the held-out data")
+    return (f"{held}; best checkpoints are selected on a validation part ({data['n_val']} examples: {how}) and every "
+            f"score is measured on the other {data['n_test']} (test), which selection never sees")
 
 
 def blocks(summary: dict, metrics: dict, configs: dict, plots: dict) -> list[tuple]:
@@ -379,36 +527,46 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict) -> list[tup
     arms = ", ".join(a["spec"] for a in summary["arms"])
     data = summary["data"]
     v = summary["verdict"]
+    seeds = summary["settings"].get("seeds")
     b: list[tuple] = [("h", 1, f"imtune compare: {arms}"),
                       ("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "
-                            f"{data['n_heldout']} held-out: "
-                            + (f"a seeded {100 * data['split']['heldout_fraction']:g}% split of the data"
-                               if data["split"]["kind"] == "split" else f"`{data['split']['heldout_source']}`")
-                            + f"); model `{summary['settings']['base_config']['model']}`."),
+                            f"{data['n_heldout']} held-out: " + _split_text(data)
+                            + f"); model `{summary['settings']['base_config']['model']}`"
+                            + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") + "."),
                       ("h", 2, "Verdict"), ("p", v["text"]),
-                      ("h", 2, "Results (final models)"), ("table", *results_table(summary)),
+                      ("h", 2, "Results (final models" + (", mean over seeds" if seeds and len(seeds) > 1 else "")
+                       + ")"), ("table", *results_table(summary)),
                       ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT "
                             "trains on, whatever the arm's own loss. gap = held-out − train. BLEU: greedy answers to "
                             "a "
                             "fixed sample of training prompts vs the training outputs (higher = more memorised). "
-                            f"Thresholds for “no difference”: losses {100 * THRESHOLDS['loss_relative']:g}% or the "
+                            f"Thresholds for “no difference” where no interval is computed: losses "
+                            f"{100 * THRESHOLDS['loss_relative']:g}% or the "
                             "eval-to-eval change of the held-out curve (the larger); BLEU "
                             f"{THRESHOLDS['bleu_points']:g} point or {THRESHOLDS['standard_errors']:g} SE; accuracies "
                             f"{THRESHOLDS['standard_errors']:g} SE of the difference.")]
+    diffs = difference_table(summary)
+    if diffs:
+        b += [("h", 2, f"Differences to the reference arm ({summary['evidence']['reference']})"), ("table", *diffs),
+              ("p", f"Interval method: {summary['evidence']['method']} (imtune.evidence). A measure is won only "
+                    "when its interval excludes zero.")]
+    if summary.get("evidence"):
+        b += [("h", 3, "Per seed"), ("table", *seed_table(summary))]
     b += [("h", 2, "Curves"), ("img", plots["curves"], "output-token loss curves per arm")]
     b += [("img", plots["gap"], "train/held-out gap per arm")]
     if plots.get("scores"):
         b.append(("img", plots["scores"], "exact match and benchmark scores per arm"))
-    b += [("h", 3, "Evaluation points (from each arm's metrics.jsonl)"), ("table", *curve_table(summary, metrics)),
+    b += [("h", 3, "Evaluation points (from each run's metrics.jsonl)"), ("table", *curve_table(summary, metrics)),
           ("p", "The train sample is the trainer's fixed sample of training examples (`eval_train_sample`); the final "
-                "results above score the training set (or `--loss-samples` of it) with the final model."),
-          ("h", 3, "Training (from each arm's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
+                "results above score the training set (or `--loss-samples` of it) with the final model. The "
+                "validation loss selects the best checkpoint; held-out = the test part."),
+          ("h", 3, "Training (from each run's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
     b += [("h", 2, "Data"), ("code", "text", format_one(data["stats"], data["source"]))]
     b += [("h", 2, "Commands")]
     b += [("code", "bash", "\n".join(f"# {c['time']} in {c['cwd']}\n" + " ".join(shlex.quote(x) for x in c["argv"])
                                      for c in summary["commands"]))]
-    for a in summary["arms"]:
-        b += [("h", 3, f"Arm {a['spec']}: `{a['dir']}/config.yaml`"), ("code", "yaml", configs[a["name"]].rstrip())]
+    for a, run in runs_of(summary):
+        b += [("h", 3, f"Arm {a['spec']}: `{run['dir']}/config.yaml`"), ("code", "yaml", configs[run["dir"]].rstrip())]
     b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
     return b
 

@@ -8,7 +8,8 @@ consumes `grad_accum × processes` micro-batches; W = Σw over all of them is kn
 pass. Each process back-propagates  processes · Σ_its micro-batches (w·nll + kl_coef · w·KL) / W,  and DDP averages
 gradients over processes, so the update is that of  Σw·nll / Σw  over the whole step however it is split into
 micro-batches, accumulation steps and processes (tests/test_train.py checks 4×2 = 1×8 = 2 processes × 2×2).
-`--normalize sequences` rescales each example's weights to sum to 1 first: W counts examples.
+`--normalize sequences` rescales each example's weights to sum to 1 first: W counts examples. `--normalize nonzero`
+divides Σw·nll by the number of tokens with w > 0 instead (step_normalisers).
 
 The run directory (evaluation, comparison and reports read only this; keep the names):
 
@@ -19,6 +20,8 @@ The run directory (evaluation, comparison and reports read only this; keep the n
       metrics.jsonl         one line per optimizer step, plus "type": "eval" lines (imtune.runlog)
       tensorboard/          with --tensorboard
       checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state (imtune.checkpoint)
+      best/                 with --keep-best: the model of the evaluation point with the lowest val (or eval)
+                            output loss, same format as final/, and best/best.json (step, loss, selected on)
       final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template);
                             --lora (no --merge-lora): the adapter + HOW_TO_LOAD.md (+ RUN/base/ for random bases)
       DONE                  written last (JSON summary); checkpoint.is_finished(RUN) -> train() returns at once
@@ -30,6 +33,7 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -196,6 +200,8 @@ def evaluate(run: Run, step: int) -> dict:
             rec[f"{name}_output_tokens"] = int(w_sum)
     obj.train()
     run.log.write(rec)
+    if run.cfg.keep_best:
+        keep_best(run, rec)
     run.log.note(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("_loss")
                                                     and v is not None))
     return rec
@@ -256,19 +262,36 @@ class Gathered:
         return self.state
 
 
-def save_final(run: Run) -> None:
+def keep_best(run: Run, rec: dict) -> None:
+    """--keep-best: save the model as RUN/best/ when this evaluation's selection loss (val, else eval) is the lowest
+    so far. Ties keep the earlier point. The best so far survives a resume through best/best.json."""
+    key = "val_output_loss" if "val" in run.eval_sets else "eval_output_loss"
+    loss = rec.get(key)
+    if run.best is None:
+        saved = run.dir / "best" / "best.json"
+        run.best = json.loads(saved.read_text())["loss"] if saved.exists() else math.inf
+    if loss is None or not loss < run.best:
+        return
+    run.best = loss
+    save_final(run, name="best", info={"step": rec["step"], "loss": loss, "selected_on": key})
+
+
+def save_final(run: Run, name: str = "final", info: dict | None = None) -> None:
     from .generate import stop_token_ids
 
     state = _state_dict(run)
     if run.acc.is_main_process:
         final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
                                 stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
-                                run.base_dir)
-        last = ckpt.latest_checkpoint(run.dir)
-        ckpt.mark_done(run.dir, {"steps": run.total_steps, "tokens": run.tokens, "final": str(final),
-                                 "last_checkpoint": str(last) if last else None})
-        run.log.note(f"final model: {final}")
-    run.acc.wait_for_everyone()
+                                run.base_dir, name=name, info=info)
+        if name == "final":
+            last = ckpt.latest_checkpoint(run.dir)
+            ckpt.mark_done(run.dir, {"steps": run.total_steps, "tokens": run.tokens, "final": str(final),
+                                     "last_checkpoint": str(last) if last else None})
+            run.log.note(f"final model: {final}")
+        else:
+            run.log.note(f"{name} model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): {final}")
+    run.acc.wait_for_everyone()  # every rank, whichever model was saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +322,7 @@ class Run:
     fingerprint: str = ""
     precision: object = None  # imtune.precision.Precision: what --precision resolved to, and why
     log: RunLog = None
+    best: float | None = None  # --keep-best: the lowest selection loss so far (None: not yet read)
     _epoch: tuple = (-1, None)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -326,8 +350,6 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    import numpy as np
-
     from .models import load_tokenizer
     from .pack import make_batches
     from .prepare import prepare_examples
@@ -357,7 +379,7 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
               precision=prec)
     run.lengths = [len(e) for e in examples]
-    run.ex_weight = [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
+    run.ex_weight = step_normalisers(examples, cfg.normalize)
     run.fingerprint = fingerprint(examples)
     run.eval_sets = eval_sets(cfg, prep, tok, make_batches)
 
@@ -534,6 +556,17 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, kind=cfg.lr_schedule))
 
 
+def step_normalisers(examples: list, normalize: str) -> list[float]:
+    """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
+    Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
+    those tokens with w > 0. float32 weights, as collate makes them."""
+    import numpy as np
+
+    if normalize == "nonzero":
+        return [float(np.count_nonzero(np.asarray(e.weights[1:], dtype=np.float32))) for e in examples]
+    return [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
+
+
 def per_sequence(examples: list) -> list:
     """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
     import dataclasses
@@ -562,7 +595,7 @@ def eval_sets(cfg: TrainConfig, prep, tok, make_batches) -> dict:
     from .prepare import prepare_examples
     from .weights import loss_spec
 
-    if not (cfg.eval_data or cfg.eval_every):
+    if not (cfg.eval_data or cfg.val_data or cfg.eval_every):
         return {}
     it = loss_spec("it")
     by_source = {c.source: c for c in prep.conversations}
@@ -570,7 +603,8 @@ def eval_sets(cfg: TrainConfig, prep, tok, make_batches) -> dict:
     pick = np.random.default_rng([cfg.seed, 7]).permutation(len(kept))[:cfg.eval_train_sample]
     sets = {"train": [kept[i] for i in sorted(pick)]} if cfg.eval_train_sample else {}
     out = {}
-    for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else [])]:
+    for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
+                       *([("val", cfg.val_data)] if cfg.val_data else [])]:
         p = prepare_examples(data, tok, it, cfg.template, cfg.max_length, cfg.truncation, cfg.format, cfg.fields,
                              on_invalid="skip")
         if p.examples:

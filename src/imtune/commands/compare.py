@@ -1,5 +1,6 @@
-"""`imtune compare --data F [--eval-data G] --arms it,im[,weighted:0.1][,im+neftune:5][,it+kl:1] [--flags]`:
-train every arm with the same model, data, order, budget and seed, evaluate each final model, write a report
+"""`imtune compare --data F [--eval-data G] --arms it,im[,weighted:0.1][,im+neftune:5][,it+kl:1] [--seeds 0,1,2]
+[--reference ARM] [--val-data V | --val-fraction F] [--flags]`:
+train every arm with the same model, data, order, budget and seeds, evaluate each final and best model, write a report
 (imtune.compare, imtune.report). Every `imtune train` flag applies to all arms. Re-running the same command skips
 finished arms. `imtune compare --report-only DIR` rebuilds the report of a finished comparison.
 Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
@@ -19,6 +20,14 @@ def add_arguments(p) -> None:
     g.add_argument("--arms", default="it,im", help=f"the arms, comma-separated: {ARM_FORMS}")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="comparison directory (default: runs/compare-<data>); re-running with it resumes")
+    g.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train every arm once per seed (each its own run directory) and report intervals over "
+                        "seeds and held-out examples (default: the one --seed)")
+    g.add_argument("--reference", default=None, metavar="ARM",
+                   help="the arm every other arm is compared with (default: the first of --arms)")
+    g.add_argument("--val-fraction", type=float, default=0.3,
+                   help="share of the held-out data that selects each run's best checkpoint (the rest scores; "
+                        "0: no best checkpoint); --val-data FILE gives the validation data instead")
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="without --eval-data: this share of --data (a seeded split) is held out")
     g.add_argument("--loss-samples", type=int, default=None, metavar="N",
@@ -62,10 +71,27 @@ def settings_from(args):
         raise UsageError("no training data: give --data FILE")
     stem = Path(base.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
     out = Path(args.out) if args.out else Path("runs") / f"compare-{stem}"
-    return CompareSettings(out=out, base=base, arms=parse_arms(args.arms), heldout_fraction=args.heldout_fraction,
+    return CompareSettings(out=out, base=base.replace(val_data=None, keep_best=False), arms=parse_arms(args.arms),
+                           seeds=parse_seeds(args.seeds), reference=args.reference, val_fraction=args.val_fraction,
+                           val_data=base.val_data, heldout_fraction=args.heldout_fraction,
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
                            bench_limit=args.bench_limit, device=args.device)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`0,1,2` -> [0, 1, 2]; None stays None (the one --seed)."""
+    from ..types import UsageError
+
+    if text is None:
+        return None
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds {text!r}: give at least one seed, each once, e.g. 0,1,2")
+    return seeds
 
 
 def show(out: Path) -> None:

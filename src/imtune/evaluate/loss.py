@@ -26,10 +26,12 @@ def _stat(nll_sum: float, tokens: int) -> dict:
 
 
 def class_sums(model, examples, pad_id: int, batch_size: int = 8,
-               progress: bool = False) -> tuple[list[float], list[int]]:
+               progress: bool = False, per_example: bool = False) -> tuple:
     """Sum of NLL and number of tokens per class (indexed like CLASSES) over `examples` (TokenizedExample).
 
-    Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded."""
+    Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded.
+    per_example=True also returns the same sums per example, [n][len(CLASSES)] each, in the order of `examples`
+    (the paired intervals of imtune.evidence resample them)."""
     import torch
 
     from ..loss import hidden_states, lm_head, token_nll
@@ -37,6 +39,8 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
 
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.int64)
+    ex_sums = torch.zeros(len(examples), len(CLASSES), dtype=torch.float64)
+    ex_counts = torch.zeros(len(examples), len(CLASSES), dtype=torch.int64)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths share a batch
     device = next(model.parameters()).device
     weight, bias = lm_head(model)
@@ -58,8 +62,16 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
                 cls = batch.classes[mask].long().cpu()
                 sums += torch.bincount(cls, weights=nll[mask].double().cpu(), minlength=len(CLASSES))
                 counts += torch.bincount(cls, minlength=len(CLASSES))
+                if per_example:  # one row per example (padded, never packed): bin by (row, class)
+                    rows = torch.tensor(order[s:s + batch_size])[mask.nonzero()[:, 0].cpu()]
+                    key = rows * len(CLASSES) + cls
+                    k = len(examples) * len(CLASSES)
+                    ex_sums += torch.bincount(key, weights=nll[mask].double().cpu(), minlength=k).view_as(ex_sums)
+                    ex_counts += torch.bincount(key, minlength=k).view_as(ex_counts)
     finally:
         model.train(was_training)
+    if per_example:
+        return sums.tolist(), counts.tolist(), ex_sums.tolist(), ex_counts.tolist()
     return sums.tolist(), counts.tolist()
 
 
@@ -75,12 +87,15 @@ def summarise(sums: list[float], counts: list[int]) -> dict:
 
 def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversation], max_length: int | None = None,
                   batch_size: int = 8, limit: int | None = None, truncation: str = "truncate", format: str = "auto",
-                  fields: dict | None = None, on_invalid: str = "error", progress: bool = False) -> dict:
+                  fields: dict | None = None, on_invalid: str = "error", progress: bool = False,
+                  per_example: bool = False) -> dict:
     """Mean NLL and perplexity per token class of `model` on `data` (a path/hub spec or conversations).
 
     Returns {"n", "tokens", "output": {"nll", "ppl", "tokens"}, "instruction": {...}, "all": {...},
     "per_class": {class: {...}}, "truncated", "skipped"}. Over-long examples are truncated to `max_length` by
-    default (truncation="drop" leaves them out); either way the count is reported."""
+    default (truncation="drop" leaves them out); either way the count is reported. per_example=True adds
+    "per_example": {"source": [str], "output_nll": [Σ nll of output tokens], "output_tokens": [count]} per scored
+    example, in data order."""
     from ..prepare import prepare_examples
     from ..weights import loss_spec
 
@@ -89,9 +104,14 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
                             loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,
                             limit=limit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sums, counts = class_sums(model, prep.examples, pad_id, batch_size, progress)
+    sums, counts, *ex = class_sums(model, prep.examples, pad_id, batch_size, progress, per_example)
     result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}
     result.update(summarise(sums, counts))
+    if per_example:
+        idx = [CLASSES.index(c) for c in GROUPS["output"]]
+        result["per_example"] = {"source": [str(e.source) for e in prep.examples],
+                                 "output_nll": [sum(r[i] for i in idx) for r in ex[0]],
+                                 "output_tokens": [int(sum(r[i] for i in idx)) for r in ex[1]]}
     result["truncated"] = prep.report.truncated
     result["skipped"] = [str(p) for p in prep.load_skipped] + prep.report.as_dict()["dropped_too_long"] \
         + prep.report.as_dict()["dropped_no_weight"]

@@ -1,0 +1,95 @@
+"""`imtune study --factor ratio|n --values V1,V2,... [--family F | --data FILE] --arms it,im --seeds 0,1
+--model M [train flags] --out DIR [--budget STEPS]`: the IM paper's two factors, measured (imtune.study): one
+comparison per value, the second arm minus the first (IM − IT) against the factor with intervals and a trend.
+`imtune study --report-only DIR` rebuilds the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import say
+
+
+def add_arguments(p) -> None:
+    from ..config import add_train_arguments
+
+    add_train_arguments(p)
+    g = p.add_argument_group("study")
+    g.add_argument("--factor", choices=["ratio", "n"], default=None,
+                   help="ratio: the instruction/output ratio of synthetic data (--family); n: nested subsets of the "
+                        "training data (--data FILE or --family F)")
+    g.add_argument("--values", default=None, metavar="V1,V2,...", help="the factor's values, e.g. 2,8,32")
+    g.add_argument("--family", default=None, metavar="F",
+                   help="synthetic family (imtune data synth): rule, lookup, ...")
+    g.add_argument("--n", type=int, default=64, help="--factor ratio: synthetic training examples per value")
+    g.add_argument("--heldout", type=int, default=32, metavar="H", help="synthetic held-out examples")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="--factor n with --family: the ratio of the synthetic data (default: the family's)")
+    g.add_argument("--arms", default="it,im", help="two arms; the study reports the second minus the first")
+    g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="seeds per arm and value")
+    g.add_argument("--budget", type=int, default=None, metavar="STEPS", help="at most STEPS optimizer steps per run")
+    g.add_argument("--out", default=None, metavar="DIR", help="study directory (default: runs/study-<factor>)")
+    g.add_argument("--val-fraction", type=float, default=0.3,
+                   help="share of the held-out data that selects best checkpoints")
+    g.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="--factor n with --data and no --eval-data: the share held out (once, before subsetting)")
+    g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
+    g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
+
+
+def settings_from(args):
+    from ..config import TrainConfig
+    from ..study import StudySettings, parse_values
+    from ..types import UsageError
+    from .compare import parse_seeds
+
+    for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir")):
+        if hasattr(args, dest):
+            raise UsageError(f"{flag} is set per arm in a study: use --arms (and --out DIR)")
+    if args.factor is None or args.values is None:
+        raise UsageError("give --factor ratio|n and --values V1,V2,... (e.g. --factor ratio --values 2,8,32 "
+                         "--family rule)")
+    if args.budget is not None and args.budget < 1:
+        raise UsageError(f"--budget must be >= 1, not {args.budget}")
+    given = getattr(args, "data", None)
+    if args.family and given:
+        raise UsageError("give --family F or --data FILE, not both")
+    if not (args.family or given):
+        raise UsageError(f"--factor {args.factor} needs " + ("--family F (it varies `imtune data synth --ratio`)"
+                                                             if args.factor == "ratio" else "--data FILE or --family F"))
+    base = TrainConfig.from_args(args)
+    if args.family:
+        base = base.replace(data="synthetic")  # a placeholder: every value trains on its own written files
+    return StudySettings(out=Path(args.out) if args.out else Path("runs") / f"study-{args.factor}",
+                         base=base, factor=args.factor, values=parse_values(args.factor, args.values),
+                         arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
+                         heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
+                         heldout_fraction=args.heldout_fraction, device=args.device)
+
+
+def show(out: Path) -> None:
+    import json
+
+    result = json.loads((out / "study.json").read_text(encoding="utf-8"))
+    print(f"{result['difference']} of held-out output loss against {result['factor']} (95% intervals):")
+    for r in result["rows"]:
+        parts = [f"{k} {r[k]['value']:+.4f} [{r[k]['low']:+.4f}, {r[k]['high']:+.4f}]"
+                 for k in ("final", "best") if k in r]
+        print(f"  {result['factor']} = {r['value']:<8g} " + ", ".join(parts))
+    for name, t in result["trend"].items():
+        print(f"trend ({name}): {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")
+    print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
+
+
+def run(args) -> int:
+    from ..compare import is_main_process
+    from ..study import study, write_report
+
+    if args.report_only:
+        md, page = write_report(args.report_only)
+        say(f"wrote {md} and {page}")
+        show(Path(args.report_only))
+        return 0
+    out = study(settings_from(args))
+    if is_main_process():
+        show(out)
+    return 0

@@ -1,0 +1,79 @@
+"""`imtune sweep --data F [--eval-data G] --prompt-weights 0,0.01,0.1,0.5,1 --seeds 0,1 [--normalize nonzero]
+[--weights assistant=0.6,eot=0.6] [train flags] --out DIR`: one `weighted:λ` arm per λ and seed under one budget
+(imtune.sweep, through imtune.compare), then sweep.json and a report with the recommended λ.
+`imtune sweep --report-only DIR` rebuilds the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import say
+
+
+def add_arguments(p) -> None:
+    from ..config import add_train_arguments
+
+    add_train_arguments(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--prompt-weights", default="0,0.01,0.1,0.5,1", metavar="L1,L2,...",
+                   help="the prompt-loss weights λ to try (instruction tokens weigh λ, output tokens 1)")
+    g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="seeds per λ (default: the one --seed)")
+    g.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default: runs/sweep-<data>)")
+    g.add_argument("--val-fraction", type=float, default=0.3,
+                   help="share of the held-out data that selects best checkpoints (or --val-data FILE)")
+    g.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="without --eval-data: this share of --data (a seeded split) is held out")
+    g.add_argument("--loss-samples", type=int, default=None, metavar="N",
+                   help="score the final training output loss on a fixed sample of N examples (default: all)")
+    g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
+    g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
+
+
+def settings_from(args):
+    from ..config import TrainConfig
+    from ..sweep import SweepSettings, parse_weights
+    from ..types import UsageError
+    from .compare import parse_seeds
+
+    for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir")):
+        if hasattr(args, dest):
+            raise UsageError(f"{flag} is set by the sweep: use --prompt-weights (and --out DIR)")
+    base = TrainConfig.from_args(args)
+    if not base.data:
+        raise UsageError("no training data: give --data FILE")
+    stem = Path(base.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
+    return SweepSettings(out=Path(args.out) if args.out else Path("runs") / f"sweep-{stem}",
+                         base=base.replace(val_data=None, keep_best=False),
+                         prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
+                         val_fraction=args.val_fraction, val_data=base.val_data,
+                         heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device)
+
+
+def show(out: Path) -> None:
+    import json
+
+    result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    for r in result["prompt_weights"]:
+        parts = [f"{k} {r[k]['value']:.4f} [{r[k]['low']:.4f}, {r[k]['high']:.4f}]"
+                 for k in ("final", "best") if k in r]
+        print(f"λ = {r['prompt_weight']:<8g} held-out output loss: " + ", ".join(parts))
+    rec = result["recommendation"]
+    print(f"\nrecommended λ = {rec['prompt_weight']:g}: {rec['measure']} {rec['value']:.4f} "
+          f"[{rec['interval'][0]:.4f}, {rec['interval'][1]:.4f}]; indistinguishable: "
+          f"{', '.join(f'{x:g}' for x in rec['indistinguishable']) or 'none'}")
+    print(f"rule: {rec['rule']}")
+    print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
+
+
+def run(args) -> int:
+    from ..compare import is_main_process
+    from ..sweep import sweep, write_report
+
+    if args.report_only:
+        md, page = write_report(args.report_only)
+        say(f"wrote {md} and {page}")
+        show(Path(args.report_only))
+        return 0
+    out = sweep(settings_from(args))
+    if is_main_process():
+        show(out)
+    return 0

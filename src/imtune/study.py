@@ -1,0 +1,232 @@
+"""`study(settings) -> STUDY_DIR`: the IM paper's two factors, measured. For each value of one factor, an
+imtune.compare of the arms (default it,im) over the seeds; then the difference (second arm − first, e.g. IM − IT) of
+the held-out output loss, final and best, against the factor, with 95% intervals and a fitted trend.
+
+    --factor ratio   the instruction/output length ratio of `imtune data synth --family F` (imtune.synth): one
+                     synthetic data set per value (same n, same seed, held-out made alike)
+    --factor n       nested training subsets of --data FILE (or of synthetic data): the first n of one seeded
+                     permutation, so every smaller set is inside every larger one; the held-out data is the same for
+                     all (--eval-data, or a seeded split made once, before subsetting)
+
+    STUDY_DIR/
+      data/                       the data of every value (written once; a re-run checks it is the same)
+      runs/<factor>-<value>/      one comparison directory per value (imtune.compare: arms x seeds, report)
+      study.json                  per value: the differences with intervals, per-seed values, data sizes; the trend
+      plots/study.png, report.md, report.html
+
+The trend: a weighted least-squares line of the difference against log10(value), weights 1/SE with SE = interval
+width / 3.92 (imtune.evidence.linear_trend); the paper's Fig. 2 shape is a difference that grows in IM's favour with
+the ratio and shrinks with n. --budget caps every run's optimizer steps, so values differ only in data. Re-running the
+same command resumes: finished runs are skipped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compare import CompareSettings, parse_arms, read_json, write_conversations, write_json
+from .config import TrainConfig
+from .types import UsageError
+
+FACTORS = ("ratio", "n")
+
+
+@dataclass
+class StudySettings:
+    out: Path
+    base: TrainConfig  # every training flag (data/eval_data: the source for --factor n)
+    factor: str
+    values: list[float]
+    arms: str = "it,im"
+    seeds: list[int] | None = None
+    family: str | None = None  # synthetic family (ratio: required; n: when no --data)
+    n: int = 64  # ratio: training examples per value; n with a family: the pool the subsets come from (max value)
+    heldout: int = 32  # synthetic held-out examples
+    ratio: float | None = None  # n with a family: its ratio (None: the family's default)
+    budget: int | None = None  # at most this many optimizer steps per run
+    val_fraction: float = 0.3
+    heldout_fraction: float = 0.1
+    device: str = "auto"
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def parse_values(factor: str, text: str) -> list[float]:
+    if factor not in FACTORS:
+        raise UsageError(f"--factor {factor!r}: valid: {', '.join(FACTORS)}")
+    try:
+        vals = sorted({float(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise UsageError(f"--values {text!r}: give numbers separated by commas, e.g. 2,8,32") from None
+    if len(vals) < 2 or any(not (math.isfinite(v) and v > 0) for v in vals):
+        raise UsageError(f"--values {text!r}: give at least two different numbers > 0")
+    if factor == "n" and any(v != int(v) for v in vals):
+        raise UsageError(f"--values {text!r}: --factor n takes whole numbers of examples")
+    return vals
+
+
+def _name(v: float) -> str:
+    return f"{v:g}"
+
+
+def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
+    """(value, training file, held-out file or None) per value, written under STUDY_DIR/data/."""
+    import numpy as np
+
+    from .prepare import load
+    from .synth import synthesize
+
+    d = Path(s.out) / "data"
+    out = []
+    if s.factor == "ratio":
+        if not s.family:
+            raise UsageError("--factor ratio needs --family F (rule, lookup, ...): it varies `imtune data synth "
+                             "--ratio`")
+        for v in s.values:
+            train, held = synthesize(s.family, s.n, v, seed=0, heldout=s.heldout)
+            out.append((v, str(write_conversations(d / f"ratio-{_name(v)}.train.jsonl", train)),
+                        str(write_conversations(d / f"ratio-{_name(v)}.heldout.jsonl", held))))
+        return out
+    need = int(max(s.values))
+    b = s.base
+    if s.family:
+        pool, held = synthesize(s.family, need, s.ratio, seed=0, heldout=s.heldout)
+    elif b.data:
+        pool, _ = load(b.data, b.format, b.fields, b.on_invalid, b.limit)
+        held = load(b.eval_data, b.format, b.fields, b.on_invalid)[0] if b.eval_data else None
+        if held is None:  # split the held-out part off once, before any subset
+            k = max(1, round(s.heldout_fraction * len(pool)))
+            pick = set(np.random.default_rng([b.seed, 1717]).permutation(len(pool))[:k].tolist())
+            held = [c for i, c in enumerate(pool) if i in pick]
+            pool = [c for i, c in enumerate(pool) if i not in pick]
+    else:
+        raise UsageError("--factor n needs --data FILE or --family F")
+    if len(pool) < need:
+        raise UsageError(f"--values asks for {need} training examples; the data has {len(pool)}")
+    order = np.random.default_rng([b.seed, 4242]).permutation(len(pool)).tolist()  # one order: nested subsets
+    heldout = str(write_conversations(d / "heldout.jsonl", held))
+    for v in s.values:
+        out.append((v, str(write_conversations(d / f"n-{_name(v)}.train.jsonl", [pool[i] for i in order[:int(v)]])),
+                    heldout))
+    return out
+
+
+def study(s: StudySettings) -> Path:
+    from .compare import compare, say
+
+    out = Path(s.out)
+    arms = parse_arms(s.arms)
+    if len(arms) != 2:
+        raise UsageError(f"--arms {s.arms!r}: a study compares exactly two arms (the second minus the first)")
+    rows = []
+    for i, (v, train, held) in enumerate(datasets(s), 1):
+        say(f"study: {s.factor} = {_name(v)} ({i}/{len(s.values)})")
+        base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
+        cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
+                                      seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
+                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, argv=s.argv))
+        rows.append(value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec))
+        if s.factor == "ratio" and rows[-1]["ratio_measured"] and abs(rows[-1]["ratio_measured"] / v - 1) > 0.5:
+            say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
+                f"{s.family} cannot make instructions that short or long; the report shows the measured ratio")
+    result = {"version": 1, "factor": s.factor, "values": s.values, "arms": [a.spec for a in arms],
+              "difference": f"{arms[1].spec} − {arms[0].spec}", "seeds": s.seeds, "family": s.family,
+              "budget": s.budget, "rows": rows, "trend": trends(rows, s.factor)}
+    write_json(out / "study.json", result)
+    write_report(out)
+    return out
+
+
+def value_row(v: float, summary: dict, where: Path, arm: str) -> dict:
+    ms = summary["evidence"]["measures"]
+    row = {"value": v, "compare_dir": str(where), "n_train": summary["data"]["n_train"],
+           "n_test": summary["data"]["n_test"],
+           "ratio_measured": summary["data"]["stats"].get("ratio"),  # mean instruction / mean output, tokens
+           "steps": summary["data"]["steps"]}
+    for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
+        if key in ms:
+            ref = ms[key]["per_seed"][summary["evidence"]["reference"]]
+            row[name] = {**ms[key]["differences"][arm],
+                         "per_seed": [a - b for a, b in zip(ms[key]["per_seed"][arm], ref)]}
+    return row
+
+
+def trends(rows: list[dict], factor: str) -> dict:
+    from .evidence import linear_trend
+
+    out = {}
+    for name in ("final", "best"):
+        pts = [(r["value"], r[name]) for r in rows if name in r]
+        if len(pts) >= 2:
+            out[name] = linear_trend([x for x, _ in pts], [p["value"] for _, p in pts],
+                                     [(p["high"] - p["low"]) / 3.92 for _, p in pts], log_x=True)
+    return out
+
+
+def plot(result: dict, path: Path) -> Path:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    xs_all = [r["value"] for r in result["rows"]]
+    for i, (name, label) in enumerate((("final", "final models"), ("best", "best checkpoints (validation)"))):
+        pts = [(r["value"], r[name]) for r in result["rows"] if name in r]
+        if not pts:
+            continue
+        shift = 1.0 + 0.03 * i  # side by side on the log axis
+        ax.errorbar([x * shift for x, _ in pts], [p["value"] for _, p in pts],
+                    yerr=[[p["value"] - p["low"] for _, p in pts], [p["high"] - p["value"] for _, p in pts]],
+                    fmt="o", capsize=4, color=f"C{i}", label=label)
+        t = result["trend"].get(name)
+        if t:
+            grid = np.geomspace(min(xs_all), max(xs_all), 50)
+            ax.plot(grid, t["intercept"] + t["slope"] * np.log10(grid), color=f"C{i}", ls="--", lw=1,
+                    label=f"trend ({name}): {t['slope']:+.4f} per decade")
+    ax.axhline(0, color="k", lw=0.7)
+    ax.set_xscale("log")
+    ax.set(xlabel={"ratio": "instruction/output length ratio", "n": "training examples"}[result["factor"]],
+           ylabel=f"held-out output loss: {result['difference']} (nats)")
+    ax.set_title("below zero: the second arm has the lower held-out loss; 95% intervals", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _iv(p: dict | None) -> str:
+    return "–" if p is None else f"{p['value']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
+
+
+def write_report(study_dir: str | Path) -> tuple[Path, Path]:
+    from .report import to_html, to_markdown
+
+    d = Path(study_dir)
+    result = json.loads((d / "study.json").read_text(encoding="utf-8"))
+    (d / "plots").mkdir(exist_ok=True)
+    png = plot(result, d / "plots" / "study.png")
+    diff = result["difference"]
+    header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens)",
+              f"{diff}, final [95% interval]", f"{diff}, best [95% interval]", "run"]
+    rows = [[f"{r['value']:g}", str(r["n_train"]), str(r["n_test"]), str(r["steps"]),
+             "–" if r["ratio_measured"] is None else f"{r['ratio_measured']:.2f}", _iv(r.get("final")),
+             _iv(r.get("best")), f"`{r['compare_dir']}/report.md`"] for r in result["rows"]]
+    said = []
+    for name, t in result["trend"].items():
+        said.append(f"{name}: {diff} ≈ {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")
+    blocks = [("h", 1, f"imtune study: {diff} against {result['factor']}"),
+              ("p", f"Arms {', '.join(result['arms'])}; seeds {result['seeds'] or 'the one --seed'}"
+                    + (f"; synthetic family `{result['family']}`" if result["family"] else "")
+                    + (f"; at most {result['budget']} optimizer steps per run" if result["budget"] else "") + "."),
+              ("table", header, rows), ("img", png, f"{diff} against {result['factor']}"),
+              ("p", "Trend (weighted least squares on log10 of the factor, weights 1/SE): "
+                    + ("; ".join(said) or "too few points") + ". A difference below zero means the second arm "
+                    "reached the lower held-out output loss. Intervals: hierarchical paired bootstrap over seeds "
+                    "and held-out examples (imtune.evidence); a value's difference counts only when its interval "
+                    "excludes zero.")]
+    md, page = d / "report.md", d / "report.html"
+    md.write_text(to_markdown(blocks, d), encoding="utf-8")
+    page.write_text(to_html(blocks, blocks[0][2]), encoding="utf-8")
+    return md, page

@@ -1,0 +1,165 @@
+"""`sweep(settings) -> SWEEP_DIR`: the prompt-loss weight finder. One `weighted:λ` arm per λ and seed, trained and
+scored by imtune.compare (same data, budget, seeds, validation/test split), then summarised per λ.
+
+    SWEEP_DIR/
+      compare/            the comparison of the λ arms (run directories, compare.json, its own report)
+      sweep.json          per λ: held-out output loss of the final models and of the best checkpoints (mean over
+                          seeds, 95% interval over seeds and held-out examples, per seed), the paired difference to
+                          the recommended λ, and "recommendation": {"prompt_weight", "interval", "rule", ...}
+      plots/sweep.png, report.md, report.html
+
+The rule (RULE): recommend the λ with the lowest mean held-out output loss at the best checkpoint (selected on the
+validation part, as an early stop would; the final model's loss when there is no validation part); every λ whose
+paired interval of the difference to it includes zero is listed as indistinguishable from it. Re-running the same
+command skips finished runs (compare's resumption).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .compare import CompareSettings, parse_arm, read_json, write_json
+from .config import TrainConfig
+from .types import UsageError
+
+RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
+        "without one); λs whose paired 95% interval of the difference to it includes zero are indistinguishable")
+
+
+@dataclass
+class SweepSettings:
+    out: Path
+    base: TrainConfig  # every training flag; loss and prompt_weight are set per λ
+    prompt_weights: list[str]  # as typed, e.g. ["0", "0.01", "0.1", "1"]
+    seeds: list[int] | None = None
+    val_fraction: float = 0.3
+    val_data: str | None = None
+    heldout_fraction: float = 0.1
+    loss_samples: int | None = None
+    device: str = "auto"
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def parse_weights(text: str) -> list[str]:
+    vals = [t.strip() for t in text.split(",") if t.strip()]
+    for v in vals:
+        parse_arm(f"weighted:{v}")  # raises for a bad λ
+    if len(vals) < 2 or len({float(v) for v in vals}) < len(vals):
+        raise UsageError(f"--prompt-weights {text!r}: give at least two different λ >= 0, e.g. 0,0.01,0.1,1")
+    return sorted(vals, key=float)
+
+
+def sweep(s: SweepSettings) -> Path:
+    from .aggregate import aggregate
+    from .compare import compare
+
+    out = Path(s.out)
+    arms = [parse_arm(f"weighted:{v}") for v in s.prompt_weights]
+    cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
+                                  val_fraction=s.val_fraction, val_data=s.val_data,
+                                  heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples, bleu_samples=0,
+                                  device=s.device, argv=s.argv))
+    summary = read_json(cmp / "compare.json")
+    measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"
+    values = summary["evidence"]["measures"][measure]["values"]
+    chosen = min(arms, key=lambda a: values[a.spec]["value"])
+    # Paired differences to the chosen λ: the evidence again, with the chosen arm as the reference.
+    runs = [{"spec": a.spec, "name": a.name, "runs": [
+        {"seed": r["seed"], "dir": r["dir"], "results": read_json(cmp / r["dir"] / "eval" / "compare.json")["results"]}
+        for r in next(x for x in summary["arms"] if x["name"] == a.name)["runs"]]} for a in arms]
+    vs_chosen = aggregate(runs, chosen.name)["measures"]
+    rows = []
+    for a in arms:
+        row = {"prompt_weight": float(a.overrides["prompt_weight"]), "arm": a.spec}
+        for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
+            m = summary["evidence"]["measures"].get(key)
+            if m:
+                row[name] = {**m["values"][a.spec], "per_seed": m["per_seed"][a.spec],
+                             "difference_to_recommended": vs_chosen[key]["differences"][a.spec]}
+        arm = next(x for x in summary["arms"] if x["name"] == a.name)
+        row["best_steps"] = arm["results"].get("best", {}).get("steps")
+        rows.append(row)
+    key = "best" if measure == "best_heldout_loss" else "final"
+    tied = [r["prompt_weight"] for r in rows if r["arm"] != chosen.spec
+            and not _excludes_zero(r[key]["difference_to_recommended"])]
+    rec = {"prompt_weight": float(chosen.overrides["prompt_weight"]), "measure": f"held-out output loss ({key})",
+           "value": values[chosen.spec]["value"], "interval": [values[chosen.spec]["low"], values[chosen.spec]["high"]],
+           "indistinguishable": tied, "rule": RULE}
+    result = {"version": 1, "compare_dir": "compare", "normalize": s.base.normalize, "weights": s.base.weights,
+              "seeds": summary["settings"]["seeds"], "method": summary["evidence"]["method"],
+              "data": {k: summary["data"][k] for k in ("source", "n_train", "n_val", "n_test")},
+              "prompt_weights": rows, "recommendation": rec}
+    write_json(out / "sweep.json", result)
+    write_report(out)
+    return out
+
+
+def _excludes_zero(iv: dict) -> bool:
+    return iv["low"] > 0 or iv["high"] < 0
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Held-out output loss against λ (symlog axis: λ = 0 is on it), final and best, with 95% intervals."""
+    from matplotlib.figure import Figure
+
+    rows = result["prompt_weights"]
+    xs = [r["prompt_weight"] for r in rows]
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (key, label) in enumerate((("final", "final model"), ("best", "best checkpoint (validation)"))):
+        pts = [(x, r[key]) for x, r in zip(xs, rows) if key in r]
+        if not pts:
+            continue
+        v = [p["value"] for _, p in pts]
+        err = [[p["value"] - p["low"] for _, p in pts], [p["high"] - p["value"] for _, p in pts]]
+        ax.errorbar([x for x, _ in pts], v, yerr=err, fmt="o-", capsize=4, color=f"C{i}", label=label)
+    positive = [x for x in xs if x > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    rec = result["recommendation"]["prompt_weight"]
+    ax.axvline(rec, color="k", lw=0.8, ls=":", label=f"recommended λ = {rec:g}")
+    ax.set(xlabel="prompt-loss weight λ (symlog)", ylabel="held-out output loss (nats/token)")
+    ax.set_title(f"imtune sweep: mean over seeds {result['seeds']}, 95% intervals", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _iv(p: dict | None) -> str:
+    return "–" if p is None else f"{p['value']:.4f} [{p['low']:.4f}, {p['high']:.4f}]"
+
+
+def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
+    from .report import to_html, to_markdown
+
+    d = Path(sweep_dir)
+    result = json.loads((d / "sweep.json").read_text(encoding="utf-8"))
+    (d / "plots").mkdir(exist_ok=True)
+    png = plot(result, d / "plots" / "sweep.png")
+    rec = result["recommendation"]
+    header = ["λ", "held-out output loss, final [95% interval]", "held-out output loss, best [95% interval]",
+              "best steps", "difference to recommended λ (best) [95% interval]"]
+    rows = [[f"{r['prompt_weight']:g}", _iv(r.get("final")), _iv(r.get("best")),
+             ", ".join(map(str, r["best_steps"] or [])) or "–",
+             _iv((r.get("best") or r.get("final") or {}).get("difference_to_recommended"))]
+            for r in result["prompt_weights"]]
+    tied = ", ".join(f"{x:g}" for x in rec["indistinguishable"]) or "none"
+    data = result["data"]
+    blocks = [("h", 1, "imtune sweep: prompt-loss weight λ"),
+              ("p", f"Data `{data['source']}`: {data['n_train']} training examples, {data['n_val']} validation "
+                    f"(selects best checkpoints), {data['n_test']} test (every score); seeds {result['seeds']}; "
+                    f"loss normalisation `{result['normalize']}`"
+                    + (f", class weights `{result['weights']}`" if result["weights"] else "") + "."),
+              ("h", 2, "Recommendation"),
+              ("p", f"**λ = {rec['prompt_weight']:g}**: {rec['measure']} {rec['value']:.4f} (95% interval "
+                    f"{rec['interval'][0]:.4f} to {rec['interval'][1]:.4f}). Indistinguishable from it (paired "
+                    f"interval includes zero): {tied}. Rule: {rec['rule']}."),
+              ("table", header, rows), ("img", png, "held-out output loss against λ"),
+              ("p", f"Intervals: {result['method']}. The λ arms' runs, curves and full comparison: "
+                    f"`{result['compare_dir']}/report.md`.")]
+    md, page = d / "report.md", d / "report.html"
+    md.write_text(to_markdown(blocks, d), encoding="utf-8")
+    page.write_text(to_html(blocks, blocks[0][2]), encoding="utf-8")
+    return md, page

@@ -1,0 +1,66 @@
+"""Best vs final: the best checkpoint is selected on the validation data only, never on the data it is scored on."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from imtune.runlog import read_metrics
+
+
+def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, monkeypatch):
+    from imtune import train as trainer
+
+    saved = []
+    monkeypatch.setattr(trainer, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
+    run = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, best=None, dir=tmp_path)
+    # validation improves at steps 0, 1, 3; the scored (eval) loss improves at 2 only
+    for step, val, test in ((0, 3.0, 2.0), (1, 2.5, 2.1), (2, 2.6, 1.0), (3, 2.4, 1.5), (4, 2.4, 0.5)):
+        trainer.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test})
+    assert [info["step"] for _, info in saved] == [0, 1, 3]  # ties keep the earlier point
+    assert {name for name, _ in saved} == {"best"} and {i["selected_on"] for _, i in saved} == {"val_output_loss"}
+
+
+def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp_path):
+    from imtune.compare import CompareSettings, compare, parse_arms
+    from imtune.config import TrainConfig
+    from imtune.synth import synthesize, write_jsonl
+
+    train, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=8)
+    data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")
+    held = write_jsonl(tmp_path / "h.jsonl", heldout, "lookup", 0, "heldout")
+    base = TrainConfig(model="random:tiny", data=str(data), eval_data=str(held), max_steps=4, batch_size=2,
+                       max_length=256, lr=3e-3, warmup_ratio=0.0, eval_every=1, eval_train_sample=4, progress=False,
+                       threads=1)
+    out = compare(CompareSettings(out=tmp_path / "cmp", base=base, arms=parse_arms("it"), seeds=[0, 1],
+                                  val_fraction=0.5, bleu_samples=0))
+    read = lambda p: [json.loads(x) for x in Path(p).read_text().splitlines()]  # noqa: E731
+    key = lambda r: json.dumps(r["messages"])  # noqa: E731
+    val, test = read(out / "data" / "val.jsonl"), read(out / "data" / "test.jsonl")
+    assert val and test and not ({key(r) for r in val} & {key(r) for r in test})
+    assert sorted(map(key, val + test)) == sorted(map(key, read(held)))
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["data"]["n_val"] == len(val) and summary["data"]["n_test"] == len(test)
+    (arm,) = summary["arms"]
+    assert [r["seed"] for r in arm["runs"]] == [0, 1]
+    for run in arm["runs"]:
+        d = out / run["dir"]
+        cfg = (d / "config.yaml").read_text()
+        assert f"val_data: {out / 'data' / 'val.jsonl'}" in cfg and f"eval_data: {out / 'data' / 'test.jsonl'}" in cfg
+        evals = read_metrics(d, kind="eval")
+        vals = [e["val_output_loss"] for e in evals]
+        best = json.loads((d / "best" / "best.json").read_text())
+        assert best["step"] == evals[vals.index(min(vals))]["step"]  # argmin of the validation curve, first on ties
+        assert best["loss"] == min(vals) and best["selected_on"] == "val_output_loss"
+        # best/ is scored on the test part: the trainer's test-curve value at that step
+        at = next(e for e in evals if e["step"] == best["step"])
+        assert run["results"]["best"]["heldout"]["output_loss"] == pytest.approx(at["eval_output_loss"], rel=1e-4)
+        assert run["results"]["heldout"]["n"] == len(test)
+    ev = summary["evidence"]["measures"]
+    assert set(ev) >= {"heldout_loss", "best_heldout_loss", "gap"}
+    assert math.isfinite(ev["best_heldout_loss"]["values"]["it"]["low"])
+    assert "Best vs final" not in summary["verdict"]["text"]  # one arm: nothing to compare, but no crash
+    assert (out / "report.md").read_text().count("best") >= 1

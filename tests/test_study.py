@@ -1,0 +1,67 @@
+"""imtune study on random:tiny end to end: --factor ratio (synthetic family) and --factor n (nested subsets)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imtune.cli import main
+
+COMMON = ["--model", "random:tiny", "--arms", "it,im", "--budget", "2", "--eval-every", "2", "--eval-train-sample", "4",
+          "--batch-size", "4", "--max-length", "1024", "--lr", "1e-3", "--no-progress", "--threads", "1"]
+
+
+def _check(out: Path, values: list[float]) -> dict:
+    result = json.loads((out / "study.json").read_text())
+    assert [r["value"] for r in result["rows"]] == values and result["difference"] == "im − it"
+    for r in result["rows"]:
+        cmp = json.loads((out / r["compare_dir"] / "compare.json").read_text())
+        m = cmp["evidence"]["measures"]
+        for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
+            assert r[name]["value"] == pytest.approx(m[key]["differences"]["im"]["value"])
+            assert r[name]["low"] <= r[name]["value"] <= r[name]["high"]
+        assert r["steps"] <= 2
+    assert set(result["trend"]) == {"final", "best"}
+    assert (out / "plots" / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert "im − it" in (out / "report.md").read_text()
+    return result
+
+
+def test_study_ratio_on_synthetic_data(tmp_path, capsys):
+    out = tmp_path / "ratio"
+    argv = ["study", "--factor", "ratio", "--values", "60,20", "--family", "rule", "--n", "6", "--heldout", "4",
+            *COMMON, "--out", str(out)]
+    assert main(argv) == 0
+    assert "trend (final)" in capsys.readouterr().out
+    result = _check(out, [20.0, 60.0])
+    ratios = [r["ratio_measured"] for r in result["rows"]]
+    assert ratios[0] < ratios[1]  # the data really follows the factor
+    assert main(argv) == 0  # resumable: nothing is trained again
+    assert capsys.readouterr().err.count("already trained") == 4
+
+
+def test_study_n_takes_nested_subsets_with_one_heldout_set(tmp_path, capsys):
+    from imtune.synth import synthesize, write_jsonl
+
+    train, held = synthesize("lookup", 8, 4.0, seed=0, heldout=4)
+    data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")
+    heldout = write_jsonl(tmp_path / "h.jsonl", held, "lookup", 0, "heldout")
+    out = tmp_path / "n"
+    assert main(["study", "--factor", "n", "--values", "4,8", "--data", str(data), "--eval-data", str(heldout),
+                 "--seeds", "0", *COMMON, "--out", str(out)]) == 0
+    capsys.readouterr()
+    result = _check(out, [4.0, 8.0])
+    read = lambda p: [json.dumps(json.loads(x)["messages"]) for x in Path(p).read_text().splitlines()]  # noqa: E731
+    small, large = read(out / "data" / "n-4.train.jsonl"), read(out / "data" / "n-8.train.jsonl")
+    assert len(small) == 4 and len(large) == 8 and set(small) <= set(large)
+    assert [r["n_train"] for r in result["rows"]] == [4, 8]
+    tests = {r["n_test"] for r in result["rows"]}
+    assert len(tests) == 1  # the same held-out (test) part for every value
+
+
+def test_study_usage_errors(capsys):
+    assert main(["study", "--factor", "ratio", "--values", "2,8"]) == 2
+    assert "--family" in capsys.readouterr().err
+    assert main(["study", "--factor", "n", "--values", "4", "--family", "rule"]) == 2
+    assert "at least two" in capsys.readouterr().err
