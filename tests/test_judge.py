@@ -107,7 +107,7 @@ def test_judge_end_to_end_against_imtune_serve(tmp_path, capsys):
         ("Name a primary colour.", "Blue is one."), ("What is 2 + 2?", "Four."), ("Say hi in French.", "Salut"),
         ("Not in the references", "x")]) + "\n")
     out_dir, cache = tmp_path / "eval", tmp_path / "cache.sqlite"
-    with serving("random:tiny", "--max-tokens", "8") as (_, url, _err):
+    with serving("random:tiny", "--max-tokens", "8", "--name", "tiny") as (_, url, _err):
         before = _requests(url)
         args = ["judge", "--outputs", str(outs), "--references", str(refs), "--judge-model", "tiny",
                 "--cache", str(cache), "--out", str(out_dir), "--max-tokens", "4"]
