@@ -206,6 +206,22 @@ class JudgeCache:
         self.db.close()
 
 
+def open_judge(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache: str | None = None,
+               max_tokens: int = ALPACA_EVAL_MAX_TOKENS, timeout: float = 600.0) -> tuple[JudgeClient, JudgeCache]:
+    """The client and reply cache a judged benchmark uses. `cache`: a SQLite file, None for
+    $IMTUNE_CACHE/judge-cache.sqlite, "none" for memory only. The API key is read from `api_key_env`."""
+    import os
+
+    from ..models import cache_dir
+
+    if not url or not model:
+        raise UsageError("a judged benchmark needs --judge-url URL and --judge-model NAME (an OpenAI-compatible "
+                         "endpoint, e.g. what `imtune serve` prints, and the model name it serves)")
+    path = None if (cache or "").lower() == "none" else (cache or cache_dir() / "judge-cache.sqlite")
+    client = JudgeClient(chat_url(url), model, os.environ.get(api_key_env) or None, max_tokens, timeout)
+    return client, JudgeCache(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs: model outputs (JSONL or JSON array of {instruction|prompt, output}) and references (same shape).
 def _instruction(row: dict) -> str | None:
