@@ -7,7 +7,7 @@ import json
 
 import pytest
 from conftest import shared_file
-from test_serve import get, serving
+from test_serve import get
 
 from imtune.bench import run_benchmark
 from imtune.cli import main
@@ -18,9 +18,8 @@ JUDGE = "judge-tiny"
 
 
 @pytest.fixture(scope="module")
-def judge_url():
-    with serving("random:tiny", "--name", JUDGE) as (_, url, _err):
-        yield url
+def judge_url(judge_server):
+    return judge_server[1]
 
 
 def _requests(url: str) -> int:
@@ -41,8 +40,9 @@ def test_alpacaeval_end_to_end(judge_url, tmp_path):
     first_answer = generate(model, tok, renderer, [refs[0]["instruction"]], cfg)[0]
     cache = tmp_path / "judge.sqlite"
     seeded = JudgeCache(cache)  # pair 0 as a good judge would rank it in both orders: the reference wins
-    for a, b, reply in [(refs[0]["output"], first_answer, "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]"),
-                        (first_answer, refs[0]["output"], "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]")]:
+    model_1_first = "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]"
+    model_2_first = "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
+    for a, b, reply in [(refs[0]["output"], first_answer, model_1_first), (first_answer, refs[0]["output"], model_2_first)]:
         seeded.put(cache_key(JUDGE, judge_messages(refs[0]["instruction"], a, b)), JUDGE, reply)
     seeded.close()
 

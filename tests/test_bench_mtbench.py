@@ -8,7 +8,7 @@ import math
 
 import pytest
 from conftest import shared_file
-from test_serve import get, serving
+from test_serve import get
 
 from imtune.bench import mtbench, run_benchmark
 from imtune.cli import main
@@ -62,7 +62,7 @@ def test_summarize_leaves_unparseable_out(data):
     assert s["categories"]["math"]["n"] == 1 and set(s["categories"]) == {"writing", "math"}
 
 
-def test_mtbench_end_to_end(data, tmp_path):
+def test_mtbench_end_to_end(data, tmp_path, judge_server):
     from imtune.models import load_model, load_tokenizer
     from imtune.templates import Renderer
 
@@ -76,16 +76,16 @@ def test_mtbench_end_to_end(data, tmp_path):
     model, tok = load_model("random:tiny"), load_tokenizer("random:tiny")
     renderer = Renderer(None, tok)
     cfg = GenerationConfig(max_new_tokens=4)
-    with serving("random:tiny", "--name", JUDGE) as (_, url, _err):
-        before = get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"]
-        r = run_benchmark("mtbench", model, tok, renderer, str(subset), gen_cfg=cfg, out_dir=tmp_path / "out",
-                          model_name="random:tiny", judge_url=url, judge_model=JUDGE, judge_cache="none",
-                          judge_max_tokens=4)
-        assert get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"] - before == 4
-        js = tmp_path / "r.json"
-        assert main(["bench", "mtbench", "--model", "random:tiny", "--data", str(subset), "--limit", "1",
-                     "--max-new-tokens", "4", "--judge-url", url, "--judge-model", JUDGE, "--judge-cache", "none",
-                     "--judge-max-tokens", "4", "--out", str(tmp_path / "cli"), "--json", str(js)]) == 0
+    url = judge_server[1]
+    before = get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"]
+    r = run_benchmark("mtbench", model, tok, renderer, str(subset), gen_cfg=cfg, out_dir=tmp_path / "out",
+                      model_name="random:tiny", judge_url=url, judge_model=JUDGE, judge_cache="none",
+                      judge_max_tokens=4)
+    assert get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"] - before == 4
+    js = tmp_path / "r.json"
+    assert main(["bench", "mtbench", "--model", "random:tiny", "--data", str(subset), "--limit", "1",
+                 "--max-new-tokens", "4", "--judge-url", url, "--judge-model", JUDGE, "--judge-cache", "none",
+                 "--judge-max-tokens", "4", "--out", str(tmp_path / "cli"), "--json", str(js)]) == 0
     assert (r["n"], r["judgements"], r["requests"]) == (2, 4, 4)
     assert r["turn1"]["n"] + r["turn2"]["n"] + r["unparseable_judgements"] == 4
     assert {"score", "turn1", "turn2", "categories", "n"} <= set(r) and r["judge"]["model"] == JUDGE

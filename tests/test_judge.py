@@ -8,12 +8,14 @@ import json
 import math
 
 import pytest
-from test_serve import get, serving
+from test_serve import get
 
 from imtune.cli import main
 from imtune.evaluate.judge import (JudgeCache, JudgeClient, JudgeError, cache_key, chat_url, head2head,
                                    judge_messages, pair_preference, pair_up, parse_ranking, read_outputs)
 from imtune.types import DataError
+
+JUDGE = "judge-tiny"
 
 
 def test_prompt_is_alpaca_eval_gpt4_verbatim():
@@ -108,7 +110,7 @@ def _requests(url: str) -> int:
     return get(url.removesuffix("/v1") + "/health")["requests"]["chat_completions"]
 
 
-def test_judge_end_to_end_against_imtune_serve(tmp_path, capsys):
+def test_judge_end_to_end_against_imtune_serve(tmp_path, capsys, judge_server):
     refs = tmp_path / "refs.json"
     refs.write_text(json.dumps([{"dataset": "t", "instruction": q, "output": a, "generator": "ref"} for q, a in [
         ("Name a primary colour.", "Red."), ("What is 2 + 2?", "4"), ("Say hi in French.", "Bonjour"),
@@ -119,51 +121,52 @@ def test_judge_end_to_end_against_imtune_serve(tmp_path, capsys):
         ("Not in the references", "x")]) + "\n")
     out_dir, cache = tmp_path / "eval", tmp_path / "cache.sqlite"
     seeded = JudgeCache(cache)  # the first pair's two replies, as a good judge would give them: the model wins
-    for first, second, reply in [("Red.", "Blue is one.", "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"),
-                                 ("Blue is one.", "Red.", "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]")]:
-        seeded.put(cache_key("tiny", judge_messages("Name a primary colour.", first, second)), "tiny", reply)
+    model_2_first = "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
+    model_1_first = "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]"
+    for first, second, reply in [("Red.", "Blue is one.", model_2_first), ("Blue is one.", "Red.", model_1_first)]:
+        seeded.put(cache_key(JUDGE, judge_messages("Name a primary colour.", first, second)), JUDGE, reply)
     seeded.close()
-    with serving("random:tiny", "--max-tokens", "8", "--name", "tiny") as (_, url, _err):
-        before = _requests(url)
-        args = ["judge", "--outputs", str(outs), "--references", str(refs), "--judge-model", "tiny",
-                "--cache", str(cache), "--out", str(out_dir), "--max-tokens", "4"]
-        assert main([*args, "--judge-url", url.removesuffix("/v1")]) == 0
-        s = json.loads((out_dir / "judge-model.json").read_text())
-        assert (s["judgements"], s["unique_prompts"], s["unmatched_outputs"]) == (6, 6, 1)
-        assert s["requests"] == 4 and s["cache_hits"] == 2
-        assert _requests(url) - before == 4  # both orders of the two pairs not in the cache reached the server
-        assert s["n"] + s["unparseable_pairs"] == 3 and s["wins"] >= 1  # the seeded pair is a win
-        assert s["wins"] + s["losses"] + s["ties"] == s["n"]
-        assert s["win_rate"] == pytest.approx((s["wins"] + 0.5 * s["ties"]) / s["n"])
-        pairs = [json.loads(line) for line in (out_dir / "judge-model.jsonl").read_text().splitlines()]
-        assert [p["instruction"] for p in pairs] == ["Name a primary colour.", "What is 2 + 2?", "Say hi in French."]
-        assert pairs[0]["preference"] == 2
-        for p in pairs:
-            assert p["preference_model_first"] == parse_ranking(p["reply_model_first"])
-            assert p["preference"] == pair_preference(p["preference_reference_first"], p["preference_model_first"])
-        assert "alpaca_eval_gpt4" in (out_dir / "judge-model.md").read_text()
+    url = judge_server[1]
+    before = _requests(url)
+    args = ["judge", "--outputs", str(outs), "--references", str(refs), "--judge-model", JUDGE,
+            "--cache", str(cache), "--out", str(out_dir), "--max-tokens", "4"]
+    assert main([*args, "--judge-url", url.removesuffix("/v1")]) == 0
+    s = json.loads((out_dir / "judge-model.json").read_text())
+    assert (s["judgements"], s["unique_prompts"], s["unmatched_outputs"]) == (6, 6, 1)
+    assert s["requests"] == 4 and s["cache_hits"] == 2
+    assert _requests(url) - before == 4  # both orders of the two pairs not in the cache reached the server
+    assert s["n"] + s["unparseable_pairs"] == 3 and s["wins"] >= 1  # the seeded pair is a win
+    assert s["wins"] + s["losses"] + s["ties"] == s["n"]
+    assert s["win_rate"] == pytest.approx((s["wins"] + 0.5 * s["ties"]) / s["n"])
+    pairs = [json.loads(line) for line in (out_dir / "judge-model.jsonl").read_text().splitlines()]
+    assert [p["instruction"] for p in pairs] == ["Name a primary colour.", "What is 2 + 2?", "Say hi in French."]
+    assert pairs[0]["preference"] == 2
+    for p in pairs:
+        assert p["preference_model_first"] == parse_ranking(p["reply_model_first"])
+        assert p["preference"] == pair_preference(p["preference_reference_first"], p["preference_model_first"])
+    assert "alpaca_eval_gpt4" in (out_dir / "judge-model.md").read_text()
 
-        # Re-run, with the /v1 form of the URL: everything comes from the cache, no request reaches the server.
-        before = _requests(url)
-        assert main([*args, "--judge-url", url]) == 0
-        s2 = json.loads((out_dir / "judge-model.json").read_text())
-        assert s2["requests"] == 0 and s2["cache_hits"] == 6 and _requests(url) == before
-        assert {k: s2[k] for k in ("n", "wins", "losses", "ties")} == {k: s[k] for k in ("n", "wins", "losses", "ties")}
+    # Re-run, with the /v1 form of the URL: everything comes from the cache, no request reaches the server.
+    before = _requests(url)
+    assert main([*args, "--judge-url", url]) == 0
+    s2 = json.loads((out_dir / "judge-model.json").read_text())
+    assert s2["requests"] == 0 and s2["cache_hits"] == 6 and _requests(url) == before
+    assert {k: s2[k] for k in ("n", "wins", "losses", "ties")} == {k: s[k] for k in ("n", "wins", "losses", "ties")}
 
-        # A judge slower than --timeout is an error that says what to do, not a retry that queues the work again.
-        with pytest.raises(JudgeError, match="did not answer within"):
-            JudgeClient(chat_url(url), "tiny", timeout=0.001).ask(judge_messages("a fresh question", "x", "y"))
+    # A judge slower than --timeout is an error that says what to do, not a retry that queues the work again.
+    with pytest.raises(JudgeError, match="did not answer within"):
+        JudgeClient(chat_url(url), JUDGE, max_tokens=4, timeout=0.001).ask(judge_messages("a fresh question", "x", "y"))
 
-        # --generate: the model's answers to the reference instructions first, then the judgement.
-        gen_out = tmp_path / "gen"
-        assert main(["judge", "--generate", "--model", "random:tiny", "--references", str(refs), "--limit", "2",
-                     "--max-new-tokens", "4", "--judge-url", url, "--judge-model", "tiny", "--cache", str(cache),
-                     "--out", str(gen_out), "--max-tokens", "4"]) == 0
-        rows = [json.loads(line) for line in (gen_out / "alpaca_eval-outputs.jsonl").read_text().splitlines()]
-        assert [r["instruction"] for r in rows] == ["Name a primary colour.", "What is 2 + 2?"]
-        assert all(r["generator"] == "random:tiny" for r in rows)
-        g = json.loads((gen_out / "judge-alpaca_eval-outputs.json").read_text())
-        assert g["judgements"] == 4 and g["n"] + g["unparseable_pairs"] == 2
+    # --generate: the model's answers to the reference instructions first, then the judgement.
+    gen_out = tmp_path / "gen"
+    assert main(["judge", "--generate", "--model", "random:tiny", "--references", str(refs), "--limit", "2",
+                 "--max-new-tokens", "4", "--judge-url", url, "--judge-model", JUDGE, "--cache", str(cache),
+                 "--out", str(gen_out), "--max-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in (gen_out / "alpaca_eval-outputs.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == ["Name a primary colour.", "What is 2 + 2?"]
+    assert all(r["generator"] == "random:tiny" for r in rows)
+    g = json.loads((gen_out / "judge-alpaca_eval-outputs.json").read_text())
+    assert g["judgements"] == 4 and g["n"] + g["unparseable_pairs"] == 2
 
 
 def test_judge_usage_errors(tmp_path, capsys):

@@ -288,7 +288,8 @@ def test_sigterm_during_generation_exits_cleanly(server):  # last in the file: i
     rest = list(stream)  # the stream ends (its generation was stopped), it does not hang
     assert rest and rest[-1].usage is not None and rest[-1].usage.completion_tokens < 4000
     behind.join(timeout=30)
-    assert not behind.is_alive() and len(queued) == 1  # answered (503) or refused: not left waiting
+    assert not behind.is_alive() and len(queued) == 1  # not left waiting: told the server is stopping
+    assert isinstance(queued[0], openai.APIStatusError) and queued[0].status_code == 503, queued
     err.seek(0)
     assert "imtune serve: stopped" in err.read()
     with pytest.raises(OSError):

@@ -254,10 +254,11 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text, False) if at == -1 else (text[:at], True)
 
 
-async def pieces(served: Served, job: Job, lock: asyncio.Lock, pool: ThreadPoolExecutor):
+async def pieces(served: Served, job: Job, lock: asyncio.Lock, pool: ThreadPoolExecutor, client_gone=None):
     """Async generator of the completion's text deltas, then one final dict {"finish_reason", "completion_tokens"}.
     Waits its turn for the model; text after a stop string (the request's, or a template's next role tag) is never
-    sent, and reaching one stops the generation."""
+    sent, and reaching one stops the generation. `client_gone()` (awaitable) is asked once the model is free and
+    after every delta: a client that left is not generated for."""
     from transformers import TextIteratorStreamer
 
     stops = job.stops + [s for s in (*STOP_STRINGS, *served.renderer.eot_markers) if s]
@@ -265,6 +266,8 @@ async def pieces(served: Served, job: Job, lock: asyncio.Lock, pool: ThreadPoolE
     async with lock:
         if served.stopping.is_set():
             raise ApiError(503, "the server is shutting down", kind="server_error")
+        if client_gone is not None and await client_gone():
+            raise ApiError(499, "the client closed the connection")
         loop = asyncio.get_running_loop()
         streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=False)
         done = loop.run_in_executor(pool, run_generation, served, job, streamer)
@@ -278,7 +281,7 @@ async def pieces(served: Served, job: Job, lock: asyncio.Lock, pool: ThreadPoolE
                     continue
                 text += delta
                 text, stopped = _cut(text, stops)
-                if stopped:
+                if stopped or (client_gone is not None and await client_gone()):
                     job.cancel.set()
                 safe = len(text) if stopped else max(sent, len(text) - hold)
                 if safe > sent:
@@ -349,17 +352,15 @@ def make_app(served: Served) -> FastAPI:
         usage = lambda n: {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
         if req.stream:
             return StreamingResponse(_sse(served, job, lock, pool, head, usage, req), media_type="text/event-stream")
-        if await request.is_disconnected():
-            served.counts["cancelled"] += 1
-            return error(ApiError(499, "the client closed the connection"))
         parts, final = [], None
         try:
-            async for p in pieces(served, job, lock, pool):
+            async for p in pieces(served, job, lock, pool, request.is_disconnected):
                 if isinstance(p, dict):
                     final = p
                 else:
                     parts.append(p)
         except ApiError as e:
+            served.counts["cancelled"] += e.status == 499
             return error(e)
         served.counts["completion_tokens"] += final["completion_tokens"]
         if final["finish_reason"] == "cancelled":
@@ -388,10 +389,11 @@ async def _sse(served: Served, job: Job, lock, pool, head: dict, usage, req: Cha
                 finish = "stop" if p["finish_reason"] == "cancelled" else p["finish_reason"]
                 if p["finish_reason"] == "cancelled":
                     served.counts["cancelled"] += 1
-                want_usage = bool((req.stream_options or {}).get("include_usage"))
                 yield chunk({}, finish)
-                if want_usage:
-                    yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage(p['completion_tokens'])})}\n\n"
+                if (req.stream_options or {}).get("include_usage"):  # OpenAI: a last chunk with no choices
+                    last = {**head, "object": "chat.completion.chunk", "choices": [],
+                            "usage": usage(p["completion_tokens"])}
+                    yield f"data: {json.dumps(last)}\n\n"
             else:
                 yield chunk({"content": p})
     except ApiError as e:

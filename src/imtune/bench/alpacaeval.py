@@ -69,7 +69,8 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
 
     opts = make_options("alpacaeval", options)
     if not data:
-        raise UsageError("alpacaeval: give the reference outputs (--data .../alpaca_eval/text_davinci_003_outputs.json)")
+        raise UsageError("alpacaeval: give the reference outputs "
+                         "(--data .../alpaca_eval/text_davinci_003_outputs.json)")
     client, cache = open_judge(opts.judge_url, opts.judge_model, opts.judge_api_key_env, opts.judge_cache,
                                opts.judge_max_tokens or ALPACA_EVAL_MAX_TOKENS, opts.judge_timeout)
     try:

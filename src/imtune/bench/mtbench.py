@@ -242,7 +242,8 @@ def summary(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     lines = [f"Judge `{result['judge']['model']}` at {result['judge']['url']}: {result['judge']['protocol']}.", "",
-             "| model | n | score (± s.e.) | turn 1 | turn 2 | unparseable judgements |", "|---|---:|---:|---:|---:|---:|",
+             "| model | n | score (± s.e.) | turn 1 | turn 2 | unparseable judgements |",
+             "|---|---:|---:|---:|---:|---:|",
              f"| {result['model']} | {result['n']} | {_fmt(result)} | {_fmt(result['turn1'])} | "
              f"{_fmt(result['turn2'])} | {result['unparseable_judgements']} of {result['judgements']} |", "",
              "| category | graded turns | score (± s.e.) |", "|---|---:|---:|"]
