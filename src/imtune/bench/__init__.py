@@ -26,13 +26,16 @@ from typing import Protocol
 from ..types import DataError, Message, Problem, UsageError, Where
 
 # name -> module. Each module has Options, KEY_FIELDS, label, max_new_tokens, load, postprocess, score, summarize
-# (harness differs: it runs lm-eval, see imtune.bench.harness).
+# (harness differs: it runs lm-eval, see imtune.bench.harness; JUDGED ones have run() and summary() instead).
 BENCHMARKS: dict[str, str] = {
     "gsm8k": "imtune.bench.gsm8k",  # grade-school math; 0- or 8-shot chain of thought; final-number exact match
     "humaneval": "imtune.bench.humaneval",  # 164 Python functions; pass@k by running their tests in a sandbox
     "bbh": "imtune.bench.bbh",  # BIG-Bench Hard, 27 tasks; answer-only or 3-shot chain of thought; exact match
     "harness": "imtune.bench.harness",  # lm-evaluation-harness tasks (mmlu, arc_challenge, ..., or `paper`)
+    "alpacaeval": "imtune.bench.alpacaeval",  # AlpacaEval 1.0: win rate against text-davinci-003, an LLM judge
+    "mtbench": "imtune.bench.mtbench",  # MT-Bench: 80 two-turn questions graded 1-10 by an LLM judge
 }
+JUDGED = ("alpacaeval", "mtbench")  # scored by an LLM judge: their module's run() generates, judges and writes
 
 
 class Example(Protocol):
@@ -155,6 +158,9 @@ def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit
 
         return harness.run_benchmark(model, tokenizer, limit=limit, out_dir=out_dir, model_name=model_name,
                                      **options)
+    if name in JUDGED:
+        return module(name).run(model, tokenizer, renderer, data, limit=limit, gen_cfg=gen_cfg, out_dir=out_dir,
+                                model_name=model_name, progress=progress, **options)
     from ..generate import GenerationConfig, generate
 
     mod, opts = module(name), make_options(name, options)
@@ -190,6 +196,9 @@ def score_samples(name: str, samples_path: str, data: str, limit: int | None = N
     the last one (index, task_id) is always required."""
     if name == "harness":
         raise UsageError("harness: lm-eval scores its own generations; --samples is for gsm8k, humaneval and bbh")
+    if name in JUDGED:
+        raise UsageError(f"{name}: --samples is for gsm8k, humaneval and bbh; judge AlpacaEval outputs you already "
+                         "have with `imtune judge --outputs A.jsonl`")
     mod, opts = module(name), make_options(name, options)
     examples = mod.load(data, limit, opts)
     by_key = {ex.key: ex for ex in examples}

@@ -5,6 +5,10 @@
     imtune bench humaneval --model M --data ../shared/data/eval/HumanEval.jsonl.gz [--n-samples N --temperature T]
     imtune bench NAME --samples S.jsonl --data PATH            score completions you already have
     imtune bench harness --model M --tasks mmlu,arc_challenge [--include-path DIR] [--num-fewshot K]
+    imtune bench alpacaeval --model M --judge-url URL --judge-model J [--data PATH] [--limit N]
+    imtune bench mtbench --model M --judge-url URL --judge-model J [--data DIR] [--limit N]
+
+alpacaeval and mtbench find their data under $IMTUNE_DATA or ../shared/data when --data is not given.
 
 A generation run writes LABEL.json, LABEL.samples.jsonl and LABEL.md into --out (default RUN/eval/ for a run
 directory, else ./imtune-bench/NAME/); --json OUT also writes the result to OUT."""
@@ -23,7 +27,13 @@ OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "bbh": ("cot", "tasks", "prompts"),
     "humaneval": ("n_samples", "k", "timeout", "memory_mb", "workers", "unsafe_no_sandbox"),
     "harness": ("tasks", "include_path", "num_fewshot", "batch_size", "apply_chat_template"),
+    "alpacaeval": ("judge_url", "judge_model", "judge_api_key_env", "judge_cache", "judge_workers", "judge_timeout",
+                   "judge_max_tokens"),
+    "mtbench": ("judge_url", "judge_model", "judge_api_key_env", "judge_cache", "judge_workers", "judge_timeout",
+                   "judge_max_tokens"),
 }
+# where --data defaults to for these, under $IMTUNE_DATA or ../shared/data
+DEFAULT_DATA = {"alpacaeval": "eval/alpaca_eval/text_davinci_003_outputs.json", "mtbench": "eval/mt_bench"}
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -71,6 +81,18 @@ def add_arguments(p) -> None:
     b.add_argument("--include-path", default=None, metavar="DIR", help="harness: folder of extra task YAMLs")
     b.add_argument("--num-fewshot", type=int, default=None, help="harness: few-shot examples (default: task's)")
     b.add_argument("--apply-chat-template", action="store_true", help="harness: use the tokenizer's chat template")
+    j = p.add_argument_group("LLM judge (alpacaeval, mtbench)")
+    j.add_argument("--judge-url", default="", help="OpenAI-compatible URL of the judge, e.g. http://127.0.0.1:8000/v1 "
+                                                   "(imtune serve, vLLM) or https://api.openai.com/v1")
+    j.add_argument("--judge-model", default="", help="model name sent to the judge (e.g. gpt-4-0613)")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the judge's API key (sent when set)")
+    j.add_argument("--judge-cache", default=None, help="SQLite file of judge replies (default: "
+                                                       "$IMTUNE_CACHE/judge-cache.sqlite; 'none': no cache)")
+    j.add_argument("--judge-workers", type=int, default=4, help="judge requests in flight at once")
+    j.add_argument("--judge-timeout", type=float, default=600.0, help="seconds to wait for one judge reply")
+    j.add_argument("--judge-max-tokens", type=int, default=None,
+                   help="reply tokens asked of the judge (default: the protocol's, alpacaeval 100, mtbench 2048)")
 
 
 def default_out_dir(model: str | None, name: str) -> Path:
@@ -94,9 +116,12 @@ def run(args) -> int:
         result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=out, **options)
         print(harness.markdown_table(result), end="")
         return _finish(result, args)
+    if not args.data and args.name in DEFAULT_DATA:
+        args.data = _default_data(args.name)
     if not args.data:
         raise UsageError(f"{args.name}: --data PATH is required, e.g. ../shared/data/eval/"
-                         + {"gsm8k": "gsm8k_test.jsonl", "bbh": "bbh", "humaneval": "HumanEval.jsonl.gz"}[args.name])
+                         + {"gsm8k": "gsm8k_test.jsonl", "bbh": "bbh", "humaneval": "HumanEval.jsonl.gz",
+                            "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json", "mtbench": "mt_bench"}[args.name])
     if args.samples:
         out = Path(args.out) if args.out else None
         result = bench.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
@@ -104,7 +129,7 @@ def run(args) -> int:
         result = _generate(args, options)
     else:
         raise UsageError("give --model M to generate and score, or --samples S.jsonl to score completions you have")
-    print(bench.summary_line(result))
+    print(bench.module(args.name).summary(result) if args.name in bench.JUDGED else bench.summary_line(result))
     if result.get("tasks"):
         print(bench.markdown_table(result).split("\n\n", 1)[-1], end="")
     return _finish(result, args)
@@ -136,6 +161,16 @@ def _generate(args, options: dict) -> dict:
                                  out_dir=out, model_name=args.model, progress=True, **options)
     say(f"wrote {', '.join(result['files'].values())}")
     return result
+
+
+def _default_data(name: str) -> str | None:
+    import os
+
+    roots = [Path(os.environ["IMTUNE_DATA"])] if os.environ.get("IMTUNE_DATA") else []
+    for root in [*roots, Path("../shared/data"), Path("shared/data")]:
+        if (root / DEFAULT_DATA[name]).exists():
+            return str(root / DEFAULT_DATA[name])
+    return None
 
 
 def _finish(result: dict, args) -> int:

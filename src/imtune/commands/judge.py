@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", default=None,
                    help="SQLite file of judge replies (default: $IMTUNE_CACHE/judge-cache.sqlite; 'none': no cache)")
     p.add_argument("--limit", type=int, default=None, help="judge (and generate) only the first N references")
-    p.add_argument("--max-tokens", type=int, default=32, help="reply length asked of the judge")
+    p.add_argument("--max-tokens", type=int, default=100, help="reply length asked of the judge (AlpacaEval 1.0: 100)")
     p.add_argument("--workers", type=int, default=4, help="judge requests in flight at once")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for one judge reply (queueing at a busy server included)")

@@ -1,8 +1,15 @@
-"""`imtune serve MODEL`: an OpenAI-compatible chat-completions server on 127.0.0.1 (see imtune.serve).
+"""`imtune serve MODEL|RUN`: an OpenAI-compatible chat-completions server on 127.0.0.1 (see imtune.serve).
 
-Prints `imtune serve: listening on http://HOST:PORT/v1` on stdout once ready (with --port 0 the port is chosen
-free), then serves until Ctrl-C / SIGTERM. Point any OpenAI client at that URL, e.g. `imtune judge --judge-url`."""
+The model is resolved as everywhere in imtune (`default`, `random:<size>`, a directory, a run directory with its
+training chat template, a hub id). Prints `imtune serve: listening on http://HOST:PORT/v1` on stdout once ready
+(with --port 0 the port is chosen free), then serves until Ctrl-C / SIGTERM and exits 0. Point any OpenAI client at
+that URL, e.g. `imtune bench alpacaeval --judge-url`.
+
+--engine vllm (or auto, when vLLM is installed and a GPU is present) hands a model directory to vLLM's OpenAI
+server instead, with the same chat template; that path is not covered by the tests."""
 from __future__ import annotations
+
+import signal
 
 from .common import add_template_args, say
 
@@ -13,9 +20,16 @@ def add_arguments(p) -> None:
     add_template_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one and print it)")
-    p.add_argument("--name", default=None, help="model id reported by /v1/models and in responses (default: MODEL)")
+    p.add_argument("--name", default=None, help="model id reported by /v1/models and in responses; requests naming "
+                                                "another model get 404 (default: MODEL)")
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives none")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="prompt + completion tokens allowed (default: the model's max_position_embeddings)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds to wait for a request body before answering 408")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--engine", choices=["auto", "transformers", "vllm"], default="auto",
+                   help="auto: vLLM when installed, a GPU is present and MODEL is a directory; else transformers")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines on stderr")
 
 
@@ -27,23 +41,87 @@ def pick_device(name: str) -> str:
     return name
 
 
+def _stop_before_serving(signum, frame):
+    say("imtune serve: stopped before serving")
+    raise SystemExit(0)
+
+
+def _after_serving(signum, frame):
+    """uvicorn re-raises the signal that stopped it once it has shut down: it is already handled."""
+
+
+def _use_vllm(args) -> bool:
+    import importlib.util
+
+    from ..models import resolve
+
+    if args.engine == "transformers" or resolve(args.model).kind == "random":
+        if args.engine == "vllm":
+            from ..types import UsageError
+
+            raise UsageError("--engine vllm needs a model directory or hub id, not random:<size>")
+        return False
+    if args.engine == "vllm":
+        return True
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
 def run(args) -> int:
     from ..models import load_model, load_tokenizer
-    from ..serve import ChatModel, make_server, serve_forever, url_of
     from ..templates import Renderer
     from ..types import UsageError
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    tok = load_tokenizer(args.model)
-    renderer = Renderer(args.template, tok)
-    model = load_model(args.model).to(pick_device(args.device))
-    chat = ChatModel(model, tok, renderer, args.name or args.model, default_max_tokens=args.max_tokens)
+    previous = {s: signal.signal(s, _stop_before_serving) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server = make_server(chat, args.host, args.port, quiet=args.quiet)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    say(f"imtune serve: model {chat.name}, template {renderer.name}, device {next(model.parameters()).device}")
-    serve_forever(server, on_ready=lambda: print(f"imtune serve: listening on {url_of(server)}", flush=True))
+        tok = load_tokenizer(args.model)
+        renderer = Renderer(args.template, tok)
+        if _use_vllm(args):
+            return _run_vllm(args, renderer)
+        try:
+            from ..serve import Served, listen, make_app, run_server, url_of
+        except ImportError as e:
+            raise UsageError(f"imtune serve needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from None
+
+        model = load_model(args.model).to(pick_device(args.device))
+        context = args.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+        served = Served(model, tok, renderer, args.name or args.model, context, args.max_tokens, args.body_timeout)
+        sock = listen(args.host, args.port)
+        say(f"imtune serve: model {served.name}, template {renderer.name}, context {context}, "
+            f"device {next(model.parameters()).device}")
+        for s in previous:
+            signal.signal(s, _after_serving)
+        run_server(make_app(served), served, sock,
+                   on_ready=lambda: print(f"imtune serve: listening on {url_of(sock)}", flush=True),
+                   log_level="warning" if args.quiet else "info")
+        say("imtune serve: stopped")
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_vllm(args, renderer) -> int:
+    """vLLM's OpenAI server on the resolved model directory with our chat template; SIGTERM is passed on."""
+    import subprocess
+    import tempfile
+
+    from ..models import resolve
+    from ..serve import vllm_command
+
+    src = resolve(args.model)
+    with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as f:
+        f.write(renderer.jinja)
+    port = args.port or 8000
+    cmd = vllm_command(src.path, args.name or args.model, f.name, args.host, port)
+    say(f"imtune serve: vLLM on {src.path}: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd)
+    print(f"imtune serve: listening on http://{args.host}:{port}/v1 (vLLM; ready once it says so)", flush=True)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda sig, frame: proc.send_signal(sig))
+    rc = proc.wait()
     say("imtune serve: stopped")
-    return 0
+    return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc

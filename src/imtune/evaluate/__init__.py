@@ -4,14 +4,14 @@
             user+system, and each class) and gap(): held-out − train, the paper's overfitting measure.
 - bleu.py   generation_rows (answers for the prompts of a data set, with references) and memorisation_bleu:
             BLEU of greedy answers to training prompts against the training outputs (the paper's Table 2).
-- judge.py  AlpacaEval-style pairwise win rate judged by any OpenAI-compatible endpoint, both orders, cached.
+- judge.py  AlpacaEval 1.0 pairwise win rate judged by any OpenAI-compatible endpoint, both orders, cached.
 
 Heavy imports (torch, transformers, sacrebleu) happen inside the functions that need them."""
 from __future__ import annotations
 
 from .bleu import bleu, generation_rows, memorisation_bleu, split_prompt
-from .judge import judge_pairs, parse_preference, win_rate
+from .judge import head2head, judge_pairs, parse_ranking
 from .loss import evaluate_loss, gap
 
-__all__ = ["bleu", "evaluate_loss", "gap", "generation_rows", "judge_pairs", "memorisation_bleu",
-           "parse_preference", "split_prompt", "win_rate"]
+__all__ = ["bleu", "evaluate_loss", "gap", "generation_rows", "head2head", "judge_pairs", "memorisation_bleu",
+           "parse_ranking", "split_prompt"]

@@ -1,20 +1,28 @@
-"""AlpacaEval-style pairwise judging: how often a judge model prefers our outputs to reference outputs.
+"""LLM-judge protocols and their plumbing: AlpacaEval 1.0 pairwise ranking, and the judge endpoint with its cache.
 
-Each (instruction, model output, reference output) is judged twice, once with the model output as "Output (a)"
-and once as "Output (b)", so a judge's taste for a position cancels out. A pair is a win if the model output is
-preferred in both orders, a loss if the reference is, and a tie otherwise (the judge disagreed with itself, or a
-reply could not be parsed — those are counted and reported). Win rate = (wins + ties / 2) / n, the
-length-uncontrolled AlpacaEval measure, with its standard error.
+AlpacaEval 1.0 (the `alpaca_eval_gpt4` annotator, mirrored from the PyPI package alpaca-eval 0.6.6, files
+`alpaca_eval/evaluators_configs/alpaca_eval_gpt4/{configs.yaml,alpaca_eval.txt}`, `utils.make_prompts`,
+`utils.prompt_to_chatml`, `completion_parsers.ranking_parser` and `metrics/helpers.py`): the judge sees the
+instruction and two outputs as Python dictionaries and returns a ranking `[{'model': 'model_1', 'rank': 1}, ...]`,
+read with `ast.literal_eval`; temperature 0, at most 100 reply tokens. (The package itself is not imported: it
+needs `pkg_resources`, which setuptools >= 81 no longer ships, and drags in its own OpenAI client code.)
+
+AlpacaEval asks once per pair in a random order; here every pair is asked in both orders (the reference as
+model_1, then the model's output as model_1), so a judge's taste for a position cancels out. Each parseable reply
+is a preference in AlpacaEval's encoding (1: reference better, 2: model better); a pair's preference is the mean of
+its parseable replies (1.5: the two orders disagree, a tie); a pair with no parseable reply is dropped, as
+AlpacaEval drops NaN preferences, and counted. Win rate = mean(preference - 1) = (wins + ties / 2) / n, the
+length-uncontrolled AlpacaEval 1.0 measure, with its standard error (ddof 1), both as fractions.
 
 The judge is any OpenAI-compatible chat endpoint (`imtune serve`, vLLM, OpenAI, ...), called with urllib.
 Replies are cached in SQLite under a hash of (judge model, prompt), so a re-run costs no requests; the cached reply
 text is re-parsed every run, so a better parser needs no new requests either."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
-import re
 import sqlite3
 import time
 import urllib.error
@@ -25,98 +33,94 @@ from pathlib import Path
 
 from ..types import DataError, Problem, UsageError, Where
 
-# After AlpacaEval's `alpaca_eval_gpt4` annotator prompt (reworded): answer with "Output (a)" or "Output (b)".
-JUDGE_SYSTEM = "You are a helpful instruction-following assistant that compares answers fairly."
-JUDGE_PROMPT = """Select the output (a) or (b) that best matches the given instruction. Choose your preferred \
-output, which can be subjective. Your answer should ONLY contain: Output (a) or Output (b). Here's an example:
+# alpaca_eval/evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt (alpaca-eval 0.6.6, Apache-2.0), verbatim.
+ALPACA_EVAL_GPT4 = '''<|im_start|>system
+You are a helpful assistant, that ranks models by the quality of their answers.
+<|im_end|>
+<|im_start|>user
+I want you to create a leaderboard of different of large-language models. To do so, I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank the models based on which responses would be preferred by humans. All inputs and outputs should be python dictionaries.
 
-# Example:
-## Instruction:
-Give a description of the following job: "ophthalmologist"
+Here is the prompt:
+{
+    "instruction": """{instruction}""",
+}
 
-## Output (a):
-An ophthalmologist is a medical doctor who specializes in the diagnosis and treatment of eye diseases and conditions.
+Here are the outputs of the models:
+[
+    {
+        "model": "model_1",
+        "answer": """{output_1}"""
+    },
+    {
+        "model": "model_2",
+        "answer": """{output_2}"""
+    }
+]
 
-## Output (b):
-An ophthalmologist is a medical doctor who pokes and prods at your eyes while asking you to read letters from a chart.
+Now please rank the models by the quality of their answers, so that the model with rank 1 has the best output. Then return a list of the model names and ranks, i.e., produce the following output:
+[
+    {'model': <model-name>, 'rank': <model-rank>},
+    {'model': <model-name>, 'rank': <model-rank>}
+]
 
-## Which is best, Output (a) or Output (b)?
-Output (a)
-
-# Task:
-Now is the best time to select the best output for the given instruction.
-
-## Instruction:
-{instruction}
-
-## Output (a):
-{output_a}
-
-## Output (b):
-{output_b}
-
-## Which is best, Output (a) or Output (b)?"""
+Your response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.
+<|im_end|>'''
+ALPACA_EVAL_MAX_TOKENS = 100  # alpaca_eval_gpt4/configs.yaml: completions_kwargs max_tokens 100, temperature 0
 
 
-def judge_messages(instruction: str, output_a: str, output_b: str) -> list[dict]:
-    user = JUDGE_PROMPT.format(instruction=instruction, output_a=output_a, output_b=output_b)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+def prompt_to_chatml(prompt: str) -> list[dict]:
+    """alpaca_eval.utils.prompt_to_chatml: `<|im_start|>ROLE\n...<|im_end|>` blocks -> chat messages (stripped)."""
+    messages = []
+    for block in prompt.strip().split("<|im_start|>")[1:]:
+        role, _, rest = block.partition("\n")
+        messages.append({"role": role.strip(), "content": rest.split("<|im_end|>", 1)[0].strip()})
+    return messages
+
+
+def judge_messages(instruction: str, output_1: str, output_2: str) -> list[dict]:
+    """The alpaca_eval_gpt4 request: each placeholder's first occurrence replaced in turn, as
+    alpaca_eval.utils.make_prompts does (not str.format: the template holds literal braces)."""
+    prompt = ALPACA_EVAL_GPT4
+    for key, value in (("instruction", instruction), ("output_1", output_1), ("output_2", output_2)):
+        prompt = prompt.replace("{" + key + "}", value, 1)
+    return prompt_to_chatml(prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing a reply and scoring pairs: pure functions.
-_LABEL = r"(?:output|answer|response)\s*[\(\[]?\s*([ab])\s*[\)\]]?(?![a-z0-9])"
-_BARE = re.compile(r"(?:(?:the\s+)?(?:best|better|preferred|winner|answer)(?:\s+(?:one|output))?\s*(?:is|:)\s*)?"
-                   r"(?:output|answer|response)?\s*[\(\[]?\s*([ab])\s*[\)\]]?\s*[.!]?")
-_AFTER = re.compile(_LABEL + r"\s+(?:is|was|seems|appears)\s+(?:clearly\s+|much\s+|slightly\s+)?"
-                    r"(?:the\s+)?(?:better|best|preferred|superior|more\s+\w+|winner)")
-_BEFORE = re.compile(r"(?:prefer(?:red)?|choose|chose|choice|select(?:ed)?|pick|best|better|winner|answer)"
-                     r"(?:\s+(?:is|would\s+be|one\s+is|output\s+is))?\s*[:\-]?\s*" + _LABEL)
-
-
-def parse_preference(reply: str | None) -> str | None:
-    """'a' or 'b' for the output the judge prefers; None when the reply does not say (or says both ways)."""
+def parse_ranking(reply: str | None) -> int | None:
+    """alpaca_eval.completion_parsers.ranking_parser: the rank (1 or 2) the reply gives model_1, i.e. AlpacaEval's
+    preference (1: output_1 better, 2: output_2 better); None when the reply is not such a ranking."""
     if not reply:
         return None
-    text = re.sub(r"[*_`#\"'>]", " ", reply.lower())
-    text = re.sub(r"\s+", " ", text).strip()
-    m = _BARE.fullmatch(text)
-    if m:
-        return m.group(1)
-    first = next((ln for ln in re.sub(r"[*_`#\"'>]", " ", reply.lower()).splitlines() if ln.strip()), "")
-    for scope in (first, text):
-        labels = set(re.findall(_LABEL, scope))
-        if len(labels) == 1:
-            return labels.pop()
-    for pattern in (_AFTER, _BEFORE):
-        found = {m.group(1) for m in pattern.finditer(text)}
-        if len(found) == 1:
-            return found.pop()
-    return None
+    try:
+        ranking = ast.literal_eval(reply)
+        rank = [c for c in ranking if c["model"] == "model_1"][0]["rank"]
+    except Exception:  # anything literal_eval or the lookups raise: not a ranking
+        return None
+    return rank if rank in (1, 2) and not isinstance(rank, bool) else None
 
 
-def pair_outcome(model_first: str | None, reference_first: str | None) -> str:
-    """'win' | 'loss' | 'tie' from the two preferences: `model_first` with the model output as (a),
-    `reference_first` with the reference as (a)."""
-    if model_first == "a" and reference_first == "b":
-        return "win"
-    if model_first == "b" and reference_first == "a":
-        return "loss"
-    return "tie"
+def pair_preference(reference_first: int | None, model_first: int | None) -> float | None:
+    """The pair's preference for the model over the reference (1: reference better, 2: model better, 1.5: tie):
+    the mean of the parseable replies, each mapped to model-vs-reference. `reference_first` is the parsed reply with
+    the reference as model_1, `model_first` the one with the model's output as model_1."""
+    prefs = [p for p in (reference_first, None if model_first is None else 3 - model_first) if p is not None]
+    return sum(prefs) / len(prefs) if prefs else None
 
 
-def win_rate(outcomes: list[str]) -> dict:
-    """{"n", "wins", "losses", "ties", "win_rate" (0-1), "standard_error"} with a tie counted as half a win."""
-    n = len(outcomes)
-    wins, losses = outcomes.count("win"), outcomes.count("loss")
-    ties = n - wins - losses
+def head2head(preferences: list[float | None]) -> dict:
+    """alpaca_eval.metrics.helpers.describe_head2head, as fractions: {"n", "wins", "losses", "ties", "win_rate",
+    "standard_error", "unparseable_pairs"}; None preferences are dropped (and counted)."""
+    kept = [p - 1 for p in preferences if p is not None]
+    n = len(kept)
+    out = {"n": n, "wins": sum(p > 0.5 for p in kept), "losses": sum(p < 0.5 for p in kept),
+           "ties": sum(p == 0.5 for p in kept), "unparseable_pairs": len(preferences) - n}
     if n == 0:
-        return {"n": 0, "wins": 0, "losses": 0, "ties": 0, "win_rate": None, "standard_error": None}
-    scores = [1.0 if o == "win" else 0.0 if o == "loss" else 0.5 for o in outcomes]
-    rate = sum(scores) / n
-    var = sum((s - rate) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
-    return {"n": n, "wins": wins, "losses": losses, "ties": ties, "win_rate": rate,
-            "standard_error": math.sqrt(var / n)}
+        return {**out, "win_rate": None, "standard_error": None}
+    rate = sum(kept) / n
+    var = sum((p - rate) ** 2 for p in kept) / (n - 1) if n > 1 else 0.0
+    return {**out, "win_rate": rate, "standard_error": math.sqrt(var / n)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +144,7 @@ class JudgeClient:
     url: str  # the chat-completions URL (see chat_url)
     model: str
     api_key: str | None = None
-    max_tokens: int = 32
+    max_tokens: int = ALPACA_EVAL_MAX_TOKENS
     timeout: float = 600.0
     retries: int = 3
 
@@ -200,6 +204,22 @@ class JudgeCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+def open_judge(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache: str | None = None,
+               max_tokens: int = ALPACA_EVAL_MAX_TOKENS, timeout: float = 600.0) -> tuple[JudgeClient, JudgeCache]:
+    """The client and reply cache a judged benchmark uses. `cache`: a SQLite file, None for
+    $IMTUNE_CACHE/judge-cache.sqlite, "none" for memory only. The API key is read from `api_key_env`."""
+    import os
+
+    from ..models import cache_dir
+
+    if not url or not model:
+        raise UsageError("a judged benchmark needs --judge-url URL and --judge-model NAME (an OpenAI-compatible "
+                         "endpoint, e.g. what `imtune serve` prints, and the model name it serves)")
+    path = None if (cache or "").lower() == "none" else (cache or cache_dir() / "judge-cache.sqlite")
+    client = JudgeClient(chat_url(url), model, os.environ.get(api_key_env) or None, max_tokens, timeout)
+    return client, JudgeCache(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,65 +293,72 @@ def pair_up(outputs: list[dict], references: list[dict], limit: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def ask_all(prompts: dict[str, list[dict]], client: "JudgeClient", cache: "JudgeCache", workers: int = 4,
+            progress: bool = False) -> tuple[dict[str, str], int]:
+    """Replies to every prompt (keyed by cache_key): cached ones from the cache, the rest asked `workers` at a time
+    and cached as they arrive (an interrupted run keeps its work). Also the number of requests sent."""
+    replies = {k: r for k in prompts if (r := cache.get(k)) is not None}
+    missing = [k for k in prompts if k not in replies]
+    if not missing:
+        return replies, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(missing), desc="judge", unit="request")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(client.ask, prompts[k]): k for k in missing}
+        try:
+            for f in as_completed(futures):
+                k = futures[f]
+                replies[k] = f.result()
+                cache.put(k, client.model, replies[k])
+                if bar:
+                    bar.update()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            if bar:
+                bar.close()
+    return replies, len(missing)
+
+
 def judge_pairs(pairs: list[dict], client: JudgeClient, cache: JudgeCache, workers: int = 4,
                 progress: bool = False) -> dict:
-    """Judge every pair in both orders (cached), score it, and summarise.
+    """Judge every pair {instruction, output, reference} in both orders (cached) with the AlpacaEval 1.0 protocol.
 
-    Returns {"summary": win_rate(...) + unparseable counts, requests, cache hits, "pairs": per-pair records}."""
+    Returns {"summary": head2head(...) + counts, requests, cache hits, "pairs": per-pair records}."""
     prompts: dict[str, list[dict]] = {}
-    plan = []  # per pair: (key with model output first, key with reference first)
+    plan = []  # per pair: (key with the reference as model_1, key with the model's output as model_1)
     for p in pairs:
         keys = []
-        for first, second in ((p["output"], p["reference"]), (p["reference"], p["output"])):
+        for first, second in ((p["reference"], p["output"]), (p["output"], p["reference"])):
             msgs = judge_messages(p["instruction"], first, second)
             k = cache_key(client.model, msgs)
             prompts[k] = msgs
             keys.append(k)
         plan.append(tuple(keys))
-    replies = {k: r for k in prompts if (r := cache.get(k)) is not None}
-    missing = [k for k in prompts if k not in replies]
-    if missing:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(missing), desc="judge", unit="request")
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(client.ask, prompts[k]): k for k in missing}
-            try:
-                for f in as_completed(futures):
-                    k = futures[f]
-                    replies[k] = f.result()
-                    cache.put(k, client.model, replies[k])  # saved as it arrives: an interrupted run keeps its work
-                    if bar:
-                        bar.update()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            finally:
-                if bar:
-                    bar.close()
-    records, outcomes, unparsed = [], [], 0
+    replies, sent = ask_all(prompts, client, cache, workers, progress)
+    records, preferences = [], []
     for p, (k1, k2) in zip(pairs, plan):
-        a, b = parse_preference(replies[k1]), parse_preference(replies[k2])
-        unparsed += (a is None) + (b is None)
-        outcome = pair_outcome(a, b)
-        outcomes.append(outcome)
-        records.append({**p, "reply_model_first": replies[k1], "reply_reference_first": replies[k2],
-                        "preference_model_first": a, "preference_reference_first": b, "outcome": outcome})
-    summary = win_rate(outcomes)
-    parsed = [o for o, r in zip(outcomes, records)
-              if r["preference_model_first"] is not None and r["preference_reference_first"] is not None]
+        ref_first, model_first = parse_ranking(replies[k1]), parse_ranking(replies[k2])
+        pref = pair_preference(ref_first, model_first)
+        preferences.append(pref)
+        records.append({**p, "reply_reference_first": replies[k1], "reply_model_first": replies[k2],
+                        "preference_reference_first": ref_first, "preference_model_first": model_first,
+                        "preference": pref})
+    summary = head2head(preferences)
     summary.update({
-        "win_rate_parsed_pairs": win_rate(parsed)["win_rate"],
-        "judgements": 2 * len(pairs), "unparseable_judgements": unparsed,
-        "pairs_with_unparseable": len(pairs) - len(parsed),
-        "inconsistent_pairs": sum(1 for o, r in zip(outcomes, records) if o == "tie"
-                                  and r["preference_model_first"] is not None
-                                  and r["preference_reference_first"] is not None),
-        "requests": len(missing), "cache_hits": len(prompts) - len(missing), "unique_prompts": len(prompts),
-        "judge_model": client.model, "judge_url": client.url})
+        "judgements": 2 * len(pairs),
+        "unparseable_judgements": sum((r["preference_reference_first"] is None) + (r["preference_model_first"] is None)
+                                      for r in records),
+        "inconsistent_pairs": sum(1 for r in records if r["preference_reference_first"] is not None
+                                  and r["preference_model_first"] is not None and r["preference"] == 1.5),
+        "requests": sent, "cache_hits": len(prompts) - sent, "unique_prompts": len(prompts),
+        "protocol": "alpaca_eval_gpt4 (AlpacaEval 1.0), both orders", "judge_model": client.model,
+        "judge_url": client.url})
     return {"summary": summary, "pairs": records}
 
 
@@ -340,8 +367,8 @@ def markdown(summary: dict, outputs_name: str, references_name: str) -> str:
     rate = "n/a" if s["win_rate"] is None else f"{100 * s['win_rate']:.1f} ± {100 * s['standard_error']:.1f}"
     return "\n".join([
         f"# Pairwise judgement: {outputs_name} vs {references_name}", "",
-        f"Judge: `{s['judge_model']}` at {s['judge_url']}; each pair judged in both orders.", "",
-        "| n | wins | losses | ties | win rate % (± s.e.) | inconsistent | unparseable replies |",
-        "|---|---|---|---|---|---|---|",
+        f"Judge: `{s['judge_model']}` at {s['judge_url']}; {s['protocol']}.", "",
+        "| n | wins | losses | ties | win rate % (± s.e.) | inconsistent | unparseable replies | pairs dropped |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {s['n']} | {s['wins']} | {s['losses']} | {s['ties']} | {rate} | {s['inconsistent_pairs']} "
-        f"| {s['unparseable_judgements']} of {s['judgements']} |", ""])
+        f"| {s['unparseable_judgements']} of {s['judgements']} | {s['unparseable_pairs']} |", ""])
