@@ -116,13 +116,17 @@ class CompareSettings:
     max_new_tokens: int = 128
     bench: list[tuple[str, str]] = field(default_factory=list)  # (benchmark, data path)
     bench_limit: int | None = None
+    # LLM judge of the judged benchmarks (alpacaeval, mtbench): judge_url, judge_model, judge_api_key_env, judge_cache.
+    # One judge for every arm of a comparison: scores under different judges are never compared.
+    judge: dict = field(default_factory=dict)
     device: str = "auto"
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def eval_settings(self) -> dict:
         return {"loss_samples": self.loss_samples, "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
                 "max_new_tokens": self.max_new_tokens, "bench": [list(b) for b in self.bench],
-                "bench_limit": self.bench_limit}
+                "bench_limit": self.bench_limit,
+                "judge": {k: v for k, v in self.judge.items() if k in ("judge_url", "judge_model")}}
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.base.seed]
@@ -393,7 +397,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
 
     import torch
 
-    from .bench import run_benchmark
+    from .bench import JUDGED, run_benchmark
     from .evaluate.bleu import generation_rows, memorisation_bleu
     from .generate import GenerationConfig
     from .models import load_model, load_tokenizer
@@ -432,11 +436,15 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
         res["bench"] = {}
         for name, path in s.bench:
             say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
-            b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench")
-            metric = next((m for m in ("accuracy", "task_average") if m in b), None) or \
+            judged = name in JUDGED
+            b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
+                              **(s.judge if judged else {}))
+            metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
                 next((m for m in b if m.startswith("pass@")), None)
-            res["bench"][b.get("label", name)] = {"benchmark": name, "metric": metric,
-                                                  "value": b.get(metric) if metric else None, "n": b.get("n")}
+            res["bench"][b.get("label", name)] = {
+                "benchmark": name, "metric": metric, "value": b.get(metric) if metric else None, "n": b.get("n"),
+                "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
+                "judge": s.judge.get("judge_model") if judged else None}
     del model
     best = run_dir / "best"
     if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/

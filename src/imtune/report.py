@@ -84,7 +84,9 @@ def _measures(summary: dict) -> list[tuple[str, str, str, dict]]:
         out.append(("exact_match", "held-out exact match", "higher", get(lambda r: r["exact_match"]["accuracy"])))
     labels = [set(a["results"].get("bench", {})) for a in arms]
     for label in sorted(set.intersection(*labels) if labels else set()):
-        out.append((f"bench:{label}", f"{label} ({arms[0]['results']['bench'][label]['metric']})", "higher",
+        b0 = arms[0]["results"]["bench"][label]
+        judge = f", judge {b0['judge']}" if b0.get("judge") else ""
+        out.append((f"bench:{label}", f"{label} ({b0['metric']}{judge})", "higher",
                     get(lambda r, k=label: r["bench"][k]["value"])))
     return out
 
@@ -130,6 +132,9 @@ def _threshold(key: str, a: str, b: str, summary: dict, metrics: dict) -> tuple[
         p, q = res[a]["exact_match"]["accuracy"], res[b]["exact_match"]["accuracy"]
     else:
         label = key.split(":", 1)[1]
+        sa, sb = res[a]["bench"][label].get("standard_error"), res[b]["bench"][label].get("standard_error")
+        if sa is not None and sb is not None:  # judged benchmarks report their own standard errors
+            return k * math.sqrt(sa ** 2 + sb ** 2), f"{k:g} SE"
         n, m = res[a]["bench"][label]["n"] or 1, res[b]["bench"][label]["n"] or 1
         p, q = res[a]["bench"][label]["value"] or 0.0, res[b]["bench"][label]["value"] or 0.0
     return k * math.sqrt(p * (1 - p) / max(n, 1) + q * (1 - q) / max(m, 1)), f"{k:g} SE"
@@ -140,12 +145,16 @@ def _show(key: str, v) -> str:
         return "–"
     if key == "bleu":
         return f"{v:.2f}"
+    if key.startswith("bench:mtbench"):
+        return f"{v:.2f}"  # MT-Bench: a 1-10 score, not a fraction
     if key == "exact_match" or key.startswith("bench:"):
         return f"{100 * v:.1f}%"
     return f"{v:.4f}"
 
 
 def _diff(key: str, d: float) -> str:
+    if key.startswith("bench:mtbench"):
+        return f"{d:.2f}"
     return f"{100 * d:.1f} points" if key == "exact_match" or key.startswith("bench:") else _show(key, d)
 
 
@@ -409,7 +418,9 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     if all("exact_match" in a["results"] for a in arms):
         header.append(f"held-out exact match (n={r0['exact_match']['n']})")
     labels = sorted(r0.get("bench", {}))
-    header += [f"{label} ({r0['bench'][label]['metric']}, n={r0['bench'][label]['n']})" for label in labels]
+    header += [f"{label} ({r0['bench'][label]['metric']}"
+               + (f", judge {r0['bench'][label]['judge']}" if r0["bench"][label].get("judge") else "")
+               + f", n={r0['bench'][label]['n']})" for label in labels]
     rows = []
     for a in arms:
         r = a["results"]
@@ -425,7 +436,7 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             row.append(f"{100 * e['accuracy']:.1f}% ({sum(e['correct'])}/{e['n']})")
         for label in labels:
             v = r.get("bench", {}).get(label, {}).get("value")
-            row.append("–" if v is None else f"{100 * v:.1f}%")
+            row.append(_show(f"bench:{label}", v))
         rows.append(row)
     return header, rows
 

@@ -41,6 +41,14 @@ def add_arguments(p) -> None:
     g.add_argument("--bench", action="append", default=[], metavar="NAME:PATH",
                    help="also run a benchmark on each final model, e.g. gsm8k:gsm8k_test.jsonl (repeatable)")
     g.add_argument("--bench-limit", type=int, default=None, metavar="N", help="first N examples of each benchmark")
+    g.add_argument("--judge-url", default=None, metavar="URL",
+                   help="OpenAI-compatible endpoint of the LLM judge for --bench alpacaeval:PATH / mtbench:DIR "
+                        "(one judge for every arm)")
+    g.add_argument("--judge-model", default=None, metavar="NAME", help="the judge's model name")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the judge's API key")
+    g.add_argument("--judge-cache", default=None, metavar="FILE",
+                   help="SQLite cache of judge replies (default: $IMTUNE_CACHE/judge-cache.sqlite)")
     g.add_argument("--device", default="auto", help="device for the final evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR",
                    help="only rebuild report.md/report.html of an existing comparison directory")
@@ -66,6 +74,14 @@ def settings_from(args):
         if not sep or not path:
             raise UsageError(f"--bench {item!r}: expected NAME:PATH, e.g. gsm8k:../shared/data/eval/gsm8k_test.jsonl")
         bench.append((name, path))
+    from ..bench import JUDGED
+
+    judged = [n for n, _ in bench if n in JUDGED]
+    if judged and not (args.judge_url and args.judge_model):
+        raise UsageError(f"--bench {judged[0]}: an LLM judge scores it: give --judge-url URL and --judge-model NAME "
+                         "(e.g. an `imtune serve` or vLLM endpoint, or https://api.openai.com/v1 with gpt-4)")
+    judge = {"judge_url": args.judge_url, "judge_model": args.judge_model,
+             "judge_api_key_env": args.judge_api_key_env, "judge_cache": args.judge_cache} if judged else {}
     base = TrainConfig.from_args(args)
     if not base.data:
         raise UsageError("no training data: give --data FILE")
@@ -76,7 +92,8 @@ def settings_from(args):
                            val_data=base.val_data, heldout_fraction=args.heldout_fraction,
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
-                           bench_limit=args.bench_limit, device=args.device)
+                           bench_limit=args.bench_limit, device=args.device,
+                           judge=judge)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
