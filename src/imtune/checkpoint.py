@@ -5,9 +5,13 @@ A checkpoint is RUN/checkpoints/step-N/ holding
  or adapter_model.safetensors + adapter_config.json   LoRA (peft's layout)
     optimizer.pt  scheduler.pt             torch state dicts (no optimizer.pt under FSDP/DeepSpeed: not gathered)
     trainer_state.json                     step, tokens seen, data fingerprint, batch geometry, RNG scheme
-    COMPLETE                               written last
+    COMPLETE                               written last: the manifest, {"files": {name: {"bytes", "sha256"}}, ...}
 It is written under checkpoints/.tmp-step-N, every file fsync'ed, then renamed into place and the parent directory
-fsync'ed: a directory named step-N with COMPLETE inside is whole, anything else is ignored by resume.
+fsync'ed: a directory named step-N with COMPLETE inside was whole when written, anything else is ignored by resume.
+Whether it is still whole (no file missing, truncated or with flipped bits) is checked against the manifest
+(`verify`) before a checkpoint is resumed from or called good; resume falls back to the newest intact one.
+Pruning renames a checkpoint out of the step-N namespace before deleting its files, so a half-deleted checkpoint is
+never listed.
 
 RNG and data order are functions of (seed, step, rank), not stored streams: the trainer reseeds torch at the start
 of every optimizer step and the micro-batches of step N are a pure function of (examples, seed, epoch). So the step
@@ -15,6 +19,7 @@ number in trainer_state.json *is* the RNG and data-order state, and it is the sa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +29,7 @@ from pathlib import Path
 
 COMPLETE = "COMPLETE"
 DONE = "DONE"
+MANIFEST_FORMAT = 1
 
 
 def fsync_tree(root: Path) -> None:
@@ -66,8 +72,86 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint marked complete (not verified: see newest_intact / last_good)."""
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+# -- integrity -------------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(d: Path, optimizer_note: str | None = None) -> None:
+    """COMPLETE = sizes and sha256 of every file in `d` (written last; `optimizer_note`: why optimizer.pt is absent)."""
+    files = {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
+    body = {"format": MANIFEST_FORMAT, "files": files, "optimizer": optimizer_note}
+    (d / COMPLETE).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    """The manifest of a checkpoint; UsageError when it is absent or unreadable."""
+    from .types import UsageError
+
+    try:
+        m = json.loads((Path(ckpt) / COMPLETE).read_text())
+        if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+            raise ValueError
+    except FileNotFoundError:
+        raise UsageError(f"{ckpt}: not a complete checkpoint (no {COMPLETE} marker); resume from another one") from None
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise UsageError(f"{ckpt}: {COMPLETE} holds no readable manifest (damaged, or written by an imtune that did "
+                         "not record checksums)") from None
+    return m
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file of the manifest is there with its size and sha256; else what is wrong, e.g.
+    "optimizer.pt: missing", "model.safetensors: 1,024 bytes, expected 12,879,104 (truncated)"."""
+    from .types import UsageError
+
+    ckpt = Path(ckpt)
+    try:
+        files = read_manifest(ckpt)["files"]
+    except UsageError as e:
+        return str(e).removeprefix(f"{ckpt}: ")
+    if not files:
+        return f"{COMPLETE}: the manifest lists no files"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name}: missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name}: {size:,} bytes, expected {want['bytes']:,}" + (" (truncated)" if size < want["bytes"] else "")
+        if sha256_file(f) != want["sha256"]:
+            return f"{name}: checksum mismatch (the file changed after it was written)"
+    return None
+
+
+def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies or None, [(newer damaged checkpoint, what is wrong)])."""
+    damaged = []
+    for _, d in reversed(checkpoints(run_dir)):
+        problem = verify(d)
+        if problem is None:
+            return d, damaged
+        damaged.append((d, problem))
+    return None, damaged
+
+
+def last_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies: the only one ever called "good"."""
+    return newest_intact(run_dir)[0]
+
+
+def _rel(p: Path, run_dir: Path) -> str:
+    try:
+        return str(Path(p).relative_to(run_dir))
+    except ValueError:
+        return str(p)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -76,8 +160,10 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, optimizer, scheduler,
-                    trainer_state: dict, keep: int) -> Path:
-    """Write checkpoints/step-<step> atomically (see the module docstring); keep the newest `keep` (0: all)."""
+                    trainer_state: dict, keep: int,
+                    optimizer_note: str = "sharded run: the optimizer state is not gathered") -> Path:
+    """Write checkpoints/step-<step> atomically (see the module docstring); keep the newest `keep` (0: all).
+    `optimizer=None` leaves optimizer.pt out; `optimizer_note` (kept in the manifest) says why."""
     import torch
 
     root = Path(run_dir) / "checkpoints"
@@ -89,42 +175,88 @@ def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, op
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
-    (tmp / COMPLETE).write_text("")
+    write_manifest(tmp, None if optimizer is not None else optimizer_note)
     final = root / f"step-{step}"
     publish(tmp, final)
     if keep:
         for _, old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return final
 
 
-def read_trainer_state(ckpt: Path) -> dict:
-    if not (Path(ckpt) / COMPLETE).exists():
-        from .types import UsageError
+def remove_checkpoint(d: Path) -> None:
+    """Rename out of the step-N namespace first (atomic: never listed again), then delete the files."""
+    gone = d.with_name(f".del-{d.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(d, gone)
+    _fsync_dir(d.parent)
+    shutil.rmtree(gone, ignore_errors=True)
 
-        raise UsageError(f"{ckpt}: not a complete checkpoint (no {COMPLETE} marker); resume from another one")
+
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted writer left behind (temporary and half-deleted directories). Only the holder of
+    the run directory's lock may call this."""
+    run_dir = Path(run_dir)
+    found = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".del-step-*"),
+             *(run_dir / "checkpoints").glob(".old-*"), *run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name != ".lock":
+            p.unlink(missing_ok=True)
+    return found
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    read_manifest(ckpt)  # raises unless complete
     return json.loads((Path(ckpt) / "trainer_state.json").read_text())
 
 
 def load_weights(model, ckpt: Path, lora: bool) -> None:
     """Put a checkpoint's weights (or adapter) into `model`, exactly (tied weights stay tied)."""
-    from safetensors.torch import load_file
+    from .types import UsageError
 
     if lora:
         from peft import set_peft_model_state_dict
 
-        res = set_peft_model_state_dict(model, load_file(Path(ckpt) / "adapter_model.safetensors"))
+        try:
+            res = set_peft_model_state_dict(model, _read_safetensors(Path(ckpt) / "adapter_model.safetensors"))
+        except RuntimeError as e:  # shapes differ: another base model or rank
+            raise UsageError(f"{ckpt}: the adapter does not fit this model ({str(e).splitlines()[-1].strip()}); "
+                             "resume with the --model and --lora-r it was trained with") from None
         if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"{ckpt}: adapter keys that the model lacks: {res.unexpected_keys[:5]}")
+            raise UsageError(f"{ckpt}: adapter keys that the model lacks: {res.unexpected_keys[:5]}")
         return
     state: dict = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):  # one file, or save_pretrained's shards
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state.update(_read_safetensors(f))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: the checkpoint is of another model
+        raise UsageError(f"{ckpt}: the weights do not fit this model ({_first_mismatch(e)}); resume with the --model "
+                         "the checkpoint was trained from") from None
     tied = set(_tied_keys(model))
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{ckpt}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise UsageError(f"{ckpt}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {unexpected[:5]}; resume with the --model it was trained from")
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .types import UsageError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}: cannot read the weights ({e}); the checkpoint is damaged: resume from another "
+                         "one") from None
+
+
+def _first_mismatch(e: RuntimeError) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else str(e).splitlines()[0]
 
 
 def _tied_keys(model) -> list[str]:
@@ -139,14 +271,20 @@ def _tied_keys(model) -> list[str]:
 
 
 def load_optimizer(optimizer, scheduler, ckpt: Path) -> bool:
-    """Restore optimizer and scheduler state; False when the checkpoint has no optimizer state (FSDP/DeepSpeed)."""
+    """Restore optimizer and scheduler state; False when the checkpoint was written without optimizer state (its
+    manifest says so and why: optimizer_note). A listed optimizer.pt that is gone is damage, caught by verify()."""
     import torch
 
-    found = (Path(ckpt) / "optimizer.pt").exists()
+    found = "optimizer.pt" in read_manifest(ckpt)["files"]
     if found:
         optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", map_location="cpu", weights_only=True))
     return found
+
+
+def optimizer_note(ckpt: Path) -> str:
+    """Why a checkpoint holds no optimizer state (from its manifest)."""
+    return read_manifest(ckpt).get("optimizer") or "no optimizer state"
 
 
 HOW_TO_LOAD = """# A LoRA adapter trained with imtune
@@ -223,20 +361,46 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume and resume != "auto":
         p = Path(resume)
         if (p / "checkpoints").is_dir():
-            p = latest_checkpoint(p) or p
-        read_trainer_state(p)  # raises unless complete
+            return _intact_or_refuse(p)
+        problem = verify(p)
+        if problem is not None:
+            good = last_good(p.parent.parent) if p.parent.name == "checkpoints" else None
+            raise UsageError(f"{p} is damaged ({problem}); " + (f"resume from {good} instead" if good else
+                                                               "resume from another checkpoint"))
         return p
     latest = latest_checkpoint(run_dir)
     if resume == "auto":
         if latest is None:
             print(f"{run_dir}: no complete checkpoint yet; starting from step 0", file=sys.stderr)
-        return latest
+            return None
+        return _intact_or_refuse(run_dir)
     if latest is not None:
         raise UsageError(f"{run_dir} already has checkpoints (newest: {latest.name}); add --resume to continue it, "
                          "or choose another --output-dir")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").exists():
+    if not is_run_dir_or_empty(run_dir):
         raise UsageError(f"{run_dir} exists and is not an imtune run directory; choose another --output-dir")
     return None
+
+
+def is_run_dir_or_empty(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or (run_dir / "config.yaml").exists():
+        return True
+    return all(p.name == ".lock" for p in run_dir.iterdir())
+
+
+def _intact_or_refuse(run_dir: Path) -> Path:
+    """The newest intact checkpoint of a run, saying which newer ones are damaged; UsageError when none is intact."""
+    from .types import UsageError
+
+    good, damaged = newest_intact(run_dir)
+    bad = "; ".join(f"{_rel(d, run_dir)} is damaged ({why})" for d, why in damaged)
+    if good is None:
+        raise UsageError(f"{bad}; no intact checkpoint is left in {run_dir} to resume from: start again without "
+                         "--resume in another --output-dir (or delete the damaged checkpoints)")
+    if damaged:
+        print(f"imtune: {bad}; resuming from {_rel(good, run_dir)}", file=sys.stderr, flush=True)
+    return good
 
 
 def check_resumable(saved: dict, now: dict, total_steps: int, path: Path) -> None:

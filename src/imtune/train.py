@@ -171,7 +171,7 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def stop(run: Run, step: int, loss: float, grad_norm: float) -> None:
-    last = ckpt.latest_checkpoint(run.dir)
+    last = ckpt.last_good(run.dir)  # verified: a damaged checkpoint is never called good
     what = "loss" if not math.isfinite(loss) else "gradient norm"
     msg = (f"step {step}: the {what} is {loss if what == 'loss' else grad_norm}; training stopped before this "
            f"update. Last good checkpoint: {last or 'none (use --save-every)'}. Try a lower --lr, "
@@ -361,7 +361,7 @@ def setup(cfg: TrainConfig) -> Run:
     run.objective, run.optimizer = acc.prepare(objective, optimizer)
     run.scheduler = build_scheduler(cfg, optimizer, run.total_steps)  # stepped by us, once per optimizer step
     if resume_from is not None and not ckpt.load_optimizer(run.optimizer, run.scheduler, resume_from):
-        say(f"{resume_from}: no optimizer state (sharded run); the AdamW moments restart from zero")
+        say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; the AdamW moments restart from zero")
 
     # -- the run directory describes itself
     if acc.is_main_process:
