@@ -3,6 +3,7 @@ as a subprocess, killed with SIGKILL once a checkpoint exists, resumed, and comp
 uninterrupted run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,9 +107,9 @@ def test_resume_refuses_other_data(tmp_path):
     run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", batch_size=2, max_steps=1,
                      save_every=1))
     (run / "DONE").unlink()
-    other = write_conversations(tmp_path / "other.jsonl", 4, seed=9)
+    write_conversations(tmp_path / "d.jsonl", 4, seed=9)  # same file name, other records: only the fingerprint sees it
     with pytest.raises(UsageError, match="data_fingerprint"):
-        train(tiny(other, run, batch_size=2, max_steps=2, resume="auto"))
+        train(tiny(tmp_path / "d.jsonl", run, batch_size=2, max_steps=1, save_every=1, resume="auto"))
     assert Path(run / "checkpoints" / "step-1" / "COMPLETE").exists()
 
 
@@ -232,3 +233,65 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint_listed(tmp_path, monkeyp
     assert ckpt.clean_partial(tmp_path)  # the next writer removes the leftovers
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
+# -- a full disk: a message, no partial files, and the trained weights survive a failed final save ------------------
+@contextlib.contextmanager
+def small_disk(path: Path, mb: int):
+    """A real filesystem of `mb` MB (tmpfs) at `path`: writes fail with ENOSPC as on a full disk. Needs root."""
+    path.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True,
+                         text=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip()}); the disk-full tests need root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_mid_run_is_a_message_and_leaves_no_partial_checkpoint(tmp_path):
+    from imtune.train import train
+
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    with small_disk(tmp_path / "disk", 24) as disk:  # the weights (13 MB) fit, the optimizer state (26 MB) does not
+        run = disk / "run"
+        with pytest.raises(ckpt.WriteFailed, match=r"cannot write .*checkpoints/step-2: no space left on device "
+                                                   r"\(\d+ MB free\); last good checkpoint: none"):
+            train(tiny(data, run, batch_size=2, max_steps=4, save_every=2))
+        assert list((run / "checkpoints").iterdir()) == []  # the partial .tmp-step-2 is gone
+        assert ckpt._free_bytes(disk) > 20e6
+
+
+def test_a_failed_final_save_keeps_the_trained_weights(tmp_path, monkeypatch):
+    """No checkpoint, and final/ does not fit: the weights of the last step are saved where there is room (here the
+    temporary directory, on another filesystem), the message says how to finish, and finishing gives the weights of
+    an uninterrupted run, bit for bit."""
+    import re
+    import tempfile
+
+    from imtune.train import train
+
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    cfg = tiny(data, tmp_path / "ref", batch_size=2, max_steps=3)
+    ref = train(cfg)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    with small_disk(tmp_path / "disk", 8) as disk:  # final/ needs ~16 MB
+        run = disk / "run"
+        with pytest.raises(ckpt.WriteFailed) as e:
+            train(cfg.replace(output_dir=str(run)))
+        msg = str(e.value)
+        assert re.match(rf"cannot write {run}/final: no space left on device \(\d+ MB free\); the trained weights "
+                        r"\(step 3\) were saved to ", msg), msg
+        saved = Path(re.search(r"saved to (\S+) instead", msg).group(1))
+        assert saved.is_relative_to(elsewhere) and ckpt.verify(saved) is None
+        assert f"imtune train --output-dir {run} --resume {saved}" in msg
+        assert not (run / ".tmp-final").exists() and not (run / "final").exists() and not (run / "DONE").exists()
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        train(cfg.replace(output_dir=str(run), resume=str(saved)))
+        a, b = load_file(ref / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (run / "DONE").exists()

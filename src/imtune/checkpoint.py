@@ -27,9 +27,65 @@ import sys
 import time
 from pathlib import Path
 
+from .types import UsageError
+
 COMPLETE = "COMPLETE"
 DONE = "DONE"
 MANIFEST_FORMAT = 1
+
+
+# -- write failures (disk full, I/O errors) --------------------------------------------------------------------------
+class WriteFailed(UsageError):
+    """A file of the run directory could not be written: said for a person (partial files already removed)."""
+
+    def __init__(self, where, reason: str, free_mb: float, tail: str):
+        self.where, self.reason, self.free_mb, self.tail = where, reason, free_mb, tail
+        super().__init__(f"cannot write {where}: {reason} ({free_mb:,.0f} MB free); {tail}")
+
+    def with_tail(self, tail: str) -> WriteFailed:
+        return WriteFailed(self.where, self.reason, self.free_mb, tail)
+
+
+# torch.save reports a full disk as a RuntimeError from its C++ writer, without an errno
+_IO_WORDS = ("iostream", "file write failed", "unexpected pos", "no space", "pytorchstreamwriter", "i/o error")
+
+
+def write_failure(err: BaseException, path: Path, run_dir: Path | None, cleanup: Path | None = None) -> WriteFailed:
+    """The WriteFailed to raise for `err`, caught while writing `path` (after removing `cleanup`, a partial temporary
+    directory). Errors that are not about writing (our bugs) are re-raised as they are."""
+    import errno
+
+    free = _free_bytes(path)
+    code = getattr(err, "errno", None)
+    if not (isinstance(err, OSError) or free < 1 << 20 or any(w in str(err).lower() for w in _IO_WORDS)):
+        raise err
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    nospace = (code in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
+               or any(w in str(err).lower() for w in ("no space left", "os error 28", "quota exceeded")))
+    reason = ("no space left on device" if nospace else os.strerror(code) if code else str(err).strip().splitlines()[0])
+    where = getattr(err, "filename", None) or path
+    good = last_good(run_dir) if run_dir is not None else None
+    tail = (f"last good checkpoint: {good}; free some space and continue with --resume" if good else
+            "last good checkpoint: none; free some space and run again")
+    return WriteFailed(where, reason, _free_bytes(path) / 1e6, tail)
+
+
+def _write_errors() -> tuple[type, ...]:
+    """What the writers raise on a full disk: OSError (Python, transformers), RuntimeError (torch.save),
+    SafetensorError (safetensors)."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of `path` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
 
 
 def fsync_tree(root: Path) -> None:
@@ -167,17 +223,20 @@ def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, op
     import torch
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
-    write_manifest(tmp, None if optimizer is not None else optimizer_note)
     final = root / f"step-{step}"
-    publish(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
+        write_manifest(tmp, None if optimizer is not None else optimizer_note)
+        publish(tmp, final)
+    except _write_errors() as e:  # a full disk: no partial checkpoint is left to fill it further
+        raise write_failure(e, final, run_dir, cleanup=tmp) from None
     if keep:
         for _, old in checkpoints(run_dir)[:-keep]:
             remove_checkpoint(old)
@@ -309,10 +368,20 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
     Full fine-tuning: the model. LoRA: the adapter and HOW_TO_LOAD.md, or (merge_lora) the merged model.
     `base_dir`: where the adapter's base model lives; None for a base with no directory (random:*), which is then
     saved into RUN/base/ so the adapter stays loadable."""
-    import copy
-
     run_dir = Path(run_dir)
     tmp = run_dir / ".tmp-final"
+    try:
+        return _save_final(run_dir, tmp, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
+                           base_dir)
+    except _write_errors() as e:
+        shutil.rmtree(run_dir / ".tmp-base", ignore_errors=True)
+        raise write_failure(e, run_dir / "final", run_dir, cleanup=tmp) from None
+
+
+def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
+                base_dir) -> Path:
+    import copy
+
     shutil.rmtree(tmp, ignore_errors=True)
     if lora and merge_lora:
         model = model.merge_and_unload()  # the adapter is folded into the weights: a plain model from here on
@@ -340,6 +409,35 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
     final = run_dir / "final"
     publish(tmp, final)
     return final
+
+
+def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> WriteFailed:
+    """final/ could not be written: make sure the trained weights survive, and return the error to raise, saying
+    where they are and how to finish. `save(root)` writes a checkpoint of the last step under root/checkpoints/
+    (raising WriteFailed); it is tried in the run directory, then in the system temporary directory when that is on
+    another filesystem."""
+    import tempfile
+
+    run_dir = Path(run_dir)
+    good = last_good(run_dir)
+    finish = f"imtune train --output-dir {run_dir} --resume"
+    if good is not None and read_trainer_state(good)["step"] == step:
+        return failed.with_tail(f"the trained weights are safe in {good}: free some space, then `{finish}` "
+                                "writes final/")
+    roots = [run_dir]
+    tmp_root = Path(tempfile.gettempdir())
+    if tmp_root.stat().st_dev != run_dir.stat().st_dev:
+        roots.append(tmp_root)
+    for root in roots:
+        try:
+            where = save(root if root == run_dir else Path(tempfile.mkdtemp(prefix="imtune-rescue-", dir=root)))
+        except (WriteFailed, OSError):
+            continue
+        return failed.with_tail(f"the trained weights (step {step}) were saved to {where} instead: free some space, "
+                                f"then `{finish}{'' if where.parent.parent == run_dir else ' ' + str(where)}` "
+                                "writes final/")
+    return failed.with_tail(f"no checkpoint of the last step could be written either (the weights are lost); "
+                            f"last good checkpoint: {good or 'none'}")
 
 
 def mark_done(run_dir: Path, summary: dict) -> None:

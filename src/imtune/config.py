@@ -87,6 +87,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
     resume: str | None = _f(None, "continue from the newest complete checkpoint in --output-dir (bare --resume), "
                                   "or from a given checkpoint directory", str)
+    allow_change: str | None = _f(None, "with --resume: settings that may differ from the run's, comma-separated "
+                                        "(e.g. max_steps,lr); recorded in RUN/changes.jsonl. Other changes are "
+                                        "refused", str)
     eval_data: str | None = _f(None, "held-out data: output-token (IT) loss is logged on it", str)
     eval_every: int | None = _f(None, "evaluate every N steps (also at the start and the end)", int)
     eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked")

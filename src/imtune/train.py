@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from . import guard
 from .config import TrainConfig
 from .runlog import RunLog, write_run_files
 from .types import CLASS_ID, UsageError
@@ -69,6 +70,7 @@ def train(cfg: TrainConfig) -> Path:
             run.log.close()
         return run.dir
     finally:
+        guard.release()  # the run directory's lock (taken in setup)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -248,9 +250,15 @@ def save_final(run: Run) -> None:
 
     state = _state_dict(run)
     if run.acc.is_main_process:
-        final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
-                                stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
-                                run.base_dir)
+        try:
+            final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
+                                    stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
+                                    run.base_dir)
+        except ckpt.WriteFailed as e:  # never lose the trained weights to a failed final save
+            raise ckpt.rescue_weights(run.dir, e, run.total_steps, lambda root: ckpt.save_checkpoint(
+                root, run.total_steps, run.model, state, None, run.scheduler,
+                trainer_state(run, run.total_steps, run.tokens), 0,
+                optimizer_note="left out: written after the last step, when final/ could not be")) from None
         last = ckpt.latest_checkpoint(run.dir)
         ckpt.mark_done(run.dir, {"steps": run.total_steps, "tokens": run.tokens, "final": str(final),
                                  "last_checkpoint": str(last) if last else None})
@@ -322,9 +330,14 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = cfg.check()
     acc = make_accelerator(cfg)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
+    guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
     if ckpt.is_finished(run_dir):
+        guard.check_finished(run_dir, cfg)  # "already finished" only for the same settings
         return Run(cfg, run_dir, finished=True)
+    if acc.is_main_process:
+        ckpt.clean_partial(run_dir)  # temporary directories of an interrupted writer
     resume_from = ckpt.find_resume(cfg.resume, run_dir)
+    changes = guard.check_resume(run_dir, resume_from, cfg) if resume_from is not None else {}
     set_threads(cfg, acc)
 
     # -- data: tokenised once; each rank does the same deterministic work
@@ -365,6 +378,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     # -- the run directory describes itself
     if acc.is_main_process:
+        guard.record_changes(run_dir, resume_from, run.start_step, changes)
         write_run_files(run_dir, cfg, prep, run.examples, run.ex_weight, stats_extra(run, n_micro))
         say(f"data: {prep.summary()}; {len(run.examples)} examples, {sum(run.lengths):,} tokens; "
             f"{n_micro} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per epoch; "
