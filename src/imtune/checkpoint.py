@@ -443,11 +443,16 @@ def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> Write
 def mark_done(run_dir: Path, summary: dict) -> None:
     p = Path(run_dir) / DONE
     tmp = p.with_name(".tmp-DONE")
-    tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
+    try:
+        tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except OSError as e:  # final/ is written: the model is safe, only the marker is missing
+        tmp.unlink(missing_ok=True)
+        raise write_failure(e, p, run_dir).with_tail(f"the model is safe: {Path(run_dir) / 'final'} is complete "
+                                                      "and loads; only the run's DONE marker is missing") from None
 
 
 # -- resume decisions ------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def trim_metrics(path: Path, keep_through_step: int) -> None:
                 keep.append(line)
         except ValueError:  # blank, or the half-written last line of a killed run
             continue
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    _write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
