@@ -59,6 +59,10 @@ def write_failure(err: BaseException, path: Path, run_dir: Path | None, cleanup:
     code = getattr(err, "errno", None)
     if not (isinstance(err, OSError) or free < 1 << 20 or any(w in str(err).lower() for w in _IO_WORDS)):
         raise err
+    named = getattr(err, "filename", None)
+    inside = Path(os.path.abspath(run_dir if run_dir is not None else Path(path).parent))
+    if named and not Path(os.path.abspath(named)).is_relative_to(inside):
+        raise err  # a file outside the run directory (say, a library's own file): not a failure to write ours
     if cleanup is not None:
         shutil.rmtree(cleanup, ignore_errors=True)
     nospace = (code in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
