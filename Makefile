@@ -8,6 +8,8 @@ PYTEST_WORKERS ?= 2
 .PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml requirements.lock
+	# bubblewrap isolates HumanEval's model-written code; without it `bench humaneval` refuses to run that code.
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) || echo "imtune: could not install bubblewrap (bwrap); HumanEval scoring will refuse to run model code"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build that lies on this disk (a newer range would pull a CUDA build).

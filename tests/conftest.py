@@ -13,6 +13,9 @@ SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--precision auto` measures bf16 against fp32 on a CPU (imtune.precision); the suite's equalities are fp32's, so on
+# a bf16-fast CPU (AMX) they must not silently switch. Tests of the probe itself clear this.
+os.environ.setdefault("IMTUNE_CPU_PRECISION", "fp32")
 
 
 def shared_file(rel: str) -> Path:

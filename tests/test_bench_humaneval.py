@@ -1,10 +1,12 @@
 """HumanEval: canonical solutions pass, broken programs fail without harming the host, pass@k, code extraction."""
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
 import os
 import socket
+import tempfile
 import time
 from itertools import combinations
 from math import comb
@@ -13,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from imtune.bench import humaneval, run_benchmark, score_samples
-from imtune.bench.sandbox import network_isolation, run_programs
+from imtune.bench.sandbox import run_programs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HUMANEVAL = DATA / "eval" / "HumanEval.jsonl.gz"
 needs_data = pytest.mark.skipif(not HUMANEVAL.exists(), reason=f"{HUMANEVAL} not found (../shared/data is absent)")
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _problems() -> list[dict]:
@@ -39,54 +42,155 @@ def test_canonical_solutions_all_pass(tmp_path):
     assert result["pass@1"] == 1.0 and result["solved"] == 164
 
 
+def _live_children() -> set[str]:
+    """Processes whose parent is this one, 'pid state (command)', after reaping the dead ones (as a subreaper, the
+    sandboxes' ended processes are handed to us)."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if int(ppid) == me:
+                found.add(f"{entry} {state} {stat.partition(' ')[2].rpartition(')')[0]}")
+    return found
+
+
+def _kill_escaped(before: set[str]) -> None:
+    """If the sandbox failed, end what escaped it: stop the whole tree below us first (a fork storm outruns a kill
+    loop), then kill it."""
+    for _ in range(100):
+        escaped = {int(entry.split()[0]) for entry in _live_children() - before}
+        parents = {}
+        for entry in os.listdir("/proc"):
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            except (ValueError, OSError):
+                continue
+        tree, grown = set(escaped), True
+        while grown:
+            grown = {pid for pid, ppid in parents.items() if ppid in tree and pid not in tree}
+            tree |= grown
+        if not tree:
+            return
+        for sig in (19, 9):  # SIGSTOP, then SIGKILL
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def subreaper():
+    """Make this process the reaper of its orphaned descendants, so a program that escaped shows up as our child."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def hostile_completions(outside: Path, port: int) -> dict[str, str]:
+    """Completions of HumanEval/0 (has_close_elements) that try to pass without solving it, or to harm the host."""
+    late = f"/tmp/imtune-hostile-late-{os.getpid()}"
+    return {
+        "sys_exit_in_body": "    import sys\n    sys.exit(0)\n",
+        "os_exit_in_body": "    import os\n    os._exit(0)\n",
+        "exit_at_import": "    return True\nimport sys\nsys.exit(0)\n",
+        "os_exit_at_import": "    return True\nimport os\nos._exit(0)\n",
+        "atexit_exit_0": "    return True\nimport atexit, os\natexit.register(lambda: os._exit(0))\n",
+        "excepthook_exit_0": "    return True\nimport os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+        "thread_exits_0_during_check": "    import time\n    time.sleep(30)\n"
+                                       "import os, threading, time\n"
+                                       "threading.Thread(target=lambda: (time.sleep(0.5), os._exit(0))).start()\n",
+        "swallow_the_test": "    return True\ncheck = lambda candidate: None\nx = \'\'\'\n",
+        "posix_system": f"    import posix\n    posix.system('mkdir -p {outside} && touch {outside}/system')\n"
+                        "    return True\n",
+        "reload_os": f"    import importlib, os\n    os = importlib.reload(os)\n"
+                     f"    os.system('mkdir -p {outside}; echo x > {outside}/reload')\n    os._exit(0)\n",
+        "execv_true": "    import os\n    os.execv('/bin/true', ['true'])\n",
+        "execv_python_writes_fds": "    import os, sys\n    os.execv(sys.executable, [sys.executable, '-c', "
+                                   "'import os\\nfor fd in range(64):\\n    try: os.write(fd, b\"PASS\")\\n"
+                                   "    except OSError: pass'])\n",
+        "fork_storm": "    import posix\n    while True:\n        try:\n            posix.fork()\n"
+                      "        except OSError:\n            pass\n",
+        "setsid_child_writes_later": f"    import os, time\n    if os.fork() == 0:\n        os.setsid()\n"
+                                     f"        time.sleep(0.5)\n        open({late!r}, 'w').write('x')\n"
+                                     f"        os.makedirs({str(outside)!r}, exist_ok=True)\n"
+                                     f"        open({str(outside / 'late')!r}, 'w').write('x')\n"
+                                     "        time.sleep(60)\n    os._exit(0)\n",
+        "kill_parent": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                       "    os.kill(-1, signal.SIGKILL)\n    os.killpg(0, signal.SIGKILL)\n    return True\n",
+        "write_outside": f"    import os\n    os.makedirs({str(outside)!r}, exist_ok=True)\n"
+                         f"    open({str(outside / 'written')!r}, 'w').write('x')\n"
+                         "    open('/usr/imtune-hostile', 'w').write('x')\n    return True\n",
+        "read_system_files": "    raise ValueError(open('/etc/passwd').read() + open('/proc/1/environ').read())\n",
+        "close_all_fds": "    import os\n    os.closerange(0, 4096)\n    return True\n",
+        "close_fds_then_solve": "    import os\n    os.closerange(0, 4096)\n"
+                                "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+                                " for b in numbers[i + 1:])\n",
+        "infinite_loop": "    while True:\n        pass\n",
+        "memory_bomb": "    chunks = []\n    while True:\n        chunks.append(bytearray(50 * 2**20))\n",
+        "huge_allocation": "    return bytearray(2**40)\n",
+        "disk_fill": "    with open('big', 'wb') as f:\n        while True:\n            f.write(b'x' * 2**20)\n",
+        "print_forged_pass": "    import os, sys\n    print('PASS passed 1/1 ok')\n"
+                             "    sys.stderr.write('passed\\n')\n    sys.stdout.flush()\n    sys.stderr.flush()\n"
+                             "    for fd in range(3, 64):\n        try:\n            os.write(fd, b'passed')\n"
+                             "        except OSError:\n            pass\n    os._exit(0)\n",
+        "socket": f"    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+                  "    return True\n",
+        "raw_socket": f"    import _socket\n    s = _socket.socket()\n    s.connect(('127.0.0.1', {port}))\n",
+    }
+
+
 @needs_data
-def test_broken_programs_fail_without_hurting_the_host(tmp_path):
+def test_hostile_completions_score_zero_and_leave_no_trace(tmp_path, monkeypatch, subreaper):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     server.setblocking(False)
-    port = server.getsockname()[1]
-    pid_file = tmp_path / "loop.pid"
-    body = {
-        "none": "    return None\n",
-        "loop": f"    import os\n    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    while True:\n        pass\n",
-        "bomb": "    chunks = []\n    while True:\n        chunks.append(bytearray(50 * 2**20))\n",
-        "huge": "    return bytearray(2**40)\n",
-        "socket": f"    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n",
-        "raw_socket": f"    import _socket\n    s = _socket.socket()\n    s.connect(('127.0.0.1', {port}))\n",
-        "urllib": "    import urllib.request\n    urllib.request.urlopen('http://example.com', timeout=1)\n",
-        "fork": "    import os\n    os.fork()\n",
-    }
-    problems = _problems()[: len(body)]
-    samples = _write(tmp_path / "s.jsonl", [{"task_id": p["task_id"], "completion": b}
-                                            for p, b in zip(problems, body.values())])
-    start = time.monotonic()
-    result = score_samples("humaneval", str(samples), str(HUMANEVAL), limit=len(body), out_dir=tmp_path / "out",
-                           timeout=2.0, memory_mb=256, workers=2)
-    assert time.monotonic() - start < 45
-    assert result["pass@1"] == 0.0 and result["n"] == len(body)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "humaneval.samples.jsonl").read_text().splitlines()]
-    outcome = {name: row["extracted"] for name, row in zip(body, rows)}
-    assert all(not row["correct"] for row in rows)
-    assert outcome["loop"].startswith("timed out")
-    assert "MemoryError" in outcome["huge"]
-    assert outcome["bomb"].startswith("failed")
-    assert "disabled in the imtune sandbox" in outcome["fork"]
+    outside = tmp_path / "outside"
+    hostile = hostile_completions(outside, server.getsockname()[1])
+    late = Path(f"/tmp/imtune-hostile-late-{os.getpid()}")
+    our_tmp = tmp_path / "tmpdir"  # imtune's own temporary files (stdin, stderr) go here: unnamed, so none stay
+    our_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(our_tmp))
+    problem = _problems()[0]
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": problem["task_id"], "completion": c}
+                                            for c in hostile.values()])
+    before = _live_children()
+    result = score_samples("humaneval", str(samples), str(HUMANEVAL), limit=1, out_dir=tmp_path / "out",
+                           timeout=3.0, memory_mb=256, workers=2)
+    assert result["pass@1"] == 0.0 and result["samples"] == len(hostile)
+    text = (tmp_path / "out" / "humaneval.samples.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    outcome = {name: row["extracted"] for name, row in zip(hostile, rows)}
+    assert [name for name, row in zip(hostile, rows) if row["correct"]] == []
+    assert outcome["infinite_loop"].startswith("timed out")
+    assert outcome["fork_storm"].startswith("timed out")
+    assert "MemoryError" in outcome["huge_allocation"]
+    assert outcome["os_exit_in_body"] == "failed: ended (exit status 0) before the checks returned"
+    assert "No such file or directory: '/etc/passwd'" in outcome["read_system_files"]
+    assert "root:" not in text and "PATH=" not in text  # no system file reached the samples file
+    assert "File too large" in outcome["disk_fill"] or "No space left" in outcome["disk_fill"]
     with pytest.raises(BlockingIOError):  # nothing ever connected to the host's listening socket
         server.accept()
     server.close()
-    loop_pid = int(pid_file.read_text())  # the endless program was killed, not left running
-    with pytest.raises(ProcessLookupError):
-        os.kill(loop_pid, 0)
-
-
-def test_network_namespace_used_when_available():
-    # Documented behaviour: with unshare available to this user, programs get an empty network namespace.
-    prefix = network_isolation()
-    assert prefix == () or prefix[1] in ("-n", "-rn")
-    [outcome] = run_programs(["import socket, sys\nprint(socket.if_nameindex(), file=sys.stderr)\nraise SystemExit(1)"])
-    if prefix:
-        assert "lo" in outcome.detail and "eth" not in outcome.detail
+    time.sleep(1.0)  # the setsid child would write half a second after it started, if it still lived
+    escaped = _live_children() - before
+    _kill_escaped(before)
+    assert not escaped, "a program's process outlived its sandbox"
+    assert not outside.exists() and not late.exists() and not Path("/usr/imtune-hostile").exists()
+    assert list(our_tmp.iterdir()) == []
 
 
 def test_pass_at_k_matches_the_definition():

@@ -77,3 +77,56 @@ def test_unknown_template_lists_valid_ones(tok):
         Renderer("tuluu", tok)
     with pytest.raises(UsageError, match="template file not found"):
         Renderer("missing.jinja", tok)
+
+
+# Hostile templates: each would loop for minutes or allocate hundreds of megabytes without the bounds.
+HOSTILE = {
+    "nested_loops": ("{% for m in messages %}\n{% for i in range(3000) %}{% for j in range(100000) %}{% endfor %}"
+                     "{% endfor %}{% endfor %}", 2, "rendering took longer than 0.5 s"),
+    "macro_fan_out": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}\n\n{{ f(22) }}",
+                      1, "rendering took longer than 0.5 s"),
+    "string_multiplication": ("{{ messages[0]['content'] }}\n{{ 'x' * 300000000 }}", 2,
+                              "produced more than 1000000 characters"),
+    "list_multiplication": ("{{ ([messages] * 300000000) | length }}", 1, "produced more than 1000000 characters"),
+    "doubling": ("{% set ns = namespace(s='ab') %}\n{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                 2, "produced more than 1000000 characters"),
+    "format_width": ("{{ '%300000000s' % 'x' }}{{ '{:>300000000}'.format('x') }}", 1,
+                     "produced more than 1000000 characters"),
+    "padding_filter": ("{{ 'x' | center(300000000) }}", 1, "produced more than 1000000 characters"),
+    "output_flood": ("{% for i in range(100) %}{% for j in range(1000) %}" + "x" * 100 + "{% endfor %}{% endfor %}",
+                     None, "produced more than 1000000 characters"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_template_is_stopped_with_its_line(tok, tmp_path, monkeypatch, name):
+    import tracemalloc
+
+    from imtune import templates
+
+    source, line, what = HOSTILE[name]
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.5)
+    f = tmp_path / f"{name}.jinja"
+    f.write_text(source)
+    c = Conversation((Message("user", "hi"), Message("assistant", "yo")), Where("d.jsonl", 7, 6))
+    r = Renderer(str(f), tok)
+    where = f"{f}:{line}" if line else str(f)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UsageError) as e:
+            r.render(c)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(f"{where}: {what}") and "(rendering d.jsonl:7)" in str(e.value)
+    assert peak < 50 * 2**20  # never near the hundreds of megabytes asked for
+    with pytest.raises(UsageError, match=what):  # generation prompts are bounded alike
+        r.prompt(c.messages[:1])
+
+
+def test_bounded_rendering_matches_transformers(tok):
+    msgs = [{"role": m.role, "content": m.content} for m in SIMPLE.messages]
+    r = Renderer("model", tok)
+    assert r._render_jinja(msgs, False) == tok.apply_chat_template(msgs, tokenize=False)
+    assert r._render_jinja(msgs[:2], True) == tok.apply_chat_template(msgs[:2], tokenize=False,
+                                                                      add_generation_prompt=True)

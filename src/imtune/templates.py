@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .template_bounds import TemplateLimit, compile_bounded
 from .types import Conversation, Message, Rendered, Span, UsageError, Where
+
+# Bounds on one render of a Jinja template (templates are untrusted code: see imtune.template_bounds).
+RENDER_SECONDS = 10.0
+RENDER_CHARS = 1_000_000  # output characters, or 10 x the conversation's content if that is more
 
 # ----------------------------------------------------------------------------------------------------------------
 # Jinja equivalents of the built-ins (saved as the chat template of trained models; also used for generation).
@@ -165,13 +170,18 @@ class Renderer:
     # -- Jinja ---------------------------------------------------------------------------------------------------
     def _render_jinja(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self._compiled is None:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            self._compiled = _compile_jinja_template(self.jinja)
+            self._compiled = compile_bounded(self.jinja)
         tok = self.tokenizer
         kw = {k: v for k, v in (getattr(tok, "special_tokens_map", {}) or {}).items() if isinstance(v, str)}
         kw.update(bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **kw)
+        chars = max(RENDER_CHARS, 10 * sum(len(m["content"]) for m in messages))
+        try:
+            return self._compiled.render(chars, RENDER_SECONDS, messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **kw)
+        except TemplateLimit as e:
+            where = f"{self.name}:{e.line}" if e.line else self.name
+            raise TemplateLimit(f"{where}: {e.what}; a chat template must not loop or allocate without bound "
+                                "(use --template tulu|chatml|alpaca, or fix the template)", e.line) from None
 
     def _render_spans_jinja(self, conv: Conversation) -> tuple[str, list[Span]]:
         msgs = conv.messages
@@ -179,6 +189,8 @@ class Renderer:
             skeleton = self._render_jinja([{"role": m.role, "content": _sentinel(i)} for i, m in enumerate(msgs)],
                                           False)
             real = self._render_jinja([{"role": m.role, "content": m.content} for m in msgs], False)
+        except TemplateLimit as e:
+            raise TemplateLimit(f"{e} (rendering {conv.source})", e.line) from None
         except Exception as e:  # Jinja's raise_exception() and template bugs alike
             raise UsageError(f"{conv.source}: template {self.name!r} cannot render this conversation: {e}") from None
         # Split the skeleton at the sentinels: pieces[k] is template text, order[k] the message after it.

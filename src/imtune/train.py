@@ -29,7 +29,6 @@ only rank 0 writes files.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -41,6 +40,9 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from . import guard
 from .config import TrainConfig
+from .precision import resolve as resolve_precision
+from .distributed import (FullStateOptimizer, full_model_state, full_tensor, gradient_sync, is_fsdp, needs_cpu_fsdp,
+                          resume_supported, shard_on_cpu)
 from .runlog import RunLog, write_run_files
 from .types import CLASS_ID, UsageError
 
@@ -98,7 +100,7 @@ def fit(run: Run) -> None:
             k = rank + j * world
             idx, keep = (mbs[k], 1.0) if k < len(mbs) else (mbs[0], 0.0)  # stand-in pass: zero loss
             batch = run.collate(idx)
-            with grad_sync(acc, obj, sync=j == rounds - 1):
+            with gradient_sync(acc, obj, sync=j == rounds - 1):
                 nll, kl, per_class = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
                                          kl=cfg.kl_coef > 0)
                 acc.backward((nll + cfg.kl_coef * kl) * (keep * world / W))
@@ -109,7 +111,7 @@ def fit(run: Run) -> None:
             stats = acc.reduce(stats, reduction="sum")
         norm = acc.clip_grad_norm_(obj.parameters(), cfg.max_grad_norm or float("inf"))  # no clipping: ×1.0
         has_norm = norm is not None  # DeepSpeed clips inside its own step and returns None
-        norm = norm if has_norm else torch.zeros(1, device=acc.device)
+        norm = full_tensor(norm) if has_norm else torch.zeros(1, device=acc.device)  # FSDP2: a DTensor
         nll_sum, kl_sum, o_sum, o_n, i_sum, i_n, grad_norm = torch.cat([stats, norm.double().view(1)]).tolist()
         loss = nll_sum / W  # the one host sync of the step is the .tolist() above
         if not (math.isfinite(loss) and math.isfinite(kl_sum) and math.isfinite(grad_norm)):
@@ -137,16 +139,6 @@ def fit(run: Run) -> None:
     if run.eval_sets:
         evaluate(run, run.total_steps)
     run.tokens = tokens
-
-
-@contextlib.contextmanager
-def grad_sync(acc, model, sync: bool):
-    """Reduce gradients across processes only on the last backward of a step: DDP/FSDP skip it inside no_sync;
-    DeepSpeed, which reduces and steps inside backward(), is told where the step's boundary is."""
-    if acc.state.deepspeed_plugin is not None:
-        acc.gradient_state._set_sync_gradients(sync)
-    with contextlib.nullcontext() if sync else acc.no_sync(model):
-        yield
 
 
 def batch_args(batch) -> tuple:
@@ -228,21 +220,42 @@ def sharded(acc) -> bool:
 
 def _state_dict(run: Run):
     """Full weights gathered to rank 0 (FSDP/DeepSpeed), None where the model's own state_dict is right."""
+    if is_fsdp(run.objective):
+        return full_model_state(run.objective)
     if not sharded(run.acc):
         return None
     full = run.acc.get_state_dict(run.objective)
     return {k.removeprefix("model."): v for k, v in full.items()}
 
 
+def _optimizer(run: Run):
+    """What the checkpoint code saves and restores: FSDP2's AdamW state as one full state dict keyed by parameter
+    name (exact resume on any number of processes); None under DeepSpeed (its state stays in its engine)."""
+    if is_fsdp(run.objective):
+        return FullStateOptimizer(run.objective, run.optimizer)
+    return None if sharded(run.acc) else run.optimizer
+
+
 def save_checkpoint(run: Run, step: int, tokens: int) -> None:
     state = _state_dict(run)
+    optimizer = _optimizer(run)
+    if optimizer is not None and optimizer is not run.optimizer:
+        optimizer = Gathered(optimizer.state_dict())  # a collective: every rank gathers, rank 0 writes
     if run.acc.is_main_process:
-        # Sharded optimizer state is not gathered: under FSDP/DeepSpeed a resume restarts the Adam moments.
-        optimizer = None if sharded(run.acc) else run.optimizer
         path = ckpt.save_checkpoint(run.dir, step, run.model, state, optimizer, run.scheduler,
                                     trainer_state(run, step, tokens), run.cfg.keep_checkpoints)
         run.log.note(f"checkpoint: {path}")
     run.acc.wait_for_everyone()
+
+
+class Gathered:
+    """An optimizer state already gathered, for the checkpoint writer (`state_dict()`)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
 
 
 def save_final(run: Run) -> None:
@@ -292,6 +305,7 @@ class Run:
     start_step: int = 0
     tokens: int = 0
     fingerprint: str = ""
+    precision: object = None  # imtune.precision.Precision: what --precision resolved to, and why
     log: RunLog = None
     _epoch: tuple = (-1, None)
 
@@ -328,7 +342,8 @@ def setup(cfg: TrainConfig) -> Run:
     from .weights import loss_spec
 
     cfg = cfg.check()
-    acc = make_accelerator(cfg)
+    prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
+    acc = make_accelerator(cfg, prec)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
     guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
     if ckpt.is_finished(run_dir):
@@ -338,6 +353,10 @@ def setup(cfg: TrainConfig) -> Run:
         ckpt.clean_partial(run_dir)  # temporary directories of an interrupted writer
     resume_from = ckpt.find_resume(cfg.resume, run_dir)
     changes = guard.check_resume(run_dir, resume_from, cfg) if resume_from is not None else {}
+    if resume_from is not None and not resume_supported(acc):
+        raise UsageError("--resume under DeepSpeed: imtune does not gather DeepSpeed's sharded optimizer state, so a "
+                         "resume would restart the AdamW moments (an inexact run); use FSDP "
+                         "(configs/accelerate/fsdp.yaml) or DDP for resumable runs, or start over")
     set_threads(cfg, acc)
 
     # -- data: tokenised once; each rank does the same deterministic work
@@ -348,7 +367,8 @@ def setup(cfg: TrainConfig) -> Run:
     if not prep.examples:
         raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
     examples = per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
-    run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples)
+    run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
+              precision=prec)
     run.lengths = [len(e) for e in examples]
     run.ex_weight = [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
     run.fingerprint = fingerprint(examples)
@@ -370,11 +390,20 @@ def setup(cfg: TrainConfig) -> Run:
     from .objective import Objective
 
     objective = Objective(run.model, cfg.chunk_size, cfg.neftune_alpha, run.ref)
-    optimizer = build_optimizer(cfg, run.model)
-    run.objective, run.optimizer = acc.prepare(objective, optimizer)
+    if needs_cpu_fsdp(acc):  # accelerate runs FSDP on accelerators only: on CPU imtune shards (imtune.distributed)
+        shard_on_cpu(objective, acc)
+        optimizer = build_optimizer(cfg, run.model)  # over the DTensor shards
+        run.objective, run.optimizer = objective, acc.prepare(optimizer)
+    else:
+        optimizer = build_optimizer(cfg, run.model)
+        run.objective, run.optimizer = acc.prepare(objective, optimizer)
     run.scheduler = build_scheduler(cfg, optimizer, run.total_steps)  # stepped by us, once per optimizer step
-    if resume_from is not None and not ckpt.load_optimizer(run.optimizer, run.scheduler, resume_from):
-        say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; the AdamW moments restart from zero")
+    if resume_from is not None and not ckpt.load_optimizer(_optimizer(run), run.scheduler, resume_from):
+        if run.start_step < run.total_steps:
+            raise UsageError(f"{resume_from} holds no optimizer state ({ckpt.optimizer_note(resume_from)}): resuming "
+                             "would restart the AdamW moments and train a different run; start over, or train from "
+                             f"its weights as a new run (--model {resume_from})")
+        say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; nothing is left to train: final/ is written from it")
 
     # -- the run directory describes itself
     if acc.is_main_process:
@@ -384,6 +413,7 @@ def setup(cfg: TrainConfig) -> Run:
             f"{n_micro} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per epoch; "
             f"{run.total_steps} optimizer steps of {run.grad_accum} × {acc.num_processes} micro-batches"
             + (f"; resuming from {resume_from} (step {run.start_step})" if resume_from else ""))
+        say(f"precision: {prec.used} ({prec.why})")
     acc.wait_for_everyone()
     run.log = RunLog(run_dir if acc.is_main_process else None, run.total_steps, run.start_step, cfg.tensorboard,
                      cfg.progress)
@@ -399,7 +429,7 @@ def default_output_dir(cfg: TrainConfig, acc) -> str:
     return broadcast_object_list(name)[0] if acc.num_processes > 1 else name[0]
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, precision):
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -407,7 +437,7 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()  # train() may run several times in one process (compare); precision may differ
     cuda = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    bf16 = precision.used == "bf16"
     # broadcast_buffers=False: no collective inside forward, so ranks may run stand-in passes independently.
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -572,7 +602,7 @@ def stats_extra(run: Run, n_micro: int) -> dict:
     return {"packing": run.cfg.packing, "micro_batches_per_epoch": n_micro,
             "padding_fraction": padding_fraction(run.examples, run.epoch_batches(0), run.cfg.packing,
                                                  run.cfg.max_length),
-            "processes": run.acc.num_processes, "grad_accum": run.grad_accum,
+            "precision": run.precision.to_dict(), "processes": run.acc.num_processes, "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value, "grad_accum": run.grad_accum,
             "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
             "eval": {name: len(ex) for name, (ex, _) in run.eval_sets.items()}}
 

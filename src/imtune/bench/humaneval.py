@@ -14,7 +14,11 @@ From the reply to a completion (`postprocess`, the rule in one place):
      imports and helper functions stay in scope;
   3. otherwise the code is the function's body: lines that are not indented get four spaces, so the prompt's
      signature is kept and the body continues it.
-Execution: imtune.bench.sandbox (separate process, timeout, memory limit, temporary directory, no network).
+Execution: imtune.bench.sandbox runs each program in bubblewrap (no network, no host files, own PID namespace,
+process/memory/CPU/file limits) and counts a pass only when its harness reports, with a token the program cannot
+reach, that `check(entry_point)` returned: an exit status is never a pass. The program is three parts compiled
+separately (prompt + completion, the test, `check(entry_point)`), so a completion cannot swallow the test. Without
+bubblewrap, scoring refuses unless --unsafe-no-sandbox.
 pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), in its numerically stable product form.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from math import prod
 
 from ..types import Message, UsageError
 from . import Verdict, read_rows, text_field
-from .sandbox import run_programs
+from .sandbox import find_sandbox, run_programs
 
 KEY_FIELDS = ("task_id",)
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
@@ -43,6 +47,8 @@ class Options:
     """address-space limit of each program"""
     workers: int = 2
     """programs run at once"""
+    unsafe_no_sandbox: bool = False
+    """run model code even where bubblewrap cannot isolate it (it can then reach your files and the network)"""
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ def load(data: str, limit: int | None, opts: Options) -> list[Problem]:
                                 (Message("user", INSTRUCTION.format(prompt=prompt)),),
                                 text_field(where, r, "canonical_solution"), prompt, text_field(where, r, "test"),
                                 text_field(where, r, "entry_point")))
+    find_sandbox(opts.unsafe_no_sandbox)  # refuse before generating, not after
     return problems
 
 
@@ -99,13 +106,14 @@ def postprocess(problem: Problem, reply: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def program(problem: Problem, completion: str) -> str:
-    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+def program(problem: Problem, completion: str) -> tuple[str, str, str]:
+    """The official program `prompt + completion + test + check(entry_point)`, as three separately compiled parts."""
+    return f"{problem.prompt}{completion}\n", f"{problem.test}\n", f"check({problem.entry_point})\n"
 
 
 def score(pairs: list[tuple[Problem, str]], opts: Options, progress: bool = False) -> list[Verdict]:
     outcomes = run_programs([program(p, c) for p, c in pairs], opts.timeout, opts.memory_mb, opts.workers,
-                            progress=progress)
+                            progress=progress, unsafe_no_sandbox=opts.unsafe_no_sandbox)
     return [Verdict(o.passed, str(o)) for o in outcomes]
 
 

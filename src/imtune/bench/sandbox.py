@@ -1,33 +1,56 @@
-"""Run model-written Python programs, each in its own short-lived process, never in ours.
+"""Run model-written Python programs in a bubblewrap sandbox, each in its own short-lived process, never in ours.
 
-`run_programs(programs, timeout, memory_mb, workers) -> [Outcome]`. What each program gets:
+`run_programs(programs, timeout, memory_mb, workers) -> [Outcome]`. A program is a sequence of source parts (one
+string is one part); each part is compiled on its own and executed in order in one namespace, so a part cannot
+swallow the next (an unclosed string in a completion cannot hide the test or the `check(...)` call).
 
-- a fresh interpreter, `python -I` (isolated mode: no PYTHON* variables, no user site-packages, the script's folder
-  not on sys.path), started in a new session so that on timeout its whole process group is killed;
-- resource limits set in `preexec_fn` before exec: RLIMIT_AS = memory_mb (address space: a memory bomb gets a
-  MemoryError or dies), RLIMIT_CPU = timeout + 1 s (a backstop to the wall-clock timeout), RLIMIT_FSIZE = 16 MiB
-  (no file, stderr included, grows past that), RLIMIT_CORE = 0;
-- a fresh temporary directory as working directory and HOME, removed afterwards, and a minimal environment
-  (PATH, HOME, TMPDIR, LANG: no proxies, no tokens);
-- no network, two ways: (1) where the system allows it (root, or unprivileged user namespaces) the program runs in a
-  new, empty network namespace (`unshare -n`, or `unshare -rn`), where the only interface is a loopback that is down,
-  so even code that gets past (2) reaches nothing, the host's own 127.0.0.1 included; `network_isolation()` says which
-  was found. (2) Always, a prelude (GUARD) runs before the program and replaces `socket.socket`, `create_connection`,
-  `getaddrinfo` and friends with functions that raise OSError, and disables `os.system`, `os.fork`, `os.kill`,
-  `subprocess.Popen` and `shutil.rmtree` (HumanEval's own "reliability guard" idea). The prelude is best effort
-  (Python code can undo it); the process, the limits and the namespace are the walls.
-- stdout is discarded; stderr goes to a file in its directory and its last line is the outcome's detail.
+**A pass is proven, never inferred from an exit status.** For each program we make a random token (32 bytes from
+os.urandom) and two pipes. The token waits in the kernel's pipe buffer (`token` pipe, read end inside the sandbox);
+it is never in argv, the environment, a file, or the program's memory. HARNESS, our own code that runs inside the
+sandbox before the model's code, executes the parts; only when the last one has returned without an exception does it
+read the token from its pipe and write it to the `result` pipe, then leave with os._exit (no atexit hooks, no
+finalizers run). Imtune counts a pass only if the result pipe holds exactly that token. Exiting early (`sys.exit(0)`,
+`os._exit(0)`, at import or in the body), an atexit hook, `os.execv` (both pipe ends are close-on-exec), a swallowed
+exception that kills the check, or printing anything are all failures. This is the meaning of a pass in OpenAI's
+human-eval (the program's `check(entry_point)` returned within the time limit), never weaker. What it cannot stop:
+code that deliberately attacks the harness inside its own process (finds the two pipe descriptors and copies the
+token across, or makes `check` return by rewriting it through frames or a trace function) — the official harness has
+the same limit; the sandbox below bounds what such code can do to the host.
 
-Not isolated: the file system. A program can read, and write where this user may, outside its directory. For models
-you do not trust at all, run the benchmark as an unprivileged user or in a container.
+**Isolation: bubblewrap** (`bwrap`), started by us with:
+- new PID, network, IPC, UTS and cgroup namespaces: the program sees only its own processes (its parent is the
+  sandbox's init, which ignores signals from inside), and a network namespace with no interface but loopback;
+- a new mount namespace holding only read-only binds of /usr (and /bin, /lib, /lib64 as the host has them) and of the
+  interpreter's own prefix, a fresh /proc and minimal /dev, and a private tmpfs at /tmp (the working directory and
+  HOME, --size bounded). /etc, /home, /root, /work, the data and the run directories are not there at all;
+- `--die-with-parent` and `--new-session`; when the program's main process ends, or we kill bwrap on timeout, the
+  PID namespace ends and the kernel kills every process left in it (setsid children included);
+- run as root (as here), bwrap sets up the sandbox and `setpriv` drops to a fresh random uid with no capabilities,
+  no supplementary groups and no-new-privileges before the interpreter starts; run as another user, bwrap creates a
+  user namespace itself (`--unshare-all --cap-drop ALL`);
+- rlimits set by HARNESS before the model's code: processes (RLIMIT_NPROC, per sandbox: the uid is fresh, or the user
+  namespace is new), address space (memory_mb), CPU seconds (timeout + 1), file size, open files, no core dumps.
+- `python -I -S`: the standard library only (no site-packages), no PYTHON* variables; the environment is PATH, HOME,
+  TMPDIR and LANG only. stdout is discarded; stderr goes to an unnamed temporary file whose last line becomes the
+  outcome's detail (at most 200 characters).
+Nothing of a run stays behind: no files are written on the host (the program arrives on stdin, from an unnamed
+temporary file), and every process is gone when run_programs returns.
 
-At most `workers` programs run at once. They are started and polled from this one thread (no thread pool), because
-`preexec_fn` is not safe in a process that runs threads.
+Not isolated: the kernel (no seccomp filter; a kernel exploit escapes any namespace sandbox), CPU time of the host
+within the limits, and what /usr and the interpreter's prefix contain (readable). Where bubblewrap is missing or cannot
+create its namespaces, run_programs refuses (SandboxUnavailable, a UsageError saying why) unless
+`unsafe_no_sandbox=True` (`--unsafe-no-sandbox`): then the same harness, token and rlimits (but no process limit) apply
+in a plain `python -I -S` child in its own session and a temporary folder (removed afterwards), and the file system,
+network and other processes are reachable.
+
+At most `workers` programs run at once. They are started and polled from this one thread (no preexec_fn, no threads).
 """
 from __future__ import annotations
 
+import json
 import os
-import resource
+import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -37,38 +60,48 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-FSIZE_LIMIT = 16 * 2**20
+from ..types import UsageError
 
-# Runs in the child before the program (python -I -c GUARD program.py). Kept short and dependency-free.
-GUARD = r"""
-import os, runpy, shutil, socket, subprocess, sys
-def _blocked(*a, **k):
-    raise OSError("disabled in the imtune sandbox")
-class _NoSocket:
-    def __init__(self, *a, **k):
-        _blocked()
-socket.socket = socket.SocketType = _NoSocket
-import _socket
-_socket.socket = _NoSocket
-for _name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname",
-              "gethostbyname_ex", "gethostbyaddr"):
-    setattr(socket, _name, _blocked)
-for _mod, _names in ((os, ("system", "fork", "forkpty", "kill", "killpg")),
-                     (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput",
-                                   "getstatusoutput")),
-                     (shutil, ("rmtree", "move", "chown"))):
-    for _name in _names:
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _blocked)
-del _mod, _name, _names
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+PROCESS_LIMIT = 64  # processes (threads count too) one program may have at once
+FILE_LIMIT = 16 * 2**20  # bytes: the largest file (stderr included) a program may write
+TMPFS_SIZE = 64 * 2**20  # bytes: all of the private /tmp
+OPEN_FILES = 64
+DETAIL_CHARS = 200
+
+# Our code, run by the sandboxed interpreter before (and around) the model's code: argv = token fd, result fd, rlimits.
+HARNESS = r"""
+import os, resource, sys, json
+_read, _write, _exit = os.read, os.write, os._exit
+token_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+os.set_inheritable(token_fd, False)
+os.set_inheritable(result_fd, False)
+for name, value in json.loads(sys.argv[3]).items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+parts = json.loads(sys.stdin.read())
+del sys.argv[1:]
+namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+try:
+    for i, source in enumerate(parts):
+        exec(compile(source, "<program part %d>" % i, "exec"), namespace)
+except BaseException as e:
+    try:
+        line = "%s: %s" % (type(e).__name__, e)
+        sys.stderr.write(line.replace("\n", " ") + "\n")
+        sys.stderr.flush()
+    finally:
+        _exit(1)
+_write(result_fd, _read(token_fd, 64))
+_exit(0)
 """
+
+
+class SandboxUnavailable(UsageError):
+    """Model code would have run without isolation: bubblewrap is missing or cannot create its namespaces."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "passed" (exit status 0), "failed" (anything else) or "timed out"
+    status: str  # "passed" (the harness returned the token after the last part), "failed" or "timed out"
     detail: str = ""  # the last line of stderr, the signal, or the time limit
 
     @property
@@ -79,85 +112,180 @@ class Outcome:
         return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
-@lru_cache(maxsize=1)
-def network_isolation() -> tuple[str, ...]:
-    """The command prefix that puts a process in a new network namespace here, or () when none works."""
-    exe = shutil.which("unshare")
-    if exe is None:
-        return ()
-    for prefix in ((exe, "-n"), (exe, "-rn")):
-        try:
-            ok = subprocess.run([*prefix, "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
-        if ok:
-            return prefix
-    return ()
+def _interpreter() -> tuple[str, str]:
+    """The real interpreter behind sys.executable (not a venv's symlink) and the prefix it needs."""
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable)), os.path.realpath(sys.base_prefix)
 
 
-def _limits(memory_bytes: int, cpu_seconds: int):
-    def apply() -> None:  # runs in the child between fork and exec: only plain system calls here
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def _mounts(prefix: str) -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        parents = prefix.strip("/").split("/")[:-1]  # made 0755: bwrap would copy the host's modes (/root: 0700)
+        for i in range(1, len(parents) + 1):
+            args += ["--perms", "0755", "--dir", "/" + "/".join(parents[:i])]
+        args += ["--ro-bind", prefix, prefix]
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_SIZE), "--perms", "1777", "--tmpfs", "/tmp",
+             "--chdir", "/tmp"]
+    return args
 
-    return apply
+
+def sandbox_command(bwrap: str) -> list[str]:
+    """The command line that starts the interpreter inside bubblewrap (HARNESS and its arguments follow)."""
+    python, prefix = _interpreter()
+    common = ["--die-with-parent", "--new-session", *_mounts(prefix)]
+    if os.geteuid() == 0:  # privileged bwrap; setpriv then drops to a uid no other process has
+        uid = str(random.SystemRandom().randrange(2**30, 2**31))
+        return [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                *common, "--", shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid", uid, "--regid", uid,
+                "--clear-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
+                python, "-I", "-S"]
+    return [bwrap, "--unshare-all", "--cap-drop", "ALL", *common, "--", python, "-I", "-S"]
 
 
 @dataclass
 class _Job:
     proc: subprocess.Popen
     deadline: float
-    workdir: str
-    stderr: object  # the open file stderr goes to
+    token: bytes
+    result_fd: int  # our read end of the result pipe
+    stderr: object  # the unnamed temporary file stderr goes to
+    workdir: str | None  # without the sandbox only: a temporary folder of ours, removed at the end
 
 
-def _start(program: str, prefix: tuple[str, ...], timeout: float, memory_mb: int) -> _Job:
-    workdir = tempfile.mkdtemp(prefix="imtune-sandbox-")
-    with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-        f.write(program)
-    env = {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-    err = open(os.path.join(workdir, "stderr.txt"), "w+b")
-    proc = subprocess.Popen([*prefix, sys.executable, "-I", "-c", GUARD, "program.py"], cwd=workdir, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                            preexec_fn=_limits(memory_mb * 2**20, int(timeout) + 1), start_new_session=True)
-    return _Job(proc, time.monotonic() + timeout, workdir, err)
+def _rlimits(timeout: float, memory_mb: int, sandboxed: bool) -> dict[str, int]:
+    limits = {"RLIMIT_AS": memory_mb * 2**20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": FILE_LIMIT,
+              "RLIMIT_NOFILE": OPEN_FILES, "RLIMIT_CORE": 0}
+    if sandboxed:  # RLIMIT_NPROC counts a uid's processes: per program only where the uid (or user namespace) is new
+        limits["RLIMIT_NPROC"] = PROCESS_LIMIT
+    return limits
+
+
+def _start(parts: list[str], prefix: list[str] | None, timeout: float, memory_mb: int) -> _Job:
+    token = secrets.token_hex(32).encode()
+    token_r, token_w = os.pipe()
+    result_r, result_w = os.pipe()
+    os.write(token_w, token)  # 64 bytes: sits in the pipe buffer until the harness reads it
+    os.close(token_w)
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(json.dumps(parts).encode())
+        stdin.seek(0)
+        err = tempfile.TemporaryFile()
+        command = prefix if prefix is not None else [_interpreter()[0], "-I", "-S"]
+        args = [*command, "-c", HARNESS, str(token_r), str(result_w),
+                json.dumps(_rlimits(timeout, memory_mb, prefix is not None))]
+        workdir = None if prefix is not None else tempfile.mkdtemp(prefix="imtune-unsandboxed-")
+        home = workdir or "/tmp"  # in the sandbox, /tmp is its private tmpfs
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        try:
+            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                    cwd=workdir or "/", pass_fds=(token_r, result_w), start_new_session=True)
+        except OSError:
+            os.close(result_r)
+            err.close()
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(token_r)
+            os.close(result_w)
+    os.set_blocking(result_r, False)
+    return _Job(proc, time.monotonic() + timeout, token, result_r, err, workdir)
 
 
 def _exited(job: _Job) -> bool:
-    """Has the program exited? Asked without reaping it, so its group id stays ours until _finish kills the group."""
+    """Has bwrap (or the program) exited? Asked without reaping, so its group id stays ours until _finish kills it."""
     return os.waitid(os.P_PID, job.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
+def _drain(fd: int, limit: int = 4096) -> bytes:
+    data = b""
+    while len(data) <= limit:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
-    try:  # the session holds the program and anything it started: end them all (our own child's group)
+    try:  # bwrap's group: killing bwrap ends the sandbox's PID namespace (--die-with-parent), and all in it
         os.killpg(job.proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     rc = job.proc.wait()
+    reported = _drain(job.result_fd)
+    os.close(job.result_fd)
     job.stderr.seek(0, os.SEEK_END)
     job.stderr.seek(max(0, job.stderr.tell() - 4096))
     tail = job.stderr.read().decode("utf-8", "replace")
     job.stderr.close()
-    shutil.rmtree(job.workdir, ignore_errors=True)
+    if job.workdir:
+        shutil.rmtree(job.workdir, ignore_errors=True)
     if timed_out:
         return Outcome("timed out", f"after {timeout:g} s")
-    if rc == 0:
+    if reported == job.token:
         return Outcome("passed")
+    if rc == 0:  # the harness exits 1 after a failed part: 0 without the token is an early exit, whatever it printed
+        return Outcome("failed", "ended (exit status 0) before the checks returned")
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     if lines:
-        return Outcome("failed", lines[-1][:200])
+        return Outcome("failed", lines[-1][:DETAIL_CHARS])
     if rc < 0:
         return Outcome("failed", f"killed by {signal.Signals(-rc).name}")
-    return Outcome("failed", f"exit status {rc}")
+    return Outcome("failed", f"ended (exit status {rc}) before the checks returned")
 
 
-def run_programs(programs: list[str], timeout: float = 10.0, memory_mb: int = 1024, workers: int = 2,
-                 progress: bool = False) -> list[Outcome]:
-    """The outcome of running each program, in order; at most `workers` at a time."""
-    prefix = network_isolation()
+@lru_cache(maxsize=1)
+def _probe(bwrap: str) -> str:
+    """'' if a program runs and passes inside bubblewrap here, else what went wrong."""
+    prefix = sandbox_command(bwrap)
+    job = _start(["pass"], prefix, 30.0, 256)
+    while not _exited(job) and time.monotonic() < job.deadline:
+        time.sleep(0.005)
+    outcome = _finish(job, not _exited(job), 30.0)
+    return "" if outcome.passed else str(outcome)
+
+
+@lru_cache(maxsize=None)
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def find_sandbox(unsafe_no_sandbox: bool = False) -> str | None:
+    """The bubblewrap that programs run under, after checking that it works here; None for no sandbox (only with
+    unsafe_no_sandbox, after a warning). Otherwise a SandboxUnavailable that says why and what to do."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        why = "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap; `make setup` tries)"
+    else:
+        problem = _probe(bwrap)
+        if not problem:
+            return bwrap
+        why = (f"bubblewrap cannot create its sandbox here ({problem}); it needs unprivileged user namespaces "
+               "(sysctl kernel.unprivileged_userns_clone=1, or on Ubuntu "
+               "kernel.apparmor_restrict_unprivileged_userns=0), or to run as root")
+    if unsafe_no_sandbox:
+        _warn(f"imtune: warning: running model code WITHOUT a sandbox (--unsafe-no-sandbox): {why}")
+        return None
+    raise SandboxUnavailable(f"refusing to run model-written code without isolation: {why}. Pass "
+                             "--unsafe-no-sandbox to run it anyway (it can then read and write your files and reach "
+                             "the network), or score the samples on a machine with bubblewrap.")
+
+
+def run_programs(programs: list, timeout: float = 10.0, memory_mb: int = 1024, workers: int = 2,
+                 progress: bool = False, unsafe_no_sandbox: bool = False) -> list[Outcome]:
+    """The outcome of running each program (a string, or a sequence of source parts), in order; at most `workers`
+    at a time."""
+    bwrap = find_sandbox(unsafe_no_sandbox)
     outcomes: list[Outcome | None] = [None] * len(programs)
     queue = list(reversed(range(len(programs))))
     running: dict[int, _Job] = {}
@@ -170,7 +298,9 @@ def run_programs(programs: list[str], timeout: float = 10.0, memory_mb: int = 10
         while queue or running:
             while queue and len(running) < max(1, workers):
                 i = queue.pop()
-                running[i] = _start(programs[i], prefix, timeout, memory_mb)
+                parts = [programs[i]] if isinstance(programs[i], str) else list(programs[i])
+                prefix = None if bwrap is None else sandbox_command(bwrap)  # a fresh uid for each program
+                running[i] = _start(parts, prefix, timeout, memory_mb)
             time.sleep(0.002)
             now = time.monotonic()
             for i, job in list(running.items()):

@@ -21,7 +21,7 @@ from .common import add_model_args, add_template_args, say
 OPTION_FLAGS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("shots",),
     "bbh": ("cot", "tasks", "prompts"),
-    "humaneval": ("n_samples", "k", "timeout", "memory_mb", "workers"),
+    "humaneval": ("n_samples", "k", "timeout", "memory_mb", "workers", "unsafe_no_sandbox"),
     "harness": ("tasks", "include_path", "num_fewshot", "batch_size", "apply_chat_template"),
 }
 
@@ -66,6 +66,8 @@ def add_arguments(p) -> None:
     b.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program")
     b.add_argument("--memory-mb", type=int, default=1024, help="humaneval: memory limit per program")
     b.add_argument("--workers", type=int, default=2, help="humaneval: programs run at once")
+    b.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="humaneval: run model code even without bubblewrap (it can reach your files and network)")
     b.add_argument("--include-path", default=None, metavar="DIR", help="harness: folder of extra task YAMLs")
     b.add_argument("--num-fewshot", type=int, default=None, help="harness: few-shot examples (default: task's)")
     b.add_argument("--apply-chat-template", action="store_true", help="harness: use the tokenizer's chat template")

@@ -1,0 +1,86 @@
+"""`--precision auto`: the fastest precision this machine trains in, decided by measuring it.
+
+On a GPU: bf16 (mixed: fp32 master weights, bf16 autocast) where the GPU has it, else fp32. On a CPU the answer
+differs between machines of the same kind: on an Intel Xeon with AMX (`amx_bf16`) a bf16 matrix product ran 7.3×
+faster than fp32 (2,537 vs 347 GFLOP/s, 2 cores), while on AMD EPYC builds bf16 was slower than fp32. CPU flags
+alone do not say which (a bf16 flag without AMX can still be slower), so `auto` times one bf16 and one fp32 product
+of the sizes training runs (1024 × 1024, a few ms each) and picks bf16 only when it is clearly faster (≥ 1.3×: the
+casts autocast adds cost the rest). The choice, both figures and the CPU model are recorded in data_stats.json.
+
+Two cases skip the measurement: several CPU processes (each would measure on its own and could choose differently:
+fp32, pass --precision bf16 to choose), and IMTUNE_CPU_PRECISION=fp32|bf16 in the environment, which fixes what
+`auto` means on a CPU for reproducible runs across machines (the test suite sets fp32: its equalities are fp32's).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+BF16_MARGIN = 1.3  # bf16 must beat fp32 matmul by this much to pay for autocast's casts
+
+
+@dataclass(frozen=True)
+class Precision:
+    asked: str  # auto | fp32 | bf16
+    used: str  # fp32 | bf16
+    why: str
+    fp32_gflops: float | None = None
+    bf16_gflops: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"asked": self.asked, "used": self.used, "why": self.why, "fp32_gflops": self.fp32_gflops,
+                "bf16_gflops": self.bf16_gflops, "cpu": cpu_model()}
+
+
+def resolve(asked: str) -> Precision:
+    import torch
+
+    if asked in ("fp32", "bf16"):
+        return Precision(asked, asked, "asked for")
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return Precision(asked, "bf16" if ok else "fp32", f"GPU {'has' if ok else 'lacks'} bf16")
+    fixed = os.environ.get("IMTUNE_CPU_PRECISION")
+    if fixed in ("fp32", "bf16"):
+        return Precision(asked, fixed, "IMTUNE_CPU_PRECISION")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return Precision(asked, "fp32", "several CPU processes (pass --precision bf16 to choose bf16)")
+    fp32, bf16 = probe()
+    used = "bf16" if bf16 >= BF16_MARGIN * fp32 else "fp32"
+    return Precision(asked, used, f"CPU matmul: bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s "
+                                  f"({bf16 / fp32:.2f}×; bf16 needs ≥ {BF16_MARGIN}×)", round(fp32, 1), round(bf16, 1))
+
+
+@functools.lru_cache(maxsize=1)
+def probe(n: int = 1024, repeats: int = 3) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s: the best of `repeats` n × n products each, after a warm-up, with the threads as set."""
+    import torch
+
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.empty(n, n, dtype=dtype)
+        torch.mm(a, b, out=c)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b, out=c)
+            best = min(best, time.perf_counter() - t)
+        out.append(2 * n ** 3 / max(best, 1e-9) / 1e9)
+    return out[0], out[1]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None

@@ -1,0 +1,50 @@
+"""--precision auto: measured on a CPU, recorded in the run directory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imtune import precision
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """auto as a user gets it: no IMTUNE_CPU_PRECISION, one process."""
+    monkeypatch.delenv("IMTUNE_CPU_PRECISION", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+@pytest.mark.parametrize("fp32,bf16,used", [(347.0, 2537.0, "bf16"),  # the AMX Xeon of issue 16
+                                            (900.0, 450.0, "fp32"),  # bf16 slower (AMD EPYC builds)
+                                            (100.0, 120.0, "fp32")])  # faster, but not enough to pay for casts
+def test_auto_on_cpu_follows_the_measurement(measured, monkeypatch, fp32, bf16, used):
+    monkeypatch.setattr(precision, "probe", lambda: (fp32, bf16))
+    p = precision.resolve("auto")
+    assert p.used == used and p.fp32_gflops == fp32 and p.bf16_gflops == bf16
+    assert f"{bf16:.0f}" in p.why and f"{fp32:.0f}" in p.why
+
+
+def test_probe_measures_both_precisions():
+    fp32, bf16 = precision.probe.__wrapped__(n=256, repeats=1)
+    assert fp32 > 0 and bf16 > 0
+
+
+def test_explicit_choice_env_and_several_processes_skip_the_probe(measured, monkeypatch):
+    monkeypatch.setattr(precision, "probe", lambda: pytest.fail("probe must not run"))
+    assert precision.resolve("bf16").used == "bf16" and precision.resolve("fp32").used == "fp32"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert precision.resolve("auto").used == "fp32"
+    monkeypatch.setenv("IMTUNE_CPU_PRECISION", "bf16")
+    assert precision.resolve("auto").used == "bf16"
+
+
+def test_the_choice_is_recorded_in_the_run_directory(tmp_path, measured, monkeypatch):
+    from test_train import tiny, write_conversations
+
+    from imtune.train import train
+
+    monkeypatch.setattr(precision, "probe", lambda: (100.0, 50.0))
+    run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", max_steps=1))
+    rec = json.loads((run / "data_stats.json").read_text())["precision"]
+    assert rec["asked"] == "auto" and rec["used"] == "fp32" and rec["bf16_gflops"] == 50.0
