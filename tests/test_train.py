@@ -289,6 +289,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert not (run / "checkpoints" / f"step-{stopped['step']}").exists() and not (run / "final").exists()
 
 
+def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeypatch):
+    """A checkpoint whose bytes changed after it was written (one flipped bit) is not named "last good"."""
+    from imtune import checkpoint as ckpt
+    from imtune.train import TrainingStopped, train
+
+    save = ckpt.save_checkpoint
+
+    def save_then_flip(*args, **kw):
+        path = save(*args, **kw)
+        w = path / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 1
+        w.write_bytes(bytes(data))
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_flip)
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    with pytest.raises(TrainingStopped) as e:
+        train(tiny(data, tmp_path / "run", lr=1e30, batch_size=2, max_steps=4, save_every=1, keep_checkpoints=0))
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / "COMPLETE").exists()
+    assert "Last good checkpoint: none" in str(e.value) and "step-1" not in str(e.value)
+
+
 def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
     """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
     objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""

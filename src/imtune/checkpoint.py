@@ -5,9 +5,13 @@ A checkpoint is RUN/checkpoints/step-N/ holding
  or adapter_model.safetensors + adapter_config.json   LoRA (peft's layout)
     optimizer.pt  scheduler.pt             torch state dicts (no optimizer.pt under FSDP/DeepSpeed: not gathered)
     trainer_state.json                     step, tokens seen, data fingerprint, batch geometry, RNG scheme
-    COMPLETE                               written last
+    COMPLETE                               written last: the manifest, {"files": {name: {"bytes", "sha256"}}, ...}
 It is written under checkpoints/.tmp-step-N, every file fsync'ed, then renamed into place and the parent directory
-fsync'ed: a directory named step-N with COMPLETE inside is whole, anything else is ignored by resume.
+fsync'ed: a directory named step-N with COMPLETE inside was whole when written, anything else is ignored by resume.
+Whether it is still whole (no file missing, truncated or with flipped bits) is checked against the manifest
+(`verify`) before a checkpoint is resumed from or called good; resume falls back to the newest intact one.
+Pruning renames a checkpoint out of the step-N namespace before deleting its files, so a half-deleted checkpoint is
+never listed.
 
 RNG and data order are functions of (seed, step, rank), not stored streams: the trainer reseeds torch at the start
 of every optimizer step and the micro-batches of step N are a pure function of (examples, seed, epoch). So the step
@@ -15,6 +19,7 @@ number in trainer_state.json *is* the RNG and data-order state, and it is the sa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,8 +27,69 @@ import sys
 import time
 from pathlib import Path
 
+from .types import UsageError
+
 COMPLETE = "COMPLETE"
 DONE = "DONE"
+MANIFEST_FORMAT = 1
+
+
+# -- write failures (disk full, I/O errors) --------------------------------------------------------------------------
+class WriteFailed(UsageError):
+    """A file of the run directory could not be written: said for a person (partial files already removed)."""
+
+    def __init__(self, where, reason: str, free_mb: float, tail: str):
+        self.where, self.reason, self.free_mb, self.tail = where, reason, free_mb, tail
+        super().__init__(f"cannot write {where}: {reason} ({free_mb:,.0f} MB free); {tail}")
+
+    def with_tail(self, tail: str) -> WriteFailed:
+        return WriteFailed(self.where, self.reason, self.free_mb, tail)
+
+
+# torch.save reports a full disk as a RuntimeError from its C++ writer, without an errno
+_IO_WORDS = ("iostream", "file write failed", "unexpected pos", "no space", "pytorchstreamwriter", "i/o error")
+
+
+def write_failure(err: BaseException, path: Path, run_dir: Path | None, cleanup: Path | None = None) -> WriteFailed:
+    """The WriteFailed to raise for `err`, caught while writing `path` (after removing `cleanup`, a partial temporary
+    directory). Errors that are not about writing (our bugs) are re-raised as they are."""
+    import errno
+
+    free = _free_bytes(path)
+    code = getattr(err, "errno", None)
+    if not (isinstance(err, OSError) or free < 1 << 20 or any(w in str(err).lower() for w in _IO_WORDS)):
+        raise err
+    named = getattr(err, "filename", None)
+    inside = Path(os.path.abspath(run_dir if run_dir is not None else Path(path).parent))
+    if named and not Path(os.path.abspath(named)).is_relative_to(inside):
+        raise err  # a file outside the run directory (say, a library's own file): not a failure to write ours
+    if cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    nospace = (code in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
+               or any(w in str(err).lower() for w in ("no space left", "os error 28", "quota exceeded")))
+    reason = ("no space left on device" if nospace else os.strerror(code) if code else str(err).strip().splitlines()[0])
+    where = getattr(err, "filename", None) or path
+    good = last_good(run_dir) if run_dir is not None else None
+    tail = (f"last good checkpoint: {good}; free some space and continue with --resume" if good else
+            "last good checkpoint: none; free some space and run again")
+    return WriteFailed(where, reason, _free_bytes(path) / 1e6, tail)
+
+
+def _write_errors() -> tuple[type, ...]:
+    """What the writers raise on a full disk: OSError (Python, transformers), RuntimeError (torch.save),
+    SafetensorError (safetensors)."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of `path` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
 
 
 def fsync_tree(root: Path) -> None:
@@ -66,8 +132,86 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint marked complete (not verified: see newest_intact / last_good)."""
     found = checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+# -- integrity -------------------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(d: Path, optimizer_note: str | None = None) -> None:
+    """COMPLETE = sizes and sha256 of every file in `d` (written last; `optimizer_note`: why optimizer.pt is absent)."""
+    files = {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
+    body = {"format": MANIFEST_FORMAT, "files": files, "optimizer": optimizer_note}
+    (d / COMPLETE).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    """The manifest of a checkpoint; UsageError when it is absent or unreadable."""
+    from .types import UsageError
+
+    try:
+        m = json.loads((Path(ckpt) / COMPLETE).read_text())
+        if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+            raise ValueError
+    except FileNotFoundError:
+        raise UsageError(f"{ckpt}: not a complete checkpoint (no {COMPLETE} marker); resume from another one") from None
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise UsageError(f"{ckpt}: {COMPLETE} holds no readable manifest (damaged, or written by an imtune that did "
+                         "not record checksums)") from None
+    return m
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file of the manifest is there with its size and sha256; else what is wrong, e.g.
+    "optimizer.pt: missing", "model.safetensors: 1,024 bytes, expected 12,879,104 (truncated)"."""
+    from .types import UsageError
+
+    ckpt = Path(ckpt)
+    try:
+        files = read_manifest(ckpt)["files"]
+    except UsageError as e:
+        return str(e).removeprefix(f"{ckpt}: ")
+    if not files:
+        return f"{COMPLETE}: the manifest lists no files"
+    for name, want in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name}: missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name}: {size:,} bytes, expected {want['bytes']:,}" + (" (truncated)" if size < want["bytes"] else "")
+        if sha256_file(f) != want["sha256"]:
+            return f"{name}: checksum mismatch (the file changed after it was written)"
+    return None
+
+
+def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies or None, [(newer damaged checkpoint, what is wrong)])."""
+    damaged = []
+    for _, d in reversed(checkpoints(run_dir)):
+        problem = verify(d)
+        if problem is None:
+            return d, damaged
+        damaged.append((d, problem))
+    return None, damaged
+
+
+def last_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies: the only one ever called "good"."""
+    return newest_intact(run_dir)[0]
+
+
+def _rel(p: Path, run_dir: Path) -> str:
+    try:
+        return str(Path(p).relative_to(run_dir))
+    except ValueError:
+        return str(p)
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -76,55 +220,106 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, optimizer, scheduler,
-                    trainer_state: dict, keep: int) -> Path:
-    """Write checkpoints/step-<step> atomically (see the module docstring); keep the newest `keep` (0: all)."""
+                    trainer_state: dict, keep: int,
+                    optimizer_note: str = "sharded run: the optimizer state is not gathered") -> Path:
+    """Write checkpoints/step-<step> atomically (see the module docstring); keep the newest `keep` (0: all).
+    `optimizer=None` leaves optimizer.pt out; `optimizer_note` (kept in the manifest) says why."""
     import torch
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
-    (tmp / COMPLETE).write_text("")
     final = root / f"step-{step}"
-    publish(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
+        write_manifest(tmp, None if optimizer is not None else optimizer_note)
+        publish(tmp, final)
+    except _write_errors() as e:  # a full disk: no partial checkpoint is left to fill it further
+        raise write_failure(e, final, run_dir, cleanup=tmp) from None
     if keep:
         for _, old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return final
 
 
-def read_trainer_state(ckpt: Path) -> dict:
-    if not (Path(ckpt) / COMPLETE).exists():
-        from .types import UsageError
+def remove_checkpoint(d: Path) -> None:
+    """Rename out of the step-N namespace first (atomic: never listed again), then delete the files."""
+    gone = d.with_name(f".del-{d.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(d, gone)
+    _fsync_dir(d.parent)
+    shutil.rmtree(gone, ignore_errors=True)
 
-        raise UsageError(f"{ckpt}: not a complete checkpoint (no {COMPLETE} marker); resume from another one")
+
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted writer left behind (temporary and half-deleted directories). Only the holder of
+    the run directory's lock may call this."""
+    run_dir = Path(run_dir)
+    found = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".del-step-*"),
+             *(run_dir / "checkpoints").glob(".old-*"), *run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name != ".lock":
+            p.unlink(missing_ok=True)
+    return found
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    read_manifest(ckpt)  # raises unless complete
     return json.loads((Path(ckpt) / "trainer_state.json").read_text())
 
 
 def load_weights(model, ckpt: Path, lora: bool) -> None:
     """Put a checkpoint's weights (or adapter) into `model`, exactly (tied weights stay tied)."""
-    from safetensors.torch import load_file
+    from .types import UsageError
 
     if lora:
         from peft import set_peft_model_state_dict
 
-        res = set_peft_model_state_dict(model, load_file(Path(ckpt) / "adapter_model.safetensors"))
+        try:
+            res = set_peft_model_state_dict(model, _read_safetensors(Path(ckpt) / "adapter_model.safetensors"))
+        except RuntimeError as e:  # shapes differ: another base model or rank
+            raise UsageError(f"{ckpt}: the adapter does not fit this model ({str(e).splitlines()[-1].strip()}); "
+                             "resume with the --model and --lora-r it was trained with") from None
         if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"{ckpt}: adapter keys that the model lacks: {res.unexpected_keys[:5]}")
+            raise UsageError(f"{ckpt}: adapter keys that the model lacks: {res.unexpected_keys[:5]}")
         return
     state: dict = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):  # one file, or save_pretrained's shards
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state.update(_read_safetensors(f))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: the checkpoint is of another model
+        raise UsageError(f"{ckpt}: the weights do not fit this model ({_first_mismatch(e)}); resume with the --model "
+                         "the checkpoint was trained from") from None
     tied = set(_tied_keys(model))
     if unexpected or set(missing) - tied:
-        raise RuntimeError(f"{ckpt}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise UsageError(f"{ckpt}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {unexpected[:5]}; resume with the --model it was trained from")
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .types import UsageError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path}: cannot read the weights ({e}); the checkpoint is damaged: resume from another "
+                         "one") from None
+
+
+def _first_mismatch(e: RuntimeError) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else str(e).splitlines()[0]
 
 
 def _tied_keys(model) -> list[str]:
@@ -139,14 +334,20 @@ def _tied_keys(model) -> list[str]:
 
 
 def load_optimizer(optimizer, scheduler, ckpt: Path) -> bool:
-    """Restore optimizer and scheduler state; False when the checkpoint has no optimizer state (FSDP/DeepSpeed)."""
+    """Restore optimizer and scheduler state; False when the checkpoint was written without optimizer state (its
+    manifest says so and why: optimizer_note). A listed optimizer.pt that is gone is damage, caught by verify()."""
     import torch
 
-    found = (Path(ckpt) / "optimizer.pt").exists()
+    found = "optimizer.pt" in read_manifest(ckpt)["files"]
     if found:
         optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", map_location="cpu", weights_only=True))
     return found
+
+
+def optimizer_note(ckpt: Path) -> str:
+    """Why a checkpoint holds no optimizer state (from its manifest)."""
+    return read_manifest(ckpt).get("optimizer") or "no optimizer state"
 
 
 HOW_TO_LOAD = """# A LoRA adapter trained with imtune
@@ -174,11 +375,21 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
     saved into RUN/base/ so the adapter stays loadable. name="best" writes RUN/best/ the same way (mid-training:
     --merge-lora is not applied there, it would fold the adapter into the model being trained), with `info` as
     best/best.json."""
-    import copy
-
     run_dir = Path(run_dir)
     tmp = run_dir / f".tmp-{name}"
     merge_lora = merge_lora and name == "final"
+    try:
+        return _save_final(run_dir, tmp, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
+                           base_dir, name, info)
+    except _write_errors() as e:
+        shutil.rmtree(run_dir / ".tmp-base", ignore_errors=True)
+        raise write_failure(e, run_dir / name, run_dir, cleanup=tmp) from None
+
+
+def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
+                base_dir, name: str, info: dict | None) -> Path:
+    import copy
+
     shutil.rmtree(tmp, ignore_errors=True)
     if lora and merge_lora:
         model = model.merge_and_unload()  # the adapter is folded into the weights: a plain model from here on
@@ -210,14 +421,48 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
     return final
 
 
+def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> WriteFailed:
+    """final/ could not be written: make sure the trained weights survive, and return the error to raise, saying
+    where they are and how to finish. `save(root)` writes a checkpoint of the last step under root/checkpoints/
+    (raising WriteFailed); it is tried in the run directory, then in the system temporary directory when that is on
+    another filesystem."""
+    import tempfile
+
+    run_dir = Path(run_dir)
+    good = last_good(run_dir)
+    finish = f"imtune train --output-dir {run_dir} --resume"
+    if good is not None and read_trainer_state(good)["step"] == step:
+        return failed.with_tail(f"the trained weights are safe in {good}: free some space, then `{finish}` "
+                                "writes final/")
+    roots = [run_dir]
+    tmp_root = Path(tempfile.gettempdir())
+    if tmp_root.stat().st_dev != run_dir.stat().st_dev:
+        roots.append(tmp_root)
+    for root in roots:
+        try:
+            where = save(root if root == run_dir else Path(tempfile.mkdtemp(prefix="imtune-rescue-", dir=root)))
+        except (WriteFailed, OSError):
+            continue
+        return failed.with_tail(f"the trained weights (step {step}) were saved to {where} instead: free some space, "
+                                f"then `{finish}{'' if where.parent.parent == run_dir else ' ' + str(where)}` "
+                                "writes final/")
+    return failed.with_tail(f"no checkpoint of the last step could be written either (the weights are lost); "
+                            f"last good checkpoint: {good or 'none'}")
+
+
 def mark_done(run_dir: Path, summary: dict) -> None:
     p = Path(run_dir) / DONE
     tmp = p.with_name(".tmp-DONE")
-    tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
+    try:
+        tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except OSError as e:  # final/ is written: the model is safe, only the marker is missing
+        tmp.unlink(missing_ok=True)
+        raise write_failure(e, p, run_dir).with_tail(f"the model is safe: {Path(run_dir) / 'final'} is complete "
+                                                      "and loads; only the run's DONE marker is missing") from None
 
 
 # -- resume decisions ------------------------------------------------------------------------------------------------
@@ -229,20 +474,46 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume and resume != "auto":
         p = Path(resume)
         if (p / "checkpoints").is_dir():
-            p = latest_checkpoint(p) or p
-        read_trainer_state(p)  # raises unless complete
+            return _intact_or_refuse(p)
+        problem = verify(p)
+        if problem is not None:
+            good = last_good(p.parent.parent) if p.parent.name == "checkpoints" else None
+            raise UsageError(f"{p} is damaged ({problem}); " + (f"resume from {good} instead" if good else
+                                                               "resume from another checkpoint"))
         return p
     latest = latest_checkpoint(run_dir)
     if resume == "auto":
         if latest is None:
             print(f"{run_dir}: no complete checkpoint yet; starting from step 0", file=sys.stderr)
-        return latest
+            return None
+        return _intact_or_refuse(run_dir)
     if latest is not None:
         raise UsageError(f"{run_dir} already has checkpoints (newest: {latest.name}); add --resume to continue it, "
                          "or choose another --output-dir")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").exists():
+    if not is_run_dir_or_empty(run_dir):
         raise UsageError(f"{run_dir} exists and is not an imtune run directory; choose another --output-dir")
     return None
+
+
+def is_run_dir_or_empty(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or (run_dir / "config.yaml").exists():
+        return True
+    return all(p.name == ".lock" for p in run_dir.iterdir())
+
+
+def _intact_or_refuse(run_dir: Path) -> Path:
+    """The newest intact checkpoint of a run, saying which newer ones are damaged; UsageError when none is intact."""
+    from .types import UsageError
+
+    good, damaged = newest_intact(run_dir)
+    bad = "; ".join(f"{_rel(d, run_dir)} is damaged ({why})" for d, why in damaged)
+    if good is None:
+        raise UsageError(f"{bad}; no intact checkpoint is left in {run_dir} to resume from: start again without "
+                         "--resume in another --output-dir (or delete the damaged checkpoints)")
+    if damaged:
+        print(f"imtune: {bad}; resuming from {_rel(good, run_dir)}", file=sys.stderr, flush=True)
+    return good
 
 
 def check_resumable(saved: dict, now: dict, total_steps: int, path: Path) -> None:

@@ -90,6 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
     resume: str | None = _f(None, "continue from the newest complete checkpoint in --output-dir (bare --resume), "
                                   "or from a given checkpoint directory", str)
+    allow_change: str | None = _f(None, "with --resume: settings that may differ from the run's, comma-separated "
+                                        "(e.g. max_steps,lr); recorded in RUN/changes.jsonl. Other changes are "
+                                        "refused", str)
     eval_data: str | None = _f(None, "held-out data: output-token (IT) loss is logged on it", str)
     val_data: str | None = _f(None, "validation data: output-token loss logged as val_output_loss; --keep-best "
                                     "selects on it (never on --eval-data when both are given)", str)

@@ -25,7 +25,7 @@ class RunLog:
         self.file = self.tb = self.bar = None
         if not self.active:
             return
-        path = Path(run_dir) / "metrics.jsonl"
+        path = self.path = Path(run_dir) / "metrics.jsonl"
         trim_metrics(path, start_step)  # a resumed run rewrites the steps after its checkpoint
         self.file = open(path, "a", encoding="utf-8", buffering=1)
         if tensorboard:
@@ -42,7 +42,12 @@ class RunLog:
         if not self.active:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: a message, not a traceback
+            from .checkpoint import write_failure
+
+            raise write_failure(e, self.path, self.path.parent) from None
         if self.tb is not None:
             kind = record.get("type", "train")
             for k, v in record.items():
@@ -64,7 +69,10 @@ class RunLog:
     def close(self) -> None:
         for h in (self.bar, self.tb, self.file):
             if h is not None:
-                h.close()
+                try:
+                    h.close()
+                except OSError:  # a full disk already reported by write()
+                    pass
         self.file = self.tb = self.bar = None
 
 
@@ -82,7 +90,7 @@ def trim_metrics(path: Path, keep_through_step: int) -> None:
                 keep.append(line)
         except ValueError:  # blank, or the half-written last line of a killed run
             continue
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    _write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
@@ -96,12 +104,14 @@ def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
 
 def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[float], extra: dict) -> None:
     """config.yaml (printed too), chat_template.jinja and data_stats.json: the run directory describes itself."""
+    from .guard import history
     from .types import CLASSES
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # part of the layout; empty without --save-every
-    text = cfg.to_yaml()
-    (run_dir / "config.yaml").write_text(text, encoding="utf-8")
-    (run_dir / "chat_template.jinja").write_text(prep.renderer.jinja, encoding="utf-8")
+    changed = "".join(f"# changed at {line}\n" for line in history(run_dir))  # comments: still a valid CONFIG.yaml
+    text = changed + cfg.replace(allow_change=None).to_yaml()  # a permission for one resume, not for the next
+    _write_text(run_dir / "config.yaml", text)
+    _write_text(run_dir / "chat_template.jinja", prep.renderer.jinja)
     lengths = [len(e) for e in examples]
     by_class = [0] * len(CLASSES)
     for e in examples:
@@ -114,5 +124,14 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
         "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
         "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,
     }
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    _write_text(run_dir / "data_stats.json", json.dumps(stats, indent=1) + "\n")
     print(f"# imtune train -> {run_dir}\n{text}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:  # disk full: a message, not a traceback
+        from .checkpoint import write_failure
+
+        raise write_failure(e, path, path.parent) from None

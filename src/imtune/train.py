@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from . import guard
 from .config import TrainConfig
 from .precision import resolve as resolve_precision
 from .distributed import (FullStateOptimizer, full_model_state, full_tensor, gradient_sync, is_fsdp, needs_cpu_fsdp,
@@ -75,6 +76,7 @@ def train(cfg: TrainConfig) -> Path:
             run.log.close()
         return run.dir
     finally:
+        guard.release()  # the run directory's lock (taken in setup)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -167,7 +169,7 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def stop(run: Run, step: int, loss: float, grad_norm: float) -> None:
-    last = ckpt.latest_checkpoint(run.dir)
+    last = ckpt.last_good(run.dir)  # verified: a damaged checkpoint is never called good
     what = "loss" if not math.isfinite(loss) else "gradient norm"
     msg = (f"step {step}: the {what} is {loss if what == 'loss' else grad_norm}; training stopped before this "
            f"update. Last good checkpoint: {last or 'none (use --save-every)'}. Try a lower --lr, "
@@ -281,9 +283,17 @@ def save_final(run: Run, name: str = "final", info: dict | None = None) -> None:
 
     state = _state_dict(run)
     if run.acc.is_main_process:
-        final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
-                                stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
-                                run.base_dir, name=name, info=info)
+        try:
+            final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
+                                    stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
+                                    run.base_dir, name=name, info=info)
+        except ckpt.WriteFailed as e:
+            if name != "final":  # best/ is a convenience; the run goes on (its checkpoints and final/ are intact)
+                raise
+            raise ckpt.rescue_weights(run.dir, e, run.total_steps, lambda root: ckpt.save_checkpoint(  # never lose
+                root, run.total_steps, run.model, state, None, run.scheduler,  # the trained weights to a failed save
+                trainer_state(run, run.total_steps, run.tokens), 0,
+                optimizer_note="left out: written after the last step, when final/ could not be")) from None
         if name == "final":
             last = ckpt.latest_checkpoint(run.dir)
             ckpt.mark_done(run.dir, {"steps": run.total_steps, "tokens": run.tokens, "final": str(final),
@@ -359,9 +369,14 @@ def setup(cfg: TrainConfig) -> Run:
     prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
     acc = make_accelerator(cfg, prec)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
+    guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
     if ckpt.is_finished(run_dir):
+        guard.check_finished(run_dir, cfg)  # "already finished" only for the same settings
         return Run(cfg, run_dir, finished=True)
+    if acc.is_main_process:
+        ckpt.clean_partial(run_dir)  # temporary directories of an interrupted writer
     resume_from = ckpt.find_resume(cfg.resume, run_dir)
+    changes = guard.check_resume(run_dir, resume_from, cfg) if resume_from is not None else {}
     if resume_from is not None and not resume_supported(acc):
         raise UsageError("--resume under DeepSpeed: imtune does not gather DeepSpeed's sharded optimizer state, so a "
                          "resume would restart the AdamW moments (an inexact run); use FSDP "
@@ -408,12 +423,15 @@ def setup(cfg: TrainConfig) -> Run:
         run.objective, run.optimizer = acc.prepare(objective, optimizer)
     run.scheduler = build_scheduler(cfg, optimizer, run.total_steps)  # stepped by us, once per optimizer step
     if resume_from is not None and not ckpt.load_optimizer(_optimizer(run), run.scheduler, resume_from):
-        raise UsageError(f"{resume_from} holds no optimizer state: resuming would restart the AdamW moments and "
-                         "train a different run; start over, or train from its weights as a new run (--model "
-                         f"{resume_from})")
+        if run.start_step < run.total_steps:
+            raise UsageError(f"{resume_from} holds no optimizer state ({ckpt.optimizer_note(resume_from)}): resuming "
+                             "would restart the AdamW moments and train a different run; start over, or train from "
+                             f"its weights as a new run (--model {resume_from})")
+        say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; nothing is left to train: final/ is written from it")
 
     # -- the run directory describes itself
     if acc.is_main_process:
+        guard.record_changes(run_dir, resume_from, run.start_step, changes)
         write_run_files(run_dir, cfg, prep, run.examples, run.ex_weight, stats_extra(run, n_micro))
         say(f"data: {prep.summary()}; {len(run.examples)} examples, {sum(run.lengths):,} tokens; "
             f"{n_micro} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per epoch; "
