@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from .templates import Renderer
 from .types import Conversation, Problem, Rendered, TokenizedExample
-from .weights import LossSpec, TokenizeReport, check_truncation, gc_paused, weigh
+from .weights import (LossSpec, TokenizeReport, check_special_policy, check_truncation, content_policy, gc_paused,
+                      weigh)
 
 
 @dataclass
@@ -45,17 +46,22 @@ def load(data: str | list[Conversation], format: str = "auto", fields: dict | No
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True) -> Prepared:
+                     cache: bool = True, special_tokens_in_content: str = "split") -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
-    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
+    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
+    special_tokens_in_content: split | keep | error, for content that spells a control token (weights.content_policy).
+    """
     from .cache import encode_cached
 
     check_truncation(truncation)  # before any work
+    check_special_policy(special_tokens_in_content)
     convs, skipped = load(data, format, fields, on_invalid, limit)
     renderer = Renderer(template, tokenizer)
     rendered = [renderer.render(c) for c in convs]
+    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
-        encoded, status = encode_cached(rendered, tokenizer, cache)
+        encoded, status = encode_cached(rendered, tokenizer, cache, split, special_tokens_in_content)
         examples, report = weigh(encoded, rendered, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
+    report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     return Prepared(examples, report, renderer, convs, rendered, skipped, status)
