@@ -24,13 +24,15 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .formats import CANONICAL_FIELDS, FORMATS, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
 
-__all__ = ["FORMATS", "LoadResult", "load_conversations", "parse_fields", "read_records"]
+__all__ = ["FORMATS", "ConversationStream", "LoadResult", "load_conversations", "parse_fields", "read_records",
+           "stream_conversations", "stream_records"]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 ON_INVALID = ("error", "skip")
@@ -47,34 +49,69 @@ class LoadResult:
 
 
 def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] | None = None,
-                       on_invalid: str = "error", max_problems: int = 20) -> LoadResult:
+                       on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
+                       allow_empty: bool = False) -> LoadResult:
     """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one."""
-    fields = _check_fields(fields)
-    if format != "auto" and format not in FORMATS:
-        raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
-    if on_invalid not in ON_INVALID:
-        raise UsageError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
-    path, items = read_records(spec)
-    fmt = _detect(items, fields) if format == "auto" else format
+    stream = stream_conversations(spec, format, fields, on_invalid, max_problems, limit, allow_empty)
+    conversations = list(stream)
+    return LoadResult(conversations, stream.skipped, stream.path, stream.format)
 
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []  # every problem of every bad record
-    skipped: list[Problem] = []  # one a bad record
-    for where, value in items:
-        if isinstance(value, Problem):
-            conversation, found = None, [value]
-        else:
-            conversation, found = to_conversation(value, where, fmt, fields)
-        if conversation is not None:
-            conversations.append(conversation)
-            continue
-        problems += found
-        first = found[0]
-        more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
-        skipped.append(Problem(first.where, first.field, first.message + more))
-    if problems and (on_invalid == "error" or not conversations):  # skip mode with nothing left is an error too
-        raise DataError(problems[:max(max_problems, 1)], total=len(problems))
-    return LoadResult(conversations, skipped if on_invalid == "skip" else [], path, fmt)
+
+class ConversationStream:
+    """The Conversations of a file or `hf:` dataset, one at a time (a large file is never held whole).
+
+    Iterate it once. `path` and `format` are known at once; `skipped` fills in while iterating (on_invalid="skip");
+    with on_invalid="error" the problems of every bad record are raised together, as a DataError, when the iteration
+    reaches the end (or at once when there is nothing valid at all). limit: stop after this many conversations."""
+
+    def __init__(self, spec: str, format: str = "auto", fields: dict[str, str] | None = None,
+                 on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
+                 allow_empty: bool = False):
+        self.fields = _check_fields(fields)
+        if format != "auto" and format not in FORMATS:
+            raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
+        if on_invalid not in ON_INVALID:
+            raise UsageError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
+        self.path, items = stream_records(spec)
+        head: list[Item] = []
+        if format == "auto":  # read up to the first record that fits a format (usually the first)
+            for item in items:
+                head.append(item)
+                if detect(item[1], self.fields) is not None:
+                    break
+            format = _detect(head, self.fields)
+        self.format = format
+        self._items = chain(head, items)
+        self.on_invalid, self.max_problems, self.limit, self.allow_empty = on_invalid, max_problems, limit, allow_empty
+        self.skipped: list[Problem] = []  # one per record skipped under on_invalid="skip"
+        self.n_read = 0  # records read (valid or not)
+
+    def __iter__(self) -> Iterator[Conversation]:
+        problems: list[Problem] = []  # the first max_problems problems of bad records
+        n_problems = n_ok = 0
+        for where, value in self._items:
+            if self.limit is not None and n_ok >= self.limit:
+                break
+            self.n_read += 1
+            if isinstance(value, Problem):
+                conversation, found = None, [value]
+            else:
+                conversation, found = to_conversation(value, where, self.format, self.fields, self.allow_empty)
+            if conversation is not None:
+                n_ok += 1
+                yield conversation
+                continue
+            n_problems += len(found)
+            problems += found[:max(self.max_problems, 1) - len(problems)]
+            if self.on_invalid == "skip":
+                first = found[0]
+                more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
+                self.skipped.append(Problem(first.where, first.field, first.message + more))
+        if n_problems and (self.on_invalid == "error" or not n_ok):  # skip mode with nothing left is an error too
+            raise DataError(problems, total=n_problems)
+
+
+stream_conversations = ConversationStream
 
 
 def parse_fields(items: list[str] | None) -> dict[str, str]:
@@ -103,7 +140,7 @@ def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
 def _detect(items: list[Item], fields: dict[str, str]) -> str:
     """The format of the first record that fits one; a record that fits none is a problem with the whole file."""
     first = None
-    for where, value in items:
+    for where, value in items:  # the head of the stream, up to the first record that fits a format
         name = detect(value, fields)
         if name is not None:
             return name
