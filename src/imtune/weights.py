@@ -333,7 +333,23 @@ def _tokens(texts: list[str], tokenizer,
     return input_ids, starts, lengths
 
 
+ENCODE_CHUNK = 16384  # texts per tokenizer call: the call's Python ids/offsets lists (~1 KB per text) stay bounded
+
+
 def encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
+    """Tokenize every rendered text and give each token its class: one batched call per ENCODE_CHUNK texts (all of
+    LIMA is one), the results joined into flat arrays."""
+    if len(rendered) <= ENCODE_CHUNK:
+        return _encode(rendered, tokenizer, split)
+    parts = []
+    for a in range(0, len(rendered), ENCODE_CHUNK):
+        part = {k - a: v for k, v in (split or {}).items() if a <= k < a + ENCODE_CHUNK}
+        parts.append(_encode(rendered[a:a + ENCODE_CHUNK], tokenizer, part))
+    return Encoded(*(np.concatenate([getattr(e, f) for e in parts])
+                     for f in ("input_ids", "classes", "history", "lengths")))
+
+
+def _encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
     """Tokenize every rendered text (one batched call) and give each token its class, for all examples at once.
 
     Equal to _class_ids per example: the texts are laid end to end, each followed by one sentinel character of class
@@ -384,7 +400,13 @@ def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length
     weighted = w > 0
     weighted[np.asarray(bounds[:-1])[encoded.lengths > 0]] = False
     n_weighted = np.concatenate([[0], np.cumsum(weighted)])
-    ids_l, w_l, cls_l = encoded.input_ids.tolist(), w.tolist(), encoded.classes.tolist()
+    # Python lists for the examples, sharing one int object per vocabulary id and one float per weight value (a
+    # million examples would otherwise hold a fresh int and float per token: ~50 bytes a token more).
+    ids_l = _shared(encoded.input_ids)
+    w_l = _shared(w, np.asarray([*table.tolist(), spec.table["user"]]),
+                  np.where(encoded.history.astype(bool), len(CLASSES), encoded.classes) if spec.last_turn_only
+                  else encoded.classes)
+    cls_l = encoded.classes.tolist()
     out: list[TokenizedExample] = []
     for r, a, b in zip(rendered, bounds[:-1], bounds[1:]):
         n, truncated = b - a, False
@@ -404,6 +426,17 @@ def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length
             continue
         out.append(TokenizedExample(ids_l[a:b], w_l[a:b], cls_l[a:b], r.source, truncated))
     return out, report
+
+
+def _shared(values: np.ndarray, table: np.ndarray | None = None, index: np.ndarray | None = None) -> list:
+    """values.tolist() (token ids, or table[index] when a table is given), equal values sharing one Python object."""
+    if not len(values):
+        return []
+    if table is None:  # token ids: one int object per id up to the largest
+        table, index = np.arange(int(values.max()) + 1), values
+    objects = np.empty(len(table), dtype=object)
+    objects[:] = table.tolist()
+    return objects[index].tolist()
 
 
 def tokenize(rendered: list[Rendered], tokenizer, spec: LossSpec, max_length: int | None = None,

@@ -78,7 +78,7 @@ def run(args) -> int:
                             fields_from(args), args.on_invalid, limit=limit,
                             special_tokens_in_content=args.special_tokens_in_content)
     color = _use_color(args.color)
-    by_source = {r.source: r for r in prep.rendered}
+    by_source = {c.source: c for c in prep.conversations}
     say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
     for p in prep.load_skipped[:20]:
         say(f"skipped: {p}")
@@ -89,7 +89,8 @@ def run(args) -> int:
     for ex in shown:
         print(f"{CYAN if color else ''}── example {ex.source.index} ({ex.source}) ── {summary(ex)}"
               f"{RESET if color else ''}")
-        print(show(ex, by_source[ex.source], tok, color, args.tokens, args.special_tokens_in_content))
+        rendered = prep.renderer.render(by_source[ex.source])
+        print(show(ex, rendered, tok, color, args.tokens, args.special_tokens_in_content))
     if args.jsonl:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             for ex in prep.examples:
