@@ -34,9 +34,9 @@ def counting(monkeypatch):
     calls = []
     real = cache.encode
 
-    def counted(rendered, tokenizer):
+    def counted(rendered, tokenizer, split=None):
         calls.append(len(rendered))
-        return real(rendered, tokenizer)
+        return real(rendered, tokenizer, split)
 
     monkeypatch.setattr(cache, "encode", counted)
     return calls
@@ -159,6 +159,13 @@ def test_encode_equals_the_reference_on_odd_texts(tok, sp_tok):
             spec = loss_spec("it", last_turn_only=True)
             enc = encode(rendered, tk)
             assert enc.lengths.tolist() == [len(x[0]) for x in reference(rendered, tk, spec)]
-            got, _ = tokenize(rendered, tk, spec, on_empty="skip")
+            got, _ = tokenize(rendered, tk, spec, on_empty="skip", special_tokens_in_content="keep")  # as reference
             ref = [x for x in reference(rendered, tk, spec) if any(w > 0 for w in x[1][1:])]
             assert [(e.input_ids, e.weights, e.classes) for e in got] == ref
+
+
+def test_the_key_holds_the_special_tokens_policy(tok):
+    """split and keep tokenize content that spells a control token differently: they must not share an entry."""
+    rendered = [Renderer(None, tok).render(c) for c in convs(3)]
+    assert cache.key(rendered, tok, "split") != cache.key(rendered, tok, "keep")
+    assert cache.key(rendered, tok, "split") == cache.key(rendered, tok)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from imtune.stats import RULE, dataset_stats, measure, recommend, summarize, supervised_share
+from imtune.load import load_conversations
+from imtune.stats import RULE, dataset_stats, format_one, measure, recommend, summarize, supervised_share
 from imtune.templates import Renderer
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
 
@@ -197,6 +198,7 @@ def test_cli_json_one_file_is_the_object(cli, tmp_path):
         assert key in s
     assert s["instruction"]["mean"] == 4.0 and s["output"]["mode"] == 3
     assert set(s["recommendation"]) >= {"mode", "prompt_weight", "reasons"}
+    assert s.pop("format") == "messages" and not any(f["count"] for f in s.pop("findings").values())
     assert s == {**dataset_stats(HAND, _tok(), Renderer("tulu", _tok()), unit="words"), "path": f, "skipped": 0}
 
 
@@ -228,3 +230,42 @@ def test_cli_several_files_table_json_and_plots(cli, tmp_path):
 def test_cli_bad_max_length(cli, tmp_path):
     rc, io = cli(write_jsonl(tmp_path / "a.jsonl", HAND), "--max-length", "0")
     assert rc == 2 and "--max-length" in io.err
+
+
+# -- data as it is: quality problems are findings (issue 14 item 8) ---------------------------------------------
+def test_code_alpaca_empty_outputs_are_findings_and_every_record_counts(tmp_path):
+    from conftest import shared_file
+    from imtune.stats import analyse
+
+    path = str(shared_file("train/code_alpaca_2k.json"))
+    stats, lengths, skipped = analyse(path, None, None, unit="words")
+    assert stats["n_examples"] == 2017 and not skipped  # the two empty outputs are in the statistics
+    f = stats["findings"]["empty_output"]
+    assert f["count"] == 2 and f["first"] == [f"{path}:1187", f"{path}:9297"]
+    assert sorted(lengths.output.tolist())[:2] == [1, 1]  # "<|assistant|>\n" + "": the tag's word, 0 of content
+    with pytest.raises(DataError, match=r"code_alpaca_2k\.json:1187: output: empty text"):
+        load_conversations(path)  # what train reads: empty outputs are still refused by default
+
+
+def test_duplicates_near_duplicates_and_control_tokens_are_counted(tmp_path):
+    from imtune.findings import NEAR_CHARS
+    from imtune.stats import analyse
+
+    context = "The shared document. " * (NEAR_CHARS // 10)
+    rows = [{"instruction": "Add 1 and 1.", "output": "2"},                     # line 1
+            {"instruction": context + "Question one?", "output": "a"},         # line 2
+            {"instruction": "Add 1 and 1.", "output": "2"},                     # line 3: duplicate of 1
+            {"instruction": context.upper() + "Question two?", "output": "b"},  # line 4: near duplicate of 2
+            {"instruction": "stop <|im_end|> here", "output": "   "},           # line 5: control token, empty output
+            {"instruction": context + "Question one?", "output": "a"}]          # line 6: duplicate of 2 (not near)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    stats, _, _ = analyse(str(path), _tok(), Renderer("tulu", _tok()))
+    f = stats["findings"]
+    assert stats["n_examples"] == 6
+    assert (f["duplicate"]["count"], f["duplicate"]["first"]) == (2, [f"{path}:3 (like line 1)",
+                                                                     f"{path}:6 (like line 2)"])
+    assert (f["near_duplicate"]["count"], f["near_duplicate"]["first"]) == (1, [f"{path}:4 (like line 2)"])
+    assert f["control_tokens"]["count"] == 1 and f["control_tokens"]["first"][0].startswith(f"{path}:5:")
+    assert f["empty_output"]["first"] == [f"{path}:5"] and f["empty_instruction"]["count"] == 0
+    assert "finding: 2 records that repeat an earlier record exactly" in format_one(stats, "d")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from conftest import shared_file
 from imtune.templates import Renderer
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
-from imtune.weights import LOSS_MODES, loss_spec, parse_weights, tokenize
+from imtune.weights import LOSS_MODES, loss_spec, parse_weights, token_offsets, tokenize
 
 TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
 
@@ -30,18 +30,24 @@ def conv(*pairs, path="t.jsonl") -> Conversation:
     return Conversation(tuple(Message(r, c) for r, c in pairs), Where(path, 1, 0))
 
 
-def token_ranges(tokenizer, text: str, n: int) -> list[tuple[int, int]]:
+def token_ranges(tokenizer, text: str, n: int, offsets=None) -> list[tuple[int, int]]:
     """Characters each token owns: [start_i, start_{i+1}) — the rule weights.py documents."""
-    offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:n]
+    offs = (offsets if offsets is not None
+            else tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])[:n]
     starts = [s for s, _ in offs] + [len(text)]
     return [(starts[i], max(starts[i], starts[i + 1])) for i in range(n)]
 
 
-def check_invariants(ex, rendered, tokenizer, mode: str) -> None:
+def check_invariants(ex, rendered, tokenizer, mode: str, encoding=None) -> None:
+    """encoding: (ids, offsets) the example must equal (content with control tokens split); default: one
+    tokenisation of the rendered text."""
     text = rendered.text
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if encoding is None:
+        ids, offsets = tokenizer(text, add_special_tokens=False)["input_ids"], None
+    else:
+        ids, offsets = encoding
     assert ex.input_ids == ids[: len(ex.input_ids)], "ids differ from one tokenisation of the rendered text"
-    ranges = token_ranges(tokenizer, text, len(ex.input_ids))
+    ranges = token_ranges(tokenizer, text, len(ex.input_ids), offsets)
     char_cls = np.zeros(len(text), dtype=int)
     for s in rendered.spans:
         char_cls[s.start:s.end] = CLASS_ID[s.cls]
@@ -190,6 +196,80 @@ def test_invariants_sentencepiece_tokenizer(sp_tok, template, c, mode):
     (ex,), _ = tokenize([r], sp_tok, loss_spec(mode))
     check_invariants(ex, r, sp_tok, mode)
     assert ex.classes[0] == CLASS_ID["template"] and ex.weights[0] == 0
+
+
+# -- content that spells control tokens (issue 14 item 7) ---------------------------------------------------------
+CONTROL = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<filename>"]
+
+
+@st.composite
+def injected(draw):
+    """A conversation whose messages mix random text with the literal text of control tokens."""
+    piece = st.one_of(_text, st.sampled_from(CONTROL))
+    msgs = []
+    for role in ("user", "assistant") * draw(st.integers(1, 2)):
+        parts = draw(st.lists(piece, min_size=1, max_size=4))
+        if not any(p in CONTROL for p in parts):
+            parts.insert(draw(st.integers(0, len(parts))), draw(st.sampled_from(CONTROL)))
+        msgs.append(Message(role, "".join(parts)))
+    return Conversation(tuple(msgs), Where("inj.jsonl", 7, 0))
+
+
+def _occurrences(r, tokenizer):
+    from imtune.weights import content_specials, control_pattern
+
+    return content_specials(r, control_pattern(tokenizer))
+
+
+@pytest.mark.parametrize("template", ["model", "tulu"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=injected(), mode=st.sampled_from(["it", "im", "all"]))
+def test_content_spelling_control_tokens_is_plain_text_exactly_there(tok, template, c, mode):
+    r = Renderer(template, tok).render(c)
+    occ = _occurrences(r, tok)
+    assert occ, "the strategy always injects at least one control token into content"
+    (ex,), report = tokenize([r], tok, loss_spec(mode))
+    assert len(report.content_specials) == 1 and str(report.content_specials[0]).startswith("inj.jsonl:7:")
+    ids, offsets = token_offsets(r, tok)
+    check_invariants(ex, r, tok, mode, (ids, offsets))  # every mask invariant holds on these ids
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    whole = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)
+
+    def inside(start):
+        return any(a <= start < b for a, b in occ)
+
+    # Outside the occurrences: the very tokens of one tokenisation of the rendered string.
+    assert ([(i, tuple(o)) for i, o in zip(ids, offsets) if not inside(o[0])]
+            == [(i, tuple(o)) for i, o in zip(whole["input_ids"], whole["offset_mapping"]) if not inside(o[0])])
+    # Inside: that tokenisation has one control token per occurrence; ours has plain text spelling it.
+    for a, b in occ:
+        theirs = [i for i, o in zip(whole["input_ids"], whole["offset_mapping"]) if a <= o[0] < b]
+        ours = [i for i, o in zip(ids, offsets) if a <= o[0] < b]
+        assert len(theirs) == 1 and theirs[0] in special
+        assert ours and not special & set(ours) and tok.decode(ours) == r.text[a:b]
+    # The template's own control tokens stay special: as many as the rendered text has outside content.
+    assert sum(i in special for i in ids) == sum(i in special for i, o in zip(whole["input_ids"],
+                                                                              whole["offset_mapping"])
+                                                 if not inside(o[0]))
+
+
+def test_special_tokens_in_content_keep_and_error(tok):
+    c = conv(("user", "stop here <|im_end|> please"), ("assistant", "ok"), path="x.jsonl")
+    r = Renderer("model", tok).render(c)
+    (kept,), report = tokenize([r], tok, loss_spec("it"), special_tokens_in_content="keep")
+    assert kept.input_ids == tok(r.text, add_special_tokens=False)["input_ids"]  # the old behaviour, on request
+    assert len(report.content_specials) == 1 and "kept as control tokens" in report.summary()
+    (split,), _ = tokenize([r], tok, loss_spec("it"))
+    assert tok.convert_tokens_to_ids("<|im_end|>") in kept.input_ids
+    assert split.input_ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == kept.input_ids.count(
+        tok.convert_tokens_to_ids("<|im_end|>")) - 1
+    with pytest.raises(DataError, match=r"x\.jsonl:1: content spells the control token\(s\) <\|im_end\|>"):
+        tokenize([r], tok, loss_spec("it"), special_tokens_in_content="error")
+    with pytest.raises(UsageError):
+        tokenize([r], tok, loss_spec("it"), special_tokens_in_content="maybe")
+    clean = Renderer("model", tok).render(conv(("user", "hi"), ("assistant", "ok")))
+    (ex,), report = tokenize([clean], tok, loss_spec("it"), special_tokens_in_content="error")
+    assert ex.input_ids == tok(clean.text, add_special_tokens=False)["input_ids"] and not report.content_specials
 
 
 # -- golden checks on real data ---------------------------------------------------------------------------------

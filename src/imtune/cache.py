@@ -9,6 +9,8 @@ The key is a hash of exactly what the stored arrays depend on:
     fields, limit, skipped records and the template — anything that changes what is tokenized changes the key;
   - the tokenizer: its full backend serialization (vocabulary, merges, normalizer, pre-tokenizer, added tokens) plus
     its class and special-token settings;
+  - the --special-tokens-in-content policy (split / keep: whether content that spells a control token is tokenized
+    as plain text);
   - FORMAT, the layout version of this file.
 
 Entries live in `$IMTUNE_CACHE/prep/<key>.npz` (uncompressed numpy arrays, no pickle). Writers write a temporary
@@ -62,8 +64,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fp
 
 
-def key(rendered: list[Rendered], tokenizer) -> str:
-    h = hashlib.sha256(f"imtune-prep-v{FORMAT}|{tokenizer_fingerprint(tokenizer)}|{len(rendered)}|".encode())
+def key(rendered: list[Rendered], tokenizer, policy: str = "split") -> str:
+    h = hashlib.sha256(f"imtune-prep-v{FORMAT}|{tokenizer_fingerprint(tokenizer)}|{policy}|{len(rendered)}|".encode())
     # Texts with their lengths (so no separator can be forged by content), then all spans as one int64 array.
     h.update(np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered)).tobytes())
     h.update("".join(r.text for r in rendered).encode("utf-8", "surrogatepass"))
@@ -125,11 +127,13 @@ def _prune(d: Path) -> None:
         pass
 
 
-def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True) -> tuple[Encoded, str]:
-    """weights.encode, through the disk cache. Returns (encoded, "hit" | "miss" | "off")."""
+def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
+                  split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split") -> tuple[Encoded, str]:
+    """weights.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
+    `split` follows from the texts, the tokenizer and `policy` (weights.content_policy), so the key holds the policy."""
     if not (use_cache and enabled()) or sum(len(r.text) for r in rendered) < MIN_CHARS:
-        return encode(rendered, tokenizer), "off"
-    path = prep_dir() / f"{key(rendered, tokenizer)}.npz"
+        return encode(rendered, tokenizer, split), "off"
+    path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"
     e = read(path, len(rendered))
     if e is not None:
         try:
@@ -137,7 +141,7 @@ def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True) -
         except OSError:
             pass
         return e, "hit"
-    e = encode(rendered, tokenizer)
+    e = encode(rendered, tokenizer, split)
     try:
         write(path, e)
     except OSError:  # a read-only or full cache directory never stops a run

@@ -54,6 +54,9 @@ class TrainConfig:
     on_invalid: str = _f("error", "bad records: error or skip", flag="common")
     max_length: int = _f(1024, "maximum tokens per example (and per packed row)", flag="common")
     truncation: str = _f("drop", "over-long examples: drop or truncate", flag="common")
+    special_tokens_in_content: str = _f("split", "content that spells a control token (e.g. a user message holding "
+                                                 "'<|im_end|>'): split = tokenize it as plain text, keep = as the "
+                                                 "control token, error = refuse the record", flag="common")
     packing: bool = _f(True, "pack several examples into each row (attention never crosses examples); "
                              "--no-packing gives one right-padded row per example")
     limit: int | None = _f(None, "use only the first N records of --data", int)

@@ -34,6 +34,7 @@ class Record:
     fields: dict[str, str]
     format: str
     bad: Bad
+    allow_empty: bool = False  # empty or whitespace-only text is accepted (data stats), not a problem
 
     def key(self, canonical: str) -> str:
         return self.fields.get(canonical, canonical)
@@ -50,7 +51,7 @@ class Record:
 
     def text(self, canonical: str) -> str | None:
         value = self.required(canonical)
-        return None if value is None else validate.text(value, self.key(canonical), self.bad)
+        return None if value is None else validate.text(value, self.key(canonical), self.bad, self.allow_empty)
 
     def optional_text(self, canonical: str) -> str | None:
         return validate.optional_text(self.data.get(self.key(canonical)), self.key(canonical), self.bad)
@@ -90,7 +91,8 @@ def _turns(r: Record, list_field: str, role_field: str, content_field: str, role
         raw_role = r.required(role_field, turn, where + ".")
         raw_content = r.required(content_field, turn, where + ".")
         role = None if raw_role is None else validate.role(raw_role, f"{where}.{r.key(role_field)}", roles, r.bad)
-        content = None if raw_content is None else validate.text(raw_content, f"{where}.{r.key(content_field)}", r.bad)
+        content = (None if raw_content is None
+                   else validate.text(raw_content, f"{where}.{r.key(content_field)}", r.bad, r.allow_empty))
         seen.append(role)
         if role is not None and content is not None:
             messages.append(Message(role, content))
@@ -159,13 +161,14 @@ def describe_formats(fields: dict[str, str]) -> str:
     return "; ".join(f"{name} ({', '.join(fields.get(c, c) for c in f.detect)})" for name, f in FORMATS.items())
 
 
-def to_conversation(record: Any, where: Where, format: str,
-                    fields: dict[str, str]) -> tuple[Conversation | None, list[Problem]]:
-    """One record -> (Conversation, []) or (None, its problems)."""
+def to_conversation(record: Any, where: Where, format: str, fields: dict[str, str],
+                    allow_empty: bool = False) -> tuple[Conversation | None, list[Problem]]:
+    """One record -> (Conversation, []) or (None, its problems). allow_empty: empty text is no problem."""
     if not isinstance(record, dict):
         return None, [Problem(where, "", validate.not_object(record))]
     problems: list[Problem] = []
-    r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)))
+    r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)),
+               allow_empty)
     messages = FORMATS[format].convert(r)
     if problems:
         return None, problems

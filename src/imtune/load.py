@@ -24,13 +24,15 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .formats import CANONICAL_FIELDS, FORMATS, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
 
-__all__ = ["FORMATS", "LoadResult", "load_conversations", "parse_fields", "read_records"]
+__all__ = ["FORMATS", "ConversationStream", "LoadResult", "load_conversations", "parse_fields", "read_records",
+           "stream_conversations", "stream_records"]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 ON_INVALID = ("error", "skip")
@@ -47,34 +49,69 @@ class LoadResult:
 
 
 def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] | None = None,
-                       on_invalid: str = "error", max_problems: int = 20) -> LoadResult:
+                       on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
+                       allow_empty: bool = False) -> LoadResult:
     """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one."""
-    fields = _check_fields(fields)
-    if format != "auto" and format not in FORMATS:
-        raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
-    if on_invalid not in ON_INVALID:
-        raise UsageError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
-    path, items = read_records(spec)
-    fmt = _detect(items, fields) if format == "auto" else format
+    stream = stream_conversations(spec, format, fields, on_invalid, max_problems, limit, allow_empty)
+    conversations = list(stream)
+    return LoadResult(conversations, stream.skipped, stream.path, stream.format)
 
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []  # every problem of every bad record
-    skipped: list[Problem] = []  # one a bad record
-    for where, value in items:
-        if isinstance(value, Problem):
-            conversation, found = None, [value]
-        else:
-            conversation, found = to_conversation(value, where, fmt, fields)
-        if conversation is not None:
-            conversations.append(conversation)
-            continue
-        problems += found
-        first = found[0]
-        more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
-        skipped.append(Problem(first.where, first.field, first.message + more))
-    if problems and (on_invalid == "error" or not conversations):  # skip mode with nothing left is an error too
-        raise DataError(problems[:max(max_problems, 1)], total=len(problems))
-    return LoadResult(conversations, skipped if on_invalid == "skip" else [], path, fmt)
+
+class ConversationStream:
+    """The Conversations of a file or `hf:` dataset, one at a time (a large file is never held whole).
+
+    Iterate it once. `path` and `format` are known at once; `skipped` fills in while iterating (on_invalid="skip");
+    with on_invalid="error" the problems of every bad record are raised together, as a DataError, when the iteration
+    reaches the end (or at once when there is nothing valid at all). limit: stop after this many conversations."""
+
+    def __init__(self, spec: str, format: str = "auto", fields: dict[str, str] | None = None,
+                 on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
+                 allow_empty: bool = False):
+        self.fields = _check_fields(fields)
+        if format != "auto" and format not in FORMATS:
+            raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
+        if on_invalid not in ON_INVALID:
+            raise UsageError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
+        self.path, items = stream_records(spec)
+        head: list[Item] = []
+        if format == "auto":  # read up to the first record that fits a format (usually the first)
+            for item in items:
+                head.append(item)
+                if detect(item[1], self.fields) is not None:
+                    break
+            format = _detect(head, self.fields)
+        self.format = format
+        self._items = chain(head, items)
+        self.on_invalid, self.max_problems, self.limit, self.allow_empty = on_invalid, max_problems, limit, allow_empty
+        self.skipped: list[Problem] = []  # one per record skipped under on_invalid="skip"
+        self.n_read = 0  # records read (valid or not)
+
+    def __iter__(self) -> Iterator[Conversation]:
+        problems: list[Problem] = []  # the first max_problems problems of bad records
+        n_problems = n_ok = 0
+        for where, value in self._items:
+            if self.limit is not None and n_ok >= self.limit:
+                break
+            self.n_read += 1
+            if isinstance(value, Problem):
+                conversation, found = None, [value]
+            else:
+                conversation, found = to_conversation(value, where, self.format, self.fields, self.allow_empty)
+            if conversation is not None:
+                n_ok += 1
+                yield conversation
+                continue
+            n_problems += len(found)
+            problems += found[:max(self.max_problems, 1) - len(problems)]
+            if self.on_invalid == "skip":
+                first = found[0]
+                more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
+                self.skipped.append(Problem(first.where, first.field, first.message + more))
+        if n_problems and (self.on_invalid == "error" or not n_ok):  # skip mode with nothing left is an error too
+            raise DataError(problems, total=n_problems)
+
+
+stream_conversations = ConversationStream
 
 
 def parse_fields(items: list[str] | None) -> dict[str, str]:
@@ -103,7 +140,7 @@ def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
 def _detect(items: list[Item], fields: dict[str, str]) -> str:
     """The format of the first record that fits one; a record that fits none is a problem with the whole file."""
     first = None
-    for where, value in items:
+    for where, value in items:  # the head of the stream, up to the first record that fits a format
         name = detect(value, fields)
         if name is not None:
             return name
@@ -119,12 +156,25 @@ def _detect(items: list[Item], fields: dict[str, str]) -> str:
 
 
 # ---- reading: spec -> (display path, records with their Where) ----------------------------------------------------
+# The one reader of JSON/JSONL/CSV/Parquet/hub records: training data, judge outputs, bench samples and references
+# all come through here, so `path:line` means the same everywhere and U+2028 inside a JSON string survives (JSONL is
+# split on "\n" only, never str.splitlines()). Records are streamed: a JSONL or Parquet file is never held whole.
 
-def read_records(spec: str) -> tuple[str, list[Item]]:
+def read_records(spec: str, split: str = "train", list_key: str | None = None) -> tuple[str, list[Item]]:
     """The records of a file or hub dataset, in order, each with its Where (unreadable ones as Problems)."""
+    path, items = stream_records(spec, split, list_key)
+    return path, list(items)
+
+
+def stream_records(spec: str, split: str = "train", list_key: str | None = None) -> tuple[str, Iterator[Item]]:
+    """(display path, an iterator over the records with their Where). The spec is checked now (UsageError); problems
+    with the contents (DataError, or a Problem in place of a record) come while iterating.
+
+    split: the hub split when the spec gives none. list_key: a .json file may also be one object whose `list_key`
+    field holds the list of records (BBH's {"examples": [...]})."""
     if spec.startswith("hf:"):
-        return _read_hub(spec)
-    path = Path(spec)
+        return _read_hub(spec, split)
+    path = Path(spec).expanduser()
     if not path.exists():
         raise UsageError(f"{spec}: no such file")
     if path.is_dir():
@@ -137,32 +187,41 @@ def read_records(spec: str) -> tuple[str, list[Item]]:
         raise UsageError(f"{spec}: unknown file type {(suffix + ('.gz' if gz else '')) or '(no extension)'!r}; "
                          f"use {', '.join(SUFFIXES)} (text ones may be .gz) or hf:owner/name[:split]")
     try:
-        if kind == "parquet":
-            if path.stat().st_size == 0:
-                raise DataError(f"{spec}: the file is empty")
-            items = _read_parquet(path, spec)
-        else:
-            items = _read_text(path.read_bytes(), kind, gz, spec)
+        if path.stat().st_size == 0:
+            raise DataError(f"{spec}: the file is empty")
+        path.open("rb").close()  # unreadable (permissions) is the user's to fix: say so now, not mid-stream
     except OSError as e:
         raise UsageError(f"{spec}: cannot read the file ({e.strerror or e})") from None
-    if not items:
+    return spec, _nonempty(_read_file(path, kind, gz, spec, list_key), spec)
+
+
+def _nonempty(items: Iterator[Item], spec: str) -> Iterator[Item]:
+    n = 0
+    for n, item in enumerate(items, 1):
+        yield item
+    if n == 0:
         raise DataError(f"{spec}: no records")
-    return spec, items
 
 
-def _read_text(data: bytes, kind: str, gz: bool, path: str) -> list[Item]:
-    if gz:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: not a valid gzip file ({e})") from None
-    if not data.strip():
-        raise DataError(f"{path}: the file is empty")
-    if kind == "jsonl":
-        return _read_jsonl(data, path)
-    if kind == "json":
-        return _read_json(data, path)
-    return _read_csv(data, path, "\t" if kind == "tsv" else ",")
+def _read_file(path: Path, kind: str, gz: bool, spec: str, list_key: str | None) -> Iterator[Item]:
+    try:
+        with (gzip.open(path, "rb") if gz else path.open("rb")) as f:
+            if kind == "parquet":
+                yield from _read_parquet(path, spec)
+            elif kind == "jsonl":
+                yield from _read_jsonl(f, spec)
+            else:
+                data = f.read()
+                if not data.strip():
+                    raise DataError(f"{spec}: the file is empty")
+                if kind == "json":
+                    yield from _read_json(data, spec, list_key)
+                else:
+                    yield from _read_csv(data, spec, "\t" if kind == "tsv" else ",")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{spec}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise UsageError(f"{spec}: cannot read the file ({e.strerror or e})") from None
 
 
 def _utf8_problem(data: bytes, error: UnicodeDecodeError, where: Where) -> Problem:
@@ -180,59 +239,75 @@ def _decode(data: bytes, path: str) -> str:
         raise DataError([_utf8_problem(data, e, Where(path, data.count(b"\n", 0, e.start) + 1))]) from None
 
 
-def _read_jsonl(data: bytes, path: str) -> list[Item]:
-    """One JSON value a line. Split on "\\n" only: JSON strings may hold U+2028 and friends, which splitlines()
-    would split on."""
-    try:
-        lines: list[str | bytes] = data.decode("utf-8").removeprefix("\ufeff").split("\n")
-    except UnicodeDecodeError:  # decode line by line so only the bad lines become problems
-        lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    items: list[Item] = []
-    for n, line in enumerate(lines, 1):
+def _read_jsonl(f: Iterable[bytes], path: str) -> Iterator[Item]:
+    """One JSON value a line, from a binary file (or any iterable of byte lines): its lines end at b"\\n" only, so a
+    JSON string may hold U+2028 and friends, which str.splitlines() would split on. Blank lines are skipped (a file
+    of blank lines only is empty). An invalid line is a Problem in place of its record."""
+    n_items = 0
+    for n, line in enumerate(f, 1):
+        if n == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
         if not line.strip():
             continue
-        where = Where(path, n, len(items))
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                items.append((where, _utf8_problem(line, e, where)))
-                continue
+        where = Where(path, n, n_items)
         try:
-            items.append((where, json.loads(line)))
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            n_items += 1
+            yield where, _utf8_problem(line, e, where)
+            continue
+        if not text.strip():
+            continue
+        n_items += 1
+        try:
+            yield where, json.loads(text)
         except json.JSONDecodeError as e:
-            items.append((where, Problem(where, "", f"invalid JSON: {e.msg} at column {e.colno}; "
-                                                    "each line must hold one complete JSON object")))
+            yield where, Problem(where, "", f"invalid JSON: {e.msg} at column {e.colno}; "
+                                            "each line must hold one complete JSON object")
         except RecursionError:
-            items.append((where, Problem(where, "", "invalid JSON: nested too deeply")))
-    return items
+            yield where, Problem(where, "", "invalid JSON: nested too deeply")
+    if n_items == 0:
+        raise DataError(f"{path}: the file is empty")
 
 
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-def _read_json(data: bytes, path: str) -> list[Item]:
-    """A JSON array of records (line = where each element starts), or JSON lines in a .json file."""
+def _read_json(data: bytes, path: str, list_key: str | None = None) -> Iterator[Item]:
+    """A JSON array of records (line = where each element starts), an object whose `list_key` field is that array
+    (when list_key is given), or JSON lines in a .json file."""
     text = _decode(data, path)
     pos = _WS.match(text).end()
-    if not text.startswith("[", pos):
-        items = _read_jsonl(data, path)
-        if text.startswith("{", pos) and isinstance(items[0][1], Problem):
+    start = _find_list(text, pos, list_key) if list_key and text.startswith("{", pos) else None
+    if start is not None:
+        yield from _array(text, start, path, top_level=False)
+    elif text.startswith("[", pos):
+        yield from _array(text, pos, path, top_level=True)
+    else:
+        items = _read_jsonl(io.BytesIO(data), path)
+        first = next(items)
+        if text.startswith("{", pos) and isinstance(first[1], Problem):
             try:
                 whole = json.loads(text)
             except (ValueError, RecursionError):
                 whole = None
             if isinstance(whole, dict):
-                raise DataError([Problem(items[0][0], "", "the file holds one JSON object; expected an array of "
-                                                          "records [{...}, {...}] or one record per line")])
-        return items
+                expected = "an array of records [{...}, {...}]" + (f", {{{list_key!r}: [...]}}" if list_key else "")
+                raise DataError([Problem(first[0], "", f"the file holds one JSON object; expected {expected} "
+                                                       "or one record per line")])
+        yield first
+        yield from items
 
+
+def _array(text: str, pos: int, path: str, top_level: bool) -> Iterator[Item]:
+    """The elements of the JSON array whose `[` is at text[pos], each with the line where it starts. top_level: the
+    array is the whole file (nothing may follow its `]`)."""
     decoder = json.JSONDecoder()
-    items: list[Item] = []
-    line, seen = 1, 0  # line number at text offset `seen`
+    n = 0
+    line, seen = text.count("\n", 0, pos) + 1, pos  # line number at text offset `seen`
     pos = _WS.match(text, pos + 1).end()
-    while not items or text.startswith(",", pos):  # leaves at the closing `]`; `[]` has no records
-        if items:
+    while not n or text.startswith(",", pos):  # leaves at the closing `]`; `[]` has no records
+        if n:
             pos = _WS.match(text, pos + 1).end()
         elif text.startswith("]", pos):
             break
@@ -241,29 +316,53 @@ def _read_json(data: bytes, path: str) -> list[Item]:
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError([Problem(Where(path, e.lineno, len(items)), "",
+            raise DataError([Problem(Where(path, e.lineno, n), "",
                                      f"invalid JSON: {e.msg} at column {e.colno}; "
                                      "the array cannot be read past this point")]) from None
         except RecursionError:
-            raise DataError([Problem(Where(path, line, len(items)), "", "invalid JSON: nested too deeply")]) from None
-        items.append((Where(path, line, len(items)), value))
+            raise DataError([Problem(Where(path, line, n), "", "invalid JSON: nested too deeply")]) from None
+        yield Where(path, line, n), value
+        n += 1
         pos = _WS.match(text, end).end()
     if not text.startswith("]", pos):
         where = Where(path, text.count("\n", 0, pos) + 1)
         raise DataError([Problem(where, "", "invalid JSON: expected ',' or ']' after the record "
-                                            f"that starts on line {items[-1][0].line}")])
+                                            f"that starts on line {line}")])
     end = _WS.match(text, pos + 1).end()
-    if end != len(text):
+    if top_level and end != len(text):
         raise DataError([Problem(Where(path, text.count("\n", 0, end) + 1), "",
                                  "invalid JSON: extra data after the closing ']' of the array")])
-    return items
 
 
-def _read_csv(data: bytes, path: str, delimiter: str) -> list[Item]:
+def _find_list(text: str, pos: int, key: str) -> int | None:
+    """The offset of the `[` that starts field `key`'s value in the JSON object whose `{` is at text[pos]; None when
+    the object has no such list (or is not valid JSON: the caller's ordinary path then says why)."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, pos + 1).end()
+    try:
+        while text.startswith('"', pos):
+            name, pos = decoder.raw_decode(text, pos)
+            pos = _WS.match(text, pos).end()
+            if not text.startswith(":", pos):
+                return None
+            pos = _WS.match(text, pos + 1).end()
+            if name == key and text.startswith("[", pos):
+                return pos
+            _, pos = decoder.raw_decode(text, pos)
+            pos = _WS.match(text, pos).end()
+            if not text.startswith(",", pos):
+                return None
+            pos = _WS.match(text, pos + 1).end()
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return None
+
+
+def _read_csv(data: bytes, path: str, delimiter: str) -> Iterator[Item]:
     """A header row, then one record a row; a row may span lines (quoted newlines): line = where it starts."""
     reader = csv.reader(io.StringIO(_decode(data, path), newline=""), delimiter=delimiter)
     header: list[str] | None = None
-    items: list[Item] = []
+    n = 0
     try:
         while True:
             start = reader.line_num + 1
@@ -275,35 +374,41 @@ def _read_csv(data: bytes, path: str, delimiter: str) -> list[Item]:
             if header is None:
                 header = row
                 continue
-            where = Where(path, start, len(items))
+            where = Where(path, start, n)
+            n += 1
             if len(row) != len(header):
-                items.append((where, Problem(where, "", f"the row has {len(row)} cells but the header has "
-                                                        f"{len(header)}; quote cells that contain {delimiter!r}")))
+                yield where, Problem(where, "", f"the row has {len(row)} cells but the header has "
+                                                f"{len(header)}; quote cells that contain {delimiter!r}")
             else:
-                items.append((where, dict(zip(header, row))))
+                yield where, dict(zip(header, row))
     except csv.Error as e:
         raise DataError([Problem(Where(path, reader.line_num), "", f"unreadable CSV: {e}")]) from None
-    return items
 
 
-def _read_parquet(path: Path, display: str) -> list[Item]:
+def _read_parquet(path: Path, display: str) -> Iterator[Item]:
+    """One record a row, read a batch of rows at a time (the table is never held as Python objects)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Where(display, n + 1, n), row
+                n += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{display}: not a readable Parquet file ({e})") from None
-    return [(Where(display, i + 1, i), row) for i, row in enumerate(rows)]
 
 
-def _read_hub(spec: str) -> tuple[str, list[Item]]:
-    """hf:owner/name[/config][:split] through datasets.load_dataset; line = row number (1-based)."""
+def _read_hub(spec: str, default_split: str = "train") -> tuple[str, Iterator[Item]]:
+    """hf:owner/name[/config][:split] through datasets.load_dataset (rows stay in Arrow and are read one at a time);
+    line = row number (1-based)."""
     name, _, split = spec[len("hf:"):].partition(":")
     parts = name.split("/")
     if not name or len(parts) > 3 or not all(parts) or ":" in split:
         raise UsageError(f"{spec}: expected hf:owner/name[/config][:split], e.g. hf:tatsu-lab/alpaca:train")
-    split = split or "train"
+    split = split or default_split
     repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
     import datasets
 
@@ -315,7 +420,6 @@ def _read_hub(spec: str) -> tuple[str, list[Item]]:
     except Exception as e:  # noqa: BLE001 - the hub fails in many ways (network, name, split); all are the user's
         raise UsageError(f"{spec}: could not load the dataset: {type(e).__name__}: {e}") from None
     display = f"hf:{name}:{split}"
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
-    if not rows:
+    if not len(dataset):
         raise DataError(f"{display}: no records")
-    return display, [(Where(display, i + 1, i), row) for i, row in enumerate(rows)]
+    return display, ((Where(display, i + 1, i), dict(row)) for i, row in enumerate(dataset))

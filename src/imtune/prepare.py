@@ -3,14 +3,27 @@
 `prepare_examples` is what train, eval, stats and inspect call; it returns the examples plus everything a person
 should be told about what happened to their data (skipped records, truncations, examples without weight).
 Tokenisation goes through a disk cache (imtune.cache): unchanged data with the same template and tokenizer is never
-tokenized twice, whatever the loss mode."""
+tokenized twice, whatever the loss mode.
+
+Memory (1M small records): records are streamed from the file (never all parsed first), the frozen dataclasses
+have __slots__, the tokenizer runs ENCODE_CHUNK texts at a time (its per-token offset tuples are the largest
+transient), and examples share one Python int per vocabulary id and one float per class weight.
+
+A record too long to ever fit is found before tokenizing: a token covers at most `chars_per_token(tokenizer)`
+characters (twice the longest vocabulary entry), so a rendered text longer than max_length times that cannot fit in
+max_length tokens. With truncation "drop" it is dropped (`path:line`, counted); with "truncate" its text is cut to
+that many characters first (the first max_length tokens are unchanged: the cut lies far beyond them). Without
+max_length the bound is findings.MAX_CHARS characters (tokenizers abort natively on a 200 MB line)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .templates import Renderer
-from .types import Conversation, Problem, Rendered, TokenizedExample
-from .weights import LossSpec, TokenizeReport, check_truncation, gc_paused, weigh
+from .types import Conversation, Problem, Rendered, Span, TokenizedExample
+from .weights import (LossSpec, TokenizeReport, check_special_policy, check_truncation, content_policy, gc_paused,
+                      weigh)
+
+_CPT: dict[int, tuple[object, int]] = {}  # id(tokenizer) -> (tokenizer, chars per token bound)
 
 
 @dataclass
@@ -19,43 +32,96 @@ class Prepared:
     report: TokenizeReport
     renderer: Renderer
     conversations: list[Conversation]
-    rendered: list[Rendered]
     load_skipped: list[Problem]
     cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
+
+    @property
+    def rendered(self) -> list[Rendered]:
+        """Every conversation rendered (computed when asked: not held, a million of them cost ~0.5 GB)."""
+        return [self.renderer.render(c) for c in self.conversations]
 
     def summary(self) -> str:
         s = self.report.summary()
         if self.load_skipped:
             s = f"{len(self.load_skipped)} invalid records skipped; " + s
+        if self.report.dropped_unfit:
+            s += f" (first too long: {self.report.dropped_unfit[0]})"
         return s
 
 
 def load(data: str | list[Conversation], format: str = "auto", fields: dict | None = None,
          on_invalid: str = "error", limit: int | None = None) -> tuple[list[Conversation], list[Problem]]:
+    """Conversations (streamed from a file, stopping after `limit`) and the records skipped as invalid."""
     if isinstance(data, (list, tuple)):
-        convs, skipped = list(data), []
-    else:
-        from .load import load_conversations
+        convs = list(data)
+        return (convs[:limit] if limit else convs), []
+    from .load import stream_conversations
 
-        res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid)
-        convs, skipped = res.conversations, res.skipped
-    return (convs[:limit] if limit else convs), skipped
+    stream = stream_conversations(data, format=format, fields=fields, on_invalid=on_invalid, limit=limit or None)
+    return list(stream), stream.skipped
+
+
+def chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token covers: twice the longest vocabulary entry (a byte-level entry has
+    one character per byte, so it covers at most that many characters; the factor 2 leaves room for normalizers)."""
+    hit = _CPT.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+    bound = 2 * max(longest, 8)
+    _CPT[id(tokenizer)] = (tokenizer, bound)
+    return bound
+
+
+def fit_before_tokenizing(rendered: list[Rendered], tokenizer, max_length: int | None,
+                          truncation: str) -> tuple[list[Rendered], list[Problem]]:
+    """Drop (or, with truncation "truncate", cut) the texts too long to ever fit max_length tokens, before the
+    tokenizer sees them. Returns the texts to tokenize and one Problem per dropped record."""
+    from .findings import MAX_CHARS
+
+    per = chars_per_token(tokenizer)
+    limit = max_length * per if max_length else MAX_CHARS
+    if all(len(r.text) <= limit for r in rendered):
+        return rendered, []
+    kept, dropped = [], []
+    for r in rendered:
+        if len(r.text) <= limit:
+            kept.append(r)
+        elif truncation == "truncate" and max_length:
+            kept.append(_cut(r, limit))
+        else:
+            why = (f"cannot fit in --max-length {max_length} tokens (a token covers at most {per} characters)"
+                   if max_length else "too long to tokenize")
+            dropped.append(Problem(r.source, "", f"{len(r.text):,} characters {why}: dropped before tokenizing"))
+    return kept, dropped
+
+
+def _cut(r: Rendered, n: int) -> Rendered:
+    spans = tuple(Span(s.start, min(s.end, n), s.cls, s.turn) for s in r.spans if s.start < n)
+    return Rendered(r.text[:n], spans, r.source, r.n_messages)
 
 
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True) -> Prepared:
+                     cache: bool = True, special_tokens_in_content: str = "split") -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
-    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
+    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
+    special_tokens_in_content: split | keep | error, for content that spells a control token (weights.content_policy).
+    """
     from .cache import encode_cached
 
     check_truncation(truncation)  # before any work
+    check_special_policy(special_tokens_in_content)
     convs, skipped = load(data, format, fields, on_invalid, limit)
     renderer = Renderer(template, tokenizer)
-    rendered = [renderer.render(c) for c in convs]
+    rendered, unfit = fit_before_tokenizing([renderer.render(c) for c in convs], tokenizer, max_length, truncation)
+    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
-        encoded, status = encode_cached(rendered, tokenizer, cache)
+        encoded, status = encode_cached(rendered, tokenizer, cache, split, special_tokens_in_content)
         examples, report = weigh(encoded, rendered, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
-    return Prepared(examples, report, renderer, convs, rendered, skipped, status)
+    del rendered, encoded
+    report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
+    report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
+    return Prepared(examples, report, renderer, convs, skipped, status)

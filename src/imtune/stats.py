@@ -21,11 +21,13 @@ as template) — `share_unit` says which.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from .types import CLASS_ID, CLASSES, ROLES, Conversation, DataError, UsageError
+from .types import CLASS_ID, CLASSES, ROLES, Conversation, DataError, Problem, UsageError
 from .weights import LOSS_MODES
 
 UNITS = ("tokens", "words")
@@ -41,10 +43,15 @@ RULE = {
 }
 
 
+CHUNK = 4096  # conversations measured per batch: memory stays bounded whatever the size of the data
+
+
 @dataclass(frozen=True)
 class Lengths:
     """Per-example measurements, before summarising. `class_counts[i, c]`: predicted tokens (or words) of example i in
-    class CLASSES[c], used for supervised shares; `sequence`: tokens per rendered example (None without tokenizer)."""
+    class CLASSES[c], used for supervised shares; `sequence`: tokens per rendered example (None without tokenizer);
+    `words[i]`: instruction and output words (the paper's convention, whatever the unit); `roles[i, r]`: messages of
+    role ROLES[r]. Held as numpy arrays (a few bytes per example), never as Python objects per token."""
 
     unit: str
     instruction: np.ndarray
@@ -52,12 +59,23 @@ class Lengths:
     class_counts: np.ndarray
     share_unit: str
     sequence: np.ndarray | None = None
+    words: np.ndarray | None = None  # [K, 2] int64
+    roles: np.ndarray | None = None  # [K, len(ROLES)] int32
+
+    @staticmethod
+    def concat(parts: list[Lengths]) -> Lengths:
+        first = parts[0]
+        cat = lambda name: (None if getattr(first, name) is None  # noqa: E731
+                            else np.concatenate([getattr(p, name) for p in parts]))
+        return Lengths(first.unit, cat("instruction"), cat("output"), cat("class_counts"), first.share_unit,
+                       cat("sequence"), cat("words"), cat("roles"))
 
 
-def _words(conv: Conversation) -> tuple[int, int, np.ndarray]:
-    """Instruction words, output words (paper convention) and the per-class word counts (tags = template)."""
+def _words(conv: Conversation) -> tuple[int, int, list[int]]:
+    """Instruction words, output words (paper convention) and the per-class word counts (tags = template). Plain
+    Python ints: this runs once per record (a numpy array per record cost 0.5 ms each, minutes on a million)."""
     ins = out = 0
-    counts = np.zeros(len(CLASSES), dtype=np.int64)
+    counts = [0] * len(CLASSES)
     for m in conv.messages:
         n = len(f"<|{m.role}|>\n{m.content}".split())
         if m.role == "assistant":
@@ -70,42 +88,69 @@ def _words(conv: Conversation) -> tuple[int, int, np.ndarray]:
     return ins, out, counts
 
 
-def _tokens(conversations: list[Conversation], tokenizer, renderer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example: class counts over all tokens, class counts over predicted tokens, sequence length."""
+def _tokens(conversations: list[Conversation], tokenizer, renderer,
+            special_tokens_in_content: str = "split") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
+    """Per example: class counts over all tokens, class counts over predicted tokens, sequence length; and the
+    examples whose content spells a control token. One batched tokenisation (weights.encode, as training does)."""
     from .templates import Renderer
-    from .weights import loss_spec, tokenize
+    from .weights import content_policy, encode
 
     renderer = renderer or Renderer(None, tokenizer)
     rendered = [renderer.render(c) for c in conversations]
-    # Loss mode `all` gives every token weight, so tokenize keeps every example with at least two tokens.
-    examples, report = tokenize(rendered, tokenizer, loss_spec("all"), max_length=None)
-    if len(examples) != len(rendered):
-        raise DataError(report.dropped_no_weight)
-    k = len(CLASSES)
-    every = np.stack([np.bincount(ex.classes, minlength=k) for ex in examples])
-    predicted = np.stack([np.bincount(ex.classes[1:], minlength=k) for ex in examples])
-    return every, predicted, np.array([len(ex) for ex in examples])
+    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
+    enc = encode(rendered, tokenizer, split)
+    n, k = len(rendered), len(CLASSES)
+    example = np.repeat(np.arange(n), enc.lengths)
+    every = np.bincount(example * k + enc.classes, minlength=n * k).reshape(n, k)
+    predicted_mask = np.ones(len(example), dtype=bool)
+    predicted_mask[enc.bounds[:-1][enc.lengths > 0]] = False  # nothing predicts an example's first token
+    predicted = np.bincount(example[predicted_mask] * k + enc.classes[predicted_mask], minlength=n * k).reshape(n, k)
+    return every, predicted, enc.lengths.copy(), specials
 
 
-def measure(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens") -> Lengths:
-    """Conversations -> per-example lengths in `unit` (tokens need a tokenizer; words use one, if given, for shares)."""
-    if unit not in UNITS:
-        raise UsageError(f"unknown unit {unit!r}; valid: {', '.join(UNITS)}")
-    if not conversations:
-        raise DataError("no conversations to measure")
-    if tokenizer is None and unit == "tokens":
-        raise UsageError("unit tokens needs a tokenizer (or use unit words)")
-    if tokenizer is not None:
-        every, predicted, sequence = _tokens(conversations, tokenizer, renderer)
+def measure_chunk(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
+                  special_tokens_in_content: str = "split") -> tuple[Lengths, list[Problem]]:
+    """One batch of conversations -> their Lengths, and the ones whose content spells a control token."""
+    w = [_words(c) for c in conversations]
+    words = np.array([x[:2] for x in w], dtype=np.int64).reshape(-1, 2)
+    roles = np.array([[sum(m.role == r for m in c.messages) for r in ROLES] for c in conversations],
+                     dtype=np.int32).reshape(-1, len(ROLES))
+    if tokenizer is None:
+        counts = np.array([x[2] for x in w], dtype=np.int64).reshape(-1, len(CLASSES))
+        return Lengths(unit, words[:, 0], words[:, 1], counts, "words", None, words, roles), []
+    every, predicted, sequence, specials = _tokens(conversations, tokenizer, renderer, special_tokens_in_content)
+    if unit == "words":
+        instruction, output = words[:, 0], words[:, 1]
+    else:
         instruction = every[:, CLASS_ID["system"]] + every[:, CLASS_ID["user"]]
         output = every[:, CLASS_ID["assistant"]]
-    if unit == "words":
-        w = [_words(c) for c in conversations]
-        instruction = np.array([x[0] for x in w])
-        output = np.array([x[1] for x in w])
-        if tokenizer is None:
-            return Lengths(unit, instruction, output, np.stack([x[2] for x in w]), "words")
-    return Lengths(unit, instruction, output, predicted, "tokens", sequence)
+    return Lengths(unit, instruction, output, predicted, "tokens", sequence, words, roles), specials
+
+
+def chunks(items: Iterable, size: int = CHUNK) -> Iterator[list]:
+    """Consecutive lists of `size` items of any iterable (a list or a stream)."""
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def measure(conversations: Iterable[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
+            special_tokens_in_content: str = "split") -> Lengths:
+    """Conversations (a list or a stream) -> per-example lengths in `unit` (tokens need a tokenizer; words use one, if
+    given, for shares). Measured CHUNK conversations at a time, so memory does not grow with the data's size."""
+    check_unit(unit, tokenizer)
+    parts = [measure_chunk(batch, tokenizer, renderer, unit, special_tokens_in_content)[0]
+             for batch in chunks(conversations)]
+    if not parts:
+        raise DataError("no conversations to measure")
+    return Lengths.concat(parts)
+
+
+def check_unit(unit: str, tokenizer) -> None:
+    if unit not in UNITS:
+        raise UsageError(f"unknown unit {unit!r}; valid: {', '.join(UNITS)}")
+    if tokenizer is None and unit == "tokens":
+        raise UsageError("unit tokens needs a tokenizer (or use unit words)")
 
 
 def summarize(values) -> dict:
@@ -127,7 +172,7 @@ def supervised_share(class_counts: np.ndarray) -> dict[str, float]:
     return out
 
 
-def dataset_stats(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
+def dataset_stats(conversations: Iterable[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
                   max_length: int | None = None) -> dict:
     """The stats object (what `imtune data stats --json` prints for one file and the run directory saves)."""
     if max_length is not None and tokenizer is None:
@@ -137,18 +182,17 @@ def dataset_stats(conversations: list[Conversation], tokenizer=None, renderer=No
 
         renderer = Renderer(None, tokenizer)  # the tokenizer's own chat template, else tulu (as everywhere)
     lengths = measure(conversations, tokenizer, renderer, unit)
-    return stats_from_lengths(conversations, lengths, max_length, getattr(renderer, "name", None))
+    return stats_from_lengths(lengths, max_length, getattr(renderer, "name", None))
 
 
-def stats_from_lengths(conversations: list[Conversation], lengths: Lengths, max_length: int | None = None,
-                       template: str | None = None) -> dict:
-    n_asst = np.array([sum(m.role == "assistant" for m in c.messages) for c in conversations])
-    roles = {r: sum(m.role == r for c in conversations for m in c.messages) for r in ROLES}
+def stats_from_lengths(lengths: Lengths, max_length: int | None = None, template: str | None = None) -> dict:
+    n_asst = lengths.roles[:, ROLES.index("assistant")]
+    roles = dict(zip(ROLES, lengths.roles.sum(axis=0).tolist()))
     ins, out = summarize(lengths.instruction), summarize(lengths.output)
-    words = np.array([_words(c)[:2] for c in conversations]).sum(axis=0)  # the rule's unit, whatever `unit` is
+    words = lengths.words.sum(axis=0)  # the rule's unit, whatever `unit` is
     share = supervised_share(lengths.class_counts)
     stats = {
-        "n_examples": len(conversations),
+        "n_examples": len(lengths.instruction),
         "n_turns": int(n_asst.sum()),  # assistant turns
         "multi_turn_share": float((n_asst > 1).mean()),
         "roles": {r: n for r, n in roles.items() if n},
@@ -171,6 +215,36 @@ def stats_from_lengths(conversations: list[Conversation], lengths: Lengths, max_
                                "tokens_beyond": int((lengths.sequence - max_length)[over].sum())}
     stats["recommendation"] = recommend(stats)
     return stats
+
+
+def analyse(spec: str, tokenizer=None, renderer=None, unit: str = "tokens", format: str = "auto",
+            fields: dict | None = None, on_invalid: str = "error", max_length: int | None = None,
+            special_tokens_in_content: str = "split") -> tuple[dict, Lengths, list[Problem]]:
+    """A data file as it is -> (the stats object with its `findings`, the Lengths, records that could not be read).
+
+    Streams the file CHUNK records at a time (bounded memory: a million records stay well under 2 GB). Every parsable
+    record counts, empty outputs included (quality problems are findings, imtune.findings, not refusals); a record
+    that cannot be parsed at all is still an error (on_invalid="error") or skipped and returned."""
+    from .findings import Scan
+    from .load import stream_conversations
+
+    check_unit(unit, tokenizer)
+    stream = stream_conversations(spec, format, fields, on_invalid, allow_empty=True)
+    scan, parts = Scan(), []
+    for batch in chunks(stream):
+        batch = [c for c in batch if not scan.too_long(c)]
+        if not batch:
+            continue
+        lengths, specials = measure_chunk(batch, tokenizer, renderer, unit, special_tokens_in_content)
+        scan.add(batch, specials)
+        parts.append(lengths)
+    if not parts:
+        raise DataError(f"{spec}: no record to measure")
+    lengths = Lengths.concat(parts)
+    stats = stats_from_lengths(lengths, max_length, getattr(renderer, "name", None))
+    stats["findings"] = scan.result()
+    stats["format"] = stream.format
+    return stats, lengths, stream.skipped
 
 
 def recommend(stats: dict) -> dict:
@@ -253,6 +327,10 @@ def format_one(stats: dict, name: str) -> str:
                 else "dropped (or truncated, with --truncation truncate)")
         lines.append(f"  --max-length {ml['limit']:,}: {ml['over']:,} examples ({ml['over_share']:.1%}) are longer "
                      f"({ml['tokens_beyond']:,} tokens beyond it): training would see them {fate}")
+    if s.get("findings") is not None:
+        from .findings import format_findings
+
+        lines += format_findings(s["findings"])
     rec = s["recommendation"]
     lam = f" (prompt weight {rec['prompt_weight']})" if rec["prompt_weight"] is not None else ""
     lines.append(f"  recommendation (advice, not a guarantee): --loss {rec['mode']}{lam}")

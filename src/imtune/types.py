@@ -12,7 +12,7 @@ CLASSES = ("template", "system", "user", "assistant", "eot")
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: millions of these (no __dict__ each)
 class Where:
     """Where a record came from, so every later message can say `path:line`."""
 
@@ -24,19 +24,19 @@ class Where:
         return f"{self.path}:{self.line}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str  # one of ROLES
     content: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conversation:
     messages: tuple[Message, ...]
     source: Where = field(default_factory=lambda: Where("<memory>", 0, 0))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Span:
     """A character span [start, end) of the rendered text carrying one class.
 
@@ -48,7 +48,7 @@ class Span:
     turn: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rendered:
     """A conversation rendered by a template: the exact training text and where each message's content lies."""
 
@@ -58,7 +58,7 @@ class Rendered:
     n_messages: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenizedExample:
     """One tokenisation of `Rendered.text`: ids, per-token class and the loss weight of predicting that token."""
 

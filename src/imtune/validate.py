@@ -49,12 +49,13 @@ def missing(obj: dict, key: str, canonical: str, fmt: str, what: str = "record")
     return f"missing (format {fmt}); {has}; map one with --field {canonical}=NAME"
 
 
-def text(value: Any, field: str, bad: Bad) -> str | None:
-    """A required piece of text: a string with something other than whitespace in it."""
+def text(value: Any, field: str, bad: Bad, allow_empty: bool = False) -> str | None:
+    """A required piece of text: a string with something other than whitespace in it (allow_empty: any string, for
+    analysing data as it is, where empty text is a finding rather than a refusal)."""
     if not isinstance(value, str):
         bad(field, f"expected a string, got {kind(value)}")
         return None
-    if not value.strip():
+    if not value.strip() and not allow_empty:
         what = "empty" if not value else "whitespace-only"
         bad(field, f"{what} text; fill it in or remove the record")
         return None

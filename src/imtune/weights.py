@@ -7,6 +7,7 @@ carries its content's weight, and only tokens made purely of template text are `
 from __future__ import annotations
 
 import gc
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -84,10 +85,14 @@ class TokenizeReport:
     truncated: int = 0
     dropped_too_long: list[Problem] = field(default_factory=list)
     dropped_no_weight: list[Problem] = field(default_factory=list)
+    # examples whose content spells a control token, and what --special-tokens-in-content did (split / keep)
+    content_specials: list[Problem] = field(default_factory=list)
+    special_tokens_in_content: str = "split"
+    dropped_unfit: list[Problem] = field(default_factory=list)  # too many characters to ever fit --max-length
 
     @property
     def n_skipped(self) -> int:
-        return len(self.dropped_too_long) + len(self.dropped_no_weight)
+        return len(self.dropped_too_long) + len(self.dropped_no_weight) + len(self.dropped_unfit)
 
     def summary(self) -> str:
         parts = [f"{self.n_in - self.n_skipped}/{self.n_in} examples kept"]
@@ -95,14 +100,26 @@ class TokenizeReport:
             parts.append(f"{self.truncated} truncated to --max-length")
         if self.dropped_too_long:
             parts.append(f"{len(self.dropped_too_long)} dropped as longer than --max-length")
+        if self.dropped_unfit:
+            parts.append(f"{len(self.dropped_unfit)} dropped before tokenizing: too many characters to fit "
+                         "--max-length")
         if self.dropped_no_weight:
             parts.append(f"{len(self.dropped_no_weight)} skipped: no token carries loss weight")
+        if self.content_specials:
+            how = ("tokenized as plain text" if self.special_tokens_in_content == "split"
+                   else "kept as control tokens")
+            parts.append(f"{len(self.content_specials)} with content that spells a control token ({how}; first: "
+                         f"{self.content_specials[0].where})")
         return ", ".join(parts)
 
     def as_dict(self) -> dict:
         return {"n_in": self.n_in, "n_kept": self.n_in - self.n_skipped, "truncated": self.truncated,
                 "dropped_too_long": [str(p) for p in self.dropped_too_long],
-                "dropped_no_weight": [str(p) for p in self.dropped_no_weight]}
+                "dropped_no_weight": [str(p) for p in self.dropped_no_weight],
+                "dropped_unfit": [str(p) for p in self.dropped_unfit],
+                "special_tokens_in_content": self.special_tokens_in_content,
+                "content_specials": len(self.content_specials),
+                "content_specials_first": [str(p) for p in self.content_specials[:20]]}
 
 
 def _class_ids(r: Rendered, offsets: np.ndarray, last_turn_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +180,126 @@ class Encoded:
         return np.concatenate([[0], np.cumsum(self.lengths)])
 
 
+# ---- content that spells control tokens -------------------------------------------------------------------------
+# A user message holding the literal text `<|im_end|>` would become the real end-of-turn token if the rendered text
+# were tokenized as it is: data could inject control tokens. The policy (--special-tokens-in-content):
+#   split (default)  such content is tokenized as plain text; the template's own control tokens stay special.
+#   keep             the old behaviour: the tokenizer sees control tokens wherever they are spelled.
+#   error            such a record is a DataError (path:line).
+# How `split` stays one tokenisation: the rendered text is tokenized once, as always; an occurrence of a special
+# token inside a content span is one special-token id there (added tokens are cut out of the text before any other
+# step, so the text around them tokenizes independently of them), and only that id is replaced by the plain-text
+# tokens of its characters. So the ids equal one tokenisation of the rendered string everywhere except exactly
+# inside those occurrences, and only the (rare) examples that have one cost anything extra.
+SPECIAL_TOKENS_IN_CONTENT = ("split", "keep", "error")
+CONTENT_CLASSES = (CLASS_ID["system"], CLASS_ID["user"], CLASS_ID["assistant"])
+
+_CONTROL: dict[int, tuple[object, re.Pattern | None]] = {}  # id(tokenizer) -> (tokenizer, pattern)
+
+
+def check_special_policy(policy: str) -> None:
+    if policy not in SPECIAL_TOKENS_IN_CONTENT:
+        raise UsageError(f"--special-tokens-in-content must be one of {', '.join(SPECIAL_TOKENS_IN_CONTENT)}, "
+                         f"not {policy!r}")
+
+
+def control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching any special (control) token's text, longest first; None when the tokenizer has none."""
+    hit = _CONTROL.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    texts |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+    _CONTROL[id(tokenizer)] = (tokenizer, pattern)
+    return pattern
+
+
+def content_specials(r: Rendered, pattern: re.Pattern | None) -> list[tuple[int, int]]:
+    """Character ranges [start, end) of control-token text inside the content spans of r (system/user/assistant)."""
+    if pattern is None:
+        return []
+    return [m.span() for s in r.spans if s.cls in ("system", "user", "assistant") and s.end > s.start
+            for m in pattern.finditer(r.text, s.start, s.end)]
+
+
+def find_content_specials(rendered: list[Rendered], tokenizer) -> dict[int, list[tuple[int, int]]]:
+    """Example index -> the control-token ranges its content spells (only the examples that have any)."""
+    pattern = control_pattern(tokenizer)
+    found = {}
+    if pattern is None:
+        return found
+    for k, r in enumerate(rendered):
+        ranges = content_specials(r, pattern)
+        if ranges:
+            found[k] = ranges
+    return found
+
+
+def special_problem(r: Rendered, ranges: list[tuple[int, int]]) -> Problem:
+    spelled = sorted({r.text[a:b] for a, b in ranges})
+    return Problem(r.source, "", f"content spells the control token(s) {', '.join(spelled)} "
+                                 f"({len(ranges)} time(s))")
+
+
+def content_policy(rendered: list[Rendered], tokenizer, policy: str = "split",
+                   ) -> tuple[dict[int, list[tuple[int, int]]] | None, list[Problem]]:
+    """(what encode() should split, one Problem per example whose content spells a control token) under policy;
+    policy "error" raises them as a DataError."""
+    check_special_policy(policy)
+    found = find_content_specials(rendered, tokenizer)
+    problems = [special_problem(rendered[k], ranges) for k, ranges in found.items()]
+    if policy == "error" and problems:
+        hint = ("; remove the text, or pass --special-tokens-in-content split (train on it as plain text) or keep "
+                "(as control tokens)")
+        raise DataError([Problem(p.where, p.field, p.message + hint) for p in problems[:20]], total=len(problems))
+    return (found if policy == "split" else None), problems
+
+
+def token_offsets(r: Rendered, tokenizer, policy: str = "split") -> tuple[list[int], list[tuple[int, int]]]:
+    """One example's ids and character offsets exactly as encode() tokenizes it under policy (for display)."""
+    ids, offsets = _batch_encode([r.text], tokenizer)
+    ranges = content_specials(r, control_pattern(tokenizer)) if policy == "split" else []
+    if ranges:
+        return split_specials(ids[0], offsets[0], ranges, r.text, tokenizer)
+    return list(ids[0]), [tuple(o) for o in offsets[0]]
+
+
+def _plain(texts: list[str], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """ids and offsets of texts with special tokens treated as plain text (the tokenizer's split_special_tokens)."""
+    bk = getattr(tokenizer, "backend_tokenizer", None)
+    if bk is not None:
+        was = bk.encode_special_tokens
+        bk.encode_special_tokens = True
+        try:
+            encs = bk.encode_batch(texts, add_special_tokens=False)
+        finally:
+            bk.encode_special_tokens = was
+        return [(e.ids, e.offsets) for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def split_specials(ids: list[int], offsets: list, ranges: list[tuple[int, int]], text: str,
+                   tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """One example's ids/offsets with the tokens inside each range replaced by the plain-text tokens of the range."""
+    plain = _plain([text[a:b] for a, b in ranges], tokenizer)
+    out_ids, out_off, j = [], [], 0
+    for (a, b), (p_ids, p_off) in zip(ranges, plain):
+        while j < len(ids) and offsets[j][0] < a:
+            out_ids.append(ids[j])
+            out_off.append(tuple(offsets[j]))
+            j += 1
+        while j < len(ids) and offsets[j][0] < b:  # the control-token id(s) covering this range
+            j += 1
+        out_ids += p_ids
+        out_off += [(a + min(s, b - a), a + min(e, b - a)) for s, e in p_off]
+    out_ids += ids[j:]
+    out_off += [tuple(o) for o in offsets[j:]]
+    return out_ids, out_off
+
+
 def _batch_encode(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """ids and offsets of every text from one batched call, without special tokens.
 
@@ -178,11 +315,17 @@ def _batch_encode(texts: list[str], tokenizer) -> tuple[list[list[int]], list[li
     return enc["input_ids"], enc["offset_mapping"]
 
 
-def _tokens(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tokens(texts: list[str], tokenizer,
+            split: dict[int, list[tuple[int, int]]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [N] int32, start offset of every token [N] int64, tokens per text [K] int64) for all texts, from one
-    batched call. (Chunking the call to overlap this conversion with the tokenizer in a worker thread was measured
-    slower on a busy 2-core machine; see BENCHMARKS.md.)"""
+    batched call; `split`: example -> control-token ranges of its content, tokenized as plain text (see above).
+    (Chunking the call to overlap this conversion with the tokenizer in a worker thread was measured slower on a
+    busy 2-core machine; see BENCHMARKS.md.)"""
     ids, offsets = _batch_encode(texts, tokenizer)
+    if split:
+        ids, offsets = list(ids), list(offsets)
+        for k, ranges in split.items():
+            ids[k], offsets[k] = split_specials(ids[k], offsets[k], ranges, texts[k], tokenizer)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     n = int(lengths.sum())
     input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=n)
@@ -190,13 +333,29 @@ def _tokens(texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray, np.nda
     return input_ids, starts, lengths
 
 
-def encode(rendered: list[Rendered], tokenizer) -> Encoded:
+ENCODE_CHUNK = 16384  # texts per tokenizer call: the call's Python ids/offsets lists (~1 KB per text) stay bounded
+
+
+def encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
+    """Tokenize every rendered text and give each token its class: one batched call per ENCODE_CHUNK texts (all of
+    LIMA is one), the results joined into flat arrays."""
+    if len(rendered) <= ENCODE_CHUNK:
+        return _encode(rendered, tokenizer, split)
+    parts = []
+    for a in range(0, len(rendered), ENCODE_CHUNK):
+        part = {k - a: v for k, v in (split or {}).items() if a <= k < a + ENCODE_CHUNK}
+        parts.append(_encode(rendered[a:a + ENCODE_CHUNK], tokenizer, part))
+    return Encoded(*(np.concatenate([getattr(e, f) for e in parts])
+                     for f in ("input_ids", "classes", "history", "lengths")))
+
+
+def _encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
     """Tokenize every rendered text (one batched call) and give each token its class, for all examples at once.
 
     Equal to _class_ids per example: the texts are laid end to end, each followed by one sentinel character of class
     0, and one reduceat runs over all token starts plus one extra start at each sentinel (whose segment, covering the
     characters before the next example's first token, is dropped)."""
-    input_ids, first, lengths = _tokens([r.text for r in rendered], tokenizer)
+    input_ids, first, lengths = _tokens([r.text for r in rendered], tokenizer, split)
     n_chars = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered))
     base = np.concatenate([[0], np.cumsum(n_chars + 1)])  # text k starts at base[k]; its sentinel at base[k+1]-1
     char_cls = np.zeros(int(base[-1]), dtype=np.int8)
@@ -241,7 +400,13 @@ def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length
     weighted = w > 0
     weighted[np.asarray(bounds[:-1])[encoded.lengths > 0]] = False
     n_weighted = np.concatenate([[0], np.cumsum(weighted)])
-    ids_l, w_l, cls_l = encoded.input_ids.tolist(), w.tolist(), encoded.classes.tolist()
+    # Python lists for the examples, sharing one int object per vocabulary id and one float per weight value (a
+    # million examples would otherwise hold a fresh int and float per token: ~50 bytes a token more).
+    ids_l = _shared(encoded.input_ids)
+    w_l = _shared(w, np.asarray([*table.tolist(), spec.table["user"]]),
+                  np.where(encoded.history.astype(bool), len(CLASSES), encoded.classes) if spec.last_turn_only
+                  else encoded.classes)
+    cls_l = encoded.classes.tolist()
     out: list[TokenizedExample] = []
     for r, a, b in zip(rendered, bounds[:-1], bounds[1:]):
         n, truncated = b - a, False
@@ -263,12 +428,28 @@ def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length
     return out, report
 
 
+def _shared(values: np.ndarray, table: np.ndarray | None = None, index: np.ndarray | None = None) -> list:
+    """values.tolist() (token ids, or table[index] when a table is given), equal values sharing one Python object."""
+    if not len(values):
+        return []
+    if table is None:  # token ids: one int object per id up to the largest
+        table, index = np.arange(int(values.max()) + 1), values
+    objects = np.empty(len(table), dtype=object)
+    objects[:] = table.tolist()
+    return objects[index].tolist()
+
+
 def tokenize(rendered: list[Rendered], tokenizer, spec: LossSpec, max_length: int | None = None,
-             truncation: str = "drop", on_empty: str = "skip") -> tuple[list[TokenizedExample], TokenizeReport]:
+             truncation: str = "drop", on_empty: str = "skip",
+             special_tokens_in_content: str = "split") -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize each rendered text once (in one batch call) and weight every token by its class.
 
     truncation: "drop" (skip over-long examples) or "truncate" (keep the first max_length tokens).
-    on_empty: "skip" (count and report) or "error" when no token of an example carries weight."""
+    on_empty: "skip" (count and report) or "error" when no token of an example carries weight.
+    special_tokens_in_content: split | keep | error (see SPECIAL_TOKENS_IN_CONTENT)."""
     check_truncation(truncation)
+    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
     with gc_paused():
-        return weigh(encode(rendered, tokenizer), rendered, spec, max_length, truncation, on_empty)
+        examples, report = weigh(encode(rendered, tokenizer, split), rendered, spec, max_length, truncation, on_empty)
+    report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
+    return examples, report

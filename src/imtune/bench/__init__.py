@@ -16,7 +16,6 @@ LABEL.json, LABEL.samples.jsonl (prompt, completion, reference, correct) and LAB
 """
 from __future__ import annotations
 
-import gzip
 import importlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
@@ -71,70 +70,17 @@ def make_options(name: str, options: dict):
 
 
 def read_rows(spec: str, list_key: str | None = None) -> list[tuple[Where, dict]]:
-    """Records of a .jsonl / .json file (either optionally .gz) or of hf:owner/name[/config][:split], each with where
-    it came from. A .json file holds a list, or an object whose `list_key` field is the list (BBH: "examples")."""
-    if spec.startswith("hf:"):
-        return _read_hub(spec)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise UsageError(f"{spec}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{spec}: cannot read: {e}") from None
-    stem = path.name[:-3] if path.suffix == ".gz" else path.name
-    if stem.endswith(".json") and text.lstrip()[:1] in ("[", "{") and not _is_json_lines(text):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{spec}:{e.lineno}: not valid JSON: {e.msg}") from None
-        if isinstance(value, dict) and list_key and isinstance(value.get(list_key), list):
-            value = value[list_key]
-        if not isinstance(value, list):
-            raise DataError(f"{spec}: expected a JSON list of records" + (f" or {{{list_key!r}: [...]}}" if list_key
-                                                                           else ""))
-        rows = [(Where(spec, 0, i), r) for i, r in enumerate(value)]
-    else:
-        rows, problems = [], []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = Where(spec, line_no, len(rows))
-            try:
-                rows.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(Problem(where, "", f"not valid JSON: {e.msg}"))
-        if problems:
-            raise DataError(problems)
-    bad = [Problem(w, "", "expected a JSON object") for w, r in rows if not isinstance(r, dict)]
+    """Records of a .jsonl / .json file (either optionally .gz) or of hf:owner/name[/config][:split] (split `test`
+    by default), each with where it came from, through the one record reader (imtune.load). A .json file holds a
+    list, or an object whose `list_key` field is the list (BBH: "examples"); every element keeps its own line."""
+    from ..load import read_records
+
+    _, rows = read_records(spec, split="test", list_key=list_key)
+    bad = [r if isinstance(r, Problem) else Problem(w, "", "expected a JSON object") for w, r in rows
+           if not isinstance(r, dict)]
     if bad:
         raise DataError(bad)
     return rows
-
-
-def _is_json_lines(text: str) -> bool:
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
-        return False
-    try:
-        json.loads(lines[0])
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_hub(spec: str) -> list[tuple[Where, dict]]:
-    name, _, split = spec[3:].partition(":")
-    parts = name.split("/")
-    config = parts[2] if len(parts) == 3 else None
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UsageError(f"{spec}: expected hf:owner/name[/config][:split]")
-    import datasets
-
-    ds = datasets.load_dataset("/".join(parts[:2]), config, split=split or "test")
-    return [(Where(spec, i + 1, i), dict(r)) for i, r in enumerate(ds)]
 
 
 def text_field(where: Where, record: dict, name: str) -> str:

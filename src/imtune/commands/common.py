@@ -44,6 +44,10 @@ def add_length_args(p, default: int | None = None) -> None:
     p.add_argument("--max-length", type=int, default=default, help="maximum tokens per example")
     p.add_argument("--truncation", choices=["drop", "truncate"], default="drop",
                    help="over-long examples: drop them (counted) or keep their first --max-length tokens")
+    p.add_argument("--special-tokens-in-content", choices=["split", "keep", "error"], default="split",
+                   help="content that spells a control token (a user message holding '<|im_end|>'): split = "
+                        "tokenize it as plain text (the template's own control tokens stay special), keep = as the "
+                        "control token, error = refuse the record (path:line)")
 
 
 def loss_spec_from(args) -> LossSpec:

@@ -1,7 +1,11 @@
 """`imtune data stats DATA [DATA...]`: lengths, instruction/output ratio, the share of tokens each loss mode trains
 on, and advice on the loss mode (imtune.stats). One file: a detailed block; several: one row each, side by side.
 `--json`: one file prints the stats object; several print a JSON list of them, in the order given, each with its
-`path`. `--plot DIR` writes `<file stem>.lengths.png` and `<file stem>.scatter.png` per file."""
+`path`. `--plot DIR` writes `<file stem>.lengths.png` and `<file stem>.scatter.png` per file.
+
+Data is analysed as it is: empty outputs, duplicates, near-duplicate long prompts and content that spells control
+tokens are findings (counted, first path:lines), not refusals (imtune.findings); only unparsable records are errors
+(or skipped with --on-invalid skip). Files are streamed, so memory stays bounded on millions of records."""
 from __future__ import annotations
 
 import json
@@ -32,9 +36,8 @@ def _plot_name(path: str, taken: set[str]) -> str:
 
 
 def run(args) -> int:
-    from ..load import load_conversations
     from ..models import load_tokenizer
-    from ..stats import format_one, format_table, measure, plot, stats_from_lengths
+    from ..stats import analyse, format_one, format_table, plot
     from ..templates import Renderer
     from ..types import UsageError
 
@@ -45,12 +48,11 @@ def run(args) -> int:
     fields = fields_from(args)
     results, taken = [], set()
     for path in args.data:
-        res = load_conversations(path, format=args.format, fields=fields, on_invalid=args.on_invalid)
-        if res.skipped:
-            say(f"{path}: {len(res.skipped)} invalid records skipped (first: {res.skipped[0]})")
-        lengths = measure(res.conversations, tok, renderer, args.unit)
-        stats = {"path": str(path), **stats_from_lengths(res.conversations, lengths, args.max_length, renderer.name)}
-        stats["skipped"] = len(res.skipped)
+        stats, lengths, skipped = analyse(path, tok, renderer, args.unit, args.format, fields, args.on_invalid,
+                                          args.max_length, args.special_tokens_in_content)
+        if skipped:
+            say(f"{path}: {len(skipped)} unreadable records skipped (first: {skipped[0]})")
+        stats = {"path": str(path), **stats, "skipped": len(skipped)}
         if args.max_length is not None:
             stats["max_length"]["truncation"] = args.truncation
         results.append(stats)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..types import CLASSES
+from ..weights import token_offsets
 from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args, fields_from,
                      loss_spec_from, say)
 
@@ -32,12 +33,11 @@ def _use_color(mode: str) -> bool:
     return mode == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def show(ex, rendered, tokenizer, color: bool, boundaries: bool) -> str:
+def show(ex, rendered, tokenizer, color: bool, boundaries: bool, policy: str = "split") -> str:
     """The rendered text with runs of equally weighted tokens coloured (or, without colour, bracketed) by weight."""
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][: len(ex.input_ids)]
-    assert ids == ex.input_ids, "token ids differ from one tokenisation of the rendered text (an imtune bug)"
-    offsets = enc["offset_mapping"][: len(ids)]
+    ids, offsets = token_offsets(rendered, tokenizer, policy)
+    ids, offsets = ids[: len(ex.input_ids)], offsets[: len(ex.input_ids)]
+    assert ids == ex.input_ids, "token ids differ from imtune's tokenisation of the rendered text (an imtune bug)"
     end = offsets[-1][1] if ex.truncated else len(rendered.text)
     starts = [s for s, _ in offsets] + [end]
     runs: list[tuple[float, str]] = []  # (weight, text) of consecutive tokens with the same weight
@@ -75,9 +75,10 @@ def run(args) -> int:
     spec = loss_spec_from(args)
     limit = None if (args.limit == 0 or args.jsonl) else args.limit
     prep = prepare_examples(args.data, tok, spec, args.template, args.max_length, args.truncation, args.format,
-                            fields_from(args), args.on_invalid, limit=limit)
+                            fields_from(args), args.on_invalid, limit=limit,
+                            special_tokens_in_content=args.special_tokens_in_content)
     color = _use_color(args.color)
-    by_source = {r.source: r for r in prep.rendered}
+    by_source = {c.source: c for c in prep.conversations}
     say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
     for p in prep.load_skipped[:20]:
         say(f"skipped: {p}")
@@ -88,7 +89,8 @@ def run(args) -> int:
     for ex in shown:
         print(f"{CYAN if color else ''}── example {ex.source.index} ({ex.source}) ── {summary(ex)}"
               f"{RESET if color else ''}")
-        print(show(ex, by_source[ex.source], tok, color, args.tokens))
+        rendered = prep.renderer.render(by_source[ex.source])
+        print(show(ex, rendered, tok, color, args.tokens, args.special_tokens_in_content))
     if args.jsonl:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             for ex in prep.examples:

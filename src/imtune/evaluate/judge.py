@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..types import DataError, Problem, UsageError, Where
+from ..types import DataError, Problem, UsageError
 
 # alpaca_eval/evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt (alpaca-eval 0.6.6, Apache-2.0), verbatim.
 ALPACA_EVAL_GPT4 = '''<|im_start|>system
@@ -238,26 +238,14 @@ def _instruction(row: dict) -> str | None:
 
 def read_outputs(path: str | Path) -> list[dict]:
     """Rows of {instruction, output, generator} from a JSON array or JSONL file; problems say path:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{path}: no such file")
-    text = p.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            items = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise DataError([Problem(Where(str(path), e.lineno), "", f"invalid JSON: {e.msg}")]) from None
-    else:
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError([Problem(Where(str(path), n), "", f"invalid JSON: {e.msg}")]) from None
+    from ..load import read_records  # the one JSON/JSONL reader: path:line per record, U+2028 kept inside strings
+
+    _, items = read_records(str(path))
     rows, problems = [], []
-    for n, r in items:
-        where = Where(str(path), n, len(rows))
+    for where, r in items:
+        if isinstance(r, Problem):
+            problems.append(r)
+            continue
         if not isinstance(r, dict):
             problems.append(Problem(where, "", "each record must be an object with instruction (or prompt), output"))
             continue
