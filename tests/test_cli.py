@@ -24,3 +24,41 @@ def test_help_lists_every_command(capsys):
 def test_unknown_command(capsys):
     assert main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import imtune
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"imtune {imtune.__version__}"
+
+
+def test_help_command_lists_commands_and_shows_one_command(capsys):
+    assert main(["help"]) == 0
+    out = capsys.readouterr().out
+    assert all(w in out for w in COMMANDS)
+    assert main(["help", "data", "stats"]) == 0
+    assert capsys.readouterr().out.startswith("usage: imtune data stats")
+
+
+@pytest.mark.parametrize("group", ["data", "models"])
+def test_group_help_lists_its_subcommands(group, capsys):
+    assert main([group, "--help"]) == 0
+    out = capsys.readouterr().out
+    subs = [w for w in COMMANDS if w.split()[0] == group]
+    assert subs and all(w in out for w in subs)
+    assert "compare" not in out  # only the group's own
+
+
+@pytest.mark.parametrize("argv, meant", [(["stats", "x.jsonl"], "data stats"), (["trian"], "train"),
+                                         (["data", "stat"], "data stats"), (["model", "prepare"], "models prepare")])
+def test_did_you_mean(argv, meant, capsys):
+    assert main(argv) == 2
+    assert f"did you mean `imtune {meant}`?" in capsys.readouterr().err
+
+
+def test_description_is_whole_sentences(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.endswith(".") and "\n" not in description
