@@ -62,3 +62,17 @@ def test_description_is_whole_sentences(capsys):
     out = capsys.readouterr().out
     description = out.split("\n\n")[1]
     assert description.endswith(".") and "\n" not in description
+
+
+def test_a_data_command_starts_without_torch(tmp_path):
+    """Import cost: tokenizer-only commands never import torch (seconds of start-up; issue 12)."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi!"}) + "\n")
+    code = ("import sys; from imtune.cli import main; rc = main(['data', 'stats', sys.argv[1]]); "
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stderr

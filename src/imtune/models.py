@@ -126,12 +126,10 @@ def load_tokenizer(spec: str | None = "default"):
     src = resolve(spec)
     key = src.tokenizer_path
     if key not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
         if src.kind in ("default", "random"):
             prepare_default()
         try:
-            tok = AutoTokenizer.from_pretrained(key)
+            tok = _tokenizer_class(key).from_pretrained(key)
         except OSError as e:
             raise UsageError(f"{spec}: cannot load a tokenizer: {e}") from None
         if not getattr(tok, "is_fast", False):
@@ -140,6 +138,29 @@ def load_tokenizer(spec: str | None = "default"):
             tok.pad_token = tok.eos_token
         _TOKENIZERS[key] = tok
     return _TOKENIZERS[key]
+
+
+# The classes AutoTokenizer resolves to for a plain tokenizer.json (transformers 5 names it TokenizersBackend).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: str):
+    """The tokenizer class for a directory. AutoTokenizer reads the model config, which imports torch (seconds);
+    a directory whose tokenizer_config.json names the generic fast tokenizer gets that class directly, the one
+    AutoTokenizer would pick, so commands that only tokenize (inspect, data stats) start without torch."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    if isinstance(cfg, dict) and cfg.get("tokenizer_class") in GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def random_config(size: str, vocab_size: int, pad_token_id: int | None, max_position_embeddings: int = 8192):
