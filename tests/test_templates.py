@@ -77,3 +77,34 @@ def test_unknown_template_lists_valid_ones(tok):
         Renderer("tuluu", tok)
     with pytest.raises(UsageError, match="template file not found"):
         Renderer("missing.jinja", tok)
+
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context."
+                     " Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@pytest.mark.parametrize("record, prompt", [
+    ({"instruction": "Add the numbers.", "input": "2 and 3\n\nplease", "output": "5"}, ALPACA_WITH_INPUT),
+    ({"instruction": "Say hi.", "input": "", "output": "Hi!"}, ALPACA_NO_INPUT),
+    ({"instruction": "Say hi.", "output": "Hi!"}, ALPACA_NO_INPUT)])
+def test_alpaca_is_the_stanford_prompt_with_and_without_input(tok, record, prompt):
+    from imtune.formats import to_conversation
+
+    conv, problems = to_conversation(record, Where("a.json", 1), "alpaca", {})
+    assert not problems
+    r = Renderer("alpaca", tok)
+    rendered = r.render(conv)
+    assert rendered.text == prompt.format(**record) + record["output"] + tok.eos_token + "\n\n"
+    expected = [(record["instruction"], "user", 0)] + ([(record["input"], "user", 0)] if record.get("input") else [])
+    assert spans_text(rendered) == expected + [(record["output"], "assistant", 1), (tok.eos_token, "eot", 1)]
+    assert r.prompt(conv.messages[:1]) == prompt.format(**record)
+    # the Jinja saved with a run renders the same, given the input; a run's template is recognised as the built-in
+    m = conv.messages[0]
+    as_dict = {"role": "user", "content": m.content, **({"input": m.input} if m.input is not None else {})}
+    assert r._render_jinja([as_dict], True) == prompt.format(**record)
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja
+    assert Renderer(None, tok2).render(conv).text == rendered.text

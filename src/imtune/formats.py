@@ -116,7 +116,7 @@ def from_alpaca(r: Record) -> list[Message]:
     if instruction is None or output is None:
         return []
     user = instruction if extra is None else instruction + "\n\n" + extra
-    return system + [Message("user", user), Message("assistant", output)]
+    return system + [Message("user", user, extra), Message("assistant", output)]
 
 
 def from_prompt_completion(r: Record) -> list[Message]:

@@ -28,13 +28,23 @@ CHATML_JINJA = (
     "{{ bos }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The Stanford Alpaca prompts (PROMPT_DICT in tatsu-lab/stanford_alpaca's train.py): one preamble for records with
+# an input, one without; the input gets its own "### Input:" section.
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.\n\n")
+# A user message may carry `input` (alpaca): then its content is instruction + "\n\n" + input.
 ALPACA_JINJA = (
     "{{ bos }}{% set ns = namespace(seen=false) %}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-    "{% elif m['role'] == 'user' %}{% if not ns.seen %}{% set ns.seen = true %}{{ '" + ALPACA_PREAMBLE.replace("\n", "\\n") + "' }}{% endif %}"
-    "{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{% set has_input = m['input'] is defined and m['input'] is not none %}"
+    "{% if not ns.seen %}{% set ns.seen = true %}"
+    "{% if has_input %}{{ '" + ALPACA_PREAMBLE_INPUT.replace("\n", "\\n") + "' }}"
+    "{% else %}{{ '" + ALPACA_PREAMBLE.replace("\n", "\\n") + "' }}{% endif %}{% endif %}"
+    "{% if has_input %}{{ '### Instruction:\n' + m['content'][:(m['content'] | length) - (m['input'] | length) - 2]"
+    " + '\n\n### Input:\n' + m['input'] + '\n\n' }}"
+    "{% else %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}{% endif %}"
     "{% else %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
@@ -82,10 +92,14 @@ def _alpaca(b: _Builder, msgs, bos: str, eos: str) -> None:
             b.add("\n\n")
         elif m.role == "user":
             if not any(x.role == "user" for x in msgs[:i]):
-                b.add(ALPACA_PREAMBLE)
+                b.add(ALPACA_PREAMBLE if m.input is None else ALPACA_PREAMBLE_INPUT)
             b.add("### Instruction:\n")
-            b.add(m.content, "user", i)
+            b.add(m.instruction, "user", i)
             b.add("\n\n")
+            if m.input is not None:
+                b.add("### Input:\n")
+                b.add(m.input, "user", i)
+                b.add("\n\n")
         else:
             b.add("### Response:\n")
             b.add(m.content, "assistant", i)
@@ -140,7 +154,7 @@ class Renderer:
         self.builtin: Builtin | None = None
         if name in TEMPLATES:
             self.builtin = TEMPLATES[name]
-            self.jinja = self.builtin.jinja.replace("{{ bos }}", f"{{{{ '{self.bos}' }}}}" if self.bos else "")
+            self.jinja = self._bound(self.builtin)
         elif name == "model":
             jinja = getattr(tokenizer, "chat_template", None)
             if not jinja or not isinstance(jinja, str):
@@ -154,6 +168,8 @@ class Renderer:
             self.jinja = p.read_text(encoding="utf-8")
         else:
             raise UsageError(f"unknown template {name!r}; valid: {', '.join(template_names())}")
+        if self.builtin is None:  # a built-in's own Jinja (a run trained with it): its builder, exact spans included
+            self.builtin = next((b for b in TEMPLATES.values() if self._bound(b) == self.jinja), None)
         self.name = name
         self._compiled = None
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
@@ -161,6 +177,10 @@ class Renderer:
                      for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
         self.eot_markers = sorted({m for m in EOT_MARKERS if m in specials} | ({self.eos} if self.eos else set()),
                                   key=len, reverse=True)
+
+    def _bound(self, builtin: Builtin) -> str:
+        """A built-in's Jinja with this tokenizer's BOS text written in."""
+        return builtin.jinja.replace("{{ bos }}", f"{{{{ '{self.bos}' }}}}" if self.bos else "")
 
     # -- Jinja ---------------------------------------------------------------------------------------------------
     def _render_jinja(self, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -28,6 +28,14 @@ class Where:
 class Message:
     role: str  # one of ROLES
     content: str
+    # alpaca records: the `input` field, which `content` ends with (content = instruction + "\n\n" + input), kept
+    # so that --template alpaca can render the canonical "### Input:" section; None everywhere else.
+    input: str | None = None
+
+    @property
+    def instruction(self) -> str:
+        """The content without its alpaca input."""
+        return self.content[: len(self.content) - len(self.input) - 2] if self.input is not None else self.content
 
 
 @dataclass(frozen=True)
