@@ -64,3 +64,23 @@ def test_inspect_lima_model_template(capsys):
     assert main(["inspect", str(lima), "--loss", "im", "--limit", "2", "--color", "never"]) == 0
     out = capsys.readouterr()
     assert "2/2 examples kept" in out.err and out.out.count("── example") == 2
+
+
+def test_role_map_flag(tmp_path, capsys):
+    rec = {"messages": [{"role": "human", "content": "Why?"}, {"role": "bot", "content": "Because."}]}
+    data = write(tmp_path, "d.jsonl", json.dumps(rec) + "\n")
+    assert main(["inspect", data, "--template", "tulu", "--color", "never"]) == 2
+    assert "unknown role 'bot'" in capsys.readouterr().err
+    assert main(["inspect", data, "--template", "tulu", "--color", "never", "--role", "bot=assistant"]) == 0
+    assert "<|user|>↵\nWhy?↵\n<|assistant|>↵\n[Because.<|im_end|>]" in capsys.readouterr().out
+
+
+def test_train_config_takes_the_role_map():
+    import argparse
+
+    from imtune.config import TrainConfig, add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    cfg = TrainConfig.from_args(p.parse_args(["--data", "d.jsonl", "--role", "bot=assistant"]))
+    assert cfg.roles == {"bot": "assistant"} and "roles:\n  bot: assistant" in cfg.to_yaml()

@@ -34,8 +34,9 @@ CORPUS = {
         ["nonstr.jsonl:1: messages[0].content: expected a string, got a list",
          "nonstr.jsonl:1: messages[1].content: expected a string, got a number"], [1]),
     "unknown role": ("role.jsonl", lines(
-        OK_MESSAGES, '{"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}'),
-        ["role.jsonl:2: messages[0].role: unknown role 'human'; use one of system, user, assistant"], [0]),
+        OK_MESSAGES, '{"messages": [{"role": "person", "content": "q"}, {"role": "assistant", "content": "a"}]}'),
+        ["role.jsonl:2: messages[0].role: unknown role 'person'; use one of system, human, user, gpt, assistant; "
+         "or map it with --role person=ROLE"], [0]),
     "no assistant": ("noasst.jsonl", lines(
         '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}', OK_MESSAGES),
         ["noasst.jsonl:1: messages: no assistant turn"], [1]),

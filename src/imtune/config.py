@@ -50,6 +50,8 @@ class TrainConfig:
     format: str = _f("auto", "data format (see --format)", flag="common")
     fields: dict = _f({}, "record key per canonical field, e.g. {output: response} (--field output=response)",
                       flag="common")
+    roles: dict = _f({}, "role spelling -> role of the list formats, e.g. {bot: assistant} (--role bot=assistant)",
+                     flag="common")
     on_invalid: str = _f("error", "bad records: error or skip", flag="common")
     max_length: int = _f(1024, "maximum tokens per example (and per packed row)", flag="common")
     truncation: str = _f("drop", "over-long examples: drop or truncate", flag="common")
@@ -125,6 +127,10 @@ class TrainConfig:
             from .load import parse_fields
 
             given["fields"] = parse_fields(args.field)
+        if "role" in vars(args):
+            from .formats import parse_roles
+
+            given["roles"] = parse_roles(args.role)
         base: dict = {}
         if getattr(args, "config", None):
             base = read_yaml(args.config)
@@ -272,7 +278,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:
         if action.dest in ("help", "config"):
             continue
-        d = getattr(defaults, "fields" if action.dest == "field" else action.dest, None)
+        d = getattr(defaults, {"field": "fields", "role": "roles"}.get(action.dest, action.dest), None)
         if action.help and "default" not in action.help and d not in (None, {}, ""):
             action.help += f" (default: {d})"
         action.default = argparse.SUPPRESS

@@ -7,17 +7,21 @@ from, value). Problems are reported with the name the record actually uses, so a
 | format            | record                                                                | detected by        |
 |-------------------|-----------------------------------------------------------------------|--------------------|
 | messages          | {"messages": [{"role": "system"/"user"/"assistant", "content": str}]} | messages           |
+|                   |   (or ShareGPT-style turns {"from", "value"} inside "messages")       |                    |
 | sharegpt          | {"conversations": [{"from": "human"/"gpt"/"system", "value": str}]}   | conversations      |
 | alpaca            | {"instruction", "input"?, "output", "system"?}                        | instruction, output|
 | prompt_completion | {"prompt", "completion", "system"?}                                   | prompt, completion |
 
 alpaca's user message is the instruction, followed by a blank line and the input when the input is not blank.
-"user"/"assistant" are accepted as sharegpt roles too; `system` in the flat formats becomes a leading system message.
+`system` in the flat formats becomes a leading system message.
+
+Roles: both list formats accept our names (system, user, assistant) and ShareGPT's (human -> user, gpt ->
+assistant); any other spelling is mapped with a role map, `--role bot=assistant,person=user` (parse_roles).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import validate
@@ -34,6 +38,7 @@ class Record:
     fields: dict[str, str]
     format: str
     bad: Bad
+    roles: dict[str, str] = field(default_factory=dict)  # extra role spellings -> ROLES (--role)
 
     def key(self, canonical: str) -> str:
         return self.fields.get(canonical, canonical)
@@ -99,15 +104,48 @@ def _turns(r: Record, list_field: str, role_field: str, content_field: str, role
     return messages
 
 
+# Role spellings every list format accepts: ours and ShareGPT's. Others come from a role map (--role).
+KNOWN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = KNOWN_ROLES  # the name earlier code used
+
+
+def _sharegpt_turns(r: Record) -> bool:
+    """True when a `messages` list holds ShareGPT-style turns ({from, value}, no role/content): read them as such."""
+    turns = r.data.get(r.key("messages"))
+    if "role" in r.fields or "content" in r.fields or not isinstance(turns, list) or not turns:
+        return False
+    first = turns[0]
+    return isinstance(first, dict) and "role" not in first and "content" not in first and "from" in first
+
+
 def from_messages(r: Record) -> list[Message]:
-    return _turns(r, "messages", "role", "content", {role: role for role in ROLES})
-
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    roles = {**KNOWN_ROLES, **r.roles}
+    if _sharegpt_turns(r):
+        return _turns(r, "messages", "from", "value", roles)
+    return _turns(r, "messages", "role", "content", roles)
 
 
 def from_sharegpt(r: Record) -> list[Message]:
-    return _turns(r, "conversations", "from", "value", SHAREGPT_ROLES)
+    return _turns(r, "conversations", "from", "value", {**KNOWN_ROLES, **r.roles})
+
+
+def parse_roles(items: list[str] | str | None) -> dict[str, str]:
+    """["bot=assistant,person=user"] or "bot=assistant" -> {"bot": "assistant", "person": "user"} (--role)."""
+    from .types import UsageError
+
+    out: dict[str, str] = {}
+    items = [items] if isinstance(items, str) else list(items or [])
+    for item in (part.strip() for text in items for part in text.split(",")):
+        if not item:
+            continue
+        spelled, sep, role = (x.strip() for x in item.partition("="))
+        if not sep or not spelled or role not in ROLES:
+            raise UsageError(f"--role {item!r}: expected NAME=ROLE with ROLE one of {', '.join(ROLES)}, "
+                             "e.g. --role human=user,gpt=assistant")
+        if out.get(spelled, role) != role:
+            raise UsageError(f"--role {spelled} is mapped twice ({out[spelled]} and {role})")
+        out[spelled] = role
+    return out
 
 
 def from_alpaca(r: Record) -> list[Message]:
@@ -159,13 +197,14 @@ def describe_formats(fields: dict[str, str]) -> str:
     return "; ".join(f"{name} ({', '.join(fields.get(c, c) for c in f.detect)})" for name, f in FORMATS.items())
 
 
-def to_conversation(record: Any, where: Where, format: str,
-                    fields: dict[str, str]) -> tuple[Conversation | None, list[Problem]]:
-    """One record -> (Conversation, []) or (None, its problems)."""
+def to_conversation(record: Any, where: Where, format: str, fields: dict[str, str],
+                    roles: dict[str, str] | None = None) -> tuple[Conversation | None, list[Problem]]:
+    """One record -> (Conversation, []) or (None, its problems). `roles`: extra role spellings (parse_roles)."""
     if not isinstance(record, dict):
         return None, [Problem(where, "", validate.not_object(record))]
     problems: list[Problem] = []
-    r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)))
+    r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)),
+               dict(roles or {}))
     messages = FORMATS[format].convert(r)
     if problems:
         return None, problems

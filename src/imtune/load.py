@@ -47,8 +47,10 @@ class LoadResult:
 
 
 def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] | None = None,
-                       on_invalid: str = "error", max_problems: int = 20) -> LoadResult:
-    """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one."""
+                       on_invalid: str = "error", max_problems: int = 20,
+                       roles: dict[str, str] | None = None) -> LoadResult:
+    """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one.
+    `roles`: extra role spellings of the list formats (formats.parse_roles)."""
     fields = _check_fields(fields)
     if format != "auto" and format not in FORMATS:
         raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
@@ -64,7 +66,7 @@ def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] |
         if isinstance(value, Problem):
             conversation, found = None, [value]
         else:
-            conversation, found = to_conversation(value, where, fmt, fields)
+            conversation, found = to_conversation(value, where, fmt, fields, roles)
         if conversation is not None:
             conversations.append(conversation)
             continue

@@ -31,13 +31,14 @@ class Prepared:
 
 
 def load(data: str | list[Conversation], format: str = "auto", fields: dict | None = None,
-         on_invalid: str = "error", limit: int | None = None) -> tuple[list[Conversation], list[Problem]]:
+         on_invalid: str = "error", limit: int | None = None,
+         roles: dict | None = None) -> tuple[list[Conversation], list[Problem]]:
     if isinstance(data, (list, tuple)):
         convs, skipped = list(data), []
     else:
         from .load import load_conversations
 
-        res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid)
+        res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid, roles=roles)
         convs, skipped = res.conversations, res.skipped
     return (convs[:limit] if limit else convs), skipped
 
@@ -45,13 +46,13 @@ def load(data: str | list[Conversation], format: str = "auto", fields: dict | No
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True) -> Prepared:
+                     cache: bool = True, roles: dict | None = None) -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
     not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
     from .cache import encode_cached
 
     check_truncation(truncation)  # before any work
-    convs, skipped = load(data, format, fields, on_invalid, limit)
+    convs, skipped = load(data, format, fields, on_invalid, limit, roles)
     renderer = Renderer(template, tokenizer)
     rendered = [renderer.render(c) for c in convs]
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles

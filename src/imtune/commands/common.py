@@ -24,6 +24,9 @@ def add_data_args(p, positional: bool = True, nargs=None) -> None:
     p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion or sharegpt")
     p.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
                    help="read canonical field NAME from record key KEY, e.g. --field output=response (repeatable)")
+    p.add_argument("--role", action="append", default=[], metavar="NAME=ROLE,...",
+                   help="map a role spelling of the data to user/assistant/system, e.g. --role bot=assistant "
+                        "(ShareGPT's human and gpt are known already; repeatable)")
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error",
                    help="bad records: stop and list them, or skip them and say how many and why")
 
@@ -54,6 +57,12 @@ def fields_from(args) -> dict[str, str]:
     from ..load import parse_fields
 
     return parse_fields(getattr(args, "field", None))
+
+
+def roles_from(args) -> dict[str, str]:
+    from ..formats import parse_roles
+
+    return parse_roles(getattr(args, "role", None))
 
 
 def say(msg: str) -> None:

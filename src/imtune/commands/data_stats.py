@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_data_args, add_length_args, add_model_args, add_template_args, fields_from, say
+from .common import (add_data_args, add_length_args, add_model_args, add_template_args, fields_from, roles_from,
+                     say)
 
 
 def add_arguments(p) -> None:
@@ -42,10 +43,11 @@ def run(args) -> int:
         raise UsageError("--max-length must be >= 1")
     tok = load_tokenizer(args.model)
     renderer = Renderer(args.template, tok)
-    fields = fields_from(args)
+    fields, roles = fields_from(args), roles_from(args)
     results, taken = [], set()
     for path in args.data:
-        res = load_conversations(path, format=args.format, fields=fields, on_invalid=args.on_invalid)
+        res = load_conversations(path, format=args.format, fields=fields, on_invalid=args.on_invalid,
+                                 roles=roles)
         if res.skipped:
             say(f"{path}: {len(res.skipped)} invalid records skipped (first: {res.skipped[0]})")
         lengths = measure(res.conversations, tok, renderer, args.unit)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..types import CLASSES, UsageError
-from .common import add_data_args, add_template_args, fields_from, say
+from .common import add_data_args, add_template_args, fields_from, roles_from, say
 
 ROWS = [("output", "output (assistant+eot)"), ("instruction", "instruction (user+system)")] + \
        [(c, f"  {c}") for c in CLASSES] + [("all", "all tokens")]
@@ -75,7 +75,7 @@ def run_settings(run: Path) -> dict:
     if not isinstance(cfg, dict):
         raise UsageError(f"{run / 'config.yaml'}: expected a mapping of config keys")
     out = {k: cfg.get(k) for k in ("data", "eval_data", "format", "fields", "on_invalid", "limit", "max_length",
-                                   "truncation")}
+                                   "truncation", "roles")}
     for k in ("data", "eval_data"):  # a path relative to the run directory, if it is not one relative to here
         if isinstance(out[k], str) and out[k] and not Path(out[k]).exists() and (run / out[k]).exists():
             out[k] = str(run / out[k])
@@ -155,13 +155,14 @@ def run(args) -> int:
     # train loss is over what the model trained on and the gap compares like with like.
     max_length = args.max_length or settings.get("max_length")
     truncation = args.truncation or settings.get("truncation") or "truncate"
-    read = {"held-out": (args.format, fields_from(args) or None, args.on_invalid, args.limit)}
+    read = {"held-out": (args.format, fields_from(args) or None, args.on_invalid, args.limit,
+                         roles_from(args) or settings.get("roles") or None)}
     if args.train_data or not run_dir:
         read["train"] = read["held-out"]
     else:
         limit = min([x for x in (args.limit, settings.get("limit")) if x] or [0]) or None
         read["train"] = (settings.get("format") or "auto", settings.get("fields") or None,
-                         settings.get("on_invalid") or "error", limit)
+                         settings.get("on_invalid") or "error", limit, settings.get("roles") or None)
 
     tok = load_tokenizer(spec)
     renderer = Renderer(args.template, tok)

@@ -9,7 +9,7 @@ import sys
 
 from ..types import CLASSES
 from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args, fields_from,
-                     loss_spec_from, say)
+                     loss_spec_from, roles_from, say)
 
 GREEN, YELLOW, DIM, CYAN, RESET = "\x1b[42;30m", "\x1b[43;30m", "\x1b[2m", "\x1b[36m", "\x1b[0m"
 
@@ -75,7 +75,7 @@ def run(args) -> int:
     spec = loss_spec_from(args)
     limit = None if (args.limit == 0 or args.jsonl) else args.limit
     prep = prepare_examples(args.data, tok, spec, args.template, args.max_length, args.truncation, args.format,
-                            fields_from(args), args.on_invalid, limit=limit)
+                            fields_from(args), args.on_invalid, limit=limit, roles=roles_from(args))
     color = _use_color(args.color)
     by_source = {r.source: r for r in prep.rendered}
     say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
