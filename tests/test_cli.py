@@ -76,3 +76,18 @@ def test_a_data_command_starts_without_torch(tmp_path):
             "print('torch' in sys.modules, rc)")
     out = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "False 0", out.stderr
+
+
+def test_data_stats_and_inspect_say_how_the_file_was_read(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi!", "response": "Hello!"}) + "\n")
+    line = "format: alpaca (detected) — instruction → user, output → assistant; ignored fields: response"
+    assert main(["data", "stats", str(data), "--template", "tulu"]) == 0
+    out = capsys.readouterr().out
+    assert line in out and "response differs from output in 1 of the 1 records" in out
+    assert main(["data", "stats", str(data), "--template", "tulu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_format"]["text"] == line
+    assert main(["inspect", str(data), "--template", "tulu", "--color", "never"]) == 0
+    assert line in capsys.readouterr().err

@@ -153,3 +153,37 @@ def test_bad_role_maps_are_usage_errors(text, message):
 
     with pytest.raises(UsageError, match=message):
         parse_roles(text)
+
+
+def test_what_was_understood_names_format_mapping_and_ignored_fields(tmp_path):
+    import json
+
+    from imtune.load import load_conversations
+
+    rows = [{"instruction": "Sum", "input": "1 2", "output": "3", "response": "3", "id": 1},
+            {"instruction": "Hi", "input": "", "output": "Hello", "response": "Hello there", "id": 2}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rows))
+    u = load_conversations(str(path)).understood
+    assert u.line() == ("format: alpaca (detected) — instruction + input → user, output → assistant; "
+                        "ignored fields: response, id")
+    assert u.notes == ("response differs from output in 1 of the 2 records that have both; output was used and "
+                       "response ignored (to train on response: --field output=response)",)
+    u = load_conversations(str(path), format="alpaca", fields={"output": "response"}).understood
+    assert u.line().startswith("format: alpaca (given) — instruction + input → user, response → assistant; "
+                               "ignored fields: output")
+    assert "leave out --field output=response" in u.notes[0]
+    assert u.as_dict()["ignored_fields"] == ["output", "id"]
+
+
+def test_understood_for_list_formats(tmp_path):
+    import json
+
+    from imtune.load import load_conversations
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],
+                                "source": "x"}) + "\n")
+    u = load_conversations(str(path), roles={"bot": "assistant"}).understood
+    assert u.line() == ("format: messages (detected) — messages[].from/.value → one message each (human → user, "
+                        "gpt → assistant); roles bot → assistant; ignored fields: source")

@@ -209,3 +209,101 @@ def to_conversation(record: Any, where: Where, format: str, fields: dict[str, st
     if problems:
         return None, problems
     return Conversation(tuple(messages), where), []
+
+
+# ---- what was understood: the format, which field became which message, and what was left out ------------------
+# Names data sets give the same field. When a record has two of one group, the mapped one is read and the other is
+# ignored, and a person is told (with the number of records where the two differ: they may have meant the other).
+SAME_FIELD = (("output", "response", "completion", "answer"), ("instruction", "prompt", "question", "query"),
+              ("input", "context"))
+
+
+@dataclass(frozen=True)
+class Understood:
+    """How a file was read, in words: `format: alpaca — instruction + input → user, output → assistant; ignored
+    fields: response`, plus notes on ignored fields that differ from the ones used."""
+
+    format: str
+    detected: bool
+    mapping: str
+    ignored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        how = "detected" if self.detected else "given"
+        ignored = f"; ignored fields: {', '.join(self.ignored)}" if self.ignored else ""
+        return f"format: {self.format} ({how}) — {self.mapping}{ignored}"
+
+    def lines(self) -> list[str]:
+        return [self.line(), *(f"  note: {n}" for n in self.notes)]
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "detected": self.detected, "mapping": self.mapping,
+                "ignored_fields": list(self.ignored), "notes": list(self.notes), "text": self.line()}
+
+
+@dataclass
+class Survey:
+    """Gathered while the records of one file are converted: which keys they have, and in how many records an
+    ignored field of the same meaning (SAME_FIELD) differs from the one read."""
+
+    format: str
+    fields: dict[str, str]
+    roles: dict[str, str] = field(default_factory=dict)
+    n: int = 0
+    keys: dict[str, int] = field(default_factory=dict)
+    differ: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records
+    both: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records with both
+    sharegpt_turns: int = 0  # `messages` records read as {from, value} turns
+
+    def used_keys(self) -> list[str]:
+        return [self.fields.get(c, c) for c in FORMATS[self.format].fields]
+
+    def add(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            return
+        self.n += 1
+        for k in record:
+            self.keys[str(k)] = self.keys.get(str(k), 0) + 1
+        if self.format == "messages":
+            self.sharegpt_turns += _sharegpt_turns(Record(record, self.fields, self.format, lambda f, m: None))
+        used = self.used_keys()
+        for canonical in FORMATS[self.format].fields:
+            key = self.fields.get(canonical, canonical)
+            group = next((g for g in SAME_FIELD if canonical in g), ())
+            for other in group:
+                if other != key and other not in used and other in record and key in record:
+                    self.both[(key, other)] = self.both.get((key, other), 0) + 1
+                    if record[other] != record[key]:
+                        self.differ[(key, other)] = self.differ.get((key, other), 0) + 1
+
+    def understood(self, detected: bool) -> Understood:
+        key = lambda c: self.fields.get(c, c)  # noqa: E731
+        seen = lambda c: key(c) in self.keys  # noqa: E731
+        if self.format == "alpaca":
+            user = " + ".join(key(c) for c in ("instruction", "input") if c == "instruction" or seen(c))
+            mapping = f"{user} → user, {key('output')} → assistant"
+        elif self.format == "prompt_completion":
+            mapping = f"{key('prompt')} → user, {key('completion')} → assistant"
+        else:
+            lst, role, content = (("messages", "role", "content") if self.format == "messages"
+                                  else ("conversations", "from", "value"))
+            if self.format == "messages" and self.sharegpt_turns:
+                role, content = "from", "value"
+            mapping = f"{key(lst)}[].{key(role)}/.{key(content)} → one message each"
+            if role == "from":
+                mapping += " (human → user, gpt → assistant)"
+        if self.format in ("alpaca", "prompt_completion") and seen("system"):
+            mapping += f", {key('system')} → system"
+        if self.roles:
+            mapping += "; roles " + ", ".join(f"{k} → {v}" for k, v in self.roles.items())
+        used = set(self.used_keys())
+        ignored = tuple(k for k in self.keys if k not in used)
+        notes = []
+        for (used_key, other), n in self.differ.items():
+            canonical = next(c for c in FORMATS[self.format].fields if key(c) == used_key)
+            switch = f"leave out --field {canonical}={used_key}" if other == canonical else f"--field {canonical}={other}"
+            notes.append(f"{other} differs from {used_key} in {n:,} of the {self.both[(used_key, other)]:,} records "
+                         f"that have both; {used_key} was used and {other} ignored (to train on {other}: {switch})")
+        return Understood(self.format, detected, mapping, ignored, tuple(notes))
+

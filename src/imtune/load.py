@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .formats import CANONICAL_FIELDS, FORMATS, describe_formats, detect, to_conversation
+from .formats import CANONICAL_FIELDS, FORMATS, Survey, Understood, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
 
 __all__ = ["FORMATS", "LoadResult", "load_conversations", "parse_fields", "read_records"]
@@ -44,6 +44,7 @@ class LoadResult:
     skipped: list[Problem]  # one per record skipped under on_invalid="skip" (empty otherwise)
     path: str  # what was loaded (display)
     format: str  # the format used (detected or given)
+    understood: Understood | None = None  # the format and field mapping in words, ignored fields
 
 
 def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] | None = None,
@@ -62,7 +63,9 @@ def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] |
     conversations: list[Conversation] = []
     problems: list[Problem] = []  # every problem of every bad record
     skipped: list[Problem] = []  # one a bad record
+    survey = Survey(fmt, fields, dict(roles or {}))
     for where, value in items:
+        survey.add(value)
         if isinstance(value, Problem):
             conversation, found = None, [value]
         else:
@@ -76,7 +79,8 @@ def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] |
         skipped.append(Problem(first.where, first.field, first.message + more))
     if problems and (on_invalid == "error" or not conversations):  # skip mode with nothing left is an error too
         raise DataError(problems[:max(max_problems, 1)], total=len(problems))
-    return LoadResult(conversations, skipped if on_invalid == "skip" else [], path, fmt)
+    return LoadResult(conversations, skipped if on_invalid == "skip" else [], path, fmt,
+                      survey.understood(detected=format == "auto"))
 
 
 def parse_fields(items: list[str] | None) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .formats import Understood
 from .templates import Renderer
 from .types import Conversation, Problem, Rendered, TokenizedExample
 from .weights import LossSpec, TokenizeReport, check_truncation, gc_paused, weigh
@@ -22,6 +23,11 @@ class Prepared:
     rendered: list[Rendered]
     load_skipped: list[Problem]
     cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
+    understood: Understood | None = None  # how the file was read (None for conversations given in code)
+
+    def notes(self) -> list[str]:
+        """What a person should be told about how their data was read (the format and field mapping)."""
+        return self.understood.lines() if self.understood else []
 
     def summary(self) -> str:
         s = self.report.summary()
@@ -33,14 +39,19 @@ class Prepared:
 def load(data: str | list[Conversation], format: str = "auto", fields: dict | None = None,
          on_invalid: str = "error", limit: int | None = None,
          roles: dict | None = None) -> tuple[list[Conversation], list[Problem]]:
-    if isinstance(data, (list, tuple)):
-        convs, skipped = list(data), []
-    else:
-        from .load import load_conversations
+    convs, skipped, _ = _load(data, format, fields, on_invalid, limit, roles)
+    return convs, skipped
 
-        res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid, roles=roles)
-        convs, skipped = res.conversations, res.skipped
-    return (convs[:limit] if limit else convs), skipped
+
+def _load(data, format, fields, on_invalid, limit, roles) -> tuple[list[Conversation], list[Problem],
+                                                                    Understood | None]:
+    if isinstance(data, (list, tuple)):
+        return list(data)[:limit] if limit else list(data), [], None
+    from .load import load_conversations
+
+    res = load_conversations(data, format=format, fields=fields, on_invalid=on_invalid, roles=roles)
+    convs = res.conversations
+    return (convs[:limit] if limit else convs), res.skipped, res.understood
 
 
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
@@ -52,11 +63,11 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     from .cache import encode_cached
 
     check_truncation(truncation)  # before any work
-    convs, skipped = load(data, format, fields, on_invalid, limit, roles)
+    convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
     renderer = Renderer(template, tokenizer)
     rendered = [renderer.render(c) for c in convs]
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
         encoded, status = encode_cached(rendered, tokenizer, cache)
         examples, report = weigh(encoded, rendered, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
-    return Prepared(examples, report, renderer, convs, rendered, skipped, status)
+    return Prepared(examples, report, renderer, convs, rendered, skipped, status, understood)

@@ -113,6 +113,9 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
         "tokenize": prep.report.as_dict(), "examples": len(examples), "tokens": sum(lengths),
         "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
         "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,
+        "data_format": prep.understood.as_dict() if getattr(prep, "understood", None) else None,
     }
     (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     print(f"# imtune train -> {run_dir}\n{text}".rstrip(), file=sys.stderr, flush=True)
+    for line in (prep.notes() if hasattr(prep, "notes") else []):
+        print(line, file=sys.stderr, flush=True)

@@ -32,6 +32,13 @@ def _plot_name(path: str, taken: set[str]) -> str:
     return name
 
 
+def _block(text: str, stats: dict) -> str:
+    """One file's report with how it was read (format, field mapping, ignored fields) under its first line."""
+    d = stats["data_format"]
+    head, _, rest = text.partition("\n")
+    return "\n".join([head, f"  {d['text']}", *(f"    note: {n}" for n in d["notes"]), rest])
+
+
 def run(args) -> int:
     from ..load import load_conversations
     from ..models import load_tokenizer
@@ -53,6 +60,7 @@ def run(args) -> int:
         lengths = measure(res.conversations, tok, renderer, args.unit)
         stats = {"path": str(path), **stats_from_lengths(res.conversations, lengths, args.max_length, renderer.name)}
         stats["skipped"] = len(res.skipped)
+        stats["data_format"] = res.understood.as_dict()
         if args.max_length is not None:
             stats["max_length"]["truncation"] = args.truncation
         results.append(stats)
@@ -65,5 +73,5 @@ def run(args) -> int:
     if len(results) > 1:
         print(format_table([(Path(s["path"]).name, s) for s in results]))
         print()
-    print("\n\n".join(format_one(s, s["path"]) for s in results))
+    print("\n\n".join(_block(format_one(s, s["path"]), s) for s in results))
     return 0

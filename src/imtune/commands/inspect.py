@@ -78,6 +78,8 @@ def run(args) -> int:
                             fields_from(args), args.on_invalid, limit=limit, roles=roles_from(args))
     color = _use_color(args.color)
     by_source = {r.source: r for r in prep.rendered}
+    for line in prep.notes():
+        say(line)
     say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
     for p in prep.load_skipped[:20]:
         say(f"skipped: {p}")
