@@ -91,3 +91,20 @@ def test_data_stats_and_inspect_say_how_the_file_was_read(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["data_format"]["text"] == line
     assert main(["inspect", str(data), "--template", "tulu", "--color", "never"]) == 0
     assert line in capsys.readouterr().err
+
+
+def test_eval_of_a_mistyped_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for spec in ("run_1", "runs/run_1"):
+        assert main(["eval", spec]) == 2
+        assert f"no such run directory or model: {spec}" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_without_held_out_data_says_how_to_get_the_gap(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: train.jsonl\neval_data: null\n")
+    main(["eval", str(run), "--no-loss"])  # the empty final/ then fails to load: the note comes first
+    err = capsys.readouterr().err
+    assert "no held-out data, so no train/held-out gap" in err and "--data HELDOUT.jsonl" in err

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except DataError as e:
         print(e.render(), file=sys.stderr)
-        if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where"):
+        if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where") \
+                and not e.hint:
             print("imtune: fix these records, or pass --on-invalid skip to train on the valid ones",
                   file=sys.stderr)
         return 2

@@ -277,6 +277,21 @@ class Survey:
                     if record[other] != record[key]:
                         self.differ[(key, other)] = self.differ.get((key, other), 0) + 1
 
+    def nothing_valid(self, n_records: int) -> str:
+        """What to say when no record of a file could be used: the likely cause is how it is read."""
+        head = f"imtune: 0 valid records of {n_records:,}"
+        if not self.n:
+            return f"{head}: none could be read as an object with named fields; check the file's format"
+        have = ", ".join(sorted(self.keys, key=lambda k: -self.keys[k])[:12])
+        roles = " or name its role spellings with --role NAME=ROLE" if self.format in ("messages", "sharegpt") else ""
+        guesses = [f"--field {c}={k}" for c in FORMATS[self.format].detect if self.fields.get(c, c) not in self.keys
+                   for k in next((g for g in SAME_FIELD if c in g), ()) if k in self.keys][:3]
+        example = f"here perhaps {' '.join(guesses)}" if guesses else "e.g. --field output=response"
+        return (f"{head}: every record has a problem, so the likely cause is how the file is read, not the records. "
+                f"Format {self.format} reads {', '.join(self.used_keys())}; the records have {have}. Give the "
+                f"right --format ({', '.join(FORMATS)}), map your fields with --field NAME=KEY "
+                f"({example}){roles}")
+
     def understood(self, detected: bool) -> Understood:
         key = lambda c: self.fields.get(c, c)  # noqa: E731
         seen = lambda c: key(c) in self.keys  # noqa: E731

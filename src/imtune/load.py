@@ -78,7 +78,8 @@ def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] |
         more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
         skipped.append(Problem(first.where, first.field, first.message + more))
     if problems and (on_invalid == "error" or not conversations):  # skip mode with nothing left is an error too
-        raise DataError(problems[:max(max_problems, 1)], total=len(problems))
+        hint = "" if conversations else survey.nothing_valid(len(items))
+        raise DataError(problems[:max(max_problems, 1)], total=len(problems), hint=hint)
     return LoadResult(conversations, skipped if on_invalid == "skip" else [], path, fmt,
                       survey.understood(detected=format == "auto"))
 
@@ -121,7 +122,8 @@ def _detect(items: list[Item], fields: dict[str, str]) -> str:
     raise DataError([Problem(where, "", (
         f"cannot tell the data format from the record's fields ({', '.join(map(str, value)) or 'none'}); "
         f"known formats and the fields that identify them: {describe_formats(fields)}. "
-        f"Pass --format NAME and map its fields to yours, e.g. --field output=response"))])
+        f"Pass --format NAME and map its fields to yours, e.g. --field output=response"))],
+        hint=f"imtune: 0 valid records of {len(items):,}: no record fits a known format as read; see above")
 
 
 # ---- reading: spec -> (display path, records with their Where) ----------------------------------------------------

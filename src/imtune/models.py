@@ -69,6 +69,10 @@ def resolve(spec: str | None) -> ModelSource:
         raise UsageError(f"{spec}: a model must be a directory, a hub id, 'default' or 'random:<size>'")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"{spec}: no such directory (and not a hub id of the form owner/name)")
+    owner = spec.split("/")[0]
+    if "/" not in spec or Path(owner).is_dir():  # `run_1`, `runs/run_1`: a mistyped path, not a hub id
+        raise UsageError(f"no such run directory or model: {spec} (not a directory here; a hub model is "
+                         "owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     return ModelSource("hub", spec, spec)
 
 
@@ -130,7 +134,7 @@ def load_tokenizer(spec: str | None = "default"):
             prepare_default()
         try:
             tok = _tokenizer_class(key).from_pretrained(key)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
             raise UsageError(f"{spec}: cannot load a tokenizer: {e}") from None
         if not getattr(tok, "is_fast", False):
             raise UsageError(f"{spec}: imtune needs a fast tokenizer (offset mappings); this one is slow")

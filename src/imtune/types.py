@@ -96,15 +96,18 @@ class Problem:
 class DataError(Exception):
     """Bad input data. Carries the problems; the CLI prints them without a traceback."""
 
-    def __init__(self, problems: list[Problem] | str, total: int | None = None):
+    def __init__(self, problems: list[Problem] | str, total: int | None = None, hint: str = ""):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.total = len(self.problems) if total is None else total
+        self.hint = hint  # what to do about all of them, when one cause is likely (printed last)
         super().__init__(self.render())
 
     def render(self, limit: int = 20) -> str:
         lines = [str(p) for p in self.problems[:limit]]
         if self.total > len(lines):
             lines.append(f"... and {self.total - len(lines)} more problem(s)")
+        if self.hint:
+            lines.append(self.hint)
         return "\n".join(lines)
 
 

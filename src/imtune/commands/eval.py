@@ -138,12 +138,17 @@ def run(args) -> int:
     if args.model_pos and args.model and args.model_pos != args.model:
         raise UsageError(f"two models given: {args.model_pos!r} and --model {args.model!r}")
     spec = args.model_pos or args.model or "default"
+    resolve(spec)  # a mistyped run directory is "no such run directory", before anything else is asked for
     run_dir = run_dir_of(spec)
     settings = run_settings(run_dir) if run_dir else {}
     train_data = args.train_data or settings.get("data") or None
     heldout_data = args.data or settings.get("eval_data") or None
     if not heldout_data and not train_data:
         raise UsageError("nothing to evaluate: give --data F (held-out) and/or --train-data T")
+    if run_dir and not heldout_data:
+        say(f"imtune eval: no held-out data, so no train/held-out gap (the overfitting measure): pass --data "
+            f"HELDOUT.jsonl, or train with --eval-data HELDOUT.jsonl (the run remembers it); "
+            f"`imtune compare` splits one off by itself")
     if args.bleu_train and not train_data:
         raise UsageError("--bleu-train needs the training data: --train-data T (or a run directory)")
     out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else None)
