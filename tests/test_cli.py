@@ -108,3 +108,24 @@ def test_eval_of_a_run_without_held_out_data_says_how_to_get_the_gap(tmp_path, c
     main(["eval", str(run), "--no-loss"])  # the empty final/ then fails to load: the note comes first
     err = capsys.readouterr().err
     assert "no held-out data, so no train/held-out gap" in err and "--data HELDOUT.jsonl" in err
+
+
+def test_train_says_what_it_understood_and_stores_it(tmp_path, capsys):
+    """Issue 12: format + mapping, system prompt and weight warnings in train's output and in the run directory."""
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}", "response": "x"}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", "random:tiny", "--max-steps", "1", "--no-progress",
+                 "--output-dir", str(out), "--eval-train-sample", "0", "--loss", "weighted", "--prompt-weight", "2",
+                 "--system-prompt", "none", "--max-length", "128"]) == 0
+    err = capsys.readouterr().err
+    assert "format: alpaca (detected) — instruction → user, output → assistant; ignored fields: response" in err
+    assert "system prompt: none (--system-prompt none)" in err and "warning: class weight(s) above 1" in err
+    stats = json.loads((out / "data_stats.json").read_text())
+    assert stats["data_format"]["ignored_fields"] == ["response"]
+    assert stats["system_prompt"]["mode"] == "none" and stats["system_prompt"]["tokens_each"] == 5
+    assert (out / "chat_template.jinja").read_text().startswith("{%- if messages and messages[0]['role'] != 'system'")
+    assert "system_prompt: none" in (out / "config.yaml").read_text()

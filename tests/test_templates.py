@@ -108,3 +108,50 @@ def test_alpaca_is_the_stanford_prompt_with_and_without_input(tok, record, promp
     tok2 = tok.__class__.from_pretrained(tok.name_or_path)
     tok2.chat_template = r.jinja
     assert Renderer(None, tok2).render(conv).text == rendered.text
+
+
+SMOL_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PLAIN = Conversation((Message("user", "Hi"), Message("assistant", "Hello")))
+
+
+def test_the_models_default_system_prompt_is_found(tok):
+    r = Renderer(None, tok)
+    assert r.injected == SMOL_DEFAULT
+    assert r.render(PLAIN).text.startswith(f"<|im_start|>system\n{SMOL_DEFAULT}<|im_end|>\n")
+    note = r.system_note([PLAIN], 100)
+    assert note["tokens_each"] == 21 and note["share"] == 0.21 and "system prompt" in note["line"]
+    assert Renderer("chatml", tok).injected is None
+
+
+def test_system_prompt_none_leaves_the_default_out_and_serving_matches(tok):
+    r = Renderer(None, tok, "none")
+    text = r.render(PLAIN).text
+    assert SMOL_DEFAULT not in text and text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja  # what a run saves: requests without a system message render as training did
+    assert tok2.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                    tokenize=False) == text
+    assert Renderer("chatml", tok, "none").render(PLAIN).text == Renderer("chatml", tok).render(PLAIN).text
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "tulu"])
+def test_system_prompt_text_is_a_system_message_and_records_keep_their_own(tok, template):
+    hostile = "Be brief. {% raise %} {{ x }} #} %} '\" \\n"
+    r = Renderer(template, tok, hostile)
+    rendered = r.render(PLAIN)
+    assert spans_text(rendered)[0] == (hostile, "system", 0)
+    own = Conversation((Message("system", "Mine."), *PLAIN.messages))
+    assert spans_text(r.render(own))[0] == ("Mine.", "system", 0)
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja
+    assert Renderer(None, tok2).render(PLAIN).text == rendered.text  # the saved template inserts the same text
+
+
+def test_system_prompt_none_is_refused_when_the_template_cannot_leave_it_out(tok, tmp_path):
+    f = tmp_path / "stubborn.jinja"
+    f.write_text("{% for m in messages %}{% if loop.first and (m['role'] != 'system' or not m['content']) %}"
+                 "{{ '<|im_start|>system\\nDEFAULT<|im_end|>\\n' }}{% endif %}{% if m['content'] %}"
+                 "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}")
+    assert Renderer(str(f), tok).injected == "DEFAULT"
+    with pytest.raises(UsageError, match="--system-prompt none: template .* writes its default system prompt"):
+        Renderer(str(f), tok, "none")

@@ -32,6 +32,7 @@ class TrainConfig:
     # -- model ---------------------------------------------------------------------------------------------------
     model: str = _f("default", "model spec (see --model)", flag="common")
     template: str | None = _f(None, "chat template (see --template)", str, flag="common")
+    system_prompt: str = _f("default", "system prompt (see --system-prompt)", flag="common")
     lora: bool = _f(False, "train a LoRA adapter (peft) instead of every weight")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
@@ -253,11 +254,13 @@ ALIASES = {"lr": ["--learning-rate"], "grad_accum": ["--gradient-accumulation-st
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag. Flags shared with other commands come from commands.common; defaults are
     SUPPRESSed so that from_args sees only what was typed (and CONFIG.yaml / --preset values are not overridden)."""
-    from .commands.common import add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args
+    from .commands.common import (add_data_args, add_length_args, add_loss_args, add_model_args,
+                                  add_system_prompt_arg, add_template_args)
 
     p.add_argument("config", nargs="?", default=None, help="CONFIG.yaml (fields as below; flags override it)")
     add_model_args(p)
     add_template_args(p)
+    add_system_prompt_arg(p)
     add_data_args(p, positional=False)
     add_loss_args(p)
     add_length_args(p)

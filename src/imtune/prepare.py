@@ -25,9 +25,13 @@ class Prepared:
     cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
     understood: Understood | None = None  # how the file was read (None for conversations given in code)
 
+    def system_note(self) -> dict:
+        """The system prompt the template adds (or --system-prompt sets), and its share of the tokens."""
+        return self.renderer.system_note(self.conversations, sum(len(e) for e in self.examples))
+
     def notes(self) -> list[str]:
-        """What a person should be told about how their data was read (the format and field mapping)."""
-        return self.understood.lines() if self.understood else []
+        """What a person should be told about how their data was read: format, field mapping, system prompt."""
+        return [*(self.understood.lines() if self.understood else []), self.system_note()["line"]]
 
     def summary(self) -> str:
         s = self.report.summary()
@@ -57,14 +61,14 @@ def _load(data, format, fields, on_invalid, limit, roles) -> tuple[list[Conversa
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True, roles: dict | None = None) -> Prepared:
+                     cache: bool = True, roles: dict | None = None, system_prompt: str = "default") -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
     not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize)."""
     from .cache import encode_cached
 
     check_truncation(truncation)  # before any work
     convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
-    renderer = Renderer(template, tokenizer)
+    renderer = Renderer(template, tokenizer, system_prompt)
     rendered = [renderer.render(c) for c in convs]
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
         encoded, status = encode_cached(rendered, tokenizer, cache)

@@ -114,6 +114,7 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
         "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
         "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,
         "data_format": prep.understood.as_dict() if getattr(prep, "understood", None) else None,
+        "system_prompt": prep.system_note() if hasattr(prep, "system_note") else None,
     }
     (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     print(f"# imtune train -> {run_dir}\n{text}".rstrip(), file=sys.stderr, flush=True)

@@ -146,7 +146,7 @@ def _sentinel(i: int) -> str:
 class Renderer:
     """A template bound to a tokenizer. `render(conv)` for training text and spans; `prompt(msgs)` for generation."""
 
-    def __init__(self, template: str | None, tokenizer):
+    def __init__(self, template: str | None, tokenizer, system_prompt: str | None = "default"):
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token or ""
         self.bos = _bos_text(tokenizer)
@@ -177,6 +177,13 @@ class Renderer:
                      for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
         self.eot_markers = sorted({m for m in EOT_MARKERS if m in specials} | ({self.eos} if self.eos else set()),
                                   key=len, reverse=True)
+        self.system_prompt = "default" if system_prompt is None else system_prompt
+        self.injected, self._system_turn = self._find_default_system()
+        self._check_system_prompt()
+        if self.system_prompt != "default" and (self.injected is not None or self.system_prompt != "none"):
+            # the template saved with a run (and used to serve it) makes the same choice for requests without one
+            self.jinja = _system_wrapper(self.system_message()) + self.jinja
+            self._compiled = None
 
     def _bound(self, builtin: Builtin) -> str:
         """A built-in's Jinja with this tokenizer's BOS text written in."""
@@ -239,8 +246,93 @@ class Renderer:
             pos += len(after)
         return text, spans
 
+    # -- system prompt -------------------------------------------------------------------------------------------
+    def _find_default_system(self) -> tuple[str | None, tuple[str, str] | None]:
+        """(the system prompt the template injects when a conversation has none, or None; the text around a system
+        message's content, (before, after), or None). Found by rendering sentinels with and without a system
+        message: without one, the text before the user's content is before + INJECTED + after + the user header."""
+        if self.builtin is not None:
+            b = _Builder()
+            self.builtin.build(b, [Message("system", _sentinel(0))], self.bos, self.eos)
+            before, _, after = "".join(b.parts).partition(_sentinel(0))
+            return None, (before.removeprefix(self.bos), after)
+        try:
+            plain = self._render_jinja([{"role": "user", "content": _sentinel(1)},
+                                        {"role": "assistant", "content": _sentinel(2)}], False)
+            sys_ = self._render_jinja([{"role": "system", "content": _sentinel(0)},
+                                       {"role": "user", "content": _sentinel(1)},
+                                       {"role": "assistant", "content": _sentinel(2)}], False)
+        except Exception:  # noqa: BLE001 - a template that refuses system messages (or these ones) injects none
+            return None, None
+        if _sentinel(0) not in sys_ or _sentinel(1) not in plain:
+            return None, None
+        a, _, rest = sys_.partition(_sentinel(0))
+        between = rest.partition(_sentinel(1))[0]  # close of the system turn + the user header
+        p = plain.partition(_sentinel(1))[0]
+        lead = len(between) - len(between.lstrip())
+        close = next((between[:lead + len(m)] for m in self.eot_markers if between.startswith(m, lead)), "")
+        close += between[len(close):][:len(between[len(close):]) - len(between[len(close):].lstrip())]
+        turn = (a.removeprefix(self.bos), close)
+        if len(p) > len(a) + len(between) and p.startswith(a) and p.endswith(between):
+            return p[len(a):len(p) - len(between)], turn
+        return None, turn
+
+    def system_message(self) -> str:
+        """The content of the system message --system-prompt inserts ('' for none)."""
+        return "" if self.system_prompt == "none" else self.system_prompt
+
+    def _check_system_prompt(self) -> None:
+        if self.system_prompt in ("default", "") or self.injected is None or self.system_prompt != "none":
+            if self.system_prompt == "":
+                raise UsageError("--system-prompt: give none, default or a text")
+            return
+        text = self._render_jinja([{"role": "system", "content": ""}, {"role": "user", "content": _sentinel(1)}],
+                                  False)
+        if self.injected in text:
+            raise UsageError(f"--system-prompt none: template {self.name!r} writes its default system prompt "
+                             "even when a conversation starts with an empty system message, so imtune cannot "
+                             "leave it out; use --system-prompt TEXT or another --template")
+
+    def with_system(self, messages) -> tuple[Message, ...]:
+        """The messages --system-prompt renders: a system message first unless they start with one (none: an empty
+        one, only where the template would inject its default; default: unchanged)."""
+        messages = tuple(messages)
+        if self.system_prompt == "default" or (messages and messages[0].role == "system"):
+            return messages
+        if self.system_prompt == "none" and self.injected is None:
+            return messages
+        return (Message("system", self.system_message()), *messages)
+
+    def system_note(self, conversations, total_tokens: int) -> dict:
+        """What the system prompt costs: which text, in how many examples, tokens each, share of all tokens."""
+        if self.system_prompt in ("default", "none") and self.injected is None:
+            line = f"system prompt: none added (template {self.name} injects none; records' own system messages kept)"
+            return {"mode": self.system_prompt, "text": None, "examples": 0, "tokens_each": 0, "share": 0.0,
+                    "line": line}
+        content = self.injected if self.system_prompt == "default" else self.system_message()
+        n = sum(1 for c in conversations if not c.messages or c.messages[0].role != "system")
+        before, after = self._system_turn or ("", "")
+        each = len(self.tokenizer(before + content + after, add_special_tokens=False).input_ids)
+        share = n * each / total_tokens if total_tokens else 0.0
+        cost = f"{each} tokens each with its markers, {share:.1%} of all tokens"
+        if self.system_prompt == "default":
+            line = (f"system prompt: template {self.name} adds its default system prompt {content!r} to {n:,} of "
+                    f"{len(conversations):,} examples ({cost}; no loss under it/im/weighted, loss under all); "
+                    "--system-prompt none|TEXT changes it")
+        elif self.system_prompt == "none":
+            line = (f"system prompt: none (--system-prompt none): an empty system message replaces the template's "
+                    f"default in {n:,} of {len(conversations):,} examples ({cost})")
+        else:
+            line = (f"system prompt: {content!r} (--system-prompt) added to {n:,} of {len(conversations):,} "
+                    f"examples that have none ({cost})")
+        return {"mode": "default" if self.system_prompt == "default" else
+                ("none" if self.system_prompt == "none" else "text"),
+                "text": content, "examples": n, "tokens_each": each, "share": share, "line": line}
+
     # -- public --------------------------------------------------------------------------------------------------
     def render(self, conv: Conversation) -> Rendered:
+        if self.system_prompt != "default":
+            conv = Conversation(self.with_system(conv.messages), conv.source)
         if self.builtin is not None:
             b = _Builder()
             self.builtin.build(b, conv.messages, self.bos, self.eos)
@@ -252,11 +344,25 @@ class Renderer:
 
     def prompt(self, messages: list[Message] | tuple[Message, ...]) -> str:
         """The text a model continues to answer the last user message (generation prompt included)."""
+        messages = self.with_system(messages)
         if self.builtin is not None:
             b = _Builder()
             self.builtin.build(b, list(messages), self.bos, self.eos)
             return "".join(b.parts) + self.builtin.generation_prompt
         return self._render_jinja([{"role": m.role, "content": m.content} for m in messages], True)
+
+
+def _system_wrapper(content: str) -> str:
+    """Jinja that puts a system message first when a conversation has none (prefixed to a template saved with a
+    run, so serving makes the --system-prompt choice training made). Braces, % and # are written as escapes so
+    no text can end the tag."""
+    import json
+
+    literal = json.dumps(content)
+    for ch in "{}%#":
+        literal = literal.replace(ch, f"\\u{ord(ch):04x}")
+    return ("{%- if messages and messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+            f"'content': {literal}}}] + messages %}}{{%- endif %}}")
 
 
 def render_all(convs, renderer: Renderer) -> list[Rendered]:

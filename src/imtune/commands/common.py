@@ -18,6 +18,14 @@ def add_template_args(p) -> None:
                         "default: the tokenizer's own chat template when it has one, else tulu")
 
 
+def add_system_prompt_arg(p) -> None:
+    p.add_argument("--system-prompt", default="default", metavar="none|default|TEXT",
+                   help="default: as the template renders (the model's own may inject a default system prompt, "
+                        "e.g. SmolLM2's); none: without it (an empty system message where the template would "
+                        "inject one); TEXT: this system message. Records' own system messages always win; the "
+                        "template saved with a run makes the same choice when serving")
+
+
 def add_data_args(p, positional: bool = True, nargs=None) -> None:
     if positional:
         p.add_argument("data", nargs=nargs, help="JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import (add_data_args, add_length_args, add_model_args, add_template_args, fields_from, roles_from,
-                     say)
+from .common import (add_data_args, add_length_args, add_model_args, add_system_prompt_arg, add_template_args,
+                     fields_from, roles_from, say)
 
 
 def add_arguments(p) -> None:
     add_data_args(p, nargs="+")
     add_model_args(p)
     add_template_args(p)
+    add_system_prompt_arg(p)
     p.add_argument("--unit", choices=["tokens", "words"], default="tokens",
                    help="tokens: counted from one tokenisation of the rendered text (what training sees); words: "
                         "the IM paper's convention (whitespace words of '<|role|>\\n' + content)")
@@ -36,7 +37,8 @@ def _block(text: str, stats: dict) -> str:
     """One file's report with how it was read (format, field mapping, ignored fields) under its first line."""
     d = stats["data_format"]
     head, _, rest = text.partition("\n")
-    return "\n".join([head, f"  {d['text']}", *(f"    note: {n}" for n in d["notes"]), rest])
+    return "\n".join([head, f"  {d['text']}", *(f"    note: {n}" for n in d["notes"]),
+                      f"  {stats['system_prompt']['line']}", rest])
 
 
 def run(args) -> int:
@@ -49,7 +51,7 @@ def run(args) -> int:
     if args.max_length is not None and args.max_length < 1:
         raise UsageError("--max-length must be >= 1")
     tok = load_tokenizer(args.model)
-    renderer = Renderer(args.template, tok)
+    renderer = Renderer(args.template, tok, args.system_prompt)
     fields, roles = fields_from(args), roles_from(args)
     results, taken = [], set()
     for path in args.data:
@@ -61,6 +63,8 @@ def run(args) -> int:
         stats = {"path": str(path), **stats_from_lengths(res.conversations, lengths, args.max_length, renderer.name)}
         stats["skipped"] = len(res.skipped)
         stats["data_format"] = res.understood.as_dict()
+        total = int(lengths.sequence.sum()) if lengths.sequence is not None else 0
+        stats["system_prompt"] = renderer.system_note(res.conversations, total)
         if args.max_length is not None:
             stats["max_length"]["truncation"] = args.truncation
         results.append(stats)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..types import CLASSES, UsageError
-from .common import add_data_args, add_template_args, fields_from, roles_from, say
+from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from, say
 
 ROWS = [("output", "output (assistant+eot)"), ("instruction", "instruction (user+system)")] + \
        [(c, f"  {c}") for c in CLASSES] + [("all", "all tokens")]
@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
                    help="the training data (default for a run directory: `data` in RUN/config.yaml)")
     add_data_args(p, positional=False)
     add_template_args(p)
+    add_system_prompt_arg(p)
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per example (default: the run's max_length, else no limit)")
     p.add_argument("--truncation", choices=["drop", "truncate"], default=None,
@@ -170,7 +171,7 @@ def run(args) -> int:
                          settings.get("on_invalid") or "error", limit, settings.get("roles") or None)
 
     tok = load_tokenizer(spec)
-    renderer = Renderer(args.template, tok)
+    renderer = Renderer(args.template, tok, args.system_prompt)
     model = load_model(spec).to(pick_device(args.device))
     say(f"imtune eval: model {spec} ({resolve(spec).path or 'random init'}), template {renderer.name}, "
         f"max length {max_length or 'none'}, device {next(model.parameters()).device}")
