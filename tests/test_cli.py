@@ -124,6 +124,8 @@ def test_train_says_what_it_understood_and_stores_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "format: alpaca (detected) — instruction → user, output → assistant; ignored fields: response" in err
     assert "system prompt: none (--system-prompt none)" in err and "warning: class weight(s) above 1" in err
+    assert "max_steps: 1" in err and "lora_r:" not in err  # only the fields set are printed (log less)
+    assert "Loading weights" not in err
     stats = json.loads((out / "data_stats.json").read_text())
     assert stats["data_format"]["ignored_fields"] == ["response"]
     assert stats["system_prompt"]["mode"] == "none" and stats["system_prompt"]["tokens_each"] == 5

@@ -180,10 +180,14 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     src = resolve(spec)
     kw = {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: a line a load (each arm, each evaluation), no news
     try:
         if src.kind == "random":
             tok = load_tokenizer("default")
@@ -201,6 +205,9 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
             # transformers' own message names what is missing or which kernels exist
             raise UsageError(f"--attn-implementation {attn_implementation}: {e}") from None
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def n_params(model) -> int:
