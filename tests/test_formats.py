@@ -58,7 +58,8 @@ def test_sharegpt_roles_map_to_ours():
 def test_sharegpt_unknown_role_lists_the_valid_ones():
     record = {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}
     assert problems(record, "sharegpt") == [
-        "t.jsonl:3: conversations[1].from: unknown role 'bot'; use one of system, human, user, gpt, assistant"]
+        "t.jsonl:3: conversations[1].from: unknown role 'bot'; use one of system, human, user, gpt, assistant; "
+        "or map it with --role bot=ROLE (ROLE: user, assistant or system)"]
 
 
 @pytest.mark.parametrize("extra, user", [
@@ -120,3 +121,69 @@ def test_problems_name_the_key_the_record_actually_uses():
 ])
 def test_detect_uses_the_identifying_fields_through_the_field_map(record, fields, expected):
     assert detect(record, fields) == expected
+
+
+def test_messages_accept_sharegpt_role_names_and_turns():
+    named = {"messages": [{"role": "system", "content": "s"}, {"role": "human", "content": "q"},
+                          {"role": "gpt", "content": "a"}]}
+    assert convert(named, "messages") == [("system", "s"), ("user", "q"), ("assistant", "a")]
+    turns = {"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert convert(turns, "messages") == [("user", "q"), ("assistant", "a")]
+
+
+def test_role_map_adds_spellings():
+    from imtune.formats import parse_roles
+
+    roles = parse_roles(["bot=assistant, person=user", "narrator=system"])
+    assert roles == {"bot": "assistant", "person": "user", "narrator": "system"}
+    record = {"messages": [{"role": "narrator", "content": "n"}, {"role": "person", "content": "q"},
+                           {"role": "bot", "content": "a"}]}
+    conversation, found = to_conversation(record, HERE, "messages", {}, roles)
+    assert not found and [m.role for m in conversation.messages] == ["system", "user", "assistant"]
+    sharegpt = {"conversations": [{"from": "person", "value": "q"}, {"from": "bot", "value": "a"}]}
+    conversation, found = to_conversation(sharegpt, HERE, "sharegpt", {}, roles)
+    assert not found and [m.role for m in conversation.messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("text, message", [("bot", "expected NAME=ROLE"), ("bot=robot", "ROLE one of system"),
+                                           ("bot=user,bot=assistant", "mapped twice")])
+def test_bad_role_maps_are_usage_errors(text, message):
+    from imtune.formats import parse_roles
+    from imtune.types import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        parse_roles(text)
+
+
+def test_what_was_understood_names_format_mapping_and_ignored_fields(tmp_path):
+    import json
+
+    from imtune.load import load_conversations
+
+    rows = [{"instruction": "Sum", "input": "1 2", "output": "3", "response": "3", "id": 1},
+            {"instruction": "Hi", "input": "", "output": "Hello", "response": "Hello there", "id": 2}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rows))
+    u = load_conversations(str(path)).understood
+    assert u.line() == ("format: alpaca (detected) — instruction + input → user, output → assistant; "
+                        "ignored fields: response, id")
+    assert u.notes == ("response differs from output in 1 of the 2 records that have both; output was used and "
+                       "response ignored (to train on response: --field output=response)",)
+    u = load_conversations(str(path), format="alpaca", fields={"output": "response"}).understood
+    assert u.line().startswith("format: alpaca (given) — instruction + input → user, response → assistant; "
+                               "ignored fields: output")
+    assert "leave out --field output=response" in u.notes[0]
+    assert u.as_dict()["ignored_fields"] == ["output", "id"]
+
+
+def test_understood_for_list_formats(tmp_path):
+    import json
+
+    from imtune.load import load_conversations
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],
+                                "source": "x"}) + "\n")
+    u = load_conversations(str(path), roles={"bot": "assistant"}).understood
+    assert u.line() == ("format: messages (detected) — messages[].from/.value → one message each (human → user, "
+                        "gpt → assistant); roles bot → assistant; ignored fields: source")

@@ -64,3 +64,46 @@ def test_inspect_lima_model_template(capsys):
     assert main(["inspect", str(lima), "--loss", "im", "--limit", "2", "--color", "never"]) == 0
     out = capsys.readouterr()
     assert "2/2 examples kept" in out.err and out.out.count("── example") == 2
+
+
+def test_role_map_flag(tmp_path, capsys):
+    rec = {"messages": [{"role": "human", "content": "Why?"}, {"role": "bot", "content": "Because."}]}
+    data = write(tmp_path, "d.jsonl", json.dumps(rec) + "\n")
+    assert main(["inspect", data, "--template", "tulu", "--color", "never"]) == 2
+    assert "unknown role 'bot'" in capsys.readouterr().err
+    assert main(["inspect", data, "--template", "tulu", "--color", "never", "--role", "bot=assistant"]) == 0
+    assert "<|user|>↵\nWhy?↵\n<|assistant|>↵\n[Because.<|im_end|>]" in capsys.readouterr().out
+
+
+def test_train_config_takes_the_role_map():
+    import argparse
+
+    from imtune.config import TrainConfig, add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    cfg = TrainConfig.from_args(p.parse_args(["--data", "d.jsonl", "--role", "bot=assistant"]))
+    assert cfg.roles == {"bot": "assistant"} and "roles:\n  bot: assistant" in cfg.to_yaml()
+
+
+def test_weights_other_than_0_and_1_are_written_out_and_above_1_warned(tmp_path, capsys):
+    data = write(tmp_path, "d.jsonl", json.dumps({"prompt": "Why?", "completion": "Because."}) + "\n")
+    assert main(["inspect", data, "--template", "chatml", "--loss", "weighted", "--prompt-weight", "2",
+                 "--color", "never"]) == 0
+    out, err = capsys.readouterr()
+    assert "[Why?|2]" in out and "[Why?]" not in out  # 2 is never drawn like 1
+    assert "weights other than 0 and 1 here: 2" in out
+    assert "warning: class weight(s) above 1 (system=2, user=2)" in err
+    assert main(["inspect", data, "--template", "chatml", "--loss", "weighted", "--prompt-weight", "-1"]) == 2
+    assert "--prompt-weight must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_inspect_and_data_stats_disclose_the_system_prompt(capsys, tmp_path):
+    data = write(tmp_path, "d.jsonl", json.dumps({"prompt": "Why?", "completion": "Because."}) + "\n")
+    assert main(["inspect", data, "--color", "never"]) == 0
+    assert "system prompt: template model adds its default system prompt" in capsys.readouterr().err
+    assert main(["data", "stats", data]) == 0
+    assert "system prompt: template model adds its default system prompt" in capsys.readouterr().out
+    assert main(["inspect", data, "--color", "never", "--system-prompt", "Be brief."]) == 0
+    out, err = capsys.readouterr()
+    assert "system prompt: 'Be brief.' (--system-prompt)" in err and "<|im_start|>system↵\nBe brief." in out

@@ -52,3 +52,14 @@ def test_unknown_or_missing_attention_kernel_is_a_usage_error():
         with pytest.raises(UsageError, match="--attn-implementation flash_attention_2: .*FlashAttention2"):
             load_model("random:tiny", attn_implementation="flash_attention_2")
     assert load_model("random:tiny", attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def test_generic_tokenizer_skips_auto_tokenizer_and_matches_it(tok):
+    from transformers import AutoTokenizer
+
+    d = models.default_dir()
+    assert models._tokenizer_class(d).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    auto = AutoTokenizer.from_pretrained(d)
+    assert type(auto) is type(tok)  # the class AutoTokenizer picks, without importing torch for it
+    text = "<|im_start|>user\nHello, wörld!<|im_end|>\n"
+    assert auto(text).input_ids == tok(text).input_ids and auto.chat_template == tok.chat_template

@@ -199,6 +199,8 @@ def test_cli_json_one_file_is_the_object(cli, tmp_path):
     assert s["instruction"]["mean"] == 4.0 and s["output"]["mode"] == 3
     assert set(s["recommendation"]) >= {"mode", "prompt_weight", "reasons"}
     assert s.pop("format") == "messages" and not any(f["count"] for f in s.pop("findings").values())
+    read = {k: s.pop(k) for k in ("data_format", "system_prompt")}  # how the file was read (the command adds it)
+    assert read["data_format"]["format"] == "messages" and read["system_prompt"]["mode"] == "default"
     assert s == {**dataset_stats(HAND, _tok(), Renderer("tulu", _tok()), unit="words"), "path": f, "skipped": 0}
 
 

@@ -130,3 +130,81 @@ def test_bounded_rendering_matches_transformers(tok):
     assert r._render_jinja(msgs, False) == tok.apply_chat_template(msgs, tokenize=False)
     assert r._render_jinja(msgs[:2], True) == tok.apply_chat_template(msgs[:2], tokenize=False,
                                                                       add_generation_prompt=True)
+
+
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context."
+                     " Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@pytest.mark.parametrize("record, prompt", [
+    ({"instruction": "Add the numbers.", "input": "2 and 3\n\nplease", "output": "5"}, ALPACA_WITH_INPUT),
+    ({"instruction": "Say hi.", "input": "", "output": "Hi!"}, ALPACA_NO_INPUT),
+    ({"instruction": "Say hi.", "output": "Hi!"}, ALPACA_NO_INPUT)])
+def test_alpaca_is_the_stanford_prompt_with_and_without_input(tok, record, prompt):
+    from imtune.formats import to_conversation
+
+    conv, problems = to_conversation(record, Where("a.json", 1), "alpaca", {})
+    assert not problems
+    r = Renderer("alpaca", tok)
+    rendered = r.render(conv)
+    assert rendered.text == prompt.format(**record) + record["output"] + tok.eos_token + "\n\n"
+    expected = [(record["instruction"], "user", 0)] + ([(record["input"], "user", 0)] if record.get("input") else [])
+    assert spans_text(rendered) == expected + [(record["output"], "assistant", 1), (tok.eos_token, "eot", 1)]
+    assert r.prompt(conv.messages[:1]) == prompt.format(**record)
+    # the Jinja saved with a run renders the same, given the input; a run's template is recognised as the built-in
+    m = conv.messages[0]
+    as_dict = {"role": "user", "content": m.content, **({"input": m.input} if m.input is not None else {})}
+    assert r._render_jinja([as_dict], True) == prompt.format(**record)
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja
+    assert Renderer(None, tok2).render(conv).text == rendered.text
+
+
+SMOL_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PLAIN = Conversation((Message("user", "Hi"), Message("assistant", "Hello")))
+
+
+def test_the_models_default_system_prompt_is_found(tok):
+    r = Renderer(None, tok)
+    assert r.injected == SMOL_DEFAULT
+    assert r.render(PLAIN).text.startswith(f"<|im_start|>system\n{SMOL_DEFAULT}<|im_end|>\n")
+    note = r.system_note([PLAIN], 100)
+    assert note["tokens_each"] == 21 and note["share"] == 0.21 and "system prompt" in note["line"]
+    assert Renderer("chatml", tok).injected is None
+
+
+def test_system_prompt_none_leaves_the_default_out_and_serving_matches(tok):
+    r = Renderer(None, tok, "none")
+    text = r.render(PLAIN).text
+    assert SMOL_DEFAULT not in text and text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja  # what a run saves: requests without a system message render as training did
+    assert tok2.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                    tokenize=False) == text
+    assert Renderer("chatml", tok, "none").render(PLAIN).text == Renderer("chatml", tok).render(PLAIN).text
+
+
+@pytest.mark.parametrize("template", [None, "chatml", "tulu"])
+def test_system_prompt_text_is_a_system_message_and_records_keep_their_own(tok, template):
+    hostile = "Be brief. {% raise %} {{ x }} #} %} '\" \\n"
+    r = Renderer(template, tok, hostile)
+    rendered = r.render(PLAIN)
+    assert spans_text(rendered)[0] == (hostile, "system", 0)
+    own = Conversation((Message("system", "Mine."), *PLAIN.messages))
+    assert spans_text(r.render(own))[0] == ("Mine.", "system", 0)
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = r.jinja
+    assert Renderer(None, tok2).render(PLAIN).text == rendered.text  # the saved template inserts the same text
+
+
+def test_system_prompt_none_is_refused_when_the_template_cannot_leave_it_out(tok, tmp_path):
+    f = tmp_path / "stubborn.jinja"
+    f.write_text("{% for m in messages %}{% if loop.first and (m['role'] != 'system' or not m['content']) %}"
+                 "{{ '<|im_start|>system\\nDEFAULT<|im_end|>\\n' }}{% endif %}{% if m['content'] %}"
+                 "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}")
+    assert Renderer(str(f), tok).injected == "DEFAULT"
+    with pytest.raises(UsageError, match="--system-prompt none: template .* writes its default system prompt"):
+        Renderer(str(f), tok, "none")

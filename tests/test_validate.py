@@ -34,8 +34,9 @@ CORPUS = {
         ["nonstr.jsonl:1: messages[0].content: expected a string, got a list",
          "nonstr.jsonl:1: messages[1].content: expected a string, got a number"], [1]),
     "unknown role": ("role.jsonl", lines(
-        OK_MESSAGES, '{"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}'),
-        ["role.jsonl:2: messages[0].role: unknown role 'human'; use one of system, user, assistant"], [0]),
+        OK_MESSAGES, '{"messages": [{"role": "person", "content": "q"}, {"role": "assistant", "content": "a"}]}'),
+        ["role.jsonl:2: messages[0].role: unknown role 'person'; use one of system, human, user, gpt, assistant; "
+         "or map it with --role person=ROLE"], [0]),
     "no assistant": ("noasst.jsonl", lines(
         '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}', OK_MESSAGES),
         ["noasst.jsonl:1: messages: no assistant turn"], [1]),
@@ -127,7 +128,7 @@ def test_error_mode_lists_max_problems_but_counts_them_all(tmp_path):
     with pytest.raises(DataError) as error:
         load_conversations(str(path), max_problems=5)
     assert len(error.value.problems) == 5 and error.value.total == 50
-    assert error.value.render().endswith("... and 45 more problem(s)")
+    assert error.value.render().splitlines()[5] == "... and 45 more problem(s)"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -169,3 +170,30 @@ def test_check_applies_the_same_rules_to_conversations_built_in_code():
     (None, "null"), (True, "true/false"), (1.5, "a number"), ("s", "a string"), ([], "a list"), ({}, "an object")])
 def test_kind_names_json_values(value, words):
     assert validate.kind(value) == words
+
+
+def test_no_valid_record_says_so_and_points_at_the_mapping(tmp_path, capsys):
+    from imtune.cli import main
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"q{i}", "answer": "a"}) for i in range(3)) + "\n")
+    with pytest.raises(DataError) as error:
+        load_conversations(str(path), format="alpaca")
+    hint = error.value.hint
+    assert hint.startswith("imtune: 0 valid records of 3: every record has a problem")
+    assert "the records have instruction, answer" in hint and "--field output=answer" in hint
+    assert main(["inspect", str(path), "--format", "alpaca"]) == 2
+    err = capsys.readouterr().err
+    assert "0 valid records of 3" in err and "--on-invalid skip" not in err  # skipping would leave nothing
+
+
+def test_some_valid_records_still_suggest_skipping(tmp_path, capsys):
+    from imtune.cli import main
+
+    path = tmp_path / "half.jsonl"
+    path.write_bytes(lines(OK_ALPACA, '{"instruction": "i", "answer": "a"}'))
+    with pytest.raises(DataError) as error:
+        load_conversations(str(path))
+    assert error.value.hint == ""
+    assert main(["inspect", str(path)]) == 2
+    assert "pass --on-invalid skip" in capsys.readouterr().err

@@ -303,3 +303,12 @@ def test_model_template_injected_system_prompt_is_template(tok, lima):
     check_invariants(ex, r, tok, "im")
     injected = [t for t, c in zip(ex.input_ids, ex.classes) if c == CLASS_ID["template"]]
     assert "named SmolLM" in tok.decode(injected)
+
+
+def test_weight_warnings_flag_weights_above_1_only():
+    from imtune.weights import weight_warnings
+
+    assert weight_warnings(loss_spec("im")) == weight_warnings(loss_spec("weighted", 0.5)) == []
+    [w] = weight_warnings(loss_spec("weighted", 2))
+    assert "above 1 (system=2, user=2)" in w
+    assert "template=3" in weight_warnings(loss_spec("it", weights="template=3"))[0]

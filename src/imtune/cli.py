@@ -1,12 +1,17 @@
-"""The `imtune` command: argument parsing and dispatch only. Each command lives in imtune/commands/<name>.py with
-`add_arguments(parser)` and `run(args) -> int`. User mistakes print `imtune: ...` (or `path:line: ...`), never a
-traceback."""
+"""The `imtune` command: argument parsing and dispatch only.
+
+Each command lives in imtune/commands/<name>.py with `add_arguments(parser)` and `run(args) -> int`; only the command
+being run is imported. User mistakes print `imtune: ...` (or `path:line: ...`), never a traceback. `imtune help
+[COMMAND]`, `imtune --version`, `imtune data --help` (a group's subcommands) and "did you mean" for a mistyped
+command help people find their way."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
+from . import __doc__ as PACKAGE_DOC, __version__
 from .types import DataError, UsageError
 
 # command (words) -> (module, one-line help). A dict literal: the whole CLI map at a glance.
@@ -27,11 +32,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(len(w) for w in COMMANDS)
-    lines = [f"  {w:<{width}}  {h}" for w, (_, h) in COMMANDS.items()]
-    return ("usage: imtune COMMAND [options]   (imtune COMMAND --help for its options)\n\n"
-            + __doc__.splitlines()[0] + "\n\ncommands:\n" + "\n".join(lines))
+START = ("first steps on your own file:\n"
+         "  imtune data stats FILE             what is in it, and which loss mode suits it\n"
+         "  imtune inspect FILE                which tokens learn, and what the format was read as\n"
+         "  imtune compare --data FILE         train IT vs IM alike, evaluate, write a report")
+
+
+def _usage(group: str | None = None) -> str:
+    """The command list (of one group: `imtune data --help`), with the package's one-line description."""
+    shown = {w: h for w, (_, h) in COMMANDS.items() if group is None or w.split()[0] == group}
+    width = max(len(w) for w in shown)
+    lines = [f"  {w:<{width}}  {h}" for w, h in shown.items()]
+    if group:
+        return (f"usage: imtune {group} SUBCOMMAND [options]   (imtune {group} SUBCOMMAND --help for its options)"
+                "\n\nsubcommands:\n" + "\n".join(lines))
+    return ("usage: imtune COMMAND [options]   (imtune COMMAND --help, or imtune help COMMAND, for its options)\n\n"
+            + PACKAGE_DOC.strip().splitlines()[0] + "\n\ncommands:\n" + "\n".join(lines) + "\n\n" + START
+            + "\n\nimtune --version prints the version.")
+
+
+GROUPS = {w.split()[0] for w in COMMANDS if " " in w}  # first words of two-word commands: data, models
 
 
 def _find_command(argv: list[str]) -> str | None:
@@ -41,6 +61,43 @@ def _find_command(argv: list[str]) -> str | None:
         if len(argv) >= n and words in COMMANDS:
             return words
     return None
+
+
+def suggest(argv: list[str]) -> str | None:
+    """The command a mistyped one probably meant: `stats` -> `data stats` (a subcommand typed without its group),
+    `trian` -> `train`, `data stat` -> `data stats` (difflib)."""
+    if not argv:
+        return None
+    by_last = {w.split()[-1]: w for w in COMMANDS if " " in w}
+    if argv[0] in by_last:
+        return by_last[argv[0]]
+    for typed in dict.fromkeys([" ".join(argv[:2]), argv[0]]):  # `model prepare` as two words, `trian` as one
+        close = difflib.get_close_matches(typed, list(COMMANDS), n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
+def _unknown(argv: list[str]) -> int:
+    group = argv[0] if argv[0] in GROUPS else None
+    print(_usage(group), file=sys.stderr)
+    typed = " ".join(argv[:2]) if group and len(argv) > 1 and not argv[1].startswith("-") else argv[0]
+    guess = suggest(argv)
+    hint = f"; did you mean `imtune {guess}`?" if guess else ""
+    print(f"\nimtune: unknown command {typed!r}{hint}", file=sys.stderr)
+    return 2
+
+
+def _help(topic: list[str]) -> int:
+    """`imtune help` (the command list), `imtune help data` (a group), `imtune help data stats` (its options)."""
+    words = _find_command(topic)
+    if words is not None:
+        print(build_parser(words).format_help())
+        return 0
+    if not topic or topic[0] in GROUPS and len(topic) == 1:
+        print(_usage(topic[0] if topic else None))
+        return 0
+    return _unknown(topic)
 
 
 def build_parser(words: str) -> argparse.ArgumentParser:
@@ -56,18 +113,28 @@ def build_parser(words: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"imtune {__version__}")
+        return 0
+    if argv[:1] == ["help"]:
+        return _help(argv[1:])
     words = _find_command(argv)
     if words is None:
-        print(_usage(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nimtune: unknown command {' '.join(argv[:2])!r}", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        asks_help = len(argv) in (1, 2) and argv[-1] in ("-h", "--help") and (len(argv) == 1 or argv[0] in GROUPS)
+        if asks_help:  # imtune --help, imtune data --help
+            print(_usage(argv[0] if len(argv) == 2 else None))
+            return 0
+        if not argv or argv[0] in GROUPS and len(argv) == 1:  # imtune, imtune data: the list, and a failure
+            print(_usage(argv[0] if argv else None), file=sys.stderr)
+            return 2
+        return _unknown(argv)
     args = build_parser(words).parse_args(argv[len(words.split()):])
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except DataError as e:
         print(e.render(), file=sys.stderr)
-        if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where"):
+        if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where") \
+                and not e.hint:
             print("imtune: fix these records, or pass --on-invalid skip to train on the valid ones",
                   file=sys.stderr)
         return 2

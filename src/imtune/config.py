@@ -32,6 +32,7 @@ class TrainConfig:
     # -- model ---------------------------------------------------------------------------------------------------
     model: str = _f("default", "model spec (see --model)", flag="common")
     template: str | None = _f(None, "chat template (see --template)", str, flag="common")
+    system_prompt: str = _f("default", "system prompt (see --system-prompt)", flag="common")
     lora: bool = _f(False, "train a LoRA adapter (peft) instead of every weight")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
@@ -51,6 +52,8 @@ class TrainConfig:
     format: str = _f("auto", "data format (see --format)", flag="common")
     fields: dict = _f({}, "record key per canonical field, e.g. {output: response} (--field output=response)",
                       flag="common")
+    roles: dict = _f({}, "role spelling -> role of the list formats, e.g. {bot: assistant} (--role bot=assistant)",
+                     flag="common")
     on_invalid: str = _f("error", "bad records: error or skip", flag="common")
     max_length: int = _f(1024, "maximum tokens per example (and per packed row)", flag="common")
     truncation: str = _f("drop", "over-long examples: drop or truncate", flag="common")
@@ -138,6 +141,10 @@ class TrainConfig:
             from .load import parse_fields
 
             given["fields"] = parse_fields(args.field)
+        if "role" in vars(args):
+            from .formats import parse_roles
+
+            given["roles"] = parse_roles(args.role)
         base: dict = {}
         if getattr(args, "config", None):
             base = read_yaml(args.config)
@@ -262,11 +269,13 @@ ALIASES = {"lr": ["--learning-rate"], "grad_accum": ["--gradient-accumulation-st
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag. Flags shared with other commands come from commands.common; defaults are
     SUPPRESSed so that from_args sees only what was typed (and CONFIG.yaml / --preset values are not overridden)."""
-    from .commands.common import add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args
+    from .commands.common import (add_data_args, add_length_args, add_loss_args, add_model_args,
+                                  add_system_prompt_arg, add_template_args)
 
     p.add_argument("config", nargs="?", default=None, help="CONFIG.yaml (fields as below; flags override it)")
     add_model_args(p)
     add_template_args(p)
+    add_system_prompt_arg(p)
     add_data_args(p, positional=False)
     add_loss_args(p)
     add_length_args(p)
@@ -287,7 +296,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:
         if action.dest in ("help", "config"):
             continue
-        d = getattr(defaults, "fields" if action.dest == "field" else action.dest, None)
+        d = getattr(defaults, {"field": "fields", "role": "roles"}.get(action.dest, action.dest), None)
         if action.help and "default" not in action.help and d not in (None, {}, ""):
             action.help += f" (default: {d})"
         action.default = argparse.SUPPRESS

@@ -7,17 +7,21 @@ from, value). Problems are reported with the name the record actually uses, so a
 | format            | record                                                                | detected by        |
 |-------------------|-----------------------------------------------------------------------|--------------------|
 | messages          | {"messages": [{"role": "system"/"user"/"assistant", "content": str}]} | messages           |
+|                   |   (or ShareGPT-style turns {"from", "value"} inside "messages")       |                    |
 | sharegpt          | {"conversations": [{"from": "human"/"gpt"/"system", "value": str}]}   | conversations      |
 | alpaca            | {"instruction", "input"?, "output", "system"?}                        | instruction, output|
 | prompt_completion | {"prompt", "completion", "system"?}                                   | prompt, completion |
 
 alpaca's user message is the instruction, followed by a blank line and the input when the input is not blank.
-"user"/"assistant" are accepted as sharegpt roles too; `system` in the flat formats becomes a leading system message.
+`system` in the flat formats becomes a leading system message.
+
+Roles: both list formats accept our names (system, user, assistant) and ShareGPT's (human -> user, gpt ->
+assistant); any other spelling is mapped with a role map, `--role bot=assistant,person=user` (parse_roles).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import validate
@@ -35,6 +39,7 @@ class Record:
     format: str
     bad: Bad
     allow_empty: bool = False  # empty or whitespace-only text is accepted (data stats), not a problem
+    roles: dict[str, str] = field(default_factory=dict)  # extra role spellings -> ROLES (--role)
 
     def key(self, canonical: str) -> str:
         return self.fields.get(canonical, canonical)
@@ -101,15 +106,48 @@ def _turns(r: Record, list_field: str, role_field: str, content_field: str, role
     return messages
 
 
+# Role spellings every list format accepts: ours and ShareGPT's. Others come from a role map (--role).
+KNOWN_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = KNOWN_ROLES  # the name earlier code used
+
+
+def _sharegpt_turns(r: Record) -> bool:
+    """True when a `messages` list holds ShareGPT-style turns ({from, value}, no role/content): read them as such."""
+    turns = r.data.get(r.key("messages"))
+    if "role" in r.fields or "content" in r.fields or not isinstance(turns, list) or not turns:
+        return False
+    first = turns[0]
+    return isinstance(first, dict) and "role" not in first and "content" not in first and "from" in first
+
+
 def from_messages(r: Record) -> list[Message]:
-    return _turns(r, "messages", "role", "content", {role: role for role in ROLES})
-
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    roles = {**KNOWN_ROLES, **r.roles}
+    if _sharegpt_turns(r):
+        return _turns(r, "messages", "from", "value", roles)
+    return _turns(r, "messages", "role", "content", roles)
 
 
 def from_sharegpt(r: Record) -> list[Message]:
-    return _turns(r, "conversations", "from", "value", SHAREGPT_ROLES)
+    return _turns(r, "conversations", "from", "value", {**KNOWN_ROLES, **r.roles})
+
+
+def parse_roles(items: list[str] | str | None) -> dict[str, str]:
+    """["bot=assistant,person=user"] or "bot=assistant" -> {"bot": "assistant", "person": "user"} (--role)."""
+    from .types import UsageError
+
+    out: dict[str, str] = {}
+    items = [items] if isinstance(items, str) else list(items or [])
+    for item in (part.strip() for text in items for part in text.split(",")):
+        if not item:
+            continue
+        spelled, sep, role = (x.strip() for x in item.partition("="))
+        if not sep or not spelled or role not in ROLES:
+            raise UsageError(f"--role {item!r}: expected NAME=ROLE with ROLE one of {', '.join(ROLES)}, "
+                             "e.g. --role human=user,gpt=assistant")
+        if out.get(spelled, role) != role:
+            raise UsageError(f"--role {spelled} is mapped twice ({out[spelled]} and {role})")
+        out[spelled] = role
+    return out
 
 
 def from_alpaca(r: Record) -> list[Message]:
@@ -118,7 +156,7 @@ def from_alpaca(r: Record) -> list[Message]:
     if instruction is None or output is None:
         return []
     user = instruction if extra is None else instruction + "\n\n" + extra
-    return system + [Message("user", user), Message("assistant", output)]
+    return system + [Message("user", user, extra), Message("assistant", output)]
 
 
 def from_prompt_completion(r: Record) -> list[Message]:
@@ -162,14 +200,129 @@ def describe_formats(fields: dict[str, str]) -> str:
 
 
 def to_conversation(record: Any, where: Where, format: str, fields: dict[str, str],
-                    allow_empty: bool = False) -> tuple[Conversation | None, list[Problem]]:
-    """One record -> (Conversation, []) or (None, its problems). allow_empty: empty text is no problem."""
+                    roles: dict[str, str] | None = None, allow_empty: bool = False,
+                    ) -> tuple[Conversation | None, list[Problem]]:
+    """One record -> (Conversation, []) or (None, its problems). `roles`: extra role spellings (parse_roles);
+    allow_empty: empty text is no problem."""
     if not isinstance(record, dict):
         return None, [Problem(where, "", validate.not_object(record))]
     problems: list[Problem] = []
     r = Record(record, fields, format, lambda field, message: problems.append(Problem(where, field, message)),
-               allow_empty)
+               allow_empty, dict(roles or {}))
     messages = FORMATS[format].convert(r)
     if problems:
         return None, problems
     return Conversation(tuple(messages), where), []
+
+
+# ---- what was understood: the format, which field became which message, and what was left out ------------------
+# Names data sets give the same field. When a record has two of one group, the mapped one is read and the other is
+# ignored, and a person is told (with the number of records where the two differ: they may have meant the other).
+SAME_FIELD = (("output", "response", "completion", "answer"), ("instruction", "prompt", "question", "query"),
+              ("input", "context"))
+
+
+@dataclass(frozen=True)
+class Understood:
+    """How a file was read, in words: `format: alpaca — instruction + input → user, output → assistant; ignored
+    fields: response`, plus notes on ignored fields that differ from the ones used."""
+
+    format: str
+    detected: bool
+    mapping: str
+    ignored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        how = "detected" if self.detected else "given"
+        ignored = f"; ignored fields: {', '.join(self.ignored)}" if self.ignored else ""
+        return f"format: {self.format} ({how}) — {self.mapping}{ignored}"
+
+    def lines(self) -> list[str]:
+        return [self.line(), *(f"  note: {n}" for n in self.notes)]
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "detected": self.detected, "mapping": self.mapping,
+                "ignored_fields": list(self.ignored), "notes": list(self.notes), "text": self.line()}
+
+
+@dataclass
+class Survey:
+    """Gathered while the records of one file are converted: which keys they have, and in how many records an
+    ignored field of the same meaning (SAME_FIELD) differs from the one read."""
+
+    format: str
+    fields: dict[str, str]
+    roles: dict[str, str] = field(default_factory=dict)
+    n: int = 0
+    keys: dict[str, int] = field(default_factory=dict)
+    differ: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records
+    both: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records with both
+    sharegpt_turns: int = 0  # `messages` records read as {from, value} turns
+
+    def used_keys(self) -> list[str]:
+        return [self.fields.get(c, c) for c in FORMATS[self.format].fields]
+
+    def add(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            return
+        self.n += 1
+        for k in record:
+            self.keys[str(k)] = self.keys.get(str(k), 0) + 1
+        if self.format == "messages":
+            self.sharegpt_turns += _sharegpt_turns(Record(record, self.fields, self.format, lambda f, m: None))
+        used = self.used_keys()
+        for canonical in FORMATS[self.format].fields:
+            key = self.fields.get(canonical, canonical)
+            group = next((g for g in SAME_FIELD if canonical in g), ())
+            for other in group:
+                if other != key and other not in used and other in record and key in record:
+                    self.both[(key, other)] = self.both.get((key, other), 0) + 1
+                    if record[other] != record[key]:
+                        self.differ[(key, other)] = self.differ.get((key, other), 0) + 1
+
+    def nothing_valid(self, n_records: int) -> str:
+        """What to say when no record of a file could be used: the likely cause is how it is read."""
+        head = f"imtune: 0 valid records of {n_records:,}"
+        if not self.n:
+            return f"{head}: none could be read as an object with named fields; check the file's format"
+        have = ", ".join(sorted(self.keys, key=lambda k: -self.keys[k])[:12])
+        roles = " or name its role spellings with --role NAME=ROLE" if self.format in ("messages", "sharegpt") else ""
+        guesses = [f"--field {c}={k}" for c in FORMATS[self.format].detect if self.fields.get(c, c) not in self.keys
+                   for k in next((g for g in SAME_FIELD if c in g), ()) if k in self.keys][:3]
+        example = f"here perhaps {' '.join(guesses)}" if guesses else "e.g. --field output=response"
+        return (f"{head}: every record has a problem, so the likely cause is how the file is read, not the records. "
+                f"Format {self.format} reads {', '.join(self.used_keys())}; the records have {have}. Give the "
+                f"right --format ({', '.join(FORMATS)}), map your fields with --field NAME=KEY "
+                f"({example}){roles}")
+
+    def understood(self, detected: bool) -> Understood:
+        key = lambda c: self.fields.get(c, c)  # noqa: E731
+        seen = lambda c: key(c) in self.keys  # noqa: E731
+        if self.format == "alpaca":
+            user = " + ".join(key(c) for c in ("instruction", "input") if c == "instruction" or seen(c))
+            mapping = f"{user} → user, {key('output')} → assistant"
+        elif self.format == "prompt_completion":
+            mapping = f"{key('prompt')} → user, {key('completion')} → assistant"
+        else:
+            lst, role, content = (("messages", "role", "content") if self.format == "messages"
+                                  else ("conversations", "from", "value"))
+            if self.format == "messages" and self.sharegpt_turns:
+                role, content = "from", "value"
+            mapping = f"{key(lst)}[].{key(role)}/.{key(content)} → one message each"
+            if role == "from":
+                mapping += " (human → user, gpt → assistant)"
+        if self.format in ("alpaca", "prompt_completion") and seen("system"):
+            mapping += f", {key('system')} → system"
+        if self.roles:
+            mapping += "; roles " + ", ".join(f"{k} → {v}" for k, v in self.roles.items())
+        used = set(self.used_keys())
+        ignored = tuple(k for k in self.keys if k not in used)
+        notes = []
+        for (used_key, other), n in self.differ.items():
+            canonical = next(c for c in FORMATS[self.format].fields if key(c) == used_key)
+            switch = f"leave out --field {canonical}={used_key}" if other == canonical else f"--field {canonical}={other}"
+            notes.append(f"{other} differs from {used_key} in {n:,} of the {self.both[(used_key, other)]:,} records "
+                         f"that have both; {used_key} was used and {other} ignored (to train on {other}: {switch})")
+        return Understood(self.format, detected, mapping, ignored, tuple(notes))
+

@@ -28,7 +28,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .formats import CANONICAL_FIELDS, FORMATS, describe_formats, detect, to_conversation
+from .formats import CANONICAL_FIELDS, FORMATS, Survey, Understood, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
 
 __all__ = ["FORMATS", "ConversationStream", "LoadResult", "load_conversations", "parse_fields", "read_records",
@@ -46,15 +46,17 @@ class LoadResult:
     skipped: list[Problem]  # one per record skipped under on_invalid="skip" (empty otherwise)
     path: str  # what was loaded (display)
     format: str  # the format used (detected or given)
+    understood: Understood | None = None  # the format and field mapping in words, ignored fields
 
 
 def load_conversations(spec: str, format: str = "auto", fields: dict[str, str] | None = None,
                        on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
-                       allow_empty: bool = False) -> LoadResult:
-    """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one."""
-    stream = stream_conversations(spec, format, fields, on_invalid, max_problems, limit, allow_empty)
+                       allow_empty: bool = False, roles: dict[str, str] | None = None) -> LoadResult:
+    """Load a file or `hf:` dataset as Conversations, detecting the format from the first record that fits one.
+    `roles`: extra role spellings of the list formats (formats.parse_roles)."""
+    stream = stream_conversations(spec, format, fields, on_invalid, max_problems, limit, allow_empty, roles)
     conversations = list(stream)
-    return LoadResult(conversations, stream.skipped, stream.path, stream.format)
+    return LoadResult(conversations, stream.skipped, stream.path, stream.format, stream.understood())
 
 
 class ConversationStream:
@@ -62,17 +64,19 @@ class ConversationStream:
 
     Iterate it once. `path` and `format` are known at once; `skipped` fills in while iterating (on_invalid="skip");
     with on_invalid="error" the problems of every bad record are raised together, as a DataError, when the iteration
-    reaches the end (or at once when there is nothing valid at all). limit: stop after this many conversations."""
+    reaches the end (or at once when there is nothing valid at all). limit: stop after this many conversations.
+    understood(): the format and field mapping in words, from the records read so far (call it after iterating)."""
 
     def __init__(self, spec: str, format: str = "auto", fields: dict[str, str] | None = None,
                  on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
-                 allow_empty: bool = False):
+                 allow_empty: bool = False, roles: dict[str, str] | None = None):
         self.fields = _check_fields(fields)
         if format != "auto" and format not in FORMATS:
             raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
         if on_invalid not in ON_INVALID:
             raise UsageError(f"on_invalid must be one of {', '.join(ON_INVALID)}, not {on_invalid!r}")
         self.path, items = stream_records(spec)
+        self.detected = format == "auto"
         head: list[Item] = []
         if format == "auto":  # read up to the first record that fits a format (usually the first)
             for item in items:
@@ -83,8 +87,13 @@ class ConversationStream:
         self.format = format
         self._items = chain(head, items)
         self.on_invalid, self.max_problems, self.limit, self.allow_empty = on_invalid, max_problems, limit, allow_empty
+        self.roles = dict(roles or {})
+        self.survey = Survey(format, self.fields, self.roles)  # keys and differing fields of the records read
         self.skipped: list[Problem] = []  # one per record skipped under on_invalid="skip"
         self.n_read = 0  # records read (valid or not)
+
+    def understood(self) -> Understood:
+        return self.survey.understood(detected=self.detected)
 
     def __iter__(self) -> Iterator[Conversation]:
         problems: list[Problem] = []  # the first max_problems problems of bad records
@@ -93,10 +102,12 @@ class ConversationStream:
             if self.limit is not None and n_ok >= self.limit:
                 break
             self.n_read += 1
+            self.survey.add(value)
             if isinstance(value, Problem):
                 conversation, found = None, [value]
             else:
-                conversation, found = to_conversation(value, where, self.format, self.fields, self.allow_empty)
+                conversation, found = to_conversation(value, where, self.format, self.fields, self.roles,
+                                                      allow_empty=self.allow_empty)
             if conversation is not None:
                 n_ok += 1
                 yield conversation
@@ -108,7 +119,8 @@ class ConversationStream:
                 more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
                 self.skipped.append(Problem(first.where, first.field, first.message + more))
         if n_problems and (self.on_invalid == "error" or not n_ok):  # skip mode with nothing left is an error too
-            raise DataError(problems, total=n_problems)
+            hint = "" if n_ok else self.survey.nothing_valid(self.n_read)
+            raise DataError(problems, total=n_problems, hint=hint)
 
 
 stream_conversations = ConversationStream
@@ -152,7 +164,8 @@ def _detect(items: list[Item], fields: dict[str, str]) -> str:
     raise DataError([Problem(where, "", (
         f"cannot tell the data format from the record's fields ({', '.join(map(str, value)) or 'none'}); "
         f"known formats and the fields that identify them: {describe_formats(fields)}. "
-        f"Pass --format NAME and map its fields to yours, e.g. --field output=response"))])
+        f"Pass --format NAME and map its fields to yours, e.g. --field output=response"))],
+        hint=f"imtune: 0 valid records of {len(items):,}: no record fits a known format as read; see above")
 
 
 # ---- reading: spec -> (display path, records with their Where) ----------------------------------------------------

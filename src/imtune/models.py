@@ -69,6 +69,10 @@ def resolve(spec: str | None) -> ModelSource:
         raise UsageError(f"{spec}: a model must be a directory, a hub id, 'default' or 'random:<size>'")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"{spec}: no such directory (and not a hub id of the form owner/name)")
+    owner = spec.split("/")[0]
+    if "/" not in spec or Path(owner).is_dir():  # `run_1`, `runs/run_1`: a mistyped path, not a hub id
+        raise UsageError(f"no such run directory or model: {spec} (not a directory here; a hub model is "
+                         "owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
     return ModelSource("hub", spec, spec)
 
 
@@ -126,13 +130,11 @@ def load_tokenizer(spec: str | None = "default"):
     src = resolve(spec)
     key = src.tokenizer_path
     if key not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
         if src.kind in ("default", "random"):
             prepare_default()
         try:
-            tok = AutoTokenizer.from_pretrained(key)
-        except OSError as e:
+            tok = _tokenizer_class(key).from_pretrained(key)
+        except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
             raise UsageError(f"{spec}: cannot load a tokenizer: {e}") from None
         if not getattr(tok, "is_fast", False):
             raise UsageError(f"{spec}: imtune needs a fast tokenizer (offset mappings); this one is slow")
@@ -140,6 +142,29 @@ def load_tokenizer(spec: str | None = "default"):
             tok.pad_token = tok.eos_token
         _TOKENIZERS[key] = tok
     return _TOKENIZERS[key]
+
+
+# The classes AutoTokenizer resolves to for a plain tokenizer.json (transformers 5 names it TokenizersBackend).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: str):
+    """The tokenizer class for a directory. AutoTokenizer reads the model config, which imports torch (seconds);
+    a directory whose tokenizer_config.json names the generic fast tokenizer gets that class directly, the one
+    AutoTokenizer would pick, so commands that only tokenize (inspect, data stats) start without torch."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    if isinstance(cfg, dict) and cfg.get("tokenizer_class") in GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def random_config(size: str, vocab_size: int, pad_token_id: int | None, max_position_embeddings: int = 8192):
@@ -155,10 +180,14 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     src = resolve(spec)
     kw = {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: a line a load (each arm, each evaluation), no news
     try:
         if src.kind == "random":
             tok = load_tokenizer("default")
@@ -176,6 +205,9 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
             # transformers' own message names what is missing or which kernels exist
             raise UsageError(f"--attn-implementation {attn_implementation}: {e}") from None
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def n_params(model) -> int:

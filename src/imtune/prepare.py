@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .formats import Understood
 from .templates import Renderer
 from .types import Conversation, Problem, Rendered, Span, TokenizedExample
 from .weights import (LossSpec, TokenizeReport, check_special_policy, check_truncation, content_policy, gc_paused,
@@ -34,6 +35,15 @@ class Prepared:
     conversations: list[Conversation]
     load_skipped: list[Problem]
     cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
+    understood: Understood | None = None  # how the file was read (None for conversations given in code)
+
+    def system_note(self) -> dict:
+        """The system prompt the template adds (or --system-prompt sets), and its share of the tokens."""
+        return self.renderer.system_note(self.conversations, sum(len(e) for e in self.examples))
+
+    def notes(self) -> list[str]:
+        """What a person should be told about how their data was read: format, field mapping, system prompt."""
+        return [*(self.understood.lines() if self.understood else []), self.system_note()["line"]]
 
     @property
     def rendered(self) -> list[Rendered]:
@@ -50,15 +60,24 @@ class Prepared:
 
 
 def load(data: str | list[Conversation], format: str = "auto", fields: dict | None = None,
-         on_invalid: str = "error", limit: int | None = None) -> tuple[list[Conversation], list[Problem]]:
+         on_invalid: str = "error", limit: int | None = None,
+         roles: dict | None = None) -> tuple[list[Conversation], list[Problem]]:
     """Conversations (streamed from a file, stopping after `limit`) and the records skipped as invalid."""
+    convs, skipped, _ = _load(data, format, fields, on_invalid, limit, roles)
+    return convs, skipped
+
+
+def _load(data, format, fields, on_invalid, limit, roles) -> tuple[list[Conversation], list[Problem],
+                                                                    Understood | None]:
+    """load(), and how the file was read (None for conversations given in code)."""
     if isinstance(data, (list, tuple)):
         convs = list(data)
-        return (convs[:limit] if limit else convs), []
+        return (convs[:limit] if limit else convs), [], None
     from .load import stream_conversations
 
-    stream = stream_conversations(data, format=format, fields=fields, on_invalid=on_invalid, limit=limit or None)
-    return list(stream), stream.skipped
+    stream = stream_conversations(data, format=format, fields=fields, on_invalid=on_invalid, limit=limit or None,
+                                  roles=roles)
+    return list(stream), stream.skipped, stream.understood()
 
 
 def chars_per_token(tokenizer) -> int:
@@ -104,7 +123,8 @@ def _cut(r: Rendered, n: int) -> Rendered:
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True, special_tokens_in_content: str = "split") -> Prepared:
+                     cache: bool = True, special_tokens_in_content: str = "split", roles: dict | None = None,
+                     system_prompt: str = "default") -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
     not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
     special_tokens_in_content: split | keep | error, for content that spells a control token (weights.content_policy).
@@ -113,8 +133,8 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
 
     check_truncation(truncation)  # before any work
     check_special_policy(special_tokens_in_content)
-    convs, skipped = load(data, format, fields, on_invalid, limit)
-    renderer = Renderer(template, tokenizer)
+    convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
+    renderer = Renderer(template, tokenizer, system_prompt)
     rendered, unfit = fit_before_tokenizing([renderer.render(c) for c in convs], tokenizer, max_length, truncation)
     split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
     with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
@@ -124,4 +144,4 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     del rendered, encoded
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
-    return Prepared(examples, report, renderer, convs, skipped, status)
+    return Prepared(examples, report, renderer, convs, skipped, status, understood)

@@ -76,6 +76,20 @@ class RunLog:
         self.file = self.tb = self.bar = None
 
 
+def changed_config(cfg) -> str:
+    """The fields of a TrainConfig that differ from their defaults, as YAML (the whole config is RUN/config.yaml):
+    ~10 lines a run instead of ~60, which made most of the output of a several-arm compare."""
+    import dataclasses
+
+    import yaml
+
+    default = type(cfg)()
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(default, f.name)}
+    body = yaml.safe_dump(changed, sort_keys=False, allow_unicode=True) if changed else "{}\n"
+    return f"# config: the fields set (everything else default; all of it in config.yaml)\n{body}"
+
+
 def trim_metrics(path: Path, keep_through_step: int) -> None:
     """Drop metric lines of steps after `keep_through_step` (0: start afresh)."""
     if not path.exists():
@@ -103,7 +117,8 @@ def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
 
 
 def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[float], extra: dict) -> None:
-    """config.yaml (printed too), chat_template.jinja and data_stats.json: the run directory describes itself."""
+    """config.yaml (its non-default fields printed), chat_template.jinja and data_stats.json: the run directory
+    describes itself."""
     from .guard import history
     from .types import CLASSES
 
@@ -123,9 +138,13 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
         "tokenize": prep.report.as_dict(), "examples": len(examples), "tokens": sum(lengths),
         "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
         "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,
+        "data_format": prep.understood.as_dict() if getattr(prep, "understood", None) else None,
+        "system_prompt": prep.system_note() if hasattr(prep, "system_note") else None,
     }
     _write_text(run_dir / "data_stats.json", json.dumps(stats, indent=1) + "\n")
-    print(f"# imtune train -> {run_dir}\n{text}".rstrip(), file=sys.stderr, flush=True)
+    print(f"# imtune train -> {run_dir}\n{changed}{changed_config(cfg)}".rstrip(), file=sys.stderr, flush=True)
+    for line in (prep.notes() if hasattr(prep, "notes") else []):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _write_text(path: Path, text: str) -> None:

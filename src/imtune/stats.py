@@ -219,19 +219,25 @@ def stats_from_lengths(lengths: Lengths, max_length: int | None = None, template
 
 def analyse(spec: str, tokenizer=None, renderer=None, unit: str = "tokens", format: str = "auto",
             fields: dict | None = None, on_invalid: str = "error", max_length: int | None = None,
-            special_tokens_in_content: str = "split") -> tuple[dict, Lengths, list[Problem]]:
+            special_tokens_in_content: str = "split",
+            roles: dict | None = None) -> tuple[dict, Lengths, list[Problem]]:
     """A data file as it is -> (the stats object with its `findings`, the Lengths, records that could not be read).
 
     Streams the file CHUNK records at a time (bounded memory: a million records stay well under 2 GB). Every parsable
     record counts, empty outputs included (quality problems are findings, imtune.findings, not refusals); a record
-    that cannot be parsed at all is still an error (on_invalid="error") or skipped and returned."""
+    that cannot be parsed at all is still an error (on_invalid="error") or skipped and returned. The stats also say
+    how the file was read (`data_format`: format, field mapping, ignored fields) and, with a renderer, what its
+    system prompt costs (`system_prompt`). roles: extra role spellings (formats.parse_roles)."""
     from .findings import Scan
     from .load import stream_conversations
 
     check_unit(unit, tokenizer)
-    stream = stream_conversations(spec, format, fields, on_invalid, allow_empty=True)
+    stream = stream_conversations(spec, format, fields, on_invalid, allow_empty=True, roles=roles)
     scan, parts = Scan(), []
+    n_conversations = n_without_system = 0  # for the system prompt's share
     for batch in chunks(stream):
+        n_conversations += len(batch)
+        n_without_system += sum(1 for c in batch if not c.messages or c.messages[0].role != "system")
         batch = [c for c in batch if not scan.too_long(c)]
         if not batch:
             continue
@@ -244,6 +250,10 @@ def analyse(spec: str, tokenizer=None, renderer=None, unit: str = "tokens", form
     stats = stats_from_lengths(lengths, max_length, getattr(renderer, "name", None))
     stats["findings"] = scan.result()
     stats["format"] = stream.format
+    stats["data_format"] = stream.understood().as_dict()
+    if renderer is not None:
+        total = int(lengths.sequence.sum()) if lengths.sequence is not None else 0
+        stats["system_prompt"] = renderer.system_note_counts(n_without_system, n_conversations, total)
     return stats, lengths, stream.skipped
 
 

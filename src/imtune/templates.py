@@ -33,13 +33,23 @@ CHATML_JINJA = (
     "{{ bos }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The Stanford Alpaca prompts (PROMPT_DICT in tatsu-lab/stanford_alpaca's train.py): one preamble for records with
+# an input, one without; the input gets its own "### Input:" section.
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.\n\n")
+# A user message may carry `input` (alpaca): then its content is instruction + "\n\n" + input.
 ALPACA_JINJA = (
     "{{ bos }}{% set ns = namespace(seen=false) %}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-    "{% elif m['role'] == 'user' %}{% if not ns.seen %}{% set ns.seen = true %}{{ '" + ALPACA_PREAMBLE.replace("\n", "\\n") + "' }}{% endif %}"
-    "{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{% set has_input = m['input'] is defined and m['input'] is not none %}"
+    "{% if not ns.seen %}{% set ns.seen = true %}"
+    "{% if has_input %}{{ '" + ALPACA_PREAMBLE_INPUT.replace("\n", "\\n") + "' }}"
+    "{% else %}{{ '" + ALPACA_PREAMBLE.replace("\n", "\\n") + "' }}{% endif %}{% endif %}"
+    "{% if has_input %}{{ '### Instruction:\n' + m['content'][:(m['content'] | length) - (m['input'] | length) - 2]"
+    " + '\n\n### Input:\n' + m['input'] + '\n\n' }}"
+    "{% else %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}{% endif %}"
     "{% else %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
@@ -87,10 +97,14 @@ def _alpaca(b: _Builder, msgs, bos: str, eos: str) -> None:
             b.add("\n\n")
         elif m.role == "user":
             if not any(x.role == "user" for x in msgs[:i]):
-                b.add(ALPACA_PREAMBLE)
+                b.add(ALPACA_PREAMBLE if m.input is None else ALPACA_PREAMBLE_INPUT)
             b.add("### Instruction:\n")
-            b.add(m.content, "user", i)
+            b.add(m.instruction, "user", i)
             b.add("\n\n")
+            if m.input is not None:
+                b.add("### Input:\n")
+                b.add(m.input, "user", i)
+                b.add("\n\n")
         else:
             b.add("### Response:\n")
             b.add(m.content, "assistant", i)
@@ -137,7 +151,7 @@ def _sentinel(i: int) -> str:
 class Renderer:
     """A template bound to a tokenizer. `render(conv)` for training text and spans; `prompt(msgs)` for generation."""
 
-    def __init__(self, template: str | None, tokenizer):
+    def __init__(self, template: str | None, tokenizer, system_prompt: str | None = "default"):
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token or ""
         self.bos = _bos_text(tokenizer)
@@ -145,7 +159,7 @@ class Renderer:
         self.builtin: Builtin | None = None
         if name in TEMPLATES:
             self.builtin = TEMPLATES[name]
-            self.jinja = self.builtin.jinja.replace("{{ bos }}", f"{{{{ '{self.bos}' }}}}" if self.bos else "")
+            self.jinja = self._bound(self.builtin)
         elif name == "model":
             jinja = getattr(tokenizer, "chat_template", None)
             if not jinja or not isinstance(jinja, str):
@@ -159,6 +173,8 @@ class Renderer:
             self.jinja = p.read_text(encoding="utf-8")
         else:
             raise UsageError(f"unknown template {name!r}; valid: {', '.join(template_names())}")
+        if self.builtin is None:  # a built-in's own Jinja (a run trained with it): its builder, exact spans included
+            self.builtin = next((b for b in TEMPLATES.values() if self._bound(b) == self.jinja), None)
         self.name = name
         self._compiled = None
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
@@ -166,6 +182,17 @@ class Renderer:
                      for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
         self.eot_markers = sorted({m for m in EOT_MARKERS if m in specials} | ({self.eos} if self.eos else set()),
                                   key=len, reverse=True)
+        self.system_prompt = "default" if system_prompt is None else system_prompt
+        self.injected, self._system_turn = self._find_default_system()
+        self._check_system_prompt()
+        if self.system_prompt != "default" and (self.injected is not None or self.system_prompt != "none"):
+            # the template saved with a run (and used to serve it) makes the same choice for requests without one
+            self.jinja = _system_wrapper(self.system_message()) + self.jinja
+            self._compiled = None
+
+    def _bound(self, builtin: Builtin) -> str:
+        """A built-in's Jinja with this tokenizer's BOS text written in."""
+        return builtin.jinja.replace("{{ bos }}", f"{{{{ '{self.bos}' }}}}" if self.bos else "")
 
     # -- Jinja ---------------------------------------------------------------------------------------------------
     def _render_jinja(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -231,8 +258,98 @@ class Renderer:
             pos += len(after)
         return text, spans
 
+    # -- system prompt -------------------------------------------------------------------------------------------
+    def _find_default_system(self) -> tuple[str | None, tuple[str, str] | None]:
+        """(the system prompt the template injects when a conversation has none, or None; the text around a system
+        message's content, (before, after), or None). Found by rendering sentinels with and without a system
+        message: without one, the text before the user's content is before + INJECTED + after + the user header."""
+        if self.builtin is not None:
+            b = _Builder()
+            self.builtin.build(b, [Message("system", _sentinel(0))], self.bos, self.eos)
+            before, _, after = "".join(b.parts).partition(_sentinel(0))
+            return None, (before.removeprefix(self.bos), after)
+        try:
+            plain = self._render_jinja([{"role": "user", "content": _sentinel(1)},
+                                        {"role": "assistant", "content": _sentinel(2)}], False)
+            sys_ = self._render_jinja([{"role": "system", "content": _sentinel(0)},
+                                       {"role": "user", "content": _sentinel(1)},
+                                       {"role": "assistant", "content": _sentinel(2)}], False)
+        except Exception:  # noqa: BLE001 - a template that refuses system messages (or these ones) injects none
+            return None, None
+        if _sentinel(0) not in sys_ or _sentinel(1) not in plain:
+            return None, None
+        a, _, rest = sys_.partition(_sentinel(0))
+        between = rest.partition(_sentinel(1))[0]  # close of the system turn + the user header
+        p = plain.partition(_sentinel(1))[0]
+        lead = len(between) - len(between.lstrip())
+        close = next((between[:lead + len(m)] for m in self.eot_markers if between.startswith(m, lead)), "")
+        close += between[len(close):][:len(between[len(close):]) - len(between[len(close):].lstrip())]
+        turn = (a.removeprefix(self.bos), close)
+        if len(p) > len(a) + len(between) and p.startswith(a) and p.endswith(between):
+            return p[len(a):len(p) - len(between)], turn
+        return None, turn
+
+    def system_message(self) -> str:
+        """The content of the system message --system-prompt inserts ('' for none)."""
+        return "" if self.system_prompt == "none" else self.system_prompt
+
+    def _check_system_prompt(self) -> None:
+        if self.system_prompt in ("default", "") or self.injected is None or self.system_prompt != "none":
+            if self.system_prompt == "":
+                raise UsageError("--system-prompt: give none, default or a text")
+            return
+        text = self._render_jinja([{"role": "system", "content": ""}, {"role": "user", "content": _sentinel(1)}],
+                                  False)
+        if self.injected in text:
+            raise UsageError(f"--system-prompt none: template {self.name!r} writes its default system prompt "
+                             "even when a conversation starts with an empty system message, so imtune cannot "
+                             "leave it out; use --system-prompt TEXT or another --template")
+
+    def with_system(self, messages) -> tuple[Message, ...]:
+        """The messages --system-prompt renders: a system message first unless they start with one (none: an empty
+        one, only where the template would inject its default; default: unchanged)."""
+        messages = tuple(messages)
+        if self.system_prompt == "default" or (messages and messages[0].role == "system"):
+            return messages
+        if self.system_prompt == "none" and self.injected is None:
+            return messages
+        return (Message("system", self.system_message()), *messages)
+
+    def system_note(self, conversations, total_tokens: int) -> dict:
+        """What the system prompt costs: which text, in how many examples, tokens each, share of all tokens."""
+        n = sum(1 for c in conversations if not c.messages or c.messages[0].role != "system")
+        return self.system_note_counts(n, len(conversations), total_tokens)
+
+    def system_note_counts(self, n: int, n_conversations: int, total_tokens: int) -> dict:
+        """system_note from counts (a stream measures them as it goes): `n` of `n_conversations` have no system
+        message of their own."""
+        if self.system_prompt in ("default", "none") and self.injected is None:
+            line = f"system prompt: none added (template {self.name} injects none; records' own system messages kept)"
+            return {"mode": self.system_prompt, "text": None, "examples": 0, "tokens_each": 0, "share": 0.0,
+                    "line": line}
+        content = self.injected if self.system_prompt == "default" else self.system_message()
+        before, after = self._system_turn or ("", "")
+        each = len(self.tokenizer(before + content + after, add_special_tokens=False).input_ids)
+        share = n * each / total_tokens if total_tokens else 0.0
+        cost = f"{each} tokens each with its markers, {share:.1%} of all tokens"
+        if self.system_prompt == "default":
+            line = (f"system prompt: template {self.name} adds its default system prompt {content!r} to {n:,} of "
+                    f"{n_conversations:,} examples ({cost}; no loss under it/im/weighted, loss under all); "
+                    "--system-prompt none|TEXT changes it")
+        elif self.system_prompt == "none":
+            line = (f"system prompt: none (--system-prompt none): an empty system message replaces the template's "
+                    f"default in {n:,} of {n_conversations:,} examples ({cost})")
+        else:
+            line = (f"system prompt: {content!r} (--system-prompt) added to {n:,} of {n_conversations:,} "
+                    f"examples that have none ({cost})")
+        return {"mode": "default" if self.system_prompt == "default" else
+                ("none" if self.system_prompt == "none" else "text"),
+                "text": content, "examples": n, "tokens_each": each, "share": share, "line": line}
+
     # -- public --------------------------------------------------------------------------------------------------
     def render(self, conv: Conversation) -> Rendered:
+        if self.system_prompt != "default":
+            conv = Conversation(self.with_system(conv.messages), conv.source)
         if self.builtin is not None:
             b = _Builder()
             self.builtin.build(b, conv.messages, self.bos, self.eos)
@@ -244,11 +361,25 @@ class Renderer:
 
     def prompt(self, messages: list[Message] | tuple[Message, ...]) -> str:
         """The text a model continues to answer the last user message (generation prompt included)."""
+        messages = self.with_system(messages)
         if self.builtin is not None:
             b = _Builder()
             self.builtin.build(b, list(messages), self.bos, self.eos)
             return "".join(b.parts) + self.builtin.generation_prompt
         return self._render_jinja([{"role": m.role, "content": m.content} for m in messages], True)
+
+
+def _system_wrapper(content: str) -> str:
+    """Jinja that puts a system message first when a conversation has none (prefixed to a template saved with a
+    run, so serving makes the --system-prompt choice training made). Braces, % and # are written as escapes so
+    no text can end the tag."""
+    import json
+
+    literal = json.dumps(content)
+    for ch in "{}%#":
+        literal = literal.replace(ch, f"\\u{ord(ch):04x}")
+    return ("{%- if messages and messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+            f"'content': {literal}}}] + messages %}}{{%- endif %}}")
 
 
 def render_all(convs, renderer: Renderer) -> list[Rendered]:

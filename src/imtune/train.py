@@ -387,7 +387,8 @@ def setup(cfg: TrainConfig) -> Run:
     tok = load_tokenizer(cfg.model)
     spec = loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)
     prep = prepare_examples(cfg.data, tok, spec, cfg.template, cfg.max_length, cfg.truncation, cfg.format,
-                            cfg.fields, cfg.on_invalid, limit=cfg.limit,
+                            cfg.fields, cfg.on_invalid, limit=cfg.limit, roles=cfg.roles,
+                            system_prompt=cfg.system_prompt,
                             special_tokens_in_content=cfg.special_tokens_in_content)
     if not prep.examples:
         raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
@@ -625,7 +626,8 @@ def eval_sets(cfg: TrainConfig, prep, tok, make_batches) -> dict:
     for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
                        *([("val", cfg.val_data)] if cfg.val_data else [])]:
         p = prepare_examples(data, tok, it, cfg.template, cfg.max_length, cfg.truncation, cfg.format, cfg.fields,
-                             on_invalid="skip", special_tokens_in_content=cfg.special_tokens_in_content)
+                             on_invalid="skip", special_tokens_in_content=cfg.special_tokens_in_content,
+                             roles=cfg.roles, system_prompt=cfg.system_prompt)
         if p.examples:
             out[name] = (p.examples, make_batches(p.examples, cfg.batch_size, cfg.max_length, cfg.packing,
                                                   tok.pad_token_id, 0, 0))

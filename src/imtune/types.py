@@ -28,6 +28,14 @@ class Where:
 class Message:
     role: str  # one of ROLES
     content: str
+    # alpaca records: the `input` field, which `content` ends with (content = instruction + "\n\n" + input), kept
+    # so that --template alpaca can render the canonical "### Input:" section; None everywhere else.
+    input: str | None = None
+
+    @property
+    def instruction(self) -> str:
+        """The content without its alpaca input."""
+        return self.content[: len(self.content) - len(self.input) - 2] if self.input is not None else self.content
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +96,18 @@ class Problem:
 class DataError(Exception):
     """Bad input data. Carries the problems; the CLI prints them without a traceback."""
 
-    def __init__(self, problems: list[Problem] | str, total: int | None = None):
+    def __init__(self, problems: list[Problem] | str, total: int | None = None, hint: str = ""):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.total = len(self.problems) if total is None else total
+        self.hint = hint  # what to do about all of them, when one cause is likely (printed last)
         super().__init__(self.render())
 
     def render(self, limit: int = 20) -> str:
         lines = [str(p) for p in self.problems[:limit]]
         if self.total > len(lines):
             lines.append(f"... and {self.total - len(lines)} more problem(s)")
+        if self.hint:
+            lines.append(self.hint)
         return "\n".join(lines)
 
 

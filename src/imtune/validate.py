@@ -72,12 +72,16 @@ def optional_text(value: Any, field: str, bad: Bad) -> str | None:
     return value
 
 
-def role(value: Any, field: str, roles: dict[str, str], bad: Bad) -> str | None:
-    """A role as spelled in the data -> one of ROLES, through `roles` (spelling -> role)."""
+def role(value: Any, field: str, roles: dict[str, str], bad: Bad, mappable: bool = True) -> str | None:
+    """A role as spelled in the data -> one of ROLES, through `roles` (spelling -> role). `mappable`: the data came
+    from a file, where --role can map another spelling (say so)."""
     if isinstance(value, str) and value in roles:
         return roles[value]
     shown = repr(value) if isinstance(value, str) else kind(value)
-    bad(field, f"unknown role {shown}; use one of {listing(roles)}")
+    hint = ""
+    if mappable and isinstance(value, str) and value:
+        hint = f"; or map it with --role {value}=ROLE (ROLE: user, assistant or system)"
+    bad(field, f"unknown role {shown}; use one of {listing(roles)}{hint}")
     return None
 
 
@@ -102,7 +106,7 @@ def check(conversation: Conversation) -> list[Problem]:
         bad("messages", "no messages")
         return problems
     for i, m in enumerate(conversation.messages):
-        role(m.role, f"messages[{i}].role", {r: r for r in ROLES}, bad)
+        role(m.role, f"messages[{i}].role", {r: r for r in ROLES}, bad, mappable=False)
         text(m.content, f"messages[{i}].content", bad)
     has_assistant([m.role for m in conversation.messages], "messages", bad)
     return problems

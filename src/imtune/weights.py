@@ -55,7 +55,8 @@ def parse_weights(text: str | None) -> dict[str, float]:
         except ValueError:
             raise UsageError(f"--weights: {item!r}: the weight must be a number, e.g. {name}=0.1") from None
         if not np.isfinite(out[name]) or out[name] < 0:
-            raise UsageError(f"--weights: {item!r}: weights must be finite and >= 0")
+            raise UsageError(f"--weights: {item!r}: weights must be finite and >= 0 (the loss trains only on "
+                             "tokens of positive weight; a negative one would be silently ignored)")
     return out
 
 
@@ -69,12 +70,25 @@ def loss_spec(mode: str = "it", prompt_weight: float | None = None, weights: dic
             raise UsageError("--loss weighted needs --prompt-weight λ (e.g. 0.1)")
     if prompt_weight is not None:
         if not (0.0 <= prompt_weight) or not np.isfinite(prompt_weight):
-            raise UsageError("--prompt-weight must be a finite number >= 0")
+            raise UsageError("--prompt-weight must be a finite number >= 0 (the loss trains only on tokens of "
+                             "positive weight; a negative one would be silently ignored)")
         if mode != "weighted":
             raise UsageError(f"--prompt-weight applies to --loss weighted (got --loss {mode})")
         table["user"] = table["system"] = float(prompt_weight)
     table.update(parse_weights(weights) if isinstance(weights, (str, type(None))) else weights)
     return LossSpec(mode, table, last_turn_only)
+
+
+def weight_warnings(spec: LossSpec) -> list[str]:
+    """Warnings about a loss table a person may not have meant: weights above 1 make those tokens count more than
+    the output's (weight 1). The one check for every caller (inspect, train, compare's arms); negative weights never
+    get this far (loss_spec and parse_weights refuse them)."""
+    high = {c: w for c, w in spec.table.items() if w > 1}
+    if not high:
+        return []
+    listed = ", ".join(f"{c}={w:g}" for c, w in high.items())
+    return [f"warning: class weight(s) above 1 ({listed}) under --loss {spec.mode}: these tokens count more than "
+            "the output tokens (weight 1) in the loss; the usual range is 0 to 1 (IM: 1, weighted: e.g. 0.1)"]
 
 
 @dataclass

@@ -18,12 +18,23 @@ def add_template_args(p) -> None:
                         "default: the tokenizer's own chat template when it has one, else tulu")
 
 
+def add_system_prompt_arg(p) -> None:
+    p.add_argument("--system-prompt", default="default", metavar="none|default|TEXT",
+                   help="default: as the template renders (the model's own may inject a default system prompt, "
+                        "e.g. SmolLM2's); none: without it (an empty system message where the template would "
+                        "inject one); TEXT: this system message. Records' own system messages always win; the "
+                        "template saved with a run makes the same choice when serving")
+
+
 def add_data_args(p, positional: bool = True, nargs=None) -> None:
     if positional:
         p.add_argument("data", nargs=nargs, help="JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
     p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion or sharegpt")
     p.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
                    help="read canonical field NAME from record key KEY, e.g. --field output=response (repeatable)")
+    p.add_argument("--role", action="append", default=[], metavar="NAME=ROLE,...",
+                   help="map a role spelling of the data to user/assistant/system, e.g. --role bot=assistant "
+                        "(ShareGPT's human and gpt are known already; repeatable)")
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error",
                    help="bad records: stop and list them, or skip them and say how many and why")
 
@@ -58,6 +69,12 @@ def fields_from(args) -> dict[str, str]:
     from ..load import parse_fields
 
     return parse_fields(getattr(args, "field", None))
+
+
+def roles_from(args) -> dict[str, str]:
+    from ..formats import parse_roles
+
+    return parse_roles(getattr(args, "role", None))
 
 
 def say(msg: str) -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_data_args, add_length_args, add_model_args, add_template_args, fields_from, say
+from .common import (add_data_args, add_length_args, add_model_args, add_system_prompt_arg, add_template_args,
+                     fields_from, roles_from, say)
 
 
 def add_arguments(p) -> None:
     add_data_args(p, nargs="+")
     add_model_args(p)
     add_template_args(p)
+    add_system_prompt_arg(p)
     p.add_argument("--unit", choices=["tokens", "words"], default="tokens",
                    help="tokens: counted from one tokenisation of the rendered text (what training sees); words: "
                         "the IM paper's convention (whitespace words of '<|role|>\\n' + content)")
@@ -35,6 +37,14 @@ def _plot_name(path: str, taken: set[str]) -> str:
     return name
 
 
+def _block(text: str, stats: dict) -> str:
+    """One file's report with how it was read (format, field mapping, ignored fields) under its first line."""
+    d = stats["data_format"]
+    head, _, rest = text.partition("\n")
+    return "\n".join([head, f"  {d['text']}", *(f"    note: {n}" for n in d["notes"]),
+                      f"  {stats['system_prompt']['line']}", rest])
+
+
 def run(args) -> int:
     from ..models import load_tokenizer
     from ..stats import analyse, format_one, format_table, plot
@@ -44,12 +54,12 @@ def run(args) -> int:
     if args.max_length is not None and args.max_length < 1:
         raise UsageError("--max-length must be >= 1")
     tok = load_tokenizer(args.model)
-    renderer = Renderer(args.template, tok)
-    fields = fields_from(args)
+    renderer = Renderer(args.template, tok, args.system_prompt)
+    fields, roles = fields_from(args), roles_from(args)
     results, taken = [], set()
     for path in args.data:
         stats, lengths, skipped = analyse(path, tok, renderer, args.unit, args.format, fields, args.on_invalid,
-                                          args.max_length, args.special_tokens_in_content)
+                                          args.max_length, args.special_tokens_in_content, roles)
         if skipped:
             say(f"{path}: {len(skipped)} unreadable records skipped (first: {skipped[0]})")
         stats = {"path": str(path), **stats, "skipped": len(skipped)}
@@ -65,5 +75,5 @@ def run(args) -> int:
     if len(results) > 1:
         print(format_table([(Path(s["path"]).name, s) for s in results]))
         print()
-    print("\n\n".join(format_one(s, s["path"]) for s in results))
+    print("\n\n".join(_block(format_one(s, s["path"]), s) for s in results))
     return 0

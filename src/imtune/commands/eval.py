@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..types import CLASSES, UsageError
-from .common import add_data_args, add_template_args, fields_from, say
+from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from, say
 
 ROWS = [("output", "output (assistant+eot)"), ("instruction", "instruction (user+system)")] + \
        [(c, f"  {c}") for c in CLASSES] + [("all", "all tokens")]
@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
                    help="the training data (default for a run directory: `data` in RUN/config.yaml)")
     add_data_args(p, positional=False)
     add_template_args(p)
+    add_system_prompt_arg(p)
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per example (default: the run's max_length, else no limit)")
     p.add_argument("--truncation", choices=["drop", "truncate"], default=None,
@@ -75,7 +76,7 @@ def run_settings(run: Path) -> dict:
     if not isinstance(cfg, dict):
         raise UsageError(f"{run / 'config.yaml'}: expected a mapping of config keys")
     out = {k: cfg.get(k) for k in ("data", "eval_data", "format", "fields", "on_invalid", "limit", "max_length",
-                                   "truncation")}
+                                   "truncation", "roles")}
     for k in ("data", "eval_data"):  # a path relative to the run directory, if it is not one relative to here
         if isinstance(out[k], str) and out[k] and not Path(out[k]).exists() and (run / out[k]).exists():
             out[k] = str(run / out[k])
@@ -138,12 +139,17 @@ def run(args) -> int:
     if args.model_pos and args.model and args.model_pos != args.model:
         raise UsageError(f"two models given: {args.model_pos!r} and --model {args.model!r}")
     spec = args.model_pos or args.model or "default"
+    resolve(spec)  # a mistyped run directory is "no such run directory", before anything else is asked for
     run_dir = run_dir_of(spec)
     settings = run_settings(run_dir) if run_dir else {}
     train_data = args.train_data or settings.get("data") or None
     heldout_data = args.data or settings.get("eval_data") or None
     if not heldout_data and not train_data:
         raise UsageError("nothing to evaluate: give --data F (held-out) and/or --train-data T")
+    if run_dir and not heldout_data:
+        say(f"imtune eval: no held-out data, so no train/held-out gap (the overfitting measure): pass --data "
+            f"HELDOUT.jsonl, or train with --eval-data HELDOUT.jsonl (the run remembers it); "
+            f"`imtune compare` splits one off by itself")
     if args.bleu_train and not train_data:
         raise UsageError("--bleu-train needs the training data: --train-data T (or a run directory)")
     out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else None)
@@ -155,16 +161,17 @@ def run(args) -> int:
     # train loss is over what the model trained on and the gap compares like with like.
     max_length = args.max_length or settings.get("max_length")
     truncation = args.truncation or settings.get("truncation") or "truncate"
-    read = {"held-out": (args.format, fields_from(args) or None, args.on_invalid, args.limit)}
+    read = {"held-out": (args.format, fields_from(args) or None, args.on_invalid, args.limit,
+                         roles_from(args) or settings.get("roles") or None)}
     if args.train_data or not run_dir:
         read["train"] = read["held-out"]
     else:
         limit = min([x for x in (args.limit, settings.get("limit")) if x] or [0]) or None
         read["train"] = (settings.get("format") or "auto", settings.get("fields") or None,
-                         settings.get("on_invalid") or "error", limit)
+                         settings.get("on_invalid") or "error", limit, settings.get("roles") or None)
 
     tok = load_tokenizer(spec)
-    renderer = Renderer(args.template, tok)
+    renderer = Renderer(args.template, tok, args.system_prompt)
     model = load_model(spec).to(pick_device(args.device))
     say(f"imtune eval: model {spec} ({resolve(spec).path or 'random init'}), template {renderer.name}, "
         f"max length {max_length or 'none'}, device {next(model.parameters()).device}")

@@ -1,5 +1,6 @@
 """`imtune inspect DATA`: which tokens learn. Tokens are shown in the rendered text, coloured by weight:
-green = full weight, yellow = partial weight, dim = no weight (template tokens are also underlined-free grey).
+green = weight 1, yellow = between 0 and 1, magenta = above 1, dim = no weight; without colour, [text] is weight 1
+and [text|w] any other weight, so a weight of 2 is never drawn like 1.
 `--jsonl OUT` writes one row per example: index, input_ids, weights, classes."""
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import os
 import sys
 
 from ..types import CLASSES
-from ..weights import token_offsets
-from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_template_args, fields_from,
-                     loss_spec_from, say)
+from ..weights import token_offsets, weight_warnings
+from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_system_prompt_arg,
+                     add_template_args, fields_from, loss_spec_from, roles_from, say)
 
-GREEN, YELLOW, DIM, CYAN, RESET = "\x1b[42;30m", "\x1b[43;30m", "\x1b[2m", "\x1b[36m", "\x1b[0m"
+GREEN, YELLOW, MAGENTA, DIM, CYAN, RESET = ("\x1b[42;30m", "\x1b[43;30m", "\x1b[45;30m", "\x1b[2m", "\x1b[36m",
+                                            "\x1b[0m")
 
 
 def add_arguments(p) -> None:
     add_data_args(p)
     add_model_args(p)
     add_template_args(p)
+    add_system_prompt_arg(p)
     add_loss_args(p)
     add_length_args(p)
     p.add_argument("--limit", type=int, default=3, help="examples to show (0: all; --jsonl writes all when 0)")
@@ -51,10 +54,10 @@ def show(ex, rendered, tokenizer, color: bool, boundaries: bool, policy: str = "
     for w, text in runs:
         text = text.replace("\n", "↵\n")
         if color:
-            style = GREEN if w >= 1 else YELLOW if w > 0 else DIM
+            style = GREEN if w == 1 else MAGENTA if w > 1 else YELLOW if w > 0 else DIM
             out.append(style + text.replace("\n", RESET + "\n" + style) + RESET)
-        else:
-            out.append(text if w == 0 else f"[{text}]" if w >= 1 else f"[{text}|{w:g}]")
+        else:  # a weight other than 0 or 1 is always written out: 2 is never drawn like 1
+            out.append(text if w == 0 else f"[{text}]" if w == 1 else f"[{text}|{w:g}]")
     return "".join(out)
 
 
@@ -73,18 +76,27 @@ def run(args) -> int:
 
     tok = load_tokenizer(args.model)
     spec = loss_spec_from(args)
+    for w in weight_warnings(spec):
+        say(w)
     limit = None if (args.limit == 0 or args.jsonl) else args.limit
     prep = prepare_examples(args.data, tok, spec, args.template, args.max_length, args.truncation, args.format,
                             fields_from(args), args.on_invalid, limit=limit,
-                            special_tokens_in_content=args.special_tokens_in_content)
+                            special_tokens_in_content=args.special_tokens_in_content, roles=roles_from(args),
+                            system_prompt=args.system_prompt)
     color = _use_color(args.color)
     by_source = {c.source: c for c in prep.conversations}
+    for line in prep.notes():
+        say(line)
     say(f"template: {prep.renderer.name}; loss: {spec.describe()}; {prep.summary()}")
     for p in prep.load_skipped[:20]:
         say(f"skipped: {p}")
     shown = prep.examples if args.limit == 0 else prep.examples[: args.limit]
-    legend = (f"{GREEN}full weight{RESET} {YELLOW}partial weight{RESET} {DIM}no weight{RESET}" if color
-              else "[full weight] [partial weight|w] no weight")
+    others = sorted({w for ex in shown for w in ex.weights} - {0.0, 1.0})
+    values = ", ".join(f"{w:g}" for w in others)
+    legend = (f"{GREEN}weight 1{RESET} {YELLOW}weight between 0 and 1{RESET} {MAGENTA}weight above 1{RESET} "
+              f"{DIM}no weight{RESET}" if color else "[weight 1] [other weight|w] no weight")
+    if others:
+        legend += f" (weights other than 0 and 1 here: {values})"
     print(legend)
     for ex in shown:
         print(f"{CYAN if color else ''}── example {ex.source.index} ({ex.source}) ── {summary(ex)}"

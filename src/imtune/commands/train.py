@@ -14,6 +14,12 @@ def run(args) -> int:
     from ..config import TrainConfig
     from ..train import train
 
-    path = train(TrainConfig.from_args(args))
+    from ..weights import loss_spec, weight_warnings
+    from .common import say
+
+    cfg = TrainConfig.from_args(args)
+    for w in weight_warnings(loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)):
+        say(w)
+    path = train(cfg)
     print(path)
     return 0
