@@ -271,3 +271,19 @@ def test_duplicates_near_duplicates_and_control_tokens_are_counted(tmp_path):
     assert f["control_tokens"]["count"] == 1 and f["control_tokens"]["first"][0].startswith(f"{path}:5:")
     assert f["empty_output"]["first"] == [f"{path}:5"] and f["empty_instruction"]["count"] == 0
     assert "finding: 2 records that repeat an earlier record exactly" in format_one(stats, "d")
+
+
+def test_streamed_stats_say_how_the_file_was_read_and_what_the_system_prompt_costs(tmp_path):
+    from imtune.stats import analyse
+
+    turns = [{"from": "person", "value": "hi there"}, {"from": "bot", "value": "yo"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"conversations": turns}) + "\n"
+                    + json.dumps({"conversations": [{"from": "system", "value": "Be brief."}, *turns]}) + "\n")
+    tok = _tok()
+    stats, lengths, _ = analyse(str(path), tok, Renderer(None, tok), roles={"person": "user", "bot": "assistant"})
+    assert stats["data_format"]["format"] == "sharegpt" and stats["data_format"]["detected"]
+    assert "person → user, bot → assistant" in stats["data_format"]["mapping"]
+    note = stats["system_prompt"]  # the record with its own system message gets no default
+    assert note["mode"] == "default" and note["examples"] == 1 and "to 1 of 2 examples" in note["line"]
+    assert note["share"] == note["tokens_each"] / int(lengths.sequence.sum())
