@@ -2,8 +2,8 @@
 
 Synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth), IT and IM
 trained alike with every seed in SEEDS on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
-comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point. The same comparison at scale is one `imtune compare` command (README: "Compare loss
-modes"). Re-running reuses finished arms; --fresh starts over."""
+comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point.
+The same comparison at scale is one `imtune compare` command (README: "Compare loss modes"). Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
 import math
