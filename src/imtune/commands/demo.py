@@ -3,7 +3,8 @@
 Synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth), IT and IM
 trained alike with every seed in SEEDS on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
 comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point.
-The same comparison at scale is one `imtune compare` command (README: "Compare loss modes"). Re-running reuses finished arms; --fresh starts over."""
+The same comparison at scale is one `imtune compare` command (README: "Compare loss modes").
+Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def add_arguments(p) -> None:
     g.add_argument("--lr", type=float, default=TRAIN["lr"])
     g.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop every run after this many optimizer steps (default: the recipe's epochs; for smoke tests)")
+                   help="stop every run after this many optimizer steps (default: the recipe's epochs; smoke tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
