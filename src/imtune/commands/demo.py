@@ -15,12 +15,13 @@ from pathlib import Path
 
 from .common import say
 
-# The demo's recipe, chosen to reach the overfitting regime (held-out output loss passes its minimum and ends >= RISE
+# The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
 # above it for at least one arm) within ~4.5 min on an idle 2-core CPU, 2 arms x 2 seeds. Tuned for the regime, never
 # for a winner. Few examples (n) with long instructions and 1-3 word answers, a high lr and several epochs: the IM
 # paper's setting. The `chatml` template is SmolLM2's own format without its injected ~20-token default system
 # prompt (a fifth of every example's tokens here). Whether a run reached the regime is printed at its end
-# (regime_text), whichever arm it is.
+# (regime_text), whichever arm it is. NOT yet verified: on the default model, IT seed 0's held-out output loss was
+# still at its minimum at step 18 (0.841; curve 3.670 1.738 1.763 1.371 1.982 0.904 1.134 1.002 0.878 0.841).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
 DATA = dict(family="rule", n=16, heldout=24, ratio=10.0, seed=0)
 TRAIN = dict(template="chatml", epochs=6.0, lr=3e-4, max_length=256, batch_size=2, eval_every=2,
