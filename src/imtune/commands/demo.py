@@ -17,17 +17,20 @@ from .common import say
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
 # above it for at least one arm) within ~4.5 min on an idle 2-core CPU, 2 arms x 2 seeds. Tuned for the regime, never
-# for a winner. Few examples (n) with long instructions and 1-3 word answers, a high lr and several epochs: the IM
-# paper's setting. The `chatml` template is SmolLM2's own format without its injected ~20-token default system
-# prompt (a fifth of every example's tokens here). Whether a run reached the regime is printed at its end
-# (regime_text), whichever arm it is. NOT yet verified: on the default model, IT seed 0's held-out output loss was
-# still at its minimum at step 18 (0.841; curve 3.670 1.738 1.763 1.371 1.982 0.904 1.134 1.002 0.878 0.841).
+# for a winner. `recall` data (imtune.synth): 8 training examples whose long instructions state a made-up code, and
+# held-out questions about words whose code only the training instructions state (not copyable from the held-out
+# instruction), answered with 1-3 invented code words. One example per step (no packing), a constant lr without
+# warm-up (no decay to flatten the late curve), 4 epochs = 32 optimizer steps, 5 held-out evaluations. The `chatml`
+# template is SmolLM2's own format without its injected ~20-token default system prompt. Whether a run reached the
+# regime is printed at its end (regime_text), whichever arm it is. Measured on the default model (seed 0): IT's
+# held-out output loss 8.089 8.348 8.363 9.224 9.251 (+14% above its minimum, which is its starting point), IM's
+# 8.089 4.077 ... (see README "imtune demo" for every arm and seed).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
-DATA = dict(family="rule", n=16, heldout=24, ratio=10.0, seed=0)
-TRAIN = dict(template="chatml", epochs=6.0, lr=3e-4, max_length=256, batch_size=2, eval_every=2,
-             eval_train_sample=4)
+DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
+TRAIN = dict(template="chatml", epochs=4.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
+             max_length=256, batch_size=1, eval_every=8, eval_train_sample=4)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
-EVAL = dict(bleu_samples=0, exact_match=24, max_new_tokens=8, loss_samples=8)
+EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
 RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum
 
 CAVEATS = """\
@@ -92,6 +95,8 @@ def cores_busy(seconds: float = 1.0) -> float:
 def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path,
                        seeds_field: bool) -> str:
     def flag(k: str, v) -> str:
+        if isinstance(v, bool):
+            return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
         return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
 
     flags = [flag(k, v) for k, v in {**train_cfg, **EVAL}.items() if v is not None]
@@ -185,7 +190,9 @@ def run(args) -> int:
         f"  data: imtune.synth '{d['family']}' ({family(d['family']).about}), {d['n']} training and "
         f"{d['heldout']} held-out examples, instruction/output ratio ~{d['ratio']:g} in words\n"
         f"  training (every arm and seed alike): {t['epochs']:g} epochs, lr {t['lr']:g}, template {t['template']}, "
-        f"max length {t['max_length']}, {t['batch_size']} packed rows per step, held-out evaluation every "
+        f"max length {t['max_length']}, {t['batch_size']} "
+        f"{'packed rows' if t.get('packing', True) else 'example(s)'} per step, {t.get('lr_schedule', 'linear')} lr, "
+        f"held-out evaluation every "
         f"{t['eval_every']} steps\n"
         f"  then per run: output-token loss on training and held-out data, and exact match of greedy answers to "
         f"{EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
