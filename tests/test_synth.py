@@ -118,6 +118,28 @@ def test_heldout_asks_what_training_never_asks():
     assert not any(c.messages[0].content in requests for c in held)
 
 
+def test_recall_heldout_answers_are_only_in_training_instructions():
+    """recall: a held-out instruction states no entry (nor worked example) of the words it asks, so its answer cannot
+    be copied from it; every training instruction states them; the answer is the code read back from training."""
+    train, held = synthesize("recall", 8, seed=5, heldout=12)
+    train_inputs = {w for c in train for w in rule_input(c)}
+    code = {}  # word -> code word, read back from the training instructions' entries
+    for c in train:
+        text = c.messages[0].content
+        for pattern in (r"'(\w+)' is written as '(\w+)'", r"The code word for (\w+) is (\w+)",
+                        r"Whenever you see (\w+), write (\w+)", r"In this code, (\w+) becomes (\w+)",
+                        r"(\w+) is encoded as (\w+)"):
+            code.update(re.findall(pattern, text))
+    for c in held:
+        asked = rule_input(c)
+        instruction, answer = c.messages[0].content, c.messages[1].content
+        assert asked and not set(asked) & train_inputs  # never asked in training
+        assert answer == " ".join(code[w] for w in asked)  # checkable from what training instructions state
+        assert not any(cw in instruction for cw in answer.split())  # not copyable: no entry, no worked example
+        for t in train:
+            assert all(cw in t.messages[0].content for cw in answer.split())  # every training instruction has it
+
+
 def test_rule_answers_are_in_the_instruction():
     for c in synthesize("rule", 50, seed=3, heldout=20)[1]:
         instruction, answer = c.messages[0].content, c.messages[1].content

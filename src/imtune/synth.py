@@ -5,6 +5,12 @@ Families (FAMILIES):
 - `rule`    long instruction, short output. A made-up code (ordinary words -> invented code words, fixed for a seed)
             described in varied sentences, with extra code entries, worked examples and remarks; output: the 1-3
             code words for the input.
+- `recall`  `rule`'s code, but held-out questions ask only reserved words and their instructions leave out every
+            entry and worked example of a reserved word, while every training instruction states all reserved
+            entries. A held-out answer cannot be copied from its instruction: it must have been learnt from the
+            training instructions, which IT never trains on and IM does (the paper's mechanism). The outputs are
+            invented words, so memorising the training outputs moves probability away from held-out answers: the
+            held-out output loss can pass a minimum and rise (the overfitting regime `imtune demo` shows).
 - `lookup`  long instruction, short output. Notes about invented towns (mayor, founding year, river, ...; one world
             for a seed), phrased at random; a question whose 1-2 word answer is in the notes.
 - `reverse` the contrast: short instruction ("Describe Tamor: its mayor and river."), long output (one fixed,
@@ -24,6 +30,7 @@ does not depend on `heldout`, and Python's `random.Random` with string seeds is 
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -182,21 +189,30 @@ RULE_QUESTIONS = ["Now encode: {x}", "Input: {x}", "Translate this into the code
                   "What is '{x}' in the code?"]
 
 
-def make_rule(rng: random.Random, world: dict, ratio: float, split: str):
+def make_rule(rng: random.Random, world: dict, ratio: float, split: str, recall: bool = False):
+    """`rule`, or with `recall` the `recall` family: held-out inputs are reserved words only and their instructions
+    carry no entry or worked example for any reserved word, while every training instruction carries the entries of
+    all reserved words (so only what was learnt from training instructions can answer a held-out question)."""
     code, reserved = world["code"], world["reserved"]
     allowed = [w for w in code if w not in reserved]
     k = rng.randint(1, 3)
     if split == "train":
         words = rng.sample(allowed, k)
+    elif recall:  # reserved words only; their entries are left out below
+        words = rng.sample(reserved, min(k, len(reserved)))
     else:  # at least one reserved word, the rest from anywhere
         words = [rng.choice(reserved)] + rng.sample([w for w in code if w not in reserved], k - 1)
         rng.shuffle(words)
     answer = " ".join(code[w] for w in words)
     c = world["name"]
     head = [rng.choice(RULE_INTROS).format(c=c), rng.choice(RULE_PROCEDURES)]
-    entries = [rng.choice(RULE_ENTRIES).format(w=w, c=code[w]) for w in words]
+    hidden = set(reserved) if recall and split != "train" else set()  # never stated in this instruction
+    given = [w for w in words if w not in hidden]
+    if recall and split == "train":  # the knowledge held-out questions need, in every training instruction
+        given += [w for w in reserved if w not in given]
+    entries = [rng.choice(RULE_ENTRIES).format(w=w, c=code[w]) for w in given]
     question = rng.choice(RULE_QUESTIONS).format(x=" ".join(words))
-    others = [w for w in code if w not in words]
+    others = [w for w in code if w not in words and w not in hidden and w not in given]
     rng.shuffle(others)
     remarks = rng.sample(RULE_REMARKS, len(RULE_REMARKS))
 
@@ -209,7 +225,7 @@ def make_rule(rng: random.Random, world: dict, ratio: float, split: str):
             elif kind == "remark":
                 yield "remark", remarks.pop()
             else:
-                xs = rng.sample(list(code), rng.randint(1, 3))
+                xs = rng.sample([w for w in code if w not in hidden], rng.randint(1, 3))
                 if xs == words:  # a worked example never gives the answer away
                     continue
                 yield "example", rng.choice(RULE_EXAMPLES).format(x=" ".join(xs), y=" ".join(code[x] for x in xs))
@@ -220,7 +236,7 @@ def make_rule(rng: random.Random, world: dict, ratio: float, split: str):
     rng.shuffle(entries)
     body = entries + [s for kind, s in extra if kind == "remark"]
     examples = [s for kind, s in extra if kind == "example"]
-    text = " ".join(head) + "\n\n" + " ".join(body) + ("\n" + "\n".join(examples) if examples else "")
+    text = "\n\n".join(filter(None, [" ".join(head), " ".join(body), "\n".join(examples)]))
     return text + "\n\n" + question, answer, tuple(words)
 
 
@@ -314,6 +330,9 @@ FAMILIES: dict[str, Family] = {
                      "notes about invented towns; output: the 1-2 word answer to a question about them"),
     "reverse": Family(make_reverse, towns_world, 0.12,
                       "contrast: a short request about a town; output: one long fixed sentence per asked fact"),
+    "recall": Family(functools.partial(make_rule, recall=True), functools.partial(code_world, n_reserved=4), 25.0,
+                     "the made-up code of `rule`; held-out questions ask words whose entries only training "
+                     "instructions carry; output: 1-3 code words"),
 }
 
 

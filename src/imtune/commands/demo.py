@@ -1,9 +1,10 @@
 """`imtune demo` (what `make demo` runs): the whole flow, offline, in a few minutes on a laptop CPU.
 
 Synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth), IT and IM
-trained alike on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the comparison table and a report
-(plots, verdict, commands). The same comparison at scale is one `imtune compare` command (README: "Compare loss
-modes"). Re-running reuses finished arms; --fresh starts over."""
+trained alike with every seed in SEEDS on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
+comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point.
+The same comparison at scale is one `imtune compare` command (README: "Compare loss modes").
+Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
 import math
@@ -14,23 +15,33 @@ from pathlib import Path
 
 from .common import say
 
-# The demo's recipe: few examples with long instructions and short answers, several epochs (the regime where the IM
-# paper finds IM helps), small enough that both arms + evaluation take ~3 min on an idle 2-core CPU and ~5 min on a
-# busy one (see BENCHMARKS.md). Measured outcome at this budget: IT reaches the lower held-out loss; the report says so.
-DATA = dict(family="rule", n=24, heldout=24, ratio=10.0, seed=0)
-TRAIN = dict(epochs=4.0, lr=5e-5, max_length=256, batch_size=4, eval_every=6, eval_train_sample=8, seed=0)
+# The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
+# above it for at least one arm) within ~4.5 min on an idle 2-core CPU, 2 arms x 2 seeds. Tuned for the regime, never
+# for a winner. `recall` data (imtune.synth): 8 training examples whose long instructions state a made-up code, and
+# held-out questions about words whose code only the training instructions state (not copyable from the held-out
+# instruction), answered with 1-3 invented code words. One example per step (no packing), a constant lr without
+# warm-up (no decay to flatten the late curve), 4 epochs = 32 optimizer steps, 5 held-out evaluations. The `chatml`
+# template is SmolLM2's own format without its injected ~20-token default system prompt. Whether a run reached the
+# regime is printed at its end (regime_text), whichever arm it is. Measured on the default model, every run passed
+# its best point: IT seeds 0/1 +14.4%/+6.8%, IM +16.7%/+2.1% (curves in the README, "imtune demo"). Wall time on an
+# idle machine not yet measured (18.8 min on the shared, loaded build machine with 1 thread).
+SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
+DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
+TRAIN = dict(template="chatml", epochs=4.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
+             max_length=256, batch_size=1, eval_every=8, eval_train_sample=4)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
-EVAL = dict(bleu_samples=0, exact_match=24, max_new_tokens=12)
+EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
+RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum
 
 CAVEATS = """\
 What a run this small can and cannot show:
-  - It CAN show the mechanics (same data, order, budget and seed for both arms; per-arm run directories; a report
-    whose numbers come from metrics.jsonl) and, on this data, whether IT's held-out output loss drifts above IM's
-    while its training output loss falls lower: the overfitting signature the IM paper describes.
-  - It CANNOT show that IM is better in general: one seed, {n} synthetic training examples, {steps} optimizer steps
-    and a 135M-parameter model. The paper's results come from 7B/13B models on real instruction data and
-    benchmarks. Treat the numbers as indicative; for evidence run `imtune compare` on your data, with several
-    --seed values, on a GPU (README: "Compare loss modes")."""
+  - It CAN show the mechanics (same data, order and budget for every arm; {seeds} seeds per arm; one run directory
+    each; a report whose numbers come from metrics.jsonl) and how each arm's held-out output loss moves as training
+    goes on past its best point: the overfitting regime the IM paper describes.
+  - It CANNOT show that one weighting is better in general: {n} synthetic training examples, {steps} optimizer
+    steps, {seeds} seeds and a 135M-parameter model. The paper's results come from 7B/13B models on real
+    instruction data and benchmarks. Treat the numbers as indicative; for evidence run `imtune compare` on your
+    data, with more --seeds, on a GPU (README: "Compare loss modes")."""
 
 
 def add_arguments(p) -> None:
@@ -47,6 +58,8 @@ def add_arguments(p) -> None:
     g.add_argument("--epochs", type=float, default=TRAIN["epochs"])
     g.add_argument("--lr", type=float, default=TRAIN["lr"])
     g.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop every run after this many optimizer steps (default: the recipe's epochs; smoke tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -79,20 +92,82 @@ def cores_busy(seconds: float = 1.0) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path) -> str:
+def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path,
+                       seeds_field: bool) -> str:
     def flag(k: str, v) -> str:
+        if isinstance(v, bool):
+            return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
         return f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
 
-    return " ".join([f"imtune data synth --family {data_cfg['family']} --n {data_cfg['n']} --ratio "
-                     f"{data_cfg['ratio']:g} --seed {data_cfg['seed']} --heldout {data_cfg['heldout']} --out {data}\n  "
-                     f"imtune compare --data {data} --eval-data {held} --arms {args.arms} --model {args.model}",
-                     *(flag(k, v) for k, v in {**train_cfg, **EVAL}.items()), f"--out {out}"])
+    flags = [flag(k, v) for k, v in {**train_cfg, **EVAL}.items() if v is not None]
+    synth = (f"imtune data synth --family {data_cfg['family']} --n {data_cfg['n']} --ratio {data_cfg['ratio']:g} "
+             f"--seed {data_cfg['seed']} --heldout {data_cfg['heldout']} --out {data}")
+    cmp = f"imtune compare --data {data} --eval-data {held} --arms {args.arms} --model {args.model} " + " ".join(flags)
+    if seeds_field:
+        return f"{synth}\n  {cmp} --seeds {','.join(map(str, SEEDS))} --out {out}"
+    return f"{synth}\n  " + "\n  ".join(f"{cmp} --seed {s} --out {out / f'seed-{s}'}" for s in SEEDS)
+
+
+def run_compare(out: Path, base, arms: list, seeds_field: bool) -> list[Path]:
+    """Every arm with every seed in SEEDS; the comparison directories written (one, or one per seed)."""
+    from ..compare import CompareSettings, compare
+
+    if seeds_field:
+        return [compare(CompareSettings(out=out, base=base, arms=arms, seeds=list(SEEDS), **EVAL))]
+    # Until compare takes seeds: one comparison per seed (to be removed when CompareSettings.seeds is merged).
+    return [compare(CompareSettings(out=out / f"seed-{s}", base=base.replace(seed=s), arms=arms, **EVAL))
+            for s in SEEDS]
+
+
+def held_out_curves(out: Path) -> list[dict]:
+    """Per run directory under `out` (every arm x seed): its held-out output loss at each evaluation
+    (RUN/metrics.jsonl "eval" lines), the minimum, the last value and how far the last is above the minimum."""
+    from ..config import read_yaml
+    from ..runlog import read_metrics
+
+    rows = []
+    for cfg_path in sorted(out.rglob("config.yaml")):
+        run_dir = cfg_path.parent
+        evals = [(r["step"], r["eval_output_loss"]) for r in read_metrics(run_dir, "eval")
+                 if r.get("eval_output_loss") is not None]
+        if not evals:
+            continue
+        cfg = read_yaml(cfg_path)
+        arm = cfg["loss"] if cfg.get("prompt_weight") is None else f"{cfg['loss']}:{cfg['prompt_weight']:g}"
+        lo_step, lo = min(evals, key=lambda e: e[1])
+        last = evals[-1][1]
+        rows.append({"arm": arm, "seed": cfg["seed"], "dir": str(run_dir), "curve": evals, "min": lo,
+                     "min_step": lo_step, "final": last, "rise": last / lo - 1})
+    return sorted(rows, key=lambda r: (r["arm"], r["seed"]))
+
+
+def regime_text(rows: list[dict]) -> str:
+    """Whether the overfitting regime was reached, arm by arm and seed by seed, from the held-out curves."""
+    lines = [f"Overfitting regime (held-out output loss ending >= {RISE:.0%} above its minimum):"]
+    for r in rows:
+        curve = " ".join(f"{v:.3f}" for _, v in r["curve"])
+        passed = "PASSED its best point" if r["rise"] >= RISE else "did not pass its best point"
+        lines.append(f"  {r['arm']:>4} seed {r['seed']}: min {r['min']:.4f} at step {r['min_step']}, final "
+                     f"{r['final']:.4f} ({r['rise']:+.1%}): {passed}   [{curve}]")
+    arms = sorted({r["arm"] for r in rows})
+    every = [a for a in arms if all(r["rise"] >= RISE for r in rows if r["arm"] == a)]
+    some = [a for a in arms if a not in every and any(r["rise"] >= RISE for r in rows if r["arm"] == a)]
+    if every or some:
+        lines.append("  -> regime reached: " + "; ".join([f"{a} with every seed" for a in every]
+                                                          + [f"{a} with some seeds" for a in some])
+                     + ". Compare each arm's best point with its last (the report's curves): what a fixed budget "
+                       "decides, early stopping may not.")
+    else:
+        lines.append("  -> regime NOT reached: every arm's held-out loss ended within "
+                     f"{RISE:.0%} of its minimum; a longer budget (--epochs) would be needed to see overfitting.")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
+    import dataclasses
     import json
 
-    from ..compare import CompareSettings, compare, parse_arms
+    from ..compare import CompareSettings, parse_arms
     from ..config import TrainConfig
     from ..synth import family, synthesize, write_jsonl
     from .compare import show
@@ -101,33 +176,41 @@ def run(args) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
+    seeds_field = "seeds" in {f.name for f in dataclasses.fields(CompareSettings)}
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
-    t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every}
+    t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
     threads = pick_threads()
     if threads:
         t["threads"] = threads
         say(f"imtune demo: the CPU is busy (other processes use ~{cores_busy(0.2):.1f} of {os.cpu_count()} cores): "
             f"training with {threads} torch thread(s), not {os.cpu_count()}; this run will be slower than on an "
             "idle machine")
-    say(f"imtune demo: {args.arms.replace(',', ' vs ')} on {args.model}, offline.\n"
+    say(f"imtune demo: {args.arms.replace(',', ' vs ')} on {args.model}, seeds {', '.join(map(str, SEEDS))}, "
+        f"offline.\n"
         f"  data: imtune.synth '{d['family']}' ({family(d['family']).about}), {d['n']} training and "
         f"{d['heldout']} held-out examples, instruction/output ratio ~{d['ratio']:g} in words\n"
-        f"  training (every arm alike): {t['epochs']:g} epochs, lr {t['lr']:g}, max length {t['max_length']}, "
-        f"{t['batch_size']} packed rows per step, seed {t['seed']}, evaluation every {t['eval_every']} steps\n"
-        f"  then per arm: output-token loss on the training and held-out data, and exact match of greedy answers "
-        f"to {EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
+        f"  training (every arm and seed alike): {t['epochs']:g} epochs, lr {t['lr']:g}, template {t['template']}, "
+        f"max length {t['max_length']}, {t['batch_size']} "
+        f"{'packed rows' if t.get('packing', True) else 'example(s)'} per step, {t.get('lr_schedule', 'linear')} lr, "
+        f"held-out evaluation every "
+        f"{t['eval_every']} steps\n"
+        f"  then per run: output-token loss on training and held-out data, and exact match of greedy answers to "
+        f"{EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
         f"  -> {out}")
     train, heldout = synthesize(d["family"], d["n"], d["ratio"], d["seed"], d["heldout"])
     data = write_jsonl(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train")
     held = write_jsonl(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout")
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
-    compare(CompareSettings(out=out, base=base, arms=parse_arms(args.arms), **EVAL))
+    dirs = run_compare(out, base, parse_arms(args.arms), seeds_field)
 
-    steps = json.loads((out / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
+    steps = json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
+    for cdir in dirs:
+        print(f"\n== {cdir}")
+        show(cdir)
     print()
-    show(out)
+    print(regime_text(held_out_curves(out)))
     print()
-    print(CAVEATS.format(n=d["n"], steps=steps))
-    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out))
+    print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
+    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, seeds_field))
     print(f"\nimtune demo: done in {time.perf_counter() - t0:.0f}s wall time")
     return 0
