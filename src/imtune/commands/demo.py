@@ -92,8 +92,7 @@ def cores_busy(seconds: float = 1.0) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path,
-                       seeds_field: bool) -> str:
+def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path) -> str:
     def flag(k: str, v) -> str:
         if isinstance(v, bool):
             return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
@@ -103,20 +102,14 @@ def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: 
     synth = (f"imtune data synth --family {data_cfg['family']} --n {data_cfg['n']} --ratio {data_cfg['ratio']:g} "
              f"--seed {data_cfg['seed']} --heldout {data_cfg['heldout']} --out {data}")
     cmp = f"imtune compare --data {data} --eval-data {held} --arms {args.arms} --model {args.model} " + " ".join(flags)
-    if seeds_field:
-        return f"{synth}\n  {cmp} --seeds {','.join(map(str, SEEDS))} --out {out}"
-    return f"{synth}\n  " + "\n  ".join(f"{cmp} --seed {s} --out {out / f'seed-{s}'}" for s in SEEDS)
+    return f"{synth}\n  {cmp} --seeds {','.join(map(str, SEEDS))} --out {out}"
 
 
-def run_compare(out: Path, base, arms: list, seeds_field: bool) -> list[Path]:
-    """Every arm with every seed in SEEDS; the comparison directories written (one, or one per seed)."""
+def run_compare(out: Path, base, arms: list) -> list[Path]:
+    """Every arm with every seed in SEEDS, in one comparison (intervals over seeds and examples)."""
     from ..compare import CompareSettings, compare
 
-    if seeds_field:
-        return [compare(CompareSettings(out=out, base=base, arms=arms, seeds=list(SEEDS), **EVAL))]
-    # Until compare takes seeds: one comparison per seed (to be removed when CompareSettings.seeds is merged).
-    return [compare(CompareSettings(out=out / f"seed-{s}", base=base.replace(seed=s), arms=arms, **EVAL))
-            for s in SEEDS]
+    return [compare(CompareSettings(out=out, base=base, arms=arms, seeds=list(SEEDS), **EVAL))]
 
 
 def held_out_curves(out: Path) -> list[dict]:
@@ -164,10 +157,9 @@ def regime_text(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    import dataclasses
     import json
 
-    from ..compare import CompareSettings, parse_arms
+    from ..compare import parse_arms
     from ..config import TrainConfig
     from ..synth import family, synthesize, write_jsonl
     from .compare import show
@@ -176,7 +168,6 @@ def run(args) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    seeds_field = "seeds" in {f.name for f in dataclasses.fields(CompareSettings)}
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
     threads = pick_threads()
@@ -201,7 +192,7 @@ def run(args) -> int:
     data = write_jsonl(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train")
     held = write_jsonl(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout")
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
-    dirs = run_compare(out, base, parse_arms(args.arms), seeds_field)
+    dirs = run_compare(out, base, parse_arms(args.arms))
 
     steps = json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
     for cdir in dirs:
@@ -211,6 +202,6 @@ def run(args) -> int:
     print(regime_text(held_out_curves(out)))
     print()
     print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
-    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, seeds_field))
+    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out))
     print(f"\nimtune demo: done in {time.perf_counter() - t0:.0f}s wall time")
     return 0
