@@ -22,16 +22,17 @@ def test_compare_with_judged_benchmarks(tmp_path, capsys, judge_server):
     base = ["compare", "--data", str(data), "--eval-data", str(held), "--model", "random:tiny", "--arms", "it,im",
             "--max-steps", "1", "--batch-size", "2", "--max-length", "256", "--bleu-samples", "0",
             "--max-new-tokens", "4", "--no-progress", "--val-fraction", "0", "--bench", f"alpacaeval:{alpaca}",
-            "--bench", f"mtbench:{mt}", "--bench-limit", "1"]
+            "--bench", f"mtbench:{mt}", "--bench-limit", "1", "--bench-max-new-tokens", "4"]
     assert main([*base, "--out", str(tmp_path / "nojudge")]) == 2  # a judged benchmark needs a judge
     assert "--judge-url" in capsys.readouterr().err
 
     out = tmp_path / "cmp"
     assert main([*base, "--judge-url", judge_server[1], "--judge-model", JUDGE, "--judge-cache", "none",
-                 "--out", str(out)]) == 0
+                 "--judge-max-tokens", "4", "--out", str(out)]) == 0
     capsys.readouterr()
     summary = json.loads((out / "compare.json").read_text())
     assert summary["settings"]["eval"]["judge"] == {"judge_url": judge_server[1], "judge_model": JUDGE}
+    assert summary["settings"]["eval"]["judge_max_tokens"] == 4
     for arm in summary["arms"]:
         b = arm["results"]["bench"]
         assert b["alpacaeval"]["metric"] == "win_rate" and b["alpacaeval"]["scale"] == "fraction"

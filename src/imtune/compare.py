@@ -119,6 +119,7 @@ class CompareSettings:
     # LLM judge of the judged benchmarks (alpacaeval, mtbench): judge_url, judge_model, judge_api_key_env, judge_cache.
     # One judge for every arm of a comparison: scores under different judges are never compared.
     judge: dict = field(default_factory=dict)
+    bench_max_new_tokens: int | None = None  # answer length for benchmarks (None: each benchmark's own)
     device: str = "auto"
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -126,7 +127,9 @@ class CompareSettings:
         return {"loss_samples": self.loss_samples, "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
                 "max_new_tokens": self.max_new_tokens, "bench": [list(b) for b in self.bench],
                 "bench_limit": self.bench_limit,
-                "judge": {k: v for k, v in self.judge.items() if k in ("judge_url", "judge_model")}}
+                "judge": {k: v for k, v in self.judge.items() if k in ("judge_url", "judge_model")},
+                **({"judge_max_tokens": self.judge["judge_max_tokens"]} if self.judge.get("judge_max_tokens") else {}),
+                **({"bench_max_new_tokens": self.bench_max_new_tokens} if self.bench_max_new_tokens else {})}
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.base.seed]
@@ -438,7 +441,8 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
             say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
             judged = name in JUDGED
             b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
-                              **(s.judge if judged else {}))
+                              gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
+                              if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
             metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
                 next((m for m in b if m.startswith("pass@")), None)
             res["bench"][b.get("label", name)] = {

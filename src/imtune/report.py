@@ -307,8 +307,8 @@ def _paragraph(summary: dict, sentences: list[str], wins: dict, spec: dict, metr
         overall = "In short: " + "; ".join(f"{arm} won on {', '.join(ms)}" for arm, ms in wins.items()) + \
             "; every other comparison showed no difference (interval includes zero, or within its threshold)."
     else:
-        overall = ("In short: no arm won any measure (every interval includes zero, or every difference is within its "
-                   "threshold) — no difference at this budget.")
+        overall = ("In short: no arm won any measure beyond its threshold (every interval includes zero, or every "
+                   "difference is within its threshold) — no difference at this budget.")
     extra += _overfitting(metrics, {k: k for k in metrics})  # keyed by run label
     b = [a["results"]["bleu"] for a in summary["arms"] if "bleu" in a["results"]]
     if b and not bleu_meaningful(b[0]):
@@ -479,14 +479,19 @@ def seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "seed", "step", "epoch", "train-sample output loss", "held-out output loss", "gap",
-              "validation output loss"]
+    runs = list(runs_of(summary))
+    points = {run["dir"]: eval_points(metrics[run["dir"]]) for _, run in runs}
+    seeds = len({run["seed"] for _, run in runs}) > 1  # the seed column only where there are several
+    val = any(r.get("val_output_loss") is not None for p in points.values() for r in p)
+    header = ["arm", *(["seed"] if seeds else []), "step", "epoch", "train-sample output loss",
+              "held-out output loss", "gap", *(["validation output loss"] if val else [])]
     rows = []
-    for a, run in runs_of(summary):
-        for r in eval_points(metrics[run["dir"]]):
+    for a, run in runs:
+        for r in points[run["dir"]]:
             t, h, v = r.get("train_output_loss"), r.get("eval_output_loss"), r.get("val_output_loss")
-            rows.append([a["spec"], str(run["seed"]), str(r["step"]), f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
-                         f4(h - t if h is not None and t is not None else None), f4(v)])
+            rows.append([a["spec"], *([str(run["seed"])] if seeds else []), str(r["step"]),
+                         f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
+                         f4(h - t if h is not None and t is not None else None), *([f4(v)] if val else [])])
     return header, rows
 
 

@@ -45,6 +45,11 @@ def add_arguments(p) -> None:
                    help="OpenAI-compatible endpoint of the LLM judge for --bench alpacaeval:PATH / mtbench:DIR "
                         "(one judge for every arm)")
     g.add_argument("--judge-model", default=None, metavar="NAME", help="the judge's model name")
+    g.add_argument("--judge-max-tokens", type=int, default=None, metavar="N",
+                   help="reply tokens asked of the judge (default: each protocol's)")
+    g.add_argument("--bench-max-new-tokens", type=int, default=None, metavar="N",
+                   help="answer length for --bench benchmarks (default: each benchmark's own, e.g. 1024 for "
+                        "AlpacaEval)")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="environment variable holding the judge's API key")
     g.add_argument("--judge-cache", default=None, metavar="FILE",
@@ -81,7 +86,8 @@ def settings_from(args):
         raise UsageError(f"--bench {judged[0]}: an LLM judge scores it: give --judge-url URL and --judge-model NAME "
                          "(e.g. an `imtune serve` or vLLM endpoint, or https://api.openai.com/v1 with gpt-4)")
     judge = {"judge_url": args.judge_url, "judge_model": args.judge_model,
-             "judge_api_key_env": args.judge_api_key_env, "judge_cache": args.judge_cache} if judged else {}
+             "judge_api_key_env": args.judge_api_key_env, "judge_cache": args.judge_cache,
+             **({"judge_max_tokens": args.judge_max_tokens} if args.judge_max_tokens else {})} if judged else {}
     base = TrainConfig.from_args(args)
     if not base.data:
         raise UsageError("no training data: give --data FILE")
@@ -93,7 +99,7 @@ def settings_from(args):
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
                            bench_limit=args.bench_limit, device=args.device,
-                           judge=judge)
+                           judge=judge, bench_max_new_tokens=args.bench_max_new_tokens)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
