@@ -481,7 +481,7 @@ def seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
     runs = list(runs_of(summary))
     points = {run["dir"]: eval_points(metrics[run["dir"]]) for _, run in runs}
-    seeds = len({run["seed"] for _, run in runs}) > 1  # the seed column only where there are several
+    seeds = True  # every run is an (arm, seed) pair; the column stays even for one seed
     val = any(r.get("val_output_loss") is not None for p in points.values() for r in p)
     header = ["arm", *(["seed"] if seeds else []), "step", "epoch", "train-sample output loss",
               "held-out output loss", "gap", *(["validation output loss"] if val else [])]
