@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import SHARED
 
-from imtune.bench import read_rows, score_samples
+from imtune.tasks import read_rows, score_samples
 from imtune.evaluate.judge import read_outputs
 from imtune.load import read_records
 from imtune.types import DataError, Problem

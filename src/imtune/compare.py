@@ -400,7 +400,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
 
     import torch
 
-    from .bench import JUDGED, run_benchmark
+    from .tasks import JUDGED, run_benchmark
     from .evaluate.bleu import generation_rows, memorisation_bleu
     from .generate import GenerationConfig
     from .models import load_model, load_tokenizer

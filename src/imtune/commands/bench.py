@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..bench import BENCHMARKS
+from ..tasks import BENCHMARKS
 from ..types import UsageError
 from .common import add_model_args, add_template_args, say
 
@@ -104,13 +104,13 @@ def default_out_dir(model: str | None, name: str) -> Path:
 
 
 def run(args) -> int:
-    from .. import bench
+    from .. import tasks
 
     options = {flag: getattr(args, flag) for flag in OPTION_FLAGS[args.name]}
     if args.name == "harness":
         if args.samples:
             raise UsageError("harness: lm-eval generates and scores itself; give --model, not --samples")
-        from ..bench import harness
+        from ..tasks import harness
 
         out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
         result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=out, **options)
@@ -124,27 +124,27 @@ def run(args) -> int:
                             "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json", "mtbench": "mt_bench"}[args.name])
     if args.samples:
         out = Path(args.out) if args.out else None
-        result = bench.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
+        result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
     elif args.model:
         result = _generate(args, options)
     else:
         raise UsageError("give --model M to generate and score, or --samples S.jsonl to score completions you have")
-    print(bench.module(args.name).summary(result) if args.name in bench.JUDGED else bench.summary_line(result))
+    print(tasks.module(args.name).summary(result) if args.name in tasks.JUDGED else tasks.summary_line(result))
     if result.get("tasks"):
-        print(bench.markdown_table(result).split("\n\n", 1)[-1], end="")
+        print(tasks.markdown_table(result).split("\n\n", 1)[-1], end="")
     return _finish(result, args)
 
 
 def _generate(args, options: dict) -> dict:
     import torch
 
-    from .. import bench
+    from .. import tasks
     from ..generate import GenerationConfig
     from ..models import load_model, load_tokenizer
     from ..templates import Renderer
 
-    mod = bench.module(args.name)
-    opts = bench.make_options(args.name, options)
+    mod = tasks.module(args.name)
+    opts = tasks.make_options(args.name, options)
     tok = load_tokenizer(args.model)
     renderer = Renderer(args.template, tok)
     model = load_model(args.model)
@@ -157,7 +157,7 @@ def _generate(args, options: dict) -> dict:
             "use --temperature > 0 (e.g. 0.8) for pass@k")
     out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
     say(f"{args.name}: model {args.model}, template {renderer.name}, max_new_tokens {cfg.max_new_tokens}")
-    result = bench.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
+    result = tasks.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
                                  out_dir=out, model_name=args.model, progress=True, **options)
     say(f"wrote {', '.join(result['files'].values())}")
     return result

@@ -79,7 +79,7 @@ def settings_from(args):
         if not sep or not path:
             raise UsageError(f"--bench {item!r}: expected NAME:PATH, e.g. gsm8k:../shared/data/eval/gsm8k_test.jsonl")
         bench.append((name, path))
-    from ..bench import JUDGED
+    from ..tasks import JUDGED
 
     judged = [n for n, _ in bench if n in JUDGED]
     if judged and not (args.judge_url and args.judge_model):

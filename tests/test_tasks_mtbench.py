@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_file
 from test_serve import get
 
-from imtune.bench import mtbench, run_benchmark
+from imtune.tasks import mtbench, run_benchmark
 from imtune.cli import main
 from imtune.generate import GenerationConfig, generate
 from imtune.types import Message

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from imtune.bench import harness, run_benchmark
+from imtune.tasks import harness, run_benchmark
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
 

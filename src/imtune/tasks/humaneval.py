@@ -14,7 +14,7 @@ From the reply to a completion (`postprocess`, the rule in one place):
      imports and helper functions stay in scope;
   3. otherwise the code is the function's body: lines that are not indented get four spaces, so the prompt's
      signature is kept and the body continues it.
-Execution: imtune.bench.sandbox runs each program in bubblewrap (no network, no host files, own PID namespace,
+Execution: imtune.tasks.sandbox runs each program in bubblewrap (no network, no host files, own PID namespace,
 process/memory/CPU/file limits) and counts a pass only when its harness reports, with a token the program cannot
 reach, that `check(entry_point)` returned: an exit status is never a pass. The program is three parts compiled
 separately (prompt + completion, the test, `check(entry_point)`), so a completion cannot swallow the test. Without

@@ -9,7 +9,7 @@
 
 `run_benchmark` generates and scores; `score_samples` scores completions someone already has: a JSONL file whose
 rows name their example by the module's KEY_FIELDS (gsm8k: index; bbh: task, index; humaneval: task_id) and carry a
-"completion". The `harness` entry hands the model to lm-evaluation-harness instead (imtune.bench.harness).
+"completion". The `harness` entry hands the model to lm-evaluation-harness instead (imtune.tasks.harness).
 
 Results are plain dicts, e.g. {"benchmark": "gsm8k", "n": 1319, "accuracy": 0.41, ...}; a generation run also writes
 LABEL.json, LABEL.samples.jsonl (prompt, completion, reference, correct) and LABEL.md into its output folder.
@@ -25,14 +25,14 @@ from typing import Protocol
 from ..types import DataError, Message, Problem, UsageError, Where
 
 # name -> module. Each module has Options, KEY_FIELDS, label, max_new_tokens, load, postprocess, score, summarize
-# (harness differs: it runs lm-eval, see imtune.bench.harness; JUDGED ones have run() and summary() instead).
+# (harness differs: it runs lm-eval, see imtune.tasks.harness; JUDGED ones have run() and summary() instead).
 BENCHMARKS: dict[str, str] = {
-    "gsm8k": "imtune.bench.gsm8k",  # grade-school math; 0- or 8-shot chain of thought; final-number exact match
-    "humaneval": "imtune.bench.humaneval",  # 164 Python functions; pass@k by running their tests in a sandbox
-    "bbh": "imtune.bench.bbh",  # BIG-Bench Hard, 27 tasks; answer-only or 3-shot chain of thought; exact match
-    "harness": "imtune.bench.harness",  # lm-evaluation-harness tasks (mmlu, arc_challenge, ..., or `paper`)
-    "alpacaeval": "imtune.bench.alpacaeval",  # AlpacaEval 1.0: win rate against text-davinci-003, an LLM judge
-    "mtbench": "imtune.bench.mtbench",  # MT-Bench: 80 two-turn questions graded 1-10 by an LLM judge
+    "gsm8k": "imtune.tasks.gsm8k",  # grade-school math; 0- or 8-shot chain of thought; final-number exact match
+    "humaneval": "imtune.tasks.humaneval",  # 164 Python functions; pass@k by running their tests in a sandbox
+    "bbh": "imtune.tasks.bbh",  # BIG-Bench Hard, 27 tasks; answer-only or 3-shot chain of thought; exact match
+    "harness": "imtune.tasks.harness",  # lm-evaluation-harness tasks (mmlu, arc_challenge, ..., or `paper`)
+    "alpacaeval": "imtune.tasks.alpacaeval",  # AlpacaEval 1.0: win rate against text-davinci-003, an LLM judge
+    "mtbench": "imtune.tasks.mtbench",  # MT-Bench: 80 two-turn questions graded 1-10 by an LLM judge
 }
 JUDGED = ("alpacaeval", "mtbench")  # scored by an LLM judge: their module's run() generates, judges and writes
 

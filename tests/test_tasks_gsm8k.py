@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imtune.bench import gsm8k, score_samples
+from imtune.tasks import gsm8k, score_samples
 from imtune.cli import main
 from imtune.types import DataError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imtune.bench.sandbox import SandboxUnavailable, run_programs
+from imtune.tasks.sandbox import SandboxUnavailable, run_programs
 from imtune.cli import main
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imtune.bench import bbh, score_samples
+from imtune.tasks import bbh, score_samples
 from imtune.cli import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

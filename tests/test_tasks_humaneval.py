@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.bench import humaneval, run_benchmark, score_samples
-from imtune.bench.sandbox import run_programs
+from imtune.tasks import humaneval, run_benchmark, score_samples
+from imtune.tasks.sandbox import run_programs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HUMANEVAL = DATA / "eval" / "HumanEval.jsonl.gz"

@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_file
 from test_serve import get
 
-from imtune.bench import run_benchmark
+from imtune.tasks import run_benchmark
 from imtune.cli import main
 from imtune.evaluate.judge import JudgeCache, cache_key, judge_messages
 from imtune.generate import GenerationConfig
