@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import TrainConfig
+from .runlog import is_main_process, say
 from .types import Conversation, UsageError
 
 ARM_FORMS = ("it, im, all or weighted:λ (λ >= 0), each optionally followed by +neftune:α and/or +kl:λ, "
@@ -142,16 +143,6 @@ class CompareSettings:
                 return a
         arms = ", ".join(a.spec for a in self.arms)
         raise UsageError(f"--reference {self.reference!r} is not one of the arms ({arms})")
-
-
-def say(msg: str) -> None:
-    if is_main_process():  # under accelerate launch, one voice
-        print(msg, file=sys.stderr, flush=True)
-
-
-def is_main_process() -> bool:
-    """Under `accelerate launch` every process trains; only rank 0 evaluates and writes the report."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

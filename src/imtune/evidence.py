@@ -66,7 +66,7 @@ def interval(reps: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def summarise(value: float, reps: np.ndarray, level: float = LEVEL) -> dict:
+def summarize(value: float, reps: np.ndarray, level: float = LEVEL) -> dict:
     """{"value", "low", "high"}: a point estimate and its percentile interval."""
     lo, hi = interval(reps, level)
     return {"value": float(value), "low": lo, "high": hi}
@@ -80,8 +80,8 @@ def compare_arms(num: np.ndarray, den: np.ndarray, reference: int = 0, n_boot: i
     rng = np.random.default_rng(seed)
     reps = replicates(num, den, seed_draws(num.shape[1], n_boot, rng), rng)
     point = ratio(num, den)
-    return {"values": [summarise(point[a], reps[:, a]) for a in range(len(point))],
-            "differences": [summarise(point[a] - point[reference], reps[:, a] - reps[:, reference])
+    return {"values": [summarize(point[a], reps[:, a]) for a in range(len(point))],
+            "differences": [summarize(point[a] - point[reference], reps[:, a] - reps[:, reference])
                             for a in range(len(point))],
             "per_seed": (num.sum(-1) / den.sum(-1)).tolist(), "method": METHOD}
 
@@ -94,7 +94,7 @@ def gap_differences(ho: tuple[np.ndarray, np.ndarray], tr: tuple[np.ndarray, np.
     s = seed_draws(np.asarray(ho[0]).shape[1], n_boot, rng)
     reps = replicates(*ho, s, rng) - replicates(*tr, s, rng)  # [B, A]
     point = ratio(*map(np.asarray, ho)) - ratio(*map(np.asarray, tr))
-    return [summarise(point[a] - point[reference], reps[:, a] - reps[:, reference]) for a in range(len(point))]
+    return [summarize(point[a] - point[reference], reps[:, a] - reps[:, reference]) for a in range(len(point))]
 
 
 def excludes_zero(iv: dict) -> bool:

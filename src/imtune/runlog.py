@@ -14,8 +14,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+
+
+def say(msg: str) -> None:
+    """Progress and notes go to stderr (results to stdout); under `accelerate launch` only rank 0 speaks."""
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """Under `accelerate launch` every process runs the same code; only rank 0 talks and writes reports."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class RunLog:

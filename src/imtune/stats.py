@@ -48,7 +48,7 @@ CHUNK = 4096  # conversations measured per batch: memory stays bounded whatever 
 
 @dataclass(frozen=True)
 class Lengths:
-    """Per-example measurements, before summarising. `class_counts[i, c]`: predicted tokens (or words) of example i in
+    """Per-example measurements, before summarizing. `class_counts[i, c]`: predicted tokens (or words) of example i in
     class CLASSES[c], used for supervised shares; `sequence`: tokens per rendered example (None without tokenizer);
     `words[i]`: instruction and output words (the paper's convention, whatever the unit); `roles[i, r]`: messages of
     role ROLES[r]. Held as numpy arrays (a few bytes per example), never as Python objects per token."""

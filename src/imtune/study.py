@@ -114,7 +114,8 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
 
 
 def study(s: StudySettings) -> Path:
-    from .compare import compare, say
+    from .compare import compare
+    from .runlog import say
 
     out = Path(s.out)
     arms = parse_arms(s.arms)

@@ -1,5 +1,5 @@
 """`sweep(settings) -> SWEEP_DIR`: the prompt-loss weight finder. One `weighted:λ` arm per λ and seed, trained and
-scored by imtune.compare (same data, budget, seeds, validation/test split), then summarised per λ.
+scored by imtune.compare (same data, budget, seeds, validation/test split), then summarized per λ.
 
     SWEEP_DIR/
       compare/            the comparison of the λ arms (run directories, compare.json, its own report)

@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from .config import TrainConfig
 from .precision import resolve as resolve_precision
 from .distributed import (FullStateOptimizer, full_model_state, full_tensor, gradient_sync, is_fsdp, needs_cpu_fsdp,
                           resume_supported, shard_on_cpu)
-from .runlog import RunLog, write_run_files
+from .runlog import RunLog, say, write_run_files
 from .types import CLASS_ID, UsageError
 
 OUTPUT_CLASSES = (CLASS_ID["assistant"], CLASS_ID["eot"])
@@ -644,7 +643,3 @@ def stats_extra(run: Run, n_micro: int) -> dict:
             "precision": run.precision.to_dict(), "processes": run.acc.num_processes, "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value, "grad_accum": run.grad_accum,
             "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
             "eval": {name: len(ex) for name, (ex, _) in run.eval_sets.items()}}
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

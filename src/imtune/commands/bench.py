@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..runlog import say
 from ..tasks import BENCHMARKS
 from ..types import UsageError
-from .common import add_model_args, add_template_args, say
+from .common import add_model_args, add_template_args
 
 # benchmark -> the flags (argparse dests) that become its Options fields
 OPTION_FLAGS: dict[str, tuple[str, ...]] = {

@@ -1,8 +1,7 @@
 """Flag groups shared by several commands, so the same option means the same thing everywhere."""
 from __future__ import annotations
 
-import sys
-
+from ..runlog import say  # noqa: F401  (the one `say`; commands import it from imtune.runlog)
 from ..weights import LOSS_MODES, LossSpec, loss_spec
 
 
@@ -76,7 +75,3 @@ def roles_from(args) -> dict[str, str]:
 
     return parse_roles(getattr(args, "role", None))
 
-
-def say(msg: str) -> None:
-    """Progress and notes go to stderr, results to stdout."""
-    print(msg, file=sys.stderr, flush=True)

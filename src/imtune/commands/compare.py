@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import say
+from ..runlog import say
 
 
 def add_arguments(p) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import say
+from ..runlog import say
 
 
 def heldout_path(out: str | Path) -> Path:

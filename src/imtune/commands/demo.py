@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import say
+from ..runlog import say
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
 # above it for at least one arm) within ~4.5 min on an idle 2-core CPU, 2 arms x 2 seeds. Tuned for the regime, never

@@ -14,8 +14,9 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from ..runlog import say
 from ..types import CLASSES, UsageError
-from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from, say
+from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from
 
 ROWS = [("output", "output (assistant+eot)"), ("instruction", "instruction (user+system)")] + \
        [(c, f"  {c}") for c in CLASSES] + [("all", "all tokens")]

@@ -8,10 +8,11 @@ import json
 import os
 import sys
 
+from ..runlog import say
 from ..types import CLASSES
 from ..weights import token_offsets, weight_warnings
 from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_system_prompt_arg,
-                     add_template_args, fields_from, loss_spec_from, roles_from, say)
+                     add_template_args, fields_from, loss_spec_from, roles_from)
 
 GREEN, YELLOW, MAGENTA, DIM, CYAN, RESET = ("\x1b[42;30m", "\x1b[43;30m", "\x1b[45;30m", "\x1b[2m", "\x1b[36m",
                                             "\x1b[0m")

@@ -15,8 +15,9 @@ import json
 import os
 from pathlib import Path
 
+from ..runlog import say
 from ..types import UsageError
-from .common import add_template_args, say
+from .common import add_template_args
 
 
 def add_arguments(p) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 
-from .common import add_template_args, say
+from ..runlog import say
+from .common import add_template_args
 
 
 def add_arguments(p) -> None:

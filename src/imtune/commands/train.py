@@ -15,7 +15,7 @@ def run(args) -> int:
     from ..train import train
 
     from ..weights import loss_spec, weight_warnings
-    from .common import say
+    from ..runlog import say
 
     cfg = TrainConfig.from_args(args)
     for w in weight_warnings(loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)):

@@ -75,7 +75,7 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
     return sums.tolist(), counts.tolist()
 
 
-def summarise(sums: list[float], counts: list[int]) -> dict:
+def summarize(sums: list[float], counts: list[int]) -> dict:
     """Class sums -> {"output": {...}, "instruction": {...}, "all": {...}, "per_class": {cls: {...}}}."""
     out = {}
     for group, members in GROUPS.items():
@@ -106,7 +106,7 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts, *ex = class_sums(model, prep.examples, pad_id, batch_size, progress, per_example)
     result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}
-    result.update(summarise(sums, counts))
+    result.update(summarize(sums, counts))
     if per_example:
         idx = [CLASSES.index(c) for c in GROUPS["output"]]
         result["per_example"] = {"source": [str(e.source) for e in prep.examples],

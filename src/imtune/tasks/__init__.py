@@ -20,12 +20,12 @@ import importlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..types import DataError, Message, Problem, UsageError, Where
 
-# name -> module. Each module has Options, KEY_FIELDS, label, max_new_tokens, load, postprocess, score, summarize
-# (harness differs: it runs lm-eval, see imtune.tasks.harness; JUDGED ones have run() and summary() instead).
+# name -> module: a ScoredTask (gsm8k, humaneval, bbh), a JudgedTask (JUDGED) or the harness, which hands the model
+# to lm-eval (imtune.tasks.harness).
 BENCHMARKS: dict[str, str] = {
     "gsm8k": "imtune.tasks.gsm8k",  # grade-school math; 0- or 8-shot chain of thought; final-number exact match
     "humaneval": "imtune.tasks.humaneval",  # 164 Python functions; pass@k by running their tests in a sandbox
@@ -49,7 +49,51 @@ class Verdict:
     extracted: str  # what was compared with the reference: the final answer, or the program's outcome
 
 
+@runtime_checkable
+class ScoredTask(Protocol):
+    """What a benchmark module scored by a rule (gsm8k, humaneval, bbh) defines; run_benchmark and score_samples
+    call nothing else. `opts` is the module's own frozen Options dataclass."""
+
+    Options: type  # the module's options (frozen dataclass), built from keyword options by make_options
+    KEY_FIELDS: tuple[str, ...]  # the fields that name an example in a samples file (gsm8k: index)
+
+    def label(self, opts) -> str: ...  # the result's name, e.g. gsm8k-8shot (file names, tables)
+
+    def max_new_tokens(self, opts) -> int: ...  # the generation budget when none is given
+
+    def load(self, data: str, limit: int | None, opts) -> list[Example]: ...
+
+    def postprocess(self, example: Example, reply: str) -> str: ...  # the completion that is scored and saved
+
+    def score(self, pairs: list[tuple[Example, str]], opts) -> list[Verdict]: ...
+
+    def summarize(self, pairs: list[tuple[Example, str]], verdicts: list[Verdict], opts) -> dict: ...
+
+
+@runtime_checkable
+class JudgedTask(Protocol):
+    """What a benchmark module scored by an LLM judge (alpacaeval, mtbench) defines: run() generates, judges and
+    writes the files itself."""
+
+    Options: type
+    KEY_FIELDS: tuple[str, ...]
+
+    def label(self, opts) -> str: ...
+
+    def max_new_tokens(self, opts) -> int: ...
+
+    def load(self, data: str, limit: int | None, opts) -> list: ...
+
+    def run(self, model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
+            model_name: str | None = None, progress: bool = False, **options) -> dict: ...
+
+    def summary(self, result: dict) -> str: ...  # one line for the terminal
+
+    def markdown(self, result: dict) -> str: ...  # the LABEL.md table
+
+
 def module(name: str):
+    """The module of benchmark `name`: a JudgedTask for the JUDGED ones, a ScoredTask for the others but harness."""
     if name not in BENCHMARKS:
         raise UsageError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     return importlib.import_module(BENCHMARKS[name])

@@ -60,7 +60,7 @@ def load(data: str, limit: int | None, opts: Options) -> list[Example]:
 
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
         model_name: str | None = None, progress: bool = False, **options) -> dict:
-    """Answer every instruction, judge each answer against the reference in both orders, summarise."""
+    """Answer every instruction, judge each answer against the reference in both orders, summarize."""
     from pathlib import Path
 
     from ..evaluate.judge import ALPACA_EVAL_MAX_TOKENS, judge_pairs, open_judge

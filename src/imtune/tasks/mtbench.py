@@ -184,7 +184,7 @@ def summarize(questions: list[Question], ratings: list[tuple]) -> dict:
 
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
         model_name: str | None = None, progress: bool = False, **options) -> dict:
-    """Answer both turns of every question, have the judge grade each turn, summarise."""
+    """Answer both turns of every question, have the judge grade each turn, summarize."""
     from ..evaluate.judge import ask_all, cache_key, open_judge
     from ..generate import GenerationConfig
     from . import make_options
