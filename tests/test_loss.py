@@ -1,10 +1,12 @@
-"""imtune.loss: the chunked weighted NLL equals the naive one (values and gradients), and its helpers."""
+"""imtune.loss: the chunked weighted NLL equals the naive one (values and gradients); per-sequence weights; the
+hidden states and head of imtune.forward give the model's own logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from imtune import forward
 from imtune import loss as L
-from imtune.pack import collate
+from imtune.pack import collate, model_inputs
 from imtune.types import CLASSES, TokenizedExample, Where
 
 B, T, H, V = 2, 13, 16, 50
@@ -127,9 +129,11 @@ def _ex(n, w=1.0):
 
 
 def test_sequence_weights_make_each_example_sum_to_one():
-    batch = collate([_ex(5), _ex(3, 2.0), _ex(4)], packed=True, max_length=9)  # rows [5, 3] and [4] + padding
-    ids = L.sequence_ids(batch.position_ids)
-    w = L.sequence_weights(batch.weights, ids)
+    from imtune.train import per_sequence
+
+    batch = collate(per_sequence([_ex(5), _ex(3, 2.0), _ex(4)]), packed=True, max_length=9)  # rows [5, 3], [4] + pad
+    ids = forward.sequence_ids(batch.position_ids)
+    w = batch.weights
     per_seq = torch.zeros(int(ids.max()) + 1).index_add_(0, ids.reshape(-1), w.reshape(-1))
     assert per_seq.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])  # three examples + one padded tail
     assert (w[batch.labels == -100] == 0).all()
@@ -137,12 +141,14 @@ def test_sequence_weights_make_each_example_sum_to_one():
 
 def test_sequence_normalisation_gives_mean_over_examples():
     # nll_sum / weight_sum with sequence weights == mean over examples of each example's weighted mean nll
+    from imtune.train import per_sequence
+
     g = torch.Generator().manual_seed(1)
-    batch = collate([_ex(6), _ex(3), _ex(5)], packed=True, max_length=16)
+    batch = collate(per_sequence([_ex(6), _ex(3), _ex(5)]), packed=True, max_length=16)
     hidden = torch.randn(*batch.input_ids.shape, H, generator=g)
     W = torch.randn(V, H, generator=g)
     labels = batch.labels.clamp_max(V - 1).where(batch.labels != -100, -100)
-    w = L.sequence_weights(batch.weights, L.sequence_ids(batch.position_ids))
+    w = batch.weights
     got = L.weighted_nll(hidden, W, labels, w)
     nll = L.token_nll(hidden, W, labels)[0]
     means = [nll[s:e][:-1].mean() for s, e in [(0, 6), (6, 9), (9, 14)]]  # last token of each predicts nothing
@@ -161,19 +167,25 @@ def test_hidden_states_and_lm_head_match_the_model_logits(tiny):
     from peft import LoraConfig, get_peft_model
 
     batch = collate([_ex(7, 1.0), _ex(4, 0.5)], packed=False)
-    ref = tiny(**L.model_inputs(batch)).logits  # [B, T, V]
+    full = tiny(**model_inputs(batch), output_hidden_states=True)
+    ref = full.logits  # [B, T, V]
     keep = batch.labels != -100
     ref_sum = (F.cross_entropy(ref[keep], batch.labels[keep], reduction="none") * batch.weights[keep]).sum()
-    w, b = L.lm_head(tiny)
+    w, b = forward.lm_head(tiny)
     assert b is None and w is tiny.model.embed_tokens.weight  # tied
-    got = L.weighted_nll(L.hidden_states(tiny, batch), w, batch.labels, batch.weights, chunk_size=3)
+
+    def hidden(model):
+        return forward.hidden_states(model, forward.embed(model, batch.input_ids), batch.position_ids,
+                                     batch.attention_mask)
+
+    got = L.weighted_nll(hidden(tiny), w, batch.labels, batch.weights, chunk_size=3)
     torch.testing.assert_close(got.nll_sum, ref_sum, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(L.hidden_states(tiny, batch, through_forward=True), L.hidden_states(tiny, batch))
+    torch.testing.assert_close(full.hidden_states[-1], hidden(tiny))  # the model's own forward, last hidden state
     peft_model = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj"]))
     try:
-        w2, _ = L.lm_head(peft_model)
+        w2, _ = forward.lm_head(peft_model)
         assert w2 is w
-        got2 = L.weighted_nll(L.hidden_states(peft_model, batch), w2, batch.labels, batch.weights)
+        got2 = L.weighted_nll(hidden(peft_model), w2, batch.labels, batch.weights)
         torch.testing.assert_close(got2.nll_sum, ref_sum, atol=1e-5, rtol=1e-5)  # LoRA B starts at 0
     finally:
         peft_model.unload()

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imtune.loss import hidden_states, lm_head, weighted_nll
+from imtune.forward import embed, hidden_states, lm_head
+from imtune.loss import weighted_nll
 from imtune.pack import collate, make_batches, model_inputs, pack_examples, padding_fraction
 from imtune.types import TokenizedExample, UsageError, Where
 
@@ -136,7 +137,7 @@ def _loss_and_grads(model, batch, inputs=None):
     model.zero_grad()
     w, _ = lm_head(model)
     if inputs is None:
-        h = hidden_states(model, batch)
+        h = hidden_states(model, embed(model, batch.input_ids), batch.position_ids, batch.attention_mask)
     else:  # other model inputs: the flat layout, or a deliberately leaky setup to show the test can fail
         h = model.model(**inputs).last_hidden_state
     s = weighted_nll(h, w, batch.labels, batch.weights, chunk_size=5)

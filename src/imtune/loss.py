@@ -1,4 +1,4 @@
-"""Batch -> loss: the one weighted negative log-likelihood, computed in chunks of positions.
+"""Hidden states -> loss: the one weighted negative log-likelihood, computed in chunks of positions.
 
 The invariant. weighted_nll returns SUMS: nll_sum = Σ w·nll and weight_sum = Σ w over one micro-batch. The trainer
 divides by the weight sum of the whole optimizer step (all micro-batches, all ranks):
@@ -9,7 +9,7 @@ divides by the weight sum of the whole optimizer step (all micro-batches, all ra
 so the gradient is that of Σw·nll / Σw over the step, whatever the split into micro-batches, accumulation or ranks
 (DDP AVERAGES gradients over ranks: multiply the loss by the number of ranks to keep the sum). `weight_sum` always
 equals `weights.sum()` (weights are 0 where labels == -100), hence W can be computed up front, from the same
-weights that are passed in (batch.weights, or their per-sequence rescaling below).
+weights that are passed in (batch.weights; per-sequence rescaled ones under --normalize sequences, below).
 
 Memory and speed. Only positions with a label and weight > 0 are computed at all. Their hidden states are gathered
 ([N, H]) and split into chunks of `chunk_size` positions. With gradients on, each chunk's logits ([chunk, V], fp32)
@@ -19,9 +19,10 @@ their chunk, and backward only scales the saved gradients. That is 3 head-sized 
 of a checkpointed chunk (forward, recomputation, two in backward), and one softmax pass instead of three
 (BENCHMARKS.md). Without gradients (evaluation), chunks are computed forward only.
 
-Per-sequence normalisation (--normalize sequences): weights = sequence_weights(batch.weights,
-sequence_ids(batch.position_ids)) rescales each example's weights to sum to 1; weight_sum then counts examples, and
-the same division by the step's weight sum gives the mean over examples of each example's weighted mean loss.
+The hidden states and the head come from imtune.forward (`hidden_states`, `lm_head`): the one forward pass of every
+caller. Per-sequence normalisation (--normalize sequences) needs nothing here: imtune.train.per_sequence rescales
+each example's weights to sum to 1 before batching, so weight_sum counts examples and the same division by the
+step's weight sum gives the mean over examples of each example's weighted mean loss.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .pack import IGNORE, Batch, model_inputs
+from .pack import IGNORE
 from .types import CLASSES
 
 
@@ -160,49 +161,3 @@ def token_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.
     out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     return out.index_put((idx,), nll).reshape(labels.shape)
 
-
-def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B, T] long: a batch-unique id per example (a new id wherever position_ids is 0, as collate makes
-    them). A packed row's padded tail gets an id of its own; its weights are 0."""
-    return (position_ids.reshape(-1) == 0).cumsum(0).reshape(position_ids.shape) - 1
-
-
-def sequence_weights(weights: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """Rescale weights [B, T] so each sequence's weights sum to 1 (sequences with no weight stay 0)."""
-    w, ids = weights.reshape(-1).float(), seq_ids.reshape(-1)
-    totals = torch.zeros(int(ids.max()) + 1, dtype=w.dtype, device=w.device).index_add_(0, ids, w)[ids]  # [B*T]
-    return torch.where(totals > 0, w / totals.clamp_min(torch.finfo(w.dtype).tiny), 0.0).reshape(weights.shape)
-
-
-def _unwrap(model):
-    """The *ForCausalLM inside DDP / peft wrappers."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA layers stay injected)
-
-
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [V, H], bias [V] or None) of the output embedding; tied to the input embedding when the model ties."""
-    head = _unwrap(model).get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def hidden_states(model, batch: Batch, through_forward: bool = False) -> torch.Tensor:
-    """Final (post-norm) hidden states [B, T, H], without computing full logits.
-
-    Default: call the decoder (model.model for llama-likes; unwraps peft and DDP) directly. That bypasses the
-    wrappers' forward, so DDP's gradient synchronisation and peft methods that edit the inputs (prompt tuning) do not
-    run. through_forward=True calls model(...) itself with logits_to_keep=[] (no logits) and output_hidden_states, and
-    takes the last hidden state: safe through any wrapper; equal to the default for llama (tested). Models whose
-    *ForCausalLM.forward scales or softcaps logits (gemma2, cohere) are not covered by either path."""
-    B, T = batch.input_ids.shape
-    base = _unwrap(model)
-    # flash-attention finds packed blocks only in a single row: lay packed rows end to end (same blocks, same result)
-    flat = batch.attention_mask is None and B > 1 and "flash" in str(getattr(base.config, "_attn_implementation", ""))
-    inputs = model_inputs(batch, flat=flat)
-    if through_forward:
-        keep = torch.empty(0, dtype=torch.long, device=batch.input_ids.device)
-        h = model(**inputs, logits_to_keep=keep, output_hidden_states=True).hidden_states[-1]
-    else:
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-        h = decoder(**inputs).last_hidden_state
-    return h.reshape(B, T, -1)  # [B, T, H]

@@ -1,8 +1,10 @@
 """The training objective of one micro-batch: Σw·nll (+ Σw·KL to the starting model), with NEFTune noise.
 
 One nn.Module (`Objective`) wraps the causal LM, so DDP / FSDP see every use of the parameters inside forward()
-(loss.hidden_states would bypass a DDP wrapper's forward and with it the gradient all-reduce). The normalisation by
-the global weight sum stays in the trainer (imtune.train); everything here returns sums."""
+(forward.hidden_states calls the decoder directly, which would bypass a DDP wrapper's forward and with it the
+gradient all-reduce). The hidden states of the model and of the KL reference come from imtune.forward.hidden_states,
+the one forward pass evaluation uses too (it keeps packed examples apart for every attention kernel). The
+normalisation by the global weight sum stays in the trainer (imtune.train); everything here returns sums."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .loss import lm_head, sequence_ids, weighted_nll
+from .forward import embed, hidden_states, lm_head, sequence_ids
+from .loss import weighted_nll
 from .pack import IGNORE
 
 
@@ -28,13 +31,12 @@ class Objective(torch.nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks here
 
     def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False):
-        embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, H]
+        embeds = embed(self.model, input_ids)  # [B, T, H]
         noise = None
         if self.training and self.neftune_alpha:
             noise = neftune_noise(embeds, position_ids, attention_mask, self.neftune_alpha)
             embeds = embeds + noise
-        hidden = decoder(self.model)(inputs_embeds=embeds, position_ids=position_ids,
-                                     attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = hidden_states(self.model, embeds, position_ids, attention_mask)  # [B, T, H]
         head_w, head_b = lm_head(self.model)
         sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b)
         kl_sum = sums.nll_sum.new_zeros(())
@@ -51,17 +53,9 @@ class Objective(torch.nn.Module):
         lora = ref is None
         with self.model.disable_adapter() if lora else contextlib.nullcontext():
             net = self.model if lora else ref
-            embeds = net.get_input_embeddings()(input_ids)
+            embeds = embed(net, input_ids)
             embeds = embeds if noise is None else embeds + noise
-            hidden = decoder(net)(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
-            return (hidden, *lm_head(net))
-
-
-def decoder(model):
-    """The transformer body (embeddings -> final norm) of a causal LM, under any peft wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
+            return (hidden_states(net, embeds, position_ids, attention_mask), *lm_head(net))
 
 
 def neftune_noise(embeds, position_ids, attention_mask, alpha: float):

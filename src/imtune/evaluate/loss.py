@@ -34,7 +34,8 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
     (the paired intervals of imtune.evidence resample them)."""
     import torch
 
-    from ..loss import hidden_states, lm_head, token_nll
+    from ..forward import embed, hidden_states, lm_head
+    from ..loss import token_nll
     from ..pack import IGNORE, collate
 
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
@@ -56,7 +57,9 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
             for s in starts:
                 batch = collate([examples[i] for i in order[s:s + batch_size]], packed=False, pad_id=pad_id)
                 batch = batch.to(device)
-                nll = token_nll(hidden_states(model, batch), weight, batch.labels, lm_head_bias=bias)  # [B, T]
+                hidden = hidden_states(model, embed(model, batch.input_ids), batch.position_ids,
+                                       batch.attention_mask)  # [B, T, H]: the forward pass training uses too
+                nll = token_nll(hidden, weight, batch.labels, lm_head_bias=bias)  # [B, T]
                 # Position t predicts labels[t], whose class is classes[t]; -100 at padding and each last token.
                 mask = batch.labels != IGNORE
                 cls = batch.classes[mask].long().cpu()
