@@ -19,8 +19,11 @@ from pathlib import Path
 from .types import UsageError
 
 
-def _f(default, help: str, type=None, choices=None, flag: str | None = None):
-    """A config field: `help` is the flag's help text; `type` is needed where the default is None."""
+def _f(default, help: str, type=None, choices=None, **flag):
+    """A config field. `help` is its one description: the YAML key's and the flag's (`imtune train --help`, and the
+    other commands that share the flag take it from here: imtune.commands.common). `type` is needed where the
+    default is None; `flag`: argparse extras where the flag is not simply --the-field-name (name, dest, metavar,
+    action)."""
     meta = dict(help=help, type=type or default.__class__, choices=choices, flag=flag)
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
@@ -30,9 +33,15 @@ def _f(default, help: str, type=None, choices=None, flag: str | None = None):
 @dataclass
 class TrainConfig:
     # -- model ---------------------------------------------------------------------------------------------------
-    model: str = _f("default", "model spec (see --model)", flag="common")
-    template: str | None = _f(None, "chat template (see --template)", str, flag="common")
-    system_prompt: str = _f("default", "system prompt (see --system-prompt)", flag="common")
+    model: str = _f("default", "hub id, local directory, run directory, 'default' (embedded SmolLM2-135M-Instruct) "
+                               "or 'random:<size>' (tiny, small, smollm2-135m, 1b)")
+    template: str | None = _f(None, "tulu (the paper's), chatml, alpaca, model (the tokenizer's own) or a .jinja file; "
+                                    "default: the tokenizer's own chat template when it has one, else tulu", str)
+    system_prompt: str = _f("default", "default: as the template renders (the model's own may inject a default system "
+                                       "prompt, e.g. SmolLM2's); none: without it (an empty system message where the "
+                                       "template would inject one); TEXT: this system message. Records' own system "
+                                       "messages always win; the template saved with a run makes the same choice "
+                                       "when serving", metavar="none|default|TEXT")
     lora: bool = _f(False, "train a LoRA adapter (peft) instead of every weight")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
@@ -49,25 +58,34 @@ class TrainConfig:
                               "at the first steps)")
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = _f("", "training data: JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
-    format: str = _f("auto", "data format (see --format)", flag="common")
-    fields: dict = _f({}, "record key per canonical field, e.g. {output: response} (--field output=response)",
-                      flag="common")
-    roles: dict = _f({}, "role spelling -> role of the list formats, e.g. {bot: assistant} (--role bot=assistant)",
-                     flag="common")
-    on_invalid: str = _f("error", "bad records: error or skip", flag="common")
-    max_length: int = _f(1024, "maximum tokens per example (and per packed row)", flag="common")
-    truncation: str = _f("drop", "over-long examples: drop or truncate", flag="common")
-    special_tokens_in_content: str = _f("split", "content that spells a control token (e.g. a user message holding "
-                                                 "'<|im_end|>'): split = tokenize it as plain text, keep = as the "
-                                                 "control token, error = refuse the record", flag="common")
+    format: str = _f("auto", "auto, messages, alpaca, prompt_completion or sharegpt")
+    # YAML: fields: {output: response}, roles: {bot: assistant}
+    fields: dict = _f({}, "read canonical field NAME from record key KEY, e.g. --field output=response (repeatable)",
+                      name="--field", dest="field", action="append", metavar="NAME=KEY")
+    roles: dict = _f({}, "map a role spelling of the data to user/assistant/system, e.g. --role bot=assistant "
+                         "(ShareGPT's human and gpt are known already; repeatable)",
+                     name="--role", dest="role", action="append", metavar="NAME=ROLE,...")
+    on_invalid: str = _f("error", "bad records: stop and list them, or skip them and say how many and why",
+                         choices=["error", "skip"])
+    max_length: int = _f(1024, "maximum tokens per example (and per packed row when training)")
+    truncation: str = _f("drop", "over-long examples: drop them (counted) or keep their first --max-length tokens",
+                         choices=["drop", "truncate"])
+    special_tokens_in_content: str = _f("split", "content that spells a control token (a user message holding "
+                                                 "'<|im_end|>'): split = tokenize it as plain text (the template's "
+                                                 "own control tokens stay special), keep = as the control token, "
+                                                 "error = refuse the record (path:line)",
+                                        choices=["split", "keep", "error"])
     packing: bool = _f(True, "pack several examples into each row (attention never crosses examples); "
                              "--no-packing gives one right-padded row per example")
     limit: int | None = _f(None, "use only the first N records of --data", int)
     # -- loss ----------------------------------------------------------------------------------------------------
-    loss: str = _f("it", "loss mode (see --loss)", flag="common")
-    prompt_weight: float | None = _f(None, "λ for --loss weighted", float, flag="common")
-    weights: str | None = _f(None, "class weight overrides, e.g. user=0.1", str, flag="common")
-    last_turn_only: bool = _f(False, "only the last assistant turn is output", flag="common")
+    loss: str = _f("it", "it: output tokens only; im: instruction + output (not template); all: every token; "
+                         "weighted: instruction tokens at --prompt-weight")  # choices: weights.LOSS_MODES
+    prompt_weight: float | None = _f(None, "λ for --loss weighted", float)
+    weights: str | None = _f(None, "override class weights, e.g. user=0.1,system=0,template=0 (classes: template, "
+                                   "system, user, assistant, eot)", str, metavar="CLASS=W,...")
+    last_turn_only: bool = _f(False, "only the last assistant turn is output; earlier turns get the prompt weight",
+                              action="store_true")
     normalize: str = _f("tokens", "tokens: Σw·nll / Σw over the whole optimizer step (every weighted token counts "
                                   "the same); sequences: each example's weighted mean, averaged over examples; "
                                   "nonzero: Σw·nll / the number of tokens with w > 0 in the step (Weighted "
@@ -267,30 +285,23 @@ ALIASES = {"lr": ["--learning-rate"], "grad_accum": ["--gradient-accumulation-st
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag. Flags shared with other commands come from commands.common; defaults are
-    SUPPRESSed so that from_args sees only what was typed (and CONFIG.yaml / --preset values are not overridden)."""
-    from .commands.common import (add_data_args, add_length_args, add_loss_args, add_model_args,
-                                  add_system_prompt_arg, add_template_args)
+    """Every TrainConfig field as a flag, its help the field's. Defaults are SUPPRESSed so that from_args sees only
+    what was typed (and CONFIG.yaml / --preset values are not overridden)."""
+    from .weights import LOSS_MODES  # --loss's choices (check() validates a YAML value through loss_spec)
 
     p.add_argument("config", nargs="?", default=None, help="CONFIG.yaml (fields as below; flags override it)")
-    add_model_args(p)
-    add_template_args(p)
-    add_system_prompt_arg(p)
-    add_data_args(p, positional=False)
-    add_loss_args(p)
-    add_length_args(p)
     for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if meta.get("flag") == "common":
-            continue
-        names = [f"--{_flag(f.name)}", *ALIASES.get(f.name, [])]
-        kw = dict(dest=f.name, help=meta["help"])
-        if meta["type"] is bool:
+        meta, extra = f.metadata, dict(f.metadata["flag"])
+        names = [extra.pop("name", f"--{_flag(f.name)}"), *ALIASES.get(f.name, [])]
+        kw = {"dest": f.name, "help": meta["help"], **extra}
+        if "action" in kw:
+            pass
+        elif meta["type"] is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "resume":
             kw.update(nargs="?", const="auto", metavar="CHECKPOINT")
         else:
-            kw.update(type=meta["type"], choices=meta.get("choices"))
+            kw.update(type=meta["type"], choices=list(LOSS_MODES) if f.name == "loss" else meta.get("choices"))
         p.add_argument(*names, **kw)
     defaults = TrainConfig()
     for action in p._actions:
@@ -300,3 +311,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         if action.help and "default" not in action.help and d not in (None, {}, ""):
             action.help += f" (default: {d})"
         action.default = argparse.SUPPRESS
+
+
+def field_help(name: str) -> str:
+    """The help of TrainConfig field `name`: what the commands that share its flag print (imtune.commands.common)."""
+    return TRAIN_FIELDS[name].metadata["help"]
+
+
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
