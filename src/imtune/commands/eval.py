@@ -29,7 +29,9 @@ def add_arguments(p) -> None:
                    help="run directory, model directory, hub id, 'default' or 'random:<size>' (or use --model)")
     p.add_argument("--model", default=None, help="same as the positional RUN|MODEL")
     p.add_argument("--data", default=None,
-                   help="held-out data, any format `imtune inspect` reads (default for a run: its eval_data)")
+                   help="held-out data, any format `imtune inspect` reads (default for a run: its eval_data); "
+                        "read as --format/--field/--role say, else (for a run) as the run read its data; "
+                        "--template, --system-prompt, --max-length, --truncation default to the run's too")
     p.add_argument("--train-data", default=None,
                    help="the training data (default for a run directory: `data` in RUN/config.yaml)")
     add_data_args(p, positional=False)
