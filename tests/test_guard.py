@@ -152,5 +152,5 @@ def test_compare_judges_an_existing_arm_by_guards_one_comparison(tmp_path):
     check_same_training(tmp_path, cfg)  # no config.yaml yet: a new arm
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     check_same_training(tmp_path, cfg.replace(chunk_size=64, progress=False, attn_implementation="sdpa"))
-    with pytest.raises(UsageError, match=r"other settings \(--lr 0.001 -> 0.002\); re-run with the same flags.*--out"):
+    with pytest.raises(UsageError, match=r"other settings \(lr: 0.001 -> 0.002\); re-run with the same flags.*--out"):
         check_same_training(tmp_path, cfg.replace(lr=2e-3, progress=False))

@@ -224,11 +224,12 @@ def arm_config(base: TrainConfig, arm: Arm, out: Path, seed: int) -> TrainConfig
 def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
     """A run directory that exists must have been made by this very arm config (up to the settings that do not change
     what is trained: imtune.guard.HARMLESS); otherwise say what differs and what to do."""
-    from .guard import config_changes, describe
+    from .guard import config_changes
 
     diff = config_changes(run_dir, cfg)
     if diff:
-        shown = describe(dict(list(diff.items())[:6])) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        shown = ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in list(diff.items())[:6]) + \
+            (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise UsageError(f"{run_dir} was trained with other settings ({shown}); re-run with the same flags to "
                          f"resume, or give another --out (or delete {run_dir})")
 
