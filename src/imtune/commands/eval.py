@@ -3,8 +3,9 @@
 Loss: mean NLL and perplexity per token class on --data (held-out) and on the training data (--train-data; for a
 run directory, the `data` of RUN/config.yaml), and the gap held-out − train (the paper's overfitting measure: IM
 keeps the output gap small). A run's own data is read exactly as training read it, and scored with its template,
-system prompt, max length and truncation (imtune.evaluate.run.evaluate_run); flags override each. --generate: answers for the prompts of --data (else the training data), saved as
-JSONL. --bleu-train: greedy answers for training prompts scored by BLEU against the training outputs (memorisation).
+system prompt, max length and truncation (imtune.evaluate.run.evaluate_run); flags override each. --generate:
+answers for the prompts of --data (else the training data), saved as JSONL. --bleu-train: greedy answers for
+training prompts scored by BLEU against the training outputs (memorisation).
 
 Results go to RUN/eval/ for a run directory, or to --out DIR: eval-<data>.json and eval-<data>.md, plus
 generations-<data>.jsonl and bleu-train-<data>.jsonl. --json OUT writes the same JSON anywhere."""
