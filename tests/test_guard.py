@@ -142,3 +142,15 @@ def test_changed_settings_are_refused_listed_or_allowed_and_recorded(tmp_path):
     assert text.startswith("# changed at step 4 (") and "--allow-change): --max-steps 4 -> 6" in text
     saved = TrainConfig.from_yaml(run / "config.yaml")
     assert saved.max_steps == 6 and saved.allow_change is None  # a permission for one resume only
+
+
+def test_compare_judges_an_existing_arm_by_guards_one_comparison(tmp_path):
+    """compare.check_same_training is guard.config_changes: harmless settings may differ, others are named."""
+    from imtune.compare import check_same_training
+
+    cfg = TrainConfig(model="random:tiny", data="d.jsonl", output_dir=str(tmp_path), lr=1e-3)
+    check_same_training(tmp_path, cfg)  # no config.yaml yet: a new arm
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    check_same_training(tmp_path, cfg.replace(chunk_size=64, progress=False, attn_implementation="sdpa"))
+    with pytest.raises(UsageError, match=r"other settings \(lr: 0.001 -> 0.002\); re-run with the same flags.*--out"):
+        check_same_training(tmp_path, cfg.replace(lr=2e-3, progress=False))

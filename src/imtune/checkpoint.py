@@ -496,8 +496,10 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def is_run_dir_or_empty(run_dir: Path) -> bool:
+    from .rundir import is_run
+
     run_dir = Path(run_dir)
-    if not run_dir.exists() or (run_dir / "config.yaml").exists():
+    if not run_dir.exists() or is_run(run_dir):
         return True
     return all(p.name == ".lock" for p in run_dir.iterdir())
 

@@ -48,8 +48,6 @@ ARM_FORMS = ("it, im, all or weighted:λ (λ >= 0), each optionally followed by 
              "e.g. it,im,weighted:0.1,im+neftune:5,it+kl:1")
 BASE_MODES = ("it", "im", "all")
 MODIFIERS = {"neftune": "neftune_alpha", "kl": "kl_coef"}  # +name:value -> TrainConfig field
-# Config fields that may differ between a finished arm and a re-run without changing what was trained.
-IGNORED_ON_RERUN = ("progress", "tensorboard", "threads", "resume", "save_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -215,17 +213,14 @@ def arm_config(base: TrainConfig, arm: Arm, out: Path, seed: int) -> TrainConfig
 
 
 def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
-    """A run directory that exists must have been made by this very arm config; otherwise say what differs."""
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        return
-    from .config import read_yaml
+    """A run directory that exists must have been made by this very arm config (up to the settings that do not change
+    what is trained: imtune.guard.HARMLESS); otherwise say what differs and what to do."""
+    from .guard import config_changes
 
-    was = TrainConfig.from_dict(read_yaml(path)).to_dict()
-    now = cfg.to_dict()
-    diff = [k for k in now if k not in IGNORED_ON_RERUN and was.get(k) != now[k]]
+    diff = config_changes(run_dir, cfg)
     if diff:
-        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in diff[:6])
+        shown = ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in list(diff.items())[:6]) + \
+            (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise UsageError(f"{run_dir} was trained with other settings ({shown}); re-run with the same flags to "
                          f"resume, or give another --out (or delete {run_dir})")
 
@@ -377,13 +372,16 @@ def fixed_sample(items: list, n: int | None, seed: int, salt: int) -> list:
 def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, what: str) -> dict:
     """Output-token loss on (a sample of) the training data and on the test data, their gap, memorisation BLEU,
     test exact match and benchmarks of RUN/final; the test output loss of RUN/best (when kept). Per-example output
-    losses ride along (results["per_example"], for the intervals). Cached in RUN/eval/compare.json per settings."""
-    run_dir = Path(cfg.output_dir)
-    cache = run_dir / "eval" / "compare.json"
+    losses ride along (results["per_example"], for the intervals). Cached in RUN/eval/compare.json per settings.
+    The losses are imtune.evaluate.run.evaluate_run's, scored as the run was trained (template, system prompt,
+    max length, truncation: the run's own config.yaml)."""
+    from .rundir import read_run
+
+    run = read_run(cfg.output_dir)
+    cache = run.path / "eval" / "compare.json"
     key = hashlib.sha256(json.dumps([s.eval_settings(), data["train_path"], data["test_path"],
                                      file_digest(data["train_path"]), file_digest(data["test_path"]),
-                                     (run_dir / "DONE").read_text(encoding="utf-8")],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+                                     run.done_text()], sort_keys=True).encode()).hexdigest()[:16]
     cached = read_json(cache)
     if cached and cached.get("key") == key:
         say(f"{what}: already evaluated ({cache}); skipping")
@@ -391,25 +389,51 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
 
     import torch
 
-    from .tasks import JUDGED, run_benchmark
-    from .evaluate.bleu import generation_rows, memorisation_bleu
-    from .generate import GenerationConfig
+    from .evaluate.run import DataSet, evaluate_run, scoring_as_trained
     from .models import load_model, load_tokenizer
-    from .synth import exact_match
-    from .templates import Renderer
 
     t0 = time.perf_counter()
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(str(run_dir))
-    renderer = Renderer(cfg.template, tok)
-    model = load_model(str(run_dir)).to(device)
-    say(f"{what}: evaluating {run_dir / 'final'} on {device}")
+    tok = load_tokenizer(str(run.final))
+    model = load_model(str(run.final)).to(device)
+    say(f"{what}: evaluating {run.final} on {device}")
+    test = DataSet(tuple(data["test"]))
+    ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed, 1))),
+                      heldout=test, per_example=True)
     res: dict = {"per_example": {}}
-    train_sample = fixed_sample(data["train"], s.loss_samples, cfg.seed, 1)
-    for name, convs in (("train", train_sample), ("heldout", data["test"])):
-        res[name], res["per_example"][name] = output_loss(model, tok, renderer, convs, cfg)
-    tr, ho = res["train"]["output_loss"], res["heldout"]["output_loss"]
-    res["gap"] = None if tr is None or ho is None else ho - tr
+    for name, side in (("train", ev.train), ("heldout", ev.heldout)):
+        res[name], res["per_example"][name] = output_loss(side.loss)
+    res["gap"] = ev.output_gap
+    res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data))
+    del model
+    best = run.path / "best"
+    if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
+        info = json.loads((best / "best.json").read_text(encoding="utf-8"))
+        model = load_model(str(best)).to(device)
+        ho_best, res["per_example"]["best_heldout"] = output_loss(
+            evaluate_run(run, model, tok, train=None, heldout=test, per_example=True).heldout.loss)
+        res["best"] = {**info, "heldout": ho_best}
+        del model
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
+    say(f"  train output loss {fmt(res['train']['output_loss'])}, test {fmt(res['heldout']['output_loss'])}, "
+        f"gap {fmt(res['gap'])}"
+        + (f", best checkpoint (step {res['best']['step']}) test {fmt(res['best']['heldout']['output_loss'])}"
+           if "best" in res else "")
+        + (f", BLEU-to-train {fmt(res['bleu']['corpus_bleu'], 2)}" if "bleu" in res else "")
+        + (f", test exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
+        + f" ({res['seconds']:.0f}s)")
+    return res
+
+
+def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, cfg: TrainConfig, data: dict) -> dict:
+    """Memorisation BLEU on a fixed sample of training prompts, test exact match, and the benchmarks of one model
+    (answers greedily, rendered as the run was trained)."""
+    from .evaluate.bleu import generation_rows, memorisation_bleu
+    from .generate import GenerationConfig
+    from .synth import exact_match
+
+    res: dict = {}
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, batch_size=8)
     if s.bleu_samples:
         sample = fixed_sample(data["train"], s.bleu_samples, cfg.seed, 2)
@@ -427,43 +451,33 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
         write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
                     [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows])
     if s.bench:
-        res["bench"] = {}
-        for name, path in s.bench:
-            say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
-            judged = name in JUDGED
-            b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
-                              gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
-                              if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
-            metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
-                next((m for m in b if m.startswith("pass@")), None)
-            res["bench"][b.get("label", name)] = {
-                "benchmark": name, "metric": metric, "value": b.get(metric) if metric else None, "n": b.get("n"),
-                "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
-                "judge": s.judge.get("judge_model") if judged else None}
-    del model
-    best = run_dir / "best"
-    if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
-        info = json.loads((best / "best.json").read_text(encoding="utf-8"))
-        model = load_model(str(best)).to(device)
-        ho_best, res["per_example"]["best_heldout"] = output_loss(model, tok, renderer, data["test"], cfg)
-        res["best"] = {**info, "heldout": ho_best}
-        del model
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
-    say(f"  train output loss {fmt(tr)}, test {fmt(ho)}, gap {fmt(res['gap'])}"
-        + (f", best checkpoint (step {res['best']['step']}) test {fmt(res['best']['heldout']['output_loss'])}"
-           if "best" in res else "")
-        + (f", BLEU-to-train {fmt(res['bleu']['corpus_bleu'], 2)}" if "bleu" in res else "")
-        + (f", test exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
-        + f" ({res['seconds']:.0f}s)")
+        res["bench"] = benchmarks(s, model, tok, renderer, run_dir)
     return res
 
 
-def output_loss(model, tok, renderer, convs: list, cfg: TrainConfig) -> tuple[dict, dict]:
-    """(summary, per-example output sums) of one model on conversations (imtune.evaluate.loss)."""
-    from .evaluate.loss import evaluate_loss
+def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
+    """label -> {benchmark, metric, value, n, standard_error, scale, judge} for each --bench of one model."""
+    from .tasks import JUDGED, run_benchmark
+    from .generate import GenerationConfig
 
-    r = evaluate_loss(model, tok, renderer, convs, cfg.max_length, truncation=cfg.truncation, per_example=True)
+    out = {}
+    for name, path in s.bench:
+        say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
+        judged = name in JUDGED
+        b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
+                          gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
+                          if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
+        metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
+            next((m for m in b if m.startswith("pass@")), None)
+        out[b.get("label", name)] = {
+            "benchmark": name, "metric": metric, "value": b.get(metric) if metric else None, "n": b.get("n"),
+            "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
+            "judge": s.judge.get("judge_model") if judged else None}
+    return out
+
+
+def output_loss(r: dict) -> tuple[dict, dict]:
+    """(summary, per-example output sums) of one evaluate_loss result (imtune.evaluate.loss, per_example=True)."""
     return ({"n": r["n"], "output_loss": r["output"]["nll"], "output_tokens": r["output"]["tokens"],
              "instruction_loss": r["instruction"]["nll"], "truncated": r["truncated"], "skipped": len(r["skipped"])},
             r["per_example"])

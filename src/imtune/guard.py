@@ -91,14 +91,13 @@ def release() -> None:
 # -- one set of settings ---------------------------------------------------------------------------------------------
 def config_changes(run_dir: Path, cfg, ignore: tuple[str, ...] = HARMLESS) -> dict[str, tuple]:
     """{field: (was, now)} for the fields of `cfg` that differ from RUN/config.yaml, without `ignore`d ones;
-    {} when the directory has no config.yaml. (The one comparison: `compare` can use it for its arms too.)"""
-    from .config import TrainConfig, read_yaml
+    {} when the directory has no config.yaml. (The one comparison: `compare` uses it for its arms too.)"""
+    from .rundir import read_config
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
+    config = read_config(run_dir)
+    if config is None:
         return {}
-    was = TrainConfig.from_dict(read_yaml(path)).to_dict()
-    now = cfg.to_dict()
+    was, now = config.to_dict(), cfg.to_dict()
     return {k: (was.get(k), v) for k, v in now.items() if k not in ignore and was.get(k) != v}
 
 

@@ -62,9 +62,9 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource("random", spec, "", size)
     p = Path(spec).expanduser()
     if p.is_dir():
-        if (p / "final").is_dir() and not (p / "config.json").exists() and not (p / "tokenizer.json").exists():
-            p = p / "final"  # an imtune run directory
-        return ModelSource("dir", spec, str(p))
+        from .rundir import model_dir
+
+        return ModelSource("dir", spec, str(model_dir(p)))  # a run directory: its final/
     if p.exists():
         raise UsageError(f"{spec}: a model must be a directory, a hub id, 'default' or 'random:<size>'")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:

@@ -47,18 +47,18 @@ def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str
         from .types import UsageError
 
         raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+    from .rundir import config_text
+
     summary = json.loads(path.read_text(encoding="utf-8"))
-    configs = {}
-    for _, r in runs_of(summary):
-        p = d / r["dir"] / "config.yaml"
-        configs[r["dir"]] = p.read_text(encoding="utf-8") if p.exists() else "(missing)"
+    texts = {r["dir"]: config_text(d / r["dir"]) for _, r in runs_of(summary)}
+    configs = {k: "(missing)" if v is None else v for k, v in texts.items()}
     return summary, load_metrics(summary, d), configs
 
 
 def load_metrics(summary: dict, d: Path) -> dict[str, list[dict]]:
-    from .runlog import read_metrics
+    from .rundir import metrics
 
-    return {r["dir"]: read_metrics(d / r["dir"], kind=None) for _, r in runs_of(summary)}
+    return {r["dir"]: metrics(d / r["dir"], kind=None) for _, r in runs_of(summary)}
 
 
 def eval_points(records: list[dict]) -> list[dict]:

@@ -97,10 +97,11 @@ def add_arguments(p) -> None:
 
 
 def default_out_dir(model: str | None, name: str) -> Path:
-    if model:
-        p = Path(model).expanduser()
-        if p.is_dir() and (p / "final").is_dir():  # a run directory: results live with the run
-            return p / "eval"
+    from ..rundir import find_run
+
+    run = find_run(model)
+    if run is not None:  # a run directory (RUN or RUN/final): results live with the run
+        return run.path / "eval"
     return Path("imtune-bench") / name
 
 

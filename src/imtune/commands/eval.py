@@ -2,8 +2,10 @@
 
 Loss: mean NLL and perplexity per token class on --data (held-out) and on the training data (--train-data; for a
 run directory, the `data` of RUN/config.yaml), and the gap held-out − train (the paper's overfitting measure: IM
-keeps the output gap small). --generate: answers for the prompts of --data (else the training data), saved as
-JSONL. --bleu-train: greedy answers for training prompts scored by BLEU against the training outputs (memorisation).
+keeps the output gap small). A run's own data is read exactly as training read it, and scored with its template,
+system prompt, max length and truncation (imtune.evaluate.run.evaluate_run); flags override each. --generate:
+answers for the prompts of --data (else the training data), saved as JSONL. --bleu-train: greedy answers for
+training prompts scored by BLEU against the training outputs (memorisation).
 
 Results go to RUN/eval/ for a run directory, or to --out DIR: eval-<data>.json and eval-<data>.md, plus
 generations-<data>.jsonl and bleu-train-<data>.jsonl. --json OUT writes the same JSON anywhere."""
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..evaluate.run import DataSet, Scoring
+from ..rundir import RunDir, find_run
 from ..runlog import say
 from ..types import CLASSES, UsageError
 from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from
@@ -27,12 +31,15 @@ def add_arguments(p) -> None:
                    help="run directory, model directory, hub id, 'default' or 'random:<size>' (or use --model)")
     p.add_argument("--model", default=None, help="same as the positional RUN|MODEL")
     p.add_argument("--data", default=None,
-                   help="held-out data, any format `imtune inspect` reads (default for a run: its eval_data)")
+                   help="held-out data, any format `imtune inspect` reads (default for a run: its eval_data); "
+                        "read as --format/--field/--role say, else (for a run) as the run read its data; "
+                        "--template, --system-prompt, --max-length, --truncation default to the run's too")
     p.add_argument("--train-data", default=None,
                    help="the training data (default for a run directory: `data` in RUN/config.yaml)")
     add_data_args(p, positional=False)
     add_template_args(p)
     add_system_prompt_arg(p)
+    p.set_defaults(system_prompt=None)  # None: the run's own (else the template's default)
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per example (default: the run's max_length, else no limit)")
     p.add_argument("--truncation", choices=["drop", "truncate"], default=None,
@@ -52,36 +59,6 @@ def add_arguments(p) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def run_dir_of(spec: str) -> Path | None:
-    """The run directory a model spec names (RUN or RUN/final), or None."""
-    p = Path(spec).expanduser()
-    if (p / "final").is_dir() and (p / "config.yaml").is_file():
-        return p
-    if p.name == "final" and p.is_dir() and (p.parent / "config.yaml").is_file():
-        return p.parent
-    return None
-
-
-def run_settings(run: Path) -> dict:
-    """What eval takes from RUN/config.yaml (imtune.config.TrainConfig): the training data and how it was read
-    (data, format, fields, on_invalid, limit, max_length, truncation) and the held-out data (eval_data)."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"{run / 'config.yaml'}: not valid YAML: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"{run / 'config.yaml'}: expected a mapping of config keys")
-    out = {k: cfg.get(k) for k in ("data", "eval_data", "format", "fields", "on_invalid", "limit", "max_length",
-                                   "truncation", "roles")}
-    for k in ("data", "eval_data"):  # a path relative to the run directory, if it is not one relative to here
-        if isinstance(out[k], str) and out[k] and not Path(out[k]).exists() and (run / out[k]).exists():
-            out[k] = str(run / out[k])
-    return out
 
 
 def _slug(data: str) -> str:
@@ -129,110 +106,135 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from ..evaluate.bleu import generation_rows, memorisation_bleu
-    from ..evaluate.loss import evaluate_loss, gap as loss_gap
-    from ..generate import GenerationConfig
+    from ..evaluate.run import evaluate_run
     from ..models import load_model, load_tokenizer, resolve
-    from ..prepare import load
-    from ..templates import Renderer
     from .serve import pick_device
 
+    spec = model_spec(args)
+    run = find_run(spec)
+    train, heldout = data_sets(args, run)
+    out_dir = check_request(args, run, train, heldout)
+    scoring = scoring_of(args, run)
+    tok = load_tokenizer(spec)
+    renderer = scoring.renderer(tok)
+    model = load_model(spec).to(pick_device(args.device))
+    say(f"imtune eval: model {spec} ({resolve(spec).path or 'random init'}), template {renderer.name}, "
+        f"max length {scoring.max_length or 'none'}, device {next(model.parameters()).device}")
+    ev = evaluate_run(run, model, tok, train=train, heldout=heldout, scoring=scoring, batch_size=args.batch_size,
+                      loss=not args.no_loss, progress=True, log=lambda m: say(f"imtune eval: {m}"))
+    result: dict = {"model": spec, "template": ev.template, "max_length": scoring.max_length,
+                    "truncation": scoring.truncation, "limit": args.limit}
+    for key, side in (("train", ev.train), ("heldout", ev.heldout)):
+        if side is not None and side.loss is not None:
+            result[key] = {"data": side.data.label, **side.loss}
+    if ev.gap is not None:
+        result["gap"] = ev.gap
+        if Path(train.label).resolve() == Path(heldout.label).resolve():
+            say("imtune eval: note: --data is the training data, so the gap is 0 by construction")
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    generate(args, spec, ev, model, tok, renderer, out_dir, result)
+    write_results(result, out_dir, args.json, _slug((heldout or train).label))
+    return 0
+
+
+def model_spec(args) -> str:
     if args.model_pos and args.model and args.model_pos != args.model:
         raise UsageError(f"two models given: {args.model_pos!r} and --model {args.model!r}")
     spec = args.model_pos or args.model or "default"
+    from ..models import resolve
+
     resolve(spec)  # a mistyped run directory is "no such run directory", before anything else is asked for
-    run_dir = run_dir_of(spec)
-    settings = run_settings(run_dir) if run_dir else {}
-    train_data = args.train_data or settings.get("data") or None
-    heldout_data = args.data or settings.get("eval_data") or None
-    if not heldout_data and not train_data:
+    return spec
+
+
+def data_sets(args, run: RunDir | None) -> tuple[DataSet | None, DataSet | None]:
+    """(train, held-out): --train-data / --data as the flags read them; without them, a run's own data (its `data`
+    and `eval_data`) read exactly as training read it (imtune.evaluate.run)."""
+    from ..evaluate.run import heldout_data, training_data
+
+    given = reading_of(args, run)
+    train = DataSet(args.train_data, **given) if args.train_data else training_data(run, args.limit) if run else None
+    heldout = DataSet(args.data, **given) if args.data else heldout_data(run, args.limit) if run else None
+    return train, heldout
+
+
+def reading_of(args, run: RunDir | None) -> dict:
+    """How --data / --train-data records become conversations: the flags, else (for a run) the run's own reading."""
+    c = run.config if run else None
+    return {"format": args.format if args.format != "auto" or c is None else c.format,
+            "fields": fields_from(args) or (dict(c.fields) if c else {}),
+            "roles": roles_from(args) or (dict(c.roles) if c else {}),
+            "on_invalid": args.on_invalid if args.on_invalid != "error" or c is None else c.on_invalid,
+            "limit": args.limit}
+
+
+def scoring_of(args, run: RunDir | None) -> Scoring:
+    """Template, system prompt, max length and truncation: the flags, else the run's (else no limit, truncate)."""
+    from ..evaluate.run import scoring_as_trained
+
+    base = scoring_as_trained(run) if run else Scoring()
+    return replace(base, template=args.template or base.template,
+                   system_prompt=args.system_prompt or base.system_prompt,
+                   max_length=args.max_length or base.max_length, truncation=args.truncation or base.truncation)
+
+
+def check_request(args, run: RunDir | None, train: DataSet | None, heldout: DataSet | None) -> Path | None:
+    """Refuse what cannot be done before loading anything; returns the output directory (None: print only)."""
+    if heldout is None and train is None:
         raise UsageError("nothing to evaluate: give --data F (held-out) and/or --train-data T")
-    if run_dir and not heldout_data:
-        say(f"imtune eval: no held-out data, so no train/held-out gap (the overfitting measure): pass --data "
-            f"HELDOUT.jsonl, or train with --eval-data HELDOUT.jsonl (the run remembers it); "
-            f"`imtune compare` splits one off by itself")
-    if args.bleu_train and not train_data:
+    if run and heldout is None:
+        say("imtune eval: no held-out data, so no train/held-out gap (the overfitting measure): pass --data "
+            "HELDOUT.jsonl, or train with --eval-data HELDOUT.jsonl (the run remembers it); "
+            "`imtune compare` splits one off by itself")
+    if args.bleu_train and train is None:
         raise UsageError("--bleu-train needs the training data: --train-data T (or a run directory)")
-    out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else None)
+    out_dir = Path(args.out) if args.out else (run.path / "eval" if run else None)
     if args.generate and out_dir is None:
         raise UsageError("--generate writes JSONL: give --out DIR (a run directory writes to RUN/eval)")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be >= 1")
-    # A run's own data is read as it was read for training (format, fields, limit, max length, truncation), so the
-    # train loss is over what the model trained on and the gap compares like with like.
-    max_length = args.max_length or settings.get("max_length")
-    truncation = args.truncation or settings.get("truncation") or "truncate"
-    read = {"held-out": (args.format, fields_from(args) or None, args.on_invalid, args.limit,
-                         roles_from(args) or settings.get("roles") or None)}
-    if args.train_data or not run_dir:
-        read["train"] = read["held-out"]
-    else:
-        limit = min([x for x in (args.limit, settings.get("limit")) if x] or [0]) or None
-        read["train"] = (settings.get("format") or "auto", settings.get("fields") or None,
-                         settings.get("on_invalid") or "error", limit, settings.get("roles") or None)
+    return out_dir
 
-    tok = load_tokenizer(spec)
-    renderer = Renderer(args.template, tok, args.system_prompt)
-    model = load_model(spec).to(pick_device(args.device))
-    say(f"imtune eval: model {spec} ({resolve(spec).path or 'random init'}), template {renderer.name}, "
-        f"max length {max_length or 'none'}, device {next(model.parameters()).device}")
-    sets = [(name, path) for name, path in (("train", train_data), ("held-out", heldout_data)) if path]
-    result: dict = {"model": spec, "template": renderer.name, "max_length": max_length, "truncation": truncation,
-                    "limit": args.limit}
-    convs, skipped = {}, {}
-    for name, path in sets:
-        convs[name], skipped[name] = load(path, *read[name])
-        if skipped[name]:
-            say(f"imtune eval: {len(skipped[name])} invalid records of {path} skipped (--on-invalid skip)")
 
-    if not args.no_loss:
-        for name, path in sets:
-            say(f"imtune eval: loss on {path} ({len(convs[name])} conversations)")
-            res = evaluate_loss(model, tok, renderer, convs[name], max_length, args.batch_size,
-                                truncation=truncation, progress=True)
-            res["skipped"] = [str(p) for p in skipped[name]] + res["skipped"]
-            result[name.replace("-", "")] = {"data": str(path), **res}
-            if res["truncated"] or res["skipped"]:
-                say(f"  {res['truncated']} truncated to {max_length} tokens, {len(res['skipped'])} left out")
-        if "train" in result and "heldout" in result:
-            result["gap"] = loss_gap(result["train"], result["heldout"])
-            if Path(str(train_data)).resolve() == Path(str(heldout_data)).resolve():
-                say("imtune eval: note: --data is the training data, so the gap is 0 by construction")
+def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, result: dict) -> None:
+    """--generate: answers for the held-out prompts (else the training prompts), saved as JSONL; --bleu-train:
+    memorisation BLEU of greedy answers to the training prompts against the training outputs."""
+    from ..evaluate.bleu import generation_rows, memorisation_bleu
+    from ..generate import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            batch_size=args.batch_size, seed=args.seed)
-    slug = _slug(str(heldout_data or train_data))
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
     if args.generate:
-        name, path = ("held-out", heldout_data) if heldout_data else ("train", train_data)
-        say(f"imtune eval: generating for {len(convs[name])} prompts of {path}")
-        rows = generation_rows(model, tok, renderer, convs[name], cfg, progress=True)
-        gen_path = out_dir / f"generations-{_slug(str(path))}.jsonl"
+        side = ev.heldout or ev.train
+        say(f"imtune eval: generating for {len(side.conversations)} prompts of {side.data.label}")
+        rows = generation_rows(model, tok, renderer, list(side.conversations), cfg, progress=True)
+        gen_path = out_dir / f"generations-{_slug(side.data.label)}.jsonl"
         _write_jsonl(gen_path, [{**r, "generator": spec} for r in rows])
-        result["generation"] = {"data": str(path), "n": len(rows), "path": str(gen_path), "config": asdict(cfg)}
+        result["generation"] = {"data": side.data.label, "n": len(rows), "path": str(gen_path), "config": asdict(cfg)}
         say(f"imtune eval: wrote {len(rows)} generations to {gen_path}")
     if args.bleu_train:
-        say(f"imtune eval: memorisation BLEU on {len(convs['train'])} training prompts (greedy)")
-        mem = memorisation_bleu(model, tok, renderer, convs["train"], None, cfg, progress=True)
+        say(f"imtune eval: memorisation BLEU on {len(ev.train.conversations)} training prompts (greedy)")
+        mem = memorisation_bleu(model, tok, renderer, list(ev.train.conversations), None, cfg, progress=True)
         rows = mem.pop("rows")
         mem.pop("sentence_bleu")
-        result["bleu_train"] = {"data": str(train_data), **mem}
+        result["bleu_train"] = {"data": ev.train.data.label, **mem}
         if out_dir:
-            p = out_dir / f"bleu-train-{_slug(str(train_data))}.jsonl"
+            p = out_dir / f"bleu-train-{_slug(ev.train.data.label)}.jsonl"
             _write_jsonl(p, rows)
             result["bleu_train"]["path"] = str(p)
 
-    report = markdown(result)
+
+def write_results(result: dict, out_dir: Path | None, json_path: str | None, slug: str) -> None:
+    """Print the tables; write eval-<slug>.json and .md to the output directory, and the JSON to --json."""
     print(report_text(result))
     if out_dir:
         (out_dir / f"eval-{slug}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (out_dir / f"eval-{slug}.md").write_text(report, encoding="utf-8")
+        (out_dir / f"eval-{slug}.md").write_text(markdown(result), encoding="utf-8")
         say(f"imtune eval: wrote {out_dir / f'eval-{slug}.json'} and .md")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -80,7 +80,7 @@ def _generate(args, references: list[dict], out_dir: Path) -> Path:
 def run(args) -> int:
     from ..evaluate.judge import JudgeCache, JudgeClient, chat_url, judge_pairs, markdown, pair_up, read_outputs
     from ..models import cache_dir
-    from .eval import run_dir_of
+    from ..rundir import find_run
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")
@@ -93,7 +93,8 @@ def run(args) -> int:
     if args.judge_url and not args.judge_model:
         raise UsageError("give --judge-model NAME (the model name the endpoint serves)")
     url = chat_url(args.judge_url) if args.judge_url else None
-    run_dir = run_dir_of(args.model) if args.model else None
+    run = find_run(args.model)
+    run_dir = run.path if run else None
     out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else
                                                Path(args.outputs).parent if args.outputs else Path("."))
     references = read_outputs(args.references)

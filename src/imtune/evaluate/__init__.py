@@ -1,5 +1,7 @@
 """Evaluation of a model or run: the last stage of the flow.
 
+- run.py    evaluate_run(RunDir) -> RunEval: a run's train and held-out loss and their gap, on its data read
+            exactly as training read it (`imtune eval` and `imtune compare` both call it).
 - loss.py   evaluate_loss: mean NLL / perplexity per token class (output = assistant+eot, instruction =
             user+system, and each class) and gap(): held-out − train, the paper's overfitting measure.
 - bleu.py   generation_rows (answers for the prompts of a data set, with references) and memorisation_bleu:

@@ -91,21 +91,22 @@ def summarize(sums: list[float], counts: list[int]) -> dict:
 def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversation], max_length: int | None = None,
                   batch_size: int = 8, limit: int | None = None, truncation: str = "truncate", format: str = "auto",
                   fields: dict | None = None, on_invalid: str = "error", progress: bool = False,
-                  per_example: bool = False) -> dict:
+                  per_example: bool = False, special_tokens_in_content: str = "split") -> dict:
     """Mean NLL and perplexity per token class of `model` on `data` (a path/hub spec or conversations).
 
     Returns {"n", "tokens", "output": {"nll", "ppl", "tokens"}, "instruction": {...}, "all": {...},
     "per_class": {class: {...}}, "truncated", "skipped"}. Over-long examples are truncated to `max_length` by
     default (truncation="drop" leaves them out); either way the count is reported. per_example=True adds
     "per_example": {"source": [str], "output_nll": [Σ nll of output tokens], "output_tokens": [count]} per scored
-    example, in data order."""
+    example, in data order. The examples are rendered by `renderer` (its template and system prompt)."""
     from ..prepare import prepare_examples
     from ..weights import loss_spec
 
     # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
     prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
                             loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,
-                            limit=limit)
+                            limit=limit, system_prompt=renderer.system_prompt,
+                            special_tokens_in_content=special_tokens_in_content)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts, *ex = class_sums(model, prep.examples, pad_id, batch_size, progress, per_example)
     result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}

@@ -1,0 +1,136 @@
+"""RunDir: the one reader of run directories.
+
+A run directory describes itself (imtune.train writes it): RUN/config.yaml is the resolved TrainConfig, RUN/final/
+the trained model (with its tokenizer and chat template), RUN/DONE the summary written last, RUN/metrics.jsonl one
+line per step and evaluation. Everything that asks "is this a run, and how was it trained" asks here:
+
+    read_run(RUN) -> RunDir(path, config: TrainConfig)       .final, .finished, .done_text(), .metrics(kind)
+    find_run(SPEC) -> RunDir | None                          a model spec that names a run (RUN or RUN/final)
+    model_dir(DIR) -> DIR/final for a run directory          what `--model RUN` loads (imtune.models.resolve)
+    read_config(RUN) -> TrainConfig | None                   the comparison of settings (imtune.guard)
+    config_text(RUN), metrics(RUN, kind)                     for reports of runs that may be incomplete
+
+Nothing here imports torch: commands that only look at a run start fast."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+from .types import UsageError
+
+CONFIG = "config.yaml"
+FINAL = "final"
+DONE = "DONE"  # imtune.checkpoint.DONE: written last, after final/
+TEMPLATE = "chat_template.jinja"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory and the TrainConfig it was trained with."""
+
+    path: Path
+    config: TrainConfig
+
+    @property
+    def final(self) -> Path:
+        """The trained model: loads with AutoModelForCausalLM.from_pretrained (tokenizer and template inside)."""
+        return self.path / FINAL
+
+    @property
+    def finished(self) -> bool:
+        """Training ended: final/ written, then DONE (imtune.checkpoint writes them in that order)."""
+        from .checkpoint import is_finished
+
+        return is_finished(self.path)
+
+    def done_text(self) -> str:
+        """RUN/DONE as written (a JSON summary of the finished run; "" while unfinished)."""
+        p = self.path / DONE
+        return p.read_text(encoding="utf-8") if p.exists() else ""
+
+    def metrics(self, kind: str | None = "train") -> list[dict]:
+        """The records of RUN/metrics.jsonl of one type ("train", "eval"; None: all)."""
+        return metrics(self.path, kind)
+
+    def data_path(self, value: str | None) -> str | None:
+        """A data path of the config as it can be opened from here: as written when it exists (or is a hub spec),
+        else relative to the run directory when it exists there (a run moved with its data beside it)."""
+        if not value or Path(value).exists() or not (self.path / value).exists():
+            return value or None
+        return str(self.path / value)
+
+    @property
+    def template(self) -> str | None:
+        """The template to render with: the config's (None: the final tokenizer's own, which is the one trained
+        with); a template file that is no longer where training found it is replaced by the run's saved copy."""
+        t = self.config.template
+        if t and t.endswith((".jinja", ".j2", ".jinja2")) and not Path(t).is_file():
+            return str(self.path / TEMPLATE)
+        return t
+
+
+def is_run(path: str | Path) -> bool:
+    """A directory `imtune train` wrote: it holds config.yaml."""
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_config(path: str | Path) -> TrainConfig | None:
+    """RUN/config.yaml as a TrainConfig; None when the directory has none (a new or foreign directory)."""
+    from .config import read_yaml
+
+    p = Path(path) / CONFIG
+    if not p.is_file():
+        return None
+    try:
+        return TrainConfig.from_dict(read_yaml(p))
+    except UsageError as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from None
+
+
+def read_run(path: str | Path) -> RunDir:
+    """The run directory at `path` (RUN, or RUN/final), or a UsageError saying why it is not one."""
+    p = Path(path).expanduser()
+    if p.name == FINAL and is_run(p.parent):
+        p = p.parent
+    if not p.exists():
+        raise UsageError(f"no such run directory or model: {path} (not a directory here)")
+    if not p.is_dir() or not is_run(p):
+        raise UsageError(f"{path}: not an imtune run directory (no {CONFIG}); give the directory `imtune train` "
+                         "wrote (--output-dir)")
+    return RunDir(p, read_config(p))
+
+
+def find_run(spec: str | None) -> RunDir | None:
+    """The run a model spec names (RUN or RUN/final of a run with a final model), or None for any other model."""
+    if not spec:
+        return None
+    p = Path(spec).expanduser()
+    if p.name == FINAL and p.is_dir() and is_run(p.parent):
+        return read_run(p.parent)
+    if (p / FINAL).is_dir() and is_run(p):
+        return read_run(p)
+    return None
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model directory `--model DIR` loads: DIR/final for a run directory (a directory with final/ and no model
+    files of its own), else DIR."""
+    p = Path(path)
+    if (p / FINAL).is_dir() and not (p / "config.json").exists() and not (p / "tokenizer.json").exists():
+        return p / FINAL
+    return p
+
+
+def metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
+    """RUN/metrics.jsonl's records of one type ("train", "eval"; None: all); [] before the first step."""
+    from .runlog import read_metrics
+
+    return read_metrics(path, kind)
+
+
+def config_text(path: str | Path) -> str | None:
+    """RUN/config.yaml as written (comments included), for reports; None when absent."""
+    p = Path(path) / CONFIG
+    return p.read_text(encoding="utf-8") if p.exists() else None
