@@ -188,3 +188,25 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0: 4.0)
     assert demo.pick_threads() == 12
+
+
+@pytest.mark.slow
+def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tmp_path, capsys):
+    """--role reaches compare's own loading of the data (roles `person`/`bot` are refused without it), and
+    --system-prompt reaches the final evaluation: its held-out loss equals the trainer's last evaluation point, which
+    rendered the prompts the same way (with the template's default system prompt the two would differ)."""
+    recs = [{"messages": [{"role": "person", "content": f"Say the word number {i} twice please."},
+                          {"role": "bot", "content": f"word {i} word {i}"}]} for i in range(12)]
+    data = tmp_path / "bots.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(data), "--model", "random:tiny", "--arms", "it,im", "--max-steps", "1",
+            "--batch-size", "4", "--max-length", "128", "--bleu-samples", "2", "--max-new-tokens", "2",
+            "--heldout-fraction", "0.34", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--system-prompt", "none"]) == 2  # the roles are not known without --role
+    assert "--role" in capsys.readouterr().err
+    assert main([*argv, "--system-prompt", "none", "--role", "person=user,bot=assistant"]) == 0
+    capsys.readouterr()
+    summary = check_report_matches_files(out)
+    assert summary["settings"]["base_config"]["system_prompt"] == "none"
+    assert summary["data"]["n_train"] + summary["data"]["n_heldout"] == 12

@@ -272,11 +272,11 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     b = s.base
     if not b.data:
         raise UsageError("no training data: give --data FILE")
-    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit)
+    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
     if skipped:
         say(f"compare: {len(skipped)} invalid records of {b.data} skipped (first: {skipped[0]})")
     if b.eval_data:
-        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid)[0]
+        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
         split = {"kind": "given", "heldout_source": b.eval_data}
     else:
         if not 0 < s.heldout_fraction < 1:
@@ -291,7 +291,7 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     if not heldout:
         raise UsageError(f"{b.eval_data}: no held-out examples")
     tok = load_tokenizer(b.model)
-    renderer = Renderer(b.template, tok)
+    renderer = Renderer(b.template, tok, b.system_prompt)
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
     examples, report = tokenize([renderer.render(c) for c in train], tok, loss_spec("it"), b.max_length,
@@ -327,7 +327,7 @@ def validation_split(s: CompareSettings, heldout: list[Conversation]) -> tuple[l
     b = s.base
     key = lambda c: tuple((m.role, m.content) for m in c.messages)  # noqa: E731
     if s.val_data:
-        val = load(s.val_data, b.format, b.fields, b.on_invalid)[0]
+        val = load(s.val_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
         both = {key(c) for c in val} & {key(c) for c in heldout}
         if both:
             raise UsageError(f"{s.val_data}: {len(both)} example(s) also in the held-out data; selection must never "
@@ -410,7 +410,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     t0 = time.perf_counter()
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(str(run_dir))
-    renderer = Renderer(cfg.template, tok)
+    renderer = Renderer(cfg.template, tok, cfg.system_prompt)
     model = load_model(str(run_dir)).to(device)
     say(f"{what}: evaluating {run_dir / 'final'} on {device}")
     res: dict = {"per_example": {}}
