@@ -191,10 +191,21 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tmp_path, capsys):
+def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tmp_path, capsys, monkeypatch):
     """--role reaches compare's own loading of the data (roles `person`/`bot` are refused without it), and
-    --system-prompt reaches the final evaluation: its held-out loss equals the trainer's last evaluation point, which
-    rendered the prompts the same way (with the template's default system prompt the two would differ)."""
+    --system-prompt reaches every renderer of the run: compare's data stats, the trainer and the final evaluation
+    (a random model's loss barely depends on the context, so the renderers are watched, not the numbers)."""
+    import inspect
+
+    from imtune.templates import Renderer
+
+    init, seen = Renderer.__init__, []
+
+    def watched(self, *args, **kwargs):
+        seen.append(inspect.signature(init).bind(self, *args, **kwargs).arguments.get("system_prompt", "default"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Renderer, "__init__", watched)
     recs = [{"messages": [{"role": "person", "content": f"Say the word number {i} twice please."},
                           {"role": "bot", "content": f"word {i} word {i}"}]} for i in range(12)]
     data = tmp_path / "bots.jsonl"
@@ -205,8 +216,10 @@ def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tm
             "--heldout-fraction", "0.34", "--no-progress", "--out", str(out)]
     assert main([*argv, "--system-prompt", "none"]) == 2  # the roles are not known without --role
     assert "--role" in capsys.readouterr().err
+    seen.clear()
     assert main([*argv, "--system-prompt", "none", "--role", "person=user,bot=assistant"]) == 0
     capsys.readouterr()
     summary = check_report_matches_files(out)
     assert summary["settings"]["base_config"]["system_prompt"] == "none"
     assert summary["data"]["n_train"] + summary["data"]["n_heldout"] == 12
+    assert len(seen) >= 3 and set(seen) == {"none"}, seen
