@@ -9,7 +9,8 @@ is trained once per seed (--seeds; default the one --seed).
 
     COMPARE_DIR/
       compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
-                          spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict
+                          spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict,
+                          versions (imtune, torch, transformers, python, model fingerprint: imtune.provenance)
       data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format
       data/heldout.jsonl  held-out data: G, or a seeded split of F (--heldout-fraction)
       data/val.jsonl      the part of the held-out data that selects each run's best checkpoint (or --val-data)
@@ -160,6 +161,7 @@ def compare(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt
     from . import report
     from .aggregate import aggregate
+    from .provenance import versions
     from .train import train
 
     out = Path(s.out)
@@ -210,7 +212,7 @@ def compare(s: CompareSettings) -> Path:
         "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction,
                      "seeds": seeds, "reference": ref.spec, "val_fraction": s.val_fraction},
         "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
-        "arms": arms, "evidence": evidence,
+        "arms": arms, "evidence": evidence, "versions": versions(base.model),
     }
     summary["verdict"] = report.verdict(summary, out)
     write_json(out / "compare.json", summary)
