@@ -205,14 +205,17 @@ def test_a_run_that_learned_nothing_is_named_with_its_numbers(tmp_path):
     _write_metrics(d / "arms" / "im", [2.0, 1.6, 1.2])  # learned
     _write_metrics(d / "arms" / "all", [2.5, 2.6, 2.5])  # not below its step-0 value
     summary = json.loads((d / "compare.json").read_text())
-    w = verdict(summary, d)["warnings"]
-    assert len(w) == 2, w
-    assert w[0].startswith("arm it seed 42 learned nothing: final training output loss 10.5000 is 97% of "
-                           "ln(vocabulary 49,152) = 10.8027, the loss of a uniform guess")
-    assert w[1].startswith("arm all seed 42 learned nothing: its train-sample output loss went from 2.5000 at "
-                           "step 0 to 2.5000 at step 2 (not 1% lower)")
+    v = verdict(summary, d)
+    assert v["learned_nothing"]["warning"].startswith(
+        "2 of 3 runs learned nothing (a uniform guess over the 49,152-token vocabulary scores ln 49,152 = 10.8027 "
+        "nats per token). Comparisons involving them say nothing about the loss modes")
+    assert v["learned_nothing"]["runs"] == [
+        "arm it seed 42: final training output loss 10.5000 = 97% of ln 49,152",
+        "arm all seed 42: train-sample output loss 2.5000 at step 0 → 2.5000 at step 2 (not 1% lower)"]
+    assert len(v["warnings"]) == 1 and "arm all seed 42" in v["warnings"][0]
+    assert v["headline"].endswith(" — ⚠ 2 of 3 runs learned nothing")
     md = write_report(d)[0].read_text()
-    assert "> ⚠ **Warning:** arm it seed 42 learned nothing" in md
+    assert "> ⚠ **Warning:** 2 of 3 runs learned nothing" in md and "> - arm it seed 42: final training" in md
 
 
 @pytest.mark.parametrize("heldout, arms, agreement", [

@@ -25,7 +25,7 @@ import json
 import math
 from pathlib import Path
 
-from .report_checks import advice_vs_outcome, learned_nothing
+from .report_checks import advice_vs_outcome, learned_nothing, nothing_warning
 from .report_render import to_html, to_markdown  # noqa: F401 (imtune.sweep and imtune.study import them from here)
 
 THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
@@ -206,14 +206,18 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
         sentences.append(_early_stopping(measures))
     curves = {run_label(a, r, summary): metrics[r["dir"]] for a, r in runs}
     bullets = [x for x in sentences if x] + _notes(summary, curves)
-    warnings = learned_nothing(summary, metrics, d)
+    stalled = learned_nothing(summary, metrics, d)
+    nothing = nothing_warning(stalled, len(runs)) if stalled else None
+    warnings = [nothing[0] + " " + "; ".join(nothing[1]) + "."] if nothing else []
     advice = advice_vs_outcome(summary, measures)
-    head = headline(summary, measures, wins)
-    text = "\n".join([head, *(f"⚠ Warning: {w}" for w in warnings),
+    head = headline(summary, measures, wins) + (f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing"
+                                                if stalled else "")
+    text = "\n".join([head, *([f"⚠ Warning: {nothing[0]}", *(f"  {x}" for x in nothing[1])] if nothing else []),
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets])
     return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures,
-            "headline": head, "warnings": warnings, "advice": advice, "bullets": bullets, "text": text}
+            "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
+            if nothing else None, "advice": advice, "bullets": bullets, "text": text}
 
 
 def _signed(key: str, v: float) -> str:

@@ -41,8 +41,9 @@ def _first_last(records: list[dict]) -> tuple[float, float, int | None, str] | N
     return None
 
 
-def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[str]:
-    """One warning per run (arm x seed) that learned nothing, with its numbers; [] when every run learned."""
+def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[dict]:
+    """{"run": "arm it seed 0", "said": its numbers, "vocab": vocabulary size} for every run (arm x seed) that learned
+    nothing; [] when every run learned."""
     from .report import runs_of
 
     out = []
@@ -56,16 +57,23 @@ def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[str
         vocab = _vocab_size(Path(compare_dir) / run["dir"], summary)
         said = []
         if vocab and final >= NEAR_UNIFORM * math.log(vocab):
-            said.append(f"final training output loss {final:.4f} is {final / math.log(vocab):.0%} of "
-                        f"ln(vocabulary {vocab:,}) = {math.log(vocab):.4f}, the loss of a uniform guess")
+            said.append(f"final training output loss {final:.4f} = {final / math.log(vocab):.0%} of ln {vocab:,}")
         if trend and trend[1] > (1 - MIN_DROP) * trend[0]:
-            said.append(f"its {trend[3]} went from {trend[0]:.4f} at step 0 to {trend[1]:.4f} at step {trend[2]} "
+            said.append(f"{trend[3]} {trend[0]:.4f} at step 0 → {trend[1]:.4f} at step {trend[2]} "
                         f"(not {100 * MIN_DROP:g}% lower)")
         if said:
-            out.append(f"arm {arm['spec']} seed {run['seed']} learned nothing: " + "; ".join(said)
-                       + ". Comparisons involving it say nothing about the loss modes: train longer (--epochs, "
-                         "--max-steps), raise --lr, or start from a pretrained --model.")
+            out.append({"run": f"arm {arm['spec']} seed {run['seed']}", "said": "; ".join(said), "vocab": vocab})
     return out
+
+
+def nothing_warning(stalled: list[dict], n_runs: int) -> tuple[str, list[str]]:
+    """(the warning, one line per run) for the runs `learned_nothing` found."""
+    vocab = next((s["vocab"] for s in stalled if s["vocab"]), None)
+    uniform = (f" (a uniform guess over the {vocab:,}-token vocabulary scores ln {vocab:,} = {math.log(vocab):.4f} "
+               "nats per token)") if vocab else ""
+    head = (f"{len(stalled)} of {n_runs} runs learned nothing{uniform}. Comparisons involving them say nothing about "
+            "the loss modes: train longer (--epochs, --max-steps), raise --lr, or start from a pretrained --model.")
+    return head, [f"{s['run']}: {s['said']}" for s in stalled]
 
 
 def _arm_for(rec: dict, arms: list[dict]) -> str | None:

@@ -161,7 +161,11 @@ CELL_CHARS = 400
 
 
 def _clip(text) -> str:
-    text = "" if text is None else str(text).strip()
+    if text is None:
+        return "–"
+    text = str(text).strip()
+    if not text:
+        return "(empty answer)"
     return text if len(text) <= CELL_CHARS else text[:CELL_CHARS].rstrip() + " …"
 
 
@@ -241,7 +245,8 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
     v = summary["verdict"]
     seeds = summary["settings"].get("seeds")
     b: list[tuple] = [("h", 1, f"imtune compare: {arms}"), ("headline", v["headline"])]
-    b += [("warn", w) for w in v.get("warnings", [])]
+    if v.get("learned_nothing"):
+        b.append(("warn", v["learned_nothing"]["warning"], v["learned_nothing"]["runs"]))
     if v.get("advice"):
         b.append(("p", "Advice vs outcome: " + v["advice"]["text"]))
     b += [("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "

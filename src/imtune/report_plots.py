@@ -78,7 +78,7 @@ def bars_figure(summary: dict, key: str):
     arms = summary["arms"]
     if key == "gap":
         groups = [("held-out − train output loss", [a["results"]["gap"] for a in arms])]
-        ylabel, title, pct = "gap (nats per output token)", "final models: held-out − train output loss " \
+        ylabel, title, pct = "gap (nats per output token)", "final models: held-out − train output loss\n" \
             "(lower = less overfit)", False
     else:
         groups = []

@@ -2,7 +2,7 @@
 the compare, sweep and study reports (imtune.report, imtune.sweep, imtune.study), so every report says the same in
 both files.
 
-Blocks: ("h", level, text) ("p", text) ("headline", text) ("warn", text) ("ul", [items])
+Blocks: ("h", level, text) ("p", text) ("headline", text) ("warn", text, [items]) ("ul", [items])
 ("table", header, rows[, "text"]) ("img", path, alt) ("code", lang, text). Text may use `code`, **bold** and *em*.
 A table's cells are right-aligned numbers with a left-aligned first column, or with "text" all left-aligned prose
 (newlines kept).
@@ -30,7 +30,7 @@ def to_markdown(blocks_: list[tuple], root: Path) -> str:
         elif kind == "headline":
             out.append(f"**{blk[1]}**")
         elif kind == "warn":
-            out.append(f"> ⚠ **Warning:** {blk[1]}")
+            out.append("\n>\n".join([f"> ⚠ **Warning:** {blk[1]}", "\n".join(f"> - {x}" for x in blk[2])]))
         elif kind == "ul":
             out.append("\n".join(f"- {item}" for item in blk[1]))
         elif kind == "table":
@@ -83,7 +83,8 @@ def to_html(blocks_: list[tuple], title: str) -> str:
         elif kind == "headline":
             out.append(f"<p class='headline'>{_inline(blk[1])}</p>")
         elif kind == "warn":
-            out.append(f"<p class='warn'>⚠ <strong>Warning:</strong> {_inline(blk[1])}</p>")
+            items = "".join(f"<li>{_inline(x)}</li>" for x in blk[2])
+            out.append(f"<div class='warn'>⚠ <strong>Warning:</strong> {_inline(blk[1])}<ul>{items}</ul></div>")
         elif kind == "ul":
             out.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in blk[1]) + "</ul>")
         elif kind == "table":
