@@ -87,6 +87,11 @@ def check_report_matches_files(out: Path) -> dict:
     assert not re.search(r"src=['\"](?!data:)", html)
     for png in ("loss_curves.png", "gap.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # What it was made with: recorded by compare, shown in the report; the headline opens both files.
+    v = summary["versions"]
+    assert v["model"]["name"] == summary["settings"]["base_config"]["model"] and v["model"]["fingerprint"]
+    assert f"torch {v['torch']} · transformers {v['transformers']}" in md
+    assert md.splitlines()[2] == f"**{summary['verdict']['headline']}**" and summary["verdict"]["headline"] in html
     return summary
 
 

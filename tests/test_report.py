@@ -232,7 +232,7 @@ def test_the_data_stats_advice_stands_next_to_the_outcome(tmp_path, heldout, arm
     assert summary["data"]["stats"]["recommendation"]["mode"] == "im"
     adv = verdict(summary, d)["advice"]
     assert adv["advised"] == "--loss im" and adv["agreement"] == agreement, adv
-    assert adv["text"].startswith("`imtune data stats` advised --loss im (instruction/output length ratio")
+    assert adv["text"].startswith("`imtune data stats` advised `--loss im` (instruction/output length ratio")
     assert f"— **{agreement}**" in adv["text"]
     assert f"Advice vs outcome: {adv['text']}" in write_report(d)[0].read_text()
 

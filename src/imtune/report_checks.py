@@ -125,6 +125,6 @@ def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
     else:
         agreement, why = "undecided", "no difference, so this comparison neither confirms nor contradicts it"
     reason = rec["reasons"][0] if rec.get("reasons") else ""
-    text = (f"`imtune data stats` advised {advised}" + (f" ({reason})" if reason else "")
+    text = (f"`imtune data stats` advised `{advised}`" + (f" ({reason})" if reason else "")
             + f"; outcome on held-out output loss: {outcome} — **{agreement}**: {why}.")
     return {"advised": advised, "arm": arm, "outcome": outcome, "agreement": agreement, "text": text}

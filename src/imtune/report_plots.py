@@ -39,6 +39,7 @@ def curves_figure(summary: dict, metrics: dict):
     """Left: output loss of the training batches per step; right: held-out and train-sample output loss at the
     evaluation points. One colour per arm, one line style per seed."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
@@ -63,6 +64,7 @@ def curves_figure(summary: dict, metrics: dict):
     ax2.set_title("evaluation points: held-out (solid), fixed train sample (dashed)", fontsize=10)
     for ax, shown in ((ax1, shown1), (ax2, shown2)):
         ax.set(xlabel="optimizer step", ylabel="output loss (nats per output token)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         honest_ylim(ax, shown)
         ax.grid(alpha=0.3)
         if ax.lines:

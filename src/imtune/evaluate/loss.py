@@ -102,7 +102,7 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
     # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
     prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
                             loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,
-                            limit=limit)
+                            limit=limit, system_prompt=renderer.system_prompt)  # the renderer's, not the default
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts, *ex = class_sums(model, prep.examples, pad_id, batch_size, progress, per_example)
     result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}
