@@ -220,17 +220,18 @@ def config_diff(summary: dict, configs: dict) -> tuple[list[str], list[list[str]
         if not isinstance(cfg, dict):
             rows.append([arm["spec"], str(run["seed"]), f"`{run['dir']}`", "(config.yaml missing)"])
             continue
-        keys = [k for k in cfg if k not in ("output_dir", "seed")
-                and (k in (arm.get("overrides") or {}) or cfg[k] != base.get(k))]
+        keys = [k for k in cfg if k not in ("output_dir", "seed") and (k == "loss" or cfg[k] != base.get(k))]
         shown = "; ".join(f"{k}: {'–' if cfg[k] is None else cfg[k]}" for k in keys) or "(same as the base)"
         rows.append([arm["spec"], str(run["seed"]), f"{run['dir']}/config.yaml", shown])
-    return ["arm", "seed", "config", "settings of this run that differ from the base config (or the arm sets)"], rows
+    return ["arm", "seed", "config", "loss, and the settings of this run that differ from the base config"], rows
 
 
 def _base_yaml(summary: dict) -> str:
+    """The base config without what each run sets for itself (its arm's loss settings, seed, directory)."""
     import yaml
 
-    base = {k: v for k, v in summary["settings"]["base_config"].items() if k != "output_dir"}
+    own = {"output_dir", "seed"} | {k for a in summary["arms"] for k in a.get("overrides") or {}}
+    base = {k: v for k, v in summary["settings"]["base_config"].items() if k not in own}
     return yaml.safe_dump(base, sort_keys=False, allow_unicode=True).rstrip()
 
 
@@ -292,7 +293,8 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
     b += [("code", "bash", "\n".join(f"# {c['time']} in {c['cwd']}\n" + " ".join(shlex.quote(x) for x in c["argv"])
                                      for c in summary["commands"]))]
     b += [("h", 2, "Configs"), ("p", "Each run's `config.yaml` is the base config below with these changes:"),
-          ("table", *config_diff(summary, configs), "text"), ("h", 3, "Base config (shared by every run)"),
+          ("table", *config_diff(summary, configs), "text"),
+          ("h", 3, "Base config (shared by every run; loss settings and seed are per run, above)"),
           ("code", "yaml", _base_yaml(summary))]
     b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
     return b
