@@ -87,6 +87,11 @@ def check_report_matches_files(out: Path) -> dict:
     assert not re.search(r"src=['\"](?!data:)", html)
     for png in ("loss_curves.png", "gap.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # What it was made with: recorded by compare, shown in the report; the headline opens both files.
+    v = summary["versions"]
+    assert v["model"]["name"] == summary["settings"]["base_config"]["model"] and v["model"]["fingerprint"]
+    assert f"torch {v['torch']} · transformers {v['transformers']}" in md
+    assert md.splitlines()[2] == f"**{summary['verdict']['headline']}**" and summary["verdict"]["headline"] in html
     return summary
 
 
@@ -188,3 +193,38 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0: 4.0)
     assert demo.pick_threads() == 12
+
+
+@pytest.mark.slow
+def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tmp_path, capsys, monkeypatch):
+    """--role reaches compare's own loading of the data (roles `person`/`bot` are refused without it), and
+    --system-prompt reaches every renderer of the run: compare's data stats, the trainer and the final evaluation
+    (a random model's loss barely depends on the context, so the renderers are watched, not the numbers)."""
+    import inspect
+
+    from imtune.templates import Renderer
+
+    init, seen = Renderer.__init__, []
+
+    def watched(self, *args, **kwargs):
+        seen.append(inspect.signature(init).bind(self, *args, **kwargs).arguments.get("system_prompt", "default"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Renderer, "__init__", watched)
+    recs = [{"messages": [{"role": "person", "content": f"Say the word number {i} twice please."},
+                          {"role": "bot", "content": f"word {i} word {i}"}]} for i in range(12)]
+    data = tmp_path / "bots.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(data), "--model", "random:tiny", "--arms", "it,im", "--max-steps", "1",
+            "--batch-size", "4", "--max-length", "128", "--bleu-samples", "2", "--max-new-tokens", "2",
+            "--heldout-fraction", "0.34", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--system-prompt", "none"]) == 2  # the roles are not known without --role
+    assert "--role" in capsys.readouterr().err
+    seen.clear()
+    assert main([*argv, "--system-prompt", "none", "--role", "person=user,bot=assistant"]) == 0
+    capsys.readouterr()
+    summary = check_report_matches_files(out)
+    assert summary["settings"]["base_config"]["system_prompt"] == "none"
+    assert summary["data"]["n_train"] + summary["data"]["n_heldout"] == 12
+    assert len(seen) >= 3 and set(seen) == {"none"}, seen

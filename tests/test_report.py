@@ -60,7 +60,8 @@ def test_im_win_beyond_one_percent_is_a_win_with_its_size(tmp_path):
     assert m["best"] == "im" and m["comparisons"][0]["decided"]
     assert m["comparisons"][0]["relative"] == pytest.approx(0.11 / 0.60)
     assert "On held-out output loss, **im** won: 0.4900 vs it 0.6000 (Δ 0.1100 = 18.3% lower" in v["text"]
-    assert "im won on held-out output loss, train/held-out gap" in v["text"]
+    assert v["headline"].startswith("im won on held-out output loss, train/held-out gap")
+    assert v["text"].startswith(v["headline"])
     assert "lowest for it" in v["text"]  # IT fits its training outputs more closely, and the text says so
 
 
@@ -77,7 +78,8 @@ def test_under_one_percent_is_no_difference(tmp_path):
     c = m["comparisons"][0]
     assert not c["decided"] and c["threshold"] == pytest.approx(THRESHOLDS["loss_relative"] * 0.503)
     assert "On held-out output loss, no difference" in v["text"]
-    assert "no arm won any measure beyond its threshold" in v["text"]
+    assert v["headline"] == "No arm won: every difference is within its threshold (one seed, no intervals)"
+    assert v["text"].startswith(v["headline"] + "\n")
 
 
 def test_eval_to_eval_spread_raises_the_threshold(tmp_path):
@@ -133,3 +135,201 @@ def test_report_files_come_from_the_directory(tmp_path):
     for png in ("loss_curves.png", "gap.png"):
         assert (d / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert not (d / "plots" / "scores.png").exists()  # no accuracy measured: no empty plot
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The headline, warnings, advice, example answers, versions, configs, plots and the page in a browser
+def with_evidence(d: Path, diff: tuple[float, float, float], n_seeds: int = 2, n_examples: int = 150) -> dict:
+    """Turn make_dir's comparison into one with intervals: im − it on held-out output loss = diff (value, low, high).
+    Returns the verdict compare would write."""
+    summary = json.loads((d / "compare.json").read_text())
+    value, low, high = diff
+    vals = {a["spec"]: {"value": a["results"]["heldout"]["output_loss"]} for a in summary["arms"]}
+    summary["settings"]["seeds"] = list(range(n_seeds))
+    summary["evidence"] = {"reference": "it", "method": "bootstrap (test)", "level": 0.95, "n_seeds": n_seeds,
+                           "n_examples": {"heldout": n_examples},
+                           "measures": {"heldout_loss": {
+                               "label": "held-out output loss (final)", "better": "lower", "values": vals,
+                               "differences": {"it": {"value": 0.0, "low": 0.0, "high": 0.0},
+                                               "im": {"value": value, "low": low, "high": high}}}}}
+    summary["verdict"] = verdict(summary, d)
+    (d / "compare.json").write_text(json.dumps(summary))
+    return summary["verdict"]
+
+
+def test_headline_says_winner_size_interval_and_evidence_in_one_line(tmp_path):
+    d = make_dir(tmp_path, {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3})
+    v = with_evidence(d, (-0.31, -0.45, -0.18))
+    assert v["headline"] == ("im beat it on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)"
+                             " — 2 seeds × 150 held-out examples")
+    assert "\n" not in v["headline"] and v["text"].startswith(v["headline"] + "\n")
+    assert all(line.startswith("- ") for line in v["text"].split("\n\n", 1)[1].splitlines())  # then bullets
+    md, page = write_report(d)
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("# imtune compare") and lines[2] == f"**{v['headline']}**"  # right under the title
+    assert "class='headline'>im beat it on held-out output loss (final): −0.3100" in page.read_text()
+    # The reference winning reads the same way round: winner − loser.
+    d2 = make_dir(tmp_path / "b", {"it": 0.29, "im": 0.60}, {"it": 0.2, "im": 0.3})
+    assert with_evidence(d2, (0.31, 0.18, 0.45))["headline"].startswith(
+        "it beat im on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)")
+    d3 = make_dir(tmp_path / "c", {"it": 0.60, "im": 0.59}, {"it": 0.2, "im": 0.3})
+    assert with_evidence(d3, (-0.01, -0.05, 0.02))["headline"] == (
+        "No arm won: every interval includes zero (held-out output loss (final): im − it −0.0100, 95% interval "
+        "−0.0500 to +0.0200) — 2 seeds × 150 held-out examples")
+
+
+def test_terminal_output_starts_with_the_headline(tmp_path, capsys):
+    from imtune.commands.compare import show
+
+    d = make_dir(tmp_path, {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3})
+    v = with_evidence(d, (-0.31, -0.45, -0.18))
+    show(d)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == v["headline"] and "\n- On held-out output loss" in out
+
+
+def _write_metrics(run: Path, train_sample: list[float]) -> None:
+    """metrics.jsonl with eval points at steps 0, 1, ... whose fixed-train-sample loss is `train_sample`."""
+    lines = [{"type": "train", "step": s + 1, "loss": v, "loss_output": v, "tokens": 10, "time": 1.0}
+             for s, v in enumerate(train_sample[1:])]
+    lines += [{"type": "eval", "step": s, "epoch": 0.5 * s, "train_output_loss": v, "eval_output_loss": v + 0.1}
+              for s, v in enumerate(train_sample)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_a_run_that_learned_nothing_is_named_with_its_numbers(tmp_path):
+    d = make_dir(tmp_path, {"it": 10.6, "im": 2.0, "all": 3.0}, {"it": 10.5, "im": 1.2, "all": 2.5})
+    for name in ("it", "im", "all"):  # a 49,152-token vocabulary: a uniform guess scores ln(49152) = 10.80
+        (d / "arms" / name / "final").mkdir()
+        (d / "arms" / name / "final" / "config.json").write_text(json.dumps({"vocab_size": 49152}))
+    _write_metrics(d / "arms" / "im", [2.0, 1.6, 1.2])  # learned
+    _write_metrics(d / "arms" / "all", [2.5, 2.6, 2.5])  # not below its step-0 value
+    summary = json.loads((d / "compare.json").read_text())
+    v = verdict(summary, d)
+    assert v["learned_nothing"]["warning"].startswith(
+        "2 of 3 runs learned nothing (a uniform guess over the 49,152-token vocabulary scores ln 49,152 = 10.8027 "
+        "nats per token). Comparisons involving them say nothing about the loss modes")
+    assert v["learned_nothing"]["runs"] == [
+        "arm it seed 42: final training output loss 10.5000 = 97% of ln 49,152",
+        "arm all seed 42: train-sample output loss 2.5000 at step 0 → 2.5000 at step 2 (not 1% lower)"]
+    assert len(v["warnings"]) == 1 and "arm all seed 42" in v["warnings"][0]
+    assert v["headline"].endswith(" — ⚠ 2 of 3 runs learned nothing")
+    md = write_report(d)[0].read_text()
+    assert "> ⚠ **Warning:** 2 of 3 runs learned nothing" in md and "> - arm it seed 42: final training" in md
+
+
+@pytest.mark.parametrize("heldout, arms, agreement", [
+    ({"it": 0.60, "im": 0.49}, None, "agree"),  # the data's instructions are long: the advice is im
+    ({"it": 0.49, "im": 0.60}, None, "disagree"),
+    ({"it": 0.500, "im": 0.502}, None, "undecided"),
+    ({"it": 0.60, "weighted:0.1": 0.49}, {"weighted:0.1": {"loss": "weighted", "prompt_weight": 0.1}}, "not tested"),
+])
+def test_the_data_stats_advice_stands_next_to_the_outcome(tmp_path, heldout, arms, agreement):
+    d = make_dir(tmp_path, heldout, {a: 0.3 for a in heldout})
+    summary = json.loads((d / "compare.json").read_text())
+    for a in summary["arms"]:
+        a["overrides"] = (arms or {}).get(a["spec"], {"loss": a["spec"]})
+    assert summary["data"]["stats"]["recommendation"]["mode"] == "im"
+    adv = verdict(summary, d)["advice"]
+    assert adv["advised"] == "--loss im" and adv["agreement"] == agreement, adv
+    assert adv["text"].startswith("`imtune data stats` advised `--loss im` (instruction/output length ratio")
+    assert f"— **{agreement}**" in adv["text"]
+    assert f"Advice vs outcome: {adv['text']}" in write_report(d)[0].read_text()
+
+
+def test_example_answers_side_by_side_or_a_note_that_there_are_none(tmp_path):
+    d = make_dir(tmp_path, {"it": 0.6, "im": 0.5}, {"it": 0.3, "im": 0.3})
+    assert "No generations were made" in write_report(d)[0].read_text()
+    for arm in ("it", "im"):
+        rows = [{"index": i, "source": f"test.jsonl:{i + 1}", "instruction": f"What is {i} + {i}?",
+                 "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "output": f"{arm} says {2 * i}",
+                 "reference": str(2 * i), "correct": arm == "im"} for i in range(5)]
+        (d / "arms" / arm / "eval").mkdir()
+        (d / "arms" / arm / "eval" / "compare-exact-match.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    md = write_report(d)[0].read_text()
+    assert "| prompt | reference | it | im |" in md and "No generations were made" not in md
+    assert "| What is 2 + 2? | 4 | it says 4 | im says 4 |" in md
+    assert "What is 3 + 3?" not in md  # three examples, not all
+
+
+def test_versions_are_recorded_and_shown(tmp_path):
+    from imtune import __version__
+    from imtune.provenance import model_fingerprint, versions
+
+    v = versions("random:tiny")
+    assert v["imtune"] == __version__ and v["torch"] and v["transformers"] and v["python"].count(".") == 2
+    assert v["model"]["kind"] == "random" and len(v["model"]["fingerprint"]) == 16
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"vocab_size": 100}')
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    fp = model_fingerprint(str(model))
+    assert fp["vocab_size"] == 100 and fp["weights_bytes"] == 10
+    (model / "model.safetensors").write_bytes(b"x" * 11)
+    assert model_fingerprint(str(model))["fingerprint"] != fp["fingerprint"]  # other weights, other fingerprint
+    d = make_dir(tmp_path / "cmp", {"it": 0.6, "im": 0.5}, {"it": 0.3, "im": 0.3})
+    assert "not recorded" in write_report(d)[0].read_text()
+    summary = json.loads((d / "compare.json").read_text())
+    summary["versions"] = v
+    (d / "compare.json").write_text(json.dumps(summary))
+    md = write_report(d)[0].read_text()
+    assert f"imtune {__version__} · torch {v['torch']} · transformers {v['transformers']}" in md
+    assert v["model"]["fingerprint"] in md
+
+
+def test_configs_are_shown_as_a_diff_from_the_base(tmp_path):
+    d = make_dir(tmp_path, {"it": 0.6, "im": 0.5}, {"it": 0.3, "im": 0.3})
+    (d / "arms" / "im" / "config.yaml").write_text("model: random:tiny\nloss: im\nseed: 42\nlr: 0.001\n")
+    md = write_report(d)[0].read_text()
+    assert "| it | 42 | arms/it/config.yaml | loss: it |" in md
+    assert "| im | 42 | arms/im/config.yaml | loss: im; lr: 0.001 |" in md  # model is the base's: not repeated
+    assert md.count("model: random:tiny") == 1  # the base config, once
+
+
+def test_plot_axes_do_not_turn_a_tiny_difference_into_a_visual_win(tmp_path):
+    from imtune.report import load
+    from imtune.report_plots import bars_figure, curves_figure
+
+    d = make_dir(tmp_path, {"it": 2.0, "im": 2.0001}, {"it": 1.9, "im": 1.9001})
+    _write_metrics(d / "arms" / "it", [1.9, 1.9, 1.9])
+    _write_metrics(d / "arms" / "im", [1.9001, 1.9001, 1.9001])
+    summary, metrics, _ = load(d)
+    fig = curves_figure(summary, metrics)
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert hi - lo >= 0.05 * 2.0, (ax.get_title(), lo, hi)
+        assert ax.get_ylabel() == "output loss (nats per output token)" and ax.get_xlabel() == "optimizer step"
+        assert not ax.yaxis.get_major_formatter().get_offset()  # no "+1.9" offset hiding the scale
+    gap = bars_figure(summary, "gap").axes[0]
+    assert gap.get_ylim()[1] - gap.get_ylim()[0] >= 0.05 * 2.0 and "nats" in gap.get_ylabel()
+
+
+def test_html_report_renders_in_a_real_browser(tmp_path):
+    """Chromium (Debian package `chromium`; not installed by `make setup`: too big for CI) takes a screenshot of
+    report.html and dumps its DOM: the page is not blank and shows the headline."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if chromium is None:
+        pytest.skip("no chromium here (apt-get install -y chromium): the browser check needs a real browser")
+    from PIL import Image
+
+    d = make_dir(tmp_path / "cmp", {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3},
+                 curves={"it": [0.8, 0.55, 0.60], "im": [0.8, 0.5, 0.29]})
+    v = with_evidence(d, (-0.31, -0.45, -0.18))
+    page = write_report(d)[1]
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    png = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={png}", "--window-size=1280,2000", page.as_uri()], check=True,
+                   capture_output=True, timeout=180)
+    img = Image.open(png).convert("RGB")
+    assert img.size == (1280, 2000)
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50  # text, tables and plots: not a blank (one-colour) page
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=180).stdout
+    assert v["headline"] in dom and dom.count("data:image/png;base64,") == 2

@@ -9,7 +9,8 @@ is trained once per seed (--seeds; default the one --seed).
 
     COMPARE_DIR/
       compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
-                          spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict
+                          spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict,
+                          versions (imtune, torch, transformers, python, model fingerprint: imtune.provenance)
       data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format
       data/heldout.jsonl  held-out data: G, or a seeded split of F (--heldout-fraction)
       data/val.jsonl      the part of the held-out data that selects each run's best checkpoint (or --val-data)
@@ -149,6 +150,7 @@ def compare(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt
     from . import report
     from .aggregate import aggregate
+    from .provenance import versions
     from .train import train
 
     out = Path(s.out)
@@ -199,7 +201,7 @@ def compare(s: CompareSettings) -> Path:
         "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction,
                      "seeds": seeds, "reference": ref.spec, "val_fraction": s.val_fraction},
         "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
-        "arms": arms, "evidence": evidence,
+        "arms": arms, "evidence": evidence, "versions": versions(base.model),
     }
     summary["verdict"] = report.verdict(summary, out)
     write_json(out / "compare.json", summary)
@@ -258,11 +260,11 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     b = s.base
     if not b.data:
         raise UsageError("no training data: give --data FILE")
-    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit)
+    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
     if skipped:
         say(f"compare: {len(skipped)} invalid records of {b.data} skipped (first: {skipped[0]})")
     if b.eval_data:
-        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid)[0]
+        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
         split = {"kind": "given", "heldout_source": b.eval_data}
     else:
         if not 0 < s.heldout_fraction < 1:
@@ -277,7 +279,7 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     if not heldout:
         raise UsageError(f"{b.eval_data}: no held-out examples")
     tok = load_tokenizer(b.model)
-    renderer = Renderer(b.template, tok)
+    renderer = Renderer(b.template, tok, b.system_prompt)
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
     examples, report = tokenize([renderer.render(c) for c in train], tok, loss_spec("it"), b.max_length,
@@ -313,7 +315,7 @@ def validation_split(s: CompareSettings, heldout: list[Conversation]) -> tuple[l
     b = s.base
     key = lambda c: tuple((m.role, m.content) for m in c.messages)  # noqa: E731
     if s.val_data:
-        val = load(s.val_data, b.format, b.fields, b.on_invalid)[0]
+        val = load(s.val_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
         both = {key(c) for c in val} & {key(c) for c in heldout}
         if both:
             raise UsageError(f"{s.val_data}: {len(both)} example(s) also in the held-out data; selection must never "

@@ -2,11 +2,17 @@
 report.html (self-contained: the PNGs are embedded as base64 data URIs), and the verdict.
 
 Nothing here trains or evaluates: the report is a function of files, so `imtune compare --report-only DIR` rebuilds
-it. The page is built once as a list of blocks (heading, paragraph, table, image, code) and written twice, as
-Markdown and as HTML, so both always say the same.
+it. This module reads the files and decides the verdict; the page (imtune.report_page: tables, example answers,
+versions, configs as a diff from the base) is built once as a list of blocks and written twice, as Markdown and as
+HTML (imtune.report_render), so both always say the same; imtune.report_plots draws the plots on honest axes.
 
-The verdict decides each measure between the best arm and every other arm; a difference counts only when it is larger
-than the measure's threshold (THRESHOLDS, stated in the report):
+The verdict opens with a one-line headline (who won, by how much, the 95% interval, how many seeds and examples; or
+that no arm won), then warnings (a run that learned nothing: imtune.report_checks), the `imtune data stats` advice
+next to the outcome, and one bullet per measure and note.
+
+Measures with intervals (compare.json "evidence") are won when the interval excludes zero. The others decide each
+measure between the best arm and every other arm; a difference counts only when it is larger than the measure's
+threshold (THRESHOLDS, stated in the report):
 - losses (held-out output loss, the train/held-out gap): 1% of the value, or the change between the last two
   evaluation points of either arm's held-out curve (how much the number moves from one eval to the next), the larger;
 - BLEU-to-train: 1 BLEU point, or 2 standard errors of the per-prompt sentence-BLEU difference, the larger;
@@ -15,13 +21,12 @@ than the measure's threshold (THRESHOLDS, stated in the report):
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
-import re
-import shlex
 from pathlib import Path
+
+from .report_checks import advice_vs_outcome, learned_nothing, nothing_warning
+from .report_render import to_html, to_markdown  # noqa: F401 (imtune.sweep and imtune.study import them from here)
 
 THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
 
@@ -200,8 +205,62 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
     if {"heldout_loss", "best_heldout_loss"} <= set(evidence["measures"]):
         sentences.append(_early_stopping(measures))
     curves = {run_label(a, r, summary): metrics[r["dir"]] for a, r in runs}
-    text = _paragraph(summary, sentences, wins, spec, curves)
-    return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures, "text": text}
+    bullets = [x for x in sentences if x] + _notes(summary, curves)
+    stalled = learned_nothing(summary, metrics, d)
+    nothing = nothing_warning(stalled, len(runs)) if stalled else None
+    warnings = [nothing[0] + " " + "; ".join(nothing[1]) + "."] if nothing else []
+    advice = advice_vs_outcome(summary, measures)
+    head = headline(summary, measures, wins) + (f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing"
+                                                if stalled else "")
+    text = "\n".join([head, *([f"⚠ Warning: {nothing[0]}", *(f"  {x}" for x in nothing[1])] if nothing else []),
+                      *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
+                     + [f"- {x}" for x in bullets])
+    return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures,
+            "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
+            if nothing else None, "advice": advice, "bullets": bullets, "text": text}
+
+
+def _signed(key: str, v: float) -> str:
+    return ("−" if v < 0 else "+") + _diff(key, abs(v))
+
+
+def _beat(m: dict, c: dict) -> str:
+    """`im beat it on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)`: winner − loser."""
+    flip = c["winner"] != c["arm"]  # the reference won: the difference arm − reference, turned around
+    loser = c["arm"] if flip else c["reference"]
+    d, lo, hi = (-c["diff"], -c["high"], -c["low"]) if flip else (c["diff"], c["low"], c["high"])
+    return (f"{c['winner']} beat {loser} on {m['label']}: {_signed(m['key'], d)} (95% interval "
+            f"{_signed(m['key'], lo)} to {_signed(m['key'], hi)})")
+
+
+def headline(summary: dict, measures: list[dict], wins: dict) -> str:
+    """One line: who won, by how much (winner − loser), the 95% interval and how much evidence; or that no arm won.
+    Held-out output loss (final) first; other interval measures only when it has no winner."""
+    arms = summary["arms"]
+    if len(arms) < 2:
+        return f"One arm ({arms[0]['spec']}): nothing to compare."
+    ivm = [m for m in measures if "reference" in m]
+    if not ivm:  # a version-1 compare.json: thresholds, one seed
+        if wins:
+            return "; ".join(f"{a} won on {', '.join(ms)}" for a, ms in wins.items()) + \
+                " (beyond its thresholds; one seed, no intervals)"
+        return "No arm won: every difference is within its threshold (one seed, no intervals)"
+    ev = summary["evidence"]
+    n_seeds, n_ex = ev.get("n_seeds", 1), (ev.get("n_examples") or {}).get("heldout")
+    size = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}" + (f" × {n_ex} held-out examples" if n_ex else "")
+    primary = next((m for m in ivm if m["key"] == "heldout_loss"), ivm[0])
+    won = [(primary, c) for c in primary["comparisons"] if c["winner"]]
+    if won:
+        same = [f"{c['arm']} vs {c['reference']}: no difference" for c in primary["comparisons"] if not c["winner"]]
+        return "; ".join([*(_beat(m, c) for m, c in won), *same]) + f" — {size}"
+    other = [(m, c) for m in ivm for c in m["comparisons"] if c["winner"]]
+    ivs = "; ".join(f"{c['arm']} − {c['reference']} {_signed(primary['key'], c['diff'])}, 95% interval "
+                    f"{_signed(primary['key'], c['low'])} to {_signed(primary['key'], c['high'])}"
+                    for c in primary["comparisons"])
+    if other:
+        return (f"No difference on {primary['label']} ({ivs}); " + "; ".join(_beat(m, c) for m, c in other)
+                + f" — {size}")
+    return f"No arm won: every interval includes zero ({primary['label']}: {ivs}) — {size}"
 
 
 def _iv(key: str, iv: dict) -> str:
@@ -264,7 +323,7 @@ def _sentence(key, label, better, known, best, rows, spec) -> str:
             + " are within the threshold of each other, ahead of " + "; ".join(map(vs, ahead)) + ".")
 
 
-def _overfitting(metrics: dict, spec: dict) -> str:
+def _overfitting(metrics: dict, spec: dict) -> list[str]:
     """Did each arm's held-out output loss turn up after its best evaluation point (overfitting), or still fall?"""
     rising, flat, falling = [], [], []
     for name, recs in metrics.items():
@@ -280,373 +339,54 @@ def _overfitting(metrics: dict, spec: dict) -> str:
             rising.append(where)
         else:
             flat.append(where)
-    out = ""
+    out = []
     if rising:
-        out += " Held-out output loss rose after its best point (by more than 1%) for " + "; ".join(rising) + "."
+        out.append("Held-out output loss rose after its best point (by more than 1%) for " + "; ".join(rising) + ".")
     if flat:
-        out += " Held-out output loss levelled off (within 1% of its best) for " + "; ".join(flat) + "."
+        out.append("Held-out output loss levelled off (within 1% of its best) for " + "; ".join(flat) + ".")
     if falling and len(falling) == len(metrics):
-        out += (f" Held-out output loss was still falling at the last evaluation for every arm ({', '.join(falling)}):"
-                " training stopped before any arm began to overfit by this measure, and the IM paper's gains come "
-                "from IM overfitting less.")
+        out.append(f"Held-out output loss was still falling at the last evaluation for every arm "
+                   f"({', '.join(falling)}): training stopped before any arm began to overfit by this measure, and "
+                   "the IM paper's gains come from IM overfitting less.")
     elif falling:
-        out += " Held-out output loss was still falling at the last evaluation for " + ", ".join(falling) + "."
+        out.append("Held-out output loss was still falling at the last evaluation for " + ", ".join(falling) + ".")
     return out
 
 
-def _paragraph(summary: dict, sentences: list[str], wins: dict, spec: dict, metrics: dict) -> str:
-    res = {a["name"]: a["results"] for a in summary["arms"]}
+def _notes(summary: dict, curves: dict) -> list[str]:
+    """The verdict's bullets after the measures: training loss, overfitting, BLEU's limits, seeds and intervals."""
+    res = {a["spec"]: a["results"] for a in summary["arms"]}
     tr = {a: r["train"]["output_loss"] for a, r in res.items() if r["train"]["output_loss"] is not None}
-    extra = ""
+    out = []
     if len(tr) >= 2:
         lo = min(tr, key=tr.get)
-        extra = (f" Training output loss (not a goal; the paper's sign of overfitting is a low training but high "
-                 f"held-out loss) was lowest for {spec[lo]}: "
-                 + ", ".join(f"{spec[a]} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1])) + ".")
-    if wins:
-        overall = "In short: " + "; ".join(f"{arm} won on {', '.join(ms)}" for arm, ms in wins.items()) + \
-            "; every other comparison showed no difference (interval includes zero, or within its threshold)."
-    else:
-        overall = ("In short: no arm won any measure beyond its threshold (every interval includes zero, or every "
-                   "difference is within its threshold) — no difference at this budget.")
-    extra += _overfitting(metrics, {k: k for k in metrics})  # keyed by run label
+        out.append(f"Training output loss was lowest for {lo}: "
+                   + ", ".join(f"{a} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1]))
+                   + " (not a goal: the paper's sign of overfitting is a low training but high held-out loss).")
+    out += _overfitting(curves, {k: k for k in curves})  # keyed by run label
     b = [a["results"]["bleu"] for a in summary["arms"] if "bleu" in a["results"]]
     if b and not bleu_meaningful(b[0]):
-        extra += (f" BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
-                  "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
+        out.append(f"BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
+                   "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
     seeds = summary["settings"].get("seeds") or [summary["settings"]["base_config"].get("seed")]
     if summary.get("evidence"):
-        how = (f" Every arm ran with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); intervals: "
+        how = (f"Every arm ran with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); intervals: "
                f"{summary['evidence']['method']}.")
         if len(seeds) == 1:
             how += " With one seed the intervals cover the held-out examples only, not seed-to-seed variation."
     else:
-        how = (f" All arms ran with one seed ({seeds[0]}); a single seed cannot show seed-to-seed variation, so "
+        how = (f"All arms ran with one seed ({seeds[0]}); a single seed cannot show seed-to-seed variation, so "
                "treat small wins as indicative.")
-    return " ".join(x for x in sentences if x) + extra + " " + overall + how
+    return out + [how]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API: no pyplot state; renders with Agg)
-def plot_curves(summary: dict, metrics: dict, out: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    colour = {a["name"]: f"C{i}" for i, a in enumerate(summary["arms"])}
-    for a, run in runs_of(summary):
-        c, recs, label = colour[a["name"]], metrics[run["dir"]], run_label(a, run, summary)
-        k = next(i for i, r in enumerate(a.get("runs") or [run]) if r["dir"] == run["dir"])
-        dash = ["-", "-.", ":", (0, (5, 1))][k % 4]  # one line style per seed
-        tp = [r for r in train_points(recs) if r.get("loss_output") is not None]
-        ax1.plot([r["step"] for r in tp], [r["loss_output"] for r in tp], color=c, lw=1.2, ls=dash, label=label)
-        ep = eval_points(recs)
-        h = [r for r in ep if r.get("eval_output_loss") is not None]
-        t = [r for r in ep if r.get("train_output_loss") is not None]
-        ax2.plot([r["step"] for r in h], [r["eval_output_loss"] for r in h], "o", ls=dash, color=c,
-                 label=f"{label} held-out")
-        ax2.plot([r["step"] for r in t], [r["train_output_loss"] for r in t], "s", ls="--", color=c, alpha=0.55,
-                 ms=4, label=f"{label} train sample")
-    ax1.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
-    ax1.set_title("training batches: output loss per step", fontsize=10)
-    ax2.set(xlabel="optimizer step", ylabel="mean NLL of output tokens (nats)")
-    ax2.set_title("evaluation points: held-out (solid), fixed train sample (dashed)", fontsize=10)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    p = out / "loss_curves.png"
-    fig.savefig(p, dpi=100)
-    return p
-
-
-def plot_bars(summary: dict, out: Path, key: str) -> Path | None:
-    """key 'gap': final train/held-out gap per arm; key 'scores': exact match and benchmark scores per arm."""
-    from matplotlib.figure import Figure
-
-    arms = summary["arms"]
-    if key == "gap":
-        groups = [("held-out − train output loss", [a["results"]["gap"] for a in arms])]
-        ylabel, title, pct = "nats", "final models: held-out − train output loss (lower = less overfit)", False
-    else:
-        groups = []
-        if all("exact_match" in a["results"] for a in arms):
-            groups.append(("held-out exact match", [a["results"]["exact_match"]["accuracy"] for a in arms]))
-        for label in sorted(arms[0]["results"].get("bench", {})):
-            if all(label in a["results"].get("bench", {}) for a in arms):
-                groups.append((label, [a["results"]["bench"][label]["value"] for a in arms]))
-        if not groups:
-            return None
-        ylabel, title, pct = "%", "scores of the final models (higher is better)", True
-    fig = Figure(figsize=(max(5, 1.6 + 1.3 * len(arms) * len(groups)), 4), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(arms)
-    for i, a in enumerate(arms):
-        xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(groups))]
-        vals = [(v or 0.0) * (100 if pct else 1) for _, g in groups for v in [g[i]]]
-        bars = ax.bar(xs, vals, width * 0.95, color=f"C{i}", label=a["spec"])
-        ax.bar_label(bars, labels=[f"{v:.1f}" if pct else f"{v:.4f}" for v in vals], fontsize=8)
-    ax.set_xticks(range(len(groups)), [g for g, _ in groups])
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    p = out / f"{key}.png"
-    fig.savefig(p, dpi=100)
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The page, as blocks: ("h", level, text) ("p", text) ("table", header, rows) ("img", path, alt) ("code", lang, text)
-def f4(x) -> str:
-    return "–" if x is None else f"{x:.4f}"
-
-
-def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """One row per arm: the mean over seeds (one seed: that run), its spread, and the best checkpoint's score."""
-    arms = summary["arms"]
-    r0 = arms[0]["results"]
-    header = ["arm", f"train output loss (n={r0['train']['n']})", f"held-out output loss (n={r0['heldout']['n']})",
-              "gap (held-out − train)"]
-    seeds = len(arms[0].get("runs") or [0])
-    if seeds > 1:
-        header.append(f"held-out output loss: sd over {seeds} seeds")
-    has_best = all("best" in a["results"] for a in arms)
-    if has_best:
-        header.append("held-out output loss at the best checkpoint (its step)")
-    if all("bleu" in a["results"] for a in arms):
-        header.append(f"BLEU vs train outputs (n={r0['bleu']['n']})")
-    if all("exact_match" in a["results"] for a in arms):
-        header.append(f"held-out exact match (n={r0['exact_match']['n']})")
-    labels = sorted(r0.get("bench", {}))
-    header += [f"{label} ({r0['bench'][label]['metric']}"
-               + (f", judge {r0['bench'][label]['judge']}" if r0["bench"][label].get("judge") else "")
-               + f", n={r0['bench'][label]['n']})" for label in labels]
-    rows = []
-    for a in arms:
-        r = a["results"]
-        row = [a["spec"], f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
-        if seeds > 1:
-            row.append(f4(r.get("seeds", {}).get("heldout_loss", {}).get("sd")))
-        if has_best:
-            row.append(f"{f4(r['best']['heldout']['output_loss'])} ({', '.join(map(str, r['best']['steps']))})")
-        if "BLEU" in " ".join(header):
-            row.append(f"{r['bleu']['corpus_bleu']:.2f}" if r["bleu"]["corpus_bleu"] is not None else "–")
-        if "exact match" in " ".join(header):
-            e = r["exact_match"]
-            row.append(f"{100 * e['accuracy']:.1f}% ({sum(e['correct'])}/{e['n']})")
-        for label in labels:
-            v = r.get("bench", {}).get(label, {}).get("value")
-            row.append(_show(f"bench:{label}", v))
-        rows.append(row)
-    return header, rows
-
-
-def difference_table(summary: dict) -> tuple[list[str], list[list[str]]] | None:
-    """Every arm minus the reference arm, per measure with an interval."""
-    ev = summary.get("evidence")
-    if not ev or not ev["measures"]:
-        return None
-    from .evidence import excludes_zero
-
-    header = ["measure", "arm − reference", "difference", f"{100 * ev['level']:g}% interval", "decision"]
-    rows = []
-    for key, m in ev["measures"].items():
-        for arm, iv in m["differences"].items():
-            if arm == ev["reference"]:
-                continue
-            win = None
-            if excludes_zero(iv):
-                win = arm if (iv["value"] < 0) == (m["better"] == "lower") else ev["reference"]
-            rows.append([m["label"], f"{arm} − {ev['reference']}", _diff(key, iv["value"]),
-                         f"{_diff(key, iv['low'])} to {_diff(key, iv['high'])}",
-                         f"{win} won" if win else "no difference"])
-    return header, rows
-
-
-def seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """One row per run (arm x seed): what the means above are made of."""
-    header = ["arm", "seed", "train output loss", "held-out output loss (final)", "best step",
-              "held-out output loss (best)", "held-out exact match"]
-    rows = []
-    for a, run in runs_of(summary):
-        r = run.get("results") or a["results"]
-        best = r.get("best")
-        em = r.get("exact_match")
-        rows.append([a["spec"], str(run["seed"]), f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]),
-                     str(best["step"]) if best else "–", f4(best["heldout"]["output_loss"]) if best else "–",
-                     f"{100 * em['accuracy']:.1f}%" if em else "–"])
-    return header, rows
-
-
-def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    runs = list(runs_of(summary))
-    points = {run["dir"]: eval_points(metrics[run["dir"]]) for _, run in runs}
-    seeds = True  # every run is an (arm, seed) pair; the column stays even for one seed
-    val = any(r.get("val_output_loss") is not None for p in points.values() for r in p)
-    header = ["arm", *(["seed"] if seeds else []), "step", "epoch", "train-sample output loss",
-              "held-out output loss", "gap", *(["validation output loss"] if val else [])]
-    rows = []
-    for a, run in runs:
-        for r in points[run["dir"]]:
-            t, h, v = r.get("train_output_loss"), r.get("eval_output_loss"), r.get("val_output_loss")
-            rows.append([a["spec"], *([str(run["seed"])] if seeds else []), str(r["step"]),
-                         f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
-                         f4(h - t if h is not None and t is not None else None), *([f4(v)] if val else [])])
-    return header, rows
-
-
-def training_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "seed", "steps", "tokens", "train time (s)", "output loss, first step", "output loss, last step",
-              "objective (loss), last step"]
-    rows = []
-    for a, run in runs_of(summary):
-        tp = train_points(metrics[run["dir"]])
-        if not tp:
-            rows.append([a["spec"], str(run["seed"]), "0", "–", "–", "–", "–", "–"])
-            continue
-        rows.append([a["spec"], str(run["seed"]), str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}",
-                     f"{tp[-1].get('time', 0):.0f}", f4(tp[0].get("loss_output")), f4(tp[-1].get("loss_output")),
-                     f4(tp[-1].get("loss"))])
-    return header, rows
-
-
-CAN_CANNOT = (
-    "What this comparison can show: for this model, this data, this budget and these seeds, which loss arm reached the "
-    "lower output-token loss on held-out data (at the final checkpoint and at the checkpoint an early stop on the "
-    "validation part would keep), how far each arm's training and held-out losses drifted apart (the "
-    "IM paper's overfitting signal: IM tends to have a *higher* training output loss but a *lower* held-out one), "
-    "how much each arm reproduces its training outputs (BLEU), and the scores listed, with intervals over seeds and "
-    "held-out examples. What it cannot show: that the ranking holds for other data sizes (`imtune study --factor n`), "
-    "instruction/output ratios (`imtune study --factor ratio`), larger models (the paper's results are for 7B/13B "
-    "models) or other benchmarks; nor that a held-out loss difference turns into a quality difference a person would "
-    "notice. With few seeds the seed level of the interval is coarse: more `--seeds` make it trustworthy.")
-
-
-def _split_text(data: dict) -> str:
-    sp = data["split"]
-    held = (f"a seeded {100 * sp['heldout_fraction']:g}% split of the data" if sp["kind"] == "split"
-            else f"`{sp['heldout_source']}`")
-    val = sp.get("val")
-    if not val:
-        return held
-    if val["kind"] == "none":
-        return f"{held}; no validation part ({val['why']}): no best checkpoint"
-    how = (f"`{val['source']}`" if val["kind"] == "given"
-           else f"a seeded {100 * val['val_fraction']:g}% of the held-out data")
-    return (f"{held}; best checkpoints are selected on a validation part ({data['n_val']} examples: {how}) and every "
-            f"score is measured on the other {data['n_test']} (test), which selection never sees")
-
-
-def blocks(summary: dict, metrics: dict, configs: dict, plots: dict) -> list[tuple]:
-    from .stats import format_one
-
-    arms = ", ".join(a["spec"] for a in summary["arms"])
-    data = summary["data"]
-    v = summary["verdict"]
-    seeds = summary["settings"].get("seeds")
-    b: list[tuple] = [("h", 1, f"imtune compare: {arms}"),
-                      ("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "
-                            f"{data['n_heldout']} held-out: " + _split_text(data)
-                            + f"); model `{summary['settings']['base_config']['model']}`"
-                            + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") + "."),
-                      ("h", 2, "Verdict"), ("p", v["text"]),
-                      ("h", 2, "Results (final models" + (", mean over seeds" if seeds and len(seeds) > 1 else "")
-                       + ")"), ("table", *results_table(summary)),
-                      ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT "
-                            "trains on, whatever the arm's own loss. gap = held-out − train. BLEU: greedy answers to "
-                            "a "
-                            "fixed sample of training prompts vs the training outputs (higher = more memorised). "
-                            f"Thresholds for “no difference” where no interval is computed: losses "
-                            f"{100 * THRESHOLDS['loss_relative']:g}% or the "
-                            "eval-to-eval change of the held-out curve (the larger); BLEU "
-                            f"{THRESHOLDS['bleu_points']:g} point or {THRESHOLDS['standard_errors']:g} SE; accuracies "
-                            f"{THRESHOLDS['standard_errors']:g} SE of the difference.")]
-    diffs = difference_table(summary)
-    if diffs:
-        b += [("h", 2, f"Differences to the reference arm ({summary['evidence']['reference']})"), ("table", *diffs),
-              ("p", f"Interval method: {summary['evidence']['method']} (imtune.evidence). A measure is won only "
-                    "when its interval excludes zero.")]
-    if summary.get("evidence"):
-        b += [("h", 3, "Per seed"), ("table", *seed_table(summary))]
-    b += [("h", 2, "Curves"), ("img", plots["curves"], "output-token loss curves per arm")]
-    b += [("img", plots["gap"], "train/held-out gap per arm")]
-    if plots.get("scores"):
-        b.append(("img", plots["scores"], "exact match and benchmark scores per arm"))
-    b += [("h", 3, "Evaluation points (from each run's metrics.jsonl)"), ("table", *curve_table(summary, metrics)),
-          ("p", "The train sample is the trainer's fixed sample of training examples (`eval_train_sample`); the final "
-                "results above score the training set (or `--loss-samples` of it) with the final model. The "
-                "validation loss selects the best checkpoint; held-out = the test part."),
-          ("h", 3, "Training (from each run's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
-    b += [("h", 2, "Data"), ("code", "text", format_one(data["stats"], data["source"]))]
-    b += [("h", 2, "Commands")]
-    b += [("code", "bash", "\n".join(f"# {c['time']} in {c['cwd']}\n" + " ".join(shlex.quote(x) for x in c["argv"])
-                                     for c in summary["commands"]))]
-    for a, run in runs_of(summary):
-        b += [("h", 3, f"Arm {a['spec']}: `{run['dir']}/config.yaml`"), ("code", "yaml", configs[run["dir"]].rstrip())]
-    b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
-    return b
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def to_markdown(blocks_: list[tuple], root: Path) -> str:
-    out = []
-    for blk in blocks_:
-        kind = blk[0]
-        if kind == "h":
-            out.append("#" * blk[1] + " " + blk[2])
-        elif kind == "p":
-            out.append(blk[1])
-        elif kind == "table":
-            header, rows = blk[1], blk[2]
-            rule = "|---|" + "---:|" * (len(header) - 1)  # numbers right-aligned
-            out.append("\n".join(["| " + " | ".join(map(_md_cell, header)) + " |", rule]
-                                 + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
-        elif kind == "img":
-            out.append(f"![{blk[2]}]({Path(blk[1]).relative_to(root).as_posix()})")
-        elif kind == "code":
-            out.append(f"```{blk[1]}\n{blk[2]}\n```")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline(text: str) -> str:
-    t = html.escape(text, quote=False)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
-    return re.sub(r"(?<![*\w])\*([^*]+)\*(?![*\w])", r"<em>\1</em>", t)
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}"
-       "table{border-collapse:collapse;margin:1em 0;font-size:.92em}td,th{border:1px solid #ccc;padding:.25em .6em}"
-       "td{text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}"
-       "pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}img{max-width:100%}")
-
-
-def to_html(blocks_: list[tuple], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body>"]
-    for blk in blocks_:
-        kind = blk[0]
-        if kind == "h":
-            out.append(f"<h{blk[1]}>{_inline(blk[2])}</h{blk[1]}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(blk[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in blk[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in blk[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode(Path(blk[1]).read_bytes()).decode("ascii")
-            out.append(f"<p><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'></p>")
-        elif kind == "code":
-            out.append(f"<pre><code>{html.escape(blk[2])}</code></pre>")
-    return "\n".join(out) + "\n</body></html>\n"
-
-
+# Writing: plots (imtune.report_plots) + the page (imtune.report_page) as Markdown and HTML (imtune.report_render)
 def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
     """Plots + report.md + report.html from compare.json and the arms' run directories; returns the two paths."""
+    from .report_page import blocks
+    from .report_plots import plot_bars, plot_curves
+
     d = Path(compare_dir)
     summary, metrics, configs = load(d)
     summary["verdict"] = verdict(summary, d)  # recomputed from the files: the report never trusts a stale text
@@ -654,7 +394,7 @@ def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
     plots_dir.mkdir(exist_ok=True)
     plots = {"curves": plot_curves(summary, metrics, plots_dir), "gap": plot_bars(summary, plots_dir, "gap"),
              "scores": plot_bars(summary, plots_dir, "scores")}
-    bl = blocks(summary, metrics, configs, plots)
+    bl = blocks(summary, metrics, configs, plots, d)
     md, page = d / "report.md", d / "report.html"
     md.write_text(to_markdown(bl, d), encoding="utf-8")
     page.write_text(to_html(bl, bl[0][2]), encoding="utf-8")
@@ -662,8 +402,7 @@ def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
 
 
 def text_table(summary: dict) -> str:
-    """The results table for a terminal."""
-    header, rows = results_table(summary)
-    width = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width)))  # noqa
-    return "\n".join([line(header), line(["-" * w for w in width]), *map(line, rows)])
+    """The results table for a terminal (imtune.report_page)."""
+    from .report_page import text_table as table
+
+    return table(summary)

@@ -94,8 +94,8 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
     if s.family:
         pool, held = synthesize(s.family, need, s.ratio, seed=0, heldout=s.heldout)
     elif b.data:
-        pool, _ = load(b.data, b.format, b.fields, b.on_invalid, b.limit)
-        held = load(b.eval_data, b.format, b.fields, b.on_invalid)[0] if b.eval_data else None
+        pool, _ = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
+        held = load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0] if b.eval_data else None
         if held is None:  # split the held-out part off once, before any subset
             k = max(1, round(s.heldout_fraction * len(pool)))
             pick = set(np.random.default_rng([b.seed, 1717]).permutation(len(pool))[:k].tolist())

@@ -124,9 +124,12 @@ def show(out: Path) -> None:
     from ..report import text_table, verdict
 
     summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    v = verdict(summary, out)
+    print(v["headline"])  # first, so the one line that matters is not scrolled away by the table
+    print()
     print(text_table(summary))
     print()
-    print(verdict(summary, out)["text"].replace("**", ""))
+    print(v["text"].removeprefix(v["headline"]).strip().replace("**", ""))
     print()
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 

@@ -1,0 +1,130 @@
+"""Two checks the compare verdict states next to its outcome (imtune.report):
+
+- `learned_nothing`: a run whose final training output loss is still near ln(vocabulary size) (what a uniform guess
+  over the vocabulary scores) or not below its step-0 value learned nothing, and a comparison of such runs says
+  nothing about the loss modes. Named per arm and seed, with the numbers.
+- `advice_vs_outcome`: what `imtune data stats` advised for this data (compare.json data.stats.recommendation,
+  imtune.stats.recommend) next to who won on held-out output loss: agree, disagree, or untested.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+NEAR_UNIFORM = 0.9  # final training output loss >= this x ln(vocabulary): as bad as guessing
+MIN_DROP = 0.01  # ... or less than 1% below its step-0 value
+
+
+def _vocab_size(run_dir: Path, summary: dict) -> int | None:
+    for cfg in (run_dir / "final" / "config.json", run_dir / "config.json"):
+        try:
+            v = json.loads(cfg.read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, ValueError):
+            continue
+        if v:
+            return int(v)
+    return ((summary.get("versions") or {}).get("model") or {}).get("vocab_size")
+
+
+def _first_last(records: list[dict]) -> tuple[float, float, int | None, str] | None:
+    """(first, last, steps, what) of the training output loss: the fixed train sample at the evaluation points when
+    there are two (the same examples at step 0 and at the end), else the training batches."""
+    from .report import eval_points, train_points
+
+    ep = [r for r in eval_points(records) if r.get("train_output_loss") is not None]
+    if len(ep) >= 2 and ep[0].get("step") == 0:
+        return ep[0]["train_output_loss"], ep[-1]["train_output_loss"], ep[-1]["step"], "train-sample output loss"
+    tp = [r for r in train_points(records) if r.get("loss_output") is not None]
+    if len(tp) >= 2:
+        return tp[0]["loss_output"], tp[-1]["loss_output"], tp[-1]["step"], "training-batch output loss"
+    return None
+
+
+def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[dict]:
+    """{"run": "arm it seed 0", "said": its numbers, "vocab": vocabulary size} for every run (arm x seed) that learned
+    nothing; [] when every run learned."""
+    from .report import runs_of
+
+    out = []
+    for arm, run in runs_of(summary):
+        res = run.get("results") or arm["results"]
+        trend = _first_last(metrics.get(run["dir"], []))
+        final = res["train"]["output_loss"] if res["train"].get("output_loss") is not None else \
+            (trend[1] if trend else None)
+        if final is None:
+            continue
+        vocab = _vocab_size(Path(compare_dir) / run["dir"], summary)
+        said = []
+        if vocab and final >= NEAR_UNIFORM * math.log(vocab):
+            said.append(f"final training output loss {final:.4f} = {final / math.log(vocab):.0%} of ln {vocab:,}")
+        if trend and trend[1] > (1 - MIN_DROP) * trend[0]:
+            said.append(f"{trend[3]} {trend[0]:.4f} at step 0 → {trend[1]:.4f} at step {trend[2]} "
+                        f"(not {100 * MIN_DROP:g}% lower)")
+        if said:
+            out.append({"run": f"arm {arm['spec']} seed {run['seed']}", "said": "; ".join(said), "vocab": vocab})
+    return out
+
+
+def nothing_warning(stalled: list[dict], n_runs: int) -> tuple[str, list[str]]:
+    """(the warning, one line per run) for the runs `learned_nothing` found."""
+    vocab = next((s["vocab"] for s in stalled if s["vocab"]), None)
+    uniform = (f" (a uniform guess over the {vocab:,}-token vocabulary scores ln {vocab:,} = {math.log(vocab):.4f} "
+               "nats per token)") if vocab else ""
+    head = (f"{len(stalled)} of {n_runs} runs learned nothing{uniform}. Comparisons involving them say nothing about "
+            "the loss modes: train longer (--epochs, --max-steps), raise --lr, or start from a pretrained --model.")
+    return head, [f"{s['run']}: {s['said']}" for s in stalled]
+
+
+def _arm_for(rec: dict, arms: list[dict]) -> str | None:
+    """The spec of the plain arm (no +neftune/+kl) that trains what the recommendation advises, if any."""
+    for a in arms:
+        o = a.get("overrides") or {}
+        if o.get("neftune_alpha") or o.get("kl_coef") or o.get("loss", a["spec"]) != rec["mode"]:
+            continue
+        if rec["mode"] != "weighted" or o.get("prompt_weight") == rec.get("prompt_weight"):
+            return a["spec"]
+    return None
+
+
+def _won_lost(measure: dict, spec: dict) -> tuple[set, set]:
+    """(arms that won a comparison, arms that lost one) on one verdict measure (interval or threshold form)."""
+    won, lost = set(), set()
+    for c in measure["comparisons"]:
+        if "winner" in c:  # interval: arm vs reference
+            if c["winner"]:
+                won.add(c["winner"])
+                lost.add(c["reference"] if c["winner"] == c["arm"] else c["arm"])
+        elif c["decided"]:  # threshold: best vs this arm (keyed by arm name)
+            won.add(spec[measure["best"]])
+            lost.add(spec[c["arm"]])
+    return won, lost
+
+
+def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
+    """{"advised", "arm", "outcome", "agreement", "text"}; None when compare.json holds no recommendation."""
+    rec = ((summary.get("data") or {}).get("stats") or {}).get("recommendation")
+    if not rec:
+        return None
+    spec = {a["name"]: a["spec"] for a in summary["arms"]}
+    lam = f" --prompt-weight {rec['prompt_weight']:g}" if rec.get("prompt_weight") is not None else ""
+    advised = f"--loss {rec['mode']}{lam}"
+    arm = _arm_for(rec, summary["arms"])
+    m = next((m for m in measures if m["key"] == "heldout_loss"), None)
+    won, lost = _won_lost(m, spec) if m else (set(), set())
+    outcome = (", ".join(sorted(won)) + " won" + (f" (over {', '.join(sorted(lost - won))})" if lost - won else "")
+               ) if won else "no arm won"
+    if arm is None:
+        agreement, why = "not tested", f"no arm of this comparison trains {advised} alone"
+    elif arm in lost:
+        agreement, why = "disagree", f"the advised arm {arm} lost"
+    elif arm in won:
+        agreement, why = "agree", f"the advised arm {arm} won"
+    elif won:
+        agreement, why = "disagree", f"{', '.join(sorted(won))} won, the advised arm {arm} did not"
+    else:
+        agreement, why = "undecided", "no difference, so this comparison neither confirms nor contradicts it"
+    reason = rec["reasons"][0] if rec.get("reasons") else ""
+    text = (f"`imtune data stats` advised `{advised}`" + (f" ({reason})" if reason else "")
+            + f"; outcome on held-out output loss: {outcome} — **{agreement}**: {why}.")
+    return {"advised": advised, "arm": arm, "outcome": outcome, "agreement": agreement, "text": text}
