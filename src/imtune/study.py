@@ -50,6 +50,7 @@ class StudySettings:
     val_fraction: float = 0.3
     heldout_fraction: float = 0.1
     device: str = "auto"
+    jobs: int = 1  # runs trained side by side (imtune.schedule)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -126,7 +127,8 @@ def study(s: StudySettings) -> Path:
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
         cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
                                       seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
-                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, argv=s.argv))
+                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, jobs=s.jobs,
+                                      argv=s.argv))
         rows.append(value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec))
         if s.factor == "ratio" and rows[-1]["ratio_measured"] and abs(rows[-1]["ratio_measured"] / v - 1) > 0.5:
             say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
