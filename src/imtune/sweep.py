@@ -54,7 +54,7 @@ def parse_weights(text: str) -> list[str]:
 
 def sweep(s: SweepSettings) -> Path:
     from .aggregate import aggregate
-    from .compare import compare
+    from .compare import compare, is_main_process
 
     out = Path(s.out)
     arms = [parse_arm(f"weighted:{v}") for v in s.prompt_weights]
@@ -62,6 +62,8 @@ def sweep(s: SweepSettings) -> Path:
                                   val_fraction=s.val_fraction, val_data=s.val_data,
                                   heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples, bleu_samples=0,
                                   device=s.device, jobs=s.jobs, argv=s.argv))
+    if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
+        return out
     summary = read_json(cmp / "compare.json")
     measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"
     values = summary["evidence"]["measures"][measure]["values"]
