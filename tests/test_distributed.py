@@ -103,3 +103,36 @@ def test_fsdp_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path):
     assert "step 1" in res.stderr, res.stderr[-2000:]
     w3 = load_file(again / "final" / "model.safetensors")
     assert all(torch.equal(w2[k], w3[k]) for k in w2), "resumed FSDP run differs from the uninterrupted one"
+
+
+@pytest.mark.slow
+def test_sweep_and_its_compare_under_accelerate_launch_on_two_cpu_processes(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp-cpu.yaml -m imtune.cli sweep ...`: every arm trains on
+    both processes (data_stats: 2 processes, MULTI_CPU), rank 0 alone evaluates and writes compare.json, sweep.json
+    and the reports (printed once), and the held-out losses equal one process with the same global batch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = write_conversations(tmp_path / "d.jsonl", 12)
+    common = ["sweep", "--data", data, "--prompt-weights", "0,1", "--model", "random:tiny", "--max-steps", "2",
+              "--batch-size", "2", "--max-length", "128", "--lr", "1e-3", "--warmup-ratio", "0", "--no-packing",
+              "--max-grad-norm", "0", "--threads", "1", "--no-progress", "--eval-every", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(root, "configs", "accelerate", "ddp-cpu.yaml"), "-m", "imtune.cli"]
+    two = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([sys.executable, "-m", "imtune.cli", *common, "--grad-accum", "2", "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    assert two.stdout.count("recommended λ") == 1 and two.stdout.count("report: ") == 1  # one voice: rank 0
+    assert two.stderr.count("compare: 2 arms x 1 seeds") == 1
+    for arm in ("weighted-0", "weighted-1"):
+        stats = json.loads((tmp_path / "two" / "compare" / "arms" / arm / "seed-42" / "data_stats.json").read_text())
+        assert stats["processes"] == 2 and stats["distributed"] == "MULTI_CPU", arm
+    for name in ("sweep.json", "report.md", "report.html", "compare/compare.json", "compare/report.html"):
+        assert (tmp_path / "two" / name).exists(), name
+    a, b = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("one", "two"))
+    for r1, r2 in zip(a["prompt_weights"], b["prompt_weights"]):
+        assert r2["final"]["value"] == pytest.approx(r1["final"]["value"], rel=1e-5), r1["prompt_weight"]
+    assert a["recommendation"]["prompt_weight"] == b["recommendation"]["prompt_weight"]

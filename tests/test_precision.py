@@ -48,3 +48,22 @@ def test_the_choice_is_recorded_in_the_run_directory(tmp_path, measured, monkeyp
     run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", max_steps=1))
     rec = json.loads((run / "data_stats.json").read_text())["precision"]
     assert rec["asked"] == "auto" and rec["used"] == "fp32" and rec["bf16_gflops"] == 50.0
+
+
+def test_probe_skips_the_large_bf16_products_when_bf16_is_far_slower(monkeypatch):
+    """AMD EPYC: one 1024³ bf16 product took ~4 s (the probe 11.6 s of a 27 s one-step run); a small product that is
+    4× slower than fp32 already decides it. Where bf16 is close or faster, the large products are measured."""
+    import torch
+
+    for small_bf16, want_calls in ((1.0, 2), (60.0, 3)):
+        calls = []
+
+        def fake(dtype, n, repeats, small_bf16=small_bf16):
+            calls.append((dtype, n))
+            return 66.0 if dtype == torch.float32 else (small_bf16 if n == 256 else 500.0)
+
+        monkeypatch.setattr(precision, "_gflops", fake)
+        fp32, bf16 = precision.probe.__wrapped__()
+        assert len(calls) == want_calls and fp32 == 66.0
+        assert bf16 == (small_bf16 if want_calls == 2 else 500.0)
+        assert ((torch.bfloat16, 1024) in calls) == (want_calls == 3)

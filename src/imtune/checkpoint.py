@@ -501,7 +501,7 @@ def is_run_dir_or_empty(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     if not run_dir.exists() or is_run(run_dir):
         return True
-    return all(p.name == ".lock" for p in run_dir.iterdir())
+    return all(p.name in (".lock", "train.log") for p in run_dir.iterdir())  # train.log: imtune.schedule's
 
 
 def _intact_or_refuse(run_dir: Path) -> Path:

@@ -121,6 +121,7 @@ class CompareSettings:
     judge: dict = field(default_factory=dict)
     bench_max_new_tokens: int | None = None  # answer length for benchmarks (None: each benchmark's own)
     device: str = "auto"
+    jobs: int = 1  # runs trained side by side (imtune.schedule); 1: one after another in this process
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def eval_settings(self) -> dict:
@@ -151,12 +152,14 @@ def compare(s: CompareSettings) -> Path:
     from . import report
     from .aggregate import aggregate
     from .provenance import versions
-    from .train import train
+    from .schedule import Job, train_all
 
     out = Path(s.out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
     old = read_json(out / "compare.json")
     seeds, ref = s.seed_list(), s.reference_arm()
+    if s.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, not {s.jobs}")
     if len(set(seeds)) < len(seeds):
         raise UsageError(f"--seeds {','.join(map(str, seeds))} names a seed twice")
     data = materialise_data(s, out)
@@ -172,16 +175,15 @@ def compare(s: CompareSettings) -> Path:
         check_same_training(Path(cfg.output_dir), cfg.check())
 
     t0 = time.perf_counter()
-    for i, (arm, seed, cfg) in enumerate(runs, 1):  # 1. train every arm x seed (every process, under accelerate)
+    todo = []  # 1. train every arm x seed not yet trained (every process, under accelerate)
+    for i, (arm, seed, cfg) in enumerate(runs, 1):
         run_dir, what = Path(cfg.output_dir), f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"
         if ckpt.is_finished(run_dir):
             say(f"{what}: already trained ({run_dir}/DONE); skipping training")
             continue
-        if ckpt.latest_checkpoint(run_dir) is not None:
-            cfg = cfg.replace(resume="auto")
-        say(f"{what}: training -> {run_dir}  (elapsed {time.perf_counter() - t0:.0f}s)")
-        train(cfg)
-        free_memory()
+        todo.append(Job(what, cfg.replace(resume="auto") if ckpt.latest_checkpoint(run_dir) is not None else cfg))
+    train_all(todo, s.jobs, say)
+    free_memory()
     if not is_main_process():
         return out
 

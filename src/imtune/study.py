@@ -50,6 +50,7 @@ class StudySettings:
     val_fraction: float = 0.3
     heldout_fraction: float = 0.1
     device: str = "auto"
+    jobs: int = 1  # runs trained side by side (imtune.schedule)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -115,7 +116,7 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
 
 def study(s: StudySettings) -> Path:
     from .compare import compare
-    from .runlog import say
+    from .runlog import is_main_process, say
 
     out = Path(s.out)
     arms = parse_arms(s.arms)
@@ -127,11 +128,16 @@ def study(s: StudySettings) -> Path:
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
         cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
                                       seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
-                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, argv=s.argv))
+                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, jobs=s.jobs,
+                                      argv=s.argv))
+        if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
+            continue
         rows.append(value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec))
         if s.factor == "ratio" and rows[-1]["ratio_measured"] and abs(rows[-1]["ratio_measured"] / v - 1) > 0.5:
             say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
                 f"{s.family} cannot make instructions that short or long; the report shows the measured ratio")
+    if not is_main_process():
+        return out
     result = {"version": 1, "factor": s.factor, "values": s.values, "arms": [a.spec for a in arms],
               "difference": f"{arms[1].spec} − {arms[0].spec}", "seeds": s.seeds, "family": s.family,
               "budget": s.budget, "rows": rows, "trend": trends(rows, s.factor)}

@@ -39,6 +39,7 @@ class SweepSettings:
     heldout_fraction: float = 0.1
     loss_samples: int | None = None
     device: str = "auto"
+    jobs: int = 1  # runs trained side by side (imtune.schedule)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -54,13 +55,16 @@ def parse_weights(text: str) -> list[str]:
 def sweep(s: SweepSettings) -> Path:
     from .aggregate import aggregate
     from .compare import compare
+    from .runlog import is_main_process
 
     out = Path(s.out)
     arms = [parse_arm(f"weighted:{v}") for v in s.prompt_weights]
     cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
                                   val_fraction=s.val_fraction, val_data=s.val_data,
                                   heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples, bleu_samples=0,
-                                  device=s.device, argv=s.argv))
+                                  device=s.device, jobs=s.jobs, argv=s.argv))
+    if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
+        return out
     summary = read_json(cmp / "compare.json")
     measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"
     values = summary["evidence"]["measures"][measure]["values"]

@@ -27,7 +27,7 @@ from ..runlog import say
 # idle machine not yet measured (18.8 min on the shared, loaded build machine with 1 thread).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
 DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
-TRAIN = dict(template="chatml", epochs=4.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
+TRAIN = dict(template="chatml", epochs=3.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
              max_length=256, batch_size=1, eval_every=8, eval_train_sample=4)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
 EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
@@ -60,6 +60,8 @@ def add_arguments(p) -> None:
     g.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop every run after this many optimizer steps (default: the recipe's epochs; smoke tests)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="runs trained side by side (default: 2 on an idle CPU with 2+ cores, else 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -73,6 +75,16 @@ def pick_threads() -> int | None:
         return None
     cores, busy = os.cpu_count() or 1, cores_busy()
     return None if busy < 0.75 else max(1, cores - math.ceil(busy - 0.25))
+
+
+def pick_jobs() -> int:
+    """Runs trained side by side: 2 on an idle CPU with >= 2 cores (two 1-thread runs of the 135M model train 1.5x
+    faster than one 2-thread run: imtune.schedule), else 1 (a GPU, or a CPU whose cores other processes use)."""
+    import torch
+
+    if torch.cuda.is_available() or (os.cpu_count() or 1) < 2:
+        return 1
+    return 2 if pick_threads() is None else 1
 
 
 def cores_busy(seconds: float = 1.0) -> float:
@@ -92,7 +104,8 @@ def cores_busy(seconds: float = 1.0) -> float:
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
-def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path) -> str:
+def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: Path, out: Path,
+                       jobs: int = 1) -> str:
     def flag(k: str, v) -> str:
         if isinstance(v, bool):
             return f"--{'' if v else 'no-'}{k.replace('_', '-')}"
@@ -102,14 +115,14 @@ def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: 
     synth = (f"imtune data synth --family {data_cfg['family']} --n {data_cfg['n']} --ratio {data_cfg['ratio']:g} "
              f"--seed {data_cfg['seed']} --heldout {data_cfg['heldout']} --out {data}")
     cmp = f"imtune compare --data {data} --eval-data {held} --arms {args.arms} --model {args.model} " + " ".join(flags)
-    return f"{synth}\n  {cmp} --seeds {','.join(map(str, SEEDS))} --out {out}"
+    return f"{synth}\n  {cmp} --seeds {','.join(map(str, SEEDS))}{f' --jobs {jobs}' if jobs > 1 else ''} --out {out}"
 
 
-def run_compare(out: Path, base, arms: list) -> list[Path]:
+def run_compare(out: Path, base, arms: list, jobs: int = 1) -> list[Path]:
     """Every arm with every seed in SEEDS, in one comparison (intervals over seeds and examples)."""
     from ..compare import CompareSettings, compare
 
-    return [compare(CompareSettings(out=out, base=base, arms=arms, seeds=list(SEEDS), **EVAL))]
+    return [compare(CompareSettings(out=out, base=base, arms=arms, seeds=list(SEEDS), jobs=jobs, **EVAL))]
 
 
 def held_out_curves(out: Path) -> list[dict]:
@@ -170,7 +183,8 @@ def run(args) -> int:
         shutil.rmtree(out)
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
-    threads = pick_threads()
+    jobs = args.jobs or pick_jobs()
+    threads = None if jobs > 1 else pick_threads()
     if threads:
         t["threads"] = threads
         say(f"imtune demo: the CPU is busy (other processes use ~{cores_busy(0.2):.1f} of {os.cpu_count()} cores): "
@@ -184,7 +198,7 @@ def run(args) -> int:
         f"max length {t['max_length']}, {t['batch_size']} "
         f"{'packed rows' if t.get('packing', True) else 'example(s)'} per step, {t.get('lr_schedule', 'linear')} lr, "
         f"held-out evaluation every "
-        f"{t['eval_every']} steps\n"
+        f"{t['eval_every']} steps; {jobs} run(s) side by side\n"
         f"  then per run: output-token loss on training and held-out data, and exact match of greedy answers to "
         f"{EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
         f"  -> {out}")
@@ -192,7 +206,7 @@ def run(args) -> int:
     data = write_jsonl(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train")
     held = write_jsonl(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout")
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
-    dirs = run_compare(out, base, parse_arms(args.arms))
+    dirs = run_compare(out, base, parse_arms(args.arms), jobs)
 
     steps = json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
     for cdir in dirs:
@@ -202,6 +216,6 @@ def run(args) -> int:
     print(regime_text(held_out_curves(out)))
     print()
     print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
-    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out))
+    print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, jobs))
     print(f"\nimtune demo: done in {time.perf_counter() - t0:.0f}s wall time")
     return 0

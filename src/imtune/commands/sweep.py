@@ -24,6 +24,10 @@ def add_arguments(p) -> None:
                    help="without --eval-data: this share of --data (a seeded split) is held out")
     g.add_argument("--loss-samples", type=int, default=None, metavar="N",
                    help="score the final training output loss on a fixed sample of N examples (default: all)")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs side by side, each in its own process with cores/N torch threads (CPU: two "
+                        "1-thread runs of a 135M model trained 1.5x faster than one 2-thread run; output in each "
+                        "RUN/train.log); 1: one after another")
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
@@ -45,7 +49,8 @@ def settings_from(args):
                          base=base.replace(val_data=None, keep_best=False),
                          prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
                          val_fraction=args.val_fraction, val_data=base.val_data,
-                         heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device)
+                         heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device,
+                         jobs=args.jobs)
 
 
 def show(out: Path) -> None:
