@@ -152,7 +152,7 @@ def compare(s: CompareSettings) -> Path:
     from . import report
     from .aggregate import aggregate
     from .provenance import versions
-    from .schedule import Job, train_all
+    from .schedule import Job, Task, side_by_side, side_by_side_ok, train_all
 
     out = Path(s.out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -187,6 +187,12 @@ def compare(s: CompareSettings) -> Path:
     if not is_main_process():
         return out
 
+    if side_by_side_ok(s.jobs, len(runs)):  # 2a. the evaluations side by side, each filling its run's cache
+        threads = max(1, (os.cpu_count() or 1) // s.jobs)
+        side_by_side([Task(f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}: evaluation", evaluate_arm,
+                           (s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"),
+                           Path(cfg.output_dir) / "eval" / "compare.log", threads, "evaluated")
+                      for i, (arm, seed, cfg) in enumerate(runs, 1)], s.jobs, say)
     results = {}
     for i, (arm, seed, cfg) in enumerate(runs, 1):  # 2. evaluate final/ and best/ of each run (rank 0 only)
         results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")

@@ -6,6 +6,7 @@ product well. On the 2-core AMD EPYC build machine, two 1-thread runs of SmolLM2
 its own process (spawn, so no forked torch state) with cores // jobs torch threads unless --threads says otherwise;
 its output goes to RUN/train.log, and this process prints one line when each run starts and ends. A run that fails
 stops the others and names its log. Under `accelerate launch` (several processes per run) runs go one at a time.
+compare's final evaluations go side by side the same way (each child fills the run's evaluation cache).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -27,53 +29,80 @@ class Job:
     cfg: TrainConfig
 
 
+@dataclass(frozen=True)
+class Task:
+    """One call run in a child process: `target(*args)`, its output (Python and native) appended to `log`."""
+    label: str
+    target: Callable
+    args: tuple
+    log: Path
+    threads: int  # torch threads in the child
+    done: str = "done"  # the verb of the line printed when it ends ("trained", "evaluated")
+
+
 def train_all(jobs: list[Job], parallel: int, say) -> None:
     """Train every job's config to its end (finished runs are the caller's to skip)."""
     from .train import train
 
-    if parallel <= 1 or len(jobs) <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not side_by_side_ok(parallel, len(jobs)):
         for job in jobs:
             say(f"{job.label}: training -> {job.cfg.output_dir}")
             train(job.cfg)
         return
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    ctx, waiting, running = mp.get_context("spawn"), list(jobs), {}
+    tasks = []
+    for job in jobs:
+        cfg = job.cfg.replace(progress=False, threads=job.cfg.threads or threads)
+        tasks.append(Task(job.label, train, (cfg,), Path(cfg.output_dir) / "train.log", cfg.threads, "trained"))
+    side_by_side(tasks, parallel, say)
+
+
+def side_by_side_ok(parallel: int, n: int) -> bool:
+    """Several at once only when asked, worth it, and not under `accelerate launch` (there each run uses every
+    process)."""
+    return parallel > 1 and n > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
+def side_by_side(tasks: list[Task], parallel: int, say) -> None:
+    """Run the tasks, at most `parallel` at a time, each in a spawned process; a failure stops the others and raises
+    a UsageError naming the failed task's log."""
+    ctx, waiting, running = mp.get_context("spawn"), list(tasks), {}
     t0 = time.perf_counter()
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
-                job = waiting.pop(0)
-                cfg = job.cfg.replace(progress=False, threads=job.cfg.threads or threads)
-                log = Path(cfg.output_dir) / "train.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                p = ctx.Process(target=_train_logged, args=(cfg, str(log)), name=job.label)
+                task = waiting.pop(0)
+                task.log.parent.mkdir(parents=True, exist_ok=True)
+                p = ctx.Process(target=_child, args=(task.target, task.args, str(task.log), task.threads),
+                                name=task.label)
                 p.start()
-                running[p.sentinel] = (p, job, log, time.perf_counter())
-                say(f"{job.label}: training -> {cfg.output_dir} ({cfg.threads} thread(s), side by side with up to "
-                    f"{parallel - 1} other run(s); log {log})")
+                running[p.sentinel] = (p, task, time.perf_counter())
+                say(f"{task.label}: started ({task.threads} thread(s), side by side with up to {parallel - 1} "
+                    f"other(s); log {task.log})")
             for sentinel in wait(list(running)):
-                p, job, log, started = running.pop(sentinel)
+                p, task, started = running.pop(sentinel)
                 p.join()
                 if p.exitcode != 0:
-                    raise UsageError(f"{job.label} failed (exit {p.exitcode}); its log {log} ends:\n"
-                                     + _tail(log))
-                say(f"{job.label}: trained in {time.perf_counter() - started:.0f}s "
+                    raise UsageError(f"{task.label} failed (exit {p.exitcode}); its log {task.log} ends:\n"
+                                     + _tail(task.log))
+                say(f"{task.label}: {task.done} in {time.perf_counter() - started:.0f}s "
                     f"(elapsed {time.perf_counter() - t0:.0f}s)")
     finally:
-        for p, *_ in running.values():  # a failure or Ctrl-C: stop the others (their checkpoints resume)
+        for p, *_ in running.values():  # a failure or Ctrl-C: stop the others (training checkpoints resume)
             p.terminate()
             p.join()
 
 
-def _train_logged(cfg: TrainConfig, log: str) -> None:
-    """In the child: everything it prints (Python and native) goes to the run's train.log."""
-    from .train import train
+def _child(target: Callable, args: tuple, log: str, threads: int) -> None:
+    """In the child: everything it prints (Python and native) goes to `log`; torch uses `threads` threads."""
+    import torch
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
+    torch.set_num_threads(threads)
     try:
-        train(cfg)
+        target(*args)
     except UsageError as e:
         print(f"imtune: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
