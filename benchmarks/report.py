@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 from common import ROOT, Spread
 
@@ -72,7 +71,7 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
         f"(other work shares these {m['cores']} cores: absolute figures are noisy, ratios much less) |")
     add(f"| repeats | {r['repeats']} |")
     add(f"| software | python {m['python']}, " + ", ".join(f"{k} {x}" for k, x in v.items()) + " |")
-    add(f"| GPU | none on this machine; the GPU figures (goal 6) come from a GPU session, section 6 |")
+    add("| GPU | none on this machine; the GPU figures (goal 6) come from a GPU session, section 6 |")
     add(f"| wall time | {r['wall_s'] / 60:.1f} min |\n")
 
     rows = []
@@ -226,7 +225,7 @@ def _train_section(trains: list[dict]) -> str:
 
 
 def _memory_section(mem: dict) -> str:
-    L = [f"## 5. Memory\n",
+    L = ["## 5. Memory\n",
          f"One optimizer step on one packed row of {mem['imtune'][0]['tokens']} real tokens (max length "
          f"{mem['max_length']}), `{mem['model']}` (49,152-token vocabulary), each side in a fresh process; peak "
          "resident memory during the step (VmHWM reset right before it: model, optimizer state, everything "

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-from common import ROOT, Spread, load, machine, ratios, run_child, versions  # noqa: E402
+from common import ROOT, load, machine, run_child, versions  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 

@@ -182,7 +182,7 @@ def _raw(url: str, request: bytes, wait: float = 15.0) -> bytes:
         while True:
             try:
                 part = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not part:
                 break

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_file
-from test_serve import get
 
-from imtune.tasks import run_benchmark
+from conftest import shared_file
 from imtune.cli import main
 from imtune.evaluate.judge import JudgeCache, cache_key, judge_messages
 from imtune.generate import GenerationConfig
+from imtune.tasks import run_benchmark
+from test_serve import get
 
 JUDGE = "judge-tiny"
 

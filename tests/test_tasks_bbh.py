@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.tasks import bbh, score_samples
 from imtune.cli import main
+from imtune.tasks import bbh, score_samples
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BBH = DATA / "eval" / "bbh"

@@ -7,13 +7,13 @@ import json
 import math
 
 import pytest
-from conftest import shared_file
-from test_serve import get
 
-from imtune.tasks import mtbench, run_benchmark
+from conftest import shared_file
 from imtune.cli import main
 from imtune.generate import GenerationConfig, generate
+from imtune.tasks import mtbench, run_benchmark
 from imtune.types import Message
+from test_serve import get
 
 JUDGE = "judge-tiny"
 

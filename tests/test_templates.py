@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from imtune.templates import TEMPLATES, Renderer
 from imtune.types import Conversation, Message, UsageError, Where
-
 from test_weights import SIMPLE, conversations
 
 

@@ -191,9 +191,9 @@ def test_weighted_kl_matches_full_logits():
 
 def test_neftune_only_while_training(tmp_path):
     from imtune.models import load_model, load_tokenizer
+    from imtune.objective import Objective
     from imtune.pack import collate
     from imtune.prepare import prepare_examples
-    from imtune.objective import Objective
     from imtune.train import batch_args
     from imtune.weights import loss_spec
 
@@ -315,8 +315,8 @@ def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeyp
 def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
     """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
     objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""
-    from imtune.train import compile_layers, train
     from imtune.models import load_model
+    from imtune.train import compile_layers, train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     losses = {}

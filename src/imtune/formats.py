@@ -21,8 +21,9 @@ assistant); any other spelling is mapped with a role map, `--role bot=assistant,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import validate
 from .types import ROLES, Conversation, Message, Problem, Where

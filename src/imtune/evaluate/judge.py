@@ -281,7 +281,7 @@ def pair_up(outputs: list[dict], references: list[dict], limit: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def ask_all(prompts: dict[str, list[dict]], client: "JudgeClient", cache: "JudgeCache", workers: int = 4,
+def ask_all(prompts: dict[str, list[dict]], client: JudgeClient, cache: JudgeCache, workers: int = 4,
             progress: bool = False) -> tuple[dict[str, str], int]:
     """Replies to every prompt (keyed by cache_key): cached ones from the cache, the rest asked `workers` at a time
     and cached as they arrive (an interrupted run keeps its work). Also the number of requests sent."""
