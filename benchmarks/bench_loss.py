@@ -48,7 +48,8 @@ def main(hidden: int = 256, vocab: int = 49152, tokens: int = 2048, share: float
     ref = run(_sums(before_weighted_nll))
     new = run(_sums(weighted_nll))
     check = {"loss_rel_err": float((ref[0] - new[0]).abs() / ref[0].abs()),
-             "grad_w_max_err": float((ref[1] - new[1]).abs().max()), "grad_h_max_err": float((ref[2] - new[2]).abs().max())}
+             "grad_w_max_err": float((ref[1] - new[1]).abs().max()),
+             "grad_h_max_err": float((ref[2] - new[2]).abs().max())}
     assert check["loss_rel_err"] < 1e-5 and torch.allclose(ref[1], new[1], atol=1e-5) \
         and torch.allclose(ref[2], new[2], atol=1e-5), check
     sides = {"checkpointed": lambda _: run(_sums(before_weighted_nll)), "fused": lambda _: run(_sums(weighted_nll))}

@@ -57,7 +57,7 @@ def test_probe_skips_the_large_bf16_products_when_bf16_is_far_slower(monkeypatch
     for small_bf16, want_calls in ((1.0, 2), (60.0, 3)):
         calls = []
 
-        def fake(dtype, n, repeats, small_bf16=small_bf16):
+        def fake(dtype, n, repeats, small_bf16=small_bf16, calls=calls):
             calls.append((dtype, n))
             return 66.0 if dtype == torch.float32 else (small_bf16 if n == 256 else 500.0)
 

@@ -210,10 +210,11 @@ def stream_records(spec: str, split: str = "train", list_key: str | None = None)
 
 
 def _nonempty(items: Iterator[Item], spec: str) -> Iterator[Item]:
-    n = 0
-    for n, item in enumerate(items, 1):
+    empty = True
+    for item in items:
+        empty = False
         yield item
-    if n == 0:
+    if empty:
         raise DataError(f"{spec}: no records")
 
 

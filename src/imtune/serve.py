@@ -349,7 +349,8 @@ def make_app(served: Served) -> FastAPI:
         served.counts["prompt_tokens"] += len(job.ids)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": "imtune"}
-        usage = lambda n: {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
         if req.stream:
             return StreamingResponse(_sse(served, job, lock, pool, head, usage, req), media_type="text/event-stream")
         parts, final = [], None

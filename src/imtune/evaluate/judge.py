@@ -64,7 +64,7 @@ Now please rank the models by the quality of their answers, so that the model wi
 ]
 
 Your response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.
-<|im_end|>'''
+<|im_end|>'''  # noqa: E501 (verbatim upstream prompt)
 ALPACA_EVAL_MAX_TOKENS = 100  # alpaca_eval_gpt4/configs.yaml: completions_kwargs max_tokens 100, temperature 0
 
 
