@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from helpers import get
 from imtune.cli import main
 from imtune.evaluate.judge import (
     JudgeCache,
@@ -24,7 +25,6 @@ from imtune.evaluate.judge import (
     read_outputs,
 )
 from imtune.types import DataError
-from test_serve import get
 
 JUDGE = "judge-tiny"
 

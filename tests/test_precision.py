@@ -40,8 +40,8 @@ def test_explicit_choice_env_and_several_processes_skip_the_probe(measured, monk
 
 
 def test_the_choice_is_recorded_in_the_run_directory(tmp_path, measured, monkeypatch):
+    from helpers import tiny, write_conversations
     from imtune.train import train
-    from test_train import tiny, write_conversations
 
     monkeypatch.setattr(precision, "probe", lambda: (100.0, 50.0))
     run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", max_steps=1))

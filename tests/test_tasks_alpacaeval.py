@@ -8,11 +8,11 @@ import json
 import pytest
 
 from conftest import shared_file
+from helpers import get
 from imtune.cli import main
 from imtune.evaluate.judge import JudgeCache, cache_key, judge_messages
 from imtune.generate import GenerationConfig
 from imtune.tasks import run_benchmark
-from test_serve import get
 
 JUDGE = "judge-tiny"
 

@@ -9,11 +9,11 @@ import math
 import pytest
 
 from conftest import shared_file
+from helpers import get
 from imtune.cli import main
 from imtune.generate import GenerationConfig, generate
 from imtune.tasks import mtbench, run_benchmark
 from imtune.types import Message
-from test_serve import get
 
 JUDGE = "judge-tiny"
 
