@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.imtune-setup
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 # Installs go through uv (measured on the 2-core build machine from an empty venv: torch + every extra in ~60 s
 # against ~5 min with pip); pip does it where uv cannot be had. uv does not read pip's config, so the directory of
@@ -33,7 +33,10 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/imtune demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
 bench: setup

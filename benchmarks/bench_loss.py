@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, child_main, ratios  # noqa: E402
@@ -29,8 +28,8 @@ def main(hidden: int = 256, vocab: int = 49152, tokens: int = 2048, share: float
          threads: int = 2, repeats: int = 5, layers_params: int = 3_100_000) -> dict:
     import torch
 
-    from imtune.loss import weighted_nll
     from bench_variants import before_weighted_nll
+    from imtune.loss import weighted_nll
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -49,7 +48,8 @@ def main(hidden: int = 256, vocab: int = 49152, tokens: int = 2048, share: float
     ref = run(_sums(before_weighted_nll))
     new = run(_sums(weighted_nll))
     check = {"loss_rel_err": float((ref[0] - new[0]).abs() / ref[0].abs()),
-             "grad_w_max_err": float((ref[1] - new[1]).abs().max()), "grad_h_max_err": float((ref[2] - new[2]).abs().max())}
+             "grad_w_max_err": float((ref[1] - new[1]).abs().max()),
+             "grad_h_max_err": float((ref[2] - new[2]).abs().max())}
     assert check["loss_rel_err"] < 1e-5 and torch.allclose(ref[1], new[1], atol=1e-5) \
         and torch.allclose(ref[2], new[2], atol=1e-5), check
     sides = {"checkpointed": lambda _: run(_sums(before_weighted_nll)), "fused": lambda _: run(_sums(weighted_nll))}

@@ -219,7 +219,8 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
         examples, lengths, cfg, nparam = run.examples, run.lengths, run.model.config, n_params(run.model)
     attended = sum(n * n for n in lengths) / (2 * sum(lengths))  # token-weighted mean of half the example length
     out = {"model": model, "params": nparam, "flops_per_token": model_flops_per_token(cfg, nparam, attended),
-           "n_examples": len(examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan, "device": device,
+           "n_examples": len(examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan,
+           "device": device,
            "gpu": torch.cuda.get_device_name() if gpu else None,
            "trl": {"windows": trl_windows, "padding": trl_pad, "rows": len(trainer.train_dataset),
                    "settings": {**trl, "padding_free": trainer.padding_free, "optim": args.optim,

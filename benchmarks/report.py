@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 from common import ROOT, Spread
 
@@ -72,7 +71,7 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
         f"(other work shares these {m['cores']} cores: absolute figures are noisy, ratios much less) |")
     add(f"| repeats | {r['repeats']} |")
     add(f"| software | python {m['python']}, " + ", ".join(f"{k} {x}" for k, x in v.items()) + " |")
-    add(f"| GPU | none on this machine; the GPU figures (goal 6) come from a GPU session, section 6 |")
+    add("| GPU | none on this machine; the GPU figures (goal 6) come from a GPU session, section 6 |")
     add(f"| wall time | {r['wall_s'] / 60:.1f} min |\n")
 
     rows = []
@@ -197,7 +196,8 @@ def _train_section(trains: list[dict]) -> str:
          "Model FLOPs per token = 6·params + 6·layers·T·hidden (causal attention, T = half the mean example length); "
          "the lm-head is counted at every position although imtune only computes it at weighted ones, so the share "
          "measures useful work per second.\n",
-         "| model | params | examples | rows × max length (steps per window) | imtune tokens/s | TRL tokens/s | speed-up | "
+         "| model | params | examples | rows × max length (steps per window) | imtune tokens/s | TRL tokens/s "
+         "| speed-up | "
          "peak GFLOP/s | imtune share of peak | TRL share of peak | padding imtune / TRL |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in trains:
@@ -209,24 +209,27 @@ def _train_section(trains: list[dict]) -> str:
                  f"{sp([100 * x for x in t['trl_share'].values]).fmt('.0f', '%')} | "
                  f"{100 * t['imt_pad']:.1f}% / {100 * t['trl_pad']:.1f}% |")
     if any(t["extra"] for t in trains):
-        L.append("\nOther imtune sides, measured in the same process and repeats (benchmarks/bench_variants.py): `before` = "
+        L.append("\nOther imtune sides, measured in the same process and repeats (benchmarks/bench_variants.py): "
+                 "`before` = "
                  "imtune's loss and batching as they were before this issue (checkpointed chunked cross-entropy, "
                  "micro-batches without length grouping, AdamW's default foreach step instead of fused).\n")
         L.append("| model | side | tokens/s | vs TRL | vs imtune today | share of peak | padding |\n"
                  "|---|---|---|---|---|---|---|")
         for t in trains:
             for name, x in t["extra"].items():
-                L.append(f"| `{t['w']['model']}` | {name} | {x['tps'].fmt('.0f')} | {x['vs_trl'].fmt('.2f', '×')} | "
-                         f"{x['vs_imtune'].fmt('.2f', '×')} | {sp([100 * v for v in x['share'].values]).fmt('.0f', '%')}"
+                L.append(f"| `{t['w']['model']}` | {name} | {x['tps'].fmt('.0f')} | "
+                         f"{x['vs_trl'].fmt('.2f', '×')} | {x['vs_imtune'].fmt('.2f', '×')} | "
+                         f"{sp([100 * v for v in x['share'].values]).fmt('.0f', '%')}"
                          f" | {100 * x['padding']:.1f}% |")
     s = trains[0]["trl_settings"]
-    L.append(f"\nTRL settings used: packing={s['packing']} (bfd), padding_free={s['padding_free']}, optim={s['optim']}, "
+    L.append(f"\nTRL settings used: packing={s['packing']} (bfd), padding_free={s['padding_free']}, "
+             f"optim={s['optim']}, "
              f"torch_compile={s['torch_compile']}, attention={s['attn']}, fp32 (see 'TRL settings tried').\n")
     return "\n".join(L)
 
 
 def _memory_section(mem: dict) -> str:
-    L = [f"## 5. Memory\n",
+    L = ["## 5. Memory\n",
          f"One optimizer step on one packed row of {mem['imtune'][0]['tokens']} real tokens (max length "
          f"{mem['max_length']}), `{mem['model']}` (49,152-token vocabulary), each side in a fresh process; peak "
          "resident memory during the step (VmHWM reset right before it: model, optimizer state, everything "
@@ -291,7 +294,8 @@ def _analysis(r: dict) -> str:
         L.append(f"- **Data preparation, one batched tokenizer call + vectorised classes + GC paused while tokens are "
                  f"built** (`imtune.weights.encode/weigh`): time / tokenizer time "
                  f"{S(p['before_over_tokenizer']).median:.2f}× → {S(p['imtune_over_tokenizer']).median:.2f}× "
-                 f"(speed-up {S(p['speedup_vs_before']).fmt('.2f', '×')}). The per-example path it replaced was already "
+                 f"(speed-up {S(p['speedup_vs_before']).fmt('.2f', '×')}). The per-example path it replaced was "
+                 "already "
                  "batched at the tokenizer, so the gain is in the Python around it (offsets → arrays once, one "
                  "reduceat over all examples, no GC passes over millions of fresh tuples; the GC pause alone was "
                  "1.08× (1.03 – 1.23) in a separate A/B of 6 repeats at load 3)." +
@@ -308,7 +312,8 @@ def _analysis(r: dict) -> str:
         if b:
             L.append(f"- **Fused chunked weighted cross-entropy + length-grouped packed micro-batches** "
                      f"(`imtune.loss`, `imtune.pack`), `{t['w']['model']}`: {b['tps'].median:.0f} → "
-                     f"{t['imt_tps'].median:.0f} tokens/s (today / before {sp([1 / x for x in b['vs_imtune'].values]).fmt('.2f', '×')}); "
+                     f"{t['imt_tps'].median:.0f} tokens/s (today / before "
+                     f"{sp([1 / x for x in b['vs_imtune'].values]).fmt('.2f', '×')}); "
                      f"padding {100 * b['padding']:.1f}% → {100 * t['imt_pad']:.1f}%; FLOP share "
                      f"{100 * b['share'].median:.0f}% → {100 * t['share'].median:.0f}%.")
     if r.get("loss"):
@@ -414,7 +419,8 @@ def _gpu_figures() -> dict | None:
                              for w in r[side]["windows"]) * 1e9
     best = max(sweep, key=lambda x: x["tps"])
     return {"session": session, "runs": runs, "sweep": sweep, "fpt": fpt, "spec": spec, "peak": peak,
-            "best_tps": best["tps"], "best_mfu": best["tps"] * fpt / spec, "best_mfu_measured": best["tps"] * fpt / peak,
+            "best_tps": best["tps"], "best_mfu": best["tps"] * fpt / spec,
+            "best_mfu_measured": best["tps"] * fpt / peak,
             "alone": alone,
             "speed": sp([a["tokens_per_s"] / b["tokens_per_s"]
                          for a, b in zip(b4["imtune"]["windows"], b4["trl"]["windows"])])}
@@ -428,14 +434,17 @@ def _gpu_section(g: dict) -> str:
          f"{ses['notes']} `make bench` cannot re-run this part on the CPU build machine; the raw JSON, the "
          "commands and the sweep are in `benchmarks/gpu/`.\n",
          f"Model `random:1b` ({b4['params'] / 1e9:.2f}B parameters, llama, 49,152-token vocabulary), LIMA "
-         f"conversations that fit 2048 tokens ({b4['n_examples']}), packed rows of 2048, bf16 autocast over fp32 master "
+         f"conversations that fit 2048 tokens ({b4['n_examples']}), packed rows of 2048, bf16 autocast over fp32 "
+         "master "
          f"weights on both sides. Model FLOPs per token {fpt / 1e9:.2f} GFLOP (6·params + causal attention); MFU = "
          f"tokens/s × that / {spec / 1e12:.0f} TFLOP/s (the H100 SXM's dense bf16 spec); in brackets the share of "
          f"the bf16 matmul peak measured in the same run (median {g['peak'] / 1e12:.0f} TFLOP/s, 8192³).\n",
          "**imtune vs TRL, same process, sides alternating window by window** (4 rows × 2048 per micro-batch, 8 steps "
-         "per window after a 3-step warm-up; the first measured window was still slow for both sides). TRL: `SFTTrainer`, packing (bfd) → padding-free, fused AdamW, SDPA "
+         "per window after a 3-step warm-up; the first measured window was still slow for both sides). "
+         "TRL: `SFTTrainer`, packing (bfd) → padding-free, fused AdamW, SDPA "
          "(flash-attn unavailable); imtune: SDPA, default AdamW (this run predates fused AdamW in imtune).\n",
-         "| window | imtune tokens/s | TRL tokens/s | imtune / TRL | imtune MFU | TRL MFU |", "|---|---|---|---|---|---|"]
+         "| window | imtune tokens/s | TRL tokens/s | imtune / TRL | imtune MFU | TRL MFU |",
+         "|---|---|---|---|---|---|"]
     for i, (a, b) in enumerate(zip(b4["imtune"]["windows"], b4["trl"]["windows"])):
         tag = ""
         L.append(f"| {i + 1}{tag} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
@@ -447,7 +456,8 @@ def _gpu_section(g: dict) -> str:
              f"{100 * b4['imtune']['padding']:.1f}%, TRL {100 * b4['trl']['padding']:.1f}% (padding-free).\n")
     L.append("**imtune settings, one process each** (median tokens/s of steps 5 onwards from metrics.jsonl; fused "
              "AdamW):\n")
-    L.append("| setting | flags | tokens/s median (min – max) | MFU (spec) | share of measured peak |\n|---|---|---|---|---|")
+    L.append("| setting | flags | tokens/s median (min – max) | MFU (spec) | share of measured peak |\n"
+             "|---|---|---|---|---|")
     for x in g["sweep"]:
         L.append(f"| {x['name']} | `{x['flags']}` | {x['tps']:.0f} ({x['min']:.0f} – {x['max']:.0f}) | "
                  f"{100 * x['tps'] * fpt / spec:.1f}% | {100 * x['tps'] * fpt / g['peak']:.0f}% |")
@@ -489,11 +499,13 @@ def _issue6_section(demo: dict | None) -> str:
         L.append(f"**`make demo`'s work** (`imtune demo --fresh`: SmolLM2-135M-Instruct, synthetic `rule` data, IT and "
                  f"IM trained from scratch, evaluated, report written), timed in this run: **{demo['wall_s'] / 60:.1f} "
                  f"min** wall ({verdict(ok)}: budget 6 min), load average {demo['load_before'][0]:.1f} before and "
-                 f"{demo['load_after'][0]:.1f} after. `make demo` on a fresh clone, `make setup` included, measured by hand "
+                 f"{demo['load_after'][0]:.1f} after. `make demo` on a fresh clone, `make setup` included, measured "
+                 "by hand "
                  "(2026-11-23, `git clone main demo-check && cd demo-check && time make demo`): 4 min 11 s wall, of "
                  "which the demo 186 s (pip's cache warm and the default model already converted in "
                  "~/.cache/imtune; a first conversion adds 20 s, measured with an empty IMTUNE_CACHE).\n")
-        L.append("| arm | train output loss | held-out output loss | gap | held-out exact match |\n|---|---|---|---|---|")
+        L.append("| arm | train output loss | held-out output loss | gap | held-out exact match |\n"
+                 "|---|---|---|---|---|")
         for name, a in demo["arms"].items():
             em = "" if a.get("exact_match") is None else f"{100 * a['exact_match']:.1f}%"
             L.append(f"| {name} | {a['train_output_loss']:.4f} | {a['heldout_output_loss']:.4f} | {a['gap']:+.4f} | "

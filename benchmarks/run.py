@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-from common import ROOT, Spread, load, machine, ratios, run_child, versions  # noqa: E402
+from common import ROOT, load, machine, run_child, versions  # noqa: E402
 
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 
@@ -27,7 +26,8 @@ TRAIN = [
     dict(model="random:smollm2-135m", max_length=256, batch_size=2, grad_accum=1, window=2),
 ]
 TRL_BEST = dict(packing=True, optim="adamw_torch_fused")  # TRL's fastest CPU settings here (BENCHMARKS.md)
-# Extra imtune side (benchmarks/bench_variants.py): the code before issue 7's changes to loss.py, pack.py and the optimizer.
+# Extra imtune side (benchmarks/bench_variants.py): the code before issue 7's changes to loss.py, pack.py and the
+# optimizer.
 VARIANTS = {"before": ["before_loss", "before_batches", "before_adamw"]}
 
 
@@ -97,7 +97,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one repeat, the small model only (a smoke test)")
     p.add_argument("--only", default="prep,train,memory,loss,demo",
-                   help="comma-separated parts: prep, train, memory, loss, demo (make demo's work, timed); and trl_settings, not run by default: "
+                   help="comma-separated parts: prep, train, memory, loss, demo (make demo's work, timed); "
+                        "and trl_settings, not run by default: "
                         "TRL's CPU configurations against imtune, written to benchmarks/trl_settings.json and "
                         "shown in BENCHMARKS.md by later runs")
     p.add_argument("--repeats", type=int, default=3)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import metrics, tiny, write_conversations
 from imtune import checkpoint as ckpt
-from test_train import metrics, tiny, write_conversations
 
 
 def test_save_is_atomic_and_resume_trusts_only_complete_checkpoints(tmp_path):

@@ -71,11 +71,11 @@ def check_report_matches_files(out: Path) -> dict:
                              f"{rec['eval_output_loss']:.4f}"])
     assert [[r[0], r[1], r[2], r[4], r[5]] for r in points[1:]] == expected
     training = next(t for k, t in tables.items() if k.startswith("arm / seed / steps"))
-    for row, (arm, run) in zip(training[1:], runs):
+    for row, (_arm, run) in zip(training[1:], runs):
         last = read_metrics(out / run["dir"])[-1]
         assert row[2] == str(last["step"]) and row[6] == f"{last['loss_output']:.4f}"
     # The final held-out loss of the saved model equals the trainer's last eval point (same examples, same mask).
-    for arm, run in runs:
+    for _arm, run in runs:
         last_eval = read_metrics(out / run["dir"], kind="eval")[-1]
         assert run["results"]["heldout"]["output_loss"] == pytest.approx(last_eval["eval_output_loss"], rel=1e-4)
     # The arm's numbers are the means over its seeds.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from conftest import shared_file
-
 from imtune.cli import main
 
 JUDGE = "judge-tiny"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import metrics, tiny, write_conversations
+from helpers import metrics, tiny, write_conversations
 
 
 @pytest.mark.slow

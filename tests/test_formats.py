@@ -2,7 +2,7 @@
 import pytest
 
 from imtune.formats import CANONICAL_FIELDS, FORMATS, detect, to_conversation
-from imtune.types import Message, Where
+from imtune.types import Where
 
 HERE = Where("t.jsonl", 3, 2)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import metrics, tiny, write_conversations
 from imtune import guard
 from imtune.config import TrainConfig
 from imtune.types import UsageError
-from test_train import metrics, tiny, write_conversations
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -8,11 +8,22 @@ import json
 import math
 
 import pytest
-from test_serve import get
 
+from helpers import get
 from imtune.cli import main
-from imtune.evaluate.judge import (JudgeCache, JudgeClient, JudgeError, cache_key, chat_url, head2head,
-                                   judge_messages, pair_preference, pair_up, parse_ranking, read_outputs)
+from imtune.evaluate.judge import (
+    JudgeCache,
+    JudgeClient,
+    JudgeError,
+    cache_key,
+    chat_url,
+    head2head,
+    judge_messages,
+    pair_preference,
+    pair_up,
+    parse_ranking,
+    read_outputs,
+)
 from imtune.types import DataError
 
 JUDGE = "judge-tiny"

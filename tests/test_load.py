@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from imtune.load import FORMATS, LoadResult, load_conversations, parse_fields
 from imtune.types import DataError, UsageError, Where

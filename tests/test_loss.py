@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imtune import forward
-from imtune import loss as L
+from imtune import forward, loss as L
 from imtune.pack import collate, model_inputs
 from imtune.types import CLASSES, TokenizedExample, Where
 

@@ -1,8 +1,7 @@
 """imtune.pack: bin packing invariants, collate layout, and packed == one example at a time on a real model."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from imtune.forward import embed, hidden_states, lm_head
 from imtune.loss import weighted_nll

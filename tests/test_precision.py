@@ -40,8 +40,7 @@ def test_explicit_choice_env_and_several_processes_skip_the_probe(measured, monk
 
 
 def test_the_choice_is_recorded_in_the_run_directory(tmp_path, measured, monkeypatch):
-    from test_train import tiny, write_conversations
-
+    from helpers import tiny, write_conversations
     from imtune.train import train
 
     monkeypatch.setattr(precision, "probe", lambda: (100.0, 50.0))
@@ -58,7 +57,7 @@ def test_probe_skips_the_large_bf16_products_when_bf16_is_far_slower(monkeypatch
     for small_bf16, want_calls in ((1.0, 2), (60.0, 3)):
         calls = []
 
-        def fake(dtype, n, repeats, small_bf16=small_bf16):
+        def fake(dtype, n, repeats, small_bf16=small_bf16, calls=calls):
             calls.append((dtype, n))
             return 66.0 if dtype == torch.float32 else (small_bf16 if n == 256 else 500.0)
 

@@ -6,11 +6,11 @@ import gzip
 import json
 
 import pytest
-from conftest import SHARED
 
-from imtune.tasks import read_rows, score_samples
+from conftest import SHARED
 from imtune.evaluate.judge import read_outputs
 from imtune.load import read_records
+from imtune.tasks import read_rows, score_samples
 from imtune.types import DataError, Problem
 
 ODD = "line one\u2028still one\u2029and \u0085 \x1c\x1d\x1e \r alone"  # every separator str.splitlines() splits on
@@ -45,7 +45,7 @@ def test_bench_samples_array_error_names_the_element_line(tmp_path):
         pytest.skip(f"{data} is absent")
     path = tmp_path / "samples.json"
     path.write_text('[{"index": 0, "completion": "#### 18"},\n {"completion": "2"}]', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"samples\.json:2: index"):
+    with pytest.raises(DataError, match=r"samples\.json:2: index"):
         score_samples("gsm8k", str(path), str(data))
 
 

@@ -127,7 +127,8 @@ def test_report_files_come_from_the_directory(tmp_path):
     md, page = write_report(d)
     text = md.read_text()
     assert "| it | 0.2000 | 0.6000 | 0.4000 |" in text and "| im | 0.3500 | 0.4900 | 0.1400 |" in text
-    assert "| it | 42 | 0 | 0.00 | 0.2200 | 0.8000 | 0.5800 |" in text  # the eval points of metrics.jsonl (arm, seed, ...)
+    # the eval points of metrics.jsonl (arm, seed, ...)
+    assert "| it | 42 | 0 | 0.00 | 0.2200 | 0.8000 | 0.5800 |" in text
     assert "imtune compare --data f.jsonl" in text and "loss: im" in text
     assert "recommendation" in text and "What this can and cannot show" in text
     html = page.read_text()

@@ -4,59 +4,18 @@ with OpenAI error bodies, bodies that never arrive, control tokens in content, a
 from __future__ import annotations
 
 import json
-import selectors
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 
+from helpers import get, serving  # conftest imports serving from here
+
 NAME = "tiny-test"
-
-
-@contextmanager
-def serving(model: str = "random:tiny", *extra: str, timeout: float = 180.0):
-    """Start `imtune serve MODEL --port 0` as a subprocess; yield (process, base URL ending in /v1, stderr file).
-    The process is always stopped (SIGTERM, then SIGKILL) on exit."""
-    err = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "imtune.cli", "serve", model, "--port", "0", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        url, deadline = None, time.time() + timeout
-        while url is None:
-            if proc.poll() is not None or time.time() > deadline:
-                err.seek(0)
-                raise RuntimeError(f"imtune serve did not start (rc {proc.poll()}): {err.read()[-2000:]}")
-            if sel.select(timeout=1.0):
-                line = proc.stdout.readline()
-                if "listening on " in line:
-                    url = line.split("listening on ", 1)[1].strip()
-        yield proc, url, err
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
-        err.close()
-
-
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        return json.loads(r.read())
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -182,7 +141,7 @@ def _raw(url: str, request: bytes, wait: float = 15.0) -> bytes:
         while True:
             try:
                 part = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not part:
                 break

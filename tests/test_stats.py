@@ -50,7 +50,7 @@ def test_words_mode_by_hand():
     assert s["roles"] == {"system": 1, "user": 5, "assistant": 5}
     # instruction [3, 2, 2, 9]: #3 = system (1 + 2) + user (1 + 2) + user (1 + 2)
     ins = np.array([3, 2, 2, 9])
-    assert s["instruction"] == pytest.approx({"mean": 4.0, "std": math.sqrt(((1 + 4 + 4 + 25) / 4)), "median": 2.5,
+    assert s["instruction"] == pytest.approx({"mean": 4.0, "std": math.sqrt((1 + 4 + 4 + 25) / 4), "median": 2.5,
                                               "mode": 2, "p90": 3 + 0.7 * 6, "max": 9})
     assert s["instruction"]["std"] == pytest.approx(ins.std())
     # output [2, 3, 3, 6]: #3 = (1 + 2) + (1 + 2)

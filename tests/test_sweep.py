@@ -7,10 +7,9 @@ import random
 import pytest
 import torch
 
+from helpers import WORDS
 from imtune.cli import main
 from imtune.config import TrainConfig
-
-WORDS = "alpha beta gamma delta river stone light cloud seven green quick table music paper north".split()
 
 
 def _data(path, n: int, seed: int = 0) -> str:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_file
-from test_serve import get
 
-from imtune.tasks import run_benchmark
+from conftest import shared_file
+from helpers import get
 from imtune.cli import main
 from imtune.evaluate.judge import JudgeCache, cache_key, judge_messages
 from imtune.generate import GenerationConfig
+from imtune.tasks import run_benchmark
 
 JUDGE = "judge-tiny"
 
@@ -42,7 +42,8 @@ def test_alpacaeval_end_to_end(judge_url, tmp_path):
     seeded = JudgeCache(cache)  # pair 0 as a good judge would rank it in both orders: the reference wins
     model_1_first = "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]"
     model_2_first = "[{'model': 'model_1', 'rank': 2}, {'model': 'model_2', 'rank': 1}]"
-    for a, b, reply in [(refs[0]["output"], first_answer, model_1_first), (first_answer, refs[0]["output"], model_2_first)]:
+    for a, b, reply in [(refs[0]["output"], first_answer, model_1_first),
+                        (first_answer, refs[0]["output"], model_2_first)]:
         seeded.put(cache_key(JUDGE, judge_messages(refs[0]["instruction"], a, b)), JUDGE, reply)
     seeded.close()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.tasks import bbh, score_samples
 from imtune.cli import main
+from imtune.tasks import bbh, score_samples
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BBH = DATA / "eval" / "bbh"
@@ -43,7 +43,7 @@ def test_every_prompt_file_has_three_exemplars_in_the_targets_form():
         assert shots.description and len(shots.exemplars) == 3, task
         targets = [e["target"] for e in json.loads((BBH / f"{task}.json").read_text())["examples"]]
         multiple_choice = bbh.CHOICE.fullmatch(targets[0]) is not None
-        for question, chain, answer in shots.exemplars:
+        for _question, chain, answer in shots.exemplars:
             assert chain.startswith("Let's think step by step.") and "So the answer is" in chain
             assert (bbh.CHOICE.fullmatch(answer) is not None) == multiple_choice, (task, answer)
     cot = bbh.prompt("Is it?", bbh.read_shots(BBH / "cot-prompts" / "navigate.txt"), cot=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.tasks import gsm8k, score_samples
 from imtune.cli import main
+from imtune.tasks import gsm8k, score_samples
 from imtune.types import DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

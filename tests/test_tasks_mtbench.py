@@ -7,12 +7,12 @@ import json
 import math
 
 import pytest
-from conftest import shared_file
-from test_serve import get
 
-from imtune.tasks import mtbench, run_benchmark
+from conftest import shared_file
+from helpers import get
 from imtune.cli import main
 from imtune.generate import GenerationConfig, generate
+from imtune.tasks import mtbench, run_benchmark
 from imtune.types import Message
 
 JUDGE = "judge-tiny"
@@ -68,7 +68,8 @@ def test_mtbench_end_to_end(data, tmp_path, judge_server):
 
     subset = tmp_path / "mt_bench"
     subset.mkdir()
-    lines = [ln for ln in open(f"{data}/question.jsonl", encoding="utf-8") if json.loads(ln)["question_id"] in (81, 111)]
+    with open(f"{data}/question.jsonl", encoding="utf-8") as f:
+        lines = [ln for ln in f if json.loads(ln)["question_id"] in (81, 111)]
     (subset / "question.jsonl").write_text("".join(lines))
     for name in ("reference_answer_gpt-4.jsonl", "judge_prompts.jsonl"):
         (subset / name).symlink_to(f"{data}/{name}")

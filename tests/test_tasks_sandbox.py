@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.tasks.sandbox import SandboxUnavailable, run_programs
 from imtune.cli import main
+from imtune.tasks.sandbox import SandboxUnavailable, run_programs
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from imtune.templates import TEMPLATES, Renderer
 from imtune.types import Conversation, Message, UsageError, Where
-
 from test_weights import SIMPLE, conversations
 
 
@@ -132,8 +130,8 @@ def test_bounded_rendering_matches_transformers(tok):
                                                                       add_generation_prompt=True)
 
 
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context."
-                     " Write a response that appropriately completes the request.\n\n"
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")

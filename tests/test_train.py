@@ -5,39 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 
 import pytest
 import torch
 
+# helpers.py holds these; test modules that import them from test_train (test_integrations_hf) keep working.
+from helpers import metrics, tiny, write_conversations
 from imtune.config import TrainConfig, add_train_arguments
 from imtune.types import UsageError
-
-WORDS = "alpha beta gamma delta river stone light cloud seven green quick table music paper north".split()
-
-
-def write_conversations(path, n: int, seed: int = 0):
-    """n short conversations (some with a system prompt, some two-turn) as messages JSONL."""
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            msgs = [{"role": "system", "content": "You are terse."}] if i % 3 == 0 else []
-            for _ in range(1 + (i % 4 == 0)):
-                msgs.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 20)))})
-                msgs.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 20)))})
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return str(path)
-
-
-def tiny(data, out, **kw) -> TrainConfig:
-    base = dict(model="random:tiny", data=str(data), output_dir=str(out), loss="im", max_length=128, lr=1e-3,
-                warmup_ratio=0.0, progress=False, threads=1)
-    return TrainConfig(**{**base, **kw})
-
-
-def metrics(run, kind="train"):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("type") == kind]
 
 
 # -- config ------------------------------------------------------------------------------------------------------
@@ -191,9 +166,9 @@ def test_weighted_kl_matches_full_logits():
 
 def test_neftune_only_while_training(tmp_path):
     from imtune.models import load_model, load_tokenizer
+    from imtune.objective import Objective
     from imtune.pack import collate
     from imtune.prepare import prepare_examples
-    from imtune.objective import Objective
     from imtune.train import batch_args
     from imtune.weights import loss_spec
 
@@ -315,8 +290,8 @@ def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeyp
 def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
     """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
     objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""
-    from imtune.train import compile_layers, train
     from imtune.models import load_model
+    from imtune.train import compile_layers, train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     losses = {}

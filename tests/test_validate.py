@@ -49,8 +49,8 @@ CORPUS = {
                       lines(OK_ALPACA) + b'{"instruction": "caf\xe9", "output": "o"}\n' + lines(OK_ALPACA),
                       ["utf8.jsonl:2: invalid UTF-8 (byte 0xe9 at column 21)"], [0, 2]),
     "JSON array, bad element on line 6": ("arr.json", (
-        '[\n  {"instruction": "i",\n   "output": "o"},\n\n  {"instruction": "i2", "output": "o2"},\n'
-        '  {\n    "instruction": "i3"\n  },\n  {"instruction": "i4", "output": "o4"}\n]\n').encode(),
+        b'[\n  {"instruction": "i",\n   "output": "o"},\n\n  {"instruction": "i2", "output": "o2"},\n'
+        b'  {\n    "instruction": "i3"\n  },\n  {"instruction": "i4", "output": "o4"}\n]\n'),
         ["arr.json:6: output: missing"], [0, 1, 3]),
     "CSV with an empty cell": ("cells.csv", b'instruction,input,output\ni,,o\n"multi\nline",x,\ni3,,o3\n',
                                ["cells.csv:3: output: empty text"], [0, 2]),

@@ -185,7 +185,8 @@ def verify(ckpt: Path) -> str | None:
             return f"{name}: missing"
         size = f.stat().st_size
         if size != want["bytes"]:
-            return f"{name}: {size:,} bytes, expected {want['bytes']:,}" + (" (truncated)" if size < want["bytes"] else "")
+            truncated = " (truncated)" if size < want["bytes"] else ""
+            return f"{name}: {size:,} bytes, expected {want['bytes']:,}{truncated}"
         if sha256_file(f) != want["sha256"]:
             return f"{name}: checksum mismatch (the file changed after it was written)"
     return None

@@ -117,7 +117,7 @@ class Scan:
 def format_findings(findings: dict) -> list[str]:
     """Lines for the text report: one per finding that occurs."""
     lines = []
-    for name, f in findings.items():
+    for f in findings.values():
         if f["count"]:
             more = ", ..." if f["count"] > len(f["first"]) else ""
             lines.append(f"  finding: {f['count']:,} {f['what']} (first: {', '.join(f['first'])}{more})")

@@ -21,8 +21,9 @@ assistant); any other spelling is mapped with a role map, `--role bot=assistant,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import validate
 from .types import ROLES, Conversation, Message, Problem, Where
@@ -321,7 +322,8 @@ class Survey:
         notes = []
         for (used_key, other), n in self.differ.items():
             canonical = next(c for c in FORMATS[self.format].fields if key(c) == used_key)
-            switch = f"leave out --field {canonical}={used_key}" if other == canonical else f"--field {canonical}={other}"
+            switch = (f"leave out --field {canonical}={used_key}" if other == canonical
+                      else f"--field {canonical}={other}")
             notes.append(f"{other} differs from {used_key} in {n:,} of the {self.both[(used_key, other)]:,} records "
                          f"that have both; {used_key} was used and {other} ignored (to train on {other}: {switch})")
         return Understood(self.format, detected, mapping, ignored, tuple(notes))

@@ -23,10 +23,11 @@ import io
 import json
 import re
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .formats import CANONICAL_FIELDS, FORMATS, Survey, Understood, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
@@ -209,10 +210,11 @@ def stream_records(spec: str, split: str = "train", list_key: str | None = None)
 
 
 def _nonempty(items: Iterator[Item], spec: str) -> Iterator[Item]:
-    n = 0
-    for n, item in enumerate(items, 1):
+    empty = True
+    for item in items:
+        empty = False
         yield item
-    if n == 0:
+    if empty:
         raise DataError(f"{spec}: no records")
 
 

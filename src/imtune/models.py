@@ -179,7 +179,6 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
     """A causal LM for a spec. `dtype` a torch dtype (None: the checkpoint's, fp32 for random)."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     src = resolve(spec)

@@ -34,7 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,7 +61,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... : harmless
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -75,7 +75,7 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: dict | None = None
-    stop: Union[str, list[str], None] = Field(None)
+    stop: str | list[str] | None = Field(None)
     seed: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -349,7 +349,8 @@ def make_app(served: Served) -> FastAPI:
         served.counts["prompt_tokens"] += len(job.ids)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": "imtune"}
-        usage = lambda n: {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(job.ids), "completion_tokens": n, "total_tokens": len(job.ids) + n}
         if req.stream:
             return StreamingResponse(_sse(served, job, lock, pool, head, usage, req), media_type="text/event-stream")
         parts, final = [], None

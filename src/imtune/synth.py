@@ -33,9 +33,9 @@ from __future__ import annotations
 import functools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .types import Conversation, Message, UsageError, Where
 

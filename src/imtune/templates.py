@@ -9,12 +9,12 @@ is exactly what the template renders. Spans are then exact by construction; a te
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .template_bounds import TemplateLimit, compile_bounded
-from .types import Conversation, Message, Rendered, Span, UsageError, Where
+from .types import Conversation, Message, Rendered, Span, UsageError
 
 # Bounds on one render of a Jinja template (templates are untrusted code: see imtune.template_bounds).
 RENDER_SECONDS = 10.0

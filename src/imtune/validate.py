@@ -12,7 +12,8 @@ several problems and each reads `path:line: field: what is wrong, what to do`. T
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .types import ROLES, Conversation, Problem
 

@@ -57,15 +57,17 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples (bbh, harness: per task)")
     add_template_args(p)
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="default: gsm8k 256, bbh 32 (--cot 512), humaneval 512")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: gsm8k 256, bbh 32 (--cot 512), humaneval 512")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="OUT", help="write the result (JSON) to OUT")
-    o.add_argument("--out", default=None, metavar="DIR", help="folder for LABEL.json/.samples.jsonl/.md (default: RUN/eval for a run "
-                                                            "directory, else imtune-bench/NAME)")
+    o.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for LABEL.json/.samples.jsonl/.md (default: RUN/eval for a run directory, "
+                        "else imtune-bench/NAME)")
     b = p.add_argument_group("benchmark options")
     b.add_argument("--shots", type=int, default=8, help="gsm8k: chain-of-thought exemplars (0-8)")
     b.add_argument("--cot", action="store_true", help="bbh: 3-shot chain of thought (default: answer-only)")
@@ -123,7 +125,8 @@ def run(args) -> int:
     if not args.data:
         raise UsageError(f"{args.name}: --data PATH is required, e.g. ../shared/data/eval/"
                          + {"gsm8k": "gsm8k_test.jsonl", "bbh": "bbh", "humaneval": "HumanEval.jsonl.gz",
-                            "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json", "mtbench": "mt_bench"}[args.name])
+                            "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json",
+                            "mtbench": "mt_bench"}[args.name])
     if args.samples:
         out = Path(args.out) if args.out else None
         result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)

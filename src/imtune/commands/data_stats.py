@@ -12,8 +12,15 @@ import json
 from pathlib import Path
 
 from ..runlog import say
-from .common import (add_data_args, add_length_args, add_model_args, add_system_prompt_arg, add_template_args,
-                     fields_from, roles_from)
+from .common import (
+    add_data_args,
+    add_length_args,
+    add_model_args,
+    add_system_prompt_arg,
+    add_template_args,
+    fields_from,
+    roles_from,
+)
 
 
 def add_arguments(p) -> None:

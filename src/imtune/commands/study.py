@@ -58,8 +58,9 @@ def settings_from(args):
     if args.family and given:
         raise UsageError("give --family F or --data FILE, not both")
     if not (args.family or given):
-        raise UsageError(f"--factor {args.factor} needs " + ("--family F (it varies `imtune data synth --ratio`)"
-                                                             if args.factor == "ratio" else "--data FILE or --family F"))
+        need = ("--family F (it varies `imtune data synth --ratio`)" if args.factor == "ratio"
+                else "--data FILE or --family F")
+        raise UsageError(f"--factor {args.factor} needs {need}")
     base = TrainConfig.from_args(args)
     if args.family:
         base = base.replace(data="synthetic")  # a placeholder: every value trains on its own written files

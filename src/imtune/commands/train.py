@@ -12,10 +12,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import TrainConfig
-    from ..train import train
-
-    from ..weights import loss_spec, weight_warnings
     from ..runlog import say
+    from ..train import train
+    from ..weights import loss_spec, weight_warnings
 
     cfg = TrainConfig.from_args(args)
     for w in weight_warnings(loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)):

@@ -64,7 +64,7 @@ Now please rank the models by the quality of their answers, so that the model wi
 ]
 
 Your response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.
-<|im_end|>'''
+<|im_end|>'''  # noqa: E501 (verbatim upstream prompt)
 ALPACA_EVAL_MAX_TOKENS = 100  # alpaca_eval_gpt4/configs.yaml: completions_kwargs max_tokens 100, temperature 0
 
 
@@ -281,7 +281,7 @@ def pair_up(outputs: list[dict], references: list[dict], limit: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def ask_all(prompts: dict[str, list[dict]], client: "JudgeClient", cache: "JudgeCache", workers: int = 4,
+def ask_all(prompts: dict[str, list[dict]], client: JudgeClient, cache: JudgeCache, workers: int = 4,
             progress: bool = False) -> tuple[dict[str, str], int]:
     """Replies to every prompt (keyed by cache_key): cached ones from the cache, the rest asked `workers` at a time
     and cached as they arrive (an interrupted run keeps its work). Also the number of requests sent."""

@@ -119,7 +119,8 @@ def evaluate_run(run: RunDir | None, model=None, tokenizer=None, *, train: DataS
     train / heldout: AS_TRAINED (default) = the run's own data (config `data` / `eval_data`) read exactly as
     training read it (at most `limit` conversations); a DataSet = that data; None = that side is not scored.
     scoring: None = the run's (template, system prompt, max_length, truncation, special tokens).
-    model / tokenizer: None = RUN/final's (loaded on the CPU: pass `model` placed elsewhere). loss=False only reads the data sets (for generation without loss).
+    model / tokenizer: None = RUN/final's (loaded on the CPU: pass `model` placed elsewhere). loss=False only reads
+    the data sets (for generation without loss).
     per_example=True adds each set's per-example output sums (loss["per_example"], for the intervals of compare)."""
     from .loss import evaluate_loss, gap
 

@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from ..types import UsageError
 
@@ -255,7 +255,7 @@ def _probe(bwrap: str) -> str:
     return "" if outcome.passed else str(outcome)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn(message: str) -> None:
     print(message, file=sys.stderr)
 

@@ -1,0 +1,81 @@
+"""Helpers that several test modules share: a small training set and config (test_train, test_checkpoint,
+test_distributed, test_guard, test_precision, test_integrations_hf) and a real `imtune serve` process with a GET
+client (test_serve, test_judge, test_tasks_alpacaeval, test_tasks_mtbench, conftest). Not a test module: pytest
+collects nothing here, and importing it runs no test module's top level."""
+from __future__ import annotations
+
+import json
+import random
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+
+from imtune.config import TrainConfig
+
+WORDS = "alpha beta gamma delta river stone light cloud seven green quick table music paper north".split()
+
+
+def write_conversations(path, n: int, seed: int = 0):
+    """n short conversations (some with a system prompt, some two-turn) as messages JSONL."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            msgs = [{"role": "system", "content": "You are terse."}] if i % 3 == 0 else []
+            for _ in range(1 + (i % 4 == 0)):
+                msgs.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 20)))})
+                msgs.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(2, 20)))})
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return str(path)
+
+
+def tiny(data, out, **kw) -> TrainConfig:
+    base = dict(model="random:tiny", data=str(data), output_dir=str(out), loss="im", max_length=128, lr=1e-3,
+                warmup_ratio=0.0, progress=False, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run, kind="train"):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("type") == kind]
+
+
+@contextmanager
+def serving(model: str = "random:tiny", *extra: str, timeout: float = 180.0):
+    """Start `imtune serve MODEL --port 0` as a subprocess; yield (process, base URL ending in /v1, stderr file).
+    The process is always stopped (SIGTERM, then SIGKILL) on exit."""
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, "-m", "imtune.cli", "serve", model, "--port", "0", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        url, deadline = None, time.time() + timeout
+        while url is None:
+            if proc.poll() is not None or time.time() > deadline:
+                err.seek(0)
+                raise RuntimeError(f"imtune serve did not start (rc {proc.poll()}): {err.read()[-2000:]}")
+            if sel.select(timeout=1.0):
+                line = proc.stdout.readline()
+                if "listening on " in line:
+                    url = line.split("listening on ", 1)[1].strip()
+        yield proc, url, err
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+        err.close()
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
