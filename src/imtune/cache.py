@@ -1,6 +1,6 @@
 """A disk cache for the expensive half of data preparation: rendered texts -> token ids and classes.
 
-What is stored is weights.Encoded (ids, classes, history flags, lengths) — everything tokenisation produces, before
+What is stored is tokenize.Encoded (ids, classes, history flags, lengths) — everything tokenisation produces, before
 the loss mode's table, truncation and dropping are applied (weights.weigh, milliseconds). So a second run on unchanged
 data never calls the tokenizer, and neither does a second loss mode on the same data (`imtune compare --arms it,im`).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .types import CLASS_ID, Rendered
-from .weights import Encoded, encode
+from .tokenize import Encoded, encode
 
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
@@ -129,8 +129,8 @@ def _prune(d: Path) -> None:
 
 def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
                   split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split") -> tuple[Encoded, str]:
-    """weights.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
-    `split` follows from the texts, the tokenizer and `policy` (weights.content_policy), so the key holds the policy."""
+    """tokenize.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
+    `split` follows from the texts, the tokenizer and `policy` (tokenize.content_policy), so the key holds the policy."""
     if not (use_cache and enabled()) or sum(len(r.text) for r in rendered) < MIN_CHARS:
         return encode(rendered, tokenizer, split), "off"
     path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"

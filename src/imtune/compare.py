@@ -264,10 +264,9 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     import numpy as np
 
     from .models import load_tokenizer
-    from .prepare import load
+    from .prepare import load, prepare_examples
     from .stats import dataset_stats
-    from .templates import Renderer
-    from .weights import loss_spec, tokenize
+    from .weights import loss_spec
 
     b = s.base
     if not b.data:
@@ -291,12 +290,11 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     if not heldout:
         raise UsageError(f"{b.eval_data}: no held-out examples")
     tok = load_tokenizer(b.model)
-    renderer = Renderer(b.template, tok)
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
-    examples, report = tokenize([renderer.render(c) for c in train], tok, loss_spec("it"), b.max_length,
-                                b.truncation)
-    kept = {e.source for e in examples}
+    prep = prepare_examples(train, tok, loss_spec("it"), b.template, b.max_length, b.truncation, on_invalid="skip")
+    renderer, report = prep.renderer, prep.report
+    kept = set(prep.examples.sources)
     dropped = [str(c.source) for c in train if c.source not in kept]
     train = [c for c in train if c.source in kept]
     if dropped:

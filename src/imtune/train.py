@@ -361,7 +361,7 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     from .models import load_tokenizer
-    from .pack import make_batches
+    from .pack import lengths_of, make_batches
     from .prepare import prepare_examples
     from .weights import loss_spec
 
@@ -395,7 +395,7 @@ def setup(cfg: TrainConfig) -> Run:
     examples = per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
     run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
               precision=prec)
-    run.lengths = [len(e) for e in examples]
+    run.lengths = lengths_of(examples)
     run.ex_weight = step_normalisers(examples, cfg.normalize)
     run.fingerprint = fingerprint(examples)
     run.eval_sets = eval_sets(cfg, prep, tok, make_batches)
@@ -576,34 +576,33 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, kind=cfg.lr_schedule))
 
 
-def step_normalisers(examples: list, normalize: str) -> list[float]:
+def step_normalisers(examples, normalize: str) -> list[float]:
     """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
     Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
-    those tokens with w > 0. float32 weights, as collate makes them."""
+    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
     import numpy as np
 
+    w32, bounds = examples.weights.astype(np.float32), examples.bounds.tolist()
     if normalize == "nonzero":
-        return [float(np.count_nonzero(np.asarray(e.weights[1:], dtype=np.float32))) for e in examples]
-    return [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
+        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def per_sequence(examples: list) -> list:
+def per_sequence(examples):
     """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
-    import dataclasses
-
     import numpy as np
 
-    out = []
-    for e in examples:
-        w = np.asarray(e.weights, dtype=np.float64)
-        out.append(dataclasses.replace(e, weights=(w / w[1:].sum()).tolist()))
-    return out
+    w, bounds = examples.weights, examples.bounds.tolist()
+    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
+    return examples.with_weights(w / np.repeat(sums, examples.lengths))
 
 
-def fingerprint(examples: list) -> str:
+def fingerprint(examples) -> str:
+    """A hash of every example's ids and weights (as Python lists: the same value as before examples were flat)."""
     h = hashlib.sha256()
-    for e in examples:
-        h.update(repr((e.input_ids, e.weights)).encode())
+    ids, w, bounds = examples.input_ids, examples.weights, examples.bounds.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        h.update(repr((ids[a:b].tolist(), w[a:b].tolist())).encode())
     return h.hexdigest()[:16]
 
 
