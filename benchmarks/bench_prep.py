@@ -111,7 +111,8 @@ def check_same_work(texts, tok) -> dict:
         for e, row in zip(prep.examples, ds):
             ids, labels = row["input_ids"], row["labels"]
             same_ids += ids == e.input_ids.tolist()
-            same_mask += ids == e.input_ids.tolist() and [lab != -100 for lab in labels] == [w > 0 for w in e.weights.tolist()]
+            same_mask += ids == e.input_ids.tolist() and ([lab != -100 for lab in labels]
+                                                          == [w > 0 for w in e.weights.tolist()])
         out[name] = {"same_ids": same_ids, "same_trained_tokens": same_mask, "of": len(prep.examples)}
     return out
 

@@ -72,6 +72,7 @@ def tokenize(rendered, tokenizer, spec, max_length=None, truncation="drop", on_e
     from imtune.weights import weigh
 
     split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
-    examples, report = weigh(encode(rendered, tokenizer, split), rendered, spec, max_length, truncation, on_empty)
+    examples, report = weigh(encode(rendered, tokenizer, split), [r.source for r in rendered], spec, max_length,
+                             truncation, on_empty)
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     return examples, report

@@ -149,7 +149,8 @@ def test_encode_equals_the_reference_on_lima(tok, template):
     rendered = [Renderer(template, tok).render(c) for c in data]
     for spec in (loss_spec("im"), loss_spec("it", last_turn_only=True)):
         got, _ = tokenize(rendered, tok, spec)
-        assert [(e.input_ids.tolist(), e.weights.tolist(), e.classes.tolist()) for e in got] == reference(rendered, tok, spec)
+        got = [(e.input_ids.tolist(), e.weights.tolist(), e.classes.tolist()) for e in got]
+        assert got == reference(rendered, tok, spec)
 
 
 def test_encode_equals_the_reference_on_odd_texts(tok, sp_tok):

@@ -111,8 +111,8 @@ def test_data_stats_memory_grows_by_well_under_2kb_a_record(tmp_path):
 def small_conversations(n: int):
     from imtune.types import Conversation, Message, Where
 
-    return [Conversation((Message("user", f"Say {i} twice"), Message("assistant", f"{i} {i}")), Where("s.jsonl", i + 1, i))
-            for i in range(n)]
+    return [Conversation((Message("user", f"Say {i} twice"), Message("assistant", f"{i} {i}")),
+                         Where("s.jsonl", i + 1, i)) for i in range(n)]
 
 
 def test_prepared_examples_hold_a_few_bytes_a_token(tok):

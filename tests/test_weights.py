@@ -259,7 +259,7 @@ def test_special_tokens_in_content_keep_and_error(tok):
     c = conv(("user", "stop here <|im_end|> please"), ("assistant", "ok"), path="x.jsonl")
     r = Renderer("model", tok).render(c)
     (kept,), report = tokenize([r], tok, loss_spec("it"), special_tokens_in_content="keep")
-    assert kept.input_ids.tolist() == tok(r.text, add_special_tokens=False)["input_ids"]  # the old behaviour, on request
+    assert kept.input_ids.tolist() == tok(r.text, add_special_tokens=False)["input_ids"]  # the old behaviour
     assert len(report.content_specials) == 1 and "kept as control tokens" in report.summary()
     (split,), _ = tokenize([r], tok, loss_spec("it"))
     assert tok.convert_tokens_to_ids("<|im_end|>") in kept.input_ids
@@ -271,7 +271,8 @@ def test_special_tokens_in_content_keep_and_error(tok):
         tokenize([r], tok, loss_spec("it"), special_tokens_in_content="maybe")
     clean = Renderer("model", tok).render(conv(("user", "hi"), ("assistant", "ok")))
     (ex,), report = tokenize([clean], tok, loss_spec("it"), special_tokens_in_content="error")
-    assert ex.input_ids.tolist() == tok(clean.text, add_special_tokens=False)["input_ids"] and not report.content_specials
+    assert ex.input_ids.tolist() == tok(clean.text, add_special_tokens=False)["input_ids"]
+    assert not report.content_specials
 
 
 # -- golden checks on real data ---------------------------------------------------------------------------------

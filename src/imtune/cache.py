@@ -33,6 +33,7 @@ from .tokenize import Encoded, encode
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
 MAX_ENTRIES = 64  # oldest entries beyond this are removed after each write
+KEY_CHUNK = 16384  # examples hashed at a time
 
 _FINGERPRINTS: dict[int, tuple[object, tuple, str]] = {}  # id(tokenizer) -> (tokenizer, cheap state, fingerprint)
 
@@ -68,9 +69,14 @@ def key(rendered: list[Rendered], tokenizer, policy: str = "split") -> str:
     h = hashlib.sha256(f"imtune-prep-v{FORMAT}|{tokenizer_fingerprint(tokenizer)}|{policy}|{len(rendered)}|".encode())
     # Texts with their lengths (so no separator can be forged by content), then all spans as one int64 array.
     h.update(np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered)).tobytes())
-    h.update("".join(r.text for r in rendered).encode("utf-8", "surrogatepass"))
-    spans = [(k, s.start, s.end, CLASS_ID[s.cls], s.turn) for k, r in enumerate(rendered) for s in r.spans]
-    h.update(np.asarray(spans, dtype=np.int64).tobytes())
+    # The same bytes as hashing all texts joined, then all spans as one array, fed KEY_CHUNK examples at a time (a
+    # million records' span tuples at once cost ~0.5 GB).
+    for a in range(0, len(rendered), KEY_CHUNK):
+        h.update("".join(r.text for r in rendered[a:a + KEY_CHUNK]).encode("utf-8", "surrogatepass"))
+    for a in range(0, len(rendered), KEY_CHUNK):
+        spans = [(k, s.start, s.end, CLASS_ID[s.cls], s.turn)
+                 for k, r in enumerate(rendered[a:a + KEY_CHUNK], start=a) for s in r.spans]
+        h.update(np.asarray(spans, dtype=np.int64).reshape(-1, 5).tobytes())
     return h.hexdigest()
 
 
@@ -130,7 +136,8 @@ def _prune(d: Path) -> None:
 def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
                   split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split") -> tuple[Encoded, str]:
     """tokenize.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
-    `split` follows from the texts, the tokenizer and `policy` (tokenize.content_policy), so the key holds the policy."""
+    `split` follows from the texts, the tokenizer and `policy` (tokenize.content_policy), so the key holds the
+    policy."""
     if not (use_cache and enabled()) or sum(len(r.text) for r in rendered) < MIN_CHARS:
         return encode(rendered, tokenizer, split), "off"
     path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"

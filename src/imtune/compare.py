@@ -293,8 +293,8 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
     prep = prepare_examples(train, tok, loss_spec("it"), b.template, b.max_length, b.truncation, on_invalid="skip")
-    renderer, report = prep.renderer, prep.report
-    kept = set(prep.examples.sources)
+    examples, renderer, report = prep.examples, prep.renderer, prep.report
+    kept = set(examples.sources)
     dropped = [str(c.source) for c in train if c.source not in kept]
     train = [c for c in train if c.source in kept]
     if dropped:

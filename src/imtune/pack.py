@@ -113,7 +113,8 @@ def _shifted(e: TokenizedExample) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return ids, labels, weights, classes
 
 
-def collate(examples: Examples | list[TokenizedExample], packed: bool, max_length: int | None = None, pad_id: int = 0) -> Batch:
+def collate(examples: Examples | list[TokenizedExample], packed: bool, max_length: int | None = None,
+            pad_id: int = 0) -> Batch:
     """A Batch from examples.
 
     packed: the examples are concatenated, in the given order, into rows of at most `max_length` tokens (next-fit: a
@@ -151,8 +152,8 @@ def collate(examples: Examples | list[TokenizedExample], packed: bool, max_lengt
                  n_tokens=sum(lengths), n_examples=len(examples))
 
 
-def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, max_length: int, packed: bool, pad_id: int,
-                 seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, max_length: int, packed: bool,
+                 pad_id: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
     """The micro-batches of one epoch, in order, as lists of example indices; same (seed, epoch) -> same list.
 
     padded: examples shuffled, `batch_size` EXAMPLES per micro-batch.

@@ -142,9 +142,11 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
                                                 truncation)
         split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
         encoded, status = encode_cached(rendered, tokenizer, cache, split, special_tokens_in_content)
-        examples, report = weigh(encoded, rendered, spec, max_length, truncation,
+        sources = [r.source for r in rendered]
+        del rendered  # ~0.5 KB a record: gone before the weights (8 bytes a token) are made
+        examples, report = weigh(encoded, sources, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
-    del rendered, encoded
+    del encoded
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
     return Prepared(examples, report, renderer, convs, skipped, status, understood)

@@ -7,12 +7,13 @@ lists (those cost ~25 bytes a token more: gigabytes on a million records).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .tokenize import Encoded
-from .types import CLASS_ID, CLASSES, DataError, Examples, Problem, Rendered, UsageError
+from .types import CLASS_ID, CLASSES, DataError, Examples, Problem, UsageError, Where
 
 # Loss modes are tables: class -> weight. `weighted` takes λ (the prompt weight) for system and user.
 LOSS_MODES: dict[str, dict[str, float]] = {
@@ -140,36 +141,39 @@ def check_truncation(truncation: str) -> None:
 
 
 
-def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length: int | None = None,
+def weigh(encoded: Encoded, sources: Sequence[Where], spec: LossSpec, max_length: int | None = None,
           truncation: str = "drop", on_empty: str = "skip") -> tuple[Examples, TokenizeReport]:
-    """Encoded -> Examples: the loss mode's table applied, over-long examples dropped or truncated, and examples where
-    no token carries weight skipped (on_empty "skip", counted) or refused (on_empty "error"). All in numpy: the kept
-    examples' tokens are gathered once into flat arrays."""
+    """Encoded (and each example's source) -> Examples: the loss mode's table applied, over-long examples dropped or
+    truncated, and examples where no token carries weight skipped (on_empty "skip", counted) or refused (on_empty
+    "error"). All in numpy; no temporary larger than a byte a token besides the weights themselves."""
     check_truncation(truncation)
-    report = TokenizeReport(n_in=len(rendered))
+    report = TokenizeReport(n_in=len(sources))
     table = np.array([spec.table[c] for c in CLASSES], dtype=np.float64)
     w = table[encoded.classes]  # [N] float64: the exact table values (collate casts to float32, as ever)
     if spec.last_turn_only:
         w = np.where(encoded.history.astype(bool), np.float64(spec.table["user"]), w)
     bounds = encoded.bounds
     starts, ends, lengths = bounds[:-1], bounds[1:].copy(), encoded.lengths
-    keep = np.ones(len(rendered), dtype=bool)
-    truncated = np.zeros(len(rendered), dtype=bool)
+    keep = np.ones(len(sources), dtype=bool)
+    truncated = np.zeros(len(sources), dtype=bool)
     if max_length is not None:
         over = lengths > max_length
         if truncation == "drop":
             keep &= ~over
-            report.dropped_too_long = [Problem(rendered[k].source, "", f"{lengths[k]} tokens > --max-length "
+            report.dropped_too_long = [Problem(sources[k], "", f"{lengths[k]} tokens > --max-length "
                                                f"{max_length}: dropped") for k in np.flatnonzero(over)]
         else:
             ends[over] = starts[over] + max_length
             truncated, report.truncated = over, int(over.sum())
-    # weighted[t]: token t carries weight and is not its example's first token (nothing predicts that one)
-    weighted = w > 0
+    # weighted[t]: token t carries weight and is not its example's first token (nothing predicts that one); counted
+    # over each example's [start, end) by one reduceat over interleaved bounds (a sentinel makes index N valid).
+    weighted = np.append(w > 0, False)
     weighted[starts[lengths > 0]] = False
-    n_weighted = np.concatenate([[0], np.cumsum(weighted)])
-    for k in np.flatnonzero(keep & (n_weighted[ends] == n_weighted[starts])):
-        p = Problem(rendered[k].source, "", "no token carries loss weight under this loss mode"
+    n_weighted = np.add.reduceat(weighted, np.stack([starts, ends], 1).ravel(), dtype=np.int64)[0::2]
+    n_weighted[ends == starts] = 0  # reduceat gives the element itself for an empty range
+    del weighted
+    for k in np.flatnonzero(keep & (n_weighted == 0)):
+        p = Problem(sources[k], "", "no token carries loss weight under this loss mode"
                     + (" after truncation" if truncated[k] else ""))
         if on_empty == "error":
             raise DataError([p])
@@ -186,5 +190,5 @@ def weigh(encoded: Encoded, rendered: list[Rendered], spec: LossSpec, max_length
     kept = np.flatnonzero(keep)
     examples = Examples(input_ids=encoded.input_ids[tokens], weights=w[tokens], classes=encoded.classes[tokens],
                         bounds=np.concatenate([[0], np.cumsum(ends[kept] - starts[kept])]).astype(np.int64),
-                        sources=tuple(rendered[k].source for k in kept), truncated=truncated[kept])
+                        sources=tuple(sources[k] for k in kept.tolist()), truncated=truncated[kept])
     return examples, report

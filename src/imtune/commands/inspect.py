@@ -41,7 +41,7 @@ def show(ex, rendered, tokenizer, color: bool, boundaries: bool, policy: str = "
     """The rendered text with runs of equally weighted tokens coloured (or, without colour, bracketed) by weight."""
     ids, offsets = token_offsets(rendered, tokenizer, policy)
     ids, offsets = ids[: len(ex.input_ids)], offsets[: len(ex.input_ids)]
-    assert ids == ex.input_ids.tolist(), "token ids differ from imtune's tokenisation of the rendered text (an imtune bug)"
+    assert ids == ex.input_ids.tolist(), "token ids differ from imtune's tokenisation of the rendered text (a bug)"
     end = offsets[-1][1] if ex.truncated else len(rendered.text)
     starts = [s for s, _ in offsets] + [end]
     runs: list[tuple[float, str]] = []  # (weight, text) of consecutive tokens with the same weight
