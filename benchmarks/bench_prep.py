@@ -78,7 +78,8 @@ def imtune_before(tok):
     from imtune.prepare import load
     from imtune.templates import Renderer
     from imtune.types import CLASSES, TokenizedExample
-    from imtune.weights import _class_ids, loss_spec
+    from imtune.tokenize import _class_ids
+    from imtune.weights import loss_spec
 
     spec = loss_spec("it")
     convs, _ = load(str(LIMA))
@@ -109,8 +110,9 @@ def check_same_work(texts, tok) -> dict:
         same_ids = same_mask = 0
         for e, row in zip(prep.examples, ds):
             ids, labels = row["input_ids"], row["labels"]
-            same_ids += ids == e.input_ids
-            same_mask += ids == e.input_ids and [lab != -100 for lab in labels] == [w > 0 for w in e.weights]
+            same_ids += ids == e.input_ids.tolist()
+            same_mask += ids == e.input_ids.tolist() and ([lab != -100 for lab in labels]
+                                                          == [w > 0 for w in e.weights.tolist()])
         out[name] = {"same_ids": same_ids, "same_trained_tokens": same_mask, "of": len(prep.examples)}
     return out
 

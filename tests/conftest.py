@@ -62,3 +62,17 @@ def judge_server():
 
     with serving("random:tiny", "--name", "judge-tiny") as s:
         yield s
+
+
+def tokenize(rendered, tokenizer, spec, max_length=None, truncation="drop", on_empty="skip",
+             special_tokens_in_content="split"):
+    """The tokenize and weights stages on texts a test rendered itself (prepare_examples' steps after the template,
+    without its cache): tokenize.content_policy + tokenize.encode, then weights.weigh. -> (Examples, TokenizeReport)"""
+    from imtune.tokenize import content_policy, encode
+    from imtune.weights import weigh
+
+    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
+    examples, report = weigh(encode(rendered, tokenizer, split), [r.source for r in rendered], spec, max_length,
+                             truncation, on_empty)
+    report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
+    return examples, report

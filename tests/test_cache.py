@@ -1,4 +1,4 @@
-"""The preparation cache (imtune.cache) and the batched fast path of weights.encode it stores.
+"""The preparation cache (imtune.cache) and the batched fast path of tokenize.encode it stores.
 
 - A second prepare_examples on unchanged data is a cache hit: the tokenizer is never called.
 - Changing the template, the data or the tokenizer misses; changing the loss mode reuses the tokenisation (the cache
@@ -12,12 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import shared_file
-from imtune import cache, weights
+import imtune.tokenize
+from conftest import shared_file, tokenize
+from imtune import cache
 from imtune.prepare import prepare_examples
 from imtune.templates import Renderer
+from imtune.tokenize import _class_ids, encode
 from imtune.types import Conversation, Message, Where
-from imtune.weights import _class_ids, encode, loss_spec, tokenize
+from imtune.weights import loss_spec
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def counting(monkeypatch):
-    """Counts calls of weights.encode as seen by the cache module (every tokenisation goes through it)."""
+    """Counts calls of tokenize.encode as seen by the cache module (every tokenisation goes through it)."""
     calls = []
     real = cache.encode
 
@@ -49,7 +51,8 @@ def convs(n: int = 12, salt: str = "") -> list[Conversation]:
 
 
 def as_tuples(prep):
-    return [(e.input_ids, e.weights, e.classes, e.source, e.truncated) for e in prep.examples]
+    return [(e.input_ids.tolist(), e.weights.tolist(), e.classes.tolist(), e.source, e.truncated)
+            for e in prep.examples]
 
 
 def test_second_run_is_a_hit_without_any_tokenizer_call(tok, cache_dir, counting, monkeypatch):
@@ -60,7 +63,7 @@ def test_second_run_is_a_hit_without_any_tokenizer_call(tok, cache_dir, counting
     def no_tokenizer(*a, **k):
         raise AssertionError("the data was tokenized on a cache hit")
 
-    monkeypatch.setattr(weights, "_batch_encode", no_tokenizer)  # the one place encode() calls the tokenizer
+    monkeypatch.setattr(imtune.tokenize, "_batch_encode", no_tokenizer)  # the one place encode() calls the tokenizer
     second = prepare_examples(lima, tok, loss_spec("it"), max_length=1024)
     assert second.cache == "hit" and counting == [1030]
     assert as_tuples(second) == as_tuples(first)
@@ -125,7 +128,7 @@ def test_off_switches(tok, cache_dir, counting, monkeypatch):
 
 # -- the batched fast path equals the per-example reference ------------------------------------------------------
 def reference(rendered, tokenizer, spec):
-    """weights.tokenize as it was before batching: the ordinary tokenizer call, then _class_ids per example."""
+    """tokenisation as it was before batching: the ordinary tokenizer call, then _class_ids per example."""
     enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
     table = np.array([spec.table[c] for c in ("template", "system", "user", "assistant", "eot")])
     out = []
@@ -146,7 +149,8 @@ def test_encode_equals_the_reference_on_lima(tok, template):
     rendered = [Renderer(template, tok).render(c) for c in data]
     for spec in (loss_spec("im"), loss_spec("it", last_turn_only=True)):
         got, _ = tokenize(rendered, tok, spec)
-        assert [(e.input_ids, e.weights, e.classes) for e in got] == reference(rendered, tok, spec)
+        got = [(e.input_ids.tolist(), e.weights.tolist(), e.classes.tolist()) for e in got]
+        assert got == reference(rendered, tok, spec)
 
 
 def test_encode_equals_the_reference_on_odd_texts(tok, sp_tok):
@@ -161,7 +165,7 @@ def test_encode_equals_the_reference_on_odd_texts(tok, sp_tok):
             assert enc.lengths.tolist() == [len(x[0]) for x in reference(rendered, tk, spec)]
             got, _ = tokenize(rendered, tk, spec, on_empty="skip", special_tokens_in_content="keep")  # as reference
             ref = [x for x in reference(rendered, tk, spec) if any(w > 0 for w in x[1][1:])]
-            assert [(e.input_ids, e.weights, e.classes) for e in got] == ref
+            assert [(e.input_ids.tolist(), e.weights.tolist(), e.classes.tolist()) for e in got] == ref
 
 
 def test_the_key_holds_the_special_tokens_policy(tok):

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
+from conftest import tokenize
 from imtune.cli import main
 from imtune.evaluate.loss import evaluate_loss
 from imtune.templates import Renderer
-from imtune.types import CLASSES, Conversation, Message, Where
-from imtune.weights import loss_spec, tokenize
+from imtune.types import CLASSES, Conversation, Message
+from imtune.weights import loss_spec
 
 CONVS = [
     Conversation((Message("system", "You are terse."), Message("user", "What is 2+2?"), Message("assistant", "4"))),
@@ -38,7 +39,7 @@ def naive(model, tok, renderer, convs, max_length=None):
     examples, _ = tokenize([renderer.render(c) for c in convs], tok, loss_spec("all"), max_length, "truncate")
     with torch.no_grad():
         for ex in examples:
-            ids = torch.tensor([ex.input_ids])
+            ids = torch.tensor([ex.input_ids.tolist()])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
             for t in range(1, len(ex.input_ids)):
                 sums[ex.classes[t]] += -logp[t - 1, ex.input_ids[t]].item()

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train import tiny, write_conversations
 
 from imtune.integrations import hf
 from imtune.models import load_model, load_tokenizer
@@ -16,6 +15,7 @@ from imtune.pack import make_batches
 from imtune.prepare import prepare_examples
 from imtune.types import UsageError
 from imtune.weights import loss_spec
+from test_train import tiny, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_dataset_is_prepare_examples(tmp_path, tok, capsys):
     assert len(ds) == len(prep.examples) and ds.column_names == ["input_ids", "labels", "loss_weights"]
     for row, e in zip(ds, prep.examples):
         w = np.asarray(e.weights, dtype=np.float32)
-        assert row["input_ids"] == e.input_ids
+        assert row["input_ids"] == e.input_ids.tolist()
         assert row["loss_weights"][0] == 0 and np.array_equal(row["loss_weights"][1:], w[1:])
         assert set(np.asarray(row["loss_weights"])[1:]) - {0.0} <= {0.25, 1.0}
         lab = np.asarray(row["labels"])

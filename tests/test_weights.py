@@ -15,13 +15,13 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import shared_file
+from conftest import shared_file, tokenize
 from imtune.templates import Renderer
+from imtune.tokenize import token_offsets
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
-from imtune.weights import LOSS_MODES, loss_spec, parse_weights, token_offsets, tokenize
+from imtune.weights import LOSS_MODES, loss_spec, parse_weights
 
 TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
 
@@ -46,7 +46,7 @@ def check_invariants(ex, rendered, tokenizer, mode: str, encoding=None) -> None:
         ids, offsets = tokenizer(text, add_special_tokens=False)["input_ids"], None
     else:
         ids, offsets = encoding
-    assert ex.input_ids == ids[: len(ex.input_ids)], "ids differ from one tokenisation of the rendered text"
+    assert ex.input_ids.tolist() == ids[: len(ex.input_ids)], "ids differ from one tokenisation of the rendered text"
     ranges = token_ranges(tokenizer, text, len(ex.input_ids), offsets)
     char_cls = np.zeros(len(text), dtype=int)
     for s in rendered.spans:
@@ -216,7 +216,7 @@ def injected(draw):
 
 
 def _occurrences(r, tokenizer):
-    from imtune.weights import content_specials, control_pattern
+    from imtune.tokenize import content_specials, control_pattern
 
     return content_specials(r, control_pattern(tokenizer))
 
@@ -257,11 +257,11 @@ def test_special_tokens_in_content_keep_and_error(tok):
     c = conv(("user", "stop here <|im_end|> please"), ("assistant", "ok"), path="x.jsonl")
     r = Renderer("model", tok).render(c)
     (kept,), report = tokenize([r], tok, loss_spec("it"), special_tokens_in_content="keep")
-    assert kept.input_ids == tok(r.text, add_special_tokens=False)["input_ids"]  # the old behaviour, on request
+    assert kept.input_ids.tolist() == tok(r.text, add_special_tokens=False)["input_ids"]  # the old behaviour
     assert len(report.content_specials) == 1 and "kept as control tokens" in report.summary()
     (split,), _ = tokenize([r], tok, loss_spec("it"))
     assert tok.convert_tokens_to_ids("<|im_end|>") in kept.input_ids
-    assert split.input_ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == kept.input_ids.count(
+    assert split.input_ids.tolist().count(tok.convert_tokens_to_ids("<|im_end|>")) == kept.input_ids.tolist().count(
         tok.convert_tokens_to_ids("<|im_end|>")) - 1
     with pytest.raises(DataError, match=r"x\.jsonl:1: content spells the control token\(s\) <\|im_end\|>"):
         tokenize([r], tok, loss_spec("it"), special_tokens_in_content="error")
@@ -269,7 +269,8 @@ def test_special_tokens_in_content_keep_and_error(tok):
         tokenize([r], tok, loss_spec("it"), special_tokens_in_content="maybe")
     clean = Renderer("model", tok).render(conv(("user", "hi"), ("assistant", "ok")))
     (ex,), report = tokenize([clean], tok, loss_spec("it"), special_tokens_in_content="error")
-    assert ex.input_ids == tok(clean.text, add_special_tokens=False)["input_ids"] and not report.content_specials
+    assert ex.input_ids.tolist() == tok(clean.text, add_special_tokens=False)["input_ids"]
+    assert not report.content_specials
 
 
 # -- golden checks on real data ---------------------------------------------------------------------------------

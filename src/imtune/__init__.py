@@ -1,9 +1,23 @@
 """imtune: instruction tuning with exactly controlled per-token loss weights (IT, IM and everything between).
 
-The flow, one stage a module, plain frozen dataclasses between them (imtune.types):
+The flow, one stage a module, frozen dataclasses between them (imtune.types), `imtune train` top to bottom:
 
-    load ─▶ formats ─▶ validate ─▶ templates ─▶ weights ─▶ pack ─▶ loss ─▶ train ─▶ evaluate ─▶ compare/report
-    (file)  (Conversation)          (Rendered: text + spans)  (TokenizedExample)  (Batch)          (run dir)
+    stage           function                                   gives
+    read            load.read_records / load.stream_records    (Where, record)  one reader for every JSON/JSONL input
+    understand      formats.to_conversation                    Conversation     (messages, alpaca, sharegpt, ...;
+                                                                                 validate only words the errors)
+    render          templates.Renderer.render                  Rendered         text + role/turn spans
+    tokenize        tokenize.encode                            Encoded          ids + character offsets
+    weigh           weights.weigh (LOSS_MODES: class -> w)     Examples         flat int32 ids, float64 weights
+    (all of it)     prepare.prepare_examples (+ cache)         Prepared         the one data entry; cached on disk
+    batch           pack.make_batches + pack.collate           Batch            padded or packed rows
+    forward         forward.hidden_states                      hidden states    the one forward (train and eval)
+    loss            objective.Objective -> loss.weighted_nll   LossSums         Σ w·nll and Σ w; train normalises
+    train           train.setup -> train.fit                   RUN/             metrics.jsonl, checkpoints, final/
+    read a run      rundir.read_run                            RunDir
+    evaluate        evaluate.run.evaluate_run                  RunEval          re-reads the data as training did
+    compare         compare.compare (schedule.train_all)       compare.json     arms x seeds, evidence.* intervals
+    report          report.write_report                        report.md/html
 
 Instruction Modelling (Shi et al., NeurIPS 2024) puts loss on instruction tokens as well as outputs; template tokens
 (role tags) never carry loss. Loss modes are class -> weight tables (imtune.weights.LOSS_MODES).

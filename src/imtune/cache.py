@@ -1,6 +1,6 @@
 """A disk cache for the expensive half of data preparation: rendered texts -> token ids and classes.
 
-What is stored is weights.Encoded (ids, classes, history flags, lengths) — everything tokenisation produces, before
+What is stored is tokenize.Encoded (ids, classes, history flags, lengths) — everything tokenisation produces, before
 the loss mode's table, truncation and dropping are applied (weights.weigh, milliseconds). So a second run on unchanged
 data never calls the tokenizer, and neither does a second loss mode on the same data (`imtune compare --arms it,im`).
 
@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .tokenize import Encoded, encode
 from .types import CLASS_ID, Rendered
-from .weights import Encoded, encode
 
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
 MAX_ENTRIES = 64  # oldest entries beyond this are removed after each write
+KEY_CHUNK = 16384  # examples hashed at a time
 
 _FINGERPRINTS: dict[int, tuple[object, tuple, str]] = {}  # id(tokenizer) -> (tokenizer, cheap state, fingerprint)
 
@@ -68,9 +69,14 @@ def key(rendered: list[Rendered], tokenizer, policy: str = "split") -> str:
     h = hashlib.sha256(f"imtune-prep-v{FORMAT}|{tokenizer_fingerprint(tokenizer)}|{policy}|{len(rendered)}|".encode())
     # Texts with their lengths (so no separator can be forged by content), then all spans as one int64 array.
     h.update(np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered)).tobytes())
-    h.update("".join(r.text for r in rendered).encode("utf-8", "surrogatepass"))
-    spans = [(k, s.start, s.end, CLASS_ID[s.cls], s.turn) for k, r in enumerate(rendered) for s in r.spans]
-    h.update(np.asarray(spans, dtype=np.int64).tobytes())
+    # The same bytes as hashing all texts joined, then all spans as one array, fed KEY_CHUNK examples at a time (a
+    # million records' span tuples at once cost ~0.5 GB).
+    for a in range(0, len(rendered), KEY_CHUNK):
+        h.update("".join(r.text for r in rendered[a:a + KEY_CHUNK]).encode("utf-8", "surrogatepass"))
+    for a in range(0, len(rendered), KEY_CHUNK):
+        spans = [(k, s.start, s.end, CLASS_ID[s.cls], s.turn)
+                 for k, r in enumerate(rendered[a:a + KEY_CHUNK], start=a) for s in r.spans]
+        h.update(np.asarray(spans, dtype=np.int64).reshape(-1, 5).tobytes())
     return h.hexdigest()
 
 
@@ -129,8 +135,9 @@ def _prune(d: Path) -> None:
 
 def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
                   split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split") -> tuple[Encoded, str]:
-    """weights.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
-    `split` follows from the texts, the tokenizer and `policy` (weights.content_policy), so the key holds the policy."""
+    """tokenize.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
+    `split` follows from the texts, the tokenizer and `policy` (tokenize.content_policy), so the key holds the
+    policy."""
     if not (use_cache and enabled()) or sum(len(r.text) for r in rendered) < MIN_CHARS:
         return encode(rendered, tokenizer, split), "off"
     path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"

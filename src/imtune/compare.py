@@ -148,8 +148,7 @@ class CompareSettings:
 # ----------------------------------------------------------------------------------------------------------------
 # The whole comparison, top to bottom
 def compare(s: CompareSettings) -> Path:
-    from . import checkpoint as ckpt
-    from . import report
+    from . import checkpoint as ckpt, report
     from .aggregate import aggregate
     from .provenance import versions
     from .schedule import Job, Task, side_by_side, side_by_side_ok, train_all
@@ -260,10 +259,9 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     import numpy as np
 
     from .models import load_tokenizer
-    from .prepare import load
+    from .prepare import load, prepare_examples
     from .stats import dataset_stats
-    from .templates import Renderer
-    from .weights import loss_spec, tokenize
+    from .weights import loss_spec
 
     b = s.base
     if not b.data:
@@ -287,12 +285,12 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     if not heldout:
         raise UsageError(f"{b.eval_data}: no held-out examples")
     tok = load_tokenizer(b.model)
-    renderer = Renderer(b.template, tok, b.system_prompt)
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
-    examples, report = tokenize([renderer.render(c) for c in train], tok, loss_spec("it"), b.max_length,
-                                b.truncation)
-    kept = {e.source for e in examples}
+    prep = prepare_examples(train, tok, loss_spec("it"), b.template, b.max_length, b.truncation, on_invalid="skip",
+                            system_prompt=b.system_prompt, special_tokens_in_content=b.special_tokens_in_content)
+    examples, renderer, report = prep.examples, prep.renderer, prep.report
+    kept = set(examples.sources)
     dropped = [str(c.source) for c in train if c.source not in kept]
     train = [c for c in train if c.source in kept]
     if dropped:
@@ -467,8 +465,8 @@ def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, c
 
 def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
     """label -> {benchmark, metric, value, n, standard_error, scale, judge} for each --bench of one model."""
-    from .tasks import JUDGED, run_benchmark
     from .generate import GenerationConfig
+    from .tasks import JUDGED, run_benchmark
 
     out = {}
     for name, path in s.bench:

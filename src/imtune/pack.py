@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .types import TokenizedExample, UsageError
+from .types import Examples, TokenizedExample, UsageError
 
 IGNORE = -100  # label of positions that predict nothing (torch's cross_entropy ignore_index)
 GROUP_WINDOW = 16  # packed micro-batches are formed from bins of similar length within windows of this many
@@ -56,20 +56,25 @@ class Batch:
         return 1.0 - self.n_tokens / max(1, self.input_ids.numel())
 
 
-def _check_lengths(lengths: list[int], max_length: int, examples: list[TokenizedExample]) -> None:
+def lengths_of(examples: Examples | list[TokenizedExample]) -> list[int]:
+    """Tokens per example: read off the flat bounds of an Examples (no example object made), else len() of each."""
+    return examples.lengths.tolist() if isinstance(examples, Examples) else [len(e) for e in examples]
+
+
+def _check_lengths(lengths: list[int], max_length: int, examples) -> None:
     for i, n in enumerate(lengths):
         if n > max_length:
             raise UsageError(f"{examples[i].source}: example has {n} tokens, more than max_length {max_length}; "
                              f"tokenize with the same --max-length (--truncation drop or truncate)")
 
 
-def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[list[int]]:
+def pack_examples(examples: Examples | list[TokenizedExample], max_length: int) -> list[list[int]]:
     """Best-fit-decreasing: bins of example indices, each bin's total length <= max_length. Deterministic.
 
     Examples go in decreasing length (ties: lower index first) into the open bin with the least room that still
     fits (ties: the older bin), else into a new bin. Bins are returned in opening order, each listing its examples in
     insertion order, so a bin's first example is its longest (collate's next-fit relies on this, see make_batches)."""
-    lengths = [len(e) for e in examples]
+    lengths = lengths_of(examples)
     _check_lengths(lengths, max_length, examples)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
@@ -108,7 +113,8 @@ def _shifted(e: TokenizedExample) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return ids, labels, weights, classes
 
 
-def collate(examples: list[TokenizedExample], packed: bool, max_length: int | None = None, pad_id: int = 0) -> Batch:
+def collate(examples: Examples | list[TokenizedExample], packed: bool, max_length: int | None = None,
+            pad_id: int = 0) -> Batch:
     """A Batch from examples.
 
     packed: the examples are concatenated, in the given order, into rows of at most `max_length` tokens (next-fit: a
@@ -116,9 +122,9 @@ def collate(examples: list[TokenizedExample], packed: bool, max_length: int | No
       exactly one row; a micro-batch from make_batches gives exactly its bins. attention_mask is None.
     padded: one row per example, right-padded with pad_id (label -100, weight 0) and an attention_mask.
     Either way T is the longest row of this batch (no padding to max_length)."""
-    if not examples:
+    if not len(examples):
         raise ValueError("collate needs at least one example")
-    lengths = [len(e) for e in examples]
+    lengths = lengths_of(examples)
     if max_length is not None:
         _check_lengths(lengths, max_length, examples)
     rows = _next_fit(lengths, max_length) if packed else [[i] for i in range(len(examples))]
@@ -146,15 +152,16 @@ def collate(examples: list[TokenizedExample], packed: bool, max_length: int | No
                  n_tokens=sum(lengths), n_examples=len(examples))
 
 
-def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: int, packed: bool, pad_id: int,
-                 seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, max_length: int, packed: bool,
+                 pad_id: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
     """The micro-batches of one epoch, in order, as lists of example indices; same (seed, epoch) -> same list.
 
     padded: examples shuffled, `batch_size` EXAMPLES per micro-batch.
     packed: the examples are packed once (pack_examples, independent of seed and epoch); the bins are shuffled and
-      grouped `batch_size` ROWS (bins) per micro-batch, bins of similar length together (see GROUP_WINDOW). Inside a micro-batch the bins are listed in their opening
-      order, each with its longest example first; then collate's next-fit reproduces exactly these bins, because a
-      bin's first example did not fit into any older bin when it was opened (and bins only fill up).
+      grouped `batch_size` ROWS (bins) per micro-batch, bins of similar length together (see GROUP_WINDOW). Inside
+      a micro-batch the bins are listed in their opening order, each with its longest example first; then collate's
+      next-fit reproduces exactly these bins, because a bin's first example did not fit into any older bin when it
+      was opened (and bins only fill up).
     Use: `for mb in make_batches(...): batch = collate([examples[i] for i in mb], packed, max_length, pad_id)`.
     Every example appears exactly once per epoch. One micro-batch may be smaller (drop_last=False): the last one when
     padded, any one when packed.
@@ -165,7 +172,8 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: 
     rng = np.random.default_rng([seed, epoch])
     if packed:
         bins = pack_examples(examples, max_length)
-        size = [sum(len(examples[i]) for i in b) for b in bins]
+        lengths = lengths_of(examples)
+        size = [sum(lengths[i] for i in b) for b in bins]
         order = rng.permutation(len(bins)).tolist()
         # The rows of a micro-batch are padded to its longest, so group bins of similar length: the shuffled bins
         # are taken GROUP_WINDOW micro-batches at a time, sorted by length inside that window and cut into
@@ -179,7 +187,7 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: 
         if drop_last:
             groups = [g for g in groups if len(g) == batch_size]  # at most one is short
         return [[i for b in group for i in bins[b]] for group in groups]
-    _check_lengths([len(e) for e in examples], max_length, examples)
+    _check_lengths(lengths_of(examples), max_length, examples)
     order = rng.permutation(len(examples)).tolist()
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
@@ -187,12 +195,13 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_length: 
     return batches
 
 
-def padding_fraction(examples: list[TokenizedExample], batches: list[list[int]], packed: bool,
+def padding_fraction(examples: Examples | list[TokenizedExample], batches: list[list[int]], packed: bool,
                      max_length: int | None = None) -> float:
     """Share of padded positions that collating `batches` would produce, without building tensors (for logging)."""
     real = total = 0
+    every = lengths_of(examples)
     for idx in batches:
-        lengths = [len(examples[i]) for i in idx]
+        lengths = [every[i] for i in idx]
         rows = _next_fit(lengths, max_length) if packed else [[j] for j in range(len(idx))]
         real += sum(lengths)
         total += len(rows) * max(sum(lengths[j] for j in row) for row in rows)

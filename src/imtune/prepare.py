@@ -1,4 +1,4 @@
-"""The data half of the flow in one call: load -> formats -> validate -> template -> weights.
+"""The data half of the flow in one call: load -> formats -> template -> tokenize -> weights.
 
 `prepare_examples` is what train, eval, stats and inspect call; it returns the examples plus everything a person
 should be told about what happened to their data (skipped records, truncations, examples without weight).
@@ -7,7 +7,7 @@ tokenized twice, whatever the loss mode.
 
 Memory (1M small records): records are streamed from the file (never all parsed first), the frozen dataclasses
 have __slots__, the tokenizer runs ENCODE_CHUNK texts at a time (its per-token offset tuples are the largest
-transient), and examples share one Python int per vocabulary id and one float per class weight.
+transient), and the examples are flat numpy arrays (types.Examples: 13 bytes a token), not per-token Python lists.
 
 A record too long to ever fit is found before tokenizing: a token covers at most `chars_per_token(tokenizer)`
 characters (twice the longest vocabulary entry), so a rendered text longer than max_length times that cannot fit in
@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 from .formats import Understood
 from .templates import Renderer
-from .types import Conversation, Problem, Rendered, Span, TokenizedExample
-from .weights import (LossSpec, TokenizeReport, check_special_policy, check_truncation, content_policy, gc_paused,
-                      weigh)
+from .tokenize import check_special_policy, content_policy, gc_paused
+from .types import Conversation, Examples, Problem, Rendered, Span
+from .weights import LossSpec, TokenizeReport, check_truncation, weigh
 
 _CPT: dict[int, tuple[object, int]] = {}  # id(tokenizer) -> (tokenizer, chars per token bound)
 
 
 @dataclass
 class Prepared:
-    examples: list[TokenizedExample]
+    examples: Examples  # flat numpy arrays; examples[k] is a TokenizedExample
     report: TokenizeReport
     renderer: Renderer
     conversations: list[Conversation]
@@ -39,7 +39,7 @@ class Prepared:
 
     def system_note(self) -> dict:
         """The system prompt the template adds (or --system-prompt sets), and its share of the tokens."""
-        return self.renderer.system_note(self.conversations, sum(len(e) for e in self.examples))
+        return self.renderer.system_note(self.conversations, int(self.examples.bounds[-1]))
 
     def notes(self) -> list[str]:
         """What a person should be told about how their data was read: format, field mapping, system prompt."""
@@ -127,7 +127,7 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
                      system_prompt: str = "default") -> Prepared:
     """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
     not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
-    special_tokens_in_content: split | keep | error, for content that spells a control token (weights.content_policy).
+    special_tokens_in_content: split | keep | error, for content that spells a control token (tokenize.content_policy).
     """
     from .cache import encode_cached
 
@@ -135,13 +135,18 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     check_special_policy(special_tokens_in_content)
     convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
     renderer = Renderer(template, tokenizer, system_prompt)
-    rendered, unfit = fit_before_tokenizing([renderer.render(c) for c in convs], tokenizer, max_length, truncation)
-    split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
-    with gc_paused():  # token lists, offsets and examples: millions of small objects, no reference cycles
+    # Rendered texts and spans, token lists and offsets: millions of small objects, no reference cycles. (With the
+    # collector on, its full passes over them stalled one render of a million records past the template's 10 s bound.)
+    with gc_paused():
+        rendered, unfit = fit_before_tokenizing([renderer.render(c) for c in convs], tokenizer, max_length,
+                                                truncation)
+        split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
         encoded, status = encode_cached(rendered, tokenizer, cache, split, special_tokens_in_content)
-        examples, report = weigh(encoded, rendered, spec, max_length, truncation,
+        sources = [r.source for r in rendered]
+        del rendered  # ~0.5 KB a record: gone before the weights (8 bytes a token) are made
+        examples, report = weigh(encoded, sources, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
-    del rendered, encoded
+    del encoded
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
     return Prepared(examples, report, renderer, convs, skipped, status, understood)

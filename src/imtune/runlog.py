@@ -131,19 +131,21 @@ def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
 def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[float], extra: dict) -> None:
     """config.yaml (its non-default fields printed), chat_template.jinja and data_stats.json: the run directory
     describes itself."""
+    import numpy as np
+
     from .guard import history
-    from .types import CLASSES
+    from .types import CLASSES, Examples
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # part of the layout; empty without --save-every
     changed = "".join(f"# changed at {line}\n" for line in history(run_dir))  # comments: still a valid CONFIG.yaml
     text = changed + cfg.replace(allow_change=None).to_yaml()  # a permission for one resume, not for the next
     _write_text(run_dir / "config.yaml", text)
     _write_text(run_dir / "chat_template.jinja", prep.renderer.jinja)
-    lengths = [len(e) for e in examples]
-    by_class = [0] * len(CLASSES)
-    for e in examples:
-        for c in e.classes[1:]:  # token 0 is never predicted
-            by_class[c] += 1
+    examples = Examples.of(examples)
+    lengths = examples.lengths.tolist()
+    predicted = np.ones(len(examples.classes), dtype=bool)
+    predicted[examples.bounds[:-1][examples.lengths > 0]] = False  # token 0 of an example is never predicted
+    by_class = np.bincount(examples.classes[predicted], minlength=len(CLASSES)).tolist()
     stats = {
         "data": cfg.data, "template": prep.renderer.name, "loss": cfg.loss,
         "records_loaded": len(prep.conversations), "records_skipped": [str(p) for p in prep.load_skipped],

@@ -3,7 +3,7 @@
     conversations ─▶ measure ─▶ Lengths (per example) ─▶ summarize ─▶ the stats object ─▶ recommend
 
 Two units:
-- `tokens` (default): ONE tokenisation of each rendered conversation (weights.tokenize, the same pass training
+- `tokens` (default): ONE tokenisation of each rendered conversation (tokenize.encode, the same pass training
   uses); instruction = tokens of class system/user, output = tokens of class assistant. End-of-turn and template
   tokens are not content and count in neither (they do count in the sequence length).
 - `words` (the paper's Table 5 convention): whitespace-separated words of each message rendered as
@@ -20,10 +20,10 @@ as template) — `share_unit` says which.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -91,9 +91,9 @@ def _words(conv: Conversation) -> tuple[int, int, list[int]]:
 def _tokens(conversations: list[Conversation], tokenizer, renderer,
             special_tokens_in_content: str = "split") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
     """Per example: class counts over all tokens, class counts over predicted tokens, sequence length; and the
-    examples whose content spells a control token. One batched tokenisation (weights.encode, as training does)."""
+    examples whose content spells a control token. One batched tokenisation (tokenize.encode, as training does)."""
     from .templates import Renderer
-    from .weights import content_policy, encode
+    from .tokenize import content_policy, encode
 
     renderer = renderer or Renderer(None, tokenizer)
     rendered = [renderer.render(c) for c in conversations]

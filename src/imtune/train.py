@@ -40,12 +40,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from . import guard
+from . import checkpoint as ckpt, guard
 from .config import TrainConfig
+from .distributed import (
+    FullStateOptimizer,
+    full_model_state,
+    full_tensor,
+    gradient_sync,
+    is_fsdp,
+    needs_cpu_fsdp,
+    resume_supported,
+    shard_on_cpu,
+)
 from .precision import resolve as resolve_precision
-from .distributed import (FullStateOptimizer, full_model_state, full_tensor, gradient_sync, is_fsdp, needs_cpu_fsdp,
-                          resume_supported, shard_on_cpu)
 from .runlog import RunLog, say, write_run_files
 from .types import CLASS_ID, UsageError
 
@@ -360,7 +367,7 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run:
     from .models import load_tokenizer
-    from .pack import make_batches
+    from .pack import lengths_of, make_batches
     from .prepare import prepare_examples
     from .weights import loss_spec
 
@@ -394,7 +401,7 @@ def setup(cfg: TrainConfig) -> Run:
     examples = per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
     run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
               precision=prec)
-    run.lengths = [len(e) for e in examples]
+    run.lengths = lengths_of(examples)
     run.ex_weight = step_normalisers(examples, cfg.normalize)
     run.fingerprint = fingerprint(examples)
     run.eval_sets = eval_sets(cfg, prep, tok, make_batches)
@@ -575,34 +582,33 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
         optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, kind=cfg.lr_schedule))
 
 
-def step_normalisers(examples: list, normalize: str) -> list[float]:
+def step_normalisers(examples, normalize: str) -> list[float]:
     """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
     Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
-    those tokens with w > 0. float32 weights, as collate makes them."""
+    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
     import numpy as np
 
+    w32, bounds = examples.weights.astype(np.float32), examples.bounds.tolist()
     if normalize == "nonzero":
-        return [float(np.count_nonzero(np.asarray(e.weights[1:], dtype=np.float32))) for e in examples]
-    return [math.fsum(np.asarray(e.weights[1:], dtype=np.float32).tolist()) for e in examples]
+        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def per_sequence(examples: list) -> list:
+def per_sequence(examples):
     """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
-    import dataclasses
-
     import numpy as np
 
-    out = []
-    for e in examples:
-        w = np.asarray(e.weights, dtype=np.float64)
-        out.append(dataclasses.replace(e, weights=(w / w[1:].sum()).tolist()))
-    return out
+    w, bounds = examples.weights, examples.bounds.tolist()
+    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
+    return examples.with_weights(w / np.repeat(sums, examples.lengths))
 
 
-def fingerprint(examples: list) -> str:
+def fingerprint(examples) -> str:
+    """A hash of every example's ids and weights (as Python lists: the same value as before examples were flat)."""
     h = hashlib.sha256()
-    for e in examples:
-        h.update(repr((e.input_ids, e.weights)).encode())
+    ids, w, bounds = examples.input_ids, examples.weights, examples.bounds.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        h.update(repr((ids[a:b].tolist(), w[a:b].tolist())).encode())
     return h.hexdigest()[:16]
 
 
@@ -640,6 +646,8 @@ def stats_extra(run: Run, n_micro: int) -> dict:
     return {"packing": run.cfg.packing, "micro_batches_per_epoch": n_micro,
             "padding_fraction": padding_fraction(run.examples, run.epoch_batches(0), run.cfg.packing,
                                                  run.cfg.max_length),
-            "precision": run.precision.to_dict(), "processes": run.acc.num_processes, "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value, "grad_accum": run.grad_accum,
+            "precision": run.precision.to_dict(), "processes": run.acc.num_processes,
+            "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value,
+            "grad_accum": run.grad_accum,
             "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
             "eval": {name: len(ex) for name, (ex, _) in run.eval_sets.items()}}

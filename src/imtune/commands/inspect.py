@@ -9,10 +9,20 @@ import os
 import sys
 
 from ..runlog import say
+from ..tokenize import token_offsets
 from ..types import CLASSES
-from ..weights import token_offsets, weight_warnings
-from .common import (add_data_args, add_length_args, add_loss_args, add_model_args, add_system_prompt_arg,
-                     add_template_args, fields_from, loss_spec_from, roles_from)
+from ..weights import weight_warnings
+from .common import (
+    add_data_args,
+    add_length_args,
+    add_loss_args,
+    add_model_args,
+    add_system_prompt_arg,
+    add_template_args,
+    fields_from,
+    loss_spec_from,
+    roles_from,
+)
 
 GREEN, YELLOW, MAGENTA, DIM, CYAN, RESET = ("\x1b[42;30m", "\x1b[43;30m", "\x1b[45;30m", "\x1b[2m", "\x1b[36m",
                                             "\x1b[0m")
@@ -41,11 +51,11 @@ def show(ex, rendered, tokenizer, color: bool, boundaries: bool, policy: str = "
     """The rendered text with runs of equally weighted tokens coloured (or, without colour, bracketed) by weight."""
     ids, offsets = token_offsets(rendered, tokenizer, policy)
     ids, offsets = ids[: len(ex.input_ids)], offsets[: len(ex.input_ids)]
-    assert ids == ex.input_ids, "token ids differ from imtune's tokenisation of the rendered text (an imtune bug)"
+    assert ids == ex.input_ids.tolist(), "token ids differ from imtune's tokenisation of the rendered text (a bug)"
     end = offsets[-1][1] if ex.truncated else len(rendered.text)
     starts = [s for s, _ in offsets] + [end]
     runs: list[tuple[float, str]] = []  # (weight, text) of consecutive tokens with the same weight
-    for i, w in enumerate(ex.weights):
+    for i, w in enumerate(ex.weights.tolist()):
         piece = rendered.text[starts[i]:max(starts[i], starts[i + 1])] + ("│" if boundaries else "")
         if runs and runs[-1][0] == w:
             runs[-1] = (w, runs[-1][1] + piece)
@@ -64,7 +74,7 @@ def show(ex, rendered, tokenizer, color: bool, boundaries: bool, policy: str = "
 
 def summary(ex) -> str:
     per = {c: [0, 0.0] for c in CLASSES}
-    for c, w in zip(ex.classes[1:], ex.weights[1:]):  # token 0 is never predicted
+    for c, w in zip(ex.classes[1:].tolist(), ex.weights[1:].tolist()):  # token 0 is never predicted
         per[CLASSES[c]][0] += 1
         per[CLASSES[c]][1] += w
     parts = [f"{c}: {n} tok, weight {s:g}" for c, (n, s) in per.items() if n]
@@ -92,7 +102,7 @@ def run(args) -> int:
     for p in prep.load_skipped[:20]:
         say(f"skipped: {p}")
     shown = prep.examples if args.limit == 0 else prep.examples[: args.limit]
-    others = sorted({w for ex in shown for w in ex.weights} - {0.0, 1.0})
+    others = sorted({w for ex in shown for w in ex.weights.tolist()} - {0.0, 1.0})
     values = ", ".join(f"{w:g}" for w in others)
     legend = (f"{GREEN}weight 1{RESET} {YELLOW}weight between 0 and 1{RESET} {MAGENTA}weight above 1{RESET} "
               f"{DIM}no weight{RESET}" if color else "[weight 1] [other weight|w] no weight")
@@ -107,7 +117,8 @@ def run(args) -> int:
     if args.jsonl:
         with open(args.jsonl, "w", encoding="utf-8") as f:
             for ex in prep.examples:
-                f.write(json.dumps({"index": ex.source.index, "input_ids": ex.input_ids, "weights": ex.weights,
-                                    "classes": [CLASSES[c] for c in ex.classes]}) + "\n")
+                f.write(json.dumps({"index": ex.source.index, "input_ids": ex.input_ids.tolist(),
+                                    "weights": ex.weights.tolist(),
+                                    "classes": [CLASSES[c] for c in ex.classes.tolist()]}) + "\n")
         say(f"wrote {len(prep.examples)} rows to {args.jsonl}")
     return 0
