@@ -287,3 +287,20 @@ def test_streamed_stats_say_how_the_file_was_read_and_what_the_system_prompt_cos
     note = stats["system_prompt"]  # the record with its own system message gets no default
     assert note["mode"] == "default" and note["examples"] == 1 and "to 1 of 2 examples" in note["line"]
     assert note["share"] == note["tokens_each"] / int(lengths.sequence.sum())
+
+
+def test_the_advice_cites_imtune_measurements_near_the_data_and_says_whether_they_agree(monkeypatch):
+    from imtune import stats as st
+
+    base = {"n_examples": 8, "ratio": 30.0, "unit": "tokens"}
+    near = st.recommend({**base, "ratio_words": 25.0})
+    assert near["mode"] == "im" and "measured evidence" in near["reasons"][-1] and "agrees" in near["reasons"][-1]
+    far = st.recommend({**base, "ratio_words": 0.1})
+    assert far["mode"] == "it" and "no imtune measurement near ratio 0.1" in far["reasons"][-1]
+    # a measurement that favoured IT where the rule says IM is reported as a disagreement
+    monkeypatch.setattr(st, "EVIDENCE", ({"source": "x", "ratio_words": 25.0, "n": 8, "im_minus_it": 0.5,
+                                         "interval": (0.2, 0.8)},))
+    assert "disagrees with this advice (it favours it)" in st.recommend({**base, "ratio_words": 25.0})["reasons"][-1]
+    monkeypatch.setattr(st, "EVIDENCE", ({"source": "x", "ratio_words": 25.0, "n": 8, "im_minus_it": -0.1,
+                                         "interval": (-0.3, 0.1)},))
+    assert "decides nothing" in st.recommend({**base, "ratio_words": 25.0})["reasons"][-1]
