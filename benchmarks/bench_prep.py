@@ -30,6 +30,7 @@ import types
 sys.path.insert(0, os.path.dirname(__file__))
 from common import GENERATION_TEMPLATE, LIMA, alternate, child_main, fresh_tokenizer, ratios  # noqa: E402
 
+
 def read_records() -> list[dict]:
     with open(LIMA, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -38,7 +39,7 @@ def read_records() -> list[dict]:
 def trl_prepare(tok, mode: str):
     """TRL's own preparation, as SFTTrainer.__init__ runs it (minus building the model)."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     records = read_records()
     if mode == "assistant":
@@ -77,8 +78,8 @@ def imtune_before(tok):
 
     from imtune.prepare import load
     from imtune.templates import Renderer
-    from imtune.types import CLASSES, TokenizedExample
     from imtune.tokenize import _class_ids
+    from imtune.types import CLASSES, TokenizedExample
     from imtune.weights import loss_spec
 
     spec = loss_spec("it")
