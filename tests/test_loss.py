@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from imtune import forward, loss as L
 from imtune.pack import collate, model_inputs
-from imtune.types import CLASSES, TokenizedExample, Where
+from imtune.types import CLASSES, Examples, TokenizedExample, Where
 
 B, T, H, V = 2, 13, 16, 50
 
@@ -130,7 +130,8 @@ def _ex(n, w=1.0):
 def test_sequence_weights_make_each_example_sum_to_one():
     from imtune.train import per_sequence
 
-    batch = collate(per_sequence([_ex(5), _ex(3, 2.0), _ex(4)]), packed=True, max_length=9)  # rows [5, 3], [4] + pad
+    # rows [5, 3], [4] + pad
+    batch = collate(per_sequence(Examples.of([_ex(5), _ex(3, 2.0), _ex(4)])), packed=True, max_length=9)
     ids = forward.sequence_ids(batch.position_ids)
     w = batch.weights
     per_seq = torch.zeros(int(ids.max()) + 1).index_add_(0, ids.reshape(-1), w.reshape(-1))
@@ -143,7 +144,7 @@ def test_sequence_normalisation_gives_mean_over_examples():
     from imtune.train import per_sequence
 
     g = torch.Generator().manual_seed(1)
-    batch = collate(per_sequence([_ex(6), _ex(3), _ex(5)]), packed=True, max_length=16)
+    batch = collate(per_sequence(Examples.of([_ex(6), _ex(3), _ex(5)])), packed=True, max_length=16)
     hidden = torch.randn(*batch.input_ids.shape, H, generator=g)
     W = torch.randn(V, H, generator=g)
     labels = batch.labels.clamp_max(V - 1).where(batch.labels != -100, -100)
