@@ -26,9 +26,9 @@ from ..runlog import say
 # its best point: IT seeds 0/1 +14.4%/+6.8%, IM +16.7%/+2.1% (curves in the README, "imtune demo"). Wall time on an
 # idle machine not yet measured (18.8 min on the shared, loaded build machine with 1 thread).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
-DATA = dict(family="recall", n=8, heldout=12, ratio=15.0, seed=0)
+DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
 TRAIN = dict(template="chatml", epochs=3.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
-             max_length=256, batch_size=1, eval_every=12, eval_train_sample=4)
+             max_length=256, batch_size=1, eval_every=8, eval_train_sample=4)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
 EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
 RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum
@@ -183,7 +183,7 @@ def run(args) -> int:
         shutil.rmtree(out)
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
-    jobs = args.jobs or 1  # side by side was slower here (see pick_jobs)
+    jobs = args.jobs or pick_jobs()
     threads = None if jobs > 1 else pick_threads()
     if threads:
         t["threads"] = threads
