@@ -1,8 +1,10 @@
 """Train a list of runs (compare's arms x seeds): one after another in this process, or several side by side.
 
-Why side by side: a 135M model's matrices at ~120 tokens per step are too small for two CPU threads to share one
-product well. On the 2-core AMD EPYC build machine, two 1-thread runs of SmolLM2-135M (12 steps each, batch 1) took
-66 s together where one 2-thread run took 50 s for one: 1.5x the training throughput. `jobs` > 1 starts each run in
+Why side by side: where one run cannot use every core (many cores, a small model). On the 2-core AMD EPYC build
+machine it gained nothing for SmolLM2-135M (make demo, 2026-12-01: two 1-thread runs of 24 steps side by side took
+166 s, about what two 2-thread runs take one after another) and the evaluations were slower side by side (57 s each
+pair against ~17 s each in sequence: every child imports torch and transformers again). Measure before relying on it.
+`jobs` > 1 starts each run in
 its own process (spawn, so no forked torch state) with cores // jobs torch threads unless --threads says otherwise;
 its output goes to RUN/train.log, and this process prints one line when each run starts and ends. A run that fails
 stops the others and names its log. Under `accelerate launch` (several processes per run) runs go one at a time.

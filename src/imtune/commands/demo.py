@@ -16,15 +16,16 @@ from pathlib import Path
 from ..runlog import say
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
-# above it for at least one arm) within ~4.5 min on an idle 2-core CPU, 2 arms x 2 seeds. Tuned for the regime, never
-# for a winner. `recall` data (imtune.synth): 8 training examples whose long instructions state a made-up code, and
-# held-out questions about words whose code only the training instructions state (not copyable from the held-out
-# instruction), answered with 1-3 invented code words. One example per step (no packing), a constant lr without
-# warm-up (no decay to flatten the late curve), 4 epochs = 32 optimizer steps, 5 held-out evaluations. The `chatml`
-# template is SmolLM2's own format without its injected ~20-token default system prompt. Whether a run reached the
-# regime is printed at its end (regime_text), whichever arm it is. Measured on the default model, every run passed
-# its best point: IT seeds 0/1 +14.4%/+6.8%, IM +16.7%/+2.1% (curves in the README, "imtune demo"). Wall time on an
-# idle machine not yet measured (18.8 min on the shared, loaded build machine with 1 thread).
+# above it for at least one arm), 2 arms x 2 seeds. Tuned for the regime, never for a winner. `recall` data
+# (imtune.synth): 8 training examples whose long instructions state a made-up code, and held-out questions about
+# words whose code only the training instructions state (not copyable from the held-out instruction), answered with
+# 1-3 invented code words. One example per step (no packing), a constant lr without warm-up (no decay to flatten the
+# late curve), 3 epochs = 24 optimizer steps, held-out evaluations at steps 0, 8, 16, 24. The `chatml` template is
+# SmolLM2's own format without its injected ~20-token default system prompt. Whether a run reached the regime is
+# printed at its end (regime_text), whichever arm it is. Measured (2026-12-01, fresh clone, idle 2-core AMD EPYC,
+# fp32): 488 s wall, set-up 25 s included (BENCHMARKS.md) — over the 6-minute goal; IM seeds 0/1 ended +2.7%/+4.8%
+# above their minimum, IT +14.8%/+1.8%. Tried and dropped: ratio 15 with evaluations every 12 steps (390 s, but only
+# one run passed its best point, at step 0).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
 DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
 TRAIN = dict(template="chatml", epochs=3.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
@@ -78,8 +79,9 @@ def pick_threads() -> int | None:
 
 
 def pick_jobs() -> int:
-    """Runs trained side by side: 2 on an idle CPU with >= 2 cores (two 1-thread runs of the 135M model train 1.5x
-    faster than one 2-thread run: imtune.schedule), else 1 (a GPU, or a CPU whose cores other processes use)."""
+    """Runs trained side by side: 2 on an idle CPU with >= 2 cores, else 1 (a GPU, or a CPU whose cores other
+    processes use). The demo's timing in BENCHMARKS.md was measured with 2 (imtune.schedule: no faster than one after
+    another on the 2-core build machine)."""
     import torch
 
     if torch.cuda.is_available() or (os.cpu_count() or 1) < 2:

@@ -33,9 +33,9 @@ def add_arguments(p) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="--factor n with --data and no --eval-data: the share held out (once, before subsetting)")
     g.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N runs side by side, each in its own process with cores/N torch threads (CPU: two "
-                        "1-thread runs of a 135M model trained 1.5x faster than one 2-thread run; output in each "
-                        "RUN/train.log); 1: one after another")
+                   help="train (and evaluate) N runs side by side, each in its own process with cores/N torch "
+                        "threads, output in RUN/train.log; for machines where one run cannot use every core (on a "
+                        "2-core CPU it gained nothing for a 135M model); 1: one after another")
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
