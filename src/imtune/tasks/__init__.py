@@ -44,6 +44,18 @@ class Example(Protocol):
 
 
 @dataclass(frozen=True)
+class JudgeOptions:
+    """The LLM judge of a judged task (alpacaeval, mtbench: each module's `Options`)."""
+    judge_url: str = ""  # the judge's OpenAI-compatible URL (http://HOST:PORT/v1)
+    judge_model: str = ""  # the model name sent to the judge
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's API key
+    judge_cache: str | None = None  # SQLite file of judge replies (None: $IMTUNE_CACHE/judge-cache.sqlite)
+    judge_workers: int = 4  # judge requests in flight at once
+    judge_timeout: float = 600.0  # seconds for one judge reply
+    judge_max_tokens: int | None = None  # reply tokens asked of the judge (None: the protocol's own)
+
+
+@dataclass(frozen=True)
 class Verdict:
     correct: bool
     extracted: str  # what was compared with the reference: the final answer, or the program's outcome

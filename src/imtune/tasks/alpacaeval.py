@@ -18,21 +18,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..types import Message, UsageError
-from . import read_rows, text_field, write_outputs
+from . import JudgeOptions, read_rows, text_field, write_outputs
 
 KEY_FIELDS = ("index",)
 MAX_NEW_TOKENS = 1024
 
 
-@dataclass(frozen=True)
-class Options:
-    judge_url: str = ""  # the judge's OpenAI-compatible URL (http://HOST:PORT/v1)
-    judge_model: str = ""  # the model name sent to the judge
-    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's API key
-    judge_cache: str | None = None  # SQLite file of judge replies (None: $IMTUNE_CACHE/judge-cache.sqlite)
-    judge_workers: int = 4  # judge requests in flight at once
-    judge_timeout: float = 600.0  # seconds for one judge reply
-    judge_max_tokens: int | None = None  # reply tokens asked of the judge (None: the protocol's, 100)
+Options = JudgeOptions  # judge_max_tokens None: the protocol's 100
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..types import DataError, Message, Problem, UsageError
-from . import read_rows, write_outputs
+from . import JudgeOptions, read_rows, write_outputs
 
 KEY_FIELDS = ("question_id",)
 MAX_NEW_TOKENS = 1024  # gen_model_answer.py --max-new-token
@@ -40,15 +40,7 @@ ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # common.py one_score_pattern
 ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")  # common.py one_score_pattern_backup
 
 
-@dataclass(frozen=True)
-class Options:
-    judge_url: str = ""  # the judge's OpenAI-compatible URL (http://HOST:PORT/v1)
-    judge_model: str = ""  # the model name sent to the judge
-    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's API key
-    judge_cache: str | None = None  # SQLite file of judge replies (None: $IMTUNE_CACHE/judge-cache.sqlite)
-    judge_workers: int = 4  # judge requests in flight at once
-    judge_timeout: float = 600.0  # seconds for one judge reply
-    judge_max_tokens: int | None = None  # reply tokens asked of the judge (None: the protocol's, 2048)
+Options = JudgeOptions  # judge_max_tokens None: the protocol's 2048
 
 
 @dataclass(frozen=True)
