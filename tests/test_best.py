@@ -64,3 +64,40 @@ def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp
     assert math.isfinite(ev["best_heldout_loss"]["values"]["it"]["low"])
     assert "Best vs final" not in summary["verdict"]["text"]  # one arm: nothing to compare, but no crash
     assert (out / "report.md").read_text().count("best") >= 1
+
+
+def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(tmp_path):
+    """compare takes final/'s and best/'s test scores from the trainer's evaluation at that step (no second forward
+    pass); that is only right if they equal evaluate_run's on the saved model, example by example, same sources."""
+    from imtune.compare import scored_in_training
+    from imtune.config import TrainConfig
+    from imtune.evaluate.run import DataSet, evaluate_run
+    from imtune.models import load_model, load_tokenizer
+    from imtune.rundir import read_run
+    from imtune.synth import synthesize, write_jsonl
+    from imtune.train import train
+
+    train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
+    data = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
+    test = write_jsonl(tmp_path / "test.jsonl", heldout, "lookup", 0, "heldout")
+    run_dir = train(TrainConfig(model="random:tiny", data=str(data), eval_data=str(test), val_data=str(test),
+                                keep_best=True, max_steps=4, batch_size=2, max_length=256, lr=3e-3, warmup_ratio=0.0,
+                                eval_every=1, eval_train_sample=0, progress=False, threads=1,
+                                output_dir=str(tmp_path / "run")))
+    run = read_run(run_dir)
+    from imtune.prepare import load
+
+    convs, _ = load(str(test), "auto")
+    data = {"test_path": str(test), "test": convs}
+    best_step = json.loads((run_dir / "best" / "best.json").read_text())["step"]
+    tok = load_tokenizer(str(run.final))
+    for where, step in ((run.final, 4), (run_dir / "best", best_step)):
+        reused, per = scored_in_training(run, data, step)
+        fresh = evaluate_run(run, load_model(str(where)), tok, train=None, heldout=DataSet(tuple(convs)),
+                             per_example=True).heldout.loss
+        assert per["source"] == fresh["per_example"]["source"] == [str(c.source) for c in convs]
+        assert per["output_tokens"] == fresh["per_example"]["output_tokens"]
+        assert per["output_nll"] == pytest.approx(fresh["per_example"]["output_nll"], rel=1e-5)
+        assert reused["output_loss"] == pytest.approx(fresh["output"]["nll"], rel=1e-5)
+    assert scored_in_training(run, {**data, "test_path": str(tmp_path / "other.jsonl")}, 4) is None
+    assert scored_in_training(run, data, 99) is None  # no evaluation at that step: compare scores it afresh

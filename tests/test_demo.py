@@ -8,6 +8,7 @@ import yaml
 
 from imtune.cli import main
 from imtune.commands import demo
+from imtune.runlog import read_metrics
 
 
 def test_the_demos_recipe_end_to_end_on_a_tiny_model(tmp_path, capsys):
@@ -22,8 +23,7 @@ def test_the_demos_recipe_end_to_end_on_a_tiny_model(tmp_path, capsys):
         assert (cfg_path.parent / "DONE").exists() and (cfg_path.parent / "final").is_dir()
         assert cfg["template"] == demo.TRAIN["template"] and cfg["lr"] == demo.TRAIN["lr"]
         runs.setdefault(cfg["loss"], set()).add(cfg["seed"])
-        evals = [json.loads(line) for line in (cfg_path.parent / "metrics.jsonl").read_text().splitlines()
-                 if '"eval"' in line]
+        evals = read_metrics(cfg_path.parent, "eval")
         assert [e["step"] for e in evals] == [0, 2] and all(e["eval_output_loss"] > 0 for e in evals)
     assert runs == {"it": set(demo.SEEDS), "im": set(demo.SEEDS)}  # every arm with >= 2 seeds
     assert len(demo.SEEDS) >= 2

@@ -10,6 +10,7 @@ import torch
 from helpers import WORDS
 from imtune.cli import main
 from imtune.config import TrainConfig
+from imtune.runlog import read_metrics
 
 
 def _data(path, n: int, seed: int = 0) -> str:
@@ -39,7 +40,7 @@ def test_normalize_nonzero_divides_by_the_count_of_weighted_tokens(tmp_path):
                       max_steps=1, packing=False, max_length=128, lr=1e-3, warmup_ratio=0.0, progress=False,
                       threads=1)
     run = train(cfg)
-    (m,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    (m,) = read_metrics(run, "train")
     prep = prepare_examples(data, load_tokenizer("random:tiny"), loss_spec("weighted", 0.5, "assistant=0.6,eot=0.6"),
                             max_length=128)
     model = load_model("random:tiny", dtype=torch.float32, seed=42)

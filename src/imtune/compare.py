@@ -406,22 +406,27 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     model = load_model(str(run.final)).to(device)
     say(f"{what}: evaluating {run.final} on {device}")
     test = DataSet(tuple(data["test"]))
+    steps = json.loads(run.done_text())["steps"]
+    trained = scored_in_training(run, data, steps)  # the trainer scored final/ on test.jsonl already
     ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed, 1))),
-                      heldout=test, per_example=True)
+                      heldout=None if trained else test, per_example=True)
     res: dict = {"per_example": {}}
-    for name, side in (("train", ev.train), ("heldout", ev.heldout)):
-        res[name], res["per_example"][name] = output_loss(side.loss)
-    res["gap"] = ev.output_gap
+    res["train"], res["per_example"]["train"] = output_loss(ev.train.loss)
+    res["heldout"], res["per_example"]["heldout"] = trained or output_loss(ev.heldout.loss)
+    res["gap"] = ev.output_gap if not trained else res["heldout"]["output_loss"] - res["train"]["output_loss"]
     res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data))
     del model
     best = run.path / "best"
     if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
         info = json.loads((best / "best.json").read_text(encoding="utf-8"))
-        model = load_model(str(best)).to(device)
-        ho_best, res["per_example"]["best_heldout"] = output_loss(
-            evaluate_run(run, model, tok, train=None, heldout=test, per_example=True).heldout.loss)
+        trained = scored_in_training(run, data, info["step"])
+        if not trained:
+            model = load_model(str(best)).to(device)
+            scored = evaluate_run(run, model, tok, train=None, heldout=test, per_example=True)
+            trained = output_loss(scored.heldout.loss)
+            del model
+        ho_best, res["per_example"]["best_heldout"] = trained
         res["best"] = {**info, "heldout": ho_best}
-        del model
     res["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
     say(f"  train output loss {fmt(res['train']['output_loss'])}, test {fmt(res['heldout']['output_loss'])}, "
@@ -482,6 +487,27 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
             "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
             "judge": s.judge.get("judge_model") if judged else None}
     return out
+
+
+def scored_in_training(run, data: dict, step: int) -> tuple[dict, dict] | None:
+    """(summary, per-example output sums) of the model at `step` on the test data, as the trainer scored it
+    (metrics.jsonl "eval_examples": its evaluation set `eval` is test.jsonl, read as training reads data), or None
+    when the run did not score the test data at that step. The model evaluated then is the one saved as final/ (the
+    last step) or best/ (its step), so scoring it again would repeat the same forward passes. Sources are named as
+    evaluate_run names them (the held-out file's records that test.jsonl holds, line by line), so the intervals pair
+    the same examples however each run was scored."""
+    if run.config.eval_data != str(data["test_path"]):
+        return None
+    at = [r["sets"].get("eval") for r in run.metrics("eval_examples") if r["step"] == step]
+    if not at or at[-1] is None:
+        return None
+    p, lines = dict(at[-1]), {f"{data['test_path']}:{i}": str(c.source) for i, c in enumerate(data["test"], 1)}
+    if not all(x in lines for x in p["source"]):
+        return None
+    p["source"] = [lines[x] for x in p["source"]]
+    tokens = sum(p["output_tokens"])
+    return ({"n": len(p["source"]), "output_loss": math.fsum(p["output_nll"]) / tokens if tokens else None,
+             "output_tokens": tokens, "instruction_loss": None, "scored": f"in training (step {step})"}, p)
 
 
 def output_loss(r: dict) -> tuple[dict, dict]:

@@ -41,6 +41,7 @@ class LossSums:
     nll_sum: torch.Tensor  # Σ w·nll, fp32 scalar, differentiable
     weight_sum: torch.Tensor  # Σ w, fp32 scalar, no grad
     per_class: dict[str, tuple[float, float]] | None = None  # class -> (Σ nll, count), unweighted, labelled tokens
+    per_group: tuple[torch.Tensor, torch.Tensor] | None = None  # (Σ w·nll, Σ w) per group id [G] fp64, no grad
 
 
 def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -121,12 +122,14 @@ def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None) -> LossSums:
+                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None,
+                 groups: torch.Tensor | None = None) -> LossSums:
     """Σ w·nll and Σ w over positions (see the module docstring). hidden [B, T, H] (any float dtype),
     lm_head_weight [V, H], labels [B, T] (-100: none), weights [B, T] (already aligned with labels).
 
     classes [B, T] (optional): also return per-class unweighted (Σ nll, count) over every labelled position,
-    zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions)."""
+    zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions).
+    groups [B, T] (optional, ids >= 0): also return (Σ w·nll, Σ w) per group id, e.g. per example (no extra cost)."""
     y, w = labels.reshape(-1), weights.reshape(-1).float()
     labelled = y != IGNORE
     active = labelled & (w > 0)
@@ -140,6 +143,13 @@ def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: tor
         nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
         nll_sum = (nll * w_act).sum()
     sums = LossSums(nll_sum=nll_sum, weight_sum=w_act.sum().detach())
+    if groups is not None:
+        with torch.no_grad():
+            g = groups.reshape(-1)[idx]
+            n = int(groups.max()) + 1 if groups.numel() else 0
+            zero = torch.zeros(n, dtype=torch.float64, device=g.device)
+            sums.per_group = (zero.index_add(0, g, (nll.detach() * w_act).double()),
+                              zero.index_add(0, g, w_act.double()))
     if classes is not None:
         with torch.no_grad():
             rest = (labelled & ~active).nonzero().squeeze(1)  # labelled but weightless: logged, never trained

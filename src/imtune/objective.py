@@ -19,7 +19,8 @@ from .pack import IGNORE
 
 
 class Objective(torch.nn.Module):
-    """(Σw·nll, Σw·KL, per-class sums) of one micro-batch. Wraps the causal LM (or its peft wrapper).
+    """(Σw·nll, Σw·KL, LossSums) of one micro-batch. Wraps the causal LM (or its peft wrapper). The LossSums carry
+    the per-class sums (`classes`) and, with per_example=True, (Σw·nll, Σw) per example of the batch (in batch order).
 
     `ref`: the frozen starting model for the KL term (full fine-tuning); with LoRA the starting model is the
     same module with its adapter switched off. Kept out of the module tree: never trained, never saved."""
@@ -30,7 +31,8 @@ class Objective(torch.nn.Module):
         self._ref = (ref,)  # a tuple hides it from nn.Module registration (and so from DDP and state_dict)
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks here
 
-    def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False):
+    def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False,
+                per_example: bool = False):
         embeds = embed(self.model, input_ids)  # [B, T, H]
         noise = None
         if self.training and self.neftune_alpha:
@@ -38,13 +40,17 @@ class Objective(torch.nn.Module):
             embeds = embeds + noise
         hidden = hidden_states(self.model, embeds, position_ids, attention_mask)  # [B, T, H]
         head_w, head_b = lm_head(self.model)
-        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b)
+        groups = sequence_ids(position_ids) if per_example else None
+        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b, groups)
+        if per_example:  # blocks with weight are the examples, in order; a packed row's padded tail has none
+            nll_g, w_g = sums.per_group
+            sums.per_group = (nll_g[w_g > 0], w_g[w_g > 0])
         kl_sum = sums.nll_sum.new_zeros(())
         if kl:
             ref_hidden, ref_w, ref_b = self.reference(input_ids, position_ids, attention_mask, noise)
             kl_sum = weighted_kl(hidden, head_w, head_b, ref_hidden, ref_w, ref_b, labels, weights,
                                  self.chunk_size)
-        return sums.nll_sum, kl_sum, sums.per_class
+        return sums.nll_sum, kl_sum, sums
 
     @torch.no_grad()
     def reference(self, input_ids, position_ids, attention_mask, noise):

@@ -5,6 +5,8 @@ metrics.jsonl has one JSON object a line:
     {"type": "train", "step": 12, "epoch": 0.4, "loss": 2.31, "loss_output": 2.5, "loss_instruction": 3.1,
      "lr": 1.9e-05, "grad_norm": 1.7, "tokens_per_s": 5400.0, "tokens": 98304, "time": 31.2}     every optimizer step
     {"type": "eval", "step": 12, "epoch": 0.4, "train_output_loss": 2.2, "eval_output_loss": 2.6, ...}
+    {"type": "eval_examples", "step": 12, "sets": {"eval": {"source": [...], "output_nll": [...],
+     "output_tokens": [...]}, ...}}            beside each eval line: per-example output-token NLL sums and counts
     {"type": "stopped", "step": 13, "reason": "..."}                                  a run stopped on a bad loss
 `loss` is the training objective's Σw·nll / Σw of that step (the KL term, when on, is logged apart as `kl`);
 `loss_output` / `loss_instruction` are unweighted mean nll over assistant+eot / user+system label tokens.

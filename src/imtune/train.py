@@ -17,7 +17,8 @@ The run directory (evaluation, comparison and reports read only this; keep the n
       config.yaml           the resolved TrainConfig (a valid CONFIG.yaml: `imtune train RUN/config.yaml` repeats it)
       data_stats.json       what preparation did (kept / truncated / skipped and why), token counts, batch geometry
       chat_template.jinja   the template the examples were rendered with (also inside final/)
-      metrics.jsonl         one line per optimizer step, plus "type": "eval" lines (imtune.runlog)
+      metrics.jsonl         one line per optimizer step, plus "type": "eval" lines and, beside each, an
+                            "eval_examples" line with per-example output sums (imtune.runlog)
       tensorboard/          with --tensorboard
       checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state (imtune.checkpoint)
       best/                 with --keep-best: the model of the evaluation point with the lowest val (or eval)
@@ -111,11 +112,11 @@ def fit(run: Run) -> None:
             idx, keep = (mbs[k], 1.0) if k < len(mbs) else (mbs[0], 0.0)  # stand-in pass: zero loss
             batch = run.collate(idx)
             with gradient_sync(acc, obj, sync=j == rounds - 1):
-                nll, kl, per_class = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
-                                         kl=cfg.kl_coef > 0)
+                nll, kl, sums = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
+                                    kl=cfg.kl_coef > 0)
                 acc.backward((nll + cfg.kl_coef * kl) * (keep * world / W))
             dev += torch.stack([nll.detach(), kl.detach()]).double() * keep
-            add_class_sums(host, per_class, keep)
+            add_class_sums(host, sums.per_class, keep)
         stats = torch.cat([dev, torch.tensor(host, dtype=torch.float64, device=acc.device)])
         if world > 1:
             stats = acc.reduce(stats, reduction="sum")
@@ -187,32 +188,53 @@ def stop(run: Run, step: int, loss: float, grad_norm: float) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Held-out tracking: output-token (IT-mask) loss on a fixed training sample and on --eval-data.
 def evaluate(run: Run, step: int) -> dict:
+    from . import baseline
+
+    rec = {"type": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4)}
+    cached = step == 0 and baseline.usable(run)
+    k = baseline.key(run) if cached else None
+    hit = baseline.read(k) if cached else None
+    losses, per_example = hit if hit is not None else eval_losses(run)
+    if cached and hit is None:
+        baseline.write(k, (losses, per_example), run.dir)
+    rec.update(losses)
+    run.log.write(rec)
+    run.log.write({"type": "eval_examples", "step": step, "sets": per_example})
+    if run.cfg.keep_best:
+        keep_best(run, rec)
+    run.log.note(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("_loss")
+                                                    and v is not None)
+                 + (" (the untouched model's scores, cached by an earlier run: imtune.baseline)" if hit else ""))
+    return rec
+
+
+def eval_losses(run: Run) -> tuple[dict, dict]:
+    """Output-token loss of the model now on every evaluation set: ({"<set>_output_loss", "<set>_output_tokens"},
+    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample)."""
     import torch
 
     acc, obj, world = run.acc, run.objective, run.acc.num_processes
     obj.eval()
-    rec = {"type": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4)}
+    rec, per_example = {}, {}
     with torch.no_grad():
         for name, (examples, batches) in run.eval_sets.items():
-            sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+            sums = torch.zeros(2, len(examples), dtype=torch.float64, device=acc.device)  # Σw·nll, Σw per example
             for j in range(math.ceil(len(batches) / world)):
                 k = acc.process_index + j * world
-                idx, keep = (batches[k], 1.0) if k < len(batches) else (batches[0], 0.0)
-                batch = run.collate(idx, examples)
-                nll, _, _ = obj(*batch_args(batch))
-                sums += torch.stack([nll.double(), batch.weights.double().sum()]) * keep
+                idx, keep = (batches[k], True) if k < len(batches) else (batches[0], False)  # stand-in: not kept
+                _, _, out = obj(*batch_args(run.collate(idx, examples)), per_example=True)
+                if keep:
+                    sums[:, idx] += torch.stack(out.per_group)
             if world > 1:
                 sums = acc.reduce(sums, reduction="sum")
-            nll_sum, w_sum = sums.tolist()
-            rec[f"{name}_output_loss"] = nll_sum / w_sum if w_sum else None
-            rec[f"{name}_output_tokens"] = int(w_sum)
+            nll, w = sums.tolist()
+            total = math.fsum(w)
+            rec[f"{name}_output_loss"] = math.fsum(nll) / total if total else None
+            rec[f"{name}_output_tokens"] = int(total)
+            per_example[name] = {"source": [str(x) for x in examples.sources], "output_nll": nll,
+                                 "output_tokens": [int(x) for x in w]}
     obj.train()
-    run.log.write(rec)
-    if run.cfg.keep_best:
-        keep_best(run, rec)
-    run.log.note(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("_loss")
-                                                    and v is not None))
-    return rec
+    return rec, per_example
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -625,7 +647,9 @@ def eval_sets(cfg: TrainConfig, prep, tok, make_batches) -> dict:
     it = loss_spec("it")
     by_source = {c.source: c for c in prep.conversations}
     kept = [by_source[e.source] for e in prep.examples]
-    pick = np.random.default_rng([cfg.seed, 7]).permutation(len(kept))[:cfg.eval_train_sample]
+    # The same sample for every seed (a measuring instrument, like the held-out set): seeds compare like with like,
+    # and runs that start from one model share their step-0 evaluation (imtune.baseline).
+    pick = np.random.default_rng(7).permutation(len(kept))[:cfg.eval_train_sample]
     sets = {"train": [kept[i] for i in sorted(pick)]} if cfg.eval_train_sample else {}
     out = {}
     for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
