@@ -123,7 +123,8 @@ class TrainConfig:
     keep_best: bool = _f(False, "keep the model of the evaluation point with the lowest held-out output loss in "
                                 "RUN/best/ (same format as final/; on --val-data if given, else --eval-data)")
     eval_every: int | None = _f(None, "evaluate every N steps (also at the start and the end)", int)
-    eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked (the same for every seed)")
+    eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked (the same "
+                                    "sample for every seed)")
     log_class_losses: bool = _f(True, "log loss_output / loss_instruction every step (costs an extra "
                                       "forward-only pass over untrained positions)")
     tensorboard: bool = _f(False, "also write TensorBoard events to RUN/tensorboard")
