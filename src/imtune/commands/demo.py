@@ -61,8 +61,9 @@ def add_arguments(p) -> None:
     g.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop every run after this many optimizer steps (default: the recipe's epochs; smoke tests)")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="runs trained side by side (default: 2 on an idle CPU with 2+ cores, else 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs trained side by side (imtune compare --jobs). Default 1: on the 2-core build machine "
+                        "the demo took 399 s one run after another against 424 s two side by side (2026-12-02)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -76,17 +77,6 @@ def pick_threads() -> int | None:
         return None
     cores, busy = os.cpu_count() or 1, cores_busy()
     return None if busy < 0.75 else max(1, cores - math.ceil(busy - 0.25))
-
-
-def pick_jobs() -> int:
-    """Runs trained side by side: 2 on an idle CPU with >= 2 cores, else 1 (a GPU, or a CPU whose cores other
-    processes use). The demo's timing in BENCHMARKS.md was measured with 2 (imtune.schedule: no faster than one after
-    another on the 2-core build machine)."""
-    import torch
-
-    if torch.cuda.is_available() or (os.cpu_count() or 1) < 2:
-        return 1
-    return 2 if pick_threads() is None else 1
 
 
 def cores_busy(seconds: float = 1.0) -> float:
@@ -185,7 +175,7 @@ def run(args) -> int:
         shutil.rmtree(out)
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
-    jobs = args.jobs or pick_jobs()
+    jobs = args.jobs
     threads = None if jobs > 1 else pick_threads()
     if threads:
         t["threads"] = threads
