@@ -190,7 +190,6 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     for measured, want in ((0.1, None), (0.7, None), (1.0, 1), (1.9, 1), (5.0, 1)):
         monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0, m=measured: m)
         assert demo.pick_threads() == want, measured
-        assert demo.pick_jobs() == (2 if want is None else 1), measured  # side by side only on free cores
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(demo, "cores_busy", lambda seconds=1.0: 4.0)
     assert demo.pick_threads() == 12
