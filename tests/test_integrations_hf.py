@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny, write_conversations
 from imtune.integrations import hf
 from imtune.models import load_model, load_tokenizer
 from imtune.pack import make_batches
 from imtune.prepare import prepare_examples
 from imtune.types import UsageError
 from imtune.weights import loss_spec
-from test_train import tiny, write_conversations
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-# helpers.py holds these; test modules that import them from test_train (test_integrations_hf) keep working.
 from helpers import metrics, tiny, write_conversations
 from imtune.config import TrainConfig, add_train_arguments
 from imtune.types import UsageError
