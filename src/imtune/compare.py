@@ -353,16 +353,12 @@ def write_conversations(path: Path, convs: list[Conversation]) -> Path:
     return path
 
 
-def estimate_steps(b: TrainConfig, examples: list) -> int:
-    """Optimizer steps the trainer will take (packing as the trainer does it; one process). For the eval cadence."""
-    from .pack import pack_examples
+def estimate_steps(b: TrainConfig, examples) -> int:
+    """Optimizer steps the trainer will take on `examples` (for the eval cadence and the --budget cap): the trainer's
+    own arithmetic (imtune.plan), on as many processes as this command runs in."""
+    from .plan import micro_batches_per_epoch, schedule
 
-    if b.max_steps:
-        return b.max_steps
-    rows = len(pack_examples(examples, b.max_length)) if b.packing else len(examples)
-    accum = b.effective_batch // b.batch_size if b.effective_batch else b.grad_accum
-    per_epoch = math.ceil(math.ceil(max(rows, 1) / b.batch_size) / max(accum, 1))
-    return max(1, math.ceil(b.epochs * per_epoch))
+    return schedule(b, micro_batches_per_epoch(b, examples), int(os.environ.get("WORLD_SIZE", "1"))).total_steps
 
 
 def fixed_sample(items: list, n: int | None, seed: int, salt: int) -> list:
