@@ -12,14 +12,14 @@ from imtune.runlog import read_metrics
 
 
 def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, monkeypatch):
-    from imtune import train as trainer
+    from imtune import saving, track
 
     saved = []
-    monkeypatch.setattr(trainer, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
-    run = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, best=None, dir=tmp_path)
+    monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
+    run, best = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, dir=tmp_path), None
     # validation improves at steps 0, 1, 3; the scored (eval) loss improves at 2 only
     for step, val, test in ((0, 3.0, 2.0), (1, 2.5, 2.1), (2, 2.6, 1.0), (3, 2.4, 1.5), (4, 2.4, 0.5)):
-        trainer.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test})
+        best = track.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test}, best)
     assert [info["step"] for _, info in saved] == [0, 1, 3]  # ties keep the earlier point
     assert {name for name, _ in saved} == {"best"} and {i["selected_on"] for _, i in saved} == {"val_output_loss"}
 

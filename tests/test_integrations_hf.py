@@ -99,7 +99,7 @@ def _same_optimizer(cfg, n_micro):
     """A model initialised as imtune's, with imtune's AdamW (param groups, fused) and lr schedule."""
     import math
 
-    from imtune.train import build_optimizer, build_scheduler
+    from imtune.build import build_optimizer, build_scheduler
 
     model = load_model(cfg.model, dtype=torch.float32, seed=cfg.seed)
     model.config.use_cache = False
