@@ -52,3 +52,17 @@ def test_only_single_process_cpu_runs_from_step0_use_it(monkeypatch):
     assert not usable(run(start=3)) and not usable(run(world=2)) and not usable(run(device="cuda"))
     monkeypatch.setenv("IMTUNE_NO_CACHE", "1")
     assert not usable(run())
+
+
+def test_the_key_holds_the_precision_used_not_the_probe_that_chose_it():
+    """`--precision auto` measures GFLOP/s in every run: two runs that both chose fp32 share their step-0 scores."""
+    from types import SimpleNamespace as NS
+
+    from imtune.baseline import forward_settings
+    from imtune.precision import Precision
+
+    cfg = NS(attn_implementation=None, compile=False, chunk_size=1024)
+    a = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", fp32_gflops=72.0, bf16_gflops=1.0))
+    b = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", fp32_gflops=110.0, bf16_gflops=1.3))
+    c = NS(cfg=cfg, precision=Precision("bf16", "bf16", "asked"))
+    assert forward_settings(a) == forward_settings(b) != forward_settings(c)

@@ -1,4 +1,4 @@
-"""imtune.schedule: compare's runs trained and evaluated side by side (--jobs) end exactly where the same runs end one
+"""imtune.schedule: compare's runs trained side by side (--jobs) end exactly where the same runs end one
 after another, each writes its own RUN/train.log, and a run that fails stops the others and names its log."""
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ def test_runs_side_by_side_end_where_they_end_one_after_another(tmp_path, capsys
     _compare(tmp_path, data, "seq", 1)
     _compare(tmp_path, data, "par", 2)
     err = capsys.readouterr().err
-    assert "side by side" in err and "trained in" in err and "evaluated in" in err
+    assert "side by side" in err and "trained in" in err
     for arm in ("it", "im"):
         seq, par = tmp_path / "seq" / "arms" / arm / "seed-42", tmp_path / "par" / "arms" / arm / "seed-42"
         assert (par / "train.log").read_text().count("final model:") == 1  # the child's output went to its log
         assert not (seq / "train.log").exists()
-        assert "evaluating" in (par / "eval" / "compare.log").read_text()  # the evaluation ran in its own child
+        assert not (par / "eval" / "compare.log").exists()  # evaluations run one after another in this process
         a, b = load_file(seq / "final" / "model.safetensors"), load_file(par / "final" / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
     summary = lambda d: json.loads((tmp_path / d / "compare.json").read_text())["evidence"]  # noqa: E731

@@ -34,14 +34,10 @@ def usable(run) -> bool:
 def key(run) -> str:
     """The hash of the model's weights, the forward's settings and the evaluation sets (see the module docstring)."""
     import torch
-    import transformers
 
     from .train import fingerprint
 
-    cfg = run.cfg
-    h = hashlib.sha256(json.dumps([VERSION, run.precision.to_dict(), cfg.attn_implementation, cfg.compile,
-                                   cfg.chunk_size, torch.get_num_threads(), torch.__version__,
-                                   transformers.__version__]).encode())
+    h = hashlib.sha256(json.dumps(forward_settings(run)).encode())
     for name, tensor in run.model.state_dict().items():
         t = tensor.detach().contiguous()
         h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
@@ -49,6 +45,17 @@ def key(run) -> str:
     for name, (examples, batches) in sorted(run.eval_sets.items()):
         h.update(f"|{name}:{fingerprint(examples)}:{batches}".encode())
     return h.hexdigest()
+
+
+def forward_settings(run) -> list:
+    """What decides the forward's numbers besides weights and data. The precision actually used, not how it was
+    chosen: `--precision auto`'s probe measures GFLOP/s anew in every run."""
+    import torch
+    import transformers
+
+    cfg = run.cfg
+    return [VERSION, run.precision.used, cfg.attn_implementation, cfg.compile, cfg.chunk_size,
+            torch.get_num_threads(), torch.__version__, transformers.__version__]
 
 
 def path_of(k: str) -> Path:

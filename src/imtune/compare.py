@@ -151,7 +151,7 @@ def compare(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt, report
     from .aggregate import aggregate
     from .provenance import versions
-    from .schedule import Job, Task, side_by_side, side_by_side_ok, train_all
+    from .schedule import Job, train_all
 
     out = Path(s.out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -186,14 +186,11 @@ def compare(s: CompareSettings) -> Path:
     if not is_main_process():
         return out
 
-    if side_by_side_ok(s.jobs, len(runs)):  # 2a. the evaluations side by side, each filling its run's cache
-        threads = max(1, (os.cpu_count() or 1) // s.jobs)
-        side_by_side([Task(f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}: evaluation", evaluate_arm,
-                           (s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"),
-                           Path(cfg.output_dir) / "eval" / "compare.log", threads, "evaluated")
-                      for i, (arm, seed, cfg) in enumerate(runs, 1)], s.jobs, say)
     results = {}
-    for i, (arm, seed, cfg) in enumerate(runs, 1):  # 2. evaluate final/ and best/ of each run (rank 0 only)
+    # 2. evaluate final/ and best/ of each run (rank 0 only), one after another in this process whatever --jobs says:
+    # side by side, each child imports torch and transformers again, and on the 2-core build machine two demo
+    # evaluations took 45 s per pair against ~10 s each here (2026-12-01).
+    for i, (arm, seed, cfg) in enumerate(runs, 1):
         results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
         free_memory()
 

@@ -1,14 +1,13 @@
 """Train a list of runs (compare's arms x seeds): one after another in this process, or several side by side.
 
 Why side by side: where one run cannot use every core (many cores, a small model). On the 2-core AMD EPYC build
-machine it gained nothing for SmolLM2-135M (make demo, 2026-12-01: two 1-thread runs of 24 steps side by side took
-166 s, about what two 2-thread runs take one after another) and the evaluations were slower side by side (57 s each
-pair against ~17 s each in sequence: every child imports torch and transformers again). Measure before relying on it.
-`jobs` > 1 starts each run in
-its own process (spawn, so no forked torch state) with cores // jobs torch threads unless --threads says otherwise;
-its output goes to RUN/train.log, and this process prints one line when each run starts and ends. A run that fails
-stops the others and names its log. Under `accelerate launch` (several processes per run) runs go one at a time.
-compare's final evaluations go side by side the same way (each child fills the run's evaluation cache).
+machine, SmolLM2-135M (make demo, 2026-12-01): two 1-thread runs of 24 steps side by side took 166 s per pair, and the
+same runs one after another with 2 threads ~205 s per pair (small matmuls do not use 2 threads well). Evaluations are
+not run this way (imtune.compare runs them in its own process: side by side, every child imports torch and
+transformers again and they were slower). Measure before relying on it. `jobs` > 1 starts each run in its own process
+(spawn, so no forked torch state) with cores // jobs torch threads unless --threads says otherwise; its output goes to
+RUN/train.log, and this process prints one line when each run starts and ends. A run that fails stops the others and
+names its log. Under `accelerate launch` (several processes per run) runs go one at a time.
 """
 from __future__ import annotations
 

@@ -7,6 +7,15 @@ from ..runlog import say  # noqa: F401  (the one `say`; commands import it from 
 from ..weights import LOSS_MODES, LossSpec, loss_spec
 
 
+def add_jobs_arg(p) -> None:
+    """--jobs of compare, sweep and study (imtune.schedule)."""
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs side by side, each in its own process with cores/N torch threads, output in "
+                        "RUN/train.log (evaluations still run one after another); for machines where one run cannot "
+                        "use every core (2-core CPU, 135M model: 166 s per pair of runs against ~205 s one after "
+                        "another); 1: one after another")
+
+
 def add_model_args(p, default: str = "default") -> None:
     p.add_argument("--model", default=default, help=field_help("model"))
 

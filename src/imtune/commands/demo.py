@@ -29,7 +29,7 @@ from ..runlog import say
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
 DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
 TRAIN = dict(template="chatml", epochs=3.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
-             max_length=256, batch_size=1, eval_every=8, eval_train_sample=4)
+             max_length=256, batch_size=1, eval_every=8, eval_train_sample=0)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
 EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
 RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum

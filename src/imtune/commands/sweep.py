@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
+from .common import add_jobs_arg
 
 
 def add_arguments(p) -> None:
@@ -24,10 +25,7 @@ def add_arguments(p) -> None:
                    help="without --eval-data: this share of --data (a seeded split) is held out")
     g.add_argument("--loss-samples", type=int, default=None, metavar="N",
                    help="score the final training output loss on a fixed sample of N examples (default: all)")
-    g.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train (and evaluate) N runs side by side, each in its own process with cores/N torch "
-                        "threads, output in RUN/train.log; for machines where one run cannot use every core (on a "
-                        "2-core CPU it gained nothing for a 135M model); 1: one after another")
+    add_jobs_arg(g)
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
