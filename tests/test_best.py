@@ -69,7 +69,7 @@ def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp
 def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(tmp_path):
     """compare takes final/'s and best/'s test scores from the trainer's evaluation at that step (no second forward
     pass); that is only right if they equal evaluate_run's on the saved model, example by example, same sources."""
-    from imtune.compare import scored_in_training
+    from imtune.compare_eval import scored_in_training
     from imtune.config import TrainConfig
     from imtune.evaluate.run import DataSet, evaluate_run
     from imtune.models import load_model, load_tokenizer

@@ -19,7 +19,8 @@ from imtune.types import UsageError
     dict(packing=False, batch_size=3, max_steps=2),
 ])
 def test_compare_estimate_is_what_the_trainer_does(tmp_path, kw):
-    from imtune.compare import CompareSettings, materialise_data, parse_arms
+    from imtune.compare import CompareSettings, parse_arms
+    from imtune.compare_data import materialise_data
     from imtune.train import train
 
     data = write_conversations(tmp_path / "d.jsonl", 13)
