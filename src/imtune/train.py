@@ -18,14 +18,18 @@ The run directory (evaluation, comparison and reports read only this; keep the n
     RUN/
       config.yaml           the resolved TrainConfig (a valid CONFIG.yaml: `imtune train RUN/config.yaml` repeats it)
       data_stats.json       what preparation did (kept / truncated / skipped and why), token counts, batch geometry
+                            (the Schedule: imtune.plan)
       chat_template.jinja   the template the examples were rendered with (also inside final/)
       metrics.jsonl         one line per optimizer step, plus "type": "eval" lines and, beside each, an
-                            "eval_examples" line with per-example output sums (imtune.runlog)
+                            "eval_examples" line with per-example output sums (imtune.runlog; eval: imtune.track)
       tensorboard/          with --tensorboard
-      checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state (imtune.checkpoint)
+      checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state, COMPLETE manifest
+                            (imtune.saving gathers, imtune.checkpoint writes, imtune.integrity verifies)
       best/                 with --keep-best: the model of the evaluation point with the lowest val (or eval)
-                            output loss, same format as final/, and best/best.json (step, loss, selected on)
-      final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template);
+                            output loss, same format as final/, and best/best.json (step, loss, selected on;
+                            track.keep_best)
+      final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template;
+                            saving.save_final);
                             --lora (no --merge-lora): the adapter + HOW_TO_LOAD.md (+ RUN/base/ for random bases)
       DONE                  written last (JSON summary); checkpoint.is_finished(RUN) -> train() returns at once
 
@@ -84,7 +88,7 @@ def train(cfg: TrainConfig) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: config -> data, schedule, model, optimizer, (resumed state), run directory. Everything it decides is frozen.
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields hold models and tensors
 class Run:
     """What setup decided and built for fit. Frozen: no field changes while fit runs (the objects fields point to
     do: the model's weights, the optimizer's moments, the scheduler's step, the log's file); what changes during the
