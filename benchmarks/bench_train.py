@@ -10,8 +10,8 @@ All sides live in ONE process and take turns, window by window, so that every re
 under the same machine load, and setup (imports, model init, data preparation) is paid once:
   - TRL runs its own, unmodified `trainer.train()`; a TrainerCallback times each optimizer step (on_step_begin ->
     on_step_end) and, at the end of each TRL window, runs the other sides' windows before TRL continues.
-  - imtune runs its own loop, `imtune.train.fit(run)`, one window at a time (run.start_step/total_steps set to the
-    window), timed around the call.
+  - imtune runs its own loop, `imtune.train.fit(run)`, one window at a time (a copy of the frozen Run whose
+    start_step/total_steps are the window's), timed around the call.
   - other imtune sides (optional, `variants`): imtune with some of benchmarks/bench_variants.py's variants in force
     (the code as it was before issue 7, or changes proposed to the trainer's owner), measured the same way.
 Order per repeat: sides in turn, reversed every other repeat. Each side's first window is a warm-up (not measured).
@@ -21,6 +21,7 @@ examples in its micro-batches, TRL by wrapping its data collator.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -61,8 +62,10 @@ class ImtuneSide:
 
             P.use(self.variants)
         self.name, self.run, self.done = name, setup(cfg), 0
-        epoch = self.run.epoch_batches(0)  # computed now: later monkeypatching of make_batches cannot change it
-        self.padding = padding_fraction(self.run.examples, epoch, cfg.packing, cfg.max_length)
+        # Each epoch's micro-batches computed once, outside the timed windows; epoch 0 now: later monkeypatching of
+        # make_batches cannot change it.
+        self.batches_of = functools.lru_cache(maxsize=None)(self.run.epoch_batches)
+        self.padding = padding_fraction(self.run.examples, self.batches_of(0), cfg.packing, cfg.max_length)
         self.windows: list[dict] = []
 
     def window(self, steps: int, measured: bool, peak: float | None) -> None:
@@ -72,13 +75,17 @@ class ImtuneSide:
             import bench_variants as P
 
             P.use(self.variants)  # the loss dispatches on this (optimizer and batches were fixed at setup)
-        run = self.run
-        run.start_step, run.total_steps = self.done, self.done + steps
-        tokens = sum(run.lengths[i] for s in range(self.done, self.done + steps) for mb in run.step_batches(s)
-                     for i in mb)
+        from dataclasses import replace
+
+        run = replace(self.run, start_step=self.done,
+                      schedule=replace(self.run.schedule, total_steps=self.done + steps))
+        tokens = 0
+        for s in range(self.done, self.done + steps):
+            epoch, part = run.schedule.step_slice(s)
+            tokens += sum(run.lengths[i] for mb in self.batches_of(epoch)[part] for i in mb)
         sync()
         t = time.perf_counter()
-        fit(run)
+        fit(run, self.batches_of)
         sync()
         dt = time.perf_counter() - t
         self.done += steps

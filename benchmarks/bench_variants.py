@@ -4,7 +4,7 @@
                   so every chunk's logits are computed twice and log-softmax runs three times.
   before_batches  imtune.pack.make_batches as it was before issue 7: shuffled bins cut into micro-batches without
                   regard to their lengths (rows padded to the longest of their micro-batch).
-  before_adamw    imtune.train.build_optimizer as it was before issue 7: torch.optim.AdamW's default (foreach) step,
+  before_adamw    imtune.build.build_optimizer as it was before issue 7: torch.optim.AdamW's default (foreach) step,
                   not fused=True.
 
 install() routes imtune's loss, batching and optimizer construction through dispatchers once; use(names) picks the
@@ -88,14 +88,14 @@ def _batches_dispatch(*args, **kw):
 
 
 def install() -> None:
-    from imtune import loss, objective, pack, train
+    from imtune import build, loss, objective, pack
 
     if _ORIGINAL:
         return
-    _ORIGINAL.update(weighted_nll=loss.weighted_nll, build_optimizer=train.build_optimizer,
+    _ORIGINAL.update(weighted_nll=loss.weighted_nll, build_optimizer=build.build_optimizer,
                      make_batches=pack.make_batches)
     loss.weighted_nll = objective.weighted_nll = _loss_dispatch  # objective binds it at import
-    train.build_optimizer = _optimizer_dispatch
+    build.build_optimizer = _optimizer_dispatch
     pack.make_batches = _batches_dispatch
 
 

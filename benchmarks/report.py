@@ -319,7 +319,7 @@ def _analysis(r: dict) -> str:
     if r.get("loss"):
         L.append(f"- The loss head alone (micro-benchmark above): {S(r['loss']['speedup_fused']).fmt('.2f', '×')} "
                  "faster than the checkpointed chunks, with the same values and gradients (tests/test_loss.py).")
-        L.append(f"- **Fused AdamW** (`imtune.train.build_optimizer`, `fused=True` on CPU and GPU): the optimizer step "
+        L.append(f"- **Fused AdamW** (`imtune.build.build_optimizer`, `fused=True` on CPU and GPU): the optimizer step "
                  f"alone {S(r['loss']['adamw_speedup_fused']).fmt('.1f', '×')} faster than the default foreach step "
                  "(micro-benchmark above); part of the `before` → today training figures.")
     L.append("- **GPU settings** (section 6, H100, `random:1b`, imtune alone): 4 → 8 packed rows per micro-batch "

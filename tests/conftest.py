@@ -58,7 +58,7 @@ def sp_tok(tmp_path_factory):
 @pytest.fixture(scope="session")
 def judge_server():
     """One `imtune serve random:tiny --name judge-tiny` process for every judge test: (process, URL, stderr)."""
-    from test_serve import serving
+    from helpers import serving
 
     with serving("random:tiny", "--name", "judge-tiny") as s:
         yield s

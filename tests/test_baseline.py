@@ -11,15 +11,15 @@ def step0(run_dir):
 
 
 def test_second_run_from_the_same_model_reuses_step0_and_a_changed_model_does_not(tmp_path, monkeypatch):
-    from imtune import train as trainer
+    from imtune import track
     from imtune.train import train
 
     monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path / "cache"))
     data = write_conversations(tmp_path / "d.jsonl", 12)
     held = write_conversations(tmp_path / "h.jsonl", 6, seed=1)
     calls = []
-    real = trainer.eval_losses
-    monkeypatch.setattr(trainer, "eval_losses", lambda run: calls.append(run.dir.name) or real(run))
+    real = track.eval_losses
+    monkeypatch.setattr(track, "eval_losses", lambda run: calls.append(run.dir.name) or real(run))
     kw = dict(eval_data=held, eval_every=2, eval_train_sample=4, max_steps=2, batch_size=4)
 
     first = train(tiny(data, tmp_path / "it", loss="it", **kw))

@@ -12,14 +12,14 @@ from imtune.runlog import read_metrics
 
 
 def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, monkeypatch):
-    from imtune import train as trainer
+    from imtune import saving, track
 
     saved = []
-    monkeypatch.setattr(trainer, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
-    run = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, best=None, dir=tmp_path)
+    monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
+    run, best = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, dir=tmp_path), None
     # validation improves at steps 0, 1, 3; the scored (eval) loss improves at 2 only
     for step, val, test in ((0, 3.0, 2.0), (1, 2.5, 2.1), (2, 2.6, 1.0), (3, 2.4, 1.5), (4, 2.4, 0.5)):
-        trainer.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test})
+        best = track.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test}, best)
     assert [info["step"] for _, info in saved] == [0, 1, 3]  # ties keep the earlier point
     assert {name for name, _ in saved} == {"best"} and {i["selected_on"] for _, i in saved} == {"val_output_loss"}
 
@@ -69,7 +69,7 @@ def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp
 def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(tmp_path):
     """compare takes final/'s and best/'s test scores from the trainer's evaluation at that step (no second forward
     pass); that is only right if they equal evaluate_run's on the saved model, example by example, same sources."""
-    from imtune.compare import scored_in_training
+    from imtune.compare_eval import scored_in_training
     from imtune.config import TrainConfig
     from imtune.evaluate.run import DataSet, evaluate_run
     from imtune.models import load_model, load_tokenizer

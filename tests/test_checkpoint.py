@@ -142,10 +142,12 @@ def _flip_byte(path: Path, at: int) -> None:
 
 
 def test_manifest_detects_missing_truncated_and_flipped_files(two_checkpoints, tmp_path):
+    from imtune.integrity import COMPLETE
+
     _, whole = two_checkpoints
     run = _unfinished_copy(whole, tmp_path / "run")
     step8 = run / "checkpoints" / "step-8"
-    manifest = json.loads((step8 / ckpt.COMPLETE).read_text())
+    manifest = json.loads((step8 / COMPLETE).read_text())
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(manifest["files"])
     assert ckpt.verify(step8) is None and ckpt.last_good(run) == step8
 

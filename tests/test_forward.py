@@ -113,8 +113,7 @@ def test_flash_sees_every_packed_example_alone(tiny, monkeypatch):
 
 
 def test_training_objective_and_its_kl_reference_go_through_it(tiny, monkeypatch):
-    from imtune.objective import Objective
-    from imtune.train import batch_args
+    from imtune.objective import Objective, batch_args
 
     examples = _examples()
     batch = _packed_batch(examples)

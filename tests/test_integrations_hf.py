@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny, write_conversations
 from imtune.integrations import hf
 from imtune.models import load_model, load_tokenizer
 from imtune.pack import make_batches
 from imtune.prepare import prepare_examples
 from imtune.types import UsageError
 from imtune.weights import loss_spec
-from test_train import tiny, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def _same_optimizer(cfg, n_micro):
     """A model initialised as imtune's, with imtune's AdamW (param groups, fused) and lr schedule."""
     import math
 
-    from imtune.train import build_optimizer, build_scheduler
+    from imtune.build import build_optimizer, build_scheduler
 
     model = load_model(cfg.model, dtype=torch.float32, seed=cfg.seed)
     model.config.use_cache = False

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import get, serving  # conftest imports serving from here
+from helpers import get, serving
 
 NAME = "tiny-test"
 

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-# helpers.py holds these; test modules that import them from test_train (test_integrations_hf) keep working.
 from helpers import metrics, tiny, write_conversations
 from imtune.config import TrainConfig, add_train_arguments
 from imtune.types import UsageError
@@ -40,7 +39,7 @@ def test_config_precedence_and_yaml_round_trip(tmp_path):
 
 
 def test_lr_schedule():
-    from imtune.train import lr_factor
+    from imtune.build import lr_factor
 
     lin = [lr_factor(s, 2, 10, "linear") for s in range(10)]
     assert lin[:3] == [1 / 3, 2 / 3, 1.0] and all(a > b > 0 for a, b in zip(lin[2:], lin[3:]))
@@ -166,10 +165,9 @@ def test_weighted_kl_matches_full_logits():
 
 def test_neftune_only_while_training(tmp_path):
     from imtune.models import load_model, load_tokenizer
-    from imtune.objective import Objective
+    from imtune.objective import Objective, batch_args
     from imtune.pack import collate
     from imtune.prepare import prepare_examples
-    from imtune.train import batch_args
     from imtune.weights import loss_spec
 
     prep = prepare_examples(write_conversations(tmp_path / "d.jsonl", 3), load_tokenizer("random:tiny"),
@@ -290,8 +288,9 @@ def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeyp
 def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
     """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
     objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""
+    from imtune.build import compile_layers
     from imtune.models import load_model
-    from imtune.train import compile_layers, train
+    from imtune.train import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     losses = {}

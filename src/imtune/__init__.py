@@ -13,7 +13,10 @@ The flow, one stage a module, frozen dataclasses between them (imtune.types), `i
     batch           pack.make_batches + pack.collate           Batch            padded or packed rows
     forward         forward.hidden_states                      hidden states    the one forward (train and eval)
     loss            objective.Objective -> loss.weighted_nll   LossSums         Σ w·nll and Σ w; train normalises
-    train           train.setup -> train.fit                   RUN/             metrics.jsonl, checkpoints, final/
+    steps           plan.schedule                              Schedule         steps per epoch and in all (compare too)
+    train           train.setup -> train.fit                   Run -> RUN/      frozen Run; build.* make its objects
+      track         track.evaluate (step 0: baseline)          metrics.jsonl    eval lines, --keep-best -> best/
+      save          saving.save_checkpoint / save_final        checkpoints/, final/, DONE
     read a run      rundir.read_run                            RunDir
     evaluate        evaluate.run.evaluate_run                  RunEval          re-reads the data as training did
     compare         compare.compare (schedule.train_all)       compare.json     arms x seeds, evidence.* intervals

@@ -1,6 +1,6 @@
 """Runs -> evidence: per-arm means and spreads over seeds, and paired intervals against a reference arm.
 
-    arms[*].runs[*].results (one per seed, from imtune.compare.evaluate_arm, with per-example output losses)
+    arms[*].runs[*].results (one per seed, from imtune.compare_eval.evaluate_arm, with per-example output losses)
         ─▶ arms[*].results   the mean over seeds of each measure (the shape one run's results have), plus "seeds":
                              mean / sd / min / max of each measure over seeds
         ─▶ evidence          per measure: each arm's value and its difference to the reference arm, with 95%

@@ -65,7 +65,7 @@ def path_of(k: str) -> Path:
 
 
 def read(k: str) -> tuple[dict, dict] | None:
-    """What train.eval_losses returned for key `k` (losses, per-example sums), or None."""
+    """What track.eval_losses returned for key `k` (losses, per-example sums), or None."""
     try:
         entry = json.loads(path_of(k).read_text(encoding="utf-8"))
         return (entry["losses"], entry["per_example"]) if entry["key"] == k else None

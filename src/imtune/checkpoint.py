@@ -9,7 +9,8 @@ A checkpoint is RUN/checkpoints/step-N/ holding
 It is written under checkpoints/.tmp-step-N, every file fsync'ed, then renamed into place and the parent directory
 fsync'ed: a directory named step-N with COMPLETE inside was whole when written, anything else is ignored by resume.
 Whether it is still whole (no file missing, truncated or with flipped bits) is checked against the manifest
-(`verify`) before a checkpoint is resumed from or called good; resume falls back to the newest intact one.
+(imtune.integrity.verify) before a checkpoint is resumed from or called good; resume falls back to the newest
+intact one.
 Pruning renames a checkpoint out of the step-N namespace before deleting its files, so a half-deleted checkpoint is
 never listed.
 
@@ -19,7 +20,6 @@ number in trainer_state.json *is* the RNG and data-order state, and it is the sa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,11 +27,20 @@ import sys
 import time
 from pathlib import Path
 
+from .integrity import (
+    checkpoints,
+    fsync_dir,
+    last_good,
+    latest_checkpoint,
+    newest_intact,
+    publish,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from .types import UsageError
 
-COMPLETE = "COMPLETE"
 DONE = "DONE"
-MANIFEST_FORMAT = 1
 
 
 # -- write failures (disk full, I/O errors) --------------------------------------------------------------------------
@@ -92,122 +101,6 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file under root, then every directory (bottom-up), so a rename after it publishes whole files."""
-    for dirpath, _, files in os.walk(root, topdown=False):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Atomically make `tmp` (a finished directory) appear as `final`, replacing an older one."""
-    fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    out = []
-    for d in (Path(run_dir) / "checkpoints").glob("step-*"):
-        if (d / COMPLETE).exists() and d.name[5:].isdigit():
-            out.append((int(d.name[5:]), d))
-    return sorted(out)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint marked complete (not verified: see newest_intact / last_good)."""
-    found = checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-# -- integrity -------------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_manifest(d: Path, optimizer_note: str | None = None) -> None:
-    """COMPLETE = sizes and sha256 of every file in `d` (written last; `optimizer_note`: why optimizer.pt is absent)."""
-    files = {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-             for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
-    body = {"format": MANIFEST_FORMAT, "files": files, "optimizer": optimizer_note}
-    (d / COMPLETE).write_text(json.dumps(body, indent=1) + "\n")
-
-
-def read_manifest(ckpt: Path) -> dict:
-    """The manifest of a checkpoint; UsageError when it is absent or unreadable."""
-    from .types import UsageError
-
-    try:
-        m = json.loads((Path(ckpt) / COMPLETE).read_text())
-        if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
-            raise ValueError
-    except FileNotFoundError:
-        raise UsageError(f"{ckpt}: not a complete checkpoint (no {COMPLETE} marker); resume from another one") from None
-    except (ValueError, OSError, UnicodeDecodeError):
-        raise UsageError(f"{ckpt}: {COMPLETE} holds no readable manifest (damaged, or written by an imtune that did "
-                         "not record checksums)") from None
-    return m
-
-
-def verify(ckpt: Path) -> str | None:
-    """None when every file of the manifest is there with its size and sha256; else what is wrong, e.g.
-    "optimizer.pt: missing", "model.safetensors: 1,024 bytes, expected 12,879,104 (truncated)"."""
-    from .types import UsageError
-
-    ckpt = Path(ckpt)
-    try:
-        files = read_manifest(ckpt)["files"]
-    except UsageError as e:
-        return str(e).removeprefix(f"{ckpt}: ")
-    if not files:
-        return f"{COMPLETE}: the manifest lists no files"
-    for name, want in files.items():
-        f = ckpt / name
-        if not f.is_file():
-            return f"{name}: missing"
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            truncated = " (truncated)" if size < want["bytes"] else ""
-            return f"{name}: {size:,} bytes, expected {want['bytes']:,}{truncated}"
-        if sha256_file(f) != want["sha256"]:
-            return f"{name}: checksum mismatch (the file changed after it was written)"
-    return None
-
-
-def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(newest checkpoint that verifies or None, [(newer damaged checkpoint, what is wrong)])."""
-    damaged = []
-    for _, d in reversed(checkpoints(run_dir)):
-        problem = verify(d)
-        if problem is None:
-            return d, damaged
-        damaged.append((d, problem))
-    return None, damaged
-
-
-def last_good(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies: the only one ever called "good"."""
-    return newest_intact(run_dir)[0]
-
-
 def _rel(p: Path, run_dir: Path) -> str:
     try:
         return str(Path(p).relative_to(run_dir))
@@ -253,7 +146,7 @@ def remove_checkpoint(d: Path) -> None:
     gone = d.with_name(f".del-{d.name}")
     shutil.rmtree(gone, ignore_errors=True)
     os.replace(d, gone)
-    _fsync_dir(d.parent)
+    fsync_dir(d.parent)
     shutil.rmtree(gone, ignore_errors=True)
 
 
@@ -459,7 +352,7 @@ def mark_done(run_dir: Path, summary: dict) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)
-        _fsync_dir(p.parent)
+        fsync_dir(p.parent)
     except OSError as e:  # final/ is written: the model is safe, only the marker is missing
         tmp.unlink(missing_ok=True)
         raise write_failure(e, p, run_dir).with_tail(f"the model is safe: {Path(run_dir) / 'final'} is complete "

@@ -1,7 +1,7 @@
 """`compare(settings) -> COMPARE_DIR`: train several loss arms on the same data, evaluate each, write a report.
 
-    arms ─▶ one run directory each (imtune.train: same model, data, order, budget and seed) ─▶ final evaluation
-         ─▶ compare.json ─▶ report.md / report.html (imtune.report)
+    data (imtune.compare_data) ─▶ arms ─▶ one run directory each (imtune.train: same model, data, order, budget
+         and seed) ─▶ final evaluation (imtune.compare_eval) ─▶ compare.json ─▶ report.md / report.html (imtune.report)
 
 An arm is a loss mode plus optional regularisers (ARM_FORMS): `it`, `im`, `all`, `weighted:0.1`, `im+neftune:5`,
 `it+kl:1`. Everything else (model, data, epochs, lr, ...) comes from one TrainConfig shared by every arm; every arm
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .runlog import is_main_process, say
-from .types import Conversation, UsageError
+from .types import UsageError
 
 ARM_FORMS = ("it, im, all or weighted:λ (λ >= 0), each optionally followed by +neftune:α and/or +kl:λ, "
              "e.g. it,im,weighted:0.1,im+neftune:5,it+kl:1")
@@ -150,6 +150,8 @@ class CompareSettings:
 def compare(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt, report
     from .aggregate import aggregate
+    from .compare_data import materialise_data
+    from .compare_eval import evaluate_arm
     from .provenance import versions
     from .schedule import Job, train_all
 
@@ -245,273 +247,6 @@ def free_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: every arm trains on the same file and is evaluated on the same held-out file
-def materialise_data(s: CompareSettings, out: Path) -> dict:
-    """Load F (format, fields, limit as given), split off the held-out part unless G is given, and write both in the
-    `messages` format to COMPARE_DIR/data/. Deterministic for a seed; refuses to overwrite different data that arms
-    were trained on. Also measures F (imtune.stats) and estimates the optimizer steps (for the eval cadence)."""
-    import numpy as np
-
-    from .models import load_tokenizer
-    from .prepare import load, prepare_examples
-    from .stats import dataset_stats
-    from .weights import loss_spec
-
-    b = s.base
-    if not b.data:
-        raise UsageError("no training data: give --data FILE")
-    convs, skipped = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
-    if skipped:
-        say(f"compare: {len(skipped)} invalid records of {b.data} skipped (first: {skipped[0]})")
-    if b.eval_data:
-        train, heldout = convs, load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
-        split = {"kind": "given", "heldout_source": b.eval_data}
-    else:
-        if not 0 < s.heldout_fraction < 1:
-            raise UsageError(f"--heldout-fraction must be between 0 and 1, not {s.heldout_fraction}")
-        if len(convs) < 2:
-            raise UsageError(f"{b.data}: {len(convs)} example(s): too few to split off held-out data; give --eval-data")
-        k = min(len(convs) - 1, max(1, round(s.heldout_fraction * len(convs))))
-        pick = set(np.random.default_rng([b.seed, 1717]).permutation(len(convs))[:k].tolist())
-        train = [c for i, c in enumerate(convs) if i not in pick]
-        heldout = [c for i, c in enumerate(convs) if i in pick]
-        split = {"kind": "split", "heldout_fraction": s.heldout_fraction, "seed": b.seed}
-    if not heldout:
-        raise UsageError(f"{b.eval_data}: no held-out examples")
-    tok = load_tokenizer(b.model)
-    # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
-    # any other arm could train on them too. The trainer would drop the rest for IT alone.
-    prep = prepare_examples(train, tok, loss_spec("it"), b.template, b.max_length, b.truncation, on_invalid="skip",
-                            system_prompt=b.system_prompt, special_tokens_in_content=b.special_tokens_in_content)
-    examples, renderer, report = prep.examples, prep.renderer, prep.report
-    kept = set(examples.sources)
-    dropped = [str(c.source) for c in train if c.source not in kept]
-    train = [c for c in train if c.source in kept]
-    if dropped:
-        say(f"compare: {len(dropped)} training examples left out for every arm ({report.summary()})")
-    if not train:
-        raise UsageError(f"{b.data}: no training example has an output token within --max-length {b.max_length}")
-    val, test, split["val"] = validation_split(s, heldout)
-    paths = {}
-    for name, part in (("train", train), ("heldout", heldout), ("val", val), ("test", test)):
-        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part) if part else None
-    stats = dataset_stats(convs, tok, renderer, "tokens", b.max_length)
-    return {"source": b.data, "format": b.format, "limit": b.limit, "records": len(convs),
-            "skipped": [str(p) for p in skipped], "split": split, "n_train": len(train), "n_heldout": len(heldout),
-            "n_val": len(val), "n_test": len(test), "dropped_train": dropped, "train_path": str(paths["train"]),
-            "heldout_path": str(paths["heldout"]), "test_path": str(paths["test"]),
-            "val_path": str(paths["val"]) if paths["val"] else None,
-            "stats": stats, "steps": estimate_steps(b, examples), "train": train, "heldout": heldout, "val": val,
-            "test": test}
-
-
-def validation_split(s: CompareSettings, heldout: list[Conversation]) -> tuple[list, list, dict]:
-    """(val, test, how): the validation part selects each run's best checkpoint, the test part scores every run.
-    They never share an example: --val-data that repeats a held-out example is refused."""
-    import numpy as np
-
-    from .prepare import load
-
-    b = s.base
-    key = lambda c: tuple((m.role, m.content) for m in c.messages)  # noqa: E731
-    if s.val_data:
-        val = load(s.val_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0]
-        both = {key(c) for c in val} & {key(c) for c in heldout}
-        if both:
-            raise UsageError(f"{s.val_data}: {len(both)} example(s) also in the held-out data; selection must never "
-                             "see the data it is scored on: remove them or drop --val-data")
-        return val, heldout, {"kind": "given", "source": s.val_data}
-    if not 0 <= s.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be >= 0 and < 1, not {s.val_fraction}")
-    if s.val_fraction == 0 or len(heldout) < 2:
-        why = "--val-fraction 0" if s.val_fraction == 0 else "one held-out example: too few to split"
-        return [], heldout, {"kind": "none", "why": why}
-    k = min(len(heldout) - 1, max(1, round(s.val_fraction * len(heldout))))
-    pick = set(np.random.default_rng([b.seed, 2929]).permutation(len(heldout))[:k].tolist())
-    return ([c for i, c in enumerate(heldout) if i in pick], [c for i, c in enumerate(heldout) if i not in pick],
-            {"kind": "split", "val_fraction": s.val_fraction, "seed": b.seed})
-
-
-def write_conversations(path: Path, convs: list[Conversation]) -> Path:
-    text = "".join(json.dumps({"source": str(c.source), "messages": [{"role": m.role, "content": m.content}
-                                                                      for m in c.messages]}, ensure_ascii=False) + "\n"
-                   for c in convs)
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        if any((path.parent.parent / "arms").glob("*/config.yaml")):
-            raise UsageError(f"{path} holds other data than this command makes (another --data, --limit, "
-                             "--heldout-fraction or --seed?), and arms were trained on it; give another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # every process may write: same bytes, atomic rename
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def estimate_steps(b: TrainConfig, examples: list) -> int:
-    """Optimizer steps the trainer will take (packing as the trainer does it; one process). For the eval cadence."""
-    from .pack import pack_examples
-
-    if b.max_steps:
-        return b.max_steps
-    rows = len(pack_examples(examples, b.max_length)) if b.packing else len(examples)
-    accum = b.effective_batch // b.batch_size if b.effective_batch else b.grad_accum
-    per_epoch = math.ceil(math.ceil(max(rows, 1) / b.batch_size) / max(accum, 1))
-    return max(1, math.ceil(b.epochs * per_epoch))
-
-
-def fixed_sample(items: list, n: int | None, seed: int, salt: int) -> list:
-    """The same n items for every arm (sorted back into file order); all of them when n is None or >= len."""
-    import numpy as np
-
-    if n is None or n >= len(items):
-        return list(items)
-    pick = np.random.default_rng([seed, salt]).permutation(len(items))[:n]
-    return [items[i] for i in sorted(pick.tolist())]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Final evaluation of one arm
-def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, what: str) -> dict:
-    """Output-token loss on (a sample of) the training data and on the test data, their gap, memorisation BLEU,
-    test exact match and benchmarks of RUN/final; the test output loss of RUN/best (when kept). Per-example output
-    losses ride along (results["per_example"], for the intervals). Cached in RUN/eval/compare.json per settings.
-    The losses are imtune.evaluate.run.evaluate_run's, scored as the run was trained (template, system prompt,
-    max length, truncation: the run's own config.yaml)."""
-    from .rundir import read_run
-
-    run = read_run(cfg.output_dir)
-    cache = run.path / "eval" / "compare.json"
-    key = hashlib.sha256(json.dumps([s.eval_settings(), data["train_path"], data["test_path"],
-                                     file_digest(data["train_path"]), file_digest(data["test_path"]),
-                                     run.done_text()], sort_keys=True).encode()).hexdigest()[:16]
-    cached = read_json(cache)
-    if cached and cached.get("key") == key:
-        say(f"{what}: already evaluated ({cache}); skipping")
-        return cached["results"]
-
-    import torch
-
-    from .evaluate.run import DataSet, evaluate_run, scoring_as_trained
-    from .models import load_model, load_tokenizer
-
-    t0 = time.perf_counter()
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(str(run.final))
-    model = load_model(str(run.final)).to(device)
-    say(f"{what}: evaluating {run.final} on {device}")
-    test = DataSet(tuple(data["test"]))
-    steps = json.loads(run.done_text())["steps"]
-    trained = scored_in_training(run, data, steps)  # the trainer scored final/ on test.jsonl already
-    ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed, 1))),
-                      heldout=None if trained else test, per_example=True)
-    res: dict = {"per_example": {}}
-    res["train"], res["per_example"]["train"] = output_loss(ev.train.loss)
-    res["heldout"], res["per_example"]["heldout"] = trained or output_loss(ev.heldout.loss)
-    res["gap"] = ev.output_gap if not trained else res["heldout"]["output_loss"] - res["train"]["output_loss"]
-    res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data))
-    del model
-    best = run.path / "best"
-    if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
-        info = json.loads((best / "best.json").read_text(encoding="utf-8"))
-        trained = scored_in_training(run, data, info["step"])
-        if not trained:
-            model = load_model(str(best)).to(device)
-            scored = evaluate_run(run, model, tok, train=None, heldout=test, per_example=True)
-            trained = output_loss(scored.heldout.loss)
-            del model
-        ho_best, res["per_example"]["best_heldout"] = trained
-        res["best"] = {**info, "heldout": ho_best}
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
-    say(f"  train output loss {fmt(res['train']['output_loss'])}, test {fmt(res['heldout']['output_loss'])}, "
-        f"gap {fmt(res['gap'])}"
-        + (f", best checkpoint (step {res['best']['step']}) test {fmt(res['best']['heldout']['output_loss'])}"
-           if "best" in res else "")
-        + (f", BLEU-to-train {fmt(res['bleu']['corpus_bleu'], 2)}" if "bleu" in res else "")
-        + (f", test exact match {res['exact_match']['accuracy']:.1%}" if "exact_match" in res else "")
-        + f" ({res['seconds']:.0f}s)")
-    return res
-
-
-def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, cfg: TrainConfig, data: dict) -> dict:
-    """Memorisation BLEU on a fixed sample of training prompts, test exact match, and the benchmarks of one model
-    (answers greedily, rendered as the run was trained)."""
-    from .evaluate.bleu import generation_rows, memorisation_bleu
-    from .generate import GenerationConfig
-    from .synth import exact_match
-
-    res: dict = {}
-    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, batch_size=8)
-    if s.bleu_samples:
-        sample = fixed_sample(data["train"], s.bleu_samples, cfg.seed, 2)
-        b = memorisation_bleu(model, tok, renderer, sample, gen_cfg=gen)
-        words = [len(r["reference"].split()) for r in b["rows"]]
-        res["bleu"] = {"n": b["n"], "corpus_bleu": b["corpus_bleu"], "sentence_bleu_mean": b["sentence_bleu_mean"],
-                       "sentence_bleu": b["sentence_bleu"], "signature": b["signature"],
-                       "reference_words_mean": sum(words) / max(len(words), 1)}
-        write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"])
-    if s.exact_match:
-        rows = generation_rows(model, tok, renderer, data["test"], gen, limit=s.exact_match)
-        correct = [bool(exact_match(r["output"], r["reference"])) for r in rows if r["reference"] is not None]
-        res["exact_match"] = {"n": len(correct), "accuracy": sum(correct) / max(len(correct), 1),
-                              "correct": correct}
-        write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
-                    [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows])
-    if s.bench:
-        res["bench"] = benchmarks(s, model, tok, renderer, run_dir)
-    return res
-
-
-def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
-    """label -> {benchmark, metric, value, n, standard_error, scale, judge} for each --bench of one model."""
-    from .generate import GenerationConfig
-    from .tasks import JUDGED, run_benchmark
-
-    out = {}
-    for name, path in s.bench:
-        say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
-        judged = name in JUDGED
-        b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
-                          gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
-                          if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
-        metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
-            next((m for m in b if m.startswith("pass@")), None)
-        out[b.get("label", name)] = {
-            "benchmark": name, "metric": metric, "value": b.get(metric) if metric else None, "n": b.get("n"),
-            "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
-            "judge": s.judge.get("judge_model") if judged else None}
-    return out
-
-
-def scored_in_training(run, data: dict, step: int) -> tuple[dict, dict] | None:
-    """(summary, per-example output sums) of the model at `step` on the test data, as the trainer scored it
-    (metrics.jsonl "eval_examples": its evaluation set `eval` is test.jsonl, read as training reads data), or None
-    when the run did not score the test data at that step. The model evaluated then is the one saved as final/ (the
-    last step) or best/ (its step), so scoring it again would repeat the same forward passes. Sources are named as
-    evaluate_run names them (the held-out file's records that test.jsonl holds, line by line), so the intervals pair
-    the same examples however each run was scored."""
-    if run.config.eval_data != str(data["test_path"]):
-        return None
-    at = [r["sets"].get("eval") for r in run.metrics("eval_examples") if r["step"] == step]
-    if not at or at[-1] is None:
-        return None
-    p, lines = dict(at[-1]), {f"{data['test_path']}:{i}": str(c.source) for i, c in enumerate(data["test"], 1)}
-    if not all(x in lines for x in p["source"]):
-        return None
-    p["source"] = [lines[x] for x in p["source"]]
-    tokens = sum(p["output_tokens"])
-    return ({"n": len(p["source"]), "output_loss": math.fsum(p["output_nll"]) / tokens if tokens else None,
-             "output_tokens": tokens, "instruction_loss": None, "scored": f"in training (step {step})"}, p)
-
-
-def output_loss(r: dict) -> tuple[dict, dict]:
-    """(summary, per-example output sums) of one evaluate_loss result (imtune.evaluate.loss, per_example=True)."""
-    return ({"n": r["n"], "output_loss": r["output"]["nll"], "output_tokens": r["output"]["tokens"],
-             "instruction_loss": r["instruction"]["nll"], "truncated": r["truncated"], "skipped": len(r["skipped"])},
-            r["per_example"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

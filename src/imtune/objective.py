@@ -95,3 +95,8 @@ def weighted_kl(hidden, head_w, head_b, ref_hidden, ref_w, ref_b, labels, weight
     parts = [checkpoint(_chunk_kl, h[s:s + chunk_size], head_w, head_b, h_ref[s:s + chunk_size], ref_w, ref_b,
                         use_reentrant=False) for s in range(0, len(idx), chunk_size)]
     return (torch.cat(parts) * w[idx]).sum() if parts else h.sum() * 0.0
+
+
+def batch_args(batch) -> tuple:
+    """Objective's positional arguments from a pack.Batch."""
+    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.labels, batch.weights

@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import CompareSettings, parse_arms, read_json, write_conversations, write_json
+from .compare import CompareSettings, parse_arms, read_json, write_json
+from .compare_data import write_conversations
 from .config import TrainConfig
 from .types import UsageError
 

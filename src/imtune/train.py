@@ -1,7 +1,9 @@
 """`train(cfg) -> run directory`: instruction tuning with exact per-token loss weights, on accelerate.
 
-Read it top to bottom: `setup()` turns a TrainConfig into everything the loop needs, `fit()` is the loop,
-`evaluate()` and the savers sit beside it; `train()` calls them in order.
+Read it top to bottom: `train()` calls `setup()`, which turns a TrainConfig into a frozen `Run` (data, schedule,
+model, optimizer, resumed state), then `fit()`, the loop, then the final save. Beside it: imtune.plan (the step
+arithmetic), imtune.build (accelerator, model, optimizer, lr schedule), imtune.track (evaluation during training,
+--keep-best) and imtune.saving (checkpoints, final/, best/).
 
 The loss. Every token carries a weight (imtune.weights: the loss mode's class -> weight table). An optimizer step
 consumes `grad_accum × processes` micro-batches; W = Σw over all of them is known from the data before any forward
@@ -16,14 +18,18 @@ The run directory (evaluation, comparison and reports read only this; keep the n
     RUN/
       config.yaml           the resolved TrainConfig (a valid CONFIG.yaml: `imtune train RUN/config.yaml` repeats it)
       data_stats.json       what preparation did (kept / truncated / skipped and why), token counts, batch geometry
+                            (the Schedule: imtune.plan)
       chat_template.jinja   the template the examples were rendered with (also inside final/)
       metrics.jsonl         one line per optimizer step, plus "type": "eval" lines and, beside each, an
-                            "eval_examples" line with per-example output sums (imtune.runlog)
+                            "eval_examples" line with per-example output sums (imtune.runlog; eval: imtune.track)
       tensorboard/          with --tensorboard
-      checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state (imtune.checkpoint)
+      checkpoints/step-N/   weights or adapter (safetensors), optimizer, scheduler, trainer state, COMPLETE manifest
+                            (imtune.saving gathers, imtune.checkpoint writes, imtune.integrity verifies)
       best/                 with --keep-best: the model of the evaluation point with the lowest val (or eval)
-                            output loss, same format as final/, and best/best.json (step, loss, selected on)
-      final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template);
+                            output loss, same format as final/, and best/best.json (step, loss, selected on;
+                            track.keep_best)
+      final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template;
+                            saving.save_final);
                             --lora (no --merge-lora): the adapter + HOW_TO_LOAD.md (+ RUN/base/ for random bases)
       DONE                  written last (JSON summary); checkpoint.is_finished(RUN) -> train() returns at once
 
@@ -33,26 +39,18 @@ only rank 0 writes files.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt, guard
+from . import checkpoint as ckpt, guard, saving, track
+from .build import build_model, build_training, make_accelerator, set_threads
 from .config import TrainConfig
-from .distributed import (
-    FullStateOptimizer,
-    full_model_state,
-    full_tensor,
-    gradient_sync,
-    is_fsdp,
-    needs_cpu_fsdp,
-    resume_supported,
-    shard_on_cpu,
-)
+from .distributed import full_tensor, gradient_sync, is_fsdp, resume_supported
+from .plan import Schedule, schedule
 from .precision import resolve as resolve_precision
 from .runlog import RunLog, say, write_run_files
 from .types import CLASS_ID, UsageError
@@ -73,12 +71,12 @@ def train(cfg: TrainConfig) -> Path:
     hf_logging.disable_progress_bar()  # transformers' load/save bars would tear through ours
     try:
         run = setup(cfg)
-        if run.finished:
-            say(f"{run.dir}: already finished (DONE); nothing to do")
-            return run.dir
+        if isinstance(run, Path):
+            say(f"{run}: already finished (DONE); nothing to do")
+            return run
         try:
-            fit(run)
-            save_final(run)
+            tokens = fit(run)
+            saving.save_final(run, tokens=tokens)
         finally:
             run.log.close()
         return run.dir
@@ -89,19 +87,223 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Setup: config -> data, schedule, model, optimizer, (resumed state), run directory. Everything it decides is frozen.
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields hold models and tensors
+class Run:
+    """What setup decided and built for fit. Frozen: no field changes while fit runs (the objects fields point to
+    do: the model's weights, the optimizer's moments, the scheduler's step, the log's file); what changes during the
+    loop (tokens trained on, the best selection loss, the current epoch's micro-batches) lives in fit."""
+
+    cfg: TrainConfig
+    dir: Path
+    schedule: Schedule  # imtune.plan: grad_accum, steps_per_epoch, total_steps
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    start_tokens: int  # tokens trained on before start_step
+    tokenizer: object
+    renderer: object
+    examples: object  # imtune.types.Examples trained on (weights rescaled by --normalize sequences)
+    lengths: list  # tokens per example
+    ex_weight: list  # each example's share of W (step_normalisers; float32 values, as collate will make them)
+    fingerprint: str  # of the examples' ids and weights: a resume must see the same data
+    eval_sets: dict  # name -> (examples, micro-batches): imtune.track
+    precision: object  # imtune.precision.Precision: what --precision resolved to, and why
+    acc: object  # the accelerate.Accelerator
+    model: object  # the causal LM (peft-wrapped with --lora), unwrapped
+    objective: object  # Objective(model), prepared by accelerate (DDP/FSDP-wrapped)
+    optimizer: object
+    scheduler: object  # the lr schedule, stepped once per optimizer step
+    base_dir: str | None  # the base model of a LoRA adapter (final/HOW_TO_LOAD.md)
+    log: RunLog
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
+        from .pack import make_batches
+
+        return make_batches(self.examples, self.cfg.batch_size, self.cfg.max_length, self.cfg.packing,
+                            self.tokenizer.pad_token_id, self.cfg.seed, epoch)
+
+    def weight_of(self, mbs: list[list[int]]) -> float:
+        return math.fsum(self.ex_weight[i] for idx in mbs for i in idx)  # exact: the same for any split
+
+    def collate(self, idx: list[int], examples=None):
+        from .pack import collate
+
+        ex = self.examples if examples is None else examples
+        return collate([ex[i] for i in idx], self.cfg.packing, self.cfg.max_length,
+                       self.tokenizer.pad_token_id).to(self.acc.device)
+
+    def trainer_state(self, step: int, tokens: int) -> dict:
+        return saving.trainer_state(self.cfg, self.schedule, self.fingerprint, step, tokens)
+
+
+def setup(cfg: TrainConfig) -> Run | Path:
+    """A Run ready for fit, or the run directory itself when it is already finished (RUN/DONE, same settings)."""
+    from .pack import lengths_of
+
+    cfg = cfg.check()
+    prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
+    acc = make_accelerator(cfg, prec)
+    run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
+    guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
+    if ckpt.is_finished(run_dir):
+        guard.check_finished(run_dir, cfg)  # "already finished" only for the same settings
+        return run_dir
+    if acc.is_main_process:
+        ckpt.clean_partial(run_dir)  # temporary directories of an interrupted writer
+    resume_from = ckpt.find_resume(cfg.resume, run_dir)
+    changes = guard.check_resume(run_dir, resume_from, cfg) if resume_from is not None else {}
+    if resume_from is not None and not resume_supported(acc):
+        raise UsageError("--resume under DeepSpeed: imtune does not gather DeepSpeed's sharded optimizer state, so a "
+                         "resume would restart the AdamW moments (an inexact run); use FSDP "
+                         "(configs/accelerate/fsdp.yaml) or DDP for resumable runs, or start over")
+    set_threads(cfg, acc)
+
+    # -- data: tokenised once; each rank does the same deterministic work
+    tok, prep, examples = read_data(cfg)
+    ex_weight, fp = step_normalisers(examples, cfg.normalize), fingerprint(examples)
+    evals = track.eval_sets(cfg, prep, tok)
+    # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
+    first = epoch_batches(cfg, examples, tok, 0)
+    sched = schedule(cfg, len(first), acc.num_processes)  # imtune.plan: compare estimates with the same function
+
+    # -- model, optimizer, lr schedule, (resume)
+    model, ref, base_dir = build_model(cfg, acc)
+    start_step = start_tokens = 0
+    if resume_from is not None:
+        state = ckpt.read_trainer_state(resume_from)
+        now = saving.trainer_state(cfg, sched, fp, state["step"], 0)
+        ckpt.check_resumable(state, now, sched.total_steps, resume_from)
+        ckpt.load_weights(model, resume_from, cfg.lora)  # before any wrapping or sharding
+        start_step, start_tokens = state["step"], state["tokens"]
+    objective, optimizer, scheduler = build_training(cfg, acc, model, ref, sched.total_steps)
+    if resume_from is not None:
+        resume_optimizer(resume_from, saving.saved_optimizer(objective, optimizer, acc), scheduler,
+                         start_step < sched.total_steps)
+
+    # -- the run directory describes itself
+    if acc.is_main_process:
+        guard.record_changes(run_dir, resume_from, start_step, changes)
+        write_run_files(run_dir, cfg, prep, examples, ex_weight,
+                        stats_extra(cfg, examples, first, prec, acc, objective, sched, evals))
+        say(f"data: {prep.summary()}; {len(examples)} examples, {sum(lengths_of(examples)):,} tokens; "
+            f"{len(first)} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per "
+            f"epoch; {sched.total_steps} optimizer steps of {sched.grad_accum} × {acc.num_processes} micro-batches"
+            + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
+        say(f"precision: {prec.used} ({prec.why})")
+    acc.wait_for_everyone()
+    log = RunLog(run_dir if acc.is_main_process else None, sched.total_steps, start_step, cfg.tensorboard,
+                 cfg.progress)
+    return Run(cfg, run_dir, sched, start_step, start_tokens, tok, prep.renderer, examples, lengths_of(examples),
+               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log)
+
+
+def read_data(cfg: TrainConfig) -> tuple:
+    """(tokenizer, Prepared, the examples trained on): the one data entry (prepare.prepare_examples), then the weights
+    rescaled per example for --normalize sequences."""
+    from .models import load_tokenizer
+    from .prepare import prepare_examples
+    from .weights import loss_spec
+
+    tok = load_tokenizer(cfg.model)
+    spec = loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)
+    prep = prepare_examples(cfg.data, tok, spec, cfg.template, cfg.max_length, cfg.truncation, cfg.format,
+                            cfg.fields, cfg.on_invalid, limit=cfg.limit, roles=cfg.roles,
+                            system_prompt=cfg.system_prompt,
+                            special_tokens_in_content=cfg.special_tokens_in_content)
+    if not prep.examples:
+        raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
+    return tok, prep, per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
+
+
+def epoch_batches(cfg: TrainConfig, examples, tok, epoch: int) -> list[list[int]]:
+    from .pack import make_batches
+
+    return make_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tok.pad_token_id, cfg.seed, epoch)
+
+
+def resume_optimizer(resume_from: Path, optimizer, scheduler, steps_left: bool) -> None:
+    """Restore AdamW's moments and the lr schedule from the checkpoint; without them only a finished run may go on."""
+    if ckpt.load_optimizer(optimizer, scheduler, resume_from):
+        return
+    if steps_left:
+        raise UsageError(f"{resume_from} holds no optimizer state ({ckpt.optimizer_note(resume_from)}): resuming "
+                         "would restart the AdamW moments and train a different run; start over, or train from "
+                         f"its weights as a new run (--model {resume_from})")
+    say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; nothing is left to train: final/ is written from it")
+
+
+def default_output_dir(cfg: TrainConfig, acc) -> str:
+    """runs/<data>-<loss>-<time>, named by rank 0 (ranks may reach this at different seconds)."""
+    from accelerate.utils import broadcast_object_list
+
+    stem = Path(cfg.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
+    name = [str(Path("runs") / f"{stem}-{cfg.loss}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    return broadcast_object_list(name)[0] if acc.num_processes > 1 else name[0]
+
+
+def step_normalisers(examples, normalize: str) -> list[float]:
+    """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
+    Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
+    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
+    import numpy as np
+
+    w32, bounds = examples.weights.astype(np.float32), examples.bounds.tolist()
+    if normalize == "nonzero":
+        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def per_sequence(examples):
+    """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
+    import numpy as np
+
+    w, bounds = examples.weights, examples.bounds.tolist()
+    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
+    return examples.with_weights(w / np.repeat(sums, examples.lengths))
+
+
+def fingerprint(examples) -> str:
+    """A hash of every example's ids and weights (as Python lists: the same value as before examples were flat)."""
+    h = hashlib.sha256()
+    ids, w, bounds = examples.input_ids, examples.weights, examples.bounds.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        h.update(repr((ids[a:b].tolist(), w[a:b].tolist())).encode())
+    return h.hexdigest()[:16]
+
+
+def stats_extra(cfg: TrainConfig, examples, first: list, prec, acc, objective, sched: Schedule, evals: dict) -> dict:
+    """The batch geometry, for data_stats.json."""
+    from .pack import padding_fraction
+
+    return {"packing": cfg.packing, "micro_batches_per_epoch": sched.micro_batches,
+            "padding_fraction": padding_fraction(examples, first, cfg.packing, cfg.max_length),
+            "precision": prec.to_dict(), "processes": acc.num_processes,
+            "distributed": "FSDP" if is_fsdp(objective) else acc.distributed_type.value,
+            "grad_accum": sched.grad_accum, "steps_per_epoch": sched.steps_per_epoch,
+            "total_steps": sched.total_steps, "eval": {name: len(ex) for name, (ex, _) in evals.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
-def fit(run: Run) -> None:
+def fit(run: Run, batches_of=None) -> int:
+    """Optimizer steps run.start_step .. total_steps, with the evaluations and checkpoints --eval-every and
+    --save-every ask for; returns the tokens trained on (those before a resume included). `batches_of(epoch)`: the
+    epoch's micro-batches (default: run.epoch_batches, computed once per epoch)."""
     import torch
 
-    cfg, acc, obj = run.cfg, run.acc, run.objective
+    from .objective import batch_args
+
+    cfg, acc, obj, sched = run.cfg, run.acc, run.objective, run.schedule
     rank, world = acc.process_index, acc.num_processes
-    tokens, t_start = run.tokens, time.perf_counter()
+    batches_of = batches_of or functools.lru_cache(maxsize=1)(run.epoch_batches)  # the current epoch's only
+    tokens, best, t_start = run.start_tokens, None, time.perf_counter()  # best: --keep-best's lowest loss so far
     if run.start_step == 0 and run.eval_sets:
-        evaluate(run, 0)
+        best = track.evaluate(run, 0, best)
     obj.train()
-    for step in range(run.start_step, run.total_steps):
+    for step in range(run.start_step, sched.total_steps):
         t0 = time.perf_counter()
-        mbs = run.step_batches(step)  # this step's micro-batches (lists of example indices), all ranks
+        epoch, part = sched.step_slice(step)
+        mbs = batches_of(epoch)[part]  # this step's micro-batches (lists of example indices), all ranks
         W = run.weight_of(mbs)  # Σw over the whole step, from the data: the one normaliser
         rounds = math.ceil(len(mbs) / world)  # every rank runs the same number of passes
         seed_step(cfg.seed, step, rank)  # RNG state is a function of (seed, step, rank): resume is exact
@@ -135,7 +337,7 @@ def fit(run: Run) -> None:
         done = step + 1
         step_tokens = sum(run.lengths[i] for idx in mbs for i in idx)
         tokens += step_tokens
-        rec = {"type": "train", "step": done, "epoch": round(done / run.steps_per_epoch, 4), "loss": loss,
+        rec = {"type": "train", "step": done, "epoch": sched.epoch_at(done), "loss": loss,
                "loss_output": o_sum / o_n if o_n else None, "loss_instruction": i_sum / i_n if i_n else None,
                "lr": lr, "grad_norm": grad_norm if has_norm else None,
                "tokens_per_s": step_tokens / (time.perf_counter() - t0), "tokens": tokens,
@@ -143,17 +345,13 @@ def fit(run: Run) -> None:
         if cfg.kl_coef:
             rec["kl"] = kl_sum / W
         run.log.write(rec)
-        if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done < run.total_steps:
-            evaluate(run, done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == run.total_steps):
-            save_checkpoint(run, done, tokens)
+        if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done < sched.total_steps:
+            best = track.evaluate(run, done, best)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == sched.total_steps):
+            saving.save_checkpoint(run, done, tokens)
     if run.eval_sets:
-        evaluate(run, run.total_steps)
-    run.tokens = tokens
-
-
-def batch_args(batch) -> tuple:
-    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.labels, batch.weights
+        track.evaluate(run, sched.total_steps, best)
+    return tokens
 
 
 def add_class_sums(host: list[float], per_class: dict | None, keep: float) -> None:
@@ -183,495 +381,3 @@ def stop(run: Run, step: int, loss: float, grad_norm: float) -> None:
            f"--max-grad-norm 1, --precision fp32, or look for broken examples in the data.")
     run.log.write({"type": "stopped", "step": step, "reason": msg})
     raise TrainingStopped(msg)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Held-out tracking: output-token (IT-mask) loss on a fixed training sample and on --eval-data.
-def evaluate(run: Run, step: int) -> dict:
-    from . import baseline
-
-    rec = {"type": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4)}
-    cached = step == 0 and baseline.usable(run)
-    k = baseline.key(run) if cached else None
-    hit = baseline.read(k) if cached else None
-    losses, per_example = hit if hit is not None else eval_losses(run)
-    if cached and hit is None:
-        baseline.write(k, (losses, per_example), run.dir)
-    rec.update(losses)
-    run.log.write(rec)
-    run.log.write({"type": "eval_examples", "step": step, "sets": per_example})
-    if run.cfg.keep_best:
-        keep_best(run, rec)
-    run.log.note(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.endswith("_loss")
-                                                    and v is not None)
-                 + (" (the untouched model's scores, cached by an earlier run: imtune.baseline)" if hit else ""))
-    return rec
-
-
-def eval_losses(run: Run) -> tuple[dict, dict]:
-    """Output-token loss of the model now on every evaluation set: ({"<set>_output_loss", "<set>_output_tokens"},
-    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample)."""
-    import torch
-
-    acc, obj, world = run.acc, run.objective, run.acc.num_processes
-    obj.eval()
-    rec, per_example = {}, {}
-    with torch.no_grad():
-        for name, (examples, batches) in run.eval_sets.items():
-            sums = torch.zeros(2, len(examples), dtype=torch.float64, device=acc.device)  # Σw·nll, Σw per example
-            for j in range(math.ceil(len(batches) / world)):
-                k = acc.process_index + j * world
-                idx, keep = (batches[k], True) if k < len(batches) else (batches[0], False)  # stand-in: not kept
-                _, _, out = obj(*batch_args(run.collate(idx, examples)), per_example=True)
-                if keep:
-                    sums[:, idx] += torch.stack(out.per_group)
-            if world > 1:
-                sums = acc.reduce(sums, reduction="sum")
-            nll, w = sums.tolist()
-            total = math.fsum(w)
-            rec[f"{name}_output_loss"] = math.fsum(nll) / total if total else None
-            rec[f"{name}_output_tokens"] = int(total)
-            per_example[name] = {"source": [str(x) for x in examples.sources], "output_nll": nll,
-                                 "output_tokens": [int(x) for x in w]}
-    obj.train()
-    return rec, per_example
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving
-def trainer_state(run: Run, step: int, tokens: int) -> dict:
-    return {"step": step, "tokens": tokens, "data_fingerprint": run.fingerprint, "processes": run.acc.num_processes,
-            "grad_accum": run.grad_accum, "batch_size": run.cfg.batch_size, "packing": run.cfg.packing,
-            "seed": run.cfg.seed, "total_steps": run.total_steps,
-            "rng": "torch reseeded at every step from (seed, step, rank); data order from (seed, epoch)"}
-
-
-def sharded(acc) -> bool:
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def _state_dict(run: Run):
-    """Full weights gathered to rank 0 (FSDP/DeepSpeed), None where the model's own state_dict is right."""
-    if is_fsdp(run.objective):
-        return full_model_state(run.objective)
-    if not sharded(run.acc):
-        return None
-    full = run.acc.get_state_dict(run.objective)
-    return {k.removeprefix("model."): v for k, v in full.items()}
-
-
-def _optimizer(run: Run):
-    """What the checkpoint code saves and restores: FSDP2's AdamW state as one full state dict keyed by parameter
-    name (exact resume on any number of processes); None under DeepSpeed (its state stays in its engine)."""
-    if is_fsdp(run.objective):
-        return FullStateOptimizer(run.objective, run.optimizer)
-    return None if sharded(run.acc) else run.optimizer
-
-
-def save_checkpoint(run: Run, step: int, tokens: int) -> None:
-    state = _state_dict(run)
-    optimizer = _optimizer(run)
-    if optimizer is not None and optimizer is not run.optimizer:
-        optimizer = Gathered(optimizer.state_dict())  # a collective: every rank gathers, rank 0 writes
-    if run.acc.is_main_process:
-        path = ckpt.save_checkpoint(run.dir, step, run.model, state, optimizer, run.scheduler,
-                                    trainer_state(run, step, tokens), run.cfg.keep_checkpoints)
-        run.log.note(f"checkpoint: {path}")
-    run.acc.wait_for_everyone()
-
-
-class Gathered:
-    """An optimizer state already gathered, for the checkpoint writer (`state_dict()`)."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
-def keep_best(run: Run, rec: dict) -> None:
-    """--keep-best: save the model as RUN/best/ when this evaluation's selection loss (val, else eval) is the lowest
-    so far. Ties keep the earlier point. The best so far survives a resume through best/best.json."""
-    key = "val_output_loss" if "val" in run.eval_sets else "eval_output_loss"
-    loss = rec.get(key)
-    if run.best is None:
-        saved = run.dir / "best" / "best.json"
-        run.best = json.loads(saved.read_text())["loss"] if saved.exists() else math.inf
-    if loss is None or not loss < run.best:
-        return
-    run.best = loss
-    save_final(run, name="best", info={"step": rec["step"], "loss": loss, "selected_on": key})
-
-
-def save_final(run: Run, name: str = "final", info: dict | None = None) -> None:
-    from .generate import stop_token_ids
-
-    state = _state_dict(run)
-    if run.acc.is_main_process:
-        try:
-            final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
-                                    stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
-                                    run.base_dir, name=name, info=info)
-        except ckpt.WriteFailed as e:
-            if name != "final":  # best/ is a convenience; the run goes on (its checkpoints and final/ are intact)
-                raise
-            raise ckpt.rescue_weights(run.dir, e, run.total_steps, lambda root: ckpt.save_checkpoint(  # never lose
-                root, run.total_steps, run.model, state, None, run.scheduler,  # the trained weights to a failed save
-                trainer_state(run, run.total_steps, run.tokens), 0,
-                optimizer_note="left out: written after the last step, when final/ could not be")) from None
-        if name == "final":
-            last = ckpt.latest_checkpoint(run.dir)
-            ckpt.mark_done(run.dir, {"steps": run.total_steps, "tokens": run.tokens, "final": str(final),
-                                     "last_checkpoint": str(last) if last else None})
-            run.log.note(f"final model: {final}")
-        else:
-            run.log.note(f"{name} model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): {final}")
-    run.acc.wait_for_everyone()  # every rank, whichever model was saved
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Setup: config -> data, model, optimizer, schedule, run directory.
-@dataclass
-class Run:
-    cfg: TrainConfig
-    dir: Path
-    finished: bool
-    acc: object = None
-    model: object = None  # the causal LM (peft-wrapped with --lora), unwrapped
-    ref: object = None  # frozen starting model for --kl-coef (full fine-tuning; LoRA switches its adapter off)
-    objective: object = None  # Objective(model), prepared by accelerate (DDP/FSDP-wrapped)
-    optimizer: object = None
-    scheduler: object = None
-    tokenizer: object = None
-    renderer: object = None
-    base_dir: str | None = None
-    examples: list = None
-    lengths: list = None
-    ex_weight: list = None  # Σ_{t>=1} w_t per example (float32 values, as collate will make them)
-    eval_sets: dict = None  # name -> (examples, micro-batches)
-    grad_accum: int = 1
-    steps_per_epoch: int = 1
-    total_steps: int = 0
-    start_step: int = 0
-    tokens: int = 0
-    fingerprint: str = ""
-    precision: object = None  # imtune.precision.Precision: what --precision resolved to, and why
-    log: RunLog = None
-    best: float | None = None  # --keep-best: the lowest selection loss so far (None: not yet read)
-    _epoch: tuple = (-1, None)
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        from .pack import make_batches
-
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, make_batches(self.examples, self.cfg.batch_size, self.cfg.max_length,
-                                               self.cfg.packing, self.tokenizer.pad_token_id, self.cfg.seed, epoch))
-        return self._epoch[1]
-
-    def step_batches(self, step: int) -> list[list[int]]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        per_step = self.grad_accum * self.acc.num_processes
-        return self.epoch_batches(epoch)[k * per_step:(k + 1) * per_step]
-
-    def weight_of(self, mbs: list[list[int]]) -> float:
-        return math.fsum(self.ex_weight[i] for idx in mbs for i in idx)  # exact: the same for any split
-
-    def collate(self, idx: list[int], examples: list | None = None):
-        from .pack import collate
-
-        ex = self.examples if examples is None else examples
-        return collate([ex[i] for i in idx], self.cfg.packing, self.cfg.max_length,
-                       self.tokenizer.pad_token_id).to(self.acc.device)
-
-
-def setup(cfg: TrainConfig) -> Run:
-    from .models import load_tokenizer
-    from .pack import lengths_of, make_batches
-    from .prepare import prepare_examples
-    from .weights import loss_spec
-
-    cfg = cfg.check()
-    prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
-    acc = make_accelerator(cfg, prec)
-    run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
-    guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
-    if ckpt.is_finished(run_dir):
-        guard.check_finished(run_dir, cfg)  # "already finished" only for the same settings
-        return Run(cfg, run_dir, finished=True)
-    if acc.is_main_process:
-        ckpt.clean_partial(run_dir)  # temporary directories of an interrupted writer
-    resume_from = ckpt.find_resume(cfg.resume, run_dir)
-    changes = guard.check_resume(run_dir, resume_from, cfg) if resume_from is not None else {}
-    if resume_from is not None and not resume_supported(acc):
-        raise UsageError("--resume under DeepSpeed: imtune does not gather DeepSpeed's sharded optimizer state, so a "
-                         "resume would restart the AdamW moments (an inexact run); use FSDP "
-                         "(configs/accelerate/fsdp.yaml) or DDP for resumable runs, or start over")
-    set_threads(cfg, acc)
-
-    # -- data: tokenised once; each rank does the same deterministic work
-    tok = load_tokenizer(cfg.model)
-    spec = loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)
-    prep = prepare_examples(cfg.data, tok, spec, cfg.template, cfg.max_length, cfg.truncation, cfg.format,
-                            cfg.fields, cfg.on_invalid, limit=cfg.limit, roles=cfg.roles,
-                            system_prompt=cfg.system_prompt,
-                            special_tokens_in_content=cfg.special_tokens_in_content)
-    if not prep.examples:
-        raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
-    examples = per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
-    run = Run(cfg, run_dir, finished=False, acc=acc, tokenizer=tok, renderer=prep.renderer, examples=examples,
-              precision=prec)
-    run.lengths = lengths_of(examples)
-    run.ex_weight = step_normalisers(examples, cfg.normalize)
-    run.fingerprint = fingerprint(examples)
-    run.eval_sets = eval_sets(cfg, prep, tok, make_batches)
-
-    # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
-    run.grad_accum = resolve_grad_accum(cfg, acc.num_processes)
-    n_micro = len(run.epoch_batches(0))
-    run.steps_per_epoch = math.ceil(n_micro / (run.grad_accum * acc.num_processes))
-    run.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.steps_per_epoch))
-
-    # -- model, optimizer, schedule, (resume)
-    run.model, run.ref, run.base_dir = build_model(cfg, acc)
-    if resume_from is not None:
-        state = ckpt.read_trainer_state(resume_from)
-        ckpt.check_resumable(state, trainer_state(run, state["step"], 0), run.total_steps, resume_from)
-        ckpt.load_weights(run.model, resume_from, cfg.lora)
-        run.start_step, run.tokens = state["step"], state["tokens"]
-    from .objective import Objective
-
-    objective = Objective(run.model, cfg.chunk_size, cfg.neftune_alpha, run.ref)
-    if needs_cpu_fsdp(acc):  # accelerate runs FSDP on accelerators only: on CPU imtune shards (imtune.distributed)
-        shard_on_cpu(objective, acc)
-        optimizer = build_optimizer(cfg, run.model)  # over the DTensor shards
-        run.objective, run.optimizer = objective, acc.prepare(optimizer)
-    else:
-        optimizer = build_optimizer(cfg, run.model)
-        run.objective, run.optimizer = acc.prepare(objective, optimizer)
-    run.scheduler = build_scheduler(cfg, optimizer, run.total_steps)  # stepped by us, once per optimizer step
-    if resume_from is not None and not ckpt.load_optimizer(_optimizer(run), run.scheduler, resume_from):
-        if run.start_step < run.total_steps:
-            raise UsageError(f"{resume_from} holds no optimizer state ({ckpt.optimizer_note(resume_from)}): resuming "
-                             "would restart the AdamW moments and train a different run; start over, or train from "
-                             f"its weights as a new run (--model {resume_from})")
-        say(f"{resume_from}: {ckpt.optimizer_note(resume_from)}; nothing is left to train: final/ is written from it")
-
-    # -- the run directory describes itself
-    if acc.is_main_process:
-        guard.record_changes(run_dir, resume_from, run.start_step, changes)
-        write_run_files(run_dir, cfg, prep, run.examples, run.ex_weight, stats_extra(run, n_micro))
-        say(f"data: {prep.summary()}; {len(run.examples)} examples, {sum(run.lengths):,} tokens; "
-            f"{n_micro} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per epoch; "
-            f"{run.total_steps} optimizer steps of {run.grad_accum} × {acc.num_processes} micro-batches"
-            + (f"; resuming from {resume_from} (step {run.start_step})" if resume_from else ""))
-        say(f"precision: {prec.used} ({prec.why})")
-    acc.wait_for_everyone()
-    run.log = RunLog(run_dir if acc.is_main_process else None, run.total_steps, run.start_step, cfg.tensorboard,
-                     cfg.progress)
-    return run
-
-
-def default_output_dir(cfg: TrainConfig, acc) -> str:
-    """runs/<data>-<loss>-<time>, named by rank 0 (ranks may reach this at different seconds)."""
-    from accelerate.utils import broadcast_object_list
-
-    stem = Path(cfg.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
-    name = [str(Path("runs") / f"{stem}-{cfg.loss}-{time.strftime('%Y%m%d-%H%M%S')}")]
-    return broadcast_object_list(name)[0] if acc.num_processes > 1 else name[0]
-
-
-def make_accelerator(cfg: TrainConfig, precision):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    AcceleratorState._reset_state()  # train() may run several times in one process (compare); precision may differ
-    cuda = torch.cuda.is_available()
-    bf16 = precision.used == "bf16"
-    # broadcast_buffers=False: no collective inside forward, so ranks may run stand-in passes independently.
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    ds = acc.state.deepspeed_plugin
-    if ds is not None:  # imtune accumulates itself (grad_sync) and feeds no DataLoader to accelerate
-        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=1,
-                                   gradient_clipping=cfg.max_grad_norm)
-    return acc
-
-
-def set_threads(cfg: TrainConfig, acc) -> None:
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif acc.device.type == "cpu" and acc.num_processes > 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def resolve_grad_accum(cfg: TrainConfig, world: int) -> int:
-    if cfg.effective_batch is None:
-        return cfg.grad_accum
-    per = cfg.batch_size * world
-    if cfg.effective_batch % per:
-        raise UsageError(f"--effective-batch {cfg.effective_batch} is not a multiple of --batch-size {cfg.batch_size}"
-                         f" × {world} process(es)")
-    return cfg.effective_batch // per
-
-
-def build_model(cfg: TrainConfig, acc):
-    """(model to train, frozen reference or None, base model directory for a LoRA adapter or None)."""
-    import copy
-
-    import torch
-
-    from .models import load_model, resolve
-
-    model = load_model(cfg.model, dtype=torch.float32, seed=cfg.seed,  # fp32 master weights; bf16 via autocast
-                       attn_implementation=cfg.attn_implementation)
-    model.config.use_cache = False
-    src = resolve(cfg.model)
-    base_dir = None if src.kind == "random" else str(Path(src.path).resolve()) if src.kind != "hub" else src.path
-    ref = None
-    if cfg.kl_coef and not cfg.lora:
-        ref = copy.deepcopy(model).requires_grad_(False).eval()
-        if acc.mixed_precision == "bf16":
-            ref = ref.to(torch.bfloat16)
-        ref = ref.to(acc.device)
-    if cfg.gradient_checkpointing:  # transformers >= 5.2x renamed it; keep the old name for older 5.x
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    if cfg.compile:
-        compile_layers(model)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
-    return model, ref, base_dir
-
-
-def compile_layers(model) -> None:
-    """torch.compile every decoder layer in place (torchtune's per-layer habit: the layers share one compiled graph,
-    so the compile is paid once, and the loss code that calls the decoder directly still runs compiled layers)."""
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise UsageError(f"--compile: {type(model).__name__} has no model.layers to compile")
-    for layer in layers:
-        layer.compile(dynamic=False)
-
-
-def build_optimizer(cfg: TrainConfig, model):
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases / norms
-    # fused: one kernel for the whole update (CPU and GPU); 7.7x faster than the default foreach step on this CPU
-    # (BENCHMARKS.md, "Loss head and optimizer"). Same arithmetic, rounding may differ in the last bits.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.peak_lr, betas=(0.9, 0.999), eps=1e-8,
-                             fused=True)
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then linear/cosine/constant.
-    Never 0 at a step that is taken (the first warm-up step already moves, the last decay step still does)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return 1.0 - progress
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
-def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    import functools
-
-    import torch
-
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps, kind=cfg.lr_schedule))
-
-
-def step_normalisers(examples, normalize: str) -> list[float]:
-    """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
-    Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
-    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
-    import numpy as np
-
-    w32, bounds = examples.weights.astype(np.float32), examples.bounds.tolist()
-    if normalize == "nonzero":
-        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def per_sequence(examples):
-    """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
-    import numpy as np
-
-    w, bounds = examples.weights, examples.bounds.tolist()
-    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
-    return examples.with_weights(w / np.repeat(sums, examples.lengths))
-
-
-def fingerprint(examples) -> str:
-    """A hash of every example's ids and weights (as Python lists: the same value as before examples were flat)."""
-    h = hashlib.sha256()
-    ids, w, bounds = examples.input_ids, examples.weights, examples.bounds.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        h.update(repr((ids[a:b].tolist(), w[a:b].tolist())).encode())
-    return h.hexdigest()[:16]
-
-
-def eval_sets(cfg: TrainConfig, prep, tok, make_batches) -> dict:
-    """name -> (IT-weighted examples, micro-batches): a fixed sample of the training conversations, and --eval-data.
-    The IT mask is used whatever the training loss: it is the paper's overfitting signal (output-token loss)."""
-    import numpy as np
-
-    from .prepare import prepare_examples
-    from .weights import loss_spec
-
-    if not (cfg.eval_data or cfg.val_data or cfg.eval_every):
-        return {}
-    it = loss_spec("it")
-    by_source = {c.source: c for c in prep.conversations}
-    kept = [by_source[e.source] for e in prep.examples]
-    # The same sample for every seed (a measuring instrument, like the held-out set): seeds compare like with like,
-    # and runs that start from one model share their step-0 evaluation (imtune.baseline).
-    pick = np.random.default_rng(7).permutation(len(kept))[:cfg.eval_train_sample]
-    sets = {"train": [kept[i] for i in sorted(pick)]} if cfg.eval_train_sample else {}
-    out = {}
-    for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
-                       *([("val", cfg.val_data)] if cfg.val_data else [])]:
-        p = prepare_examples(data, tok, it, cfg.template, cfg.max_length, cfg.truncation, cfg.format, cfg.fields,
-                             on_invalid="skip", special_tokens_in_content=cfg.special_tokens_in_content,
-                             roles=cfg.roles, system_prompt=cfg.system_prompt)
-        if p.examples:
-            out[name] = (p.examples, make_batches(p.examples, cfg.batch_size, cfg.max_length, cfg.packing,
-                                                  tok.pad_token_id, 0, 0))
-    return out
-
-
-def stats_extra(run: Run, n_micro: int) -> dict:
-    """The batch geometry, for data_stats.json."""
-    from .pack import padding_fraction
-
-    return {"packing": run.cfg.packing, "micro_batches_per_epoch": n_micro,
-            "padding_fraction": padding_fraction(run.examples, run.epoch_batches(0), run.cfg.packing,
-                                                 run.cfg.max_length),
-            "precision": run.precision.to_dict(), "processes": run.acc.num_processes,
-            "distributed": "FSDP" if is_fsdp(run.objective) else run.acc.distributed_type.value,
-            "grad_accum": run.grad_accum,
-            "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
-            "eval": {name: len(ex) for name, (ex, _) in run.eval_sets.items()}}
