@@ -15,7 +15,10 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from hypothesis import strategies as st
+
 from imtune.config import TrainConfig
+from imtune.types import Conversation, Message, Where
 
 WORDS = "alpha beta gamma delta river stone light cloud seven green quick table music paper north".split()
 
@@ -79,3 +82,27 @@ def serving(model: str = "random:tiny", *extra: str, timeout: float = 180.0):
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=60) as r:
         return json.loads(r.read())
+
+
+def conv(*pairs, path="t.jsonl") -> Conversation:
+    """A Conversation from (role, content) pairs (test_weights, test_templates)."""
+    return Conversation(tuple(Message(r, c) for r, c in pairs), Where(path, 1, 0))
+
+
+SIMPLE = conv(("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"),
+              ("user", "And 3+3?"), ("assistant", "6, obviously."))
+
+text_strategy = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Co")), min_size=1,
+                        max_size=40).filter(lambda s: s.strip())
+
+
+@st.composite
+def conversations(draw):
+    """Random conversations (optional system message, 1-3 user/assistant turns) for property tests."""
+    msgs = []
+    if draw(st.booleans()):
+        msgs.append(Message("system", draw(text_strategy)))
+    for _ in range(draw(st.integers(1, 3))):
+        msgs.append(Message("user", draw(text_strategy)))
+        msgs.append(Message("assistant", draw(text_strategy)))
+    return Conversation(tuple(msgs), Where("h.jsonl", 1, 0))

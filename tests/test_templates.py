@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from helpers import SIMPLE, conversations
 from imtune.templates import TEMPLATES, Renderer
 from imtune.types import Conversation, Message, UsageError, Where
-from test_weights import SIMPLE, conversations
 
 
 def spans_text(r):

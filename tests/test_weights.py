@@ -18,16 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import shared_file, tokenize
+from helpers import SIMPLE, conv, conversations, text_strategy as _text
 from imtune.templates import Renderer
 from imtune.tokenize import token_offsets
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
 from imtune.weights import LOSS_MODES, loss_spec, parse_weights
 
 TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
-
-
-def conv(*pairs, path="t.jsonl") -> Conversation:
-    return Conversation(tuple(Message(r, c) for r, c in pairs), Where(path, 1, 0))
 
 
 def token_ranges(tokenizer, text: str, n: int, offsets=None) -> list[tuple[int, int]]:
@@ -73,10 +70,6 @@ def it_text(ex, tokenizer) -> str:
 
 
 # -- hand-made cases --------------------------------------------------------------------------------------------
-SIMPLE = conv(("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"),
-              ("user", "And 3+3?"), ("assistant", "6, obviously."))
-
-
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("mode", ["it", "im", "all"])
 def test_invariants_simple(tok, template, mode):
@@ -157,21 +150,6 @@ def test_bad_loss_arguments_are_usage_errors():
 
 
 # -- property tests: random conversations, every template, two tokenizer families -------------------------------
-_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Co")), min_size=1, max_size=40).filter(
-    lambda s: s.strip())
-
-
-@st.composite
-def conversations(draw):
-    msgs = []
-    if draw(st.booleans()):
-        msgs.append(Message("system", draw(_text)))
-    for _ in range(draw(st.integers(1, 3))):
-        msgs.append(Message("user", draw(_text)))
-        msgs.append(Message("assistant", draw(_text)))
-    return Conversation(tuple(msgs), Where("h.jsonl", 1, 0))
-
-
 @pytest.mark.parametrize("template", TEMPLATES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=conversations(), mode=st.sampled_from(["it", "im", "all"]))
