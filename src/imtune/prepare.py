@@ -8,6 +8,8 @@ tokenized twice, whatever the loss mode.
 Memory (1M small records): records are streamed from the file (never all parsed first), the frozen dataclasses
 have __slots__, the tokenizer runs ENCODE_CHUNK texts at a time (its per-token offset tuples are the largest
 transient), and the examples are flat numpy arrays (types.Examples: 13 bytes a token), not per-token Python lists.
+Training calls Prepared.release() once the examples exist: the conversations of every record (~0.5 KB each) go,
+and only the counts (records_loaded, the system-prompt count) and the in-training train sample's conversations stay.
 
 A record too long to ever fit is found before tokenizing: a token covers at most `chars_per_token(tokenizer)`
 characters (twice the longest vocabulary entry), so a rendered text longer than max_length times that cannot fit in
