@@ -155,3 +155,45 @@ def test_examples_index_slice_and_select_agree(tok):
     assert all((getattr(again, f) == getattr(ex, f)).all() for f in ("input_ids", "weights", "classes", "bounds"))
     with pytest.raises(IndexError):
         ex[7]
+
+
+def _live_conversations(path: str) -> int:
+    """Conversation objects still alive that were read from `path`."""
+    import gc
+
+    from imtune.types import Conversation
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Conversation and str(o.source.path) == path)
+
+
+def test_release_keeps_only_the_picked_conversations_and_the_counts(tok, tmp_path):
+    from helpers import write_conversations
+
+    data = write_conversations(tmp_path / "d.jsonl", 12)
+    prep = prepare_examples(data, tok, loss_spec("it"), cache=False)
+    note, everyone = prep.system_note(), list(prep.conversations)
+    assert note["line"] and prep.records_loaded == 12
+    picked = prep.release([7, 2, 9])
+    assert [c.source for c in picked] == [prep.examples.sources[k] for k in (7, 2, 9)]
+    assert picked == [everyone[7], everyone[2], everyone[9]] and prep.conversations == []
+    assert prep.system_note() == note and prep.records_loaded == 12  # counts, not the objects
+    del everyone, picked
+    assert _live_conversations(data) == 0
+
+
+@pytest.mark.parametrize("eval_every", [None, 1])
+def test_training_lets_the_conversations_go_before_the_model_is_built(tmp_path, monkeypatch, eval_every):
+    """Training holds the examples, not the Python conversations of every record (~0.5 KB a record): by the time
+    the model is built, none read from the data is alive (the train sample is prepared and let go too)."""
+    from helpers import tiny, write_conversations
+    from imtune import train
+
+    data = write_conversations(tmp_path / "d.jsonl", 24)
+    alive, build = [], train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a: alive.append(_live_conversations(data)) or build(*a))
+    run = train.setup(tiny(data, tmp_path / "run", max_steps=1, eval_every=eval_every, eval_train_sample=4))
+    assert alive == [0]
+    assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["records_loaded"] == 24
+    if eval_every:
+        assert len(run.eval_sets["train"][0]) == 4

@@ -8,6 +8,8 @@ tokenized twice, whatever the loss mode.
 Memory (1M small records): records are streamed from the file (never all parsed first), the frozen dataclasses
 have __slots__, the tokenizer runs ENCODE_CHUNK texts at a time (its per-token offset tuples are the largest
 transient), and the examples are flat numpy arrays (types.Examples: 13 bytes a token), not per-token Python lists.
+Training calls Prepared.release() once the examples exist: the conversations of every record (~0.5 KB each) go,
+and only the counts (records_loaded, the system-prompt count) and the in-training train sample's conversations stay.
 
 A record too long to ever fit is found before tokenizing: a token covers at most `chars_per_token(tokenizer)`
 characters (twice the longest vocabulary entry), so a rendered text longer than max_length times that cannot fit in
@@ -32,14 +34,25 @@ class Prepared:
     examples: Examples  # flat numpy arrays; examples[k] is a TokenizedExample
     report: TokenizeReport
     renderer: Renderer
-    conversations: list[Conversation]
+    conversations: list[Conversation]  # every record loaded, until release() lets them go
     load_skipped: list[Problem]
     cache: str = "off"  # "hit" (no tokenizer call), "miss" (tokenized and stored) or "off"
     understood: Understood | None = None  # how the file was read (None for conversations given in code)
+    records_loaded: int = 0  # len(conversations) before release()
+    without_system: int = 0  # records loaded with no system message of their own (for system_note)
 
     def system_note(self) -> dict:
         """The system prompt the template adds (or --system-prompt sets), and its share of the tokens."""
-        return self.renderer.system_note(self.conversations, int(self.examples.bounds[-1]))
+        return self.renderer.system_note_counts(self.without_system, self.records_loaded,
+                                                int(self.examples.bounds[-1]))
+
+    def release(self, keep=()) -> list[Conversation]:
+        """The conversations of examples[k] for k in `keep` (in that order); all the conversations are let go
+        (a Python object graph of ~0.5 KB a record, which training no longer needs once the examples exist)."""
+        wanted = {self.examples.sources[k] for k in keep}
+        found = {c.source: c for c in self.conversations if c.source in wanted}
+        self.conversations = []
+        return [found[self.examples.sources[k]] for k in keep]
 
     def notes(self) -> list[str]:
         """What a person should be told about how their data was read: format, field mapping, system prompt."""
@@ -149,4 +162,5 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     del encoded
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
-    return Prepared(examples, report, renderer, convs, skipped, status, understood)
+    without_system = sum(1 for c in convs if not c.messages or c.messages[0].role != "system")
+    return Prepared(examples, report, renderer, convs, skipped, status, understood, len(convs), without_system)

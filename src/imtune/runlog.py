@@ -150,7 +150,7 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
     by_class = np.bincount(examples.classes[predicted], minlength=len(CLASSES)).tolist()
     stats = {
         "data": cfg.data, "template": prep.renderer.name, "loss": cfg.loss,
-        "records_loaded": len(prep.conversations), "records_skipped": [str(p) for p in prep.load_skipped],
+        "records_loaded": prep.records_loaded, "records_skipped": [str(p) for p in prep.load_skipped],
         "tokenize": prep.report.as_dict(), "examples": len(examples), "tokens": sum(lengths),
         "predicted_tokens_by_class": dict(zip(CLASSES, by_class)), "weight_sum": math.fsum(ex_weight),
         "length": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}, **extra,

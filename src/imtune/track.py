@@ -22,14 +22,14 @@ def eval_sets(cfg, prep, tok) -> dict:
     from .weights import loss_spec
 
     if not (cfg.eval_data or cfg.val_data or cfg.eval_every):
+        prep.release()  # the conversations of every record: not needed once the examples exist
         return {}
     it = loss_spec("it")
-    by_source = {c.source: c for c in prep.conversations}
-    kept = [by_source[e.source] for e in prep.examples]
     # The same sample for every seed (a measuring instrument, like the held-out set): seeds compare like with like,
     # and runs that start from one model share their step-0 evaluation (imtune.baseline).
-    pick = np.random.default_rng(7).permutation(len(kept))[:cfg.eval_train_sample]
-    sets = {"train": [kept[i] for i in sorted(pick)]} if cfg.eval_train_sample else {}
+    pick = np.random.default_rng(7).permutation(len(prep.examples))[:cfg.eval_train_sample]
+    sample = prep.release(sorted(pick.tolist()))  # only the sampled conversations are kept
+    sets = {"train": sample} if cfg.eval_train_sample else {}
     out = {}
     for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
                        *([("val", cfg.val_data)] if cfg.val_data else [])]:
