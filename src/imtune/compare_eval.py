@@ -57,7 +57,8 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     res: dict = {"per_example": {}}
     res["train"], res["per_example"]["train"] = output_loss(ev.train.loss)
     res["heldout"], res["per_example"]["heldout"] = trained or output_loss(ev.heldout.loss)
-    res["gap"] = ev.output_gap if not trained else res["heldout"]["output_loss"] - res["train"]["output_loss"]
+    ho, tr = res["heldout"]["output_loss"], res["train"]["output_loss"]
+    res["gap"] = None if ho is None or tr is None else ho - tr  # evaluate.loss.gap's output entry, either way scored
     res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data))
     del model
     best = run.path / "best"
