@@ -79,7 +79,9 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
 
     train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
     data = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
-    test = write_jsonl(tmp_path / "test.jsonl", heldout, "lookup", 0, "heldout")
+    held = write_jsonl(tmp_path / "held.jsonl", heldout, "lookup", 0, "heldout")
+    test = tmp_path / "test.jsonl"  # as compare does: test.jsonl holds records first read from another file
+    test.write_text(Path(held).read_text(encoding="utf-8"), encoding="utf-8")
     run_dir = train(TrainConfig(model="random:tiny", data=str(data), eval_data=str(test), val_data=str(test),
                                 keep_best=True, max_steps=4, batch_size=2, max_length=256, lr=3e-3, warmup_ratio=0.0,
                                 eval_every=1, eval_train_sample=0, progress=False, threads=1,
@@ -87,7 +89,7 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
     run = read_run(run_dir)
     from imtune.prepare import load
 
-    convs, _ = load(str(test), "auto")
+    convs, _ = load(str(held), "auto")  # sources held.jsonl:N, while the trainer read test.jsonl:N
     data = {"test_path": str(test), "test": convs}
     best_step = json.loads((run_dir / "best" / "best.json").read_text())["step"]
     tok = load_tokenizer(str(run.final))
