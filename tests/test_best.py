@@ -15,13 +15,57 @@ def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, m
     from imtune import saving, track
 
     saved = []
-    monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None: saved.append((name, info)))
+    monkeypatch.setattr(saving, "save_final",
+                        lambda run, name="final", info=None, state=None: saved.append((name, info)))
+    monkeypatch.setattr(track, "held_copy", lambda run: None)  # not held in memory: every improvement is written
     run, best = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, dir=tmp_path), None
     # validation improves at steps 0, 1, 3; the scored (eval) loss improves at 2 only
     for step, val, test in ((0, 3.0, 2.0), (1, 2.5, 2.1), (2, 2.6, 1.0), (3, 2.4, 1.5), (4, 2.4, 0.5)):
         best = track.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test}, best)
     assert [info["step"] for _, info in saved] == [0, 1, 3]  # ties keep the earlier point
     assert {name for name, _ in saved} == {"best"} and {i["selected_on"] for _, i in saved} == {"val_output_loss"}
+    assert track.flush(run, best) == best and len(saved) == 3  # nothing held: nothing more to write
+
+
+def test_best_weights_held_in_memory_are_written_once_with_the_best_points_weights(tmp_path, monkeypatch):
+    from imtune import saving, track
+
+    saved = []
+    monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None, state=None:
+                        saved.append((name, info, state)))
+    monkeypatch.setattr(track, "held_copy", lambda run: {"weights at step": run.step})
+    run, best = SimpleNamespace(eval_sets={"eval": 0, "val": 0}, dir=tmp_path, step=None), None
+    for step, val in ((0, 3.0), (1, 2.5), (2, 2.6), (3, 2.4), (4, 2.45)):
+        run.step = step
+        best = track.keep_best(run, {"step": step, "val_output_loss": val}, best)
+    assert saved == []  # improvements at steps 0, 1 and 3 wrote nothing yet
+    best = track.flush(run, best)
+    assert saved == [("best", {"step": 3, "loss": 2.4, "selected_on": "val_output_loss"}, {"weights at step": 3})]
+    assert best == track.Best(2.4) and track.flush(run, best) == best and len(saved) == 1  # written once
+
+
+def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():
+    import torch
+
+    from imtune import track
+    from imtune.models import load_model
+
+    model = load_model("random:tiny")
+    run = SimpleNamespace(acc=SimpleNamespace(num_processes=1), cfg=SimpleNamespace(lora=False), model=model)
+    state = track.held_copy(run)
+    live = model.state_dict()
+    assert state.keys() == live.keys()
+    for k, v in state.items():
+        assert torch.equal(v, live[k]) and v.untyped_storage().data_ptr() != live[k].untyped_storage().data_ptr()
+    tied = [k for k in live if k != "model.embed_tokens.weight" and
+            live[k].untyped_storage().data_ptr() == live["model.embed_tokens.weight"].untyped_storage().data_ptr()]
+    for k in tied:  # a tied lm_head stays one tensor, so save_pretrained drops the alias as it does for the model
+        assert state[k].untyped_storage().data_ptr() == state["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # training goes on: the held copy does not move
+    assert not torch.equal(next(iter(state.values())), next(iter(model.state_dict().values())))
+    several = SimpleNamespace(acc=SimpleNamespace(num_processes=2), cfg=SimpleNamespace(lora=False), model=model)
+    assert track.held_copy(several) is None  # several processes: written at once, collectively
 
 
 def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp_path):
@@ -83,7 +127,7 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
     test = tmp_path / "test.jsonl"  # as compare does: test.jsonl holds records first read from another file
     test.write_text(Path(held).read_text(encoding="utf-8"), encoding="utf-8")
     run_dir = train(TrainConfig(model="random:tiny", data=str(data), eval_data=str(test), val_data=str(test),
-                                keep_best=True, max_steps=4, batch_size=2, max_length=256, lr=3e-3, warmup_ratio=0.0,
+                                keep_best=True, max_steps=4, batch_size=2, max_length=256, lr=0.3, warmup_ratio=0.0,
                                 eval_every=1, eval_train_sample=0, progress=False, threads=1,
                                 output_dir=str(tmp_path / "run")))
     run = read_run(run_dir)
@@ -92,6 +136,7 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
     convs, _ = load(str(held), "auto")  # sources held.jsonl:N, while the trainer read test.jsonl:N
     data = {"test_path": str(test), "test": convs}
     best_step = json.loads((run_dir / "best" / "best.json").read_text())["step"]
+    assert best_step < 4  # best/ holds an earlier point's weights (held in memory, written at the end)
     tok = load_tokenizer(str(run.final))
     for where, step in ((run.final, 4), (run_dir / "best", best_step)):
         reused, per = scored_in_training(run, data, step)

@@ -63,11 +63,13 @@ def save_checkpoint(run, step: int, tokens: int) -> None:
     run.acc.wait_for_everyone()
 
 
-def save_final(run, name: str = "final", info: dict | None = None, *, tokens: int = 0) -> None:
-    """RUN/final/ (then RUN/DONE, with the `tokens` trained on), or with name="best" RUN/best/ and `info`."""
+def save_final(run, name: str = "final", info: dict | None = None, *, tokens: int = 0, state: dict | None = None
+               ) -> None:
+    """RUN/final/ (then RUN/DONE, with the `tokens` trained on), or with name="best" RUN/best/ and `info`. `state`:
+    the weights to write (track.Best's copy of an earlier point), else the model's now."""
     from .generate import stop_token_ids
 
-    state = full_state(run.objective, run.acc)
+    state = state if state is not None else full_state(run.objective, run.acc)
     total = run.schedule.total_steps
     if run.acc.is_main_process:
         try:

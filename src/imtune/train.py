@@ -328,6 +328,7 @@ def fit(run: Run, batches_of=None) -> int:
         nll_sum, kl_sum, o_sum, o_n, i_sum, i_n, grad_norm = torch.cat([stats, norm.double().view(1)]).tolist()
         loss = nll_sum / W  # the one host sync of the step is the .tolist() above
         if not (math.isfinite(loss) and math.isfinite(kl_sum) and math.isfinite(grad_norm)):
+            track.flush(run, best)  # the best point so far was good: keep it
             stop(run, step + 1, loss, grad_norm)
         lr = run.scheduler.get_last_lr()[0]
         run.optimizer.step()
@@ -348,9 +349,10 @@ def fit(run: Run, batches_of=None) -> int:
         if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done < sched.total_steps:
             best = track.evaluate(run, done, best)
         if cfg.save_every and (done % cfg.save_every == 0 or done == sched.total_steps):
+            best = track.flush(run, best)  # a resume from this checkpoint reads the best so far from RUN/best/
             saving.save_checkpoint(run, done, tokens)
     if run.eval_sets:
-        track.evaluate(run, sched.total_steps, best)
+        track.flush(run, track.evaluate(run, sched.total_steps, best))
     return tokens
 
 
