@@ -13,13 +13,16 @@ PYTEST_WORKERS ?= 2
 UV_VERSION := 0.13.9
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 EXTRAS := .[eval,serve,tensorboard,test]
-install = $(BIN)/python -m uv pip install -q --python $(BIN)/python $(FIND_LINKS) $(1) || $(BIN)/python -m pip install -q $(1)
+# The venv is made without pip (`venv` takes ~10 s to install pip into it; uv does not need it): this machine's pip
+# puts uv into it (`pip --python`, pip >= 22.3); where that fails, pip is added to the venv after all.
+pip = { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip -q; } && $(BIN)/python -m pip install -q
+install = $(BIN)/python -m uv pip install -q --python $(BIN)/python $(FIND_LINKS) $(1) || { $(pip) $(1); }
 
 $(STAMP): pyproject.toml requirements.lock
 	# bubblewrap isolates HumanEval's model-written code; without it `bench humaneval` refuses to run that code.
 	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) || echo "imtune: could not install bubblewrap (bwrap); HumanEval scoring will refuse to run model code"
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q uv==$(UV_VERSION) || echo "imtune: no uv; installing with pip (slower)"
+	test -x $(BIN)/python || $(PY) -m venv --without-pip $(VENV)
+	$(BIN)/python -m uv --version 2>/dev/null | grep -qF "uv $(UV_VERSION)" || $(PY) -m pip --python $(BIN)/python install -q uv==$(UV_VERSION) || { $(pip) uv==$(UV_VERSION); } || echo "imtune: no uv; installing with pip (slower)"
 	# torch first, pinned: the CPU build that lies on this disk (a newer range would pull a CUDA build).
 	$(call install,torch==2.13.0)
 	$(call install,-c requirements.lock -e '$(EXTRAS)')
@@ -40,7 +43,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
 
 bench: setup
-	$(BIN)/python -m pip install -q -c requirements.lock trl
+	$(call install,-c requirements.lock trl)
 	$(BIN)/python benchmarks/run.py
 
 clean:

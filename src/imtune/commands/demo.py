@@ -20,18 +20,18 @@ from ..runlog import say
 # (imtune.synth): 8 training examples whose long instructions state a made-up code, and held-out questions about
 # words whose code only the training instructions state (not copyable from the held-out instruction), answered with
 # 1-3 invented code words. One example per step (no packing), a constant lr without warm-up (no decay to flatten the
-# late curve), 3 epochs = 24 optimizer steps, held-out evaluations at steps 0, 8, 16, 24 (no in-training train
+# late curve), 1.5 epochs = 12 optimizer steps, held-out evaluations at steps 0, 4, 8, 12 (no in-training train
 # sample: the final evaluation scores the training data). The `chatml` template is SmolLM2's own format without its
 # injected ~20-token default system prompt. Whether a run reached the regime is printed at its end (regime_text),
-# whichever arm it is. Measured from a fresh clone (2026-12-02, 2-core AMD EPYC, fp32, helpers paused): set-up 24 s +
-# demo 399 s = 423 s (BENCHMARKS.md "Issue 11") — over the 6-minute goal; IM seeds 0/1 ended +2.7%/+4.8% above their
-# minimum, IT seed 0 +14.8% (IT seed 1 +1.8%). Tried and dropped: 2 epochs at lr 2e-4 (~30 s faster, but both IT
-# seeds had their minimum at step 0 and only IM seed 1 passed a later best point, +2.5%); ratio 15 with evaluations
-# every 12 steps (only one run passed its best point, at step 0).
+# whichever arm it is. Timings and curves: BENCHMARKS.md "Issue 11". Tried before (2026-12-01/02, same data): 3 epochs
+# at lr 1e-4 with evaluations every 8 steps (3 of 4 runs passed their best point, but 423 s with set-up, over the
+# 6-minute goal); 2 epochs at lr 2e-4 (both IT seeds had their minimum at step 0); ratio 15 with evaluations every 12
+# steps (one run passed, at step 0); 2 epochs at lr 1.5e-4 with evaluations every 4 steps (the first 12 steps are this
+# recipe's: a constant lr makes them identical; IM's last 4 steps lowered its held-out loss further, ~60 s more).
 SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
 DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
-TRAIN = dict(template="chatml", epochs=3.0, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
-             max_length=256, batch_size=1, eval_every=8, eval_train_sample=0)
+TRAIN = dict(template="chatml", epochs=1.5, lr=1.5e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
+             max_length=256, batch_size=1, eval_every=4, eval_train_sample=0)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
 EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
 RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum
