@@ -8,12 +8,13 @@ import sys
 import time
 
 
-def matmul_peak(n: int = 2048, repeats: int = 3, device: str = "cpu") -> float:
-    """GFLOP/s of the best of `repeats` torch.mm of two n × n matrices (after one warm-up): fp32 on the CPU, bf16 on
-    a GPU (the precision training's matrix products run in there)."""
+def matmul_peak(n: int = 2048, repeats: int = 3, device: str = "cpu", precision: str | None = None) -> float:
+    """GFLOP/s of the best of `repeats` torch.mm of two n × n matrices (after one warm-up) in `precision` (fp32 |
+    bf16: the precision training's matrix products run in); default fp32 on the CPU, bf16 on a GPU."""
     import torch
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    precision = precision or ("fp32" if device == "cpu" else "bf16")
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)

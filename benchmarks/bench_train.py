@@ -1,6 +1,7 @@
 """Training throughput on this CPU: real (non-padding) tokens per second, imtune vs TRL's SFTTrainer.
 
-Both sides train the same randomly initialised llama (imtune.models.load_model, same seed, fp32, sdpa attention) on
+Both sides train the same randomly initialised llama (imtune.models.load_model, same seed, sdpa attention) in the same
+precision, the one imtune's `--precision auto` picks on this machine (recorded as "precision"), on
 the same LIMA conversations (those whose rendering with the default template fits in max_length tokens, so neither
 side truncates or drops anything), with the same loss (assistant content + <|im_end|>: imtune `it`, TRL
 assistant_only_loss with the same template marked by {% generation %}), the same rows per micro-batch, accumulation,
@@ -15,9 +16,9 @@ under the same machine load, and setup (imports, model init, data preparation) i
   - other imtune sides (optional, `variants`): imtune with some of benchmarks/bench_variants.py's variants in force
     (the code as it was before issue 7, or changes proposed to the trainer's owner), measured the same way.
 Order per repeat: sides in turn, reversed every other repeat. Each side's first window is a warm-up (not measured).
-Right before each measured window the fp32 matmul peak is measured (best of 3 torch.mm 2048³), so each window's
-FLOP share uses the peak of the same moment. Real tokens are counted from each side's own batches: imtune from the
-examples in its micro-batches, TRL by wrapping its data collator.
+Right before each measured window the matmul peak of that precision is measured (best of 3 torch.mm 2048³), so each
+window's FLOP share uses the peak of the same moment. Real tokens are counted from each side's own batches: imtune
+from the examples in its micro-batches, TRL by wrapping its data collator.
 """
 from __future__ import annotations
 
@@ -117,6 +118,13 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     import torch
 
     torch.set_num_threads(threads)
+    from imtune.precision import resolve
+
+    # Both sides train in the precision imtune's --precision auto picks here (bf16 on a GPU; on a CPU whichever a
+    # quick matmul probe finds faster: bf16 on an AMX Xeon, fp32 on the AMD EPYC builds), and the peak is that
+    # precision's.
+    prec = resolve("bf16") if gpu else resolve("auto")
+    bf16 = prec.used == "bf16"
     import datasets
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -130,7 +138,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     mk = lambda tag: TrainConfig(model=model, data=data, max_length=max_length, batch_size=batch_size,  # noqa: E731
                                  grad_accum=grad_accum, max_steps=total, packing=True, loss=loss, lr=2e-5,
                                  lr_schedule="linear", seed=42, output_dir=tempfile.mkdtemp(prefix=f"bench-{tag}-"),
-                                 progress=False, threads=threads, precision="bf16" if gpu else "fp32", **extra)
+                                 progress=False, threads=threads, precision=prec.used, **extra)
     if variants:
         import bench_variants as P
 
@@ -149,7 +157,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                      max_length=trl.pop("max_length", max_length), assistant_only_loss=True, learning_rate=2e-5,
                      lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu, fp16=False, seed=42, data_seed=42,
+                     save_strategy="no", report_to=[], use_cpu=not gpu, bf16=bf16, fp16=False, seed=42, data_seed=42,
                      dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0, **trl)
     trainer = SFTTrainer(model=net, args=args, train_dataset=ds, processing_class=fresh_tokenizer(GENERATION_TEMPLATE))
     counts: list[tuple[int, int]] = []  # (real tokens, positions computed) per micro-batch, in fetch order
@@ -176,7 +184,8 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
         while state["pos"] < len(plan):
             name, steps, measured = plan[state["pos"]]
             state["pos"] += 1
-            peak = (matmul_peak(8192, device=device) if gpu else matmul_peak()) if measured else None
+            peak = None if not measured else matmul_peak(8192, device=device) if gpu else \
+                matmul_peak(precision=prec.used)
             if name == "trl":
                 state.update(trl_left=steps, measured=measured,
                              acc={"tokens": 0, "seconds": 0.0, "peak_gflops": peak})
@@ -227,7 +236,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     attended = sum(n * n for n in lengths) / (2 * sum(lengths))  # token-weighted mean of half the example length
     out = {"model": model, "params": nparam, "flops_per_token": model_flops_per_token(cfg, nparam, attended),
            "n_examples": len(examples), "imtune_settings": extra, "threads": torch.get_num_threads(), "plan": plan,
-           "device": device,
+           "device": device, "precision": prec.to_dict(),
            "gpu": torch.cuda.get_device_name() if gpu else None,
            "trl": {"windows": trl_windows, "padding": trl_pad, "rows": len(trainer.train_dataset),
                    "settings": {**trl, "padding_free": trainer.padding_free, "optim": args.optim,

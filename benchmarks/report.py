@@ -1,4 +1,4 @@
-"""results.json -> BENCHMARKS.md: the goals of issue 7, each with its measured ratio (median, min – max over the
+"""results.json -> BENCHMARKS.md: the goals of issue 16, each with its measured ratio (median, min – max over the
 repeats), met or not, and for a miss what limits it and what would close the gap."""
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def _train_rows(t: dict) -> dict:
            "speed": sp([a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(imt, trl)]),
            "share": share(imt), "trl_share": share(trl),
            "peak": sp([x["peak_gflops"] for x in imt + trl]),
+           "prec": t.get("precision"), "precision": (t.get("precision") or {}).get("used", "fp32"),
            "imt_tps": sp([a["tokens_per_s"] for a in imt]), "trl_tps": sp([b["tokens_per_s"] for b in trl]),
            "imt_pad": t["imtune"]["padding"], "trl_pad": t["trl"]["padding"], "trl_settings": t["trl"]["settings"],
            "extra": {}}
@@ -56,7 +57,7 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
     m, v = r["machine"], r["versions"]
     L: list[str] = []
     add = L.append
-    add("# BENCHMARKS — imtune vs TRL's SFTTrainer (issue 7)\n")
+    add("# BENCHMARKS — imtune vs TRL's SFTTrainer (goals of issue 16)\n")
     add("Written by `make bench` (`benchmarks/run.py`); raw figures in `benchmarks/results.json`. Every figure against "
         "the peer is a ratio of two measurements taken in the same repeat, one right after the other, the order of "
         "the sides reversed every other repeat; shown as **median** (min – max) over the repeats. Data preparation: "
@@ -77,30 +78,44 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
     rows = []
     p = r.get("prep")
     if p:
-        s_trl, s_lim = S(p["speedup_vs_trl"]), S(p["imtune_over_tokenizer"])
-        rows.append(("2. data preparation vs TRL (LIMA, conversations → ids + weights)", "≥ 2.5×",
-                     fmt(s_trl, ".2f", "×"), verdict(s_trl.median >= 2.5)))
-        rows.append(("2. data preparation time / tokenizer-alone time (the limit)", "≤ 1.3×",
-                     fmt(s_lim, ".2f", "×"), verdict(s_lim.median <= 1.3)))
+        s_lim = S(p["imtune_over_tokenizer"])
+        for path, key in (("assistant-only", "speedup_vs_trl_assistant"),
+                          ("completion-only", "speedup_vs_trl_completion")):
+            s_path = S(p[key])
+            rows.append((f"1. data preparation vs TRL, {path} path (LIMA, conversations → ids + weights)", "≥ 3×",
+                         fmt(s_path, ".2f", "×"), verdict(s_path.median >= 3)))
+        rows.append(("1. data preparation time / tokenizer-alone time (the limit)", "≤ 1.15×",
+                     fmt(s_lim, ".2f", "×"), verdict(s_lim.median <= 1.15)))
         s_c = S(p["cached_over_tokenizer"])
-        rows.append(("2. repeated run on unchanged data: cache hit, no tokenisation (time / tokenizer time)",
+        rows.append(("1. repeated run on unchanged data: cache hit, no tokenisation (time / tokenizer time)",
                      "no tokenisation", fmt(s_c, ".2f", "×"), "met" if p.get("same_work") else "?"))
     trains = [_train_rows(t) for t in r.get("train", [])]
     for t in trains:
-        rows.append((f"3. training throughput vs TRL, `{t['w']['model']}` ({t['params'] / 1e6:.1f}M), "
-                     f"{t['w']['batch_size']} × {t['w']['max_length']}", "≥ 2×", fmt(t["speed"], ".2f", "×"),
-                     verdict(t["speed"].median >= 2)))
+        rows.append((f"2. training throughput vs TRL, `{t['w']['model']}` ({t['params'] / 1e6:.1f}M), "
+                     f"{t['w']['batch_size']} × {t['w']['max_length']}", "reported", fmt(t["speed"], ".2f", "×"),
+                     "—"))
     for t in trains:
-        rows.append((f"3. padding waste, `{t['w']['model']}` (imtune / TRL)", "≤ 3% (imtune)",
+        rows.append((f"2. padding waste, `{t['w']['model']}` (imtune / TRL)", "≤ 3% (imtune)",
                      f"**{100 * t['imt_pad']:.1f}%** / {100 * t['trl_pad']:.1f}%", verdict(t["imt_pad"] <= 0.03)))
     for t in trains:
-        rows.append((f"4. achieved training FLOP/s / fp32 matmul peak, `{t['w']['model']}`", "≥ 50%",
-                     fmt(sp([100 * x for x in t["share"].values]), ".0f", "%"), verdict(t["share"].median >= 0.5)))
+        big = t["params"] > 1e8  # the goal is set for the 135M model; the small one is shown for comparison
+        rows.append((f"2. achieved training FLOP/s / {t['precision']} matmul peak, `{t['w']['model']}`",
+                     "≥ 80%" if big else "(shown)", fmt(sp([100 * x for x in t["share"].values]), ".0f", "%"),
+                     verdict(t["share"].median >= 0.8) if big else "—"))
     mem = r.get("memory")
     if mem:
         ratio = sp([a["step_peak_mib"] / b["step_peak_mib"] for a, b in zip(mem["imtune"], mem["trl"])])
-        rows.append((f"5. peak resident memory of one training step at {mem['max_length']} tokens, 49k vocabulary "
-                     f"(imtune / TRL)", "≤ 0.6×", fmt(ratio, ".2f", "×"), verdict(ratio.median <= 0.6)))
+        rows.append((f"3. peak resident memory of one training step at {mem['max_length']} tokens, 49k vocabulary "
+                     f"(imtune / TRL)", "≤ 0.4×", fmt(ratio, ".2f", "×"), verdict(ratio.median <= 0.4)))
+    prec = next((t["prec"] for t in trains if t.get("prec")), None)
+    if prec:
+        faster = "bf16" if (prec.get("bf16_gflops") or 0) > (prec.get("fp32_gflops") or 0) else "fp32"
+        rows.append(("4. `--precision auto` on this CPU picks the faster precision; both sides train in it",
+                     "the faster", f"**{prec['used']}** ({prec['why']})",
+                     verdict(prec["used"] == faster or prec["asked"] != "auto")))
+        rows.append(("4. on a bf16-capable CPU: bf16 tokens/s ≥ 3× today's fp32, 135M", "≥ 3×",
+                     "not measurable here: bf16 is not faster on this CPU" if prec["used"] == "fp32" else
+                     "see sections 3–4 (bf16 used)", "n/a" if prec["used"] == "fp32" else "?"))
     gpu = _gpu_figures()
     if gpu:
         rows.append(("6. GPU: MFU, `random:1b` bf16, seq 2048, packing (of the H100's 989 TFLOP/s bf16 spec)", "≥ 40%",
@@ -131,6 +146,7 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
         add(_sweep_section(sweep))
     if gpu:
         add(_gpu_section(gpu))
+    add(_by_hand())
     add(_issue6_section(r.get("demo")))
     add(_analysis(r))
     return "\n".join(L) + "\n"
@@ -190,9 +206,10 @@ def _train_section(trains: list[dict]) -> str:
     L = ["## 3–4. Training throughput and closeness to the limit\n",
          "Real (non-padding) tokens per second over measured windows of optimizer steps (each side's first window "
          "is a warm-up), all sides in one process taking turns (order reversed every repeat), same random llama "
-         "(same seed, fp32, sdpa), same LIMA conversations (those that fit the max length, so neither side drops or "
-         "truncates), same loss tokens, rows per micro-batch, max length, AdamW lr 2e-5 and steps; each repeat "
-         "measures the fp32 matmul peak (best of 3 `torch.mm` 2048³, same threads) right before each measured window. "
+         f"(same seed, {trains[0]['precision']} — what `--precision auto` picks here —, sdpa), same LIMA "
+         "conversations (those that fit the max length, so neither side drops or truncates), same loss tokens, rows "
+         "per micro-batch, max length, AdamW lr 2e-5 and steps; each repeat measures the matmul peak of that "
+         "precision (best of 3 `torch.mm` 2048³, same threads) right before each measured window. "
          "Model FLOPs per token = 6·params + 6·layers·T·hidden (causal attention, T = half the mean example length); "
          "the lm-head is counted at every position although imtune only computes it at weighted ones, so the share "
          "measures useful work per second.\n",
@@ -258,6 +275,13 @@ def _loss_section(x: dict) -> str:
         f"{max(x['check']['grad_w_max_err'], x['check']['grad_h_max_err']):.1e}).\n",
         f"AdamW step on the same parameter shapes: `fused=True` (the trainer now) vs the default foreach "
         f"implementation (the trainer before): {S(x['adamw_speedup_fused']).fmt('.1f', '×')} faster.\n"])
+
+
+def _by_hand() -> str:
+    """The sections measured by hand (benchmarks/by_hand.md: make demo from a fresh clone), copied as they are."""
+    path = ROOT / "benchmarks" / "by_hand.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("<!--")) + "\n"
 
 
 def _sweep_section(sw: dict) -> str:
@@ -341,44 +365,40 @@ def _analysis(r: dict) -> str:
              "idle core the overlap buys nothing and each chunk adds a barrier to the tokenizer's thread pool; it "
              "might pay on an idle machine, which this one never was long enough to show it.")
     L.append("\n## Goals not met: what limits them, what would close the gap\n")
-    if p and S(p["speedup_vs_trl"]).median < 2.5:
-        L.append(f"- **Preparation vs TRL ({S(p['speedup_vs_trl']).median:.2f}×, goal 2.5×).** imtune's cost is the "
-                 "tokenizer's batched call plus ~0.25 CPU-s of Python (load 0.02, render 0.06, offsets → arrays 0.12, "
-                 "weights and example objects 0.08, measured by CPU time); TRL's is one tokenizer call per example on "
-                 f"one core plus datasets.map. Here TRL took {S(p['trl_over_tokenizer']).median:.1f}× the tokenizer's "
-                 "time. The ratio depends on whether the batched call gets both cores: in a quiet moment (load 1.3, "
-                 "21:48) TRL took 3.8× the tokenizer and imtune was 2.40× faster than TRL (before the GC pause); "
-                 "under load the batched call loses its parallel advantage and the bound is TRL/tokenizer ≈ 2. To "
-                 "close it: less Python per token — assign classes inside the Rust tokenizer (a post-processor that "
-                 "maps offsets to span classes, so offsets never become Python tuples: −0.12 s) and build examples "
-                 "lazily from the arrays (−0.08 s).")
-    if p and S(p["imtune_over_tokenizer"]).median > 1.3:
+    worst = min(S(p["speedup_vs_trl_assistant"]).median, S(p["speedup_vs_trl_completion"]).median) if p else 3
+    if worst < 3:
+        L.append(f"- **Preparation vs TRL (assistant-only {S(p['speedup_vs_trl_assistant']).median:.2f}×, "
+                 f"completion-only {S(p['speedup_vs_trl_completion']).median:.2f}×; goal 3× on both).** imtune's cost "
+                 "is the tokenizer's batched call plus ~0.25 CPU-s of Python (load 0.02, render 0.06, offsets → arrays "
+                 "0.12, weights and example objects 0.08, measured by CPU time); TRL's is one tokenizer call per "
+                 f"example on one core plus datasets.map. Here TRL took {S(p['trl_over_tokenizer']).median:.1f}× the "
+                 "tokenizer's time, so 3× TRL needs imtune within "
+                 f"{S(p['trl_over_tokenizer']).median / 3:.2f}× of the tokenizer alone. The ratio depends on whether "
+                 "the batched call gets both cores: under load it loses its parallel advantage. To close it: less "
+                 "Python per token — assign classes inside the Rust tokenizer (a post-processor that maps offsets to "
+                 "span classes, so offsets never become Python tuples: −0.12 s) and build examples lazily from the "
+                 "arrays (−0.08 s).")
+    if p and S(p["imtune_over_tokenizer"]).median > 1.15:
         L.append(f"- **Preparation vs the tokenizer alone ({S(p['imtune_over_tokenizer']).median:.2f}×, limit "
-                 "1.3×).** The same ~0.25 CPU-s of Python runs on one core after the tokenizer has used both; on a "
+                 "1.15×).** The same ~0.25 CPU-s of Python runs on one core after the tokenizer has used both; on a "
                  "quiet machine that is ~45% of the tokenizer's wall time. Overlapping it with the tokenizer did not "
                  "pay on this busy machine (above); the Rust-side class assignment would remove most of it.")
     for t in trains:
-        if t["speed"].median < 2:
-            need = 2 * t["trl_share"].median
-            L.append(f"- **Training throughput, `{t['w']['model']}` ({t['speed'].median:.2f}× TRL, goal 2×).** imtune "
-                     f"already runs at {100 * t['share'].median:.0f}% of the fp32 matmul peak and TRL at "
-                     f"{100 * t['trl_share'].median:.0f}%: twice TRL's throughput would be {100 * need:.0f}% of the "
-                     "peak in model FLOPs. Both sides run the same transformer body in fp32 on the same tokens "
-                     f"({100 * (1 - 6 * 49152 * _hidden(t) / t['fpt']):.0f}% of this model's FLOPs per token); imtune "
-                     "saves only where TRL does extra work — the lm-head on unweighted positions, the "
-                     "recomputation-free fused head, TRL's full-vocabulary fp32 logits and its per-step "
-                     "entropy/accuracy passes over them — and that share shrinks as the body grows. Closing it needs "
-                     "less arithmetic per token, not a better loop: bf16 autocast (`--precision bf16`) on this "
-                     "AVX512-BF16 CPU, where a bf16 matmul ran 3.5× faster than fp32 (2048³, 6 alternating repeats, "
-                     "load ~9) — a change of numerics that TRL could make too, so not part of this fp32 comparison.")
-    for t in trains:
-        if t["share"].median < 0.5:
-            L.append(f"- **FLOP share, `{t['w']['model']}` ({100 * t['share'].median:.0f}%, goal 50%).** The matmuls "
-                     "themselves run near the measured peak; the rest of the step is memory-bound element-wise work: "
-                     "four passes over each [1024, 49152] fp32 chunk of logits (max, exp, sum, scale), RMSNorm, SiLU, "
-                     "rotary embeddings and the AdamW update. Closing it: fuse the softmax passes into the matmul "
-                     "epilogue (torch.compile of the chunk function or a custom kernel), `--compile` of the decoder "
-                     "layers (minutes of compilation on 2 cores, so not used here), bf16.")
+        if t["params"] > 1e8 and t["share"].median < 0.8:
+            L.append(f"- **FLOP share, `{t['w']['model']}` ({100 * t['share'].median:.0f}% of the {t['precision']} "
+                     "matmul peak, goal 80%).** Where a step's time goes, measured by sampling (py-spy, 25 Hz) the"
+                     " training steps of `make demo` (SmolLM2-135M, fp32, one ~123-token example per step, 96 "
+                     "steps, 226 s; 2026-12-02, AMD EPYC, 2 cores): backward 46%, forward linear layers 16%, the "
+                     "loss head 15% (logits, softmax and its gradient at the weighted positions, plus the logging-"
+                     "only pass over unweighted instruction positions), fused AdamW 10%, gradient-norm clipping "
+                     "6%, RMSNorm/SiLU/rotary 3.5%, attention 1.4%, Python around the loop ~2%. The matrix "
+                     "products of this model are small (hidden 576, intermediate 1536): at those shapes one fp32 "
+                     "`torch.mm` reaches ~100 GFLOP/s here against 76–129 for 2048³ (the peak used), and a no-grad"
+                     " forward of 12 examples batched was only 1.2× faster per example than one at a time. What "
+                     "would close it: larger products per step (more rows per micro-batch), fewer memory-bound "
+                     "passes (AdamW, clipping and the softmax passes fused or compiled; `--compile` costs minutes "
+                     "of compilation on 2 cores), and bf16 where the CPU has fast bf16 (not this one: bf16 matmul "
+                     "~1 GFLOP/s).")
     gpu = _gpu_figures()
     if gpu and gpu["best_mfu"] < 0.40:
         L.append(f"- **GPU MFU ({100 * gpu['best_mfu']:.1f}% of the bf16 spec, goal 40%).** The best setting "
