@@ -72,7 +72,7 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
         f"(other work shares these {m['cores']} cores: absolute figures are noisy, ratios much less) |")
     add(f"| repeats | {r['repeats']} |")
     add(f"| software | python {m['python']}, " + ", ".join(f"{k} {x}" for k, x in v.items()) + " |")
-    add("| GPU | none on this machine; the GPU figures (goal 6) come from a GPU session, section 6 |")
+    add("| GPU | none on this machine; the GPU figures (goal 7) come from an earlier GPU session, section 6 |")
     add(f"| wall time | {r['wall_s'] / 60:.1f} min |\n")
 
     rows = []
@@ -118,16 +118,16 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
                      "see sections 3–4 (bf16 used)", "n/a" if prec["used"] == "fp32" else "?"))
     gpu = _gpu_figures()
     if gpu:
-        rows.append(("6. GPU: MFU, `random:1b` bf16, seq 2048, packing (of the H100's 989 TFLOP/s bf16 spec)", "≥ 40%",
+        rows.append(("7. GPU: MFU, `random:1b` bf16, seq 2048, packing (of the H100's 989 TFLOP/s bf16 spec)", "≥ 45%",
                      f"**{100 * gpu['best_mfu']:.1f}%** ({100 * gpu['best_mfu_measured']:.0f}% of the measured bf16 "
-                     "matmul peak)", verdict(gpu["best_mfu"] >= 0.40)))
-        rows.append(("6. GPU: tokens/s vs TRL (same process, alternating windows, 4 × 2048)", "faster",
+                     "matmul peak)", verdict(gpu["best_mfu"] >= 0.45)))
+        rows.append(("7. GPU: tokens/s vs TRL (same process, alternating windows, 4 × 2048)", "faster",
                      fmt(gpu["speed"], ".2f", "×"), verdict(gpu["speed"].median > 1)))
         if gpu.get("alone"):
-            rows.append(("6. GPU: tokens/s vs TRL, 8 × 2048, each alone (imtune `--compile`)", "faster",
+            rows.append(("7. GPU: tokens/s vs TRL, 8 × 2048, each alone (imtune `--compile`)", "faster",
                          f"**{gpu['alone']['ratio']:.1f}×**", verdict(gpu["alone"]["ratio"] > 1)))
     else:
-        rows.append(("6. GPU", "—", "not measured: no GPU session has run it", "n/a"))
+        rows.append(("7. GPU", "—", "not measured: no GPU session has run it", "n/a"))
     add("## Goals\n")
     add("| goal | target | measured | |\n|---|---|---|---|")
     for g in rows:
@@ -400,8 +400,8 @@ def _analysis(r: dict) -> str:
                      "of compilation on 2 cores), and bf16 where the CPU has fast bf16 (not this one: bf16 matmul "
                      "~1 GFLOP/s).")
     gpu = _gpu_figures()
-    if gpu and gpu["best_mfu"] < 0.40:
-        L.append(f"- **GPU MFU ({100 * gpu['best_mfu']:.1f}% of the bf16 spec, goal 40%).** The best setting "
+    if gpu and gpu["best_mfu"] < 0.45:
+        L.append(f"- **GPU MFU ({100 * gpu['best_mfu']:.1f}% of the bf16 spec, goal 45%).** The best setting "
                  f"(8 packed rows × 2048, `--compile`) reached {gpu['best_tps']:.0f} tokens/s = "
                  f"{100 * gpu['best_mfu_measured']:.0f}% of the bf16 matmul peak measured in the same session "
                  "(~785 TFLOP/s, 8192³), but the spec is 989. What limits it: attention runs in SDPA with the "
@@ -516,14 +516,11 @@ def _issue6_section(demo: dict | None) -> str:
     L = ["## Issue 6: `make demo` and `imtune compare` on a GPU\n"]
     if demo:
         ok = demo["wall_s"] <= 360
-        L.append(f"**`make demo`'s work** (`imtune demo --fresh`: SmolLM2-135M-Instruct, synthetic `rule` data, IT and "
-                 f"IM trained from scratch, evaluated, report written), timed in this run: **{demo['wall_s'] / 60:.1f} "
-                 f"min** wall ({verdict(ok)}: budget 6 min), load average {demo['load_before'][0]:.1f} before and "
-                 f"{demo['load_after'][0]:.1f} after. `make demo` on a fresh clone, `make setup` included, measured "
-                 "by hand "
-                 "(2026-11-23, `git clone main demo-check && cd demo-check && time make demo`): 4 min 11 s wall, of "
-                 "which the demo 186 s (pip's cache warm and the default model already converted in "
-                 "~/.cache/imtune; a first conversion adds 20 s, measured with an empty IMTUNE_CACHE).\n")
+        L.append(f"**`make demo`'s work** (`imtune demo --fresh`: SmolLM2-135M-Instruct, synthetic `recall` data, IT "
+                 f"and IM with 2 seeds each trained from scratch, evaluated, report written), timed in this run: "
+                 f"**{demo['wall_s'] / 60:.1f} min** wall ({verdict(ok)}: budget 6 min with set-up), load average "
+                 f"{demo['load_before'][0]:.1f} before and {demo['load_after'][0]:.1f} after. From a fresh clone, "
+                 "set-up included, on a quiet machine: section \"Issue 11\" above. Means over the seeds:\n")
         L.append("| arm | train output loss | held-out output loss | gap | held-out exact match |\n"
                  "|---|---|---|---|---|")
         for name, a in demo["arms"].items():
