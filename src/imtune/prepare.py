@@ -155,7 +155,7 @@ def tokenize_chunks(convs: list[Conversation], renderer: Renderer, tokenizer, ma
     from .cache import encode_cached
 
     size = tokenize.ENCODE_CHUNK
-    parts, sources, unfit, specials, statuses = [], [], [], [], set()
+    joined, sources, unfit, specials, statuses = tokenize.Appended(), [], [], [], set()
     for a in range(0, len(convs), size):
         rendered, dropped = fit_before_tokenizing([renderer.render(c) for c in convs[a:a + size]], tokenizer,
                                                   max_length, truncation)
@@ -164,14 +164,14 @@ def tokenize_chunks(convs: list[Conversation], renderer: Renderer, tokenizer, ma
         specials += found
         if not (policy == "error" and specials):  # once one is found, "error" refuses below: nothing to tokenize
             encoded, status = encode_cached(rendered, tokenizer, use_cache, split, policy, part=len(convs) > size)
-            parts.append(encoded)
+            joined.add(encoded)
             sources += [r.source for r in rendered]
             statuses.add(status)
         del rendered  # before the next chunk is rendered
     if policy == "error":
         refuse_specials(specials)
     cache = "miss" if "miss" in statuses else "hit" if "hit" in statuses else "off"
-    return Tokenized(Encoded.join(parts), sources, unfit, specials, cache)
+    return Tokenized(joined.result(), sources, unfit, specials, cache)
 
 
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
