@@ -167,7 +167,8 @@ def weigh(encoded: Encoded, sources: Sequence[Where], spec: LossSpec, max_length
             truncated, report.truncated = over, int(over.sum())
     # weighted[t]: token t carries weight and is not its example's first token (nothing predicts that one); counted
     # over each example's [start, end) by one reduceat over interleaved bounds (a sentinel makes index N valid).
-    weighted = np.append(w > 0, False)
+    weighted = np.zeros(len(w) + 1, dtype=bool)  # one array, not w > 0 and its appended copy (a byte a token each)
+    np.greater(w, 0, out=weighted[:-1])
     weighted[starts[lengths > 0]] = False
     n_weighted = np.add.reduceat(weighted, np.stack([starts, ends], 1).ravel(), dtype=np.int64)[0::2]
     n_weighted[ends == starts] = 0  # reduceat gives the element itself for an empty range
