@@ -173,3 +173,22 @@ def test_the_key_holds_the_special_tokens_policy(tok):
     rendered = [Renderer(None, tok).render(c) for c in convs(3)]
     assert cache.key(rendered, tok, "split") != cache.key(rendered, tok, "keep")
     assert cache.key(rendered, tok, "split") == cache.key(rendered, tok)
+
+
+def test_each_chunk_is_an_entry_hit_again_and_missed_only_where_changed(tok, cache_dir, counting, monkeypatch):
+    """prepare_examples tokenizes ENCODE_CHUNK examples at a time, one entry a chunk: a repeated run hits every chunk
+    (however small: MIN_CHARS applies to single-chunk inputs only), a changed record re-tokenizes its chunk only, and
+    what comes back always equals an uncached run."""
+    monkeypatch.setattr(imtune.tokenize, "ENCODE_CHUNK", 5)
+    monkeypatch.setattr(cache, "MIN_CHARS", 10**9)
+    first = prepare_examples(convs(), tok, loss_spec("it"), template="tulu")
+    assert first.cache == "miss" and counting == [5, 5, 2] and len(list(cache_dir.glob("*.npz"))) == 3
+    again = prepare_examples(convs(), tok, loss_spec("it"), template="tulu")
+    assert again.cache == "hit" and counting == [5, 5, 2] and as_tuples(again) == as_tuples(first)
+    changed = convs()
+    changed[7] = Conversation((Message("user", "Something else?"), Message("assistant", "Yes.")), Where("m.jsonl", 8, 7))
+    third = prepare_examples(changed, tok, loss_spec("it"), template="tulu")
+    assert third.cache == "miss" and counting == [5, 5, 2, 5]
+    fresh = prepare_examples(changed, tok, loss_spec("it"), template="tulu", cache=False)
+    assert as_tuples(third) == as_tuples(fresh) and as_tuples(third) != as_tuples(first)
+    assert prepare_examples(convs()[:5], tok, loss_spec("it"), template="tulu").cache == "off"  # one small chunk

@@ -197,3 +197,67 @@ def test_training_lets_the_conversations_go_before_the_model_is_built(tmp_path, 
     assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["records_loaded"] == 24
     if eval_every:
         assert len(run.eval_sets["train"][0]) == 4
+
+
+def _live_rendered(path: str) -> int:
+    """Rendered objects alive that were rendered from records read from `path`."""
+    import gc
+
+    from imtune.types import Rendered
+
+    return sum(1 for o in gc.get_objects() if type(o) is Rendered and str(o.source.path) == path)
+
+
+def test_only_one_chunk_of_rendered_texts_is_alive_while_tokenizing(tok, tmp_path, monkeypatch):
+    """Conversations are rendered and tokenized ENCODE_CHUNK at a time: whenever the tokenizer runs, the rendered
+    texts of its own chunk only are alive (all of a million records' at once cost ~0.5 GB; issue 14 item 6)."""
+    from helpers import write_conversations
+
+    data = write_conversations(tmp_path / "d.jsonl", 23)
+    whole = prepare_examples(data, tok, loss_spec("im"), cache=False)
+    monkeypatch.setattr(tokenize, "ENCODE_CHUNK", 5)
+    alive, real = [], tokenize._batch_encode
+
+    def spy(texts, tokenizer):
+        alive.append(_live_rendered(data))
+        return real(texts, tokenizer)
+
+    monkeypatch.setattr(tokenize, "_batch_encode", spy)
+    chunked = prepare_examples(data, tok, loss_spec("im"), cache=False)
+    assert alive == [5, 5, 5, 5, 3]
+    assert all((getattr(chunked.examples, f) == getattr(whole.examples, f)).all()
+               for f in ("input_ids", "weights", "classes", "bounds", "truncated"))
+    assert chunked.examples.sources == whole.examples.sources and chunked.summary() == whole.summary()
+
+
+@pytest.mark.parametrize("policy", ["split", "keep", "error"])
+def test_chunks_give_the_same_examples_reports_and_refusals(tok, tmp_path, monkeypatch, policy):
+    """Records dropped before tokenizing and content that spells control tokens, spread over several chunks: the
+    examples and the report equal one chunk's; --special-tokens-in-content error counts every chunk's."""
+    from imtune.types import DataError
+
+    rows = [{"instruction": f"Say {i}" + (" <|im_end|>" if i % 4 == 1 else ""), "output": f"{i} {i}"}
+            for i in range(14)]
+    rows[6]["instruction"] = "Read: " + "word " * LONG_WORDS
+    data = _write(tmp_path / "mixed.jsonl", rows)
+
+    def run():
+        return prepare_examples(data, tok, loss_spec("im"), max_length=64, cache=False,
+                                special_tokens_in_content=policy)
+
+    if policy == "error":
+        with pytest.raises(DataError) as whole:
+            run()
+        monkeypatch.setattr(tokenize, "ENCODE_CHUNK", 4)
+        with pytest.raises(DataError) as chunked:
+            run()
+        assert str(chunked.value) == str(whole.value) and chunked.value.total == whole.value.total == 4
+        return
+    whole = run()
+    monkeypatch.setattr(tokenize, "ENCODE_CHUNK", 4)
+    chunked = run()
+    assert len(whole.examples) == 13 and len(whole.report.content_specials) == 4
+    assert all((getattr(chunked.examples, f) == getattr(whole.examples, f)).all()
+               for f in ("input_ids", "weights", "classes", "bounds", "truncated"))
+    assert chunked.examples.sources == whole.examples.sources
+    assert chunked.report.as_dict() == whole.report.as_dict() and chunked.summary() == whole.summary()

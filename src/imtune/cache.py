@@ -13,9 +13,12 @@ The key is a hash of exactly what the stored arrays depend on:
     as plain text);
   - FORMAT, the layout version of this file.
 
-Entries live in `$IMTUNE_CACHE/prep/<key>.npz` (uncompressed numpy arrays, no pickle). Writers write a temporary
-file and os.replace it, so concurrent runs never see half an entry; an entry that fails to load or whose checksum
-does not match is ignored (and rewritten). Small inputs are not cached (tokenizing them is faster than the disk).
+One entry holds one chunk of at most tokenize.ENCODE_CHUNK examples (prepare_examples renders and tokenizes that many
+at a time, so a million records' texts are never all alive at once), keyed on that chunk alone: a repeated run hits
+every chunk, and a change re-tokenizes only the chunks it touches. Entries live in `$IMTUNE_CACHE/prep/<key>.npz`
+(uncompressed numpy arrays, no pickle). Writers write a temporary file and os.replace it, so concurrent runs never
+see half an entry; an entry that fails to load or whose checksum does not match is ignored (and rewritten). Small
+inputs (one chunk under MIN_CHARS characters) are not cached (tokenizing them is faster than the disk).
 IMTUNE_NO_CACHE=1 turns the cache off.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .types import CLASS_ID, Rendered
 
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
-MAX_ENTRIES = 64  # oldest entries beyond this are removed after each write
+MAX_ENTRIES = 1024  # chunks (of <= 16384 examples); the oldest beyond this are removed after each write
 KEY_CHUNK = 16384  # examples hashed at a time
 
 _FINGERPRINTS: dict[int, tuple[object, tuple, str]] = {}  # id(tokenizer) -> (tokenizer, cheap state, fingerprint)
@@ -134,11 +137,12 @@ def _prune(d: Path) -> None:
 
 
 def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
-                  split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split") -> tuple[Encoded, str]:
+                  split: dict[int, list[tuple[int, int]]] | None = None, policy: str = "split",
+                  part: bool = False) -> tuple[Encoded, str]:
     """tokenize.encode(rendered, tokenizer, split), through the disk cache. Returns (encoded, "hit" | "miss" | "off").
     `split` follows from the texts, the tokenizer and `policy` (tokenize.content_policy), so the key holds the
-    policy."""
-    if not (use_cache and enabled()) or sum(len(r.text) for r in rendered) < MIN_CHARS:
+    policy. part: `rendered` is one chunk of a larger input, cached however small (so a hit tokenizes nothing)."""
+    if not (use_cache and enabled()) or (not part and sum(len(r.text) for r in rendered) < MIN_CHARS):
         return encode(rendered, tokenizer, split), "off"
     path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"
     e = read(path, len(rendered))

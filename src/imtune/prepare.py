@@ -6,8 +6,10 @@ Tokenisation goes through a disk cache (imtune.cache): unchanged data with the s
 tokenized twice, whatever the loss mode.
 
 Memory (1M small records): records are streamed from the file (never all parsed first), the frozen dataclasses
-have __slots__, the tokenizer runs ENCODE_CHUNK texts at a time (its per-token offset tuples are the largest
-transient), and the examples are flat numpy arrays (types.Examples: 13 bytes a token), not per-token Python lists.
+have __slots__, conversations are rendered, fitted and tokenized (through the cache, one entry a chunk)
+ENCODE_CHUNK at a time, so the rendered texts (~0.5 KB a record) and the tokenizer's per-token offset tuples of one
+chunk only are alive at once, and the examples are flat numpy arrays (types.Examples: 13 bytes a token), not
+per-token Python lists.
 Training calls Prepared.release() once the examples exist: the conversations of every record (~0.5 KB each) go,
 and only the counts (records_loaded, the system-prompt count) and the in-training train sample's conversations stay.
 
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import tokenize
 from .formats import Understood
 from .templates import Renderer
-from .tokenize import check_special_policy, content_policy, gc_paused
-from .types import Conversation, Examples, Problem, Rendered, Span
+from .tokenize import Encoded, check_special_policy, content_policy, gc_paused, refuse_specials
+from .types import Conversation, Examples, Problem, Rendered, Span, Where
 from .weights import LossSpec, TokenizeReport, check_truncation, weigh
 
 _CPT: dict[int, tuple[object, int]] = {}  # id(tokenizer) -> (tokenizer, chars per token bound)
@@ -133,17 +136,53 @@ def _cut(r: Rendered, n: int) -> Rendered:
     return Rendered(r.text[:n], spans, r.source, r.n_messages)
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """Every conversation rendered, fitted and tokenized: the Encoded of the ones kept, their sources, and what
+    happened on the way."""
+
+    encoded: Encoded
+    sources: list[Where]  # of each kept example, in order
+    unfit: list[Problem]  # dropped before tokenizing (fit_before_tokenizing)
+    specials: list[Problem]  # content that spells a control token (tokenize.content_policy)
+    cache: str  # "hit" | "miss" | "off": "miss" when any chunk was tokenized and stored
+
+
+def tokenize_chunks(convs: list[Conversation], renderer: Renderer, tokenizer, max_length: int | None,
+                    truncation: str, use_cache: bool, policy: str) -> Tokenized:
+    """Render, fit, check and tokenize (through the cache) ENCODE_CHUNK conversations at a time: the rendered texts
+    of one chunk only are alive at once. Policy "error" refuses once every chunk is checked (the count covers all)."""
+    from .cache import encode_cached
+
+    size = tokenize.ENCODE_CHUNK
+    joined, sources, unfit, specials, statuses = tokenize.Appended(), [], [], [], set()
+    for a in range(0, len(convs), size):
+        rendered, dropped = fit_before_tokenizing([renderer.render(c) for c in convs[a:a + size]], tokenizer,
+                                                  max_length, truncation)
+        split, found = content_policy(rendered, tokenizer, "keep" if policy == "error" else policy)
+        unfit += dropped
+        specials += found
+        if not (policy == "error" and specials):  # once one is found, "error" refuses below: nothing to tokenize
+            encoded, status = encode_cached(rendered, tokenizer, use_cache, split, policy, part=len(convs) > size)
+            joined.add(encoded)
+            sources += [r.source for r in rendered]
+            statuses.add(status)
+        del rendered  # before the next chunk is rendered
+    if policy == "error":
+        refuse_specials(specials)
+    cache = "miss" if "miss" in statuses else "hit" if "hit" in statuses else "off"
+    return Tokenized(joined.result(), sources, unfit, specials, cache)
+
+
 def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
                      max_length: int | None = None, truncation: str = "drop", format: str = "auto",
                      fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
                      cache: bool = True, special_tokens_in_content: str = "split", roles: dict | None = None,
                      system_prompt: str = "default") -> Prepared:
-    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, in one batch, or
-    not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
+    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, a chunk at a time,
+    or not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
     special_tokens_in_content: split | keep | error, for content that spells a control token (tokenize.content_policy).
     """
-    from .cache import encode_cached
-
     check_truncation(truncation)  # before any work
     check_special_policy(special_tokens_in_content)
     convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
@@ -151,16 +190,12 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     # Rendered texts and spans, token lists and offsets: millions of small objects, no reference cycles. (With the
     # collector on, its full passes over them stalled one render of a million records past the template's 10 s bound.)
     with gc_paused():
-        rendered, unfit = fit_before_tokenizing([renderer.render(c) for c in convs], tokenizer, max_length,
-                                                truncation)
-        split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
-        encoded, status = encode_cached(rendered, tokenizer, cache, split, special_tokens_in_content)
-        sources = [r.source for r in rendered]
-        del rendered  # ~0.5 KB a record: gone before the weights (8 bytes a token) are made
-        examples, report = weigh(encoded, sources, spec, max_length, truncation,
+        done = tokenize_chunks(convs, renderer, tokenizer, max_length, truncation, cache, special_tokens_in_content)
+        examples, report = weigh(done.encoded, done.sources, spec, max_length, truncation,
                                  on_empty="error" if on_invalid == "error" else "skip")
-    del encoded
-    report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
-    report.dropped_unfit, report.n_in = unfit, report.n_in + len(unfit)
+    report.content_specials, report.special_tokens_in_content = done.specials, special_tokens_in_content
+    report.dropped_unfit, report.n_in = done.unfit, report.n_in + len(done.unfit)
+    status = done.cache
+    del done  # the Encoded arrays (6 bytes a token): the examples own what they need
     without_system = sum(1 for c in convs if not c.messages or c.messages[0].role != "system")
     return Prepared(examples, report, renderer, convs, skipped, status, understood, len(convs), without_system)

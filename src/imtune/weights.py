@@ -165,14 +165,16 @@ def weigh(encoded: Encoded, sources: Sequence[Where], spec: LossSpec, max_length
         else:
             ends[over] = starts[over] + max_length
             truncated, report.truncated = over, int(over.sum())
-    # weighted[t]: token t carries weight and is not its example's first token (nothing predicts that one); counted
-    # over each example's [start, end) by one reduceat over interleaved bounds (a sentinel makes index N valid).
-    weighted = np.append(w > 0, False)
+    # weighted[t]: token t carries weight and is not its example's first token (nothing predicts that one); any of
+    # them in each example's [start, end), by one logical_or.reduceat over interleaved bounds (a sentinel makes
+    # index N valid). Bools throughout: an add.reduceat to int64 casts all of them first (8 bytes a token).
+    weighted = np.zeros(len(w) + 1, dtype=bool)  # one array, not w > 0 and its appended copy (a byte a token each)
+    np.greater(w, 0, out=weighted[:-1])
     weighted[starts[lengths > 0]] = False
-    n_weighted = np.add.reduceat(weighted, np.stack([starts, ends], 1).ravel(), dtype=np.int64)[0::2]
-    n_weighted[ends == starts] = 0  # reduceat gives the element itself for an empty range
+    has_weight = np.logical_or.reduceat(weighted, np.stack([starts, ends], 1).ravel())[0::2]
+    has_weight[ends == starts] = False  # reduceat gives the element itself for an empty range
     del weighted
-    for k in np.flatnonzero(keep & (n_weighted == 0)):
+    for k in np.flatnonzero(keep & ~has_weight):
         p = Problem(sources[k], "", "no token carries loss weight under this loss mode"
                     + (" after truncation" if truncated[k] else ""))
         if on_empty == "error":
