@@ -186,7 +186,8 @@ def test_each_chunk_is_an_entry_hit_again_and_missed_only_where_changed(tok, cac
     again = prepare_examples(convs(), tok, loss_spec("it"), template="tulu")
     assert again.cache == "hit" and counting == [5, 5, 2] and as_tuples(again) == as_tuples(first)
     changed = convs()
-    changed[7] = Conversation((Message("user", "Something else?"), Message("assistant", "Yes.")), Where("m.jsonl", 8, 7))
+    changed[7] = Conversation((Message("user", "Something else?"), Message("assistant", "Yes.")),
+                              Where("m.jsonl", 8, 7))
     third = prepare_examples(changed, tok, loss_spec("it"), template="tulu")
     assert third.cache == "miss" and counting == [5, 5, 2, 5]
     fresh = prepare_examples(changed, tok, loss_spec("it"), template="tulu", cache=False)

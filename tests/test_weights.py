@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import shared_file, tokenize
 from helpers import SIMPLE, conv, conversations, text_strategy as _text
@@ -150,10 +150,18 @@ def test_bad_loss_arguments_are_usage_errors():
 
 
 # -- property tests: random conversations, every template, two tokenizer families -------------------------------
+def spells_control(c: Conversation, tokenizer) -> bool:
+    """Whether some content spells one of the tokenizer's control tokens (then the ids differ from one tokenisation of
+    the rendered text inside that span, by design: issue 14 item 7)."""
+    return any(t in m.content for m in c.messages for t in tokenizer.get_added_vocab())
+
+
+
 @pytest.mark.parametrize("template", TEMPLATES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=conversations(), mode=st.sampled_from(["it", "im", "all"]))
 def test_invariants_random_conversations(tok, template, c, mode):
+    assume(not spells_control(c, tok))  # that content is split on purpose: the injected tests below cover it
     r = Renderer(template, tok).render(c)
     (ex,), _ = tokenize([r], tok, loss_spec(mode))
     check_invariants(ex, r, tok, mode)
@@ -169,6 +177,7 @@ def test_invariants_random_conversations(tok, template, c, mode):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=conversations(), mode=st.sampled_from(["it", "im"]))
 def test_invariants_sentencepiece_tokenizer(sp_tok, template, c, mode):
+    assume(not spells_control(c, sp_tok))
     r = Renderer(template, sp_tok).render(c)
     assert r.text.startswith("<s>")  # this tokenizer adds BOS by itself, so the template renders it (as template)
     (ex,), _ = tokenize([r], sp_tok, loss_spec(mode))
