@@ -145,9 +145,10 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
     _write_text(run_dir / "chat_template.jinja", prep.renderer.jinja)
     examples = Examples.of(examples)
     lengths = examples.lengths.tolist()
-    predicted = np.ones(len(examples.classes), dtype=bool)
-    predicted[examples.bounds[:-1][examples.lengths > 0]] = False  # token 0 of an example is never predicted
-    by_class = np.bincount(examples.classes[predicted], minlength=len(CLASSES)).tolist()
+    # Predicted tokens per class: every token but each example's first (never predicted). Counted class by class
+    # (one bool temporary at a time): a bincount would copy every token's class to int64 first (0.36 GB at 1M records).
+    first = np.bincount(examples.classes[examples.bounds[:-1][examples.lengths > 0]], minlength=len(CLASSES))
+    by_class = [int(np.count_nonzero(examples.classes == c)) - int(first[c]) for c in range(len(CLASSES))]
     stats = {
         "data": cfg.data, "template": prep.renderer.name, "loss": cfg.loss,
         "records_loaded": prep.records_loaded, "records_skipped": [str(p) for p in prep.load_skipped],
