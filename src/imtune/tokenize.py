@@ -74,16 +74,6 @@ class Encoded:
     def bounds(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths)])
 
-    @staticmethod
-    def join(parts: list[Encoded]) -> Encoded:
-        """The parts' examples end to end, in order (the result of tokenizing a list one chunk at a time)."""
-        if len(parts) == 1:
-            return parts[0]
-        if not parts:
-            return Encoded(np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.int8), np.zeros(0, np.int64))
-        return Encoded(*(np.concatenate([getattr(e, f) for e in parts])
-                         for f in ("input_ids", "classes", "history", "lengths")))
-
 
 class Appended:
     """Encoded chunks joined as they come: each flat array grows in place (realloc; for a large array the kernel
@@ -270,11 +260,11 @@ def encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int,
     LIMA is one), the results joined into flat arrays."""
     if len(rendered) <= ENCODE_CHUNK:
         return _encode(rendered, tokenizer, split)
-    parts = []
+    joined = Appended()
     for a in range(0, len(rendered), ENCODE_CHUNK):
         part = {k - a: v for k, v in (split or {}).items() if a <= k < a + ENCODE_CHUNK}
-        parts.append(_encode(rendered[a:a + ENCODE_CHUNK], tokenizer, part))
-    return Encoded.join(parts)
+        joined.add(_encode(rendered[a:a + ENCODE_CHUNK], tokenizer, part))
+    return joined.result()
 
 
 def _encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
