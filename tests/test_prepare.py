@@ -157,6 +157,24 @@ def test_examples_index_slice_and_select_agree(tok):
         ex[7]
 
 
+def test_sources_are_arrays_that_give_back_each_where():
+    """Examples.sources holds paths, lines and indices as arrays (a million Where objects would keep the
+    conversations' memory pinned, see Sources); each sources[k] is the Where the record was read with."""
+    from imtune.types import Examples, Sources, Where
+
+    wheres = [Where("a.jsonl", 3, 2), Where("b.jsonl", 1, 0), Where("a.jsonl", 9, 7)]
+    src = Sources.of(wheres)
+    assert src.paths == ("a.jsonl", "b.jsonl") and src.lines.dtype == np.int64 and Sources.of(src) is src
+    assert list(src) == wheres and src == wheres and src == tuple(wheres) and src != wheres[:2]
+    assert src[-1] == wheres[2] and src[1:] == wheres[1:] and src.select([2, 0]) == [wheres[2], wheres[0]]
+    assert str(src[0]) == "a.jsonl:3" and "3 examples" in repr(src)
+    with pytest.raises(IndexError):
+        src[3]
+    ex = Examples(np.zeros(3, np.int32), np.ones(3), np.zeros(3, np.int8), np.array([0, 1, 2, 3]), wheres,
+                  np.zeros(3, bool))
+    assert isinstance(ex.sources, Sources) and [e.source for e in ex] == wheres
+
+
 def _live_conversations(path: str) -> int:
     """Conversation objects still alive that were read from `path`."""
     import gc
@@ -165,6 +183,16 @@ def _live_conversations(path: str) -> int:
 
     gc.collect()
     return sum(1 for o in gc.get_objects() if type(o) is Conversation and str(o.source.path) == path)
+
+
+def _live_wheres(path: str) -> int:
+    """Where objects alive that name `path`."""
+    import gc
+
+    from imtune.types import Where
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Where and str(o.path) == path)
 
 
 def test_release_keeps_only_the_picked_conversations_and_the_counts(tok, tmp_path):
@@ -180,6 +208,7 @@ def test_release_keeps_only_the_picked_conversations_and_the_counts(tok, tmp_pat
     assert prep.system_note() == note and prep.records_loaded == 12  # counts, not the objects
     del everyone, picked
     assert _live_conversations(data) == 0
+    assert _live_wheres(data) == 0  # the examples' sources are arrays: nothing pins the conversations' memory
 
 
 @pytest.mark.parametrize("eval_every", [None, 1])
@@ -191,9 +220,10 @@ def test_training_lets_the_conversations_go_before_the_model_is_built(tmp_path, 
 
     data = write_conversations(tmp_path / "d.jsonl", 24)
     alive, build = [], train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a: alive.append(_live_conversations(data)) or build(*a))
+    monkeypatch.setattr(train, "build_model",
+                        lambda *a: alive.append((_live_conversations(data), _live_wheres(data))) or build(*a))
     run = train.setup(tiny(data, tmp_path / "run", max_steps=1, eval_every=eval_every, eval_train_sample=4))
-    assert alive == [0]
+    assert alive == [(0, 0)]
     assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["records_loaded"] == 24
     if eval_every:
         assert len(run.eval_sets["train"][0]) == 4

@@ -126,6 +126,28 @@ def test_normalize_sequences_is_the_mean_of_example_means(tmp_path):
     assert want != pytest.approx(_reference_loss(tiny(data, tmp_path), "tokens"), rel=1e-4)  # they differ here
 
 
+@pytest.mark.parametrize("normalize", ["tokens", "sequences"])
+def test_a_run_holds_float32_weights_and_fingerprints_the_float64_ones(tmp_path, normalize):
+    """A run keeps the weights as float32 (what collate feeds the loss; half the memory of a million records), but
+    its data fingerprint is taken from the float64 values, so checkpoints written before still resume."""
+    import numpy as np
+
+    from imtune import guard
+    from imtune.train import fingerprint, read_data, setup
+
+    data = write_conversations(tmp_path / "d.jsonl", 6)
+    cfg = tiny(data, tmp_path / "run", loss="weighted", prompt_weight=0.1, normalize=normalize, max_steps=1)
+    _, _, exact = read_data(cfg)
+    run = setup(cfg)
+    try:
+        assert exact.weights.dtype == np.float64 and run.examples.weights.dtype == np.float32
+        assert np.array_equal(run.examples.weights, exact.weights.astype(np.float32))
+        assert not np.array_equal(run.examples.weights.astype(np.float64), exact.weights)  # 0.1 is not a float32
+        assert run.fingerprint == fingerprint(exact) != fingerprint(run.examples)
+        assert run.collate([0, 1]).weights.dtype == torch.float32
+    finally:
+        guard.release()
+
 # -- NEFTune and KL ----------------------------------------------------------------------------------------------
 def test_neftune_noise_scale_follows_each_packed_example():
     from imtune.objective import neftune_noise

@@ -160,8 +160,10 @@ def setup(cfg: TrainConfig) -> Run | Path:
 
     # -- data: tokenised once; each rank does the same deterministic work
     tok, prep, examples = read_data(cfg)
-    ex_weight, fp = step_normalisers(examples, cfg.normalize), fingerprint(examples)
-    evals = track.eval_sets(cfg, prep, tok)
+    evals = track.eval_sets(cfg, prep, tok)  # lets the conversations go: their memory returns before more is taken
+    fp = fingerprint(examples)  # of the float64 weights (as every run before)
+    examples = examples.float32_weights()  # what collate feeds the loss; the float64 array goes with prep
+    ex_weight = step_normalisers(examples, cfg.normalize)
     # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
     first = epoch_batches(cfg, examples, tok, 0)
     sched = schedule(cfg, len(first), acc.num_processes)  # imtune.plan: compare estimates with the same function
@@ -247,7 +249,7 @@ def step_normalisers(examples, normalize: str) -> list[float]:
     those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
     import numpy as np
 
-    w32, bounds = examples.weights.astype(np.float32), examples.bounds.tolist()
+    w32, bounds = examples.weights.astype(np.float32, copy=False), examples.bounds.tolist()
     if normalize == "nonzero":
         return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
     return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]

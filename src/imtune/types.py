@@ -26,6 +26,61 @@ class Where:
         return f"{self.path}:{self.line}"
 
 
+@dataclass(frozen=True, eq=False)
+class Sources:
+    """Where each of K examples came from, as arrays; sources[k] makes that example's Where when asked.
+
+    Why not a tuple of Where: a million of them cost ~0.11 GB, and because they are made while the file is read, in
+    the same memory as the conversations, they would keep that memory (~0.5 GB at a million records) from going back
+    to the system after the conversations are released."""
+
+    paths: tuple[str, ...]  # the distinct paths
+    path_of: np.ndarray  # [K] int32: index into paths
+    lines: np.ndarray  # [K] int64
+    indices: np.ndarray  # [K] int64
+
+    @staticmethod
+    def of(wheres) -> Sources:
+        """Sources from Where objects (or a Sources, returned as it is)."""
+        if isinstance(wheres, Sources):
+            return wheres
+        paths: dict[str, int] = {}
+        path_of, lines, indices = [], [], []
+        for w in wheres:
+            path_of.append(paths.setdefault(w.path, len(paths)))
+            lines.append(w.line)
+            indices.append(w.index)
+        return Sources(tuple(paths), np.array(path_of, dtype=np.int32), np.array(lines, dtype=np.int64),
+                       np.array(indices, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.select(np.arange(len(self))[k])
+        k = range(len(self))[k]  # an IndexError past the end (iteration relies on it), negative indices work
+        return Where(self.paths[self.path_of[k]], int(self.lines[k]), int(self.indices[k]))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other) -> bool:  # the same Where, in the same order (a tuple or list of Where too)
+        if not isinstance(other, (Sources, tuple, list)):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # mutable arrays inside, like a list
+
+    def __repr__(self) -> str:
+        return f"Sources({len(self)} examples from {', '.join(self.paths) or 'nowhere'})"
+
+    def select(self, index) -> Sources:
+        """The sources at `index` (a sequence of example numbers), in that order."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        return Sources(self.paths, self.path_of[index], self.lines[index], self.indices[index])
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: str  # one of ROLES
@@ -92,11 +147,15 @@ class Examples:
     array per example ~110 bytes of header each (a million small records: gigabytes / hundreds of MB)."""
 
     input_ids: np.ndarray  # [N] int32
-    weights: np.ndarray  # [N] float64: the loss table's exact values (collate casts to float32)
+    weights: np.ndarray  # [N] float64: the loss table's exact values (collate casts to float32); float32 after
+    #                      float32_weights(), which a training run keeps (half the memory: 0.18 GB at 45M tokens)
     classes: np.ndarray  # [N] int8, indices into CLASSES
     bounds: np.ndarray  # [K+1] int64: example k is [bounds[k], bounds[k+1])
-    sources: tuple[Where, ...]  # [K]
+    sources: Sources  # [K] (any sequence of Where given is turned into a Sources)
     truncated: np.ndarray  # [K] bool: cut to --max-length
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", Sources.of(self.sources))
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -119,8 +178,10 @@ class Examples:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the arrays (the sources are shared with the conversations)."""
-        return sum(a.nbytes for a in (self.input_ids, self.weights, self.classes, self.bounds, self.truncated))
+        """Bytes held by the arrays."""
+        s = self.sources
+        return sum(a.nbytes for a in (self.input_ids, self.weights, self.classes, self.bounds, self.truncated,
+                                      s.path_of, s.lines, s.indices))
 
     def select(self, index) -> Examples:
         """The examples at `index` (a sequence of example numbers), in that order, as a new flat Examples."""
@@ -129,12 +190,17 @@ class Examples:
         bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         tokens = np.repeat(starts - bounds[:-1], lengths) + np.arange(int(bounds[-1]))  # gather positions
         return Examples(self.input_ids[tokens], self.weights[tokens], self.classes[tokens], bounds,
-                        tuple(self.sources[k] for k in index.tolist()), self.truncated[index])
+                        self.sources.select(index), self.truncated[index])
 
     def with_weights(self, weights: np.ndarray) -> Examples:
         """The same examples with other per-token weights ([N] float64)."""
         return Examples(self.input_ids, np.asarray(weights, dtype=np.float64), self.classes, self.bounds,
                         self.sources, self.truncated)
+
+    def float32_weights(self) -> Examples:
+        """The same examples with the weights as float32: exactly the values collate feeds the loss."""
+        return Examples(self.input_ids, self.weights.astype(np.float32), self.classes, self.bounds, self.sources,
+                        self.truncated)
 
     @staticmethod
     def of(examples) -> Examples:
@@ -146,7 +212,7 @@ class Examples:
             [np.asarray(getattr(e, f), dtype=dtype).reshape(-1) for e in examples] or [np.zeros(0, dtype)])
         bounds = np.concatenate([[0], np.cumsum([len(e) for e in examples])]).astype(np.int64)
         return Examples(flat("input_ids", np.int32), flat("weights", np.float64), flat("classes", np.int8), bounds,
-                        tuple(e.source for e in examples), np.array([e.truncated for e in examples], dtype=bool))
+                        [e.source for e in examples], np.array([e.truncated for e in examples], dtype=bool))
 
 
 @dataclass(frozen=True)

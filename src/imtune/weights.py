@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .tokenize import Encoded
-from .types import CLASS_ID, CLASSES, DataError, Examples, Problem, UsageError, Where
+from .types import CLASS_ID, CLASSES, DataError, Examples, Problem, Sources, UsageError, Where
 
 # Loss modes are tables: class -> weight. `weighted` takes λ (the prompt weight) for system and user.
 LOSS_MODES: dict[str, dict[str, float]] = {
@@ -192,5 +192,5 @@ def weigh(encoded: Encoded, sources: Sequence[Where], spec: LossSpec, max_length
     kept = np.flatnonzero(keep)
     examples = Examples(input_ids=encoded.input_ids[tokens], weights=w[tokens], classes=encoded.classes[tokens],
                         bounds=np.concatenate([[0], np.cumsum(ends[kept] - starts[kept])]).astype(np.int64),
-                        sources=tuple(sources[k] for k in kept.tolist()), truncated=truncated[kept])
+                        sources=Sources.of(sources).select(kept), truncated=truncated[kept])
     return examples, report
