@@ -138,6 +138,8 @@ class Run:
 
 def setup(cfg: TrainConfig) -> Run | Path:
     """A Run ready for fit, or the run directory itself when it is already finished (RUN/DONE, same settings)."""
+    import numpy as np
+
     from .pack import lengths_of
 
     cfg = cfg.check()
@@ -162,7 +164,7 @@ def setup(cfg: TrainConfig) -> Run | Path:
     tok, prep, examples = read_data(cfg)
     evals = track.eval_sets(cfg, prep, tok)  # lets the conversations go: their memory returns before more is taken
     fp = fingerprint(examples)  # of the float64 weights (as every run before)
-    examples = examples.float32_weights()  # what collate feeds the loss; the float64 array goes with prep
+    examples = examples.with_weights(examples.weights.astype(np.float32))  # what collate feeds the loss
     ex_weight = step_normalisers(examples, cfg.normalize)
     # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
     first = epoch_batches(cfg, examples, tok, 0)

@@ -147,8 +147,8 @@ class Examples:
     array per example ~110 bytes of header each (a million small records: gigabytes / hundreds of MB)."""
 
     input_ids: np.ndarray  # [N] int32
-    weights: np.ndarray  # [N] float64: the loss table's exact values (collate casts to float32); float32 after
-    #                      float32_weights(), which a training run keeps (half the memory: 0.18 GB at 45M tokens)
+    weights: np.ndarray  # [N] float64: the loss table's exact values (collate casts to float32); a training run
+    #                      keeps them as float32 (train.setup: half the memory, 0.18 GB at 45M tokens)
     classes: np.ndarray  # [N] int8, indices into CLASSES
     bounds: np.ndarray  # [K+1] int64: example k is [bounds[k], bounds[k+1])
     sources: Sources  # [K] (any sequence of Where given is turned into a Sources)
@@ -176,13 +176,6 @@ class Examples:
         """[K] int64 tokens per example."""
         return np.diff(self.bounds)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the arrays."""
-        s = self.sources
-        return sum(a.nbytes for a in (self.input_ids, self.weights, self.classes, self.bounds, self.truncated,
-                                      s.path_of, s.lines, s.indices))
-
     def select(self, index) -> Examples:
         """The examples at `index` (a sequence of example numbers), in that order, as a new flat Examples."""
         index = np.asarray(index, dtype=np.int64).reshape(-1)
@@ -193,14 +186,8 @@ class Examples:
                         self.sources.select(index), self.truncated[index])
 
     def with_weights(self, weights: np.ndarray) -> Examples:
-        """The same examples with other per-token weights ([N] float64)."""
-        return Examples(self.input_ids, np.asarray(weights, dtype=np.float64), self.classes, self.bounds,
-                        self.sources, self.truncated)
-
-    def float32_weights(self) -> Examples:
-        """The same examples with the weights as float32: exactly the values collate feeds the loss."""
-        return Examples(self.input_ids, self.weights.astype(np.float32), self.classes, self.bounds, self.sources,
-                        self.truncated)
+        """The same examples with other per-token weights ([N] float64, or float32 as collate makes them)."""
+        return Examples(self.input_ids, weights, self.classes, self.bounds, self.sources, self.truncated)
 
     @staticmethod
     def of(examples) -> Examples:
