@@ -1,7 +1,8 @@
 """imtune.synth and `imtune data synth`: deterministic for a seed (also across processes with other hash seeds),
 seeds differ, the ratio knob moves the ratio measured by imtune.stats (words), examples stay short in tokens at the
-default ratios, the held-out split asks what training never asks and its answers are in its instructions, exact-match
-scoring, and the written files load back as `messages`."""
+default ratios, the fair families are fair (an oracle answers every example from its own instruction; no held-out
+answer occurs in training), `recall` is the labelled exception, exact-match scoring, and the written files load back
+as `messages`."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,20 @@ import sys
 import pytest
 
 from imtune.stats import dataset_stats
-from imtune.synth import ATTRS, FAMILIES, WORDS, exact_match, exact_match_rate, normalize, synthesize
+from imtune.synth import (
+    ATTRS,
+    COLOURS,
+    FAMILIES,
+    GOODS,
+    REVERSE_ASKS,
+    RULE_ENTRIES,
+    RULE_QUESTIONS,
+    WORDS,
+    exact_match,
+    exact_match_rate,
+    normalize,
+    synthesize,
+)
 from imtune.templates import Renderer
 from imtune.types import UsageError
 
@@ -71,7 +85,7 @@ def test_families_sit_where_the_paper_puts_them():
 def test_short_enough_for_cpu_training(tok, fam, template):
     train, held = synthesize(fam, 100, seed=0, heldout=30)
     s = dataset_stats(train + held, tok, Renderer(template, tok), unit="tokens")
-    assert s["sequence_tokens"]["max"] <= 256
+    assert s["sequence_tokens"]["max"] <= (512 if fam == "reverse" else 256)  # reverse: eight long passages
 
 
 def rule_input(c) -> tuple[str, ...]:
@@ -79,43 +93,83 @@ def rule_input(c) -> tuple[str, ...]:
     return tuple(w for w in re.findall(r"[a-z]+", c.messages[0].content.rsplit("\n", 1)[-1]) if w in WORDS)
 
 
-def lookup_key(c) -> tuple[str, str]:
-    """(town, fact) asked about, read back from the question with the family's own templates."""
-    q = c.messages[0].content.rsplit("Question: ", 1)[1]
-    for attr, (_, _, questions, _) in ATTRS.items():
-        for t in questions:
-            m = re.fullmatch(re.escape(t).replace(re.escape("{t}"), r"(\w+)"), q)
+def _pattern(template: str, **groups: str) -> re.Pattern:
+    """A family's sentence template as a regex whose {fields} are capture groups."""
+    rx = re.escape(template)
+    for name, g in groups.items():
+        rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{g})")
+    return re.compile(rx)
+
+
+def oracle(fam: str, instruction: str) -> str:
+    """The answer, read from the instruction alone with the family's own templates: what makes a family fair is that
+    this works for every held-out example (nothing it needs lives in other records)."""
+    if fam == "rule":
+        code = {}
+        for t in RULE_ENTRIES:
+            code.update((m["w"], m["c"]) for m in _pattern(t, w="[a-z]+", c="[a-z]+").finditer(instruction))
+        question = instruction.rsplit("\n", 1)[-1]
+        for t in RULE_QUESTIONS:
+            m = _pattern(t, x="[a-z ]+").fullmatch(question)
             if m:
-                return m.group(1), attr
-    raise AssertionError(q)
+                return " ".join(code[w] for w in m["x"].split())
+    if fam == "lookup":
+        notes, question = instruction.rsplit("Question: ", 1)
+        for _, note_ts, question_ts, _ in ATTRS.values():
+            for qt in question_ts:
+                m = _pattern(qt, t="[A-Z][a-z]+").fullmatch(question)
+                if m:
+                    for nt in note_ts:
+                        hit = _pattern(nt, t=m["t"], v="[A-Z][a-z]+(?: [A-Z][a-z]+)?").search(notes)
+                        if hit:
+                            return hit["v"]
+    if fam == "reverse":
+        request, notes = instruction.split("\n\n", 1)
+        for ask in REVERSE_ASKS:
+            m = _pattern(ask, t="[A-Z][a-z]+", a="[a-z ,]+?").match(request)
+            if m:
+                nouns = {ATTRS[a][0]: a for a in ATTRS}
+                asked = [nouns[x] for x in re.split(r", | and ", m["a"])]
+                line = next(x for x in notes.splitlines() if x.startswith(m["t"] + ": "))
+                facts = dict(item.split(" ", 1) for item in line[len(m["t"]) + 2:].rstrip(".").split("; "))
+                return " ".join(ATTRS[a][3].format(t=m["t"], v=facts[ATTRS[a][0]]) for a in asked)
+    raise AssertionError(f"{fam}: the oracle cannot read {instruction!r}")
 
 
-def test_heldout_asks_what_training_never_asks():
-    # rule: every held-out input has a word no training input has (reserved), yet training instructions teach it
-    train, held = synthesize("rule", 200, seed=2, heldout=40)
-    train_words = {w for c in train for w in rule_input(c)}
-    assert all(rule_input(c) and set(rule_input(c)) - train_words for c in held)
-    taught = " ".join(c.messages[0].content for c in train)
-    for w in {w for c in held for w in rule_input(c)} - train_words:
-        assert re.search(rf"\b{w}\b", taught)  # a reserved word appears in training instructions (entries, examples)
-
-    # lookup: held-out (town, fact) pairs are never asked in training, but are notes in training instructions
-    train, held = synthesize("lookup", 300, seed=2, heldout=60)
-    train_keys = {lookup_key(c) for c in train}
+@pytest.mark.parametrize("fam", [f for f in FAMS if FAMILIES[f].fair])
+@pytest.mark.parametrize("ratio", [None, "low", "high"])
+def test_fair_heldout_answers_come_from_their_own_instruction_only(fam, ratio):
+    """Fairness, the property issue 24 asks for: an oracle answers every example (held-out and training) from its own
+    instruction alone, and no held-out answer, nor any invented name it states, occurs in any training record."""
+    r = {None: None, "low": {"rule": 12, "lookup": 8, "reverse": 0.15}[fam],
+         "high": {"rule": 40, "lookup": 45, "reverse": 3}[fam]}[ratio]
+    train, held = synthesize(fam, 150, r, seed=2, heldout=60)
+    for c in train + held:
+        assert oracle(fam, c.messages[0].content) == c.messages[1].content
+    corpus = "\n".join(m.content for c in train for m in c.messages)
     for c in held:
-        town, _ = lookup_key(c)
         answer = c.messages[1].content
-        assert lookup_key(c) not in train_keys
-        assert answer in c.messages[0].content  # the answer is in its own instruction
-        assert any(town in line and answer in line for t in train for line in t.messages[0].content.splitlines())
+        assert not re.search(rf"\b{re.escape(answer)}\b", corpus), answer
+        invented = {w for w in re.findall(r"[A-Za-z]+", answer) if w.lower() not in ENGLISH}
+        assert invented, answer  # every answer states at least one invented name
+        for w in invented:
+            assert not re.search(rf"\b{w}\b", corpus, re.IGNORECASE), (w, answer)
 
-    # reverse (contrast): the knowledge is in training outputs: held-out sentences were output sentences in training
-    train, held = synthesize("reverse", 300, seed=2, heldout=30)
-    seen = {s for c in train for s in c.messages[1].content.split(". ")}
-    held_sentences = [s for c in held for s in c.messages[1].content.split(". ")]
-    assert sum(s in seen for s in held_sentences) / len(held_sentences) > 0.9
-    requests = {c.messages[0].content for c in train}
-    assert not any(c.messages[0].content in requests for c in held)
+
+ENGLISH = set(" ".join(t for _, ts, qs, passage in ATTRS.values() for t in [*ts, *qs, passage]).lower()
+              .replace("{t}", " ").replace("{v}", " ").replace(".", " ").replace(",", " ").split())
+ENGLISH |= {*WORDS, *GOODS, *COLOURS}
+
+
+def test_recall_is_labelled_an_illustration():
+    assert not FAMILIES["recall"].fair and "ILLUSTRATION" in FAMILIES["recall"].about
+    assert all(FAMILIES[f].fair for f in ("rule", "lookup", "reverse"))
+
+
+def test_reverse_spans_the_papers_thresholds():
+    """One family crosses both thresholds of the advice (0.15 and 0.5 in words) for `study --factor ratio`."""
+    lo, hi = ratio(synthesize("reverse", 80, 0.1, seed=0)[0]), ratio(synthesize("reverse", 80, 3, seed=0)[0])
+    assert lo < 0.15 and hi > 2.5
 
 
 def test_recall_heldout_answers_are_only_in_training_instructions():
@@ -138,12 +192,6 @@ def test_recall_heldout_answers_are_only_in_training_instructions():
         assert not any(cw in instruction for cw in answer.split())  # not copyable: no entry, no worked example
         for t in train:
             assert all(cw in t.messages[0].content for cw in answer.split())  # every training instruction has it
-
-
-def test_rule_answers_are_in_the_instruction():
-    for c in synthesize("rule", 50, seed=3, heldout=20)[1]:
-        instruction, answer = c.messages[0].content, c.messages[1].content
-        assert all(code in instruction for code in answer.split())
 
 
 def test_exact_match():

@@ -1,32 +1,32 @@
 """Synthetic controlled data: task families with a knob for the instruction/output length ratio (the IM paper's first
 factor) and the number of examples (its second), plus a held-out split scored by exact match.
 
-Families (FAMILIES):
-- `rule`    long instruction, short output. A made-up code (ordinary words -> invented code words, fixed for a seed)
-            described in varied sentences, with extra code entries, worked examples and remarks; output: the 1-3
-            code words for the input.
-- `recall`  `rule`'s code, but held-out questions ask only reserved words and their instructions leave out every
-            entry and worked example of a reserved word, while every training instruction states all reserved
-            entries. A held-out answer cannot be copied from its instruction: it must have been learnt from the
-            training instructions, which IT never trains on and IM does (the paper's mechanism). The outputs are
-            invented words, so memorising the training outputs moves probability away from held-out answers: the
-            held-out output loss can pass a minimum and rise (the overfitting regime `imtune demo` shows).
-- `lookup`  long instruction, short output. Notes about invented towns (mayor, founding year, river, ...; one world
-            for a seed), phrased at random; a question whose 1-2 word answer is in the notes.
-- `reverse` the contrast: short instruction ("Describe Tamor: its mayor and river."), long output (one fixed,
-            checkable sentence per asked fact about the same world as `lookup`).
+The fair families (`rule`, `lookup`, `reverse`) make every example independent: each has a fresh world of its own (a
+code table, towns and their facts), everything its answer needs is stated in its own instruction, and every invented
+word (code words, names, towns, rivers, festivals) is drawn once for the whole data set, training split first. So no
+name, fact or answer string of a held-out example occurs in any training record, and IM cannot win by having trained
+on the held-out answers: the held-out split asks the same kind of question about worlds neither arm has seen.
 
-Each world is fixed by the seed alone. The held-out split asks what training never asks: `rule` held-out inputs use
-code words reserved from training inputs (they still appear in training instructions, as entries and in worked
-examples), `lookup` held-out questions ask reserved (town, fact) pairs (in training they appear only as other notes),
-and `reverse` held-out requests are (town, facts) combinations no training example asks for. So with few examples,
-IT sees only the few outputs, while IM also learns from the instructions that carry what the held-out split needs.
+- `rule`    long instruction, short output. A made-up code for this example (ordinary words -> invented code words)
+            described in varied sentences, with extra code entries, worked examples and remarks; output: the 1-3
+            code words for the input. Ratio ~10 and up (the floor is the task statement with its entries).
+- `lookup`  long instruction, short output. Notes about this example's invented towns (mayor, founding year, river,
+            ...), phrased at random; a question whose answer (a 1-2 word invented name) is in the notes. Ratio ~5 and
+            up.
+- `reverse` the contrast and the span: a request to describe one town's asked facts, the facts as terse notes
+            (with notes about other towns as the ratio asks), and an output of one fixed, checkable two-sentence
+            passage per asked fact. From ~0.14 (all eight facts asked, no other notes) to ~5 (one fact, many notes),
+            so `imtune study --factor ratio --family reverse` crosses the paper's thresholds (0.15, 0.5).
+- `recall`  AN ILLUSTRATION, NOT EVIDENCE: "IM learns what instructions state". One code shared by the whole data set;
+            held-out questions ask words whose entries only the *training instructions* state. IM trains on those
+            tokens and IT never does, so IM wins by construction. Kept to show the mechanism; never used for the demo,
+            for stats.EVIDENCE or for the README's evidence.
 
 `ratio` targets the instruction/output ratio in words (the paper's convention, imtune.stats words mode: tags count
-one word each) per example, by adding or leaving out instruction sentences (rule/lookup) or by the number of facts
-asked for (reverse); each family has a floor (the shortest instruction that still states the task) and `reverse` a
-ceiling. The ratio reached is approximate; `imtune data synth` prints it. Deterministic for a seed: the train split
-does not depend on `heldout`, and Python's `random.Random` with string seeds is stable across runs and platforms.
+one word each) per example, by adding or leaving out instruction sentences or notes, or (reverse) by the number of
+facts asked; each family has a floor and `reverse` a ceiling. The ratio reached is approximate; `imtune data synth`
+prints it. Deterministic for a seed: the train split does not depend on `heldout`, and Python's `random.Random` with
+string seeds is stable across runs and platforms.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from .types import Conversation, Message, UsageError, Where
 
 # ----------------------------------------------------------------------------------------------------------------
-# Invented words and the shared world of towns
+# Invented words, each drawn once per data set
 
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 # Real words the syllable pattern can make (no final -e is made, which rules out most: none, gale, bone, ...).
@@ -71,57 +71,80 @@ def _unique(rng: random.Random, k: int, make: Callable[[], str], taken: set[str]
     return out
 
 
+class Inventor:
+    """Invented words never used before in this data set (2-3 syllables: ~800k possible words)."""
+
+    def __init__(self, taken: set[str] | None = None):
+        self.taken = set(WORDS) | set(taken or ())
+
+    def words(self, rng: random.Random, k: int, capital: bool = False) -> list[str]:
+        def make() -> str:
+            w = _pseudo(rng, rng.choice((2, 3)))
+            return w.capitalize() if capital else w
+        return _unique(rng, k, make, self.taken)
+
+
 WORDS = ["red", "blue", "green", "yellow", "black", "white", "cat", "dog", "horse", "bird", "fish", "river", "stone",
          "tree", "house", "bread", "milk", "apple", "moon", "sun", "rain", "wind", "book", "door", "lamp", "ship"]
 GOODS = ["amber", "salt", "wool", "copper", "glass", "honey", "timber", "figs", "tea", "silk", "cheese", "pottery"]
 COLOURS = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]
 
-# attribute -> (short noun for `reverse` requests, note templates, question templates, the fixed `reverse` sentence)
+# attribute -> (short noun, note templates, question templates, the fixed `reverse` passage)
 ATTRS: dict[str, tuple[str, list[str], list[str], str]] = {
     "mayor": ("mayor", ["The mayor of {t} is {v}.", "{v} serves as the mayor of {t}.", "In {t}, the mayor is {v}.",
                         "{t} has {v} as its mayor."],
               ["Who is the mayor of {t}?", "Name the mayor of {t}.", "What is the name of the mayor of {t}?"],
-              "The mayor of {t} is {v}, who was chosen by the town council and meets people every market day."),
+              "The mayor of {t} is {v}, who was chosen by the town council and meets people every market day. "
+              "Anyone who lives in {t} may bring a question to {v} at the town hall on those days."),
     "founded": ("founding", ["{t} was founded in {v}.", "The town of {t} dates from {v}.",
-                                  "Records say {t} was built in {v}."],
+                             "Records say {t} was built in {v}."],
                 ["In which year was {t} founded?", "When was {t} founded?", "What year does {t} date from?"],
-                "{t} was founded in the year {v}, and the date is still carved above the old town gate."),
+                "{t} was founded in the year {v}, and the date is still carved above the old town gate. "
+                "Every child in {t} learns the year {v} at school before anything else."),
     "river": ("river", ["{t} lies on the river {v}.", "The river {v} runs through {t}.",
                         "{t} is built beside the {v}."],
               ["Which river runs through {t}?", "On which river does {t} lie?", "Name the river of {t}."],
-              "The river {v} flows through {t}, and small boats carry people and goods along its banks."),
+              "The river {v} flows through {t}, and small boats carry people and goods along its banks. "
+              "In spring the {v} rises and the lower streets of {t} are sometimes flooded."),
     "export": ("export", ["The main export of {t} is {v}.", "{t} is known for selling {v}.",
-                               "Most traders visit {t} to buy {v}."],
+                          "Most traders visit {t} to buy {v}."],
                ["What is the main export of {t}?", "What does {t} mainly sell?", "What do traders buy in {t}?"],
-               "The main export of {t} is {v}, which merchants take to the other towns every autumn."),
+               "The main export of {t} is {v}, which merchants take to the other towns every autumn. "
+               "Families in {t} have traded {v} for as long as anyone can remember."),
     "festival": ("festival", ["Every summer {t} holds the {v} festival.", "The festival of {t} is called {v}.",
                               "People in {t} celebrate the {v} festival."],
                  ["What is the festival of {t} called?", "Which festival does {t} hold?",
                   "Name the festival celebrated in {t}."],
-                 "The people of {t} hold the {v} festival each summer, with music and food in the streets."),
+                 "The people of {t} hold the {v} festival each summer, with music and food in the streets. "
+                 "Visitors come from far away to see the {v} festival and its evening parade."),
     "neighbour": ("neighbour", ["The nearest town to {t} is {v}.", "{t} is a neighbour of {v}.",
-                                        "From {t} it is a short walk to {v}."],
+                                "From {t} it is a short walk to {v}."],
                   ["Which town is nearest to {t}?", "Name the neighbouring town of {t}.",
                    "What is the closest town to {t}?"],
-                  "The nearest town to {t} is {v}, and a stone road connects the two towns."),
+                  "The nearest town to {t} is {v}, and a stone road connects the two towns. "
+                  "Most people in {t} walk to {v} at least once a month to visit friends."),
     "flag": ("flag", ["The flag of {t} is {v}.", "{t} flies a {v} flag.", "The colour of the flag of {t} is {v}."],
              ["What colour is the flag of {t}?", "Which colour is the flag of {t}?", "Name the colour of {t}'s flag."],
-             "The flag of {t} is {v}, and it hangs from the tower of the town hall."),
+             "The flag of {t} is {v}, and it hangs from the tower of the town hall. "
+             "On holidays every house in {t} hangs out a small {v} flag as well."),
     "population": ("population", ["{t} has {v} inhabitants.", "About {v} people live in {t}.",
                                   "The population of {t} is {v}."],
                    ["How many people live in {t}?", "What is the population of {t}?",
                     "How many inhabitants does {t} have?"],
-                   "The town of {t} has {v} inhabitants, most of whom live close to the central square."),
+                   "The town of {t} has {v} inhabitants, most of whom live close to the central square. "
+                   "The last count of {v} people was made by the town clerk of {t}."),
 }
+# Facts whose values are invented names: the only ones `lookup` asks, so a held-out answer is never a string that
+# training records hold too (a colour, a number, a traded good).
+NAMED = ("mayor", "river", "festival", "neighbour")
 
 
-def towns_world(rng: random.Random, n_towns: int = 16) -> dict:
-    """Invented towns and their facts: {"towns": [...], "facts": {(town, attr): value}}."""
-    taken: set[str] = set()  # every invented name is used once, so no answer can be read two ways
-    towns = _unique(rng, n_towns, lambda: _pseudo(rng, 2).capitalize(), taken)
-    names = _unique(rng, 2 * n_towns, lambda: _pseudo(rng, 2).capitalize(), taken)
-    rivers = _unique(rng, n_towns, lambda: _pseudo(rng, 2).capitalize(), taken)
-    fests = _unique(rng, n_towns, lambda: _pseudo(rng, 3).capitalize(), taken)
+def towns_world(rng: random.Random, inventor: Inventor, n_towns: int) -> dict:
+    """Invented towns and their facts: {"towns": [...], "facts": {(town, attr): value}}, every name new."""
+    towns = inventor.words(rng, n_towns, capital=True)
+    names = inventor.words(rng, 2 * n_towns, capital=True)
+    rivers = inventor.words(rng, n_towns, capital=True)
+    fests = inventor.words(rng, n_towns, capital=True)
     facts = {}
     for i, t in enumerate(towns):
         facts[t, "mayor"] = f"{names[2 * i]} {names[2 * i + 1]}"
@@ -133,14 +156,6 @@ def towns_world(rng: random.Random, n_towns: int = 16) -> dict:
         facts[t, "flag"] = rng.choice(COLOURS)
         facts[t, "population"] = str(rng.randint(8, 950) * 10)
     return {"towns": towns, "facts": facts}
-
-
-def code_world(rng: random.Random, n_words: int = 16, n_reserved: int = 4) -> dict:
-    words = rng.sample(WORDS, n_words)
-    taken = set(WORDS)
-    codes = _unique(rng, n_words, lambda: _pseudo(rng, 2), taken)
-    name = _unique(rng, 1, lambda: _pseudo(rng, 2).capitalize(), taken)[0]
-    return {"name": name, "code": dict(zip(words, codes)), "reserved": words[:n_reserved]}
 
 
 def _n_words(text: str) -> int:
@@ -166,7 +181,7 @@ def _content_target(ratio: float, answer: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Families: make(rng, world, ratio, split) -> (instruction, answer, key)
+# Families: make(rng, inventor, ratio) -> (instruction, answer, key); key: the invented strings the answer states
 
 RULE_INTROS = ["You will translate words into the {c} code, a secret language made up by a club of puzzle makers.",
                "The {c} code replaces ordinary English words with invented code words.",
@@ -189,34 +204,19 @@ RULE_QUESTIONS = ["Now encode: {x}", "Input: {x}", "Translate this into the code
                   "What is '{x}' in the code?"]
 
 
-def make_rule(rng: random.Random, world: dict, ratio: float, split: str, recall: bool = False):
-    """`rule`, or with `recall` the `recall` family: held-out inputs are reserved words only and their instructions
-    carry no entry or worked example for any reserved word, while every training instruction carries the entries of
-    all reserved words (so only what was learnt from training instructions can answer a held-out question)."""
-    code, reserved = world["code"], world["reserved"]
-    allowed = [w for w in code if w not in reserved]
-    k = rng.randint(1, 3)
-    if split == "train":
-        words = rng.sample(allowed, k)
-    elif recall:  # reserved words only; their entries are left out below
-        words = rng.sample(reserved, min(k, len(reserved)))
-    else:  # at least one reserved word, the rest from anywhere
-        words = [rng.choice(reserved)] + rng.sample([w for w in code if w not in reserved], k - 1)
-        rng.shuffle(words)
+def _rule_text(rng: random.Random, name: str, code: dict, words: list[str], given: list[str], hidden: set[str],
+               ratio: float) -> tuple[str, str]:
+    """A `rule` instruction for `words` that states the entries of `given`, never mentions `hidden`, and adds other
+    entries, remarks and worked examples (never the answer itself) up to the target ratio -> (instruction, answer)."""
     answer = " ".join(code[w] for w in words)
-    c = world["name"]
-    head = [rng.choice(RULE_INTROS).format(c=c), rng.choice(RULE_PROCEDURES)]
-    hidden = set(reserved) if recall and split != "train" else set()  # never stated in this instruction
-    given = [w for w in words if w not in hidden]
-    if recall and split == "train":  # the knowledge held-out questions need, in every training instruction
-        given += [w for w in reserved if w not in given]
+    head = [rng.choice(RULE_INTROS).format(c=name), rng.choice(RULE_PROCEDURES)]
     entries = [rng.choice(RULE_ENTRIES).format(w=w, c=code[w]) for w in given]
     question = rng.choice(RULE_QUESTIONS).format(x=" ".join(words))
     others = [w for w in code if w not in words and w not in hidden and w not in given]
     rng.shuffle(others)
     remarks = rng.sample(RULE_REMARKS, len(RULE_REMARKS))
 
-    def candidates():  # extra entries, remarks and (without end) worked examples, in random order
+    def candidates():  # extra entries, remarks and worked examples, in random order
         while True:
             kind = rng.choice(["entry"] * bool(others) + ["remark"] * bool(remarks) + ["example"])
             if kind == "entry":
@@ -237,7 +237,17 @@ def make_rule(rng: random.Random, world: dict, ratio: float, split: str, recall:
     body = entries + [s for kind, s in extra if kind == "remark"]
     examples = [s for kind, s in extra if kind == "example"]
     text = "\n\n".join(filter(None, [" ".join(head), " ".join(body), "\n".join(examples)]))
-    return text + "\n\n" + question, answer, tuple(words)
+    return text + "\n\n" + question, answer
+
+
+def make_rule(rng: random.Random, inventor: Inventor, ratio: float):
+    """This example's own code: 12 ordinary words, each with a new code word; the input's entries always stated."""
+    name = inventor.words(rng, 1, capital=True)[0]
+    plain = rng.sample(WORDS, 12)
+    code = dict(zip(plain, inventor.words(rng, len(plain))))
+    words = rng.sample(plain, rng.randint(1, 3))
+    text, answer = _rule_text(rng, name, code, words, list(words), set(), ratio)
+    return text, answer, tuple(code[w] for w in words)
 
 
 LOOKUP_INTROS = ["Read the notes below and answer the question with only the answer.",
@@ -249,11 +259,10 @@ LOOKUP_REMARKS = ["Some notes are about other towns; ignore them.", "Give the an
                   "Do not repeat the question in your answer.", "The traveller checked every note twice."]
 
 
-def make_lookup(rng: random.Random, world: dict, ratio: float, split: str):
-    facts = world["facts"]
-    reserved = world["reserved"]
-    keys = sorted(reserved) if split == "heldout" else [k for k in facts if k not in reserved]
-    t, a = rng.choice(keys)
+def make_lookup(rng: random.Random, inventor: Inventor, ratio: float):
+    """Notes about this example's six towns; the question asks a named fact (an invented name) of one of them."""
+    facts = towns_world(rng, inventor, 6)["facts"]
+    t, a = rng.choice([k for k in facts if k[1] in NAMED])
     answer = facts[t, a]
     note = lambda key: rng.choice(ATTRS[key[1]][1]).format(t=key[0], v=facts[key])  # noqa: E731
     question = rng.choice(ATTRS[a][2]).format(t=t)
@@ -272,67 +281,108 @@ def make_lookup(rng: random.Random, world: dict, ratio: float, split: str):
     rng.shuffle(notes)
     tail = [s for s in extra if s in LOOKUP_REMARKS]
     text = intro + "\n\n" + "\n".join(notes) + "\n\n" + " ".join(tail + [f"Question: {question}"])
-    return text, answer, (t, a)
+    return text, answer, tuple(answer.split())
 
 
 REVERSE_ASKS = ["Describe {t}: its {a}.", "Tell me about the {a} of {t}.",
-                "Write a short profile of {t} covering its {a}.",
-                "What do you know about the {a} of {t}?"]
-REVERSE_REMARKS = ["Answer in full sentences.", "Keep the order in which I listed the topics.",
+                "Write a short profile of {t} covering its {a}.", "What do you know about the {a} of {t}?"]
+REVERSE_REMARKS = ["Answer in full passages.", "Keep the order in which I listed the topics.",
                    "Do not add facts that I did not ask for.", "I am writing a short guide for travellers.",
-                   "One sentence per topic is enough.", "Please be precise.", "Use plain language."]
+                   "Use the notes below.", "Please be precise.", "Use plain language."]
 
 
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def make_reverse(rng: random.Random, world: dict, ratio: float, split: str):
-    facts = world["facts"]
-    t = rng.choice(world["towns"])
+def reverse_note(town: str, attrs: list[str], facts: dict) -> str:
+    """One terse line of notes: `Tamor: mayor Bola Kinor; founding 1420.`"""
+    return f"{town}: " + "; ".join(f"{ATTRS[a][0]} {facts[town, a]}" for a in attrs) + "."
+
+
+def make_reverse(rng: random.Random, inventor: Inventor, ratio: float):
+    """Asked facts of one of this example's towns as terse notes (plus other towns' notes as the ratio asks);
+    output: the fixed passage of each asked fact, in the order asked."""
+    world = towns_world(rng, inventor, 8)
+    facts, t = world["facts"], world["towns"][0]
     order = rng.sample(list(ATTRS), len(ATTRS))
     ask = rng.choice(REVERSE_ASKS)
     remarks = rng.sample(REVERSE_REMARKS, len(REVERSE_REMARKS))
+    others = [x for x in world["towns"] if x != t]
 
     def build(k: int):
         attrs = order[:k]
         answer = " ".join(ATTRS[a][3].format(t=t, v=facts[t, a]) for a in attrs)
-        text = ask.format(t=t, a=_join([ATTRS[a][0] for a in attrs]))
-        extra = _fill(_n_words(text), _content_target(ratio, answer), remarks)
-        return " ".join([text, *extra]), answer, (t, tuple(attrs))
+        request = ask.format(t=t, a=_join([ATTRS[a][0] for a in attrs]))
+        mine = reverse_note(t, sorted(attrs, key=order.index), facts)
+        cands = [("remark", r) for r in remarks[:3]] + [("note", reverse_note(x, rng.sample(list(ATTRS), 8), facts))
+                                                        for x in others] + [("remark", r) for r in remarks[3:]]
+        extra = _fill(_n_words(request) + _n_words(mine), _content_target(ratio, answer), cands,
+                      text=lambda item: item[1])
+        notes = [s for kind, s in extra if kind == "note"] + [mine]
+        rng.shuffle(notes)
+        said = [s for kind, s in extra if kind == "remark"]
+        text = " ".join([request, *said]) + "\n\n" + "\n".join(notes)
+        return text, answer, (t, *(facts[t, a] for a in attrs))
 
-    def off(k: int) -> float:  # distance from the target ratio, on a log scale
+    def off(k: int) -> float:  # distance from the target ratio
         text, answer, _ = build(k)
         return abs((_n_words(text) + 1) / (_n_words(answer) + 1) / ratio - 1)
 
-    return build(min(range(1, len(ATTRS) + 1), key=off))
+    state = rng.getstate()  # every trial build draws alike: the kept one is rebuilt from the same state
+    best = min(range(1, len(ATTRS) + 1), key=lambda k: (rng.setstate(state), off(k))[1])
+    rng.setstate(state)
+    return build(best)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# `recall`: an illustration only (see the module docstring)
+
+def code_world(rng: random.Random, n_words: int = 16, n_reserved: int = 4) -> dict:
+    words = rng.sample(WORDS, n_words)
+    taken = set(WORDS)
+    codes = _unique(rng, n_words, lambda: _pseudo(rng, 2), taken)
+    name = _unique(rng, 1, lambda: _pseudo(rng, 2).capitalize(), taken)[0]
+    return {"name": name, "code": dict(zip(words, codes)), "reserved": words[:n_reserved]}
+
+
+def make_recall(rng: random.Random, world: dict, ratio: float, split: str):
+    """Held-out inputs are reserved words only and their instructions carry no entry or worked example for any
+    reserved word, while every training instruction carries the entries of all reserved words."""
+    code, reserved = world["code"], world["reserved"]
+    k = rng.randint(1, 3)
+    if split == "train":
+        words = rng.sample([w for w in code if w not in reserved], k)
+        given = words + [w for w in reserved if w not in words]
+        hidden: set[str] = set()
+    else:
+        words = rng.sample(reserved, min(k, len(reserved)))
+        given, hidden = [], set(reserved)
+    text, answer = _rule_text(rng, world["name"], code, words, given, hidden, ratio)
+    return text, answer, tuple(words)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Family:
-    make: Callable  # (rng, world, ratio, split) -> (instruction, answer, key)
-    world: Callable  # (rng) -> world, fixed for a seed
+    make: Callable  # fair: (rng, inventor, ratio) -> (instruction, answer, key); recall: (rng, world, ratio, split)
     default_ratio: float  # instruction/output in words (paper convention)
     about: str
-
-
-def _lookup_world(rng: random.Random) -> dict:
-    w = towns_world(rng)
-    keys = sorted(w["facts"])
-    w["reserved"] = set(rng.sample(keys, len(keys) // 5))  # held-out questions; in training only as other notes
-    return w
+    fair: bool = True  # False: an illustration whose held-out answers training instructions state (never evidence)
+    world: Callable | None = None  # recall: (rng) -> the one world shared by the whole data set
 
 
 FAMILIES: dict[str, Family] = {
-    "rule": Family(make_rule, code_world, 25.0,
-                   "a made-up code described at length (+ worked examples); output: 1-3 code words"),
-    "lookup": Family(make_lookup, _lookup_world, 30.0,
-                     "notes about invented towns; output: the 1-2 word answer to a question about them"),
-    "reverse": Family(make_reverse, towns_world, 0.12,
-                      "contrast: a short request about a town; output: one long fixed sentence per asked fact"),
-    "recall": Family(functools.partial(make_rule, recall=True), functools.partial(code_world, n_reserved=4), 25.0,
-                     "the made-up code of `rule`; held-out questions ask words whose entries only training "
-                     "instructions carry; output: 1-3 code words"),
+    "rule": Family(make_rule, 25.0, "a made-up code of the example's own, described at length (+ worked "
+                                    "examples); output: 1-3 code words"),
+    "lookup": Family(make_lookup, 30.0, "notes about the example's own invented towns; output: the 1-2 word name "
+                                        "a question about them asks"),
+    "reverse": Family(make_reverse, 0.12, "contrast and span (ratio ~0.14-5): a request about one of the example's "
+                                          "towns; output: a fixed passage per asked fact"),
+    "recall": Family(make_recall, 25.0, "ILLUSTRATION, not evidence: one code shared by all examples; held-out "
+                                        "questions ask words only training instructions state (IM wins by "
+                                        "construction)", fair=False, world=functools.partial(code_world, n_reserved=4)),
 }
 
 
@@ -351,7 +401,12 @@ def synthesize(family_name: str, n: int, ratio: float | None = None, seed: int =
     ratio = fam.default_ratio if ratio is None else float(ratio)
     if not ratio > 0:
         raise UsageError("ratio must be > 0")
-    world = fam.world(random.Random(f"world:{family_name}:{seed}"))
+    if fam.fair:
+        inventor = Inventor()  # one for both splits, train first: held-out names are new to training
+        make = lambda rng, split: fam.make(rng, inventor, ratio)  # noqa: E731
+    else:
+        world = fam.world(random.Random(f"world:{family_name}:{seed}"))
+        make = lambda rng, split: fam.make(rng, world, ratio, split)  # noqa: E731
     out: dict[str, list[Conversation]] = {"train": [], "heldout": []}
     seen: set[tuple[str, str]] = set()
     train_keys: set = set()
@@ -363,7 +418,7 @@ def synthesize(family_name: str, n: int, ratio: float | None = None, seed: int =
             if tries > 50 * count + 1000:
                 raise UsageError(f"family {family_name} cannot make {count} distinct {split} examples for seed {seed}"
                                  f" (made {len(out[split])}); ask for fewer")
-            text, answer, key = fam.make(rng, world, ratio, split)
+            text, answer, key = make(rng, split)
             if (text, answer) in seen or (split == "heldout" and key in train_keys):
                 continue
             seen.add((text, answer))
