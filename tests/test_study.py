@@ -60,6 +60,47 @@ def test_study_n_takes_nested_subsets_with_one_heldout_set(tmp_path, capsys):
     assert len(tests) == 1  # the same held-out (test) part for every value
 
 
+def test_study_ratio_stratifies_a_real_data_file(tmp_path, capsys):
+    """--factor ratio --data: equal-size bins of the examples' own instruction/output ratios (words), each with its
+    own held-out part; the values are the ratios measured on each bin's training part, increasing."""
+    import random
+
+    rng = random.Random(0)
+    vocab = "the a river town mayor reads writes small large old new green".split()
+    lines = []
+    for i in range(60):
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"q{i} " + " ".join(rng.choice(vocab) for _ in range(a))},
+            {"role": "assistant", "content": " ".join(rng.choice(vocab) for _ in range(b))}]}))
+    data = tmp_path / "real.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "strata"
+    argv = ["study", "--factor", "ratio", "--data", str(data), "--strata", "3", "--n", "6", "--heldout", "4",
+            "--seeds", "0", *COMMON, "--out", str(out)]
+    assert main(argv) == 0
+    assert "stratum 3 of 3" in capsys.readouterr().out
+    result = json.loads((out / "study.json").read_text())
+    rows = result["rows"]
+    assert result["strata"] == 3 and [r["stratum"] for r in rows] == [1, 2, 3]
+    values = [r["value"] for r in rows]
+    assert values == sorted(values) and len(set(values)) == 3 and result["values"] == values
+    for lo, hi in zip(rows, rows[1:]):
+        assert lo["ratio_high"] <= hi["ratio_low"]  # the bins do not overlap
+    read = lambda p: [json.loads(x)["messages"][0]["content"] for x in Path(p).read_text().splitlines()]  # noqa: E731
+    seen = set()
+    for r in rows:
+        train, held = read(out / "data" / f"stratum-{r['stratum']}.train.jsonl"), \
+            read(out / "data" / f"stratum-{r['stratum']}.heldout.jsonl")
+        assert len(train) == 6 and len(held) == 4 and not set(train) & set(held)
+        assert not (set(train) | set(held)) & seen  # every example in one stratum only
+        seen |= set(train) | set(held)
+        assert r["n_train"] == 6 and r["ratio_low"] <= r["value"] <= r["ratio_high"]  # a weighted mean of its ratios
+    assert "equal-size strata" in (out / "report.md").read_text()
+    assert main([*argv[:-1], str(tmp_path / "x"), "--values", "1,2"]) == 2
+    assert "--strata" in capsys.readouterr().err
+
+
 def test_study_usage_errors(capsys):
     assert main(["study", "--factor", "ratio", "--values", "2,8"]) == 2
     assert "--family" in capsys.readouterr().err

@@ -2,8 +2,11 @@
 imtune.compare of the arms (default it,im) over the seeds; then the difference (second arm − first, e.g. IM − IT) of
 the held-out output loss, final and best, against the factor, with 95% intervals and a fitted trend.
 
-    --factor ratio   the instruction/output length ratio of `imtune data synth --family F` (imtune.synth): one
-                     synthetic data set per value (same n, same seed, held-out made alike)
+    --factor ratio   the instruction/output length ratio: of `imtune data synth --family F` (imtune.synth), one
+                     synthetic data set per value (same n, same seed, held-out made alike); or of a real data set
+                     (--data FILE --strata K): its examples sorted by their own instruction/output ratio in words (the
+                     paper's convention) and cut into K equal-size quantile bins; each bin gives --heldout held-out
+                     and --n training examples of its own, and its value is the ratio measured on its training part
     --factor n       nested training subsets of --data FILE (or of synthetic data): the first n of one seeded
                      permutation, so every smaller set is inside every larger one; the held-out data is the same for
                      all (--eval-data, or a seeded split made once, before subsetting)
@@ -52,6 +55,7 @@ class StudySettings:
     heldout_fraction: float = 0.1
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule)
+    strata: int | None = None  # ratio with --data: equal-size quantile bins of the per-example ratio
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -73,31 +77,32 @@ def _name(v: float) -> str:
     return f"{v:g}"
 
 
-def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
-    """(value, training file, held-out file or None) per value, written under STUDY_DIR/data/."""
+def datasets(s: StudySettings) -> list[tuple[float, str, str | None, dict]]:
+    """(value, training file, held-out file or None, what else study.json keeps of the value) per value, written
+    under STUDY_DIR/data/."""
     import numpy as np
 
-    from .prepare import load
     from .synth import synthesize
 
     d = Path(s.out) / "data"
     out = []
-    if s.factor == "ratio":
-        if not s.family:
-            raise UsageError("--factor ratio needs --family F (rule, lookup, ...): it varies `imtune data synth "
-                             "--ratio`")
+    if s.factor == "ratio" and s.family:
         for v in s.values:
             train, held = synthesize(s.family, s.n, v, seed=0, heldout=s.heldout)
             out.append((v, str(write_conversations(d / f"ratio-{_name(v)}.train.jsonl", train)),
-                        str(write_conversations(d / f"ratio-{_name(v)}.heldout.jsonl", held))))
+                        str(write_conversations(d / f"ratio-{_name(v)}.heldout.jsonl", held)), {}))
         return out
+    if s.factor == "ratio" and s.base.data:
+        return strata(s, d)
+    if s.factor == "ratio":
+        raise UsageError("--factor ratio needs --family F (rule, lookup, reverse: it varies `imtune data synth "
+                         "--ratio`) or --data FILE (--strata K bins of the data's own ratios)")
     need = int(max(s.values))
     b = s.base
     if s.family:
         pool, held = synthesize(s.family, need, s.ratio, seed=0, heldout=s.heldout)
     elif b.data:
-        pool, _ = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
-        held = load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0] if b.eval_data else None
+        pool, held = _load(b)
         if held is None:  # split the held-out part off once, before any subset
             k = max(1, round(s.heldout_fraction * len(pool)))
             pick = set(np.random.default_rng([b.seed, 1717]).permutation(len(pool))[:k].tolist())
@@ -111,7 +116,59 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None]]:
     heldout = str(write_conversations(d / "heldout.jsonl", held))
     for v in s.values:
         out.append((v, str(write_conversations(d / f"n-{_name(v)}.train.jsonl", [pool[i] for i in order[:int(v)]])),
-                    heldout))
+                    heldout, {}))
+    return out
+
+
+def _load(b: TrainConfig) -> tuple[list, list | None]:
+    """The --data pool and the --eval-data conversations (None without --eval-data), read as training reads them."""
+    from .prepare import load
+
+    pool, _ = load(b.data, b.format, b.fields, b.on_invalid, b.limit, roles=b.roles)
+    held = load(b.eval_data, b.format, b.fields, b.on_invalid, roles=b.roles)[0] if b.eval_data else None
+    return pool, held
+
+
+def strata(s: StudySettings, d: Path) -> list[tuple[float, str, str, dict]]:
+    """The paper's first factor on real data: every example's instruction/output ratio in words (imtune.stats,
+    `"<|role|>\\n" + content`), sorted and cut into s.strata equal-size bins; from each bin (one seeded permutation)
+    the first s.heldout examples are its held-out data and the next s.n its training data. A bin's value is the ratio
+    of its training part (mean instruction words / mean output words, as `data stats` measures a file)."""
+    import numpy as np
+
+    from .stats import measure
+
+    k = s.strata or 3
+    if s.base.eval_data:
+        raise UsageError("--factor ratio --data takes its held-out examples from each stratum: leave out --eval-data")
+    pool, _ = _load(s.base)
+    if len(pool) < k * (s.heldout + 2):
+        raise UsageError(f"--strata {k}: the data has {len(pool)} examples, too few for {k} bins of --heldout "
+                         f"{s.heldout} held-out and some training examples each")
+    lengths = measure(pool, unit="words")
+    ins, outs = lengths.instruction.astype(float), lengths.output.astype(float)
+    per = ins / np.maximum(outs, 1.0)  # an empty output counts as one word: its ratio stays finite
+    bins = np.array_split(np.argsort(per, kind="stable"), k)
+    rng = np.random.default_rng([s.base.seed, 2323])
+    out, values = [], []
+    for i, idx in enumerate(bins, 1):
+        perm = idx[rng.permutation(len(idx))]
+        held, train = perm[:s.heldout], perm[s.heldout:s.heldout + s.n]
+        value = float(ins[train].sum() / max(outs[train].sum(), 1.0))
+        if values and value <= values[-1]:
+            raise UsageError(f"--strata {k}: bins {i - 1} and {i} have the same ratio ({value:.4g}); ask for fewer")
+        values.append(value)
+        info = {"stratum": i, "of": k, "ratio_low": float(per[idx].min()), "ratio_high": float(per[idx].max()),
+                "pool": len(idx), "ratio_words": value}
+        name = f"stratum-{i}"
+        out.append((value, str(write_conversations(d / f"{name}.train.jsonl", [pool[j] for j in train])),
+                    str(write_conversations(d / f"{name}.heldout.jsonl", [pool[j] for j in held])), info))
+    short = [f"{i}: {len(idx) - s.heldout}" for i, idx in enumerate(bins, 1) if len(idx) - s.heldout < s.n]
+    if short:
+        from .runlog import say
+
+        say(f"study: --n {s.n} asks more training examples than some strata hold (stratum: examples): "
+            f"{', '.join(short)}; those train on all they have")
     return out
 
 
@@ -124,8 +181,11 @@ def study(s: StudySettings) -> Path:
     if len(arms) != 2:
         raise UsageError(f"--arms {s.arms!r}: a study compares exactly two arms (the second minus the first)")
     rows = []
-    for i, (v, train, held) in enumerate(datasets(s), 1):
-        say(f"study: {s.factor} = {_name(v)} ({i}/{len(s.values)})")
+    sets = datasets(s)
+    for i, (v, train, held, info) in enumerate(sets, 1):
+        say(f"study: {s.factor} = {_name(v)} ({i}/{len(sets)})"
+            + (f", stratum {info['stratum']} of {info['of']} (per-example ratios {info['ratio_low']:.3g} to "
+               f"{info['ratio_high']:.3g})" if info else ""))
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
         cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
                                       seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
@@ -133,14 +193,17 @@ def study(s: StudySettings) -> Path:
                                       argv=s.argv))
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue
-        rows.append(value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec))
-        if s.factor == "ratio" and rows[-1]["ratio_measured"] and abs(rows[-1]["ratio_measured"] / v - 1) > 0.5:
+        rows.append({**value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec), **info})
+        measured = rows[-1]["ratio_measured"]
+        if s.family and s.factor == "ratio" and measured and abs(measured / v - 1) > 0.5:
             say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
                 f"{s.family} cannot make instructions that short or long; the report shows the measured ratio")
     if not is_main_process():
         return out
-    result = {"version": 1, "factor": s.factor, "values": s.values, "arms": [a.spec for a in arms],
+    result = {"version": 1, "factor": s.factor, "values": [v for v, *_ in sets], "arms": [a.spec for a in arms],
               "difference": f"{arms[1].spec} − {arms[0].spec}", "seeds": s.seeds, "family": s.family,
+              "data": None if s.family else s.base.data, "strata": s.strata if s.factor == "ratio" and not s.family
+              else None,
               "budget": s.budget, "rows": rows, "trend": trends(rows, s.factor)}
     write_json(out / "study.json", result)
     write_report(out)
@@ -208,6 +271,13 @@ def _iv(p: dict | None) -> str:
     return "–" if p is None else f"{p['value']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
 
 
+def _value_cell(r: dict) -> str:
+    if "stratum" not in r:
+        return f"{r['value']:g}"
+    return (f"{r['value']:.3g} (stratum {r['stratum']} of {r['of']}: examples with ratios {r['ratio_low']:.3g} to "
+            f"{r['ratio_high']:.3g})")
+
+
 def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     from .report import to_html, to_markdown
 
@@ -218,7 +288,7 @@ def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     diff = result["difference"]
     header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens)",
               f"{diff}, final [95% interval]", f"{diff}, best [95% interval]", "run"]
-    rows = [[f"{r['value']:g}", str(r["n_train"]), str(r["n_test"]), str(r["steps"]),
+    rows = [[_value_cell(r), str(r["n_train"]), str(r["n_test"]), str(r["steps"]),
              "–" if r["ratio_measured"] is None else f"{r['ratio_measured']:.2f}", _iv(r.get("final")),
              _iv(r.get("best")), f"`{r['compare_dir']}/report.md`"] for r in result["rows"]]
     said = []
@@ -227,6 +297,9 @@ def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     blocks = [("h", 1, f"imtune study: {diff} against {result['factor']}"),
               ("p", f"Arms {', '.join(result['arms'])}; seeds {result['seeds'] or 'the one --seed'}"
                     + (f"; synthetic family `{result['family']}`" if result["family"] else "")
+                    + (f"; data `{result['data']}` cut into {result['strata']} equal-size strata by each example's "
+                       "instruction/output ratio in words, each with its own held-out examples"
+                       if result.get("strata") else "")
                     + (f"; at most {result['budget']} optimizer steps per run" if result["budget"] else "") + "."),
               ("table", header, rows), ("img", png, f"{diff} against {result['factor']}"),
               ("p", "Trend (weighted least squares on log10 of the factor, weights 1/SE): "

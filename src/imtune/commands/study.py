@@ -18,11 +18,18 @@ def add_arguments(p) -> None:
     g.add_argument("--factor", choices=["ratio", "n"], default=None,
                    help="ratio: the instruction/output ratio of synthetic data (--family); n: nested subsets of the "
                         "training data (--data FILE or --family F)")
-    g.add_argument("--values", default=None, metavar="V1,V2,...", help="the factor's values, e.g. 2,8,32")
+    g.add_argument("--values", default=None, metavar="V1,V2,...",
+                   help="the factor's values, e.g. 2,8,32 (not with --factor ratio --data: the strata are measured)")
+    g.add_argument("--strata", type=int, default=None, metavar="K",
+                   help="--factor ratio --data FILE: cut the data into K equal-size bins by each example's "
+                        "instruction/output ratio (default 3); each bin gives --heldout held-out and --n training "
+                        "examples")
     g.add_argument("--family", default=None, metavar="F",
                    help="synthetic family (imtune data synth): rule, lookup, ...")
-    g.add_argument("--n", type=int, default=64, help="--factor ratio: synthetic training examples per value")
-    g.add_argument("--heldout", type=int, default=32, metavar="H", help="synthetic held-out examples")
+    g.add_argument("--n", type=int, default=64,
+                   help="--factor ratio: training examples per value (synthetic) or per stratum (--data)")
+    g.add_argument("--heldout", type=int, default=32, metavar="H",
+                   help="held-out examples: synthetic, or per stratum with --factor ratio --data")
     g.add_argument("--ratio", type=float, default=None,
                    help="--factor n with --family: the ratio of the synthetic data (default: the family's)")
     g.add_argument("--arms", default="it,im", help="two arms; the study reports the second minus the first")
@@ -47,26 +54,38 @@ def settings_from(args):
     for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir")):
         if hasattr(args, dest):
             raise UsageError(f"{flag} is set per arm in a study: use --arms (and --out DIR)")
-    if args.factor is None or args.values is None:
+    given = getattr(args, "data", None)
+    stratified = args.factor == "ratio" and bool(given)
+    if stratified and args.values is not None:
+        raise UsageError("--factor ratio --data FILE measures its values: give --strata K (equal-size bins of the "
+                         "examples' own ratios), not --values")
+    if args.strata is not None and not stratified:
+        raise UsageError("--strata K is for --factor ratio --data FILE")
+    if args.strata is not None and args.strata < 2:
+        raise UsageError(f"--strata must be >= 2, not {args.strata}")
+    if args.factor is None or (args.values is None and not stratified):
         raise UsageError("give --factor ratio|n and --values V1,V2,... (e.g. --factor ratio --values 2,8,32 "
-                         "--family rule)")
+                         "--family rule), or --factor ratio --data FILE --strata K")
+    if min(args.n, args.heldout) < 1:
+        raise UsageError("--n and --heldout must be >= 1")
     if args.budget is not None and args.budget < 1:
         raise UsageError(f"--budget must be >= 1, not {args.budget}")
-    given = getattr(args, "data", None)
     if args.family and given:
         raise UsageError("give --family F or --data FILE, not both")
     if not (args.family or given):
-        need = ("--family F (it varies `imtune data synth --ratio`)" if args.factor == "ratio"
-                else "--data FILE or --family F")
+        need = ("--family F (it varies `imtune data synth --ratio`) or --data FILE (--strata K)"
+                if args.factor == "ratio" else "--data FILE or --family F")
         raise UsageError(f"--factor {args.factor} needs {need}")
     base = TrainConfig.from_args(args)
     if args.family:
         base = base.replace(data="synthetic")  # a placeholder: every value trains on its own written files
     return StudySettings(out=Path(args.out) if args.out else Path("runs") / f"study-{args.factor}",
-                         base=base, factor=args.factor, values=parse_values(args.factor, args.values),
+                         base=base, factor=args.factor,
+                         values=[] if stratified else parse_values(args.factor, args.values),
                          arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
                          heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
-                         heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs)
+                         heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs,
+                         strata=(args.strata or 3) if stratified else None)
 
 
 def show(out: Path) -> None:
@@ -77,7 +96,9 @@ def show(out: Path) -> None:
     for r in result["rows"]:
         parts = [f"{k} {r[k]['value']:+.4f} [{r[k]['low']:+.4f}, {r[k]['high']:+.4f}]"
                  for k in ("final", "best") if k in r]
-        print(f"  {result['factor']} = {r['value']:<8g} " + ", ".join(parts))
+        where = (f" (stratum {r['stratum']} of {r['of']}: example ratios {r['ratio_low']:.3g} to {r['ratio_high']:.3g})"
+                 if "stratum" in r else "")
+        print(f"  {result['factor']} = {r['value']:<8.4g}{where} " + ", ".join(parts))
     for name, t in result["trend"].items():
         print(f"trend ({name}): {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
