@@ -38,6 +38,12 @@ def test_the_demos_recipe_end_to_end_on_a_tiny_model(tmp_path, capsys):
         for s in demo.SEEDS:
             assert f"{arm} seed {s}: min" in printed
     assert "done in" in printed
+    assert "Verdict (held-out output loss" in printed and "final models: im − it" in printed
+    assert (out / demo.MARKER).is_file()
+    # --fresh deletes the demo's own directory (marked) and starts over
+    assert main(["demo", "--model", "random:tiny", "--out", str(out), "--max-steps", "1", "--no-progress",
+                 "--fresh"]) == 0
+    assert all(e["step"] in (0, 1) for c in out.rglob("metrics.jsonl") for e in read_metrics(c.parent, "eval"))
 
 
 def write_run(root, name: str, loss: str, seed: int, curve: list[float]) -> None:
@@ -68,3 +74,43 @@ def test_regime_summary_from_held_out_curves(tmp_path):
     flat = tmp_path / "flat"
     write_run(flat, "it", "it", 0, [2.0, 1.0, 1.01])
     assert "regime NOT reached" in demo.regime_text(demo.held_out_curves(flat))
+
+
+def _summary(final: tuple, best: tuple, seeds: int = 3) -> dict:
+    m = lambda d: {"values": {"it": {"value": 1.0}, "im": {"value": 1.0 + d[0]}},  # noqa: E731
+                   "differences": {"it": {"value": 0.0, "low": 0.0, "high": 0.0},
+                                   "im": {"value": d[0], "low": d[1], "high": d[2]}}}
+    return {"evidence": {"reference": "it", "n_seeds": seeds, "n_examples": {"heldout": 17},
+                         "measures": {"heldout_loss": m(final), "best_heldout_loss": m(best)}}}
+
+
+def test_verdict_says_a_tie_as_plainly_as_a_win():
+    text = demo.verdict_text(_summary((-0.3, -0.7, 0.1), (-0.08, -0.5, 0.2)))
+    assert "final models: im − it = -0.3000 (-30.0% of it's) [-0.7000, +0.1000] — the interval includes zero: a tie" \
+        in text
+    assert "a tie" in text.split("best checkpoints")[1] and "A tie (final models and best checkpoints)" in text
+    assert "3 seeds and 17 held-out" in text
+    text = demo.verdict_text(_summary((-0.3, -0.5, -0.1), (0.2, 0.1, 0.3)))
+    assert "im lower: im wins" in text and "it lower: it wins" in text and "A tie" not in text
+
+
+def test_demo_refuses_unfair_data_and_folders_it_did_not_make(tmp_path, capsys):
+    assert main(["demo", "--model", "random:tiny", "--family", "recall", "--out", str(tmp_path / "d")]) == 2
+    assert "illustration" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("precious\n")
+    for argv in (["--out", str(mine)], ["--out", str(mine), "--fresh"]):
+        assert main(["demo", "--model", "random:tiny", *argv]) == 2
+        assert "not made by `imtune demo`" in capsys.readouterr().err
+        assert (mine / "train.jsonl").read_text() == "precious\n"  # never touched
+    import os
+
+    old = os.getcwd()
+    os.chdir(mine)
+    try:
+        (mine / demo.MARKER).write_text("")  # even a marked working directory is never deleted
+        assert main(["demo", "--model", "random:tiny", "--out", ".", "--fresh"]) == 2
+        assert "working directory" in capsys.readouterr().err and (mine / "train.jsonl").exists()
+    finally:
+        os.chdir(old)

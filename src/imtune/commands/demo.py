@@ -1,6 +1,7 @@
 """`imtune demo` (what `make demo` runs): the whole flow, offline, in a few minutes on a laptop CPU.
 
-Synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth), IT and IM
+Fair synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth `lookup`:
+every example's answer is in its own instruction, none is shared with training), IT and IM
 trained alike with every seed in SEEDS on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
 comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point.
 The same comparison at scale is one `imtune compare` command (README: "Compare loss modes").
@@ -16,24 +17,22 @@ from pathlib import Path
 from ..runlog import say
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
-# above it for at least one arm), 2 arms x 2 seeds. Tuned for the regime, never for a winner. `recall` data
-# (imtune.synth): 8 training examples whose long instructions state a made-up code, and held-out questions about
-# words whose code only the training instructions state (not copyable from the held-out instruction), answered with
-# 1-3 invented code words. One example per step (no packing), a constant lr without warm-up (no decay to flatten the
-# late curve), 1.5 epochs = 12 optimizer steps, held-out evaluations at steps 0, 4, 8, 12 (no in-training train
-# sample: the final evaluation scores the training data). The `chatml` template is SmolLM2's own format without its
-# injected ~20-token default system prompt. Whether a run reached the regime is printed at its end (regime_text),
-# whichever arm it is. Timings and curves: BENCHMARKS.md "Issue 11". Tried before (2026-12-01/02, same data): 3 epochs
-# at lr 1e-4 with evaluations every 8 steps (3 of 4 runs passed their best point, but 423 s with set-up, over the
-# 6-minute goal); 2 epochs at lr 2e-4 (both IT seeds had their minimum at step 0); ratio 15 with evaluations every 12
-# steps (one run passed, at step 0); 2 epochs at lr 1.5e-4 with evaluations every 4 steps (the first 12 steps are this
-# recipe's: a constant lr makes them identical; IM's last 4 steps lowered its held-out loss further, ~60 s more).
-SEEDS = (0, 1)  # training seeds (initial order, dropout); the data is the same for every seed
-DATA = dict(family="recall", n=8, heldout=12, ratio=25.0, seed=0)
+# above it for at least one arm), 2 arms x 3 seeds, on FAIR data: `lookup` (imtune.synth), where every example has
+# its own invented towns, its answer (a 1-2 word invented name) is stated in its own instruction, and no held-out
+# answer or name occurs in any training record, so neither arm is handed the held-out answers. Tuned for the regime,
+# never for a winner: the training settings are the ones tuned on 2026-12-01/02 for the regime (one example per step,
+# no packing, a constant lr without warm-up, 1.5 epochs = 12 optimizer steps, held-out evaluations at steps 0, 4, 8,
+# 12, no in-training train sample); moved to `lookup`, the first trial (2026-12-06, 2 seeds, 12 held-out) had all four
+# runs pass their best point (+27% to +62%) and IM − IT undecided (final −0.33 [−0.76, +0.08], best −0.08 [−0.51,
+# +0.25]). The `chatml` template is SmolLM2's own format without its injected ~20-token default system prompt.
+# Whether a run reached the regime is printed at its end (regime_text), whichever arm it is; so is the verdict, tie
+# included (verdict_text). Timings: BENCHMARKS.md "Issue 11"/"Issue 24".
+SEEDS = (0, 1, 2)  # training seeds (initial order, dropout); the data is the same for every seed
+DATA = dict(family="lookup", n=8, heldout=24, ratio=30.0, seed=0)
 TRAIN = dict(template="chatml", epochs=1.5, lr=1.5e-4, lr_schedule="constant", warmup_ratio=0.0, packing=False,
              max_length=256, batch_size=1, eval_every=4, eval_train_sample=0)
 # No memorisation BLEU: the answers are 1-3 words, below BLEU's 4-gram order (it would be 0 for any answer).
-EVAL = dict(bleu_samples=0, exact_match=12, max_new_tokens=8, loss_samples=8)
+EVAL = dict(bleu_samples=0, exact_match=24, max_new_tokens=8, loss_samples=8)
 RISE = 0.02  # "passed its best point": the last held-out output loss is at least this far above its minimum
 
 CAVEATS = """\
@@ -163,18 +162,86 @@ def regime_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MARKER = ".imtune-demo"  # written into every demo directory; --fresh deletes only a directory that holds it
+
+
+def remove_demo_dir(out: Path) -> None:
+    """--fresh: delete `out` only when the demo made it (its marker is there) and it is not the working directory, an
+    ancestor of it, the home directory or the root; anything else is refused, saying what was found."""
+    from ..types import UsageError
+
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if out.is_symlink() or not out.is_dir():
+        raise UsageError(f"--fresh: {out} is not a directory the demo made (a link or a file); not deleted")
+    if real == Path(real.anchor) or real == Path.home().resolve() or real == cwd or real in cwd.parents:
+        raise UsageError(f"--fresh: refusing to delete {out} ({real}): the root, the home directory, the working "
+                         "directory or one of its parents")
+    if not (out / MARKER).is_file():
+        found = sorted(p.name for p in out.iterdir())[:5]
+        raise UsageError(f"--fresh: {out} was not made by `imtune demo` (no {MARKER} marker; it holds "
+                         f"{', '.join(found) or 'nothing'}{', ...' if len(found) == 5 else ''}); not deleted. Give "
+                         "another --out, or delete it yourself")
+    shutil.rmtree(out)
+
+
+def verdict_text(summary: dict) -> str:
+    """IM − IT (or the arms given) of held-out output loss, final and best, with intervals, in words; a tie is said as
+    plainly as a win, with what it means for a run this small."""
+    ev = summary["evidence"]
+    ref = ev["reference"]
+    lines = ["Verdict (held-out output loss, lower is better; 95% intervals over seeds and examples):"]
+    undecided = []
+    for key, name in (("heldout_loss", "final models"), ("best_heldout_loss", "best checkpoints")):
+        m = ev["measures"].get(key)
+        if m is None:
+            continue
+        for arm, d in m["differences"].items():
+            if arm == ref:
+                continue
+            base = m["values"][ref]["value"]
+            pct = f" ({d['value'] / base:+.1%} of {ref}'s)" if base else ""
+            if d["high"] < 0:
+                said = f"{arm} lower: {arm} wins"
+            elif d["low"] > 0:
+                said = f"{ref} lower: {ref} wins"
+            else:
+                said = "the interval includes zero: a tie"
+                undecided.append(name)
+            lines.append(f"  {name}: {arm} − {ref} = {d['value']:+.4f}{pct} [{d['low']:+.4f}, {d['high']:+.4f}] — "
+                         f"{said}")
+    if undecided:
+        lines.append(f"  A tie ({' and '.join(undecided)}) is a finding, not a failure: with {ev['n_seeds']} seeds and "
+                     f"{ev['n_examples']['heldout']} held-out examples per seed, the difference between the arms is "
+                     "smaller than the spread between seeds and examples. Here every answer can be read from its own "
+                     "instruction, so training on instructions (IM) gives no information that IT lacks; any gain has "
+                     "to come from overfitting less (the paper's mechanism), and a run this small may not show it. "
+                     "More seeds, more held-out examples or a real data set would decide it (README: \"Compare loss "
+                     "modes\").")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     import json
 
     from ..compare import parse_arms
     from ..config import TrainConfig
-    from ..synth import family, synthesize, write_jsonl
+    from ..synth import FAMILIES, family, synthesize, write_jsonl
+    from ..types import UsageError
     from .compare import show
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    if not family(args.family).fair:
+        raise UsageError(f"--family {args.family}: an illustration whose held-out answers only the training "
+                         "instructions state (IM wins by construction), not a fair comparison; the demo uses fair "
+                         "families only: " + ", ".join(k for k, f in FAMILIES.items() if f.fair))
     if args.fresh and out.exists():
-        shutil.rmtree(out)
+        remove_demo_dir(out)
+    if out.exists() and (not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise UsageError(f"--out {out}: exists and was not made by `imtune demo` (no {MARKER} marker); give a new "
+                         "or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("imtune demo directory: `imtune demo --fresh` may delete it\n", encoding="utf-8")
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
     jobs = args.jobs
@@ -187,7 +254,8 @@ def run(args) -> int:
     say(f"imtune demo: {args.arms.replace(',', ' vs ')} on {args.model}, seeds {', '.join(map(str, SEEDS))}, "
         f"offline.\n"
         f"  data: imtune.synth '{d['family']}' ({family(d['family']).about}), {d['n']} training and "
-        f"{d['heldout']} held-out examples, instruction/output ratio ~{d['ratio']:g} in words\n"
+        f"{d['heldout']} held-out examples (every answer in its own instruction; none shared with training), "
+        f"instruction/output ratio ~{d['ratio']:g} in words\n"
         f"  training (every arm and seed alike): {t['epochs']:g} epochs, lr {t['lr']:g}, template {t['template']}, "
         f"max length {t['max_length']}, {t['batch_size']} "
         f"{'packed rows' if t.get('packing', True) else 'example(s)'} per step, {t.get('lr_schedule', 'linear')} lr, "
@@ -208,6 +276,8 @@ def run(args) -> int:
         show(cdir)
     print()
     print(regime_text(held_out_curves(out)))
+    print()
+    print(verdict_text(json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))))
     print()
     print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
     print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, jobs))
