@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 from imtune.cli import COMMANDS, build_parser, main
+from imtune.types import UsageError
 
 
 @pytest.mark.parametrize("words", list(COMMANDS))
@@ -131,3 +132,55 @@ def test_train_says_what_it_understood_and_stores_it(tmp_path, capsys):
     assert stats["system_prompt"]["mode"] == "none" and stats["system_prompt"]["tokens_each"] == 5
     assert (out / "chat_template.jinja").read_text().startswith("{%- if messages and messages[0]['role'] != 'system'")
     assert "system_prompt: none" in (out / "config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags as a newcomer types them (issue 26 item 5)
+
+def _settings(words: str, argv: list[str]):
+    from imtune.cli import build_parser
+
+    args = build_parser(words).parse_args(argv)
+    return importlib.import_module(args._module).settings_from(args)
+
+
+def test_a_flag_prefix_is_not_taken_for_the_flag_and_a_mistake_is_one_line(capsys):
+    assert_exit = pytest.raises(SystemExit)
+    with assert_exit:
+        main(["compare", "--data", "x.jsonl", "--max-step", "3"])  # argparse used to take it as --max-steps
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --max-step; did you mean --max-steps?" in err
+    assert "imtune compare --help lists the options" in err and "usage:" not in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["compare", "--data", "x.jsonl", "--seed", "0,1"])
+    assert "give several seeds with --seeds 0,1" in capsys.readouterr().err
+
+
+def test_list_flags_take_commas_or_spaces_and_modes_any_case():
+    s = _settings("compare", ["--data", "d.jsonl", "--arms", "IT,", "IM", "Weighted:0.1", "--seeds", "0", "1,2"])
+    assert [a.spec for a in s.arms] == ["it", "im", "weighted:0.1"] and s.seeds == [0, 1, 2]
+    sw = _settings("sweep", ["--data", "d.jsonl", "--prompt-weights", "0.1", "0.5"])  # was "0.5: config not found"
+    assert sw.prompt_weights == ["0.1", "0.5"]
+    from imtune.cli import build_parser
+
+    assert build_parser("train").parse_args(["--loss", "IM"]).loss == "im"
+
+
+def test_compare_and_train_take_the_data_file_positionally(tmp_path, capsys):
+    s = _settings("compare", ["mydata.json", "--model", "random:tiny"])
+    assert s.base.data == "mydata.json"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: from-config.jsonl\nmax_step: 3\n")
+    with pytest.raises(UsageError, match="did you mean 'max_steps' for 'max_step'"):
+        _settings("compare", [str(cfg)])  # a .yaml stays a config
+    with pytest.raises(UsageError, match="given twice"):
+        _settings("compare", ["a.jsonl", "--data", "b.jsonl"])
+
+
+def test_help_shows_each_default_once_and_never_none(capsys):
+    for words in ("compare", "train", "sweep", "study"):
+        p = build_parser(words)
+        assert "(default: None)" not in p.format_help()
+        fmt = p._get_formatter()
+        for action in p._actions:
+            assert (fmt._get_help_string(action) or "").count("(default:") <= 1, (words, action.dest)

@@ -102,15 +102,42 @@ def _help(topic: list[str]) -> int:
     return _unknown(topic)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter extension point: a default is shown once, and only when it says something (never
+    "(default: None)", never after a help text that already names its default)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(words: str) -> argparse.ArgumentParser:
     """The parser of one command. Only that command's module is imported: `imtune --help` and every command stay
-    fast, and one command's heavy imports never slow another."""
+    fast, and one command's heavy imports never slow another. No prefix matching (`--max-step` is not
+    `--max-steps`), and a mistake is one line with a did-you-mean and the --help hint, not a usage dump."""
     module, help_ = COMMANDS[words]
-    p = argparse.ArgumentParser(prog=f"imtune {words}", description=help_,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"imtune {words}", description=help_, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.set_defaults(_module=module)
     importlib.import_module(module).add_arguments(p)
+    p.error = lambda message: _flag_error(p, words, message)  # type: ignore[method-assign]
     return p
+
+
+def _flag_error(p: argparse.ArgumentParser, words: str, message: str):
+    """One line: what is wrong, the flag probably meant, and where the options are listed; exits 2 as argparse does."""
+    hint = ""
+    flags = [o for o in p._option_string_actions if o.startswith("--")]
+    if message.startswith("unrecognized arguments:"):
+        typed = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("-")]
+        guesses = [g for t in typed for g in difflib.get_close_matches(t, flags, n=1, cutoff=0.6)]
+        if guesses:
+            hint = f"; did you mean {', '.join(guesses)}?"
+    elif message.startswith("argument --seed:") and "," in message and "--seeds" in flags:
+        hint = "; --seed takes one number: give several seeds with --seeds 0,1"
+    print(f"imtune {words}: {message}{hint} (imtune {words} --help lists the options)", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def _number(text: str, what: str) -> float:
 
 
 def parse_arm(spec: str) -> Arm:
-    spec = spec.strip()
+    spec = spec.strip().lower()  # IM, Weighted:0.1: arms are case-insensitive
     head, *mods = spec.split("+")
     mode, _, value = head.partition(":")
     if mode in BASE_MODES and not value:

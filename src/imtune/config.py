@@ -141,7 +141,12 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise UsageError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+            import difflib
+
+            guesses = {k: difflib.get_close_matches(k, list(known), n=1, cutoff=0.6) for k in unknown}
+            meant = "; ".join(f"did you mean {g[0]!r} for {k!r}?" for k, g in guesses.items() if g)
+            raise UsageError(f"unknown config key(s) {', '.join(unknown)}{'; ' + meant if meant else ''}; valid: "
+                             f"{', '.join(known)}")
         return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
 
     @classmethod
@@ -165,8 +170,14 @@ class TrainConfig:
 
             given["roles"] = parse_roles(args.role)
         base: dict = {}
-        if getattr(args, "config", None):
-            base = read_yaml(args.config)
+        positional = getattr(args, "config", None)
+        if positional and Path(positional).suffix.lower() not in (".yaml", ".yml"):  # `imtune compare my.json`
+            if "data" in given:
+                raise UsageError(f"{positional}: a data file given twice (positionally and as --data "
+                                 f"{given['data']}); a positional CONFIG must end in .yaml or .yml")
+            given["data"], positional = positional, None
+        if positional:
+            base = read_yaml(positional)
         elif given.get("resume") and given.get("output_dir") and (Path(given["output_dir"]) / "config.yaml").exists():
             base = read_yaml(Path(given["output_dir"]) / "config.yaml")
         preset = given.get("preset", base.get("preset"))
@@ -290,7 +301,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     what was typed (and CONFIG.yaml / --preset values are not overridden)."""
     from .weights import LOSS_MODES  # --loss's choices (check() validates a YAML value through loss_spec)
 
-    p.add_argument("config", nargs="?", default=None, help="CONFIG.yaml (fields as below; flags override it)")
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG.yaml|DATA",
+                   help="CONFIG.yaml (fields as below; flags override it), or the training data file itself (any "
+                        "name not ending in .yaml/.yml is taken as --data)")
     for f in dataclasses.fields(TrainConfig):
         meta, extra = f.metadata, dict(f.metadata["flag"])
         names = [extra.pop("name", f"--{_flag(f.name)}"), *ALIASES.get(f.name, [])]
@@ -302,7 +315,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "resume":
             kw.update(nargs="?", const="auto", metavar="CHECKPOINT")
         else:
-            kw.update(type=meta["type"], choices=list(LOSS_MODES) if f.name == "loss" else meta.get("choices"))
+            choices = list(LOSS_MODES) if f.name == "loss" else meta.get("choices")
+            kw.update(type=str.lower if choices and meta["type"] is str else meta["type"], choices=choices)
         p.add_argument(*names, **kw)
     defaults = TrainConfig()
     for action in p._actions:

@@ -2,9 +2,22 @@
 TrainConfig fields take their help from the field (imtune.config), where it is written once."""
 from __future__ import annotations
 
+import argparse
+
 from ..config import field_help
 from ..runlog import say  # noqa: F401  (the one `say`; commands import it from imtune.runlog)
 from ..weights import LOSS_MODES, LossSpec, loss_spec
+
+
+class CommaList(argparse.Action):
+    """A list flag that takes commas, spaces or both (`--seeds 0,1`, `--seeds 0 1`, `--prompt-weights 0.1, 0.5`) and
+    stores one comma-separated string, as the commands parse it."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs="+", **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, ",".join(v.strip(",") for v in values if v.strip(",")))
 
 
 def add_jobs_arg(p) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import add_jobs_arg
+from .common import CommaList, add_jobs_arg
 
 
 def add_arguments(p) -> None:
@@ -18,10 +18,10 @@ def add_arguments(p) -> None:
 
     add_train_arguments(p)  # first: it SUPPRESSes the defaults of every action already added
     g = p.add_argument_group("comparison")
-    g.add_argument("--arms", default="it,im", help=f"the arms, comma-separated: {ARM_FORMS}")
+    g.add_argument("--arms", action=CommaList, default="it,im", help=f"the arms, comma-separated: {ARM_FORMS}")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="comparison directory (default: runs/compare-<data>); re-running with it resumes")
-    g.add_argument("--seeds", default=None, metavar="S1,S2,...",
+    g.add_argument("--seeds", action=CommaList, default=None, metavar="S1,S2,...",
                    help="train every arm once per seed (each its own run directory) and report intervals over "
                         "seeds and held-out examples (default: the one --seed)")
     g.add_argument("--reference", default=None, metavar="ARM",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..runlog import say
+from .common import CommaList
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
 # above it for at least one arm), 2 arms x 3 seeds, on FAIR data: `lookup` (imtune.synth), where every example has
@@ -51,7 +52,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="default",
                    help="model to fine-tune (default: the embedded SmolLM2-135M-Instruct; random:tiny for a smoke "
                         "test)")
-    p.add_argument("--arms", default="it,im", help="arms to compare (see imtune compare --arms)")
+    p.add_argument("--arms", action=CommaList, default="it,im", help="arms to compare (see imtune compare --arms)")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo directory first")
     g = p.add_argument_group("recipe (the defaults are what the timing in BENCHMARKS.md was measured with)")
     g.add_argument("--family", default=DATA["family"], help="imtune.synth family (see imtune data synth)")

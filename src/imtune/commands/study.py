@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import add_jobs_arg
+from .common import CommaList, add_jobs_arg
 
 
 def add_arguments(p) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     g.add_argument("--factor", choices=["ratio", "n"], default=None,
                    help="ratio: the instruction/output ratio of synthetic data (--family); n: nested subsets of the "
                         "training data (--data FILE or --family F)")
-    g.add_argument("--values", default=None, metavar="V1,V2,...",
+    g.add_argument("--values", action=CommaList, default=None, metavar="V1,V2,...",
                    help="the factor's values, e.g. 2,8,32 (not with --factor ratio --data: the strata are measured)")
     g.add_argument("--strata", type=int, default=None, metavar="K",
                    help="--factor ratio --data FILE: cut the data into K equal-size bins by each example's "
@@ -32,8 +32,9 @@ def add_arguments(p) -> None:
                    help="held-out examples: synthetic, or per stratum with --factor ratio --data")
     g.add_argument("--ratio", type=float, default=None,
                    help="--factor n with --family: the ratio of the synthetic data (default: the family's)")
-    g.add_argument("--arms", default="it,im", help="two arms; the study reports the second minus the first")
-    g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="seeds per arm and value")
+    g.add_argument("--arms", action=CommaList, default="it,im",
+                   help="two arms; the study reports the second minus the first")
+    g.add_argument("--seeds", action=CommaList, default=None, metavar="S1,S2,...", help="seeds per arm and value")
     g.add_argument("--budget", type=int, default=None, metavar="STEPS", help="at most STEPS optimizer steps per run")
     g.add_argument("--out", default=None, metavar="DIR", help="study directory (default: runs/study-<factor>)")
     g.add_argument("--val-fraction", type=float, default=0.3,

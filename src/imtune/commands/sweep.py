@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import add_jobs_arg
+from .common import CommaList, add_jobs_arg
 
 
 def add_arguments(p) -> None:
@@ -15,9 +15,10 @@ def add_arguments(p) -> None:
 
     add_train_arguments(p)
     g = p.add_argument_group("sweep")
-    g.add_argument("--prompt-weights", default="0,0.01,0.1,0.5,1", metavar="L1,L2,...",
+    g.add_argument("--prompt-weights", action=CommaList, default="0,0.01,0.1,0.5,1", metavar="L1,L2,...",
                    help="the prompt-loss weights λ to try (instruction tokens weigh λ, output tokens 1)")
-    g.add_argument("--seeds", default=None, metavar="S1,S2,...", help="seeds per λ (default: the one --seed)")
+    g.add_argument("--seeds", action=CommaList, default=None, metavar="S1,S2,...",
+                   help="seeds per λ (default: the one --seed)")
     g.add_argument("--out", default=None, metavar="DIR", help="sweep directory (default: runs/sweep-<data>)")
     g.add_argument("--val-fraction", type=float, default=0.3,
                    help="share of the held-out data that selects best checkpoints (or --val-data FILE)")
