@@ -35,7 +35,7 @@ def requests_seen(url: str) -> int:
 @pytest.fixture(scope="module")
 def server():
     with serving("random:tiny", "--name", NAME, "--max-tokens", "8", "--max-context", "4200",
-                 "--body-timeout", "2") as s:
+                 "--max-tokens-limit", "4100", "--max-queue", "64", "--body-timeout", "2") as s:
         yield s
 
 
@@ -99,7 +99,8 @@ LONG = "word " * 4400  # over --max-context 4200
 @pytest.mark.parametrize("body, status, param, fragment", [
     ({"model": "gpt-4", "messages": MESSAGES}, 404, "model", "does not exist"),
     ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages", "maximum context length"),
-    ({"messages": MESSAGES, "max_tokens": 4190}, 400, "messages", "maximum context length"),
+    ({"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 4000}, 400, "messages",
+     "maximum context length"),
     ({"messages": MESSAGES, "stop": 5}, 400, "stop", "stop"),
     ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"messages": MESSAGES, "logprobs": True}, 400, "logprobs", "not supported"),
@@ -152,11 +153,11 @@ def _raw(url: str, request: bytes, wait: float = 15.0) -> bytes:
 def test_short_body_and_negative_length_do_not_hang(server):
     _, url, _ = server
     body = b'{"messages": []}'
-    short = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    short = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
              b"Content-Length: 100\r\n\r\n" + body)  # promises 100 bytes, sends 16, keeps the connection open
     answer = _raw(url, short)
     assert answer.startswith(b"HTTP/1.1 408") and b'"error"' in answer  # after --body-timeout 2
-    negative = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + body)
+    negative = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n" + body)
     assert _raw(url, negative).startswith(b"HTTP/1.1 400")
     assert get(url.removesuffix("/v1") + "/health")["status"] == "ok"  # and the server carries on
 

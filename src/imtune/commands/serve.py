@@ -5,10 +5,16 @@ training chat template, a hub id). Prints `imtune serve: listening on http://HOS
 (with --port 0 the port is chosen free), then serves until Ctrl-C / SIGTERM and exits 0. Point any OpenAI client at
 that URL, e.g. `imtune bench alpacaeval --judge-url`.
 
+Another address than loopback (`--host 0.0.0.0`) is refused without an API key (--api-key, or IMTUNE_API_KEY, which
+`ps` does not show); clients then send `Authorization: Bearer KEY`, and name the server by an address or name given
+with --allowed-host. A public address also needs a TLS reverse proxy in front (see imtune.serve).
+
 --engine vllm (or auto, when vLLM is installed and a GPU is present) hands a model directory to vLLM's OpenAI
 server instead, with the same chat template; that path is not covered by the tests."""
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 
 from ..runlog import say
@@ -19,19 +25,65 @@ def add_arguments(p) -> None:
     p.add_argument("model", nargs="?", default="default",
                    help="hub id, local directory, run directory, 'default' or 'random:<size>'")
     add_template_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1: this machine only; any other needs an API key)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer KEY' (default: $IMTUNE_API_KEY, which other users "
+                        "cannot read from the process list; at least 16 characters)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="also answer requests whose Host header names HOST (repeatable; '*.example.com' patterns); "
+                        "127.0.0.1, localhost, [::1] and --host are always answered, any other Host gets 400")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one and print it)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models and in responses; requests naming "
                                                 "another model get 404 (default: MODEL)")
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives none")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="the largest max_tokens a request may ask (400 beyond; never more than the context)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the model besides the one generating (429 beyond)")
     p.add_argument("--max-context", type=int, default=None,
                    help="prompt + completion tokens allowed (default: the model's max_position_embeddings)")
     p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds to wait for a request body before answering 408")
+                   help="seconds a client has to send its request headers (then the connection is closed), and "
+                        "then its body (then 408)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--engine", choices=["auto", "transformers", "vllm"], default="auto",
                    help="auto: vLLM when installed, a GPU is present and MODEL is a directory; else transformers")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines on stderr")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(args) -> str | None:
+    """--api-key or $IMTUNE_API_KEY, checked; UsageError for one that is unusable, or missing off loopback."""
+    from ..types import UsageError
+
+    key = args.api_key or os.environ.get("IMTUNE_API_KEY") or None
+    if key is not None and (len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key):
+        raise UsageError("the API key must be at least 16 printable ASCII characters without spaces, e.g. "
+                         "python -c 'import secrets; print(secrets.token_urlsafe())'")
+    if key is None and not is_loopback(args.host):
+        raise UsageError(f"--host {args.host} can be reached from other machines: give an API key (--api-key KEY or "
+                         "IMTUNE_API_KEY) and put a TLS reverse proxy in front, or keep --host 127.0.0.1")
+    return key
+
+
+def allowed_hosts(args) -> tuple[str, ...]:
+    """Host header values answered: this machine's names, the bound address, --allowed-host."""
+    from ..types import UsageError
+
+    for h in args.allowed_host:
+        if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")):
+            raise UsageError(f"--allowed-host {h!r}: give a host name or address, '*.example.com' or '*'")
+    bound = f"[{args.host}]" if ":" in args.host else args.host
+    return tuple(dict.fromkeys(h.lower() for h in ("127.0.0.1", "localhost", "[::1]", bound, *args.allowed_host)))
 
 
 def pick_device(name: str) -> str:
@@ -76,6 +128,12 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if not 1 <= args.max_tokens <= args.max_tokens_limit:
+        raise UsageError(f"--max-tokens must be in 1..--max-tokens-limit ({args.max_tokens_limit}), got "
+                         f"{args.max_tokens}")
+    if args.max_queue < 0 or args.body_timeout <= 0:
+        raise UsageError("--max-queue must be 0 or more and --body-timeout more than 0")
+    key, hosts = api_key(args), allowed_hosts(args)
     previous = {s: signal.signal(s, _stop_before_serving) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         tok = load_tokenizer(args.model)
@@ -89,10 +147,12 @@ def run(args) -> int:
 
         model = load_model(args.model).to(pick_device(args.device))
         context = args.max_context or getattr(model.config, "max_position_embeddings", None) or 2048
-        served = Served(model, tok, renderer, args.name or args.model, context, args.max_tokens, args.body_timeout)
+        served = Served(model, tok, renderer, args.name or args.model, context, args.max_tokens, args.body_timeout,
+                        args.max_tokens_limit, args.max_queue, key, hosts)
         sock = listen(args.host, args.port)
         say(f"imtune serve: model {served.name}, template {renderer.name}, context {context}, "
-            f"device {next(model.parameters()).device}")
+            f"device {next(model.parameters()).device}, max_tokens up to {served.max_tokens_limit}, "
+            f"queue {served.max_queue}, API key {'required' if key else 'none (loopback only)'}")
         for s in previous:
             signal.signal(s, _after_serving)
         run_server(make_app(served), served, sock,
