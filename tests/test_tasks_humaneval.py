@@ -178,7 +178,7 @@ def test_hostile_completions_score_zero_and_leave_no_trace(tmp_path, monkeypatch
     assert outcome["infinite_loop"].startswith("timed out")
     assert outcome["fork_storm"].startswith("timed out")
     assert "MemoryError" in outcome["huge_allocation"]
-    assert outcome["os_exit_in_body"] == "failed: ended (exit status 0) before the checks returned"
+    assert outcome["os_exit_in_body"] == "failed: FunctionError: the function's process ended before it replied"
     assert "No such file or directory: '/etc/passwd'" in outcome["read_system_files"]
     assert "root:" not in text and "PATH=" not in text  # no system file reached the samples file
     assert "File too large" in outcome["disk_fill"] or "No space left" in outcome["disk_fill"]
@@ -191,6 +191,191 @@ def test_hostile_completions_score_zero_and_leave_no_trace(tmp_path, monkeypatch
     assert not escaped, "a program's process outlived its sandbox"
     assert not outside.exists() and not late.exists() and not Path("/usr/imtune-hostile").exists()
     assert list(our_tmp.iterdir()) == []
+
+
+# Forgers: completions of `add` that try to pass without adding, by attacking what records a pass rather than the host.
+ADD = humaneval.Problem(("T/add",), (), "", 'def add(a, b):\n    """a + b, for numbers and for lists."""\n',
+                        "def check(candidate):\n"
+                        "    assert candidate(2, 3) == 5\n"
+                        "    assert candidate(2, -2) == 0, 'zero'\n"
+                        "    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n"
+                        "    assert candidate([1], [2]) == [1, 2]\n", "add")
+# Reads 64 bytes from every descriptor it can open, then writes each 64-byte chunk once to every distinct file it can
+# write: a token read from its pipe lands in the result pipe. `openers`: (read, write) pairs of functions -> fd.
+COPY_TOKENS = """
+import os
+def copy_tokens(openers):
+    found, targets = [], {}
+    for read, write in openers:
+        try:
+            fd = read()
+            os.set_blocking(fd, False)
+            found.append(os.read(fd, 64))
+        except OSError:
+            pass
+        try:
+            fd = write()
+            st = os.fstat(fd)
+            targets.setdefault((st.st_dev, st.st_ino), fd)
+        except OSError:
+            pass
+    for data in found:
+        if len(data) == 64:
+            for fd in targets.values():
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    pass
+def inherited():
+    return [(lambda fd=fd: fd, lambda fd=fd: fd) for fd in range(64)]
+def through_proc():  # every descriptor of every process /proc shows: its own as they are, others' reopened
+    openers = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit() and os.access(f"/proc/{p}/fd", os.R_OK)):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if int(pid) == os.getpid():
+                openers.append((lambda fd=int(fd): fd, lambda fd=int(fd): fd))
+            else:
+                path = f"/proc/{pid}/fd/{fd}"
+                openers.append((lambda path=path: os.open(path, os.O_RDONLY | os.O_NONBLOCK),
+                                lambda path=path: os.open(path, os.O_WRONLY | os.O_NONBLOCK)))
+    return openers
+"""
+PATCH_THE_HARNESS = """    return 0
+import sys
+h = vars(sys.modules["__main__"])
+if "token_fd" in h:  # the single-process harness: its exit path now records a pass
+    real = h["_exit"]
+    h["_exit"] = lambda code: (h["_write"](h["result_fd"], h["_read"](h["token_fd"], 64)), real(0))
+for name in ("answer", "receive", "check", "send", "main"):  # the two-process one's code, in this process
+    if name in h:
+        h[name] = lambda *args, **kwargs: None
+"""
+ALWAYS_EQUAL = """    class Yes:
+        __eq__ = lambda self, other: True
+        __ne__ = lambda self, other: False
+        __sub__ = __rsub__ = lambda self, other: self
+        __abs__ = lambda self: 0
+        __bool__ = lambda self: True
+        __hash__ = object.__hash__
+    return Yes()
+"""
+# The function's own side writes this reply text instead of the one for its value (5, on every call).
+RAW_REPLY = "    return 5\nimport sys\nsys.modules['__main__'].literal = lambda message: {!r}\n"
+FORGERS = {
+    "harness state": {
+        "patch_the_harness": PATCH_THE_HARNESS,
+        "builtins_exec_does_nothing": "    return 0\nimport builtins\nbuiltins.exec = lambda *args, **kwargs: None\n",
+        "builtins_compile_compiles_pass": "    return 0\nimport builtins\nreal = builtins.compile\n"
+                                          "builtins.compile = lambda *a, **k: real('pass', '<forged>', 'exec')\n",
+        "builtins_assertion_error": "    return 0\nimport builtins\n"
+                                    "builtins.AssertionError = type('AssertionError', (BaseException,), {})\n",
+        "sys_exit_0_in_call": "    import sys\n    sys.exit(0)\n",
+        "os_exit_0_at_import": "    return 0\nimport os\nos._exit(0)\n",
+        "os_exit_0_in_call": "    import os\n    os._exit(0)\n",
+    },
+    "forged token or result": {
+        "copy_the_token_between_inherited_fds": "    return 0\n" + COPY_TOKENS + "copy_tokens(inherited())\n",
+        "copy_the_token_then_exit_0": "    copy_tokens(inherited())\n    os._exit(0)\n" + COPY_TOKENS,
+        "print_a_forged_token_and_pass": "    import os, sys\n    print('passed', 'a' * 64)\n"
+                                         "    sys.stderr.write('passed\\n')\n    sys.stdout.flush()\n"
+                                         "    sys.stderr.flush()\n    os._exit(0)\n",
+        "write_replies_ahead": "    import os\n    for fd in range(3, 64):\n        try:\n"
+                               "            os.write(fd, b\"('ok', True)\\n\" * 100)\n        except OSError:\n"
+                               "            pass\n    return 0\n",
+    },
+    "proc of the checker": {
+        "fds_found_through_proc": "    return 0\n" + COPY_TOKENS + "copy_tokens(through_proc())\n",
+    },
+    "always equal": {
+        "object_equal_to_everything": ALWAYS_EQUAL,
+        "int_subclass_equal_to_everything": "    class Yes(int):\n        __eq__ = lambda self, other: True\n"
+                                            "        __hash__ = int.__hash__\n    return Yes(0)\n",
+        "list_subclass_equal_to_everything": "    class Yes(list):\n        __eq__ = lambda self, other: True\n"
+                                             "    return Yes()\n",
+    },
+    "types outside the literals": {
+        "object_equal_to_everything": ALWAYS_EQUAL,
+        "bytes": "    return b'5'\n",
+        "complex": "    return complex(a + b) if not isinstance(a, list) else a + b\n",
+        "generator": "    return (x for x in [a + b])\n",
+        "frozenset": "    return frozenset([a + b]) if not isinstance(a, list) else a + b\n",
+        "raw_reply_complex": RAW_REPLY.format("('ok', 5j)"),
+        "raw_reply_bytes": RAW_REPLY.format("('ok', b'5')"),
+        "raw_reply_call": RAW_REPLY.format("('ok', __import__('os').getpid())"),
+        "raw_reply_too_long": RAW_REPLY.format("('ok', '" + "x" * 9 * 2**20 + "')"),
+    },
+    "hangs or eats memory": {
+        "hangs_on_the_second_call": "    import time\n    if a == 2 and b == -2:\n        time.sleep(3600)\n"
+                                    "    return a + b\n",
+        "endless_reply": "    import os\n    for fd in range(3, 64):\n        try:\n            while True:\n"
+                         "                os.write(fd, b'[1, ' * 4096)\n        except OSError:\n            pass\n",
+        "eats_memory": "    chunks = []\n    while True:\n        chunks.append(bytearray(2**24))\n",
+    },
+}
+
+
+def _forged(kind: str) -> dict[str, str]:
+    """The outcome of each forger of one kind, scored as HumanEval scores completions ('PASSED ...' if it passed)."""
+    forgers = FORGERS[kind]
+    verdicts = humaneval.score([(ADD, "    return a + b\n")] + [(ADD, c) for c in forgers.values()],
+                               humaneval.Options(timeout=3.0, memory_mb=256, workers=2))
+    assert verdicts[0].correct, verdicts[0]  # the check passes a right answer
+    return {name: ("PASSED " if v.correct else "") + v.extracted for name, v in zip(forgers, verdicts[1:])}
+
+
+def _passed(outcome: dict[str, str]) -> list[str]:
+    return [name for name, text in outcome.items() if text.startswith("PASSED")]
+
+
+def test_completions_that_tamper_with_the_harness_in_process_fail():
+    outcome = _forged("harness state")
+    assert not _passed(outcome), outcome
+    assert outcome["builtins_exec_does_nothing"] == "failed: AssertionError:"  # the check ran, on a wrong answer
+
+
+def test_forged_tokens_and_results_fail():
+    outcome = _forged("forged token or result")
+    assert not _passed(outcome), outcome
+
+
+def test_the_checker_is_out_of_reach_through_proc():
+    outcome = _forged("proc of the checker")
+    assert not _passed(outcome), outcome
+
+
+def test_objects_equal_to_everything_fail():
+    outcome = _forged("always equal")
+    assert not _passed(outcome), outcome
+    assert "TypeError: a value of type Yes cannot be sent" in outcome["object_equal_to_everything"]
+    assert outcome["int_subclass_equal_to_everything"] == "failed: AssertionError:"  # crossed as the plain 0
+
+
+def test_results_outside_the_literals_fail_with_a_reason():
+    outcome = _forged("types outside the literals")
+    assert not _passed(outcome), outcome
+    for name in ("bytes", "complex", "generator", "frozenset"):
+        assert "cannot be sent" in outcome[name], outcome
+    for name in ("raw_reply_complex", "raw_reply_bytes", "raw_reply_call"):
+        assert "FunctionError: an unreadable reply" in outcome[name], outcome
+    assert outcome["raw_reply_too_long"] == "failed: FunctionError: the reply is too long"
+
+
+def test_functions_that_hang_or_eat_memory_fail_and_the_run_ends():
+    started = time.monotonic()
+    outcome = _forged("hangs or eats memory")
+    assert time.monotonic() - started < 20
+    assert outcome["hangs_on_the_second_call"] == "timed out: after 3 s"
+    assert outcome["endless_reply"].startswith(("failed: FunctionError", "timed out")), outcome
+    assert outcome["eats_memory"] == "failed: MemoryError:"
+
+
+@needs_data
+def test_an_object_equal_to_everything_solves_no_humaneval_problem(tmp_path):
+    """Where the check gets the function's result as it is (OpenAI's harness, imtune before), this scores 157/164."""
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": p["task_id"], "completion": ALWAYS_EQUAL}
+                                            for p in _problems()])
+    result = score_samples("humaneval", str(samples), str(HUMANEVAL), workers=2)
+    assert result["n"] == 164 and result["solved"] == 0
 
 
 def test_pass_at_k_matches_the_definition():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imtune.cli import main
-from imtune.tasks.sandbox import SandboxUnavailable, run_programs
+from imtune.tasks.sandbox import Checked, SandboxUnavailable, run_programs
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 
@@ -120,3 +120,59 @@ def test_unsafe_no_sandbox_runs_with_the_same_proof_of_a_pass(tmp_path, monkeypa
     [outcome] = run_programs([_show("os.getuid()")], unsafe_no_sandbox=True)
     assert outcome.detail == f"SystemExit: {os.getuid()}"
     assert list(ours.iterdir()) == []  # its working folder is gone
+
+
+def _checked(function: str, check: str, name: str = "f") -> Checked:
+    return Checked(function=(function,), name=name, setup=(), check=check)
+
+
+# What a process can see of the other side: descriptors, PID namespace, uid, processes.
+SEEN = ("(sorted(os.listdir('/proc/self/fd')), os.readlink('/proc/self/ns/pid'), os.getuid(), "
+        "sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+
+
+@needs_bwrap
+def test_a_checked_function_holds_nothing_of_its_checker():
+    function = f"import os\ndef f():\n    return {SEEN}\n"
+    check = f"import os\nraise SystemExit(repr((f(), {SEEN})))"
+    [outcome] = run_programs([_checked(function, check)], timeout=10)
+    (fds, pid_ns, uid, pids), (checker_fds, checker_pid_ns, checker_uid, _) = eval(  # noqa: S307
+        outcome.detail.removeprefix("SystemExit: "))
+    assert len(fds) == 6  # stdin, stdout, stderr, its calls and replies pipes, and the one listdir opened
+    assert len(checker_fds) == 8  # and the token and result pipes: those only the checker has
+    assert pid_ns != checker_pid_ns and uid != checker_uid and uid != 0
+    assert max(pids) < 10  # its own PID namespace: bwrap's init and itself
+
+
+@needs_bwrap
+def test_a_checked_function_answers_with_values_and_exceptions():
+    function = ("def f(x, scale=1):\n"
+                "    if x == 'value':\n        raise ValueError('no ' + x)\n"
+                "    if x == 'stop':\n        raise StopIteration\n"
+                "    if x == 'own':\n        raise type('Oops', (Exception,), {})('mine')\n"
+                "    if x == 'exit':\n        raise SystemExit(0)\n"
+                "    return [x * scale, (x,), {x: None}, {x}, 1e999, -0.0, True]\n")
+    checks = {
+        "values": "assert f(2, scale=3) == [6, (2,), {2: None}, {2}, float('inf'), 0.0, True]\n"
+                  "assert type(f(2)[-1]) is bool and str(f(2)[-2]) == '-0.0'",
+        "expected_exception": "try:\n    f('value')\nexcept ValueError as e:\n    assert str(e) == 'no value'\n"
+                              "else:\n    raise AssertionError('no exception')",
+        # a StopIteration from the function would end map() early and make all() hold
+        "stop_iteration": "assert all(map(f, ['stop', 'stop']))",
+        "own_exception": "f('own')",
+        "system_exit": "f('exit')",
+    }
+    outcome = dict(zip(checks, run_programs([_checked(function, c) for c in checks.values()], timeout=10)))
+    assert outcome["values"].passed and outcome["expected_exception"].passed, outcome
+    assert outcome["stop_iteration"].detail == "FunctionError: StopIteration:"
+    assert outcome["own_exception"].detail == "FunctionError: Oops: mine"
+    assert outcome["system_exit"].detail == "FunctionError: SystemExit: 0"
+
+
+@needs_bwrap
+def test_a_function_that_does_not_load_fails_with_its_error():
+    programs = [_checked("def f(:\n", "f()"), _checked("g = 1\n", "f()"), _checked("import os\nos._exit(0)\n", "pass")]
+    details = [o.detail for o in run_programs(programs, timeout=10)]
+    assert details[0].startswith("SyntaxError: invalid syntax (<program part 0>")
+    assert details[1] == "NameError: name 'f' is not defined"
+    assert details[2] == "FunctionError: the function's process ended before it replied"  # even if never called

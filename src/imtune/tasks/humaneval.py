@@ -14,11 +14,15 @@ From the reply to a completion (`postprocess`, the rule in one place):
      imports and helper functions stay in scope;
   3. otherwise the code is the function's body: lines that are not indented get four spaces, so the prompt's
      signature is kept and the body continues it.
-Execution: imtune.tasks.sandbox runs each program in bubblewrap (no network, no host files, own PID namespace,
-process/memory/CPU/file limits) and counts a pass only when its harness reports, with a token the program cannot
-reach, that `check(entry_point)` returned: an exit status is never a pass. The program is three parts compiled
-separately (prompt + completion, the test, `check(entry_point)`), so a completion cannot swallow the test. Without
-bubblewrap, scoring refuses unless --unsafe-no-sandbox.
+Execution: imtune.tasks.sandbox runs each program as a checked run in two bubblewrap sandboxes (no network, no host
+files, own PID namespace, process/memory/CPU/file limits): one runs prompt + completion and answers calls to the entry
+point; the other runs the prompt (completed with `pass`), the test and `check(entry_point)`, with the entry point a
+proxy whose calls and results cross between them as plain Python literals (only exact bool, int, float, str, None and
+list/tuple/dict/set of them). A pass is counted only when the checker reports, with a token the completion's process
+never holds, that `check(entry_point)` returned: an exit status is never a pass, and the completion cannot patch the
+check or the harness, forge the token or hand the check an object that equals anything. Scored this way, each
+HumanEval canonical solution still passes; an argument the function changes in place is changed only in its own
+copy (no HumanEval test looks). Without bubblewrap, scoring refuses unless --unsafe-no-sandbox.
 pass@k: the unbiased estimator of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), in its numerically stable product form.
 """
 from __future__ import annotations
@@ -29,7 +33,7 @@ from math import prod
 
 from ..types import Message, UsageError
 from . import Verdict, read_rows, text_field
-from .sandbox import find_sandbox, run_programs
+from .sandbox import Checked, find_sandbox, run_programs
 
 KEY_FIELDS = ("task_id",)
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
@@ -106,9 +110,14 @@ def postprocess(problem: Problem, reply: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def program(problem: Problem, completion: str) -> tuple[str, str, str]:
-    """The official program `prompt + completion + test + check(entry_point)`, as three separately compiled parts."""
-    return f"{problem.prompt}{completion}\n", f"{problem.test}\n", f"check({problem.entry_point})\n"
+def program(problem: Problem, completion: str) -> Checked:
+    """The official program `prompt + completion + test + check(entry_point)`, split where trust changes: the prompt
+    and completion run in one sandbox, where the completion's function answers calls; the test and the check call in
+    another, after the prompt completed with `pass` (its imports and helpers are in scope, as in the official program;
+    its stub is then replaced by a proxy of the completion's function)."""
+    return Checked(function=(f"{problem.prompt}{completion}\n",), name=problem.entry_point,
+                   setup=(f"{problem.prompt}\n    pass\n", f"{problem.test}\n"),
+                   check=f"check({problem.entry_point})\n")
 
 
 def score(pairs: list[tuple[Problem, str]], opts: Options, progress: bool = False) -> list[Verdict]:

@@ -1,21 +1,38 @@
-"""Run model-written Python programs in a bubblewrap sandbox, each in its own short-lived process, never in ours.
+"""Run model-written Python in bubblewrap sandboxes, each in its own short-lived processes, never in ours.
 
-`run_programs(programs, timeout, memory_mb, workers) -> [Outcome]`. A program is a sequence of source parts (one
-string is one part); each part is compiled on its own and executed in order in one namespace, so a part cannot
-swallow the next (an unclosed string in a completion cannot hide the test or the `check(...)` call).
+`run_programs(programs, timeout, memory_mb, workers) -> [Outcome]`. A program is either
+- a sequence of source parts (one string is one part), each compiled on its own and executed in order in one
+  namespace, so a part cannot swallow the next. Its pass means only "it returned": code in the same interpreter can
+  always arrange that, so a program never holds trusted checks of model code; or
+- a `Checked`: a model-written function and trusted code that checks it (HumanEval: prompt + completion; the prompt,
+  the test and `check(entry_point)`). Its pass means the check returned, and the model's code cannot forge it.
 
 **A pass is proven, never inferred from an exit status.** For each program we make a random token (32 bytes from
 os.urandom) and two pipes. The token waits in the kernel's pipe buffer (`token` pipe, read end inside the sandbox);
-it is never in argv, the environment, a file, or the program's memory. HARNESS, our own code that runs inside the
-sandbox before the model's code, executes the parts; only when the last one has returned without an exception does it
-read the token from its pipe and write it to the `result` pipe, then leave with os._exit (no atexit hooks, no
-finalizers run). Imtune counts a pass only if the result pipe holds exactly that token. Exiting early (`sys.exit(0)`,
-`os._exit(0)`, at import or in the body), an atexit hook, `os.execv` (both pipe ends are close-on-exec), a swallowed
-exception that kills the check, or printing anything are all failures. This is the meaning of a pass in OpenAI's
-human-eval (the program's `check(entry_point)` returned within the time limit), never weaker. What it cannot stop:
-code that deliberately attacks the harness inside its own process (finds the two pipe descriptors and copies the
-token across, or makes `check` return by rewriting it through frames or a trace function) — the official harness has
-the same limit; the sandbox below bounds what such code can do to the host.
+it is never in argv, the environment, a file, or any process's memory before it is read. Our code inside the sandbox
+(imtune.tasks.inside) runs the parts; only when the last one has returned without an exception does it read the token
+from its pipe and write it to the `result` pipe, then leave with os._exit (no atexit hooks, no finalizers run).
+Imtune counts a pass only if the result pipe holds exactly that token. Exiting early, an atexit hook, `os.execv`
+(all our descriptors are close-on-exec), an exception, or printing anything are all failures.
+
+**A checked run: model code and the check never share a process.** Two bwrap sandboxes, started by us for each
+`Checked`, each with the isolation below (its own PID, mount, IPC and network namespaces, its own fresh uid and /tmp):
+- the *function* sandbox runs the model's parts and then answers calls to `name`. Its descriptors are its stdin (its
+  own source, an unnamed file), stdout and stderr (/dev/null), and the read end of a `calls` pipe and the write end
+  of a `replies` pipe: nothing else of ours;
+- the *checker* sandbox runs the trusted parts, binds `name` to a proxy, runs `check`, and alone holds the token
+  and result pipes, and the other ends of calls and replies.
+A call crosses as one line of text, a Python literal, each way; the checker parses the reply with ast.literal_eval
+and takes exact bool, int, float, str, None and list/tuple/dict/set of them only, and an exception comes back as a
+builtin exception of the same class (imtune.tasks.inside has the protocol). So all the model's code can decide is the
+value each call returns: it cannot patch the check, the builtins, `AssertionError` or the code that writes the token
+(another interpreter), reach the token or result pipe (never in its process; its /proc shows only its own PID
+namespace, and it runs as another uid), exit with a success code (its exit status is never read), or hand the check
+an object that compares equal to anything (only literals cross). A function that ends, hangs, answers junk or too
+much fails the check; time and memory limits apply to both processes, the deadline to the pair.
+Two bwrap invocations rather than one sandbox with two children: inside one sandbox the two would share a uid, a
+/proc and a /tmp unless we built nested namespaces ourselves; two invocations get each separation from bwrap as it is,
+for the cost of starting a second sandbox and interpreter (about 1.4 times the time per HumanEval problem).
 
 **Isolation: bubblewrap** (`bwrap`), started by us with:
 - new PID, network, IPC, UTS and cgroup namespaces: the program sees only its own processes (its parent is the
@@ -28,26 +45,28 @@ the same limit; the sandbox below bounds what such code can do to the host.
 - run as root (as here), bwrap sets up the sandbox and `setpriv` drops to a fresh random uid with no capabilities,
   no supplementary groups and no-new-privileges before the interpreter starts; run as another user, bwrap creates a
   user namespace itself (`--unshare-all --cap-drop ALL`);
-- rlimits set by HARNESS before the model's code: processes (RLIMIT_NPROC, per sandbox: the uid is fresh, or the user
-  namespace is new), address space (memory_mb), CPU seconds (timeout + 1), file size, open files, no core dumps.
+- rlimits set by our code inside, before the model's code: processes (RLIMIT_NPROC, per sandbox: the uid is fresh, or
+  the user namespace is new), address space (memory_mb), CPU seconds (timeout + 1), file size, open files, no core
+  dumps.
 - `python -I -S`: the standard library only (no site-packages), no PYTHON* variables; the environment is PATH, HOME,
   TMPDIR and LANG only. stdout is discarded; stderr goes to an unnamed temporary file whose last line becomes the
   outcome's detail (at most 200 characters).
-Nothing of a run stays behind: no files are written on the host (the program arrives on stdin, from an unnamed
-temporary file), and every process is gone when run_programs returns.
+Nothing of a run stays behind: no files are written on the host (programs arrive on stdin, from unnamed temporary
+files), and every process is gone when run_programs returns.
 
 Not isolated: the kernel (no seccomp filter; a kernel exploit escapes any namespace sandbox), CPU time of the host
 within the limits, and what /usr and the interpreter's prefix contain (readable). Where bubblewrap is missing or cannot
 create its namespaces, run_programs refuses (SandboxUnavailable, a UsageError saying why) unless
-`unsafe_no_sandbox=True` (`--unsafe-no-sandbox`): then the same harness, token and rlimits (but no process limit) apply
-in a plain `python -I -S` child in its own session and a temporary folder (removed afterwards), and the file system,
-network and other processes are reachable.
+`unsafe_no_sandbox=True` (`--unsafe-no-sandbox`): then the same code, token and rlimits (but no process limit) apply
+in plain `python -I -S` children, each in its own session and temporary folder (removed afterwards), and the file
+system, network and other processes are reachable (a checked run's function can then reach its checker too: both
+run as your uid).
 
 At most `workers` programs run at once. They are started and polled from this one thread (no preexec_fn, no threads).
 """
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import random
 import secrets
@@ -59,6 +78,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 
 from ..types import UsageError
 
@@ -68,31 +88,17 @@ TMPFS_SIZE = 64 * 2**20  # bytes: all of the private /tmp
 OPEN_FILES = 64
 DETAIL_CHARS = 200
 
-# Our code, run by the sandboxed interpreter before (and around) the model's code: argv = token fd, result fd, rlimits.
-HARNESS = r"""
-import os, resource, sys, json
-_read, _write, _exit = os.read, os.write, os._exit
-token_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-os.set_inheritable(token_fd, False)
-os.set_inheritable(result_fd, False)
-for name, value in json.loads(sys.argv[3]).items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-parts = json.loads(sys.stdin.read())
-del sys.argv[1:]
-namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-try:
-    for i, source in enumerate(parts):
-        exec(compile(source, "<program part %d>" % i, "exec"), namespace)
-except BaseException as e:
-    try:
-        line = "%s: %s" % (type(e).__name__, e)
-        sys.stderr.write(line.replace("\n", " ") + "\n")
-        sys.stderr.flush()
-    finally:
-        _exit(1)
-_write(result_fd, _read(token_fd, 64))
-_exit(0)
-"""
+# What the sandboxed interpreter runs (`python -I -S -c INSIDE`): imtune.tasks.inside.
+INSIDE = Path(__file__).with_name("inside.py").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A model-written function and the trusted code that checks it, run in two sandboxes (see the module's doc)."""
+    function: tuple[str, ...]  # model-written source parts that define `name` (HumanEval: prompt + completion)
+    name: str  # the function the check calls
+    setup: tuple[str, ...]  # trusted parts run first in the checker (HumanEval: prompt, test); then `name` is bound
+    check: str  # trusted code that passes by returning (HumanEval: check(entry_point)), `name` being a proxy
 
 
 class SandboxUnavailable(UsageError):
@@ -136,7 +142,7 @@ def _mounts(prefix: str) -> list[str]:
 
 
 def sandbox_command(bwrap: str) -> list[str]:
-    """The command line that starts the interpreter inside bubblewrap (HARNESS and its arguments follow)."""
+    """The command line that starts the interpreter inside bubblewrap (`-c INSIDE` follows)."""
     python, prefix = _interpreter()
     common = ["--die-with-parent", "--new-session", *_mounts(prefix)]
     if os.geteuid() == 0:  # privileged bwrap; setpriv then drops to a uid no other process has
@@ -149,13 +155,19 @@ def sandbox_command(bwrap: str) -> list[str]:
 
 
 @dataclass
-class _Job:
+class _Process:
     proc: subprocess.Popen
+    stderr: object  # the unnamed temporary file its stderr goes to, or None (discarded)
+    workdir: str | None  # without the sandbox only: a temporary folder of ours, removed at the end
+
+
+@dataclass
+class _Job:
+    main: _Process  # the program, or a checked run's checker: the job ends when it does
+    function: _Process | None  # a checked run's model-written function
     deadline: float
     token: bytes
     result_fd: int  # our read end of the result pipe
-    stderr: object  # the unnamed temporary file stderr goes to
-    workdir: str | None  # without the sandbox only: a temporary folder of ours, removed at the end
 
 
 def _rlimits(timeout: float, memory_mb: int, sandboxed: bool) -> dict[str, int]:
@@ -166,41 +178,69 @@ def _rlimits(timeout: float, memory_mb: int, sandboxed: bool) -> dict[str, int]:
     return limits
 
 
-def _start(parts: list[str], prefix: list[str] | None, timeout: float, memory_mb: int) -> _Job:
+def _spawn(role: str, fds: tuple[int, ...], source: dict, bwrap: str | None, timeout: float, memory_mb: int,
+           keep_stderr: bool) -> _Process:
+    """Start INSIDE as `role` with only the descriptors `fds`; its stdin (an unnamed file) holds `source` and its
+    settings, in marshal format."""
+    command = sandbox_command(bwrap) if bwrap else [_interpreter()[0], "-I", "-S"]  # a fresh uid for each process
+    settings = {**source, "role": role, "fds": list(fds), "rlimits": _rlimits(timeout, memory_mb, bwrap is not None)}
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(marshal.dumps(settings))
+        stdin.seek(0)
+        err = tempfile.TemporaryFile() if keep_stderr else None
+        workdir = None if bwrap else tempfile.mkdtemp(prefix="imtune-unsandboxed-")
+        home = workdir or "/tmp"  # in the sandbox, /tmp is its private tmpfs
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+        try:
+            proc = subprocess.Popen([*command, "-c", INSIDE], stdin=stdin,
+                                    stdout=subprocess.DEVNULL, stderr=err or subprocess.DEVNULL, env=env,
+                                    cwd=workdir or "/", pass_fds=fds, start_new_session=True)
+        except OSError:
+            if err is not None:
+                err.close()
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+    return _Process(proc, err, workdir)
+
+
+def _start(program, bwrap: str | None, timeout: float, memory_mb: int) -> _Job:
     token = secrets.token_hex(32).encode()
     token_r, token_w = os.pipe()
     result_r, result_w = os.pipe()
     os.write(token_w, token)  # 64 bytes: sits in the pipe buffer until the harness reads it
     os.close(token_w)
-    with tempfile.TemporaryFile() as stdin:
-        stdin.write(json.dumps(parts).encode())
-        stdin.seek(0)
-        err = tempfile.TemporaryFile()
-        command = prefix if prefix is not None else [_interpreter()[0], "-I", "-S"]
-        args = [*command, "-c", HARNESS, str(token_r), str(result_w),
-                json.dumps(_rlimits(timeout, memory_mb, prefix is not None))]
-        workdir = None if prefix is not None else tempfile.mkdtemp(prefix="imtune-unsandboxed-")
-        home = workdir or "/tmp"  # in the sandbox, /tmp is its private tmpfs
-        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
-        try:
-            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                                    cwd=workdir or "/", pass_fds=(token_r, result_w), start_new_session=True)
-        except OSError:
-            os.close(result_r)
-            err.close()
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        finally:
-            os.close(token_r)
-            os.close(result_w)
+    theirs = [token_r, result_w]  # the ends the sandboxes hold: ours are closed once they have started
+    function = None
+    try:
+        if isinstance(program, Checked):
+            call_r, call_w = os.pipe()
+            reply_r, reply_w = os.pipe()
+            theirs += [call_r, call_w, reply_r, reply_w]
+            function = _spawn("function", (call_r, reply_w), {"parts": list(program.function), "name": program.name},
+                              bwrap, timeout, memory_mb, keep_stderr=False)
+            main = _spawn("check", (token_r, result_w, call_w, reply_r),
+                          {"parts": list(program.setup), "name": program.name, "check": program.check},
+                          bwrap, timeout, memory_mb, keep_stderr=True)
+        else:
+            parts = [program] if isinstance(program, str) else list(program)
+            main = _spawn("program", (token_r, result_w), {"parts": parts}, bwrap, timeout, memory_mb,
+                          keep_stderr=True)
+    except OSError:
+        if function is not None:
+            _end(function)
+        os.close(result_r)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
     os.set_blocking(result_r, False)
-    return _Job(proc, time.monotonic() + timeout, token, result_r, err, workdir)
+    return _Job(main, function, time.monotonic() + timeout, token, result_r)
 
 
 def _exited(job: _Job) -> bool:
     """Has bwrap (or the program) exited? Asked without reaping, so its group id stays ours until _finish kills it."""
-    return os.waitid(os.P_PID, job.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    return os.waitid(os.P_PID, job.main.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def _drain(fd: int, limit: int = 4096) -> bytes:
@@ -216,20 +256,28 @@ def _drain(fd: int, limit: int = 4096) -> bytes:
     return data
 
 
-def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
+def _end(process: _Process) -> int:
+    """Kill what is left of one sandbox and clean up after it; its exit status."""
     try:  # bwrap's group: killing bwrap ends the sandbox's PID namespace (--die-with-parent), and all in it
-        os.killpg(job.proc.pid, signal.SIGKILL)
+        os.killpg(process.proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    rc = job.proc.wait()
+    rc = process.proc.wait()
+    if process.workdir:
+        shutil.rmtree(process.workdir, ignore_errors=True)
+    return rc
+
+
+def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
+    rc = _end(job.main)
+    if job.function is not None:
+        _end(job.function)
     reported = _drain(job.result_fd)
     os.close(job.result_fd)
-    job.stderr.seek(0, os.SEEK_END)
-    job.stderr.seek(max(0, job.stderr.tell() - 4096))
-    tail = job.stderr.read().decode("utf-8", "replace")
-    job.stderr.close()
-    if job.workdir:
-        shutil.rmtree(job.workdir, ignore_errors=True)
+    job.main.stderr.seek(0, os.SEEK_END)
+    job.main.stderr.seek(max(0, job.main.stderr.tell() - 4096))
+    tail = job.main.stderr.read().decode("utf-8", "replace")
+    job.main.stderr.close()
     if timed_out:
         return Outcome("timed out", f"after {timeout:g} s")
     if reported == job.token:
@@ -247,8 +295,7 @@ def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
 @lru_cache(maxsize=1)
 def _probe(bwrap: str) -> str:
     """'' if a program runs and passes inside bubblewrap here, else what went wrong."""
-    prefix = sandbox_command(bwrap)
-    job = _start(["pass"], prefix, 30.0, 256)
+    job = _start(["pass"], bwrap, 30.0, 256)
     while not _exited(job) and time.monotonic() < job.deadline:
         time.sleep(0.005)
     outcome = _finish(job, not _exited(job), 30.0)
@@ -283,8 +330,8 @@ def find_sandbox(unsafe_no_sandbox: bool = False) -> str | None:
 
 def run_programs(programs: list, timeout: float = 10.0, memory_mb: int = 1024, workers: int = 2,
                  progress: bool = False, unsafe_no_sandbox: bool = False) -> list[Outcome]:
-    """The outcome of running each program (a string, or a sequence of source parts), in order; at most `workers`
-    at a time."""
+    """The outcome of running each program (a string, a sequence of source parts, or a Checked), in order; at most
+    `workers` at a time."""
     bwrap = find_sandbox(unsafe_no_sandbox)
     outcomes: list[Outcome | None] = [None] * len(programs)
     queue = list(reversed(range(len(programs))))
@@ -298,9 +345,7 @@ def run_programs(programs: list, timeout: float = 10.0, memory_mb: int = 1024, w
         while queue or running:
             while queue and len(running) < max(1, workers):
                 i = queue.pop()
-                parts = [programs[i]] if isinstance(programs[i], str) else list(programs[i])
-                prefix = None if bwrap is None else sandbox_command(bwrap)  # a fresh uid for each program
-                running[i] = _start(parts, prefix, timeout, memory_mb)
+                running[i] = _start(programs[i], bwrap, timeout, memory_mb)
             time.sleep(0.002)
             now = time.monotonic()
             for i, job in list(running.items()):
