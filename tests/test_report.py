@@ -161,22 +161,40 @@ def with_evidence(d: Path, diff: tuple[float, float, float], n_seeds: int = 2, n
 def test_headline_says_winner_size_interval_and_evidence_in_one_line(tmp_path):
     d = make_dir(tmp_path, {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3})
     v = with_evidence(d, (-0.31, -0.45, -0.18))
-    assert v["headline"] == ("im beat it on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)"
-                             " — 2 seeds × 150 held-out examples")
+    assert v["headline"] == ("im beat it on held-out output loss (final): im − it −0.3100 (−51.7% of it's), 95% "
+                             "interval −0.4500 to −0.1800 — 2 seeds × 150 held-out examples")
     assert "\n" not in v["headline"] and v["text"].startswith(v["headline"] + "\n")
     assert all(line.startswith("- ") for line in v["text"].split("\n\n", 1)[1].splitlines())  # then bullets
     md, page = write_report(d)
     lines = md.read_text().splitlines()
     assert lines[0].startswith("# imtune compare") and lines[2] == f"**{v['headline']}**"  # right under the title
-    assert "class='headline'>im beat it on held-out output loss (final): −0.3100" in page.read_text()
-    # The reference winning reads the same way round: winner − loser.
+    assert "class='headline'>im beat it on held-out output loss (final): im − it −0.3100" in page.read_text()
+    # The reference winning keeps the tables' sign (arm − reference): one convention everywhere.
     d2 = make_dir(tmp_path / "b", {"it": 0.29, "im": 0.60}, {"it": 0.2, "im": 0.3})
     assert with_evidence(d2, (0.31, 0.18, 0.45))["headline"].startswith(
-        "it beat im on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)")
-    d3 = make_dir(tmp_path / "c", {"it": 0.60, "im": 0.59}, {"it": 0.2, "im": 0.3})
-    assert with_evidence(d3, (-0.01, -0.05, 0.02))["headline"] == (
-        "No arm won: every interval includes zero (held-out output loss (final): im − it −0.0100, 95% interval "
-        "−0.0500 to +0.0200) — 2 seeds × 150 held-out examples")
+        "it beat im on held-out output loss (final): im − it +0.3100 (+106.9% of it's), 95% interval +0.1800 to "
+        "+0.4500")
+    d3 = make_dir(tmp_path / "c", {"it": 0.60, "im": 0.50}, {"it": 0.2, "im": 0.3})
+    assert with_evidence(d3, (-0.1, -0.25, 0.02))["headline"] == (
+        "No arm won: every interval includes zero (held-out output loss (final): im − it −0.1000 (−16.7% of it's), "
+        "95% interval −0.2500 to +0.0200) — 2 seeds × 150 held-out examples")
+
+
+def test_headline_says_undecided_when_the_budget_cannot_decide(tmp_path):
+    """An interval that excludes zero is not enough: too few held-out examples, every run still improving when
+    training stopped, or a difference too small to act on make the headline "Undecided" and say why."""
+    d = make_dir(tmp_path, {"it": 0.560, "im": 0.5532}, {"it": 0.2, "im": 0.3})
+    v = with_evidence(d, (-0.0068, -0.0111, -0.0035), n_examples=14)  # the issue's smoke test: −1.2%, 14 examples
+    assert v["headline"].startswith("Undecided on held-out output loss (final): im − it −0.0068 (−1.2% of it's)")
+    assert "only 14 held-out examples per seed" in v["headline"] and "below the practical threshold of 2%" in \
+        v["headline"] and "beat" not in v["headline"]
+    falling = make_dir(tmp_path / "b", {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3},
+                       curves={"it": [0.9, 0.7, 0.60], "im": [0.9, 0.5, 0.29]})
+    v = with_evidence(falling, (-0.31, -0.45, -0.18))
+    assert v["headline"].startswith("Undecided") and "still falling when training stopped" in v["headline"]
+    passed = make_dir(tmp_path / "c", {"it": 0.60, "im": 0.29}, {"it": 0.2, "im": 0.3},
+                      curves={"it": [0.9, 0.5, 0.60], "im": [0.9, 0.5, 0.29]})
+    assert with_evidence(passed, (-0.31, -0.45, -0.18))["headline"].startswith("im beat it")  # decided
 
 
 def test_terminal_output_starts_with_the_headline(tmp_path, capsys):

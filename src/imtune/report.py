@@ -25,7 +25,7 @@ import json
 import math
 from pathlib import Path
 
-from .report_checks import advice_vs_outcome, learned_nothing, nothing_warning
+from .report_checks import advice_vs_outcome, learned_nothing, nothing_warning, undecided
 from .report_render import to_html, to_markdown  # noqa: F401 (imtune.sweep and imtune.study import them from here)
 
 THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
@@ -210,8 +210,12 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
     nothing = nothing_warning(stalled, len(runs)) if stalled else None
     warnings = [nothing[0] + " " + "; ".join(nothing[1]) + "."] if nothing else []
     advice = advice_vs_outcome(summary, measures)
-    head = headline(summary, measures, wins) + (f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing"
-                                                if stalled else "")
+    primary = next((m for m in measures if m["key"] == "heldout_loss" and "reference" in m), None)
+    held = {r["dir"]: [(e["step"], e["eval_output_loss"]) for e in eval_points(metrics[r["dir"]])
+                       if e.get("eval_output_loss") is not None] for _, r in runs}
+    why_not = undecided(summary, held, primary) if primary else []
+    head = headline(summary, measures, wins, why_not) + (f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing"
+                                                         if stalled else "")
     text = "\n".join([head, *([f"⚠ Warning: {nothing[0]}", *(f"  {x}" for x in nothing[1])] if nothing else []),
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets])
@@ -224,17 +228,28 @@ def _signed(key: str, v: float) -> str:
     return ("−" if v < 0 else "+") + _diff(key, abs(v))
 
 
+def _pct(m: dict, c: dict) -> str:
+    ref = (m.get("values") or {}).get(c["reference"])
+    x = c["diff"] / ref if ref else 0.0
+    return f" ({'−' if x < 0 else '+'}{abs(x):.1%} of {c['reference']}'s)" if ref and m["key"].endswith("loss") else ""
+
+
 def _beat(m: dict, c: dict) -> str:
-    """`im beat it on held-out output loss (final): −0.3100 (95% interval −0.4500 to −0.1800)`: winner − loser."""
-    flip = c["winner"] != c["arm"]  # the reference won: the difference arm − reference, turned around
-    loser = c["arm"] if flip else c["reference"]
-    d, lo, hi = (-c["diff"], -c["high"], -c["low"]) if flip else (c["diff"], c["low"], c["high"])
-    return (f"{c['winner']} beat {loser} on {m['label']}: {_signed(m['key'], d)} (95% interval "
-            f"{_signed(m['key'], lo)} to {_signed(m['key'], hi)})")
+    """`im beat it on held-out output loss (final): im − it −0.3100 (−51.7% of it's; 95% interval −0.4500 to
+    −0.1800)`: always arm − reference, the tables' sign, whoever won."""
+    loser = c["reference"] if c["winner"] == c["arm"] else c["arm"]
+    return (f"{c['winner']} beat {loser} on {m['label']}: {_diff_iv(m, c)}")
 
 
-def headline(summary: dict, measures: list[dict], wins: dict) -> str:
-    """One line: who won, by how much (winner − loser), the 95% interval and how much evidence; or that no arm won.
+def _diff_iv(m: dict, c: dict) -> str:
+    k = m["key"]
+    return (f"{c['arm']} − {c['reference']} {_signed(k, c['diff'])}{_pct(m, c)}, 95% interval {_signed(k, c['low'])} "
+            f"to {_signed(k, c['high'])}")
+
+
+def headline(summary: dict, measures: list[dict], wins: dict, why_not: list[str] | None = None) -> str:
+    """One line: who won, by how much (arm − reference, as in the tables), the 95% interval and how much evidence;
+    that no arm won; or "Undecided" and why (report_checks.undecided) when the budget cannot decide, interval or not.
     Held-out output loss (final) first; other interval measures only when it has no winner."""
     arms = summary["arms"]
     if len(arms) < 2:
@@ -249,14 +264,15 @@ def headline(summary: dict, measures: list[dict], wins: dict) -> str:
     n_seeds, n_ex = ev.get("n_seeds", 1), (ev.get("n_examples") or {}).get("heldout")
     size = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}" + (f" × {n_ex} held-out examples" if n_ex else "")
     primary = next((m for m in ivm if m["key"] == "heldout_loss"), ivm[0])
+    if why_not:
+        return (f"Undecided on {primary['label']}: " + "; ".join(_diff_iv(primary, c) for c in primary["comparisons"])
+                + " — but " + "; ".join(why_not) + f" — {size}")
     won = [(primary, c) for c in primary["comparisons"] if c["winner"]]
     if won:
         same = [f"{c['arm']} vs {c['reference']}: no difference" for c in primary["comparisons"] if not c["winner"]]
         return "; ".join([*(_beat(m, c) for m, c in won), *same]) + f" — {size}"
     other = [(m, c) for m in ivm for c in m["comparisons"] if c["winner"]]
-    ivs = "; ".join(f"{c['arm']} − {c['reference']} {_signed(primary['key'], c['diff'])}, 95% interval "
-                    f"{_signed(primary['key'], c['low'])} to {_signed(primary['key'], c['high'])}"
-                    for c in primary["comparisons"])
+    ivs = "; ".join(_diff_iv(primary, c) for c in primary["comparisons"])
     if other:
         return (f"No difference on {primary['label']} ({ivs}); " + "; ".join(_beat(m, c) for m, c in other)
                 + f" — {size}")
@@ -353,6 +369,22 @@ def _overfitting(metrics: dict, spec: dict) -> list[str]:
     return out
 
 
+def _effective_lr(summary: dict) -> list[str]:
+    """At equal steps IM's output tokens get a smaller share of each step: the loss is normalised over every weighted
+    token (--normalize tokens), so the outputs' gradient scale is about it-share / im-share of IT's."""
+    share = ((summary.get("data") or {}).get("stats") or {}).get("supervised_share") or {}
+    norm = summary["settings"].get("base_config", {}).get("normalize", "tokens")
+    if norm != "tokens" or not share.get("it") or not share.get("im") or \
+            not any(a["spec"].split("+")[0] == "im" for a in summary["arms"]):
+        return []
+    k = share["it"] / share["im"]
+    return [f"At equal steps IM is not IT with more tokens: each step's loss is normalised over all weighted tokens "
+            f"(instruction + output under im), so IM's output tokens get about {k:.2f}× IT's gradient scale here "
+            f"(an effective learning rate {1 / k:.1f}× lower on the outputs). A gap between them can come from that "
+            "as well as from the instruction tokens themselves; `--normalize nonzero` or a larger lr for im separates "
+            "the two."]
+
+
 def _notes(summary: dict, curves: dict) -> list[str]:
     """The verdict's bullets after the measures: training loss, overfitting, BLEU's limits, seeds and intervals."""
     res = {a["spec"]: a["results"] for a in summary["arms"]}
@@ -368,6 +400,7 @@ def _notes(summary: dict, curves: dict) -> list[str]:
     if b and not bleu_meaningful(b[0]):
         out.append(f"BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
                    "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
+    out += _effective_lr(summary)
     seeds = summary["settings"].get("seeds") or [summary["settings"]["base_config"].get("seed")]
     if summary.get("evidence"):
         how = (f"Every arm ran with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); intervals: "

@@ -3,6 +3,8 @@
 - `learned_nothing`: a run whose final training output loss is still near ln(vocabulary size) (what a uniform guess
   over the vocabulary scores) or not below its step-0 value learned nothing, and a comparison of such runs says
   nothing about the loss modes. Named per arm and seed, with the numbers.
+- `undecided`: why a comparison cannot decide even where an interval excludes zero — too few held-out examples,
+  every run's held-out loss still falling when training stopped, or a difference below a practical size.
 - `advice_vs_outcome`: what `imtune data stats` advised for this data (compare.json data.stats.recommendation,
   imtune.stats.recommend) next to who won on held-out output loss: agree, disagree, or untested.
 """
@@ -12,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+MIN_HELDOUT = 30  # fewer held-out (test) examples per seed than this: too few to decide
+PRACTICAL = 0.02  # a difference below 2% of the reference arm's loss is not worth acting on, interval or not
 NEAR_UNIFORM = 0.9  # final training output loss >= this x ln(vocabulary): as bad as guessing
 MIN_DROP = 0.01  # ... or less than 1% below its step-0 value
 
@@ -128,3 +132,23 @@ def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
     text = (f"`imtune data stats` advised `{advised}`" + (f" ({reason})" if reason else "")
             + f"; outcome on held-out output loss: {outcome} — **{agreement}**: {why}.")
     return {"advised": advised, "arm": arm, "outcome": outcome, "agreement": agreement, "text": text}
+
+
+def undecided(summary: dict, curves: dict[str, list[tuple[int, float]]], primary: dict) -> list[str]:
+    """Reasons the comparison cannot decide, whatever its intervals say (empty: it can). `curves`: each run's
+    held-out output loss per evaluation point; `primary`: the held-out loss measure of imtune.report.verdict."""
+    why = []
+    n_ex = ((summary.get("evidence") or {}).get("n_examples") or {}).get("heldout")
+    if n_ex is not None and n_ex < MIN_HELDOUT:
+        why.append(f"only {n_ex} held-out examples per seed (fewer than {MIN_HELDOUT}; more --eval-data, or a larger "
+                   "--heldout-fraction)")
+    long_enough = [c for c in curves.values() if len(c) >= 2]
+    if long_enough and all(min(v for _, v in c) == c[-1][1] for c in long_enough):
+        why.append("every run's held-out loss was still falling when training stopped (the budget ended before any "
+                   "arm could overfit; more steps or --epochs)")
+    ref = primary["values"].get(primary["reference"])
+    small = [c for c in primary["comparisons"] if ref and abs(c["diff"]) < PRACTICAL * abs(ref)]
+    if small:
+        why.append("; ".join(f"{c['arm']} − {c['reference']} is {c['diff'] / ref:+.1%} of {c['reference']}'s loss"
+                             for c in small) + f", below the practical threshold of {PRACTICAL:.0%}")
+    return why

@@ -9,6 +9,7 @@ tokens are findings (counted, first path:lines), not refusals (imtune.findings);
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from ..runlog import say
@@ -53,6 +54,21 @@ def _block(text: str, stats: dict) -> str:
                       f"  {stats['system_prompt']['line']}", rest])
 
 
+def next_step(stats: dict, args) -> str:
+    """The `imtune compare` that would test this file's advice: the advised arm against the other (IT against IM,
+    plus the advised weighted:λ), three seeds, the same model and template; sized for a first look on a CPU."""
+    rec, path = stats["recommendation"], stats["path"]
+    arms = f"it,im,weighted:{rec['prompt_weight']:g}" if rec["mode"] == "weighted" else "it,im"
+    flags = [f"--model {shlex.quote(args.model)}"] + ([f"--template {shlex.quote(args.template)}"]
+                                                      if args.template else [])
+    n = stats["n_examples"]
+    small = " --limit 512 --max-length 512" if n > 512 else ""
+    return (f"  next: test this advice on your data (IT and IM trained alike, 3 seeds, intervals; a GPU makes it "
+            f"minutes):\n    imtune compare {shlex.quote(path)} --arms {arms} --seeds 0,1,2 {' '.join(flags)}{small}"
+            + (f"\n    ({n:,} examples: --limit 512 keeps a CPU run to a first look; drop it on a GPU)"
+               if small else ""))
+
+
 def run(args) -> int:
     from ..models import load_tokenizer
     from ..stats import analyse, format_one, format_table, plot
@@ -83,5 +99,5 @@ def run(args) -> int:
     if len(results) > 1:
         print(format_table([(Path(s["path"]).name, s) for s in results]))
         print()
-    print("\n\n".join(_block(format_one(s, s["path"]), s) for s in results))
+    print("\n\n".join(_block(format_one(s, s["path"]), s) + "\n" + next_step(s, args) for s in results))
     return 0
