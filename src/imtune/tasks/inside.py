@@ -68,7 +68,8 @@ def literal(value) -> str:
 
 
 def parse(text: str):
-    """The value of a literal written by `literal`; a TypeError if anything in it is not an exact allowed type."""
+    """The value of the literal `text`, which came from the other process: ast.literal_eval runs no code, and a
+    TypeError if anything in the value is not of an exact allowed type."""
     value = ast.literal_eval(text)
     todo = [value]
     while todo:

@@ -32,7 +32,7 @@ an object that compares equal to anything (only literals cross). A function that
 much fails the check; time and memory limits apply to both processes, the deadline to the pair.
 Two bwrap invocations rather than one sandbox with two children: inside one sandbox the two would share a uid, a
 /proc and a /tmp unless we built nested namespaces ourselves; two invocations get each separation from bwrap as it is,
-for the cost of starting a second sandbox and interpreter (about 1.4 times the time per HumanEval problem).
+for the cost of starting a second sandbox and interpreter (about 1.5 times the time per HumanEval problem).
 
 **Isolation: bubblewrap** (`bwrap`), started by us with:
 - new PID, network, IPC, UTS and cgroup namespaces: the program sees only its own processes (its parent is the
