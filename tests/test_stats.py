@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
+from imtune.advice import RULE, recommend
 from imtune.load import load_conversations
-from imtune.stats import RULE, dataset_stats, format_one, measure, recommend, summarize, supervised_share
+from imtune.stats import dataset_stats, format_one, measure, summarize, supervised_share
 from imtune.templates import Renderer
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
 
@@ -289,18 +290,65 @@ def test_streamed_stats_say_how_the_file_was_read_and_what_the_system_prompt_cos
     assert note["share"] == note["tokens_each"] / int(lengths.sequence.sum())
 
 
-def test_the_advice_cites_imtune_measurements_near_the_data_and_says_whether_they_agree(monkeypatch):
-    from imtune import stats as st
+def _ev(ratio: float, final: tuple, best: tuple = (-0.01, -0.05, 0.03), data: str = "x.jsonl"):
+    from imtune.advice import Evidence
+
+    return Evidence(source="s", command="imtune compare --data x.jsonl", data=data, ratio_words=ratio, n=8, seeds=3,
+                    final=final, best=best, it_final=1.0, it_best=1.0)
+
+
+def test_the_advice_cites_only_measurements_in_the_datas_ratio_band_and_says_whether_they_agree(monkeypatch):
+    from imtune import advice
 
     base = {"n_examples": 8, "ratio": 30.0, "unit": "tokens"}
-    near = st.recommend({**base, "ratio_words": 25.0})
-    assert near["mode"] == "im" and "measured evidence" in near["reasons"][-1] and "agrees" in near["reasons"][-1]
-    far = st.recommend({**base, "ratio_words": 0.1})
-    assert far["mode"] == "it" and "no imtune measurement near ratio 0.1" in far["reasons"][-1]
-    # a measurement that favoured IT where the rule says IM is reported as a disagreement
-    monkeypatch.setattr(st, "EVIDENCE", ({"source": "x", "ratio_words": 25.0, "n": 8, "im_minus_it": 0.5,
-                                         "interval": (0.2, 0.8)},))
-    assert "disagrees with this advice (it favours it)" in st.recommend({**base, "ratio_words": 25.0})["reasons"][-1]
-    monkeypatch.setattr(st, "EVIDENCE", ({"source": "x", "ratio_words": 25.0, "n": 8, "im_minus_it": -0.1,
-                                         "interval": (-0.3, 0.1)},))
-    assert "decides nothing" in st.recommend({**base, "ratio_words": 25.0})["reasons"][-1]
+    monkeypatch.setattr(advice, "EVIDENCE", (_ev(25.0, (-0.3, -0.5, -0.1), data="synth:lookup"),
+                                             _ev(0.1, (0.2, 0.1, 0.3), data="lima.jsonl")))
+    near = recommend({**base, "ratio_words": 0.9})  # same band as 25 (long instructions)
+    assert near["mode"] == "im"
+    said = near["reasons"][-1]
+    assert "synth:lookup" in said and "lima" not in said  # never data of another band
+    assert "final -0.300" in said and "agrees with this advice" in said and "decides nothing" in said  # best ties
+    mid = recommend({**base, "ratio_words": 0.3})  # nothing measured in the intermediate band
+    assert "no imtune measurement in this ratio band, intermediate" in mid["reasons"][-1]
+    low = recommend({**base, "ratio_words": 0.05})
+    assert low["mode"] == "it" and "lima.jsonl" in low["reasons"][-1]
+    assert "disagrees with this advice (it favours it)" not in low["reasons"][-1]  # it favours it: agrees
+    assert "agrees with this advice" in low["reasons"][-1]
+    monkeypatch.setattr(advice, "EVIDENCE", (_ev(25.0, (0.5, 0.2, 0.8)),))
+    assert "disagrees with this advice (it favours it)" in recommend({**base, "ratio_words": 25.0})["reasons"][-1]
+
+
+def test_every_evidence_entry_is_fair_and_names_a_command_that_parses():
+    """stats.EVIDENCE: typed fields, intervals around their values, never the `recall` illustration, and a command
+    the real CLI parser accepts (the flags exist; nothing is run)."""
+    import shlex
+
+    from imtune.advice import EVIDENCE
+    from imtune.cli import COMMANDS, build_parser
+
+    assert EVIDENCE, "no measurement recorded"
+    for e in EVIDENCE:
+        assert "recall" not in e.command and "recall" not in e.data and "recall" not in e.source
+        assert e.n >= 1 and e.seeds >= 2 and e.ratio_words > 0 and e.it_final > 0 and e.it_best > 0
+        for value, low, high in (e.final, e.best):
+            assert low <= value <= high
+        argv = shlex.split(e.command)
+        assert argv[0] == "imtune"
+        words = next(w for w in COMMANDS if argv[1:1 + len(w.split())] == w.split())
+        build_parser(words).parse_args(argv[1 + len(words.split()):])  # SystemExit on an unknown flag
+
+
+def test_cli_ends_with_the_compare_that_tests_its_advice(cli, tmp_path):
+    import shlex
+
+    from imtune.cli import build_parser
+    from imtune.commands.compare import settings_from
+
+    f = write_jsonl(tmp_path / "hand data.jsonl", HAND)  # a space: the command must quote the path
+    rc, io = cli(f, "--template", "tulu")
+    assert rc == 0
+    line = next(x for x in io.out.splitlines() if x.strip().startswith("imtune compare "))
+    argv = shlex.split(line)
+    s = settings_from(build_parser("compare").parse_args(argv[2:]))  # the command parses and means what it says
+    assert s.base.data == f and [a.spec for a in s.arms] == ["it", "im"] and s.seeds == [0, 1, 2]
+    assert s.base.template == "tulu"

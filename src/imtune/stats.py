@@ -27,21 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .advice import recommend
 from .types import CLASS_ID, CLASSES, ROLES, Conversation, DataError, Problem, UsageError
 from .weights import LOSS_MODES
 
 UNITS = ("tokens", "words")
 STAT_KEYS = ("mean", "std", "median", "mode", "p90", "max")
 SHARE_MODES = ("it", "im", "all")
-
-# The recommendation rule, all thresholds in one place (see `recommend`).
-RULE = {
-    "high_ratio": 0.5,  # instruction/output >= this: IM (Alpagasus-Dolly 0.64, Code Alpaca: largest IM gains)
-    "low_ratio": 0.15,  # below this: IT (LIMA 0.094: IM gains small or negative)
-    "small_n": 5000,  # between the two ratios: N <= this -> IM (few examples), else weighted
-    "prompt_weight": 0.1,  # λ suggested for `weighted` (Huerta-Enochian & Ko 2024: 0.01–0.5 best on short outputs)
-}
-
 
 CHUNK = 4096  # conversations measured per batch: memory stays bounded whatever the size of the data
 
@@ -255,91 +247,6 @@ def analyse(spec: str, tokenizer=None, renderer=None, unit: str = "tokens", form
         total = int(lengths.sequence.sum()) if lengths.sequence is not None else 0
         stats["system_prompt"] = renderer.system_note_counts(n_without_system, n_conversations, total)
     return stats, lengths, stream.skipped
-
-
-# What imtune's own runs measured, against which `recommend` reads its advice (README "Evidence behind the advice"):
-# the data's instruction/output ratio in words, N, and IM − IT of held-out output loss (final checkpoints) with its
-# 95% interval (hierarchical paired bootstrap over seeds and examples). Synthetic data on a 135M model only: it
-# checks the rule where it was measured and leaves the paper's thresholds as they are.
-EVIDENCE = (
-    {"source": "imtune demo: SmolLM2-135M-Instruct, synthetic 'recall' data, 3 epochs, seeds 0 and 1 (2026-12-02)",
-     "ratio_words": 27.5, "n": 8, "im_minus_it": -4.665, "interval": (-6.275, -3.203)},
-    # `imtune study --factor n --values 4,16 --family recall --heldout 12 --arms it,im --seeds 0,1` on the default
-    # model, 16 steps at lr 1e-4 (README "Evidence behind the advice"; 2026-12-02): final-checkpoint differences.
-    {"source": "imtune study --factor n: SmolLM2-135M-Instruct, synthetic 'recall' data, 16 steps, seeds 0 and 1 "
-               "(2026-12-02)", "ratio_words": 25.6, "n": 4, "im_minus_it": -4.002, "interval": (-5.036, -3.098)},
-    {"source": "imtune study --factor n: SmolLM2-135M-Instruct, synthetic 'recall' data, 16 steps, seeds 0 and 1 "
-               "(2026-12-02)", "ratio_words": 26.6, "n": 16, "im_minus_it": -4.838, "interval": (-5.654, -4.172)},
-)
-NEAR = 3.0  # evidence counts as "near" a data set when the ratios are within this factor of each other
-
-
-def evidence_for(ratio: float | None, mode: str) -> str:
-    """One sentence: what imtune's measurements near this ratio found, and whether that agrees with `mode`."""
-    if ratio is None or ratio <= 0:
-        return "no imtune measurement to check this advice against (the ratio is undefined)"
-    near = [e for e in EVIDENCE if 1 / NEAR <= e["ratio_words"] / ratio <= NEAR]
-    if not near:
-        where = ", ".join(f"{e['ratio_words']:g}" for e in EVIDENCE)
-        return (f"no imtune measurement near ratio {ratio:.3g} (measured at ratio {where} in words): the advice rests "
-                "on the paper alone here")
-    parts = []
-    for e in near:
-        lo, hi = e["interval"]
-        found = "im" if hi < 0 else "it" if lo > 0 else None
-        verdict = ("agrees with this advice" if found == mode else "decides nothing (the interval includes zero)"
-                   if found is None else f"disagrees with this advice (it favours {found})")
-        parts.append(f"{e['source']}, ratio {e['ratio_words']:g}, N = {e['n']}: IM − IT held-out output loss "
-                     f"{e['im_minus_it']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}) — {verdict}")
-    return "measured evidence: " + "; ".join(parts)
-
-
-def recommend(stats: dict) -> dict:
-    """Advice on the loss mode from the instruction/output ratio in words (`ratio_words`, else `ratio`) and the
-    number of examples N. RULE holds the numbers:
-
-    - ratio >= RULE["high_ratio"] (0.5)                 -> `im`: instructions are long next to outputs, the regime
-      where the IM paper found its largest gains (Alpagasus-Dolly, ratio 0.64; Code Alpaca);
-    - ratio <  RULE["low_ratio"] (0.15)                 -> `it`: long outputs, where IM gained little or lost (LIMA,
-      ratio 0.094); the instruction tokens are a small share of the loss anyway;
-    - in between, N <= RULE["small_n"] (5,000)          -> `im`: few examples, IM's second factor (the
-      Superficial Alignment Hypothesis setting: IM regularises against overfitting the few outputs);
-    - in between, N >  RULE["small_n"]                  -> `weighted` with λ = RULE["prompt_weight"] (0.1):
-      Huerta-Enochian & Ko (2024) found small prompt-loss weights (0.01–0.5) best on short-completion data.
-
-    The rule is advice from two published results, not a guarantee: compare arms on your data (`imtune compare`)."""
-    # The thresholds come from the paper's word counts, so the rule reads the ratio in words whatever the unit.
-    ratio, n = stats.get("ratio_words", stats.get("ratio")), stats["n_examples"]
-    unit = "words" if "ratio_words" in stats else stats.get("unit", "tokens")
-    hi, lo, small = RULE["high_ratio"], RULE["low_ratio"], RULE["small_n"]
-    r = "undefined (no output)" if ratio is None else f"{ratio:.3g}"
-    few = n <= small
-    n_text = f"N = {n:,} {'<=' if few else '>'} {small:,} ({'few' if few else 'many'} examples)"
-    reasons = [f"instruction/output length ratio = {r} in {unit} (IM thresholds: >= {hi} im, < {lo} it)"
-               + (f"; {stats['ratio']:.3g} in tokens" if stats.get("unit") == "tokens" and stats.get("ratio") else "")]
-    if ratio is None or ratio >= hi:
-        mode, weight = "im", None
-        reasons.append("instructions are long relative to outputs: the IM paper's largest gains were on such data "
-                       "(Alpagasus-Dolly ratio 0.64, Code Alpaca)")
-    elif ratio < lo:
-        mode, weight = "it", None
-        reasons.append("outputs are long relative to instructions: on LIMA-like data (ratio 0.094) IM gained little "
-                       "or lost; instruction tokens would add only a small share of the loss")
-    elif few:
-        mode, weight = "im", None
-        reasons.append(n_text + ": IM helps most with few training examples (Superficial Alignment Hypothesis)")
-    else:
-        mode, weight = "weighted", RULE["prompt_weight"]
-        reasons.append(n_text + f" and an intermediate ratio: a small prompt weight λ = {weight} "
-                                "(Huerta-Enochian & Ko 2024 found 0.01–0.5 best for short-completion data)")
-    share = stats.get("supervised_share")
-    if share:
-        su = stats.get("share_unit", "tokens")
-        reasons.append(f"{su} carrying loss: it {share['it']:.1%}, im {share['im']:.1%}"
-                       + (f" (IM trains on x{share['im'] / share['it']:.2f} as many)" if share["it"] else ""))
-    reasons.append(evidence_for(ratio, mode))
-    return {"mode": mode, "prompt_weight": weight, "reasons": reasons,
-            "note": "advice from the instruction/output ratio and N, not a guarantee: compare arms on your data"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""Advice on the loss mode for a data set, and the measurements behind it.
+
+    the stats object (imtune.stats) ─▶ recommend ─▶ {mode, prompt_weight, reasons}
+
+`recommend` keeps the IM paper's thresholds (RULE) and then says, for the data's ratio band, what imtune's own
+measurements (EVIDENCE) found there: whether they agree with the advice, disagree, or decide nothing. A measurement is
+cited only for data in the same ratio band (BANDS): one made on data unlike the user's is never offered as support.
+
+EVIDENCE holds only runs on fair data: real data sets (../shared/data) and the fair synthetic families of
+imtune.synth (every example's answer in its own instruction). Runs on `recall` (whose held-out answers only the
+training instructions state) are an illustration, never evidence. Each entry names the exact command that reproduces
+it; EVIDENCE.md has the tables, plots, machine and wall times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The recommendation rule, all thresholds in one place (see `recommend`).
+RULE = {
+    "high_ratio": 0.5,  # instruction/output >= this: IM (Alpagasus-Dolly 0.64, Code Alpaca: largest IM gains)
+    "low_ratio": 0.15,  # below this: IT (LIMA 0.094: IM gains small or negative)
+    "small_n": 5000,  # between the two ratios: N <= this -> IM (few examples), else weighted
+    "prompt_weight": 0.1,  # λ suggested for `weighted` (Huerta-Enochian & Ko 2024: 0.01–0.5 best on short outputs)
+}
+# The ratio bands of the rule (instruction/output in words): evidence speaks only for data in its own band.
+BANDS = (("long outputs (ratio < 0.15)", 0.0, RULE["low_ratio"]),
+         ("intermediate (0.15 <= ratio < 0.5)", RULE["low_ratio"], RULE["high_ratio"]),
+         ("long instructions (ratio >= 0.5)", RULE["high_ratio"], float("inf")))
+
+
+def band(ratio: float) -> str:
+    return next(name for name, lo, hi in BANDS if lo <= ratio < hi)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One measured IM − IT comparison: held-out output loss (nats), final and best checkpoints, with 95% intervals
+    (hierarchical paired bootstrap over seeds and examples, imtune.evidence)."""
+    source: str  # what was measured: data, model, recipe, date
+    command: str  # the exact `imtune ...` command that reproduces it
+    data: str  # the data set: a file name under ../shared/data, or synth:FAMILY
+    ratio_words: float  # instruction/output ratio of the training data, words (the paper's convention)
+    n: int  # training examples
+    seeds: int
+    final: tuple[float, float, float]  # IM − IT (value, low, high), final models
+    best: tuple[float, float, float]  # IM − IT at each run's best checkpoint (selected on validation data)
+    it_final: float  # IT's held-out output loss, final (the scale of the difference)
+    it_best: float  # IT's held-out output loss at its best checkpoints
+
+    def verdict(self, which: str = "final") -> str | None:
+        """'im' or 'it' when the interval excludes zero, else None."""
+        _, lo, hi = getattr(self, which)
+        return "im" if hi < 0 else "it" if lo > 0 else None
+
+
+EVIDENCE: tuple[Evidence, ...] = (
+    Evidence(source="imtune demo: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every answer in its own "
+                    "instruction), 12 steps at lr 1.5e-4, 31 test examples (2026-12-06)",
+             command="imtune demo", data="synth:lookup", ratio_words=30.6, n=8, seeds=3,
+             final=(-0.6817, -0.9663, -0.4176), best=(-0.3747, -0.8559, 0.0638), it_final=1.7192, it_best=1.3719),
+)
+
+
+def evidence_for(ratio: float | None, mode: str) -> str:
+    """One sentence: what imtune's measurements in this ratio band found, and whether that agrees with `mode`."""
+    if ratio is None or ratio <= 0:
+        return "no imtune measurement to check this advice against (the ratio is undefined)"
+    here = band(ratio)
+    near = [e for e in EVIDENCE if band(e.ratio_words) == here]
+    if not near:
+        where = "; ".join(f"{e.data} (ratio {e.ratio_words:.3g})" for e in EVIDENCE) or "none yet"
+        return (f"no imtune measurement in this ratio band, {here} (measured on: {where}): the advice rests on the "
+                "paper alone here")
+    parts = []
+    for e in near:
+        found = {w: e.verdict(w) for w in ("final", "best")}
+        said = []
+        for which, v in found.items():
+            val, lo, hi = getattr(e, which)
+            verdict = ("agrees with this advice" if v == mode else "decides nothing (the interval includes zero)"
+                       if v is None else f"disagrees with this advice (it favours {v})")
+            said.append(f"{which} {val:+.3f} ({val / getattr(e, 'it_' + which):+.1%}; 95% interval {lo:+.3f} to {hi:+.3f}) — "
+                        f"{verdict}")
+        parts.append(f"{e.data}, ratio {e.ratio_words:.3g}, N = {e.n}, {e.seeds} seeds: IM − IT held-out output "
+                     f"loss " + "; ".join(said))
+    return f"measured by imtune in this ratio band ({here}): " + " | ".join(parts)
+
+
+def recommend(stats: dict) -> dict:
+    """Advice on the loss mode from the instruction/output ratio in words (`ratio_words`, else `ratio`) and the
+    number of examples N. RULE holds the numbers:
+
+    - ratio >= RULE["high_ratio"] (0.5)                 -> `im`: instructions are long next to outputs, the regime
+      where the IM paper found its largest gains (Alpagasus-Dolly, ratio 0.64; Code Alpaca);
+    - ratio <  RULE["low_ratio"] (0.15)                 -> `it`: long outputs, where IM gained little or lost (LIMA,
+      ratio 0.094); the instruction tokens are a small share of the loss anyway;
+    - in between, N <= RULE["small_n"] (5,000)          -> `im`: few examples, IM's second factor (the
+      Superficial Alignment Hypothesis setting: IM regularises against overfitting the few outputs);
+    - in between, N >  RULE["small_n"]                  -> `weighted` with λ = RULE["prompt_weight"] (0.1):
+      Huerta-Enochian & Ko (2024) found small prompt-loss weights (0.01–0.5) best on short-completion data.
+
+    The rule is advice from two published results, not a guarantee: compare arms on your data (`imtune compare`)."""
+    # The thresholds come from the paper's word counts, so the rule reads the ratio in words whatever the unit.
+    ratio, n = stats.get("ratio_words", stats.get("ratio")), stats["n_examples"]
+    unit = "words" if "ratio_words" in stats else stats.get("unit", "tokens")
+    hi, lo, small = RULE["high_ratio"], RULE["low_ratio"], RULE["small_n"]
+    r = "undefined (no output)" if ratio is None else f"{ratio:.3g}"
+    few = n <= small
+    n_text = f"N = {n:,} {'<=' if few else '>'} {small:,} ({'few' if few else 'many'} examples)"
+    reasons = [f"instruction/output length ratio = {r} in {unit} (IM thresholds: >= {hi} im, < {lo} it)"
+               + (f"; {stats['ratio']:.3g} in tokens" if stats.get("unit") == "tokens" and stats.get("ratio") else "")]
+    if ratio is None or ratio >= hi:
+        mode, weight = "im", None
+        reasons.append("instructions are long relative to outputs: the IM paper's largest gains were on such data "
+                       "(Alpagasus-Dolly ratio 0.64, Code Alpaca)")
+    elif ratio < lo:
+        mode, weight = "it", None
+        reasons.append("outputs are long relative to instructions: on LIMA-like data (ratio 0.094) IM gained little "
+                       "or lost; instruction tokens would add only a small share of the loss")
+    elif few:
+        mode, weight = "im", None
+        reasons.append(n_text + ": IM helps most with few training examples (Superficial Alignment Hypothesis)")
+    else:
+        mode, weight = "weighted", RULE["prompt_weight"]
+        reasons.append(n_text + f" and an intermediate ratio: a small prompt weight λ = {weight} "
+                                "(Huerta-Enochian & Ko 2024 found 0.01–0.5 best for short-completion data)")
+    share = stats.get("supervised_share")
+    if share:
+        su = stats.get("share_unit", "tokens")
+        reasons.append(f"{su} carrying loss: it {share['it']:.1%}, im {share['im']:.1%}"
+                       + (f" (IM trains on x{share['im'] / share['it']:.2f} as many)" if share["it"] else ""))
+    reasons.append(evidence_for(ratio, mode))
+    return {"mode": mode, "prompt_weight": weight, "reasons": reasons,
+            "note": "advice from the instruction/output ratio and N, not a guarantee: compare arms on your data"}
+
+
