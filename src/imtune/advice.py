@@ -79,8 +79,8 @@ def evidence_for(ratio: float | None, mode: str) -> str:
             val, lo, hi = getattr(e, which)
             verdict = ("agrees with this advice" if v == mode else "decides nothing (the interval includes zero)"
                        if v is None else f"disagrees with this advice (it favours {v})")
-            said.append(f"{which} {val:+.3f} ({val / getattr(e, 'it_' + which):+.1%}; 95% interval {lo:+.3f} to {hi:+.3f}) — "
-                        f"{verdict}")
+            scale = getattr(e, "it_" + which)
+            said.append(f"{which} {val:+.3f} ({val / scale:+.1%}; 95% interval {lo:+.3f} to {hi:+.3f}) — {verdict}")
         parts.append(f"{e.data}, ratio {e.ratio_words:.3g}, N = {e.n}, {e.seeds} seeds: IM − IT held-out output "
                      f"loss " + "; ".join(said))
     return f"measured by imtune in this ratio band ({here}): " + " | ".join(parts)
