@@ -85,7 +85,13 @@ def test_sweep_end_to_end_on_random_tiny(tmp_path, capsys):
         assert "normalize: nonzero" in cfg and f"seed: {seed}" in cfg and "prompt_weight: 0.1" in cfg
     assert (out / "plots" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
-    assert f"λ = {rec['prompt_weight']:g}" in md and "recommended λ" in printed
+    assert f"λ = {rec['prompt_weight']:g}" in md
+    # two steps of a tiny model cannot separate λs: the sweep must say they tie, never bold a winner
+    assert rec["decided"] is (not rec["indistinguishable"])
+    if not rec["decided"]:
+        assert "No λ recommended" in printed and "ties with" in md and "**λ" not in md and rec["to_decide"]
+    else:
+        assert "Recommended: λ" in printed
     assert "src='data:image/png;base64," in (out / "report.html").read_text()
     assert main(argv) == 0  # re-run: everything is reused
     assert capsys.readouterr().err.count("already trained") == 4
@@ -95,3 +101,14 @@ def test_sweep_refuses_a_per_arm_loss(capsys):
     assert main(["sweep", "--data", "x.jsonl", "--loss", "im"]) == 2
     assert "--prompt-weights" in capsys.readouterr().err
     assert main(["sweep", "--data", "x.jsonl", "--prompt-weights", "0.1"]) == 2
+
+
+def test_a_tie_is_never_recommended():
+    from imtune.sweep import recommendation_text
+
+    rec = {"prompt_weight": 0.1, "measure": "held-out output loss (best)", "value": 1.0, "interval": [0.9, 1.1],
+           "indistinguishable": [0.5], "decided": False, "rule": "r", "to_decide": "more seeds"}
+    text = recommendation_text(rec, bold=True)
+    assert text.startswith("No λ recommended") and "ties with λ = 0.5" in text and "**" not in text
+    assert recommendation_text({**rec, "indistinguishable": [], "decided": True}, bold=True).startswith(
+        "Recommended: **λ = 0.1**")

@@ -8,10 +8,11 @@ scored by imtune.compare (same data, budget, seeds, validation/test split), then
                           the recommended λ, and "recommendation": {"prompt_weight", "interval", "rule", ...}
       plots/sweep.png, report.md, report.html
 
-The rule (RULE): recommend the λ with the lowest mean held-out output loss at the best checkpoint (selected on the
-validation part, as an early stop would; the final model's loss when there is no validation part); every λ whose
-paired interval of the difference to it includes zero is listed as indistinguishable from it. Re-running the same
-command skips finished runs (compare's resumption).
+The rule (RULE): the λ with the lowest mean held-out output loss at the best checkpoint (selected on the validation
+part, as an early stop would; the final model's loss when there is no validation part) is recommended only when it is
+distinguishable from every other λ (each paired interval of the difference to it excludes zero). Otherwise the sweep
+says which λs tie with it and what would separate them, and recommends none. Re-running the same command skips
+finished runs (compare's resumption).
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from .compare import CompareSettings, parse_arm, read_json, write_json
 from .config import TrainConfig
+from .report_checks import PRACTICAL
 from .types import UsageError
 
 RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
-        "without one); λs whose paired 95% interval of the difference to it includes zero are indistinguishable")
+        "without one), recommended only when every other λ's paired 95% interval of the difference to it excludes "
+        "zero and the difference is at least 2% of its loss; otherwise the λs tie and none is recommended")
 
 
 @dataclass
@@ -86,11 +89,17 @@ def sweep(s: SweepSettings) -> Path:
         row["best_steps"] = arm["results"].get("best", {}).get("steps")
         rows.append(row)
     key = "best" if measure == "best_heldout_loss" else "final"
+    floor = PRACTICAL * abs(values[chosen.spec]["value"])  # smaller differences are not worth choosing on
     tied = [r["prompt_weight"] for r in rows if r["arm"] != chosen.spec
-            and not _excludes_zero(r[key]["difference_to_recommended"])]
+            and (not _excludes_zero(r[key]["difference_to_recommended"])
+                 or abs(r[key]["difference_to_recommended"]["value"]) < floor)]
+    n_seeds = len(summary["settings"]["seeds"] or [1])
     rec = {"prompt_weight": float(chosen.overrides["prompt_weight"]), "measure": f"held-out output loss ({key})",
            "value": values[chosen.spec]["value"], "interval": [values[chosen.spec]["low"], values[chosen.spec]["high"]],
-           "indistinguishable": tied, "rule": RULE}
+           "indistinguishable": tied, "decided": not tied, "rule": RULE,
+           "to_decide": None if not tied else (
+               f"more seeds (--seeds with {max(3, 2 * n_seeds)} or more), more held-out examples (--eval-data), or "
+               "a longer budget (--epochs) where every run was still improving")}
     result = {"version": 1, "compare_dir": "compare", "normalize": s.base.normalize, "weights": s.base.weights,
               "seeds": summary["settings"]["seeds"], "method": summary["evidence"]["method"],
               "data": {k: summary["data"][k] for k in ("source", "n_train", "n_val", "n_test")},
@@ -105,30 +114,47 @@ def _excludes_zero(iv: dict) -> bool:
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Held-out output loss against λ (symlog axis: λ = 0 is on it), final and best, with 95% intervals."""
+    """The paired difference of each λ's held-out output loss to the lowest λ's (what decides), final and best, with
+    95% intervals; one tick per λ, evenly spaced (λ = 0 included), the two measures side by side."""
     from matplotlib.figure import Figure
 
     rows = result["prompt_weights"]
-    xs = [r["prompt_weight"] for r in rows]
+    rec = result["recommendation"]
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
-    for i, (key, label) in enumerate((("final", "final model"), ("best", "best checkpoint (validation)"))):
-        pts = [(x, r[key]) for x, r in zip(xs, rows) if key in r]
+    for i, (key, label) in enumerate((("final", "final models"), ("best", "best checkpoints (validation)"))):
+        pts = [(j, r[key]["difference_to_recommended"]) for j, r in enumerate(rows) if key in r]
         if not pts:
             continue
-        v = [p["value"] for _, p in pts]
         err = [[p["value"] - p["low"] for _, p in pts], [p["high"] - p["value"] for _, p in pts]]
-        ax.errorbar([x for x, _ in pts], v, yerr=err, fmt="o-", capsize=4, color=f"C{i}", label=label)
-    positive = [x for x in xs if x > 0]
-    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
-    rec = result["recommendation"]["prompt_weight"]
-    ax.axvline(rec, color="k", lw=0.8, ls=":", label=f"recommended λ = {rec:g}")
-    ax.set(xlabel="prompt-loss weight λ (symlog)", ylabel="held-out output loss (nats/token)")
-    ax.set_title(f"imtune sweep: mean over seeds {result['seeds']}, 95% intervals", fontsize=10)
+        ax.errorbar([j + (i - 0.5) * 0.15 for j, _ in pts], [p["value"] for _, p in pts], yerr=err, fmt="o",
+                    capsize=4, color=f"C{i}", label=label)
+    ax.set_xticks(range(len(rows)), [f"{r['prompt_weight']:g}" for r in rows])
+    ax.axhline(0, color="k", lw=0.7)
+    verdict = (f"λ = {rec['prompt_weight']:g} lowest and distinguishable from the rest" if rec.get("decided", True)
+               else f"λ = {rec['prompt_weight']:g} lowest, tied with " + ", ".join(f"{x:g}" for x in
+                                                                              rec["indistinguishable"]))
+    ax.set(xlabel="prompt-loss weight λ", ylabel=f"held-out output loss − λ = {rec['prompt_weight']:g}'s (nats)")
+    ax.set_title(f"paired differences to the lowest λ, 95% intervals, seeds {result['seeds']}\n{verdict}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return path
+
+
+def recommendation_text(rec: dict, bold: bool = False) -> str:
+    """The recommendation in words: a λ only when it is distinguishable from every other, else the tie."""
+    lam = f"λ = {rec['prompt_weight']:g}"
+    found = (f"{rec['measure']} {rec['value']:.4f} (95% interval {rec['interval'][0]:.4f} to "
+             f"{rec['interval'][1]:.4f})")
+    if rec.get("decided", not rec["indistinguishable"]):
+        return (f"Recommended: {'**' + lam + '**' if bold else lam}, {found}; every other λ's paired interval to it "
+                f"excludes zero. Rule: {rec['rule']}.")
+    tied = ", ".join(f"{x:g}" for x in rec["indistinguishable"])
+    return (f"No λ recommended: {lam} has the lowest {found}, but it ties with λ = {tied} (their paired intervals to "
+            f"it include zero). To separate them: {rec.get('to_decide') or 'more seeds or held-out examples'}. "
+            f"Rule: {rec['rule']}.")
 
 
 def _iv(p: dict | None) -> str:
@@ -149,7 +175,6 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
              ", ".join(map(str, r["best_steps"] or [])) or "–",
              _iv((r.get("best") or r.get("final") or {}).get("difference_to_recommended"))]
             for r in result["prompt_weights"]]
-    tied = ", ".join(f"{x:g}" for x in rec["indistinguishable"]) or "none"
     data = result["data"]
     blocks = [("h", 1, "imtune sweep: prompt-loss weight λ"),
               ("p", f"Data `{data['source']}`: {data['n_train']} training examples, {data['n_val']} validation "
@@ -157,9 +182,7 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
                     f"loss normalisation `{result['normalize']}`"
                     + (f", class weights `{result['weights']}`" if result["weights"] else "") + "."),
               ("h", 2, "Recommendation"),
-              ("p", f"**λ = {rec['prompt_weight']:g}**: {rec['measure']} {rec['value']:.4f} (95% interval "
-                    f"{rec['interval'][0]:.4f} to {rec['interval'][1]:.4f}). Indistinguishable from it (paired "
-                    f"interval includes zero): {tied}. Rule: {rec['rule']}."),
+              ("p", recommendation_text(rec, bold=True)),
               ("table", header, rows), ("img", png, "held-out output loss against λ"),
               ("p", f"Intervals: {result['method']}. The λ arms' runs, curves and full comparison: "
                     f"`{result['compare_dir']}/report.md`.")]

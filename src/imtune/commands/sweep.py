@@ -55,16 +55,14 @@ def settings_from(args):
 def show(out: Path) -> None:
     import json
 
+    from ..sweep import recommendation_text
+
     result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     for r in result["prompt_weights"]:
         parts = [f"{k} {r[k]['value']:.4f} [{r[k]['low']:.4f}, {r[k]['high']:.4f}]"
                  for k in ("final", "best") if k in r]
         print(f"λ = {r['prompt_weight']:<8g} held-out output loss: " + ", ".join(parts))
-    rec = result["recommendation"]
-    print(f"\nrecommended λ = {rec['prompt_weight']:g}: {rec['measure']} {rec['value']:.4f} "
-          f"[{rec['interval'][0]:.4f}, {rec['interval'][1]:.4f}]; indistinguishable: "
-          f"{', '.join(f'{x:g}' for x in rec['indistinguishable']) or 'none'}")
-    print(f"rule: {rec['rule']}")
+    print("\n" + recommendation_text(result["recommendation"]))
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 
 
