@@ -113,6 +113,7 @@ class CompareSettings:
     loss_samples: int | None = None  # training examples scored at the end (None: all)
     bleu_samples: int = 16  # training prompts answered greedily for memorisation BLEU
     exact_match: int = 0  # held-out prompts answered greedily and scored by exact match (short-answer data)
+    dry_run: bool = False  # print the plan and its estimated cost, train nothing
     max_new_tokens: int = 128
     bench: list[tuple[str, str]] = field(default_factory=list)  # (benchmark, data path)
     bench_limit: int | None = None
@@ -183,6 +184,13 @@ def compare(s: CompareSettings) -> Path:
             say(f"{what}: already trained ({run_dir}/DONE); skipping training")
             continue
         todo.append(Job(what, cfg.replace(resume="auto") if ckpt.latest_checkpoint(run_dir) is not None else cfg))
+    if (todo or s.dry_run) and is_main_process():  # the cost before the first step (imtune.cost)
+        from .cost import estimate
+
+        say(estimate(s, data, base, len(todo)).text())
+    if s.dry_run:
+        say(f"--dry-run: nothing trained (the data split is written under {out / 'data'})")
+        return out
     train_all(todo, s.jobs, say)
     free_memory()
     if not is_main_process():

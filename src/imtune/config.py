@@ -131,8 +131,9 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar on stderr")
     threads: int | None = _f(None, "torch CPU threads per process (default: torch's, split among local processes)",
                              int)
-    preset: str | None = _f(None, "start from a named recipe: paper (the IM paper's)", str,
-                            choices=["paper"])
+    preset: str | None = _f(None, "start from a named recipe: paper (the IM paper's), cpu-quick (a first look on a "
+                                  "laptop CPU)", str,
+                            choices=["paper", "cpu-quick"])
 
     # -- building ------------------------------------------------------------------------------------------------
     @classmethod
@@ -243,6 +244,9 @@ PRESETS: dict[str, dict] = {
     # batches, so a row is an example), bf16 where the hardware has it.
     "paper": dict(lr=2e-5, lr_schedule="linear", warmup_ratio=0.03, weight_decay=0.0, epochs=2.0, max_length=2048,
                   effective_batch=128, packing=False, precision="auto", template="tulu"),
+    # A first look on a laptop CPU: the first 256 records, rows of 512 tokens, at most 40 optimizer steps, evaluations
+    # every 10 steps on a train sample of 16. Minutes, not hours; it decides little (the verdict says so).
+    "cpu-quick": dict(limit=256, max_length=512, max_steps=40, eval_every=10, eval_train_sample=16, lr=1e-4),
 }
 
 

@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
                    help="SQLite cache of judge replies (default: $IMTUNE_CACHE/judge-cache.sqlite)")
     add_jobs_arg(g)
     g.add_argument("--device", default="auto", help="device for the final evaluation: auto (cuda if any), cpu, ...")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (runs, examples, tokens, steps, evaluations, generations) and its estimated "
+                        "time and disk on this machine, then stop before training")
     g.add_argument("--report-only", default=None, metavar="DIR",
                    help="only rebuild report.md/report.html of an existing comparison directory")
 
@@ -101,7 +104,7 @@ def settings_from(args):
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
                            bench_limit=args.bench_limit, device=args.device, jobs=args.jobs,
-                           judge=judge, bench_max_new_tokens=args.bench_max_new_tokens)
+                           judge=judge, bench_max_new_tokens=args.bench_max_new_tokens, dry_run=args.dry_run)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -145,7 +148,8 @@ def run(args) -> int:
         say(f"wrote {md} and {page}")
         show(Path(args.report_only))
         return 0
-    out = compare(settings_from(args))
-    if is_main_process():
+    s = settings_from(args)
+    out = compare(s)
+    if is_main_process() and not s.dry_run:
         show(out)
     return 0

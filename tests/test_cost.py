@@ -1,0 +1,40 @@
+"""imtune.cost: the plan `compare` prints before its first step (and alone with --dry-run) counts what the real run
+then does: examples, optimizer steps, evaluation points and held-out examples per point."""
+from __future__ import annotations
+
+import json
+import re
+
+from imtune.cli import main
+from imtune.runlog import read_metrics
+from imtune.synth import synthesize, write_jsonl
+
+
+def test_the_plan_counts_what_the_run_then_does(tmp_path, capsys):
+    train, held = synthesize("lookup", 12, 8.0, seed=0, heldout=10)
+    data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")
+    heldout = write_jsonl(tmp_path / "h.jsonl", held, "lookup", 0, "heldout")
+    out = tmp_path / "cmp"
+    argv = ["compare", str(data), "--eval-data", str(heldout), "--model", "random:tiny", "--arms", "it,im",
+            "--seeds", "0", "--epochs", "2", "--batch-size", "2", "--no-packing", "--eval-every", "3",
+            "--eval-train-sample", "4", "--max-length", "512", "--bleu-samples", "0", "--exact-match", "3",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main([*argv, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    plan = re.search(r"plan: (\d+) run\(s\) to train; each ([\d,]+) examples, ([\d,]+) training tokens in ([\d,]+) "
+                     r"optimizer steps; (\d+) evaluation points × ([\d,]+) examples; (\d+) greedy answers", err)
+    assert plan, err
+    runs, examples, _, steps, evals, per_eval, gens = (int(x.replace(",", "")) for x in plan.groups())
+    assert "estimated: ~" in err and "GB of disk" in err and "--dry-run: nothing trained" in err
+    assert not list(out.glob("arms/*/seed-*/metrics.jsonl"))  # nothing trained
+    assert main(argv) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "compare.json").read_text())
+    assert runs == 2 and examples == summary["data"]["n_train"] == 12 and gens == 3
+    for run in out.glob("arms/*/seed-0"):
+        evals_done = [e for e in read_metrics(run, "eval") if e.get("eval_output_loss") is not None]
+        assert max(e["step"] for e in read_metrics(run, "train")) == steps
+        assert len(evals_done) == evals
+    assert per_eval == summary["data"]["n_val"] + summary["data"]["n_test"] + 4
+    assert main(argv) == 0  # all trained: no plan, nothing to estimate
+    assert "plan:" not in capsys.readouterr().err
