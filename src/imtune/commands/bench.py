@@ -89,7 +89,10 @@ def add_arguments(p) -> None:
                                                    "(imtune serve, vLLM) or https://api.openai.com/v1")
     j.add_argument("--judge-model", default="", help="model name sent to the judge (e.g. gpt-4-0613)")
     j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the judge's API key (sent when set)")
+                   help="environment variable holding the judge's API key (sent when set, only over https or "
+                        "to this machine)")
+    j.add_argument("--judge-key-anywhere", action="store_true",
+                   help="also send the API key over plain http to another machine (anyone on the way can read it)")
     j.add_argument("--judge-cache", default=None, help="SQLite file of judge replies (default: "
                                                        "$IMTUNE_CACHE/judge-cache.sqlite; 'none': no cache)")
     j.add_argument("--judge-workers", type=int, default=4, help="judge requests in flight at once")
@@ -162,6 +165,8 @@ def _generate(args, options: dict) -> dict:
             "use --temperature > 0 (e.g. 0.8) for pass@k")
     out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
     say(f"{args.name}: model {args.model}, template {renderer.name}, max_new_tokens {cfg.max_new_tokens}")
+    if args.judge_key_anywhere:  # not an Option (kept out of the results): how this run may treat the API key
+        options = {**options, "judge_key_anywhere": True}
     result = tasks.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
                                  out_dir=out, model_name=args.model, progress=True, **options)
     say(f"wrote {', '.join(result['files'].values())}")

@@ -30,7 +30,10 @@ def add_arguments(p) -> None:
                         ".../chat/completions URL")
     p.add_argument("--judge-model", default=None, help="model name sent to the judge endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (sent as a Bearer token when set)")
+                   help="environment variable holding the API key (sent as a Bearer token when set, only over "
+                        "https or to this machine)")
+    p.add_argument("--judge-key-anywhere", action="store_true",
+                   help="also send the API key over plain http to another machine (anyone on the way can read it)")
     p.add_argument("--cache", default=None,
                    help="SQLite file of judge replies (default: $IMTUNE_CACHE/judge-cache.sqlite; 'none': no cache)")
     p.add_argument("--limit", type=int, default=None, help="judge (and generate) only the first N references")
@@ -109,7 +112,7 @@ def run(args) -> int:
         say(f"imtune judge: {unmatched} outputs have no reference with the same instruction (left out)")
     cache_path = None if (args.cache or "").lower() == "none" else (args.cache or cache_dir() / "judge-cache.sqlite")
     client = JudgeClient(url, args.judge_model, os.environ.get(args.api_key_env) or None, args.max_tokens,
-                         args.timeout)
+                         args.timeout, key_anywhere=args.judge_key_anywhere)
     cache = JudgeCache(cache_path)
     try:
         say(f"imtune judge: {len(pairs)} pairs x 2 orders, judge {args.judge_model} at {url}, cache {cache_path}")

@@ -15,17 +15,22 @@ AlpacaEval drops NaN preferences, and counted. Win rate = mean(preference - 1) =
 length-uncontrolled AlpacaEval 1.0 measure, with its standard error (ddof 1), both as fractions.
 
 The judge is any OpenAI-compatible chat endpoint (`imtune serve`, vLLM, OpenAI, ...), called with urllib.
+The API key goes only where it cannot be read on the way: an https URL or this machine (127.0.0.0/8, ::1,
+localhost), unless the user opts in (`key_anywhere`, --judge-key-anywhere); redirects are never followed, so the key
+never travels to a host the user did not name.
 Replies are cached in SQLite under a hash of (judge model, prompt), so a re-run costs no requests; the cached reply
 text is re-parsed every run, so a better parser needs no new requests either."""
 from __future__ import annotations
 
 import ast
 import hashlib
+import ipaddress
 import json
 import math
 import sqlite3
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -135,6 +140,31 @@ def chat_url(base: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
+def key_is_private(url: str) -> bool:
+    """Whether a key sent to `url` stays between us and that host: https, or plain http to this machine."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib without its redirect handler: a 3xx answer comes back as an HTTPError instead of being followed (urllib
+    would resend the Authorization header to wherever the Location points)."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
 class JudgeError(UsageError):
     """The judge endpoint failed in a way retrying does not fix."""
 
@@ -147,6 +177,13 @@ class JudgeClient:
     max_tokens: int = ALPACA_EVAL_MAX_TOKENS
     timeout: float = 600.0
     retries: int = 3
+    key_anywhere: bool = False  # send the key over plain http to other machines too (the user opted in)
+
+    def __post_init__(self):
+        if self.api_key and not self.key_anywhere and not key_is_private(self.url):
+            raise UsageError(f"the judge URL {self.url} is plain http to another machine, where the API key could be "
+                             "read on the way: use https, or run without the key's variable set, or pass "
+                             "--judge-key-anywhere to send it anyway")
 
     def ask(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
@@ -154,13 +191,19 @@ class JudgeClient:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        opener = _opener()
         for attempt in range(self.retries + 1):
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with opener.open(req, timeout=self.timeout) as resp:
                     reply = json.loads(resp.read())
                 return reply["choices"][0]["message"].get("content") or ""
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    where = (e.headers.get("Location") or "")[:200]
+                    raise JudgeError(f"the judge at {self.url} redirects (HTTP {e.code}) to {where!r}; redirects are "
+                                     "not followed (the API key would go along): give the final URL as --judge-url if "
+                                     "you trust it") from None
                 detail = e.read().decode("utf-8", "replace")[:500]
                 if e.code not in (408, 409, 429) and e.code < 500 or attempt == self.retries:
                     raise JudgeError(f"judge {self.url} answered HTTP {e.code}: {detail}") from None
@@ -207,9 +250,11 @@ class JudgeCache:
 
 
 def open_judge(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache: str | None = None,
-               max_tokens: int = ALPACA_EVAL_MAX_TOKENS, timeout: float = 600.0) -> tuple[JudgeClient, JudgeCache]:
+               max_tokens: int = ALPACA_EVAL_MAX_TOKENS, timeout: float = 600.0,
+               key_anywhere: bool = False) -> tuple[JudgeClient, JudgeCache]:
     """The client and reply cache a judged benchmark uses. `cache`: a SQLite file, None for
-    $IMTUNE_CACHE/judge-cache.sqlite, "none" for memory only. The API key is read from `api_key_env`."""
+    $IMTUNE_CACHE/judge-cache.sqlite, "none" for memory only. The API key is read from `api_key_env` (and sent over
+    plain http to another machine only with `key_anywhere`)."""
     import os
 
     from ..models import cache_dir
@@ -218,7 +263,8 @@ def open_judge(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache:
         raise UsageError("a judged benchmark needs --judge-url URL and --judge-model NAME (an OpenAI-compatible "
                          "endpoint, e.g. what `imtune serve` prints, and the model name it serves)")
     path = None if (cache or "").lower() == "none" else (cache or cache_dir() / "judge-cache.sqlite")
-    client = JudgeClient(chat_url(url), model, os.environ.get(api_key_env) or None, max_tokens, timeout)
+    client = JudgeClient(chat_url(url), model, os.environ.get(api_key_env) or None, max_tokens, timeout,
+                         key_anywhere=key_anywhere)
     return client, JudgeCache(path)
 
 

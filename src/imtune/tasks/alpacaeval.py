@@ -59,12 +59,13 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
     from ..generate import GenerationConfig, generate
     from . import make_options
 
+    key_anywhere = bool(options.pop("judge_key_anywhere", False))  # a choice about this run, not an Option
     opts = make_options("alpacaeval", options)
     if not data:
         raise UsageError("alpacaeval: give the reference outputs "
                          "(--data .../alpaca_eval/text_davinci_003_outputs.json)")
     client, cache = open_judge(opts.judge_url, opts.judge_model, opts.judge_api_key_env, opts.judge_cache,
-                               opts.judge_max_tokens or ALPACA_EVAL_MAX_TOKENS, opts.judge_timeout)
+                               opts.judge_max_tokens or ALPACA_EVAL_MAX_TOKENS, opts.judge_timeout, key_anywhere)
     try:
         examples = load(data, limit, opts)
         cfg = gen_cfg or GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)

@@ -181,12 +181,13 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
     from ..generate import GenerationConfig
     from . import make_options
 
+    key_anywhere = bool(options.pop("judge_key_anywhere", False))  # a choice about this run, not an Option
     opts = make_options("mtbench", options)
     if not data:
         raise UsageError("mtbench: give FastChat's MT-Bench folder (--data .../mt_bench)")
     questions, prompts = load(data, limit, opts), judge_prompts(data)
     client, cache = open_judge(opts.judge_url, opts.judge_model, opts.judge_api_key_env, opts.judge_cache,
-                               opts.judge_max_tokens or JUDGE_MAX_TOKENS, opts.judge_timeout)
+                               opts.judge_max_tokens or JUDGE_MAX_TOKENS, opts.judge_timeout, key_anywhere)
     try:
         cfg = gen_cfg or GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
         answers = answer(model, tokenizer, renderer, questions, cfg, progress)
