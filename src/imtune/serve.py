@@ -30,7 +30,8 @@ Behaviour, request by request (the request's schema, its 400s and the HTTP check
   `response_format` other than text, `stop` that is not strings): 400 with an OpenAI-shaped error body;
   temperature below 1e-5 is greedy decoding (dividing logits by 1e-45 overflows);
 - SIGTERM/SIGINT: uvicorn stops accepting, every running or queued generation is stopped, clients get their
-  stream's end (or 503), and the process exits 0; whatever still runs EXIT_AFTER seconds later, it exits 1.
+  stream's end (or 503), and the process exits 0; if anything still runs a few seconds later, it exits 1 all the
+  same (the process around the app, with uvicorn's settings: imtune.commands.serve).
 
 What this protects against, and what not. It holds against hostile requests from anyone who can reach it: no
 field outside its bounds, no body or header that ties up memory or a connection without end, no request that
@@ -46,16 +47,13 @@ import asyncio
 import json
 import logging
 import math
-import os
 import queue
 import secrets
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -68,9 +66,6 @@ from .types import Conversation, Message, UsageError, Where
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 READ_WAIT = 0.1  # seconds the stream's reader waits for text before it looks whether the generation has ended
-MAX_CONNECTIONS = 512  # uvicorn's limit_concurrency
-SHUTDOWN_GRACE = 2  # seconds uvicorn waits for responses to end after SIGTERM before it cancels them
-EXIT_AFTER = 6  # seconds after SIGTERM when the process exits, whatever still runs
 log = logging.getLogger("uvicorn.error")
 
 
@@ -126,6 +121,7 @@ class Served:
     in_flight: int = 0  # admitted requests: reading, tokenizing, waiting for the model or generating
     seconds_per_request: float = 1.0  # a running average of the model's time per request (for Retry-After)
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown: stop every generation
+    generating: threading.Event = field(default_factory=threading.Event)  # set while the model's thread is in use
 
     def __post_init__(self):
         self.max_tokens_limit = min(self.max_tokens_limit, self.max_context)
@@ -191,6 +187,7 @@ def plan(served: Served, req: ChatRequest, cancel: threading.Event) -> Job:
 def run_generation(served: Served, job: Job, streamer) -> int:
     """model.generate for one job, feeding `streamer`; returns the number of new tokens. Runs in the worker thread.
     Whatever happens, the stream is ended (the reader also stops on its own once this has returned or raised)."""
+    served.generating.set()
     try:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -215,6 +212,8 @@ def run_generation(served: Served, job: Job, streamer) -> int:
     except BaseException:
         streamer.end()  # the reader waits for the end of the stream: give it one
         raise
+    finally:
+        served.generating.clear()
     return out.shape[1] - ids.shape[1]
 
 
@@ -462,105 +461,6 @@ async def _sse(served: Served, items, head: dict, usage, req: ChatRequest):
         served.counts["errors"] += 1
         yield f"data: {json.dumps(e.body())}\n\n"
     yield "data: [DONE]\n\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The process: socket, uvicorn, shutdown.
-def listen(host: str, port: int):
-    """A bound, listening socket (port 0: a free one); UsageError when the address cannot be had."""
-    import socket
-
-    try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    backlog=2048)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def url_of(sock) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
-
-
-def _awaits_headers(connection) -> bool:
-    """Whether a uvicorn h11 connection waits for a request's headers: none sent yet, or part of the next one."""
-    conn = getattr(connection, "conn", None)
-    if conn is None or conn.their_state is not h11.IDLE:
-        return False
-    return getattr(connection, "cycle", None) is None or bool(conn.trailing_data[0])
-
-
-async def close_stalled(server, seconds: float) -> None:
-    """Close connections that have waited `seconds` for the same request's headers. uvicorn offers no header-read
-    timeout: its timeout_keep_alive runs only after a response and stops at the first byte of the next request,
-    and h11_max_incomplete_event_size bounds the headers' size, not their time; so a client that sends a request
-    line and then nothing (slowloris) would hold its connection forever."""
-    since: dict = {}  # connection -> (the request cycle it is on, since when it waits)
-    while not server.should_exit:
-        now, live = time.monotonic(), set(server.server_state.connections)
-        since = {c: mark for c, mark in since.items() if c in live}
-        for c in live:
-            if not _awaits_headers(c):
-                since.pop(c, None)
-                continue
-            cycle, t0 = since.setdefault(c, (c.cycle, now))
-            if cycle is not c.cycle:
-                since[c] = (c.cycle, now)
-            elif now - t0 > seconds:
-                c.transport.close()
-        await asyncio.sleep(min(0.5, seconds / 4))
-
-
-def _exit_soon(seconds: float) -> None:
-    """The last resort after SIGTERM/SIGINT: a generation that does not stop (one forward pass that does not end)
-    must not keep the process alive. Exits 1, saying so, unless the process has ended first."""
-    def hard_exit():
-        print(f"imtune serve: still busy {seconds:g} s after the signal to stop; exiting without waiting",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    timer = threading.Timer(seconds, hard_exit)
-    timer.daemon = True
-    timer.start()
-
-
-def run_server(app, served: Served, sock, on_ready=None, log_level: str = "warning") -> None:
-    """Serve on `sock` until SIGTERM/SIGINT (uvicorn's graceful shutdown). A watcher stops running and queued
-    generations as soon as uvicorn is asked to exit, so the shutdown does not wait for them, and ends the process
-    EXIT_AFTER seconds later whatever still runs. `on_ready()` once uvicorn has started."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, log_level=log_level, access_log=log_level in ("info", "debug"),
-        http="h11",  # close_stalled reads h11's state (httptools, if installed, would be picked by "auto")
-        h11_max_incomplete_event_size=16 * 1024,  # request line + headers (h11's default, said here)
-        timeout_keep_alive=5,  # an idle connection between requests
-        limit_concurrency=MAX_CONNECTIONS,  # connections + tasks; beyond: 503 at once, not a pile of sockets
-        timeout_graceful_shutdown=SHUTDOWN_GRACE)  # then uvicorn cancels what still runs
-    server = uvicorn.Server(config)
-
-    async def watch():
-        while not server.started and not server.should_exit:
-            await asyncio.sleep(0.05)
-        if server.started and on_ready:
-            on_ready()
-        while not server.should_exit:
-            await asyncio.sleep(0.05)
-        served.stopping.set()
-        _exit_soon(EXIT_AFTER)
-
-    async def main():
-        helpers = [asyncio.create_task(watch()), asyncio.create_task(close_stalled(server, served.body_timeout))]
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            served.stopping.set()
-            for t in helpers:
-                t.cancel()
-
-    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------------------------------------------

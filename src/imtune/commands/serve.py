@@ -10,15 +10,29 @@ Another address than loopback (`--host 0.0.0.0`) is refused without an API key (
 with --allowed-host. A public address also needs a TLS reverse proxy in front (see imtune.serve).
 
 --engine vllm (or auto, when vLLM is installed and a GPU is present) hands a model directory to vLLM's OpenAI
-server instead, with the same chat template; that path is not covered by the tests."""
+server instead, with the same chat template and API key (but none of imtune.serve's other request checks); that path
+is not covered by the tests.
+
+The app (requests, queue, generation) is imtune.serve; the process around it is here: the socket, uvicorn's settings
+(h11, keep-alive, connection limit, graceful shutdown), a header deadline uvicorn lacks, and an exit EXIT_AFTER seconds
+after SIGTERM/SIGINT whatever still runs."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import signal
+import sys
+import threading
+import time
 
 from ..runlog import say
+from ..types import UsageError
 from .common import add_template_args
+
+MAX_CONNECTIONS = 512  # uvicorn's limit_concurrency
+SHUTDOWN_GRACE = 2  # seconds uvicorn waits for responses to end after SIGTERM before it cancels them
+EXIT_AFTER = 6  # seconds after SIGTERM/SIGINT when the process exits, whatever still runs
 
 
 def add_arguments(p) -> None:
@@ -30,7 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=None,
                    help="clients must send 'Authorization: Bearer KEY' (default: $IMTUNE_API_KEY, which other users "
                         "cannot read from the process list; at least 16 characters)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+    p.add_argument("--allowed-host", action="append", default=None, metavar="HOST",
                    help="also answer requests whose Host header names HOST (repeatable; '*.example.com' patterns); "
                         "127.0.0.1, localhost, [::1] and --host are always answered, any other Host gets 400")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one and print it)")
@@ -63,8 +77,6 @@ def is_loopback(host: str) -> bool:
 
 def api_key(args) -> str | None:
     """--api-key or $IMTUNE_API_KEY, checked; UsageError for one that is unusable, or missing off loopback."""
-    from ..types import UsageError
-
     key = args.api_key or os.environ.get("IMTUNE_API_KEY") or None
     if key is not None and (len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key):
         raise UsageError("the API key must be at least 16 printable ASCII characters without spaces, e.g. "
@@ -77,13 +89,12 @@ def api_key(args) -> str | None:
 
 def allowed_hosts(args) -> tuple[str, ...]:
     """Host header values answered: this machine's names, the bound address, --allowed-host."""
-    from ..types import UsageError
-
-    for h in args.allowed_host:
+    extra = args.allowed_host or []
+    for h in extra:
         if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*.")):
             raise UsageError(f"--allowed-host {h!r}: give a host name or address, '*.example.com' or '*'")
     bound = f"[{args.host}]" if ":" in args.host else args.host
-    return tuple(dict.fromkeys(h.lower() for h in ("127.0.0.1", "localhost", "[::1]", bound, *args.allowed_host)))
+    return tuple(dict.fromkeys(h.lower() for h in ("127.0.0.1", "localhost", "[::1]", bound, *extra)))
 
 
 def pick_device(name: str) -> str:
@@ -110,8 +121,6 @@ def _use_vllm(args) -> bool:
 
     if args.engine == "transformers" or resolve(args.model).kind == "random":
         if args.engine == "vllm":
-            from ..types import UsageError
-
             raise UsageError("--engine vllm needs a model directory or hub id, not random:<size>")
         return False
     if args.engine == "vllm":
@@ -124,7 +133,6 @@ def _use_vllm(args) -> bool:
 def run(args) -> int:
     from ..models import load_model, load_tokenizer
     from ..templates import Renderer
-    from ..types import UsageError
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -139,9 +147,9 @@ def run(args) -> int:
         tok = load_tokenizer(args.model)
         renderer = Renderer(args.template, tok)
         if _use_vllm(args):
-            return _run_vllm(args, renderer)
+            return _run_vllm(args, renderer, key)
         try:
-            from ..serve import Served, listen, make_app, run_server, url_of
+            from ..serve import Served, make_app
         except ImportError as e:
             raise UsageError(f"imtune serve needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from None
 
@@ -165,8 +173,115 @@ def run(args) -> int:
             signal.signal(s, h)
 
 
-def _run_vllm(args, renderer) -> int:
-    """vLLM's OpenAI server on the resolved model directory with our chat template; SIGTERM is passed on."""
+# ---------------------------------------------------------------------------------------------------------------
+# The process around the app: socket, uvicorn, header deadline, shutdown.
+def listen(host: str, port: int):
+    """A bound, listening socket (port 0: a free one); UsageError when the address cannot be had."""
+    import socket
+
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def _awaits_headers(connection) -> bool:
+    """Whether a uvicorn h11 connection waits for a request's headers: none sent yet, or part of the next one."""
+    import h11
+
+    conn = getattr(connection, "conn", None)
+    if conn is None or conn.their_state is not h11.IDLE:
+        return False
+    return getattr(connection, "cycle", None) is None or bool(conn.trailing_data[0])
+
+
+async def close_stalled(server, seconds: float) -> None:
+    """Close connections that have waited `seconds` for the same request's headers. uvicorn offers no header-read
+    timeout: its timeout_keep_alive runs only after a response and stops at the first byte of the next request,
+    and h11_max_incomplete_event_size bounds the headers' size, not their time; so a client that sends a request
+    line and then nothing (slowloris) would hold its connection forever."""
+    since: dict = {}  # connection -> (the request cycle it is on, since when it waits)
+    while not server.should_exit:
+        now, live = time.monotonic(), set(server.server_state.connections)
+        since = {c: mark for c, mark in since.items() if c in live}
+        for c in live:
+            if not _awaits_headers(c):
+                since.pop(c, None)
+                continue
+            cycle, t0 = since.setdefault(c, (c.cycle, now))
+            if cycle is not c.cycle:
+                since[c] = (c.cycle, now)
+            elif now - t0 > seconds:
+                c.transport.close()
+        await asyncio.sleep(min(0.5, seconds / 4))
+
+
+def _exit_soon(seconds: float) -> threading.Timer:
+    """The last resort after SIGTERM/SIGINT: a generation that does not stop (one forward pass that does not end)
+    must not keep the process alive. Exits 1, saying so, unless the process has ended or the timer is cancelled."""
+    def hard_exit():
+        print(f"imtune serve: still busy {seconds:g} s after the signal to stop; exiting without waiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def run_server(app, served, sock, on_ready=None, log_level: str = "warning") -> None:
+    """Serve on `sock` until SIGTERM/SIGINT (uvicorn's graceful shutdown). A watcher stops running and queued
+    generations as soon as uvicorn is asked to exit, so the shutdown does not wait for them, and ends the process
+    EXIT_AFTER seconds later if the server has not stopped by then, or has stopped with the model's thread still
+    busy (the interpreter would wait for that thread). `on_ready()` once uvicorn has started."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=log_level in ("info", "debug"),
+        http="h11",  # close_stalled reads h11's state (httptools, if installed, would be picked by "auto")
+        h11_max_incomplete_event_size=16 * 1024,  # request line + headers (h11's default, said here)
+        timeout_keep_alive=5,  # an idle connection between requests
+        limit_concurrency=MAX_CONNECTIONS,  # connections + tasks; beyond: 503 at once, not a pile of sockets
+        timeout_graceful_shutdown=SHUTDOWN_GRACE)  # then uvicorn cancels what still runs
+    server, deadline = uvicorn.Server(config), []
+
+    async def watch():
+        while not server.started and not server.should_exit:
+            await asyncio.sleep(0.05)
+        if server.started and on_ready:
+            on_ready()
+        while not server.should_exit:
+            await asyncio.sleep(0.05)
+        served.stopping.set()
+        deadline.append(_exit_soon(EXIT_AFTER))
+
+    async def main():
+        helpers = [asyncio.create_task(watch()), asyncio.create_task(close_stalled(server, served.body_timeout))]
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            served.stopping.set()
+            for t in helpers:
+                t.cancel()
+
+    asyncio.run(main())
+    if deadline and not served.generating.is_set():  # stopped cleanly: the interpreter's own exit may take its time
+        deadline[0].cancel()
+
+
+def _run_vllm(args, renderer, key: str | None) -> int:
+    """vLLM's OpenAI server on the resolved model directory with our chat template; SIGTERM is passed on. The API
+    key goes to vLLM in its environment (VLLM_API_KEY, not on its command line); imtune's other request checks
+    (Host, media type, body size, queue) are not on this path."""
     import subprocess
     import tempfile
 
@@ -179,7 +294,7 @@ def _run_vllm(args, renderer) -> int:
     port = args.port or 8000
     cmd = vllm_command(src.path, args.name or args.model, f.name, args.host, port)
     say(f"imtune serve: vLLM on {src.path}: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_API_KEY": key} if key else None)
     print(f"imtune serve: listening on http://{args.host}:{port}/v1 (vLLM; ready once it says so)", flush=True)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda sig, frame: proc.send_signal(sig))
