@@ -17,7 +17,9 @@ One entry holds one chunk of at most tokenize.ENCODE_CHUNK examples (prepare_exa
 at a time, so a million records' texts are never all alive at once), keyed on that chunk alone: a repeated run hits
 every chunk, and a change re-tokenizes only the chunks it touches. Entries live in `$IMTUNE_CACHE/prep/<key>.npz`
 (uncompressed numpy arrays, no pickle). Writers write a temporary file and os.replace it, so concurrent runs never
-see half an entry; an entry that fails to load or whose checksum does not match is ignored (and rewritten). Small
+see half an entry. The cache directory is not trusted: an entry that fails to load, holds compressed members, arrays
+of another dtype or shape, ids outside the vocabulary, classes outside CLASSES, lengths that do not add up, or whose
+checksum does not match is ignored with a one-line note, and rewritten. Small
 inputs (one chunk under MIN_CHARS characters) are not cached (tokenizing them is faster than the disk).
 IMTUNE_NO_CACHE=1 turns the cache off.
 """
@@ -26,19 +28,23 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .runlog import say
 from .tokenize import Encoded, encode
-from .types import CLASS_ID, Rendered
+from .types import CLASS_ID, CLASSES, Rendered
 
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
 MAX_ENTRIES = 1024  # chunks (of <= 16384 examples); the oldest beyond this are removed after each write
 KEY_CHUNK = 16384  # examples hashed at a time
+DTYPES = {"input_ids": np.int32, "classes": np.int8, "history": np.int8, "lengths": np.int64}  # as encode() makes them
 
 _FINGERPRINTS: dict[int, tuple[object, tuple, str]] = {}  # id(tokenizer) -> (tokenizer, cheap state, fingerprint)
+_BOUNDS: dict[int, tuple[object, int, int]] = {}  # id(tokenizer) -> (tokenizer, len(tokenizer), vocab_bound)
 
 
 def enabled() -> bool:
@@ -66,6 +72,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     fp = h.hexdigest()
     _FINGERPRINTS[id(tokenizer)] = (tokenizer, cheap, fp)
     return fp
+
+
+def vocab_bound(tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce: len(tokenizer), or beyond where added tokens sit past
+    the end. Memoised per tokenizer object (get_vocab builds a dict of the whole vocabulary)."""
+    hit = _BOUNDS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer and hit[1] == len(tokenizer):
+        return hit[2]
+    bound = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
+    _BOUNDS[id(tokenizer)] = (tokenizer, len(tokenizer), bound)
+    return bound
 
 
 def key(rendered: list[Rendered], tokenizer, policy: str = "split") -> str:
@@ -96,20 +113,53 @@ def _arrays(e: Encoded) -> dict[str, np.ndarray]:
     return {"input_ids": e.input_ids, "classes": e.classes, "history": e.history, "lengths": e.lengths}
 
 
-def read(path: Path, n_examples: int) -> Encoded | None:
-    """The entry at path, or None when it is absent, unreadable, truncated or does not check out."""
+def read(path: Path, n_examples: int, vocab_size: int | None = None) -> Encoded | None:
+    """The entry at path, or None when it is absent or does not check out (then a one-line note says why: the
+    caller recomputes it). vocab_size: every id must be below it."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("input_ids", "classes", "history", "lengths")}
-            stored = str(z["checksum"])
-    except Exception:  # a missing, half-written (by a crashed older writer) or corrupt file: rebuild
+        arrays, stored = _load(path)
+    except FileNotFoundError:
         return None
-    e = Encoded(**arrays)
-    n = int(e.lengths.sum()) if e.lengths.size else 0
-    if (len(e.lengths) != n_examples or not (len(e.input_ids) == len(e.classes) == len(e.history) == n)
-            or stored != _checksum(arrays)):
-        return None
-    return e
+    except Exception as e:  # a half-written (by a crashed older writer), corrupt or forged file: rebuild
+        return _ignored(path, f"unreadable ({type(e).__name__})")
+    problem = _problem(arrays, n_examples, vocab_size)
+    if problem is None and stored != _checksum(arrays):
+        problem = "its checksum does not match"
+    return _ignored(path, problem) if problem else Encoded(**arrays)
+
+
+def _load(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    with np.load(path, allow_pickle=False) as z:
+        if any(m.compress_type != zipfile.ZIP_STORED for m in z.zip.infolist()):
+            raise ValueError("compressed members")  # never written here; and a small file could inflate to any size
+        return {k: z[k] for k in DTYPES}, str(z["checksum"])
+
+
+def _problem(arrays: dict[str, np.ndarray], n_examples: int, vocab_size: int | None) -> str | None:
+    """What is wrong with an entry's arrays, or None: the dtypes and shapes encode() makes, lengths that add up to
+    the number of tokens, ids in the vocabulary, classes in CLASSES, history flags 0 or 1."""
+    for name, dtype in DTYPES.items():
+        if arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            return f"{name} is {arrays[name].dtype} of shape {arrays[name].shape}, expected 1-d {np.dtype(dtype)}"
+    ids, lengths = arrays["input_ids"], arrays["lengths"]
+    if len(lengths) != n_examples or ((lengths < 0) | (lengths > len(ids))).any() or int(lengths.sum()) != len(ids):
+        return f"lengths do not add up ({len(lengths)} examples, {len(ids)} tokens; expected {n_examples} examples)"
+    if not len(ids) == len(arrays["classes"]) == len(arrays["history"]):
+        return "input_ids, classes and history differ in length"
+    if len(ids) and ids.min() < 0:
+        return "negative token ids"
+    if len(ids) and vocab_size is not None and ids.max() >= vocab_size:
+        return f"token id {ids.max()} beyond the vocabulary of {vocab_size}"
+    if len(ids) and not (0 <= arrays["classes"].min() and arrays["classes"].max() < len(CLASSES)):
+        return "token classes outside CLASSES"
+    if len(ids) and not (0 <= arrays["history"].min() and arrays["history"].max() <= 1):
+        return "history flags other than 0 and 1"
+    return None
+
+
+def _ignored(path: Path, why: str) -> None:
+    say(f"imtune cache: ignored {path} ({why}); tokenizing again")
+    return None
 
 
 def write(path: Path, e: Encoded) -> None:
@@ -145,7 +195,7 @@ def encode_cached(rendered: list[Rendered], tokenizer, use_cache: bool = True,
     if not (use_cache and enabled()) or (not part and sum(len(r.text) for r in rendered) < MIN_CHARS):
         return encode(rendered, tokenizer, split), "off"
     path = prep_dir() / f"{key(rendered, tokenizer, policy)}.npz"
-    e = read(path, len(rendered))
+    e = read(path, len(rendered), vocab_bound(tokenizer))
     if e is not None:
         try:
             os.utime(path)  # recently used entries survive pruning
