@@ -142,7 +142,7 @@ class Job:
 
 
 def admit(served: Served) -> None:
-    """One more request in flight, or ApiError(429) with Retry-After when max_queue wait already."""
+    """One more request in flight, or ApiError(429) with Retry-After when max_queue requests wait already."""
     if served.in_flight > served.max_queue:
         wait = min(60, max(1, math.ceil(served.seconds_per_request * served.in_flight)))
         raise ApiError(429, f"the server is busy: {served.in_flight - 1} requests wait for the model "
