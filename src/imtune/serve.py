@@ -314,8 +314,8 @@ async def produce(served: Served, req: ChatRequest, cancel: threading.Event, loc
         out.put_nowait(ApiError(503, "the server is shutting down", kind="server_error"))
         raise
     except Exception as e:
-        log.exception("imtune serve: the generation failed")
-        out.put_nowait(ApiError(500, f"the generation failed ({type(e).__name__}); the server's log has the "
+        log.exception("imtune serve: a request failed in tokenizing or generating")
+        out.put_nowait(ApiError(500, f"the server failed on this request ({type(e).__name__}); its log has the "
                                      "traceback", kind="server_error"))
     finally:
         served.in_flight -= 1
