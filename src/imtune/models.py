@@ -6,6 +6,9 @@
 - a directory: a Hugging Face model directory, a tokenizer-only directory (enough for tokenizer commands), or an
   imtune run directory (its `final/` is used).
 - anything else: a Hugging Face hub id, loaded with the ordinary transformers code (needs network on first use).
+
+Weights are read from safetensors only. Pickled weights (pytorch_model.bin, *.pt) are refused: unpickling can run
+code, and torch's weights_only guard would be the only thing between a hostile file and this process.
 """
 from __future__ import annotations
 
@@ -175,6 +178,25 @@ def random_config(size: str, vocab_size: int, pad_token_id: int | None, max_posi
                        **RANDOM_SIZES[size])
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save / pickle files
+
+
+def _pickle_refusal(spec: str, what: str) -> UsageError:
+    return UsageError(f"{spec}: {what}; imtune loads only safetensors weights, because loading a pickle can run code: "
+                      "convert them once in an environment you trust, e.g. AutoModelForCausalLM.from_pretrained(DIR)"
+                      ".save_pretrained(OUT, safe_serialization=True)")
+
+
+def _refuse_pickled_weights(spec: str, path: str) -> None:
+    """A directory whose weights are only pickles is refused before transformers opens anything in it."""
+    d = Path(path)
+    if any(d.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in d.glob(pattern))
+    if pickled:
+        raise _pickle_refusal(spec, f"the weights are only in pickle form ({', '.join(pickled)})")
+
+
 def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_implementation: str | None = None):
     """A causal LM for a spec. `dtype` a torch dtype (None: the checkpoint's, fp32 for random)."""
     import torch
@@ -196,9 +218,15 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
                 return AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, **kw)
         if src.kind == "default":
             prepare_default()
-        return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", **kw)
+        if src.kind == "dir":
+            _refuse_pickled_weights(spec, src.path)
+        # use_safetensors: also for a hub model and a LoRA adapter's base model, never unpickle
+        return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", use_safetensors=True, **kw)
     except OSError as e:
-        raise UsageError(f"{spec}: cannot load a model: {e}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "safetensors" in first:  # none found (the directory, a hub repo or a LoRA adapter's base model)
+            raise _pickle_refusal(spec, f"cannot load a model: {first.rstrip('.')}") from None
+        raise UsageError(f"{spec}: cannot load a model: {first}") from None
     except (ImportError, ValueError) as e:
         if attn_implementation and ("attn" in str(e).lower() or "flash" in str(e).lower()):
             # transformers' own message names what is missing or which kernels exist
