@@ -30,11 +30,9 @@ def test_probe_measures_both_precisions():
     assert fp32 > 0 and bf16 > 0
 
 
-def test_explicit_choice_env_and_several_processes_skip_the_probe(measured, monkeypatch):
+def test_explicit_choice_and_env_skip_the_probe(measured, monkeypatch):
     monkeypatch.setattr(precision, "probe", lambda: pytest.fail("probe must not run"))
     assert precision.resolve("bf16").used == "bf16" and precision.resolve("fp32").used == "fp32"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert precision.resolve("auto").used == "fp32"
     monkeypatch.setenv("IMTUNE_CPU_PRECISION", "bf16")
     assert precision.resolve("auto").used == "bf16"
 
@@ -66,3 +64,42 @@ def test_probe_skips_the_large_bf16_products_when_bf16_is_far_slower(monkeypatch
         assert len(calls) == want_calls and fp32 == 66.0
         assert bf16 == (small_bf16 if want_calls == 2 else 500.0)
         assert ((torch.bfloat16, 1024) in calls) == (want_calls == 3)
+
+
+def test_a_stubbed_probe_decides_as_a_measured_one(measured, monkeypatch):
+    precision.probe.cache_clear()
+    monkeypatch.setenv("IMTUNE_CPU_PROBE", "347,2537")  # the AMX Xeon's figures
+    try:
+        assert precision.resolve("auto").used == "bf16"
+        precision.probe.cache_clear()
+        monkeypatch.setenv("IMTUNE_CPU_PROBE", "900,450")
+        assert precision.resolve("auto").used == "fp32"
+    finally:
+        precision.probe.cache_clear()
+
+
+AGREE = """
+import os, sys
+os.environ["IMTUNE_CPU_PROBE"] = "100,500" if os.environ["RANK"] == "0" else "500,100"  # the ranks would disagree
+from imtune import precision
+p = precision.resolve("auto")
+print(os.environ["RANK"], p.used, p.why, flush=True)
+"""
+
+
+def test_several_processes_use_rank_0s_measurement(tmp_path):
+    """Two processes (torchrun, gloo) whose own probes would disagree both train in what rank 0 measured."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    env = {k: v for k, v in os.environ.items() if k != "IMTUNE_CPU_PRECISION"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(x for x in res.stdout.splitlines() if x[:2] in ("0 ", "1 "))
+    assert [x.split()[:2] for x in lines] == [["0", "bf16"], ["1", "bf16"]], res.stdout
+    assert all("measured on rank 0 for all 2 processes" in x for x in lines)

@@ -7,9 +7,12 @@ alone do not say which (a bf16 flag without AMX can still be slower), so `auto` 
 of the sizes training runs (1024 × 1024, a few ms each) and picks bf16 only when it is clearly faster (≥ 1.3×: the
 casts autocast adds cost the rest). The choice, both figures and the CPU model are recorded in data_stats.json.
 
-Two cases skip the measurement: several CPU processes (each would measure on its own and could choose differently:
-fp32, pass --precision bf16 to choose), and IMTUNE_CPU_PRECISION=fp32|bf16 in the environment, which fixes what
-`auto` means on a CPU for reproducible runs across machines (the test suite sets fp32: its equalities are fp32's).
+Several CPU processes (accelerate launch, torchrun) decide once: rank 0 measures and every rank receives its choice
+(torch.distributed, over the process group accelerate sets up), so 1 and N processes on the same machine train in the
+same precision; measured on each rank, they could choose differently. IMTUNE_CPU_PRECISION=fp32|bf16 in the
+environment fixes what `auto` means on a CPU for reproducible runs across machines (the test suite sets fp32: its
+equalities are fp32's). IMTUNE_CPU_PROBE="FP32,BF16" (GFLOP/s) stands in for the measurement, to test the decision
+where the hardware cannot show it.
 """
 from __future__ import annotations
 
@@ -45,12 +48,31 @@ def resolve(asked: str) -> Precision:
     fixed = os.environ.get("IMTUNE_CPU_PRECISION")
     if fixed in ("fp32", "bf16"):
         return Precision(asked, fixed, "IMTUNE_CPU_PRECISION")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return Precision(asked, "fp32", "several CPU processes (pass --precision bf16 to choose bf16)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return _agreed(asked, world)
+    return _measured(asked)
+
+
+def _measured(asked: str, note: str = "") -> Precision:
     fp32, bf16 = probe()
     used = "bf16" if bf16 >= BF16_MARGIN * fp32 else "fp32"
     return Precision(asked, used, f"CPU matmul: bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s "
-                                  f"({bf16 / fp32:.2f}×; bf16 needs ≥ {BF16_MARGIN}×)", round(fp32, 1), round(bf16, 1))
+                                  f"({bf16 / fp32:.2f}×; bf16 needs ≥ {BF16_MARGIN}×){note}", round(fp32, 1),
+                     round(bf16, 1))
+
+
+def _agreed(asked: str, world: int) -> Precision:
+    """Rank 0 measures; every rank gets its Precision (accelerate's PartialState sets up the process group that the
+    Accelerator built next reuses)."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    box = [_measured(asked, f"; measured on rank 0 for all {world} processes") if state.is_main_process else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +83,10 @@ def probe(n: int = 1024, repeats: int = 3, small: int = 256) -> tuple[float, flo
     is returned without the large products."""
     import torch
 
+    fake = os.environ.get("IMTUNE_CPU_PROBE")
+    if fake:  # "FP32,BF16": the decision without the hardware (tests; a machine's known figures)
+        fp32, bf16 = (float(x) for x in fake.split(","))
+        return fp32, bf16
     fp32 = _gflops(torch.float32, n, repeats)
     bf16 = _gflops(torch.bfloat16, small, 1)
     return (fp32, bf16) if bf16 * 4 < fp32 else (fp32, _gflops(torch.bfloat16, n, repeats))
