@@ -75,8 +75,9 @@ def _turns(r: Record, list_field: str, role_field: str, content_field: str, role
     if isinstance(turns, str):  # a JSON list stored as text (a CSV cell, a string column)
         try:
             turns = json.loads(turns)
-        except ValueError:
-            r.bad(key, "expected a list of messages, got a string that is not JSON")
+        except (ValueError, RecursionError):  # also a number beyond the int digit limit, or nesting past the stack
+            r.bad(key, "expected a list of messages, got a string that is not readable JSON (invalid, nested too "
+                       "deeply, or a number too long)")
             return []
     if turns is None:
         return []

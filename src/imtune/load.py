@@ -9,6 +9,11 @@ A spec is a local file or a hub dataset:
     *.jsonl.gz, *.json.gz, *.csv.gz, *.tsv.gz                                         gzip'ed text files
     hf:owner/name[/config][:split]   datasets.load_dataset(name, [config], split=split or "train"); line = row number
 
+A .gz file is refused once it decompresses past IMTUNE_MAX_DECOMPRESSED bytes (default 4 GiB: a gzip bomb is a small
+file that inflates past any memory). CSV and Parquet files that name a column twice are refused (a record would
+silently keep one of the two). JSON numbers too long for Python's int (over 4,300 digits) and `\ud800` escapes
+without their pair (half a character) are problems of their record.
+
 Bad data never raises a traceback: a problem with one record is a Problem (`path:line: field: what, what to do`);
 with on_invalid="error" all of them are collected and raised together as a DataError, with "skip" the valid records
 are kept and each skipped one is reported in LoadResult.skipped. A problem with the whole file (empty, not UTF-8
@@ -21,7 +26,9 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,12 +38,14 @@ from typing import Any
 
 from .formats import CANONICAL_FIELDS, FORMATS, Survey, Understood, describe_formats, detect, to_conversation
 from .types import Conversation, DataError, Problem, UsageError, Where
+from .validate import lone_surrogate, surrogate_message
 
 __all__ = ["FORMATS", "ConversationStream", "LoadResult", "load_conversations", "parse_fields", "read_records",
            "stream_conversations", "stream_records"]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 ON_INVALID = ("error", "skip")
+MAX_DECOMPRESSED = 4 << 30  # bytes a .gz file may decompress to, unless IMTUNE_MAX_DECOMPRESSED says otherwise
 
 Item = tuple[Where, Any]  # a record as read, or a Problem standing for a record that could not be read
 
@@ -224,9 +233,9 @@ def _read_file(path: Path, kind: str, gz: bool, spec: str, list_key: str | None)
             if kind == "parquet":
                 yield from _read_parquet(path, spec)
             elif kind == "jsonl":
-                yield from _read_jsonl(f, spec)
+                yield from _read_jsonl(_lines(_gunzip(f, spec)) if gz else f, spec)
             else:
-                data = f.read()
+                data = b"".join(_gunzip(f, spec)) if gz else f.read()
                 if not data.strip():
                     raise DataError(f"{spec}: the file is empty")
                 if kind == "json":
@@ -237,6 +246,40 @@ def _read_file(path: Path, kind: str, gz: bool, spec: str, list_key: str | None)
         raise DataError(f"{spec}: not a valid gzip file ({e})") from None
     except OSError as e:
         raise UsageError(f"{spec}: cannot read the file ({e.strerror or e})") from None
+
+
+def max_decompressed() -> int:
+    value = os.environ.get("IMTUNE_MAX_DECOMPRESSED", "").strip()
+    if not value:
+        return MAX_DECOMPRESSED
+    if not value.isdigit():
+        raise UsageError(f"IMTUNE_MAX_DECOMPRESSED={value!r}: give a number of bytes, e.g. {MAX_DECOMPRESSED}")
+    return int(value)
+
+
+def _gunzip(f, spec: str) -> Iterator[bytes]:
+    """A gzip file's decompressed bytes, 1 MiB at a time, refused once they pass max_decompressed()."""
+    limit, total = max_decompressed(), 0
+    while chunk := f.read(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise DataError(f"{spec}: decompresses to more than {limit:,} bytes, refused as a possible gzip bomb; "
+                            "if the file is genuine, raise IMTUNE_MAX_DECOMPRESSED (bytes)")
+        yield chunk
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Chunks of bytes -> lines split at b"\\n" only (as iterating a binary file gives them, less the b"\\n")."""
+    pending: list[bytes] = []  # the start of a line that runs on into the next chunk
+    for chunk in chunks:
+        *complete, rest = chunk.split(b"\n")
+        if complete:
+            complete[0] = b"".join([*pending, complete[0]])
+            pending = []
+            yield from complete
+        pending.append(rest)
+    if any(pending):
+        yield b"".join(pending)
 
 
 def _utf8_problem(data: bytes, error: UnicodeDecodeError, where: Where) -> Problem:
@@ -274,15 +317,40 @@ def _read_jsonl(f: Iterable[bytes], path: str) -> Iterator[Item]:
         if not text.strip():
             continue
         n_items += 1
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield where, Problem(where, "", f"invalid JSON: {e.msg} at column {e.colno}; "
-                                            "each line must hold one complete JSON object")
-        except RecursionError:
-            yield where, Problem(where, "", "invalid JSON: nested too deeply")
+        yield where, _parse(text, where)
     if n_items == 0:
         raise DataError(f"{path}: the file is empty")
+
+
+def _parse(text: str, where: Where) -> Any:
+    """One JSON line -> its value, or a Problem saying what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return Problem(where, "", f"invalid JSON: {e.msg} at column {e.colno}; "
+                                  "each line must hold one complete JSON object")
+    except RecursionError:
+        return Problem(where, "", "invalid JSON: nested too deeply")
+    except ValueError:  # the only other thing json raises: an integer beyond Python's digit limit
+        return Problem(where, "", _too_long())
+    return _characters_checked(value, text, where)
+
+
+def _too_long() -> str:
+    """What json's ValueError other than JSONDecodeError means (only Pythons with an int digit limit raise it)."""
+    return f"a number has more than {sys.get_int_max_str_digits():,} digits, too many to read; store it as a string"
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")  # how a lone surrogate can get into JSON text
+
+
+def _characters_checked(value: Any, text: str, where: Where, start: int = 0, end: int | None = None) -> Any:
+    """value, or a Problem when a string in it holds a lone surrogate (only looked for where text[start:end], the
+    JSON it was read from, has a surrogate escape: a valid pair decodes to one whole character)."""
+    if not _ESCAPED_SURROGATE.search(text, start, len(text) if end is None else end):
+        return value
+    escape = lone_surrogate(value)
+    return Problem(where, "", f"a string {surrogate_message(escape)}") if escape else value
 
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -336,7 +404,10 @@ def _array(text: str, pos: int, path: str, top_level: bool) -> Iterator[Item]:
                                      "the array cannot be read past this point")]) from None
         except RecursionError:
             raise DataError([Problem(Where(path, line, n), "", "invalid JSON: nested too deeply")]) from None
-        yield Where(path, line, n), value
+        except ValueError:  # an integer beyond Python's digit limit
+            raise DataError([Problem(Where(path, line, n), "", f"{_too_long()}; the array cannot be read past "
+                                                               "this point")]) from None
+        yield Where(path, line, n), _characters_checked(value, text, Where(path, line, n), pos, end)
         n += 1
         pos = _WS.match(text, end).end()
     if not text.startswith("]", pos):
@@ -368,7 +439,7 @@ def _find_list(text: str, pos: int, key: str) -> int | None:
             if not text.startswith(",", pos):
                 return None
             pos = _WS.match(text, pos + 1).end()
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: invalid JSON, or an integer beyond the digit limit
         return None
     return None
 
@@ -388,6 +459,8 @@ def _read_csv(data: bytes, path: str, delimiter: str) -> Iterator[Item]:
                 continue
             if header is None:
                 header = row
+                if (name := _duplicate(header)) is not None:
+                    raise DataError([Problem(Where(path, start), "", DUPLICATE.format(name))])
                 continue
             where = Where(path, start, n)
             n += 1
@@ -400,20 +473,38 @@ def _read_csv(data: bytes, path: str, delimiter: str) -> Iterator[Item]:
         raise DataError([Problem(Where(path, reader.line_num), "", f"unreadable CSV: {e}")]) from None
 
 
+def _duplicate(names: list[str]) -> str | None:
+    """The first column a header names twice (each record would silently keep one of the two cells), or None."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+DUPLICATE = "the column {!r} appears more than once; rename the duplicates so each column has its own name"
+
+
 def _read_parquet(path: Path, display: str) -> Iterator[Item]:
     """One record a row, read a batch of rows at a time (the table is never held as Python objects)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n = 0
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-        n = 0
-        for batch in batches:
+        file = pq.ParquetFile(path)
+        if (name := _duplicate(file.schema_arrow.names)) is not None:
+            raise DataError(f"{display}: {DUPLICATE.format(name)}")
+        for batch in file.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 yield Where(display, n + 1, n), row
                 n += 1
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{display}: not a readable Parquet file ({e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{display}: a text column holds bytes that are not UTF-8 (in rows {n + 1} to "
+                        f"{n + 4096}); re-save the file with UTF-8 strings") from None
 
 
 def _read_hub(spec: str, default_split: str = "train") -> tuple[str, Iterator[Item]]:

@@ -3,7 +3,8 @@
 Every check reports through `bad(field, message)` (the caller knows the record's `Where`), so one record can carry
 several problems and each reads `path:line: field: what is wrong, what to do`. The rules:
 
-- text (content, instruction, output, ...) is a string that is not empty or whitespace-only;
+- text (content, instruction, output, ...) is a string that is not empty or whitespace-only, and holds no lone
+  surrogate (a `\ud800` escape without its pair decodes to half a character, which no tokenizer can encode);
 - a role is one the format knows (the message lists them);
 - a conversation has at least one assistant turn. It may end on a user turn (the earlier assistant turns still
   train), repeat a role, or carry a system message anywhere.
@@ -12,12 +13,35 @@ several problems and each reads `path:line: field: what is wrong, what to do`. T
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from .types import ROLES, Conversation, Problem
 
 Bad = Callable[[str, str], None]  # bad(field, message): record one problem of the record being read
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: what a lone `\ud800` escape in JSON decodes to
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in a JSON value's strings or keys, as its escape (`\\ud800`), or None. Walks with a
+    stack, so nesting as deep as the JSON parser allows costs no recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and (m := SURROGATE.search(v)):
+                return f"\\u{ord(m.group()):04x}"
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return None
+
+
+def surrogate_message(escape: str) -> str:
+    return (f"holds {escape}, half of a UTF-16 surrogate pair and not a character; "
+            "fix the \\u escape that wrote it (or remove it)")
 
 
 def kind(value: Any) -> str:
@@ -60,7 +84,14 @@ def text(value: Any, field: str, bad: Bad, allow_empty: bool = False) -> str | N
         what = "empty" if not value else "whitespace-only"
         bad(field, f"{what} text; fill it in or remove the record")
         return None
-    return value
+    return _whole_characters(value, field, bad)
+
+
+def _whole_characters(value: str, field: str, bad: Bad) -> str | None:
+    if value.isascii() or not SURROGATE.search(value):
+        return value
+    bad(field, surrogate_message(lone_surrogate(value)))
+    return None
 
 
 def optional_text(value: Any, field: str, bad: Bad) -> str | None:
@@ -70,7 +101,7 @@ def optional_text(value: Any, field: str, bad: Bad) -> str | None:
     if not isinstance(value, str):
         bad(field, f"expected a string, got {kind(value)}")
         return None
-    return value
+    return _whole_characters(value, field, bad)
 
 
 def role(value: Any, field: str, roles: dict[str, str], bad: Bad, mappable: bool = True) -> str | None:
