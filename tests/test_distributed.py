@@ -136,3 +136,29 @@ def test_sweep_and_its_compare_under_accelerate_launch_on_two_cpu_processes(tmp_
     for r1, r2 in zip(a["prompt_weights"], b["prompt_weights"]):
         assert r2["final"]["value"] == pytest.approx(r1["final"]["value"], rel=1e-5), r1["prompt_weight"]
     assert a["recommendation"]["prompt_weight"] == b["recommendation"]["prompt_weight"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_when_auto_picks_bf16(tmp_path):
+    """--precision auto with a probe that favours bf16 (IMTUNE_CPU_PROBE, an AMX Xeon's figures): one process and two
+    (torchrun, gloo) both train in bf16 — rank 0 decides for all — and end with the same weights (bf16 autocast
+    rounds the same products the same way; the all-reduce sums fp32 gradients)."""
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    common = ["--model", "random:tiny", "--data", data, "--loss", "im", "--max-length", "128", "--lr", "1e-3",
+              "--warmup-ratio", "0", "--batch-size", "2", "--epochs", "1", "--no-packing", "--max-grad-norm", "0",
+              "--threads", "1", "--no-progress", "--precision", "auto"]
+    env = {k: v for k, v in os.environ.items() if k != "IMTUNE_CPU_PRECISION"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", IMTUNE_CPU_PROBE="347,2537")
+    runs = {}
+    for n, accum in ((1, "4"), (2, "2")):
+        out = tmp_path / f"p{n}"
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if n == 2
+                  else [sys.executable])
+        res = subprocess.run([*launch, "-m", "imtune.cli", "train", *common, "--grad-accum", accum,
+                              "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        rec = json.loads((out / "data_stats.json").read_text())["precision"]
+        assert rec["used"] == "bf16", rec
+        runs[n] = load_file(out / "final" / "model.safetensors")
+    for k in runs[1]:
+        assert torch.allclose(runs[1][k], runs[2][k], atol=2e-3, rtol=0), k

@@ -84,6 +84,8 @@ os.environ["IMTUNE_CPU_PROBE"] = "100,500" if os.environ["RANK"] == "0" else "50
 from imtune import precision
 p = precision.resolve("auto")
 print(os.environ["RANK"], p.used, p.why, flush=True)
+import torch.distributed as dist
+dist.destroy_process_group()  # a gloo group left to interpreter exit can abort the process
 """
 
 

@@ -65,10 +65,11 @@ def _measured(asked: str, note: str = "") -> Precision:
 def _agreed(asked: str, world: int) -> Precision:
     """Rank 0 measures; every rank gets its Precision (accelerate's PartialState sets up the process group that the
     Accelerator built next reuses)."""
+    import torch
     import torch.distributed as dist
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # as imtune.build.make_accelerator will ask
     box = [_measured(asked, f"; measured on rank 0 for all {world} processes") if state.is_main_process else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
