@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `--precision auto` measures bf16 against fp32 on a CPU (imtune.precision); the suite's equalities are fp32's, so on
 # a bf16-fast CPU (AMX) they must not silently switch. Tests of the probe itself clear this.
 os.environ.setdefault("IMTUNE_CPU_PRECISION", "fp32")
+# A developer's own server key or probe stand-in must not change what the tests' servers and runs do.
+os.environ.pop("IMTUNE_API_KEY", None)
+os.environ.pop("IMTUNE_CPU_PROBE", None)
 
 
 def shared_file(rel: str) -> Path:
