@@ -97,6 +97,7 @@ def test_eval_command_on_a_run_directory(tiny, tmp_path, capsys):
     # As imtune train writes it (TrainConfig): the training data, how it was read, and the held-out eval_data.
     (run / "config.yaml").write_text(f"data: {train}\nlimit: 2\nmax_length: 64\ntruncation: drop\nloss: im\n"
                                      f"eval_data: {heldout}\n")
+    (run / ".imtune").write_text('{"kind": "run", "version": 1}\n')  # imtune's mark: eval writes into RUN/eval
     assert main(["eval", str(run), "--generate", "--bleu-train", "--max-new-tokens", "3",
                  "--json", str(tmp_path / "copy.json")]) == 0
     printed = capsys.readouterr().out

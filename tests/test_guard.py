@@ -77,7 +77,7 @@ def test_a_second_writer_is_refused_and_writes_nothing(tmp_path):
 
 def test_a_foreign_directory_gets_no_lock_file(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="not an imtune run directory"):
+    with pytest.raises(UsageError, match=r"was not made by imtune \(no \.imtune marker; it holds notes.txt\)"):
         guard.lock(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .runlog import say
@@ -122,11 +120,10 @@ def _ignored(path: Path, why: str) -> None:
 
 def write(k: str, result: tuple[dict, dict], run_dir: Path) -> None:
     path = path_of(k)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": k, "losses": result[0], "per_example": result[1], "first_run": str(run_dir)}, f)
-        os.replace(tmp, path)
+    from . import files
+
+    try:  # the user's cache directory: only the file itself is checked
+        files.write_json(path, {"key": k, "losses": result[0], "per_example": result[1], "first_run": str(run_dir)},
+                         indent=None)
     except OSError:  # a read-only or full cache directory costs only the saving
         pass

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .runlog import say
 from .tokenize import Encoded, encode
-from .types import CLASS_ID, CLASSES, Rendered
+from .types import CLASS_ID, CLASSES, Rendered, UsageError
 
 FORMAT = 1
 MIN_CHARS = 100_000  # below this many characters of rendered text, tokenizing is faster than a cache round trip
@@ -163,17 +163,10 @@ def _ignored(path: Path, why: str) -> None:
 
 
 def write(path: Path, e: Encoded) -> None:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: a temporary file in the same directory, then os.replace (imtune.files.replacing)."""
     arrays = _arrays(e)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, checksum=np.array(_checksum(arrays)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with files.replacing(path) as f:  # the user's cache directory: only the file itself is checked
+        np.savez(f, checksum=np.array(_checksum(arrays)), **arrays)
     _prune(path.parent)
 
 
@@ -181,8 +174,8 @@ def _prune(d: Path) -> None:
     try:
         entries = sorted(d.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
         for p in entries[MAX_ENTRIES:]:
-            p.unlink(missing_ok=True)
-    except OSError:  # another process pruning at the same time
+            files.remove(p)
+    except (OSError, UsageError):  # another process pruning at the same time
         pass
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from . import files
 from .integrity import (
     checkpoints,
     fsync_dir,
@@ -73,7 +73,7 @@ def write_failure(err: BaseException, path: Path, run_dir: Path | None, cleanup:
     if named and not Path(os.path.abspath(named)).is_relative_to(inside):
         raise err  # a file outside the run directory (say, a library's own file): not a failure to write ours
     if cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
+        _discard(cleanup, run_dir)
     nospace = (code in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
                or any(w in str(err).lower() for w in ("no space left", "os error 28", "quota exceeded")))
     reason = ("no space left on device" if nospace else os.strerror(code) if code else str(err).strip().splitlines()[0])
@@ -82,6 +82,14 @@ def write_failure(err: BaseException, path: Path, run_dir: Path | None, cleanup:
     tail = (f"last good checkpoint: {good}; free some space and continue with --resume" if good else
             "last good checkpoint: none; free some space and run again")
     return WriteFailed(where, reason, _free_bytes(path) / 1e6, tail)
+
+
+def _discard(path: Path, run_dir: Path | None) -> None:
+    """Remove a partial temporary directory after a failed write (best effort: the failure is what gets reported)."""
+    try:
+        files.remove(path, run_dir)
+    except (OSError, UsageError):
+        pass
 
 
 def _write_errors() -> tuple[type, ...]:
@@ -124,15 +132,14 @@ def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, op
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        files.fresh_dir(tmp, run_dir)
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "saved_at": time.time()}, indent=1))
+        if optimizer is not None:  # torch.save into the directory fresh_dir has just made
+            torch.save(optimizer.state_dict(), files.check_target(tmp / "optimizer.pt", run_dir))
+        torch.save(scheduler.state_dict(), files.check_target(tmp / "scheduler.pt", run_dir))
+        files.write_json(tmp / "trainer_state.json", {**trainer_state, "saved_at": time.time()}, root=run_dir)
         write_manifest(tmp, None if optimizer is not None else optimizer_note)
-        publish(tmp, final)
+        publish(tmp, final, run_dir)
     except _write_errors() as e:  # a full disk: no partial checkpoint is left to fill it further
         raise write_failure(e, final, run_dir, cleanup=tmp) from None
     if keep:
@@ -143,11 +150,12 @@ def save_checkpoint(run_dir: Path, step: int, model, state_dict: dict | None, op
 
 def remove_checkpoint(d: Path) -> None:
     """Rename out of the step-N namespace first (atomic: never listed again), then delete the files."""
+    run_dir = d.parent.parent
     gone = d.with_name(f".del-{d.name}")
-    shutil.rmtree(gone, ignore_errors=True)
-    os.replace(d, gone)
+    files.remove(gone, run_dir)
+    files.rename(d, gone, run_dir)
     fsync_dir(d.parent)
-    shutil.rmtree(gone, ignore_errors=True)
+    files.remove(gone, run_dir)
 
 
 def clean_partial(run_dir: Path) -> list[Path]:
@@ -157,10 +165,8 @@ def clean_partial(run_dir: Path) -> list[Path]:
     found = [*(run_dir / "checkpoints").glob(".tmp-step-*"), *(run_dir / "checkpoints").glob(".del-step-*"),
              *(run_dir / "checkpoints").glob(".old-*"), *run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]
     for p in found:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.name != ".lock":
-            p.unlink(missing_ok=True)
+        if p.name != ".lock":
+            files.remove(p, run_dir)  # a link planted under one of these names is refused, never followed
     return found
 
 
@@ -276,7 +282,7 @@ def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_te
         return _save_final(run_dir, tmp, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
                            base_dir, name, info)
     except _write_errors() as e:
-        shutil.rmtree(run_dir / ".tmp-base", ignore_errors=True)
+        _discard(run_dir / ".tmp-base", run_dir)
         raise write_failure(e, run_dir / name, run_dir, cleanup=tmp) from None
 
 
@@ -284,7 +290,7 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
                 base_dir, name: str, info: dict | None) -> Path:
     import copy
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    files.fresh_dir(tmp, run_dir)
     if lora and merge_lora:
         model = model.merge_and_unload()  # the adapter is folded into the weights: a plain model from here on
         state_dict, lora = None, False
@@ -296,12 +302,12 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
             base = run_dir / "base"
             if not (base / "config.json").exists():
                 clean = copy.deepcopy(model).unload()  # a copy without the LoRA layers: the untouched base
-                clean.save_pretrained(base.with_name(".tmp-base"), safe_serialization=True)
-                publish(base.with_name(".tmp-base"), base)
+                clean.save_pretrained(files.fresh_dir(base.with_name(".tmp-base"), run_dir), safe_serialization=True)
+                publish(base.with_name(".tmp-base"), base, run_dir)
             base_dir = str(base.resolve())
         model.peft_config["default"].base_model_name_or_path = base_dir
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        (tmp / "HOW_TO_LOAD.md").write_text(HOW_TO_LOAD.format(final=run_dir / name, base=base_dir))
+        files.write_text(tmp / "HOW_TO_LOAD.md", HOW_TO_LOAD.format(final=run_dir / name, base=base_dir), run_dir)
         base_model.generation_config.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -312,9 +318,9 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
     finally:
         tokenizer.chat_template = shared
     if info is not None:
-        (tmp / "best.json").write_text(json.dumps(info, indent=1) + "\n")
+        files.write_json(tmp / "best.json", info, root=run_dir)
     final = run_dir / name
-    publish(tmp, final)
+    publish(tmp, final, run_dir)
     return final
 
 
@@ -337,7 +343,7 @@ def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> Write
         roots.append(tmp_root)
     for root in roots:
         try:
-            where = save(root if root == run_dir else Path(tempfile.mkdtemp(prefix="imtune-rescue-", dir=root)))
+            where = save(root if root == run_dir else files.temp_dir(root, prefix="imtune-rescue-"))
         except (WriteFailed, OSError):
             continue
         return failed.with_tail(f"the trained weights (step {step}) were saved to {where} instead: free some space, "
@@ -349,15 +355,9 @@ def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> Write
 
 def mark_done(run_dir: Path, summary: dict) -> None:
     p = Path(run_dir) / DONE
-    tmp = p.with_name(".tmp-DONE")
     try:
-        tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1) + "\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        fsync_dir(p.parent)
+        files.write_json(p, {**summary, "finished_at": time.time()}, root=run_dir, durable=True)
     except OSError as e:  # final/ is written: the model is safe, only the marker is missing
-        tmp.unlink(missing_ok=True)
         raise write_failure(e, p, run_dir).with_tail(f"the model is safe: {Path(run_dir) / 'final'} is complete "
                                                       "and loads; only the run's DONE marker is missing") from None
 
@@ -387,18 +387,7 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     if latest is not None:
         raise UsageError(f"{run_dir} already has checkpoints (newest: {latest.name}); add --resume to continue it, "
                          "or choose another --output-dir")
-    if not is_run_dir_or_empty(run_dir):
-        raise UsageError(f"{run_dir} exists and is not an imtune run directory; choose another --output-dir")
-    return None
-
-
-def is_run_dir_or_empty(run_dir: Path) -> bool:
-    from .rundir import is_run
-
-    run_dir = Path(run_dir)
-    if not run_dir.exists() or is_run(run_dir):
-        return True
-    return all(p.name in (".lock", "train.log") for p in run_dir.iterdir())  # train.log: imtune.schedule's
+    return None  # whose directory it is was settled by imtune.guard.lock (imtune.files.claim)
 
 
 def _intact_or_refuse(run_dir: Path) -> Path:

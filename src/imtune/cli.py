@@ -11,7 +11,7 @@ import difflib
 import importlib
 import sys
 
-from . import __doc__ as PACKAGE_DOC, __version__
+from . import __doc__ as PACKAGE_DOC, __version__, files
 from .types import DataError, UsageError
 
 # command (words) -> (module, one-line help). A dict literal: the whole CLI map at a glance.
@@ -140,6 +140,18 @@ def _flag_error(p: argparse.ArgumentParser, words: str, message: str):
     sys.exit(2)
 
 
+INPUTS = ("data", "eval_data", "val_data", "train_data", "references")  # flags naming files a command only reads
+
+
+def inputs_of(args) -> list[str]:
+    """The files named by a command's input flags (imtune.files.protecting keeps every write off them)."""
+    found = []
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        found += value if isinstance(value, list) else [value] if value else []
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["--version"], ["-V"]):
@@ -159,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _unknown(argv)
     args = build_parser(words).parse_args(argv[len(words.split()):])
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with files.protecting(*inputs_of(args)):  # no command writes over a file it was given to read
+            return int(importlib.import_module(args._module).run(args) or 0)
     except DataError as e:
         print(e.render(), file=sys.stderr)
         if getattr(args, "on_invalid", None) == "error" and e.problems and hasattr(e.problems[0], "where") \

@@ -8,6 +8,7 @@ An arm is a loss mode plus optional regularisers (ARM_FORMS): `it`, `im`, `all`,
 is trained once per seed (--seeds; default the one --seed).
 
     COMPARE_DIR/
+      .imtune             the marker: imtune made this directory (imtune.files.claim); any other is refused
       compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
                           spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict,
                           versions (imtune, torch, transformers, python, model fingerprint: imtune.provenance)
@@ -41,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
 from .config import TrainConfig
 from .runlog import is_main_process, say
 from .types import UsageError
@@ -149,6 +151,32 @@ class CompareSettings:
 # ----------------------------------------------------------------------------------------------------------------
 # The whole comparison, top to bottom
 def compare(s: CompareSettings) -> Path:
+    """Every argument is checked before anything is written; COMPARE_DIR is claimed (imtune.files: created and
+    marked, or refused when it is somebody else's) and removed again when the comparison fails before writing."""
+    check_settings(s)
+    files.check_claim(s.out, "compare")
+    with files.protecting(s.base.data, s.base.eval_data, s.val_data), files.claiming(s.out, "compare"):
+        return run_comparison(s)
+
+
+def check_settings(s: CompareSettings) -> None:
+    """The arguments of a comparison that can be judged without reading data (UsageError for the first bad one);
+    sweep and study call it too, before they claim their own directory."""
+    seeds = s.seed_list()
+    s.reference_arm()
+    if s.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, not {s.jobs}")
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"--seeds {','.join(map(str, seeds))} names a seed twice")
+    if not 0 <= s.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be >= 0 and < 1, not {s.val_fraction}")
+    if not s.base.eval_data and not 0 < s.heldout_fraction < 1:
+        raise UsageError(f"--heldout-fraction must be between 0 and 1, not {s.heldout_fraction}")
+    for arm in s.arms:
+        s.base.replace(**arm.overrides).check()
+
+
+def run_comparison(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt, report
     from .aggregate import aggregate
     from .compare_data import materialise_data
@@ -157,14 +185,10 @@ def compare(s: CompareSettings) -> Path:
     from .schedule import Job, train_all
 
     out = Path(s.out)
-    (out / "arms").mkdir(parents=True, exist_ok=True)
     old = read_json(out / "compare.json")
     seeds, ref = s.seed_list(), s.reference_arm()
-    if s.jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, not {s.jobs}")
-    if len(set(seeds)) < len(seeds):
-        raise UsageError(f"--seeds {','.join(map(str, seeds))} names a seed twice")
     data = materialise_data(s, out)
+    files.make_dirs(out / "arms", out)
     base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
                           fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
     if s.max_steps_cap and data["steps"] > s.max_steps_cap:
@@ -218,7 +242,7 @@ def compare(s: CompareSettings) -> Path:
         "arms": arms, "evidence": evidence, "versions": versions(base.model),
     }
     summary["verdict"] = report.verdict(summary, out)
-    write_json(out / "compare.json", summary)
+    files.write_json(out / "compare.json", summary, root=out)
     report.write_report(out)
     say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds in {time.perf_counter() - t0:.0f}s")
     return out
@@ -268,21 +292,10 @@ def file_digest(path: str | Path) -> str:
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object imtune wrote (None when absent or unreadable); a symbolic link is refused, never followed."""
+    if Path(path).is_symlink():
+        raise UsageError(f"{path} is a symbolic link: imtune reads its own files only as they are")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from . import files
 from .compare import CompareSettings
 from .config import TrainConfig
 from .runlog import say
@@ -65,7 +66,7 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     val, test, split["val"] = validation_split(s, heldout)
     paths = {}
     for name, part in (("train", train), ("heldout", heldout), ("val", val), ("test", test)):
-        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part) if part else None
+        paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part, out) if part else None
     stats = dataset_stats(convs, tok, renderer, "tokens", b.max_length)
     return {"source": b.data, "format": b.format, "limit": b.limit, "records": len(convs),
             "skipped": [str(p) for p in skipped], "split": split, "n_train": len(train), "n_heldout": len(heldout),
@@ -103,19 +104,18 @@ def validation_split(s: CompareSettings, heldout: list[Conversation]) -> tuple[l
             {"kind": "split", "val_fraction": s.val_fraction, "seed": b.seed})
 
 
-def write_conversations(path: Path, convs: list[Conversation]) -> Path:
+def write_conversations(path: Path, convs: list[Conversation], root: Path) -> Path:
+    """`convs` in the `messages` format at `path` (inside the imtune directory `root`), unless a file there holds
+    other data that arms were trained on."""
     text = "".join(json.dumps({"source": str(c.source), "messages": [{"role": m.role, "content": m.content}
                                                                       for m in c.messages]}, ensure_ascii=False) + "\n"
                    for c in convs)
+    files.check_target(path, root)
     if path.exists() and path.read_text(encoding="utf-8") != text:
         if any((path.parent.parent / "arms").glob("*/config.yaml")):
             raise UsageError(f"{path} holds other data than this command makes (another --data, --limit, "
                              "--heldout-fraction or --seed?), and arms were trained on it; give another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")  # every process may write: same bytes, atomic rename
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(path, text, root)  # every process may write: the same bytes, an atomic rename
 
 
 def estimate_steps(b: TrainConfig, examples) -> int:

@@ -15,7 +15,8 @@ import math
 import time
 from pathlib import Path
 
-from .compare import Arm, CompareSettings, file_digest, fmt, read_json, write_json, write_jsonl
+from . import files
+from .compare import Arm, CompareSettings, file_digest, fmt, read_json
 from .compare_data import fixed_sample
 from .config import TrainConfig
 from .runlog import say
@@ -73,7 +74,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
         ho_best, res["per_example"]["best_heldout"] = trained
         res["best"] = {**info, "heldout": ho_best}
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res})
+    files.write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res}, root=run.path)
     say(f"  train output loss {fmt(res['train']['output_loss'])}, test {fmt(res['heldout']['output_loss'])}, "
         f"gap {fmt(res['gap'])}"
         + (f", best checkpoint (step {res['best']['step']}) test {fmt(res['best']['heldout']['output_loss'])}"
@@ -100,14 +101,14 @@ def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, c
         res["bleu"] = {"n": b["n"], "corpus_bleu": b["corpus_bleu"], "sentence_bleu_mean": b["sentence_bleu_mean"],
                        "sentence_bleu": b["sentence_bleu"], "signature": b["signature"],
                        "reference_words_mean": sum(words) / max(len(words), 1)}
-        write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"])
+        files.write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"], run_dir)
     if s.exact_match:
         rows = generation_rows(model, tok, renderer, data["test"], gen, limit=s.exact_match)
         correct = [bool(exact_match(r["output"], r["reference"])) for r in rows if r["reference"] is not None]
         res["exact_match"] = {"n": len(correct), "accuracy": sum(correct) / max(len(correct), 1),
                               "correct": correct}
-        write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
-                    [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows])
+        files.write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
+                          [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows], run_dir)
     if s.bench:
         res["bench"] = benchmarks(s, model, tok, renderer, run_dir)
     return res
@@ -122,7 +123,8 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
     for name, path in s.bench:
         say(f"  benchmark {name} ({path}, limit {s.bench_limit or 'none'})")
         judged = name in JUDGED
-        b = run_benchmark(name, model, tok, renderer, path, s.bench_limit, out_dir=run_dir / "eval" / "bench",
+        b = run_benchmark(name, model, tok, renderer, path, s.bench_limit,
+                          out_dir=files.make_dirs(run_dir / "eval" / "bench", run_dir),
                           gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
                           if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
         metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \

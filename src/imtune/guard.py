@@ -1,7 +1,8 @@
 """A run directory has one writer and one set of settings.
 
-One writer: `lock(run_dir, acc)` takes an exclusive fcntl.flock on RUN/.lock before anything in the directory is
-read or written, and train() holds it until it returns (`release()`). Under several processes only rank 0 takes it;
+One writer: `lock(run_dir, acc)` claims the directory (imtune.files.claim: created and marked as a run, or refused
+when it is somebody else's) and takes an exclusive fcntl.flock on RUN/.lock before anything in it is read or
+written, and train() holds it until it returns (`release()`). Under several processes only rank 0 takes it;
 the outcome is broadcast, so a refusal stops every rank instead of leaving them waiting. The file names the holder
 (pid, host, start time) for the refusal message; the kernel drops the lock when the holder exits or is killed, so a
 crashed run never leaves a stale lock behind. (flock is per host: on a network filesystem shared by several hosts,
@@ -21,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+from . import files
 from .types import UsageError
 
 # Fields that do not change what is trained: display, logging, resources, kernels, where and how often to save.
@@ -31,6 +33,7 @@ HARMLESS = ("progress", "tensorboard", "threads", "resume", "save_every", "keep_
 FIXED = ("model", "lora", "lora_r", "lora_targets")
 
 _held: list[int] = []  # descriptors of the locks this process holds
+_made: list[tuple[Path, Path | None]] = []  # run directories this process created: (directory, outermost created)
 
 
 # -- one writer ------------------------------------------------------------------------------------------------------
@@ -51,13 +54,11 @@ def lock(run_dir: Path, acc=None) -> None:
 
 
 def _take(run_dir: Path) -> None:
-    from .checkpoint import is_run_dir_or_empty
-
-    if not is_run_dir_or_empty(run_dir):  # refuse before leaving a .lock in somebody else's directory
-        raise UsageError(f"{run_dir} exists and is not an imtune run directory; choose another --output-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    top = files.first_missing(run_dir)
+    if files.claim(run_dir, "run"):  # refuses before leaving a .lock in somebody else's directory
+        _made.append((run_dir, top))
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's note must survive a refusal
+    fd = files.open_fd(path, os.O_RDWR | os.O_CREAT, run_dir, 0o644)  # no O_TRUNC: a refusal keeps the holder's note
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -82,10 +83,15 @@ def _describe_holder(text: str) -> str:
         return "holder unknown"
 
 
-def release() -> None:
-    """Drop every run-directory lock this process holds (closing the descriptor releases the flock)."""
+def release(discard_unused: bool = False) -> None:
+    """Drop every run-directory lock this process holds (closing the descriptor releases the flock); with
+    discard_unused (the run failed), a directory this process created and wrote nothing into is removed again."""
     while _held:
         os.close(_held.pop())
+    while _made:
+        run_dir, top = _made.pop()
+        if discard_unused:
+            files.unclaim(run_dir, top)
 
 
 # -- one set of settings ---------------------------------------------------------------------------------------------
@@ -152,7 +158,7 @@ def record_changes(run_dir: Path, resume_from: Path, step: int, changes: dict[st
         return
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "step": step, "resumed_from": str(resume_from),
              "changes": {k: list(v) for k, v in changes.items()}}
-    with open(Path(run_dir) / "changes.jsonl", "a", encoding="utf-8") as f:
+    with files.open_append(Path(run_dir) / "changes.jsonl", run_dir) as f:
         f.write(json.dumps(entry) + "\n")
 
 

@@ -1,6 +1,6 @@
 """A checkpoint directory is published whole and checked against its manifest before anything trusts it.
 
-    publish(tmp, final)      fsync every file and directory under tmp, then rename it into place (atomic)
+    publish(tmp, final, RUN) fsync every file and directory under tmp, then rename it into place (atomic)
     write_manifest(d)        COMPLETE: {"files": {name: {"bytes", "sha256"}}, "optimizer": why it is absent or None}
     verify(ckpt)             None when every listed file is there with its size and sha256, else what is wrong
     checkpoints(run_dir)     the complete ones (COMPLETE present), oldest first; newest_intact / last_good verify
@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
+
+from . import files
+from .files import fsync_dir
 
 COMPLETE = "COMPLETE"
 MANIFEST_FORMAT = 1
@@ -20,31 +22,24 @@ MANIFEST_FORMAT = 1
 
 def fsync_tree(root: Path) -> None:
     """fsync every file under root, then every directory (bottom-up), so a rename after it publishes whole files."""
-    for dirpath, _, files in os.walk(root, topdown=False):
-        for name in files:
+    for dirpath, _, names in os.walk(root, topdown=False):
+        for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(dirpath))
 
 
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Atomically make `tmp` (a finished directory) appear as `final`, replacing an older one."""
+def publish(tmp: Path, final: Path, root: Path) -> None:
+    """Atomically make `tmp` (a finished directory inside the run directory `root`) appear as `final`, replacing an
+    older one (imtune.files refuses a link at either name)."""
     fsync_tree(tmp)
-    if final.exists():
+    if final.exists() or final.is_symlink():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        files.rename(final, old, root)
+        files.rename(tmp, final, root)
+        files.remove(old, root)
     else:
-        os.replace(tmp, final)
+        files.rename(tmp, final, root)
     fsync_dir(final.parent)
 
 
@@ -71,10 +66,10 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(d: Path, optimizer_note: str | None = None) -> None:
     """COMPLETE = sizes and sha256 of every file in `d` (written last; `optimizer_note`: why optimizer.pt is absent)."""
-    files = {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    listed = {str(f.relative_to(d)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(d.rglob("*")) if f.is_file() and f.name != COMPLETE}
-    body = {"format": MANIFEST_FORMAT, "files": files, "optimizer": optimizer_note}
-    (d / COMPLETE).write_text(json.dumps(body, indent=1) + "\n")
+    body = {"format": MANIFEST_FORMAT, "files": listed, "optimizer": optimizer_note}
+    files.write_json(d / COMPLETE, body, root=d)
 
 
 def read_manifest(ckpt: Path) -> dict:
@@ -100,12 +95,12 @@ def verify(ckpt: Path) -> str | None:
 
     ckpt = Path(ckpt)
     try:
-        files = read_manifest(ckpt)["files"]
+        listed = read_manifest(ckpt)["files"]
     except UsageError as e:
         return str(e).removeprefix(f"{ckpt}: ")
-    if not files:
+    if not listed:
         return f"{COMPLETE}: the manifest lists no files"
-    for name, want in files.items():
+    for name, want in listed.items():
         f = ckpt / name
         if not f.is_file():
             return f"{name}: missing"

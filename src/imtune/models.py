@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +102,9 @@ def prepare_default(verbose: bool = True) -> Path:
     gguf = _gguf_path()
     if verbose:
         print(f"imtune: converting the default model {gguf.name} to safetensors in {out} (once)", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    from . import files
+
+    tmp = files.temp_dir(out.parent)  # new and private: transformers writes the files, then it is renamed whole
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -116,12 +115,11 @@ def prepare_default(verbose: bool = True) -> Path:
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)"
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        files.remove(out)
+        files.rename(tmp, out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            files.remove(tmp)
     return out
 
 

@@ -52,9 +52,13 @@ def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str
         from .types import UsageError
 
         raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+    from .files import inside, refuse_links
     from .rundir import config_text
 
+    refuse_links(d)
     summary = json.loads(path.read_text(encoding="utf-8"))
+    for _, r in runs_of(summary):  # compare.json may come from elsewhere: its run directories stay inside d
+        refuse_links(inside(d, r["dir"]))
     texts = {r["dir"]: config_text(d / r["dir"]) for _, r in runs_of(summary)}
     configs = {k: "(missing)" if v is None else v for k, v in texts.items()}
     return summary, load_metrics(summary, d), configs
@@ -417,20 +421,20 @@ def _notes(summary: dict, curves: dict) -> list[str]:
 # Writing: plots (imtune.report_plots) + the page (imtune.report_page) as Markdown and HTML (imtune.report_render)
 def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
     """Plots + report.md + report.html from compare.json and the arms' run directories; returns the two paths."""
+    from . import files
     from .report_page import blocks
     from .report_plots import plot_bars, plot_curves
 
-    d = Path(compare_dir)
+    d = files.owned(compare_dir, "compare")
     summary, metrics, configs = load(d)
     summary["verdict"] = verdict(summary, d)  # recomputed from the files: the report never trusts a stale text
-    plots_dir = d / "plots"
-    plots_dir.mkdir(exist_ok=True)
+    plots_dir = files.make_dirs(d / "plots", d)
     plots = {"curves": plot_curves(summary, metrics, plots_dir), "gap": plot_bars(summary, plots_dir, "gap"),
              "scores": plot_bars(summary, plots_dir, "scores")}
     bl = blocks(summary, metrics, configs, plots, d)
     md, page = d / "report.md", d / "report.html"
-    md.write_text(to_markdown(bl, d), encoding="utf-8")
-    page.write_text(to_html(bl, bl[0][2]), encoding="utf-8")
+    files.write_text(md, to_markdown(bl, d), d)
+    files.write_text(page, to_html(bl, bl[0][2]), d)
     return md, page
 
 

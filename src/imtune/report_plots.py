@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from . import files
 from .report import eval_points, run_label, runs_of, train_points
 
 MIN_SPAN = 0.2  # a loss axis spans at least this share of the largest |value| it shows
@@ -116,14 +117,11 @@ def bars_figure(summary: dict, key: str):
 
 def plot_curves(summary: dict, metrics: dict, out: Path) -> Path:
     p = out / "loss_curves.png"
-    curves_figure(summary, metrics).savefig(p, dpi=100)
-    return p
+    return files.save_figure(curves_figure(summary, metrics), p, out)
 
 
 def plot_bars(summary: dict, out: Path, key: str) -> Path | None:
     fig = bars_figure(summary, key)
     if fig is None:
         return None
-    p = out / f"{key}.png"
-    fig.savefig(p, dpi=100)
-    return p
+    return files.save_figure(fig, out / f"{key}.png", out)

@@ -10,6 +10,10 @@ line per step and evaluation. Everything that asks "is this a run, and how was i
     read_config(RUN) -> TrainConfig | None                   the comparison of settings (imtune.guard)
     config_text(RUN), metrics(RUN, kind)                     for reports of runs that may be incomplete
 
+A run directory with a symbolic link among its entries (config.yaml, metrics.jsonl, final/, eval/, checkpoints/...,
+two levels down) is refused here, before anything in it is read or written: imtune makes no links, so one came with
+a directory from elsewhere and could point a later write anywhere (imtune.files.refuse_links).
+
 Nothing here imports torch: commands that only look at a run start fast."""
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig
+from .files import refuse_links
 from .types import UsageError
 
 CONFIG = "config.yaml"
@@ -46,7 +51,7 @@ class RunDir:
 
     def done_text(self) -> str:
         """RUN/DONE as written (a JSON summary of the finished run; "" while unfinished)."""
-        p = self.path / DONE
+        p = _own_file(self.path / DONE)
         return p.read_text(encoding="utf-8") if p.exists() else ""
 
     def metrics(self, kind: str | None = "train") -> list[dict]:
@@ -79,7 +84,7 @@ def read_config(path: str | Path) -> TrainConfig | None:
     """RUN/config.yaml as a TrainConfig; None when the directory has none (a new or foreign directory)."""
     from .config import read_yaml
 
-    p = Path(path) / CONFIG
+    p = _own_file(Path(path) / CONFIG)
     if not p.is_file():
         return None
     try:
@@ -99,6 +104,7 @@ def read_run(path: str | Path) -> RunDir:
     if not p.is_dir() or not is_run(p):
         raise UsageError(f"{path}: not an imtune run directory (no {CONFIG}); give the directory `imtune train` "
                          "wrote (--output-dir)")
+    refuse_links(p)
     return RunDir(p, read_config(p))
 
 
@@ -132,5 +138,12 @@ def metrics(path: str | Path, kind: str | None = "train") -> list[dict]:
 
 def config_text(path: str | Path) -> str | None:
     """RUN/config.yaml as written (comments included), for reports; None when absent."""
-    p = Path(path) / CONFIG
+    p = _own_file(Path(path) / CONFIG)
     return p.read_text(encoding="utf-8") if p.exists() else None
+
+
+def _own_file(p: Path) -> Path:
+    """`p`, unless it is a symbolic link (refused: a run's files are its own)."""
+    if p.is_symlink():
+        raise UsageError(f"{p} is a symbolic link: imtune reads a run's files only from the run itself")
+    return p

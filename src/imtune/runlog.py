@@ -20,6 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import files
+from .types import UsageError
+
 
 def say(msg: str) -> None:
     """Progress and notes go to stderr (results to stdout); under `accelerate launch` only rank 0 speaks."""
@@ -41,11 +44,12 @@ class RunLog:
             return
         path = self.path = Path(run_dir) / "metrics.jsonl"
         trim_metrics(path, start_step)  # a resumed run rewrites the steps after its checkpoint
-        self.file = open(path, "a", encoding="utf-8", buffering=1)
+        self.file = files.open_append(path, run_dir)  # O_NOFOLLOW: a planted link is refused, never appended to
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            board = files.make_dirs(Path(run_dir) / "tensorboard", run_dir)  # checked: TensorBoard writes in it
+            self.tb = SummaryWriter(str(board), purge_step=start_step + 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -106,10 +110,10 @@ def changed_config(cfg) -> str:
 
 def trim_metrics(path: Path, keep_through_step: int) -> None:
     """Drop metric lines of steps after `keep_through_step` (0: start afresh)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
     if keep_through_step == 0:
-        path.unlink()
+        files.remove(path, path.parent)
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -124,6 +128,8 @@ def trim_metrics(path: Path, keep_through_step: int) -> None:
 def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict]:
     """The records of RUN/metrics.jsonl, optionally of one type ("train", "eval")."""
     path = Path(run_dir) / "metrics.jsonl"
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link: imtune reads a run's metrics only from the run itself")
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -138,7 +144,7 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
     from .guard import history
     from .types import CLASSES, Examples
 
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # part of the layout; empty without --save-every
+    files.make_dirs(run_dir / "checkpoints", run_dir)  # part of the layout; empty without --save-every
     changed = "".join(f"# changed at {line}\n" for line in history(run_dir))  # comments: still a valid CONFIG.yaml
     text = changed + cfg.replace(allow_change=None).to_yaml()  # a permission for one resume, not for the next
     _write_text(run_dir / "config.yaml", text)
@@ -166,7 +172,7 @@ def write_run_files(run_dir: Path, cfg, prep, examples: list, ex_weight: list[fl
 
 def _write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(text, encoding="utf-8")
+        files.write_text(path, text, path.parent)
     except OSError as e:  # disk full: a message, not a traceback
         from .checkpoint import write_failure
 

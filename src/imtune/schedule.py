@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from . import files
 from .config import TrainConfig
 from .types import UsageError
 
@@ -45,6 +46,8 @@ def train_all(jobs: list[Job], parallel: int, say) -> None:
     """Train every job's config to its end (finished runs are the caller's to skip)."""
     from .train import train
 
+    for job in jobs:  # claimed here (imtune.files), before a train.log is opened in it
+        files.claim(job.cfg.output_dir, "run")
     if not side_by_side_ok(parallel, len(jobs)):
         for job in jobs:
             say(f"{job.label}: training -> {job.cfg.output_dir}")
@@ -73,7 +76,7 @@ def side_by_side(tasks: list[Task], parallel: int, say) -> None:
         while waiting or running:
             while waiting and len(running) < parallel:
                 task = waiting.pop(0)
-                task.log.parent.mkdir(parents=True, exist_ok=True)
+                files.make_dirs(task.log.parent)
                 p = ctx.Process(target=_child, args=(task.target, task.args, str(task.log), task.threads),
                                 name=task.label)
                 p.start()
@@ -98,7 +101,7 @@ def _child(target: Callable, args: tuple, log: str, threads: int) -> None:
     """In the child: everything it prints (Python and native) goes to `log`; torch uses `threads` threads."""
     import torch
 
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = files.open_fd(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode=0o644)  # O_NOFOLLOW
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
     torch.set_num_threads(threads)

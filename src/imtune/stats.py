@@ -321,8 +321,9 @@ def plot(lengths: Lengths, out_dir: str | Path, name: str) -> list[Path]:
     dataset's ratio of means). Zero lengths are drawn at 1 on log axes."""
     from matplotlib.figure import Figure  # the object API: no pyplot state, renders with Agg
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from . import files
+
+    out = files.make_dirs(out_dir)
     ins, outp = lengths.instruction.astype(float), lengths.output.astype(float)
     unit = lengths.unit
     fig = Figure(figsize=(11, 4), layout="constrained")
@@ -338,8 +339,7 @@ def plot(lengths: Lengths, out_dir: str | Path, name: str) -> list[Path]:
         ax.set(xlabel=f"{label} length ({unit}{', log scale' if log else ''})", ylabel="examples",
                title=f"{name}: {label} length (N={len(v):,})")
         ax.legend()
-    p1 = out / f"{name}.lengths.png"
-    fig.savefig(p1, dpi=110)
+    p1 = files.save_figure(fig, out / f"{name}.lengths.png", out, dpi=110)
 
     fig = Figure(figsize=(6, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -355,6 +355,5 @@ def plot(lengths: Lengths, out_dir: str | Path, name: str) -> list[Path]:
     ax.set(xlim=lim, ylim=lim, xlabel=f"output length ({unit}, log)", ylabel=f"instruction length ({unit}, log)",
            title=f"{name}: instruction vs output per example")
     ax.legend(loc="upper left")
-    p2 = out / f"{name}.scatter.png"
-    fig.savefig(p2, dpi=110)
+    p2 = files.save_figure(fig, out / f"{name}.scatter.png", out, dpi=110)
     return [p1, p2]

@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import CompareSettings, parse_arms, read_json, write_json
+from . import files
+from .compare import CompareSettings, check_settings, parse_arms, read_json
 from .compare_data import write_conversations
 from .config import TrainConfig
 from .types import UsageError
@@ -84,16 +85,15 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None, dict]]:
 
     from .synth import synthesize
 
-    d = Path(s.out) / "data"
     out = []
     if s.factor == "ratio" and s.family:
         for v in s.values:
             train, held = synthesize(s.family, s.n, v, seed=0, heldout=s.heldout)
-            out.append((v, str(write_conversations(d / f"ratio-{_name(v)}.train.jsonl", train)),
-                        str(write_conversations(d / f"ratio-{_name(v)}.heldout.jsonl", held)), {}))
+            out.append((v, _write(s, f"ratio-{_name(v)}.train.jsonl", train),
+                        _write(s, f"ratio-{_name(v)}.heldout.jsonl", held), {}))
         return out
     if s.factor == "ratio" and s.base.data:
-        return strata(s, d)
+        return strata(s)
     if s.factor == "ratio":
         raise UsageError("--factor ratio needs --family F (rule, lookup, reverse: it varies `imtune data synth "
                          "--ratio`) or --data FILE (--strata K bins of the data's own ratios)")
@@ -113,11 +113,15 @@ def datasets(s: StudySettings) -> list[tuple[float, str, str | None, dict]]:
     if len(pool) < need:
         raise UsageError(f"--values asks for {need} training examples; the data has {len(pool)}")
     order = np.random.default_rng([b.seed, 4242]).permutation(len(pool)).tolist()  # one order: nested subsets
-    heldout = str(write_conversations(d / "heldout.jsonl", held))
+    heldout = _write(s, "heldout.jsonl", held)
     for v in s.values:
-        out.append((v, str(write_conversations(d / f"n-{_name(v)}.train.jsonl", [pool[i] for i in order[:int(v)]])),
-                    heldout, {}))
+        out.append((v, _write(s, f"n-{_name(v)}.train.jsonl", [pool[i] for i in order[:int(v)]]), heldout, {}))
     return out
+
+
+def _write(s: StudySettings, name: str, convs: list) -> str:
+    """STUDY_DIR/data/NAME in the `messages` format (imtune.compare_data.write_conversations)."""
+    return str(write_conversations(Path(s.out) / "data" / name, convs, Path(s.out)))
 
 
 def _load(b: TrainConfig) -> tuple[list, list | None]:
@@ -129,7 +133,7 @@ def _load(b: TrainConfig) -> tuple[list, list | None]:
     return pool, held
 
 
-def strata(s: StudySettings, d: Path) -> list[tuple[float, str, str, dict]]:
+def strata(s: StudySettings) -> list[tuple[float, str, str, dict]]:
     """The paper's first factor on real data: every example's instruction/output ratio in words (imtune.stats,
     `"<|role|>\\n" + content`), sorted and cut into s.strata equal-size bins; from each bin (one seeded permutation)
     the first s.heldout examples are its held-out data and the next s.n its training data. A bin's value is the ratio
@@ -161,8 +165,8 @@ def strata(s: StudySettings, d: Path) -> list[tuple[float, str, str, dict]]:
         info = {"stratum": i, "of": k, "ratio_low": float(per[idx].min()), "ratio_high": float(per[idx].max()),
                 "pool": len(idx), "ratio_words": value}
         name = f"stratum-{i}"
-        out.append((value, str(write_conversations(d / f"{name}.train.jsonl", [pool[j] for j in train])),
-                    str(write_conversations(d / f"{name}.heldout.jsonl", [pool[j] for j in held])), info))
+        out.append((value, _write(s, f"{name}.train.jsonl", [pool[j] for j in train]),
+                    _write(s, f"{name}.heldout.jsonl", [pool[j] for j in held]), info))
     short = [f"{i}: {len(idx) - s.heldout}" for i, idx in enumerate(bins, 1) if len(idx) - s.heldout < s.n]
     if short:
         from .runlog import say
@@ -173,13 +177,23 @@ def strata(s: StudySettings, d: Path) -> list[tuple[float, str, str, dict]]:
 
 
 def study(s: StudySettings) -> Path:
+    """Every argument is checked before anything is written; STUDY_DIR is claimed (imtune.files) and removed again
+    when the study fails before writing into it."""
+    arms = parse_arms(s.arms)
+    if len(arms) != 2:
+        raise UsageError(f"--arms {s.arms!r}: a study compares exactly two arms (the second minus the first)")
+    check_settings(CompareSettings(out=Path(s.out), base=s.base, arms=arms, seeds=s.seeds, val_fraction=s.val_fraction,
+                                   heldout_fraction=s.heldout_fraction, jobs=s.jobs))
+    files.check_claim(s.out, "study")
+    with files.protecting(s.base.data, s.base.eval_data), files.claiming(s.out, "study"):
+        return run_study(s, arms)
+
+
+def run_study(s: StudySettings, arms: list) -> Path:
     from .compare import compare
     from .runlog import is_main_process, say
 
     out = Path(s.out)
-    arms = parse_arms(s.arms)
-    if len(arms) != 2:
-        raise UsageError(f"--arms {s.arms!r}: a study compares exactly two arms (the second minus the first)")
     rows = []
     sets = datasets(s)
     for i, (v, train, held, info) in enumerate(sets, 1):
@@ -205,7 +219,7 @@ def study(s: StudySettings) -> Path:
               "data": None if s.family else s.base.data, "strata": s.strata if s.factor == "ratio" and not s.family
               else None,
               "budget": s.budget, "rows": rows, "trend": trends(rows, s.factor)}
-    write_json(out / "study.json", result)
+    files.write_json(out / "study.json", result, root=out)
     write_report(out)
     return out
 
@@ -236,7 +250,7 @@ def trends(rows: list[dict], factor: str) -> dict:
     return out
 
 
-def plot(result: dict, path: Path) -> Path:
+def plot(result: dict, path: Path, root: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -263,8 +277,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title("below zero: the second arm has the lower held-out loss; 95% intervals", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    return path
+    return files.save_figure(fig, path, root)
 
 
 def _iv(p: dict | None) -> str:
@@ -281,10 +294,9 @@ def _value_cell(r: dict) -> str:
 def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     from .report import to_html, to_markdown
 
-    d = Path(study_dir)
+    d = files.owned(study_dir, "study")
     result = json.loads((d / "study.json").read_text(encoding="utf-8"))
-    (d / "plots").mkdir(exist_ok=True)
-    png = plot(result, d / "plots" / "study.png")
+    png = plot(result, d / "plots" / "study.png", d)
     diff = result["difference"]
     header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens)",
               f"{diff}, final [95% interval]", f"{diff}, best [95% interval]", "run"]
@@ -308,6 +320,6 @@ def write_report(study_dir: str | Path) -> tuple[Path, Path]:
                     "and held-out examples (imtune.evidence); a value's difference counts only when its interval "
                     "excludes zero.")]
     md, page = d / "report.md", d / "report.html"
-    md.write_text(to_markdown(blocks, d), encoding="utf-8")
-    page.write_text(to_html(blocks, blocks[0][2]), encoding="utf-8")
+    files.write_text(md, to_markdown(blocks, d), d)
+    files.write_text(page, to_html(blocks, blocks[0][2]), d)
     return md, page

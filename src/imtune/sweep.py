@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import CompareSettings, parse_arm, read_json, write_json
+from . import files
+from .compare import CompareSettings, check_settings, parse_arm, read_json
 from .config import TrainConfig
 from .report_checks import PRACTICAL
 from .types import UsageError
@@ -62,10 +63,13 @@ def sweep(s: SweepSettings) -> Path:
 
     out = Path(s.out)
     arms = [parse_arm(f"weighted:{v}") for v in s.prompt_weights]
-    cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
-                                  val_fraction=s.val_fraction, val_data=s.val_data,
-                                  heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples, bleu_samples=0,
-                                  device=s.device, jobs=s.jobs, argv=s.argv))
+    check_settings(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
+                                   val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, jobs=s.jobs))
+    with files.claiming(out, "sweep"):  # checked first: a refused sweep leaves nothing behind
+        cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
+                                      val_fraction=s.val_fraction, val_data=s.val_data,
+                                      heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples,
+                                      bleu_samples=0, device=s.device, jobs=s.jobs, argv=s.argv))
     if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
         return out
     summary = read_json(cmp / "compare.json")
@@ -74,7 +78,8 @@ def sweep(s: SweepSettings) -> Path:
     chosen = min(arms, key=lambda a: values[a.spec]["value"])
     # Paired differences to the chosen λ: the evidence again, with the chosen arm as the reference.
     runs = [{"spec": a.spec, "name": a.name, "runs": [
-        {"seed": r["seed"], "dir": r["dir"], "results": read_json(cmp / r["dir"] / "eval" / "compare.json")["results"]}
+        {"seed": r["seed"], "dir": r["dir"],
+         "results": read_json(files.inside(cmp, r["dir"]) / "eval" / "compare.json")["results"]}
         for r in next(x for x in summary["arms"] if x["name"] == a.name)["runs"]]} for a in arms]
     vs_chosen = aggregate(runs, chosen.name)["measures"]
     rows = []
@@ -104,7 +109,7 @@ def sweep(s: SweepSettings) -> Path:
               "seeds": summary["settings"]["seeds"], "method": summary["evidence"]["method"],
               "data": {k: summary["data"][k] for k in ("source", "n_train", "n_val", "n_test")},
               "prompt_weights": rows, "recommendation": rec}
-    write_json(out / "sweep.json", result)
+    files.write_json(out / "sweep.json", result, root=out)
     write_report(out)
     return out
 
@@ -113,7 +118,7 @@ def _excludes_zero(iv: dict) -> bool:
     return iv["low"] > 0 or iv["high"] < 0
 
 
-def plot(result: dict, path: Path) -> Path:
+def plot(result: dict, path: Path, root: Path) -> Path:
     """The paired difference of each λ's held-out output loss to the lowest λ's (what decides), final and best, with
     95% intervals; one tick per λ, evenly spaced (λ = 0 included), the two measures side by side."""
     from matplotlib.figure import Figure
@@ -139,8 +144,7 @@ def plot(result: dict, path: Path) -> Path:
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    return path
+    return files.save_figure(fig, path, root)
 
 
 def recommendation_text(rec: dict, bold: bool = False) -> str:
@@ -164,10 +168,9 @@ def _iv(p: dict | None) -> str:
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     from .report import to_html, to_markdown
 
-    d = Path(sweep_dir)
+    d = files.owned(sweep_dir, "sweep")
     result = json.loads((d / "sweep.json").read_text(encoding="utf-8"))
-    (d / "plots").mkdir(exist_ok=True)
-    png = plot(result, d / "plots" / "sweep.png")
+    png = plot(result, d / "plots" / "sweep.png", d)
     rec = result["recommendation"]
     header = ["λ", "held-out output loss, final [95% interval]", "held-out output loss, best [95% interval]",
               "best steps", "difference to recommended λ (best) [95% interval]"]
@@ -187,6 +190,6 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
               ("p", f"Intervals: {result['method']}. The λ arms' runs, curves and full comparison: "
                     f"`{result['compare_dir']}/report.md`.")]
     md, page = d / "report.md", d / "report.html"
-    md.write_text(to_markdown(blocks, d), encoding="utf-8")
-    page.write_text(to_html(blocks, blocks[0][2]), encoding="utf-8")
+    files.write_text(md, to_markdown(blocks, d), d)
+    files.write_text(page, to_html(blocks, blocks[0][2]), d)
     return md, page

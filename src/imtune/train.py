@@ -16,6 +16,8 @@ divides Σw·nll by the number of tokens with w > 0 instead (step_normalisers).
 The run directory (evaluation, comparison and reports read only this; keep the names):
 
     RUN/
+      .imtune, .lock        the marker (imtune made this directory: imtune.files.claim) and the writer's lock
+                            (imtune.guard); a directory without the marker is never written into
       config.yaml           the resolved TrainConfig (a valid CONFIG.yaml: `imtune train RUN/config.yaml` repeats it)
       data_stats.json       what preparation did (kept / truncated / skipped and why), token counts, batch geometry
                             (the Schedule: imtune.plan)
@@ -46,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt, guard, saving, track
+from . import checkpoint as ckpt, files, guard, saving, track
 from .build import build_model, build_training, make_accelerator, set_threads
 from .config import TrainConfig
 from .distributed import full_tensor, gradient_sync, is_fsdp, resume_supported
@@ -69,19 +71,23 @@ def train(cfg: TrainConfig) -> Path:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' load/save bars would tear through ours
+    ok = False
     try:
-        run = setup(cfg)
-        if isinstance(run, Path):
-            say(f"{run}: already finished (DONE); nothing to do")
-            return run
-        try:
-            tokens = fit(run)
-            saving.save_final(run, tokens=tokens)
-        finally:
-            run.log.close()
-        return run.dir
+        with files.protecting(cfg.data, cfg.eval_data, cfg.val_data):  # never written over, whatever the output
+            run = setup(cfg)
+            if isinstance(run, Path):
+                say(f"{run}: already finished (DONE); nothing to do")
+                ok = True
+                return run
+            try:
+                tokens = fit(run)
+                saving.save_final(run, tokens=tokens)
+            finally:
+                run.log.close()
+            ok = True
+            return run.dir
     finally:
-        guard.release()  # the run directory's lock (taken in setup)
+        guard.release(discard_unused=not ok)  # the lock taken in setup; a new directory left empty goes too
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -143,6 +149,8 @@ def setup(cfg: TrainConfig) -> Run | Path:
     from .pack import lengths_of
 
     cfg = cfg.check()
+    if cfg.output_dir:
+        files.check_claim(cfg.output_dir, "run")  # whose directory it is, before anything else is done
     prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
     acc = make_accelerator(cfg, prec)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))

@@ -14,7 +14,6 @@ A generation run writes LABEL.json, LABEL.samples.jsonl and LABEL.md into --out 
 directory, else ./imtune-bench/NAME/); --json OUT also writes the result to OUT."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..runlog import say
@@ -101,13 +100,22 @@ def add_arguments(p) -> None:
                    help="reply tokens asked of the judge (default: the protocol's, alpacaeval 100, mtbench 2048)")
 
 
-def default_out_dir(model: str | None, name: str) -> Path:
+def output_dir(args, default: bool = True) -> Path | None:
+    """Where the result files go, made ready (None: no files): --out DIR, claimed as an imtune "eval" directory
+    (imtune.files: new or empty, or one imtune made); else RUN/eval of a run given as --model; else
+    imtune-bench/NAME. --json OUT is checked here too: every argument before the first write."""
+    from .. import files
     from ..rundir import find_run
 
-    run = find_run(model)
-    if run is not None:  # a run directory (RUN or RUN/final): results live with the run
-        return run.path / "eval"
-    return Path("imtune-bench") / name
+    if args.json:
+        files.check_target(args.json)
+    run = None if args.out or not default else find_run(args.model)
+    if run is not None:
+        return files.make_dirs(run.path / "eval", files.owned(run.path, "run"))
+    out = Path(args.out) if args.out else Path("imtune-bench") / args.name if default else None
+    if out is not None:
+        files.claim(out, "eval")
+    return out
 
 
 def run(args) -> int:
@@ -119,8 +127,7 @@ def run(args) -> int:
             raise UsageError("harness: lm-eval generates and scores itself; give --model, not --samples")
         from ..tasks import harness
 
-        out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
-        result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=out, **options)
+        result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=output_dir(args), **options)
         print(harness.markdown_table(result), end="")
         return _finish(result, args)
     if not args.data and args.name in DEFAULT_DATA:
@@ -131,8 +138,8 @@ def run(args) -> int:
                             "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json",
                             "mtbench": "mt_bench"}[args.name])
     if args.samples:
-        out = Path(args.out) if args.out else None
-        result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
+        result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit,
+                                     out_dir=output_dir(args, default=False), **options)
     elif args.model:
         result = _generate(args, options)
     else:
@@ -163,7 +170,7 @@ def _generate(args, options: dict) -> dict:
     if getattr(opts, "n_samples", 1) > 1 and cfg.temperature == 0:
         say(f"{args.name}: {opts.n_samples} samples per problem with greedy decoding are identical; "
             "use --temperature > 0 (e.g. 0.8) for pass@k")
-    out = Path(args.out) if args.out else default_out_dir(args.model, args.name)
+    out = output_dir(args)
     say(f"{args.name}: model {args.model}, template {renderer.name}, max_new_tokens {cfg.max_new_tokens}")
     if args.judge_key_anywhere:  # not an Option (kept out of the results): how this run may treat the API key
         options = {**options, "judge_key_anywhere": True}
@@ -185,7 +192,8 @@ def _default_data(name: str) -> str | None:
 
 def _finish(result: dict, args) -> int:
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        from .. import files
+
+        files.write_json(args.json, result, indent=2)
         say(f"wrote {args.json}")
     return 0

@@ -77,6 +77,10 @@ def run(args) -> int:
 
     if args.max_length is not None and args.max_length < 1:
         raise UsageError("--max-length must be >= 1")
+    if args.plot:
+        from .. import files
+
+        files.check_claim(args.plot, "plots")  # a new or empty directory, or one imtune made for plots
     tok = load_tokenizer(args.model)
     renderer = Renderer(args.template, tok, args.system_prompt)
     fields, roles = fields_from(args), roles_from(args)
@@ -91,6 +95,9 @@ def run(args) -> int:
             stats["max_length"]["truncation"] = args.truncation
         results.append(stats)
         if args.plot:
+            from .. import files
+
+            files.claim(args.plot, "plots")
             for f in plot(lengths, args.plot, _plot_name(path, taken)):
                 say(f"wrote {f}")
     if args.json:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
+from ..files import MARKER  # noqa: F401  (every demo directory holds it: imtune.files; --fresh deletes only those)
 from ..runlog import say
 from .common import CommaList
 
@@ -163,26 +163,18 @@ def regime_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MARKER = ".imtune-demo"  # written into every demo directory; --fresh deletes only a directory that holds it
-
-
 def remove_demo_dir(out: Path) -> None:
-    """--fresh: delete `out` only when the demo made it (its marker is there) and it is not the working directory, an
-    ancestor of it, the home directory or the root; anything else is refused, saying what was found."""
+    """--fresh: delete `out` only when the demo made it (its imtune.files marker, or an older demo's .imtune-demo) and
+    it is not the working directory, an ancestor of it, the home directory or the root; anything else is refused,
+    saying what was found."""
+    from .. import files
     from ..types import UsageError
 
-    real, cwd = out.resolve(), Path.cwd().resolve()
-    if out.is_symlink() or not out.is_dir():
-        raise UsageError(f"--fresh: {out} is not a directory the demo made (a link or a file); not deleted")
-    if real == Path(real.anchor) or real == Path.home().resolve() or real == cwd or real in cwd.parents:
-        raise UsageError(f"--fresh: refusing to delete {out} ({real}): the root, the home directory, the working "
-                         "directory or one of its parents")
-    if not (out / MARKER).is_file():
-        found = sorted(p.name for p in out.iterdir())[:5]
-        raise UsageError(f"--fresh: {out} was not made by `imtune demo` (no {MARKER} marker; it holds "
-                         f"{', '.join(found) or 'nothing'}{', ...' if len(found) == 5 else ''}); not deleted. Give "
-                         "another --out, or delete it yourself")
-    shutil.rmtree(out)
+    try:
+        files.remove_owned(out, "demo")
+    except UsageError as e:
+        raise UsageError(f"--fresh: {e}") from None
+
 
 
 def verdict_text(summary: dict) -> str:
@@ -224,11 +216,13 @@ def verdict_text(summary: dict) -> str:
 def run(args) -> int:
     import json
 
+    from .. import files
     from ..compare import parse_arms
     from ..config import TrainConfig
-    from ..synth import FAMILIES, family, synthesize, write_jsonl
+    from ..synth import FAMILIES, family, synthesize
     from ..types import UsageError
     from .compare import show
+    from .data_synth import write_synth
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -236,15 +230,19 @@ def run(args) -> int:
         raise UsageError(f"--family {args.family}: an illustration whose held-out answers only the training "
                          "instructions state (IM wins by construction), not a fair comparison; the demo uses fair "
                          "families only: " + ", ".join(k for k, f in FAMILIES.items() if f.fair))
-    if args.fresh and out.exists():
-        remove_demo_dir(out)
-    if out.exists() and (not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / MARKER).is_file())):
-        raise UsageError(f"--out {out}: exists and was not made by `imtune demo` (no {MARKER} marker); give a new "
-                         "or empty directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("imtune demo directory: `imtune demo --fresh` may delete it\n", encoding="utf-8")
     d = {**DATA, "family": args.family, "n": args.n, "ratio": args.ratio}
     t = {**TRAIN, "epochs": args.epochs, "lr": args.lr, "eval_every": args.eval_every, "max_steps": args.max_steps}
+    arms = parse_arms(args.arms)  # every argument is checked before anything is deleted or written
+    TrainConfig(model=args.model, data="synthetic", **t).check()
+    if args.n < 1 or args.jobs < 1:
+        raise UsageError("--n and --jobs must be >= 1")
+    if args.fresh and (out.exists() or out.is_symlink()):
+        remove_demo_dir(out)
+    try:
+        files.check_claim(out, "demo")
+    except UsageError as e:
+        raise UsageError(f"--out: {e} (not made by `imtune demo`)") from None
+    files.claim(out, "demo")
     jobs = args.jobs
     threads = None if jobs > 1 else pick_threads()
     if threads:
@@ -266,10 +264,10 @@ def run(args) -> int:
         f"{EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
         f"  -> {out}")
     train, heldout = synthesize(d["family"], d["n"], d["ratio"], d["seed"], d["heldout"])
-    data = write_jsonl(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train")
-    held = write_jsonl(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout")
+    data = write_synth(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train", out)
+    held = write_synth(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout", out)
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
-    dirs = run_compare(out, base, parse_arms(args.arms), jobs)
+    dirs = run_compare(out, base, arms, jobs)
 
     steps = json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
     for cdir in dirs:

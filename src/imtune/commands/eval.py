@@ -11,11 +11,11 @@ Results go to RUN/eval/ for a run directory, or to --out DIR: eval-<data>.json a
 generations-<data>.jsonl and bleu-train-<data>.jsonl. --json OUT writes the same JSON anywhere."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .. import files
 from ..evaluate.run import DataSet, Scoring
 from ..rundir import RunDir, find_run
 from ..runlog import say
@@ -113,7 +113,7 @@ def run(args) -> int:
     spec = model_spec(args)
     run = find_run(spec)
     train, heldout = data_sets(args, run)
-    out_dir = check_request(args, run, train, heldout)
+    out_dir, root = check_request(args, run, train, heldout)
     scoring = scoring_of(args, run)
     tok = load_tokenizer(spec)
     renderer = scoring.renderer(tok)
@@ -131,10 +131,12 @@ def run(args) -> int:
         result["gap"] = ev.gap
         if Path(train.label).resolve() == Path(heldout.label).resolve():
             say("imtune eval: note: --data is the training data, so the gap is 0 by construction")
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    generate(args, spec, ev, model, tok, renderer, out_dir, result)
-    write_results(result, out_dir, args.json, _slug((heldout or train).label))
+    if out_dir and root == out_dir:
+        files.claim(out_dir, "eval")
+    elif out_dir:
+        files.make_dirs(out_dir, root)
+    generate(args, spec, ev, model, tok, renderer, out_dir, root, result)
+    write_results(result, out_dir, root, args.json, _slug((heldout or train).label))
     return 0
 
 
@@ -179,8 +181,10 @@ def scoring_of(args, run: RunDir | None) -> Scoring:
                    max_length=args.max_length or base.max_length, truncation=args.truncation or base.truncation)
 
 
-def check_request(args, run: RunDir | None, train: DataSet | None, heldout: DataSet | None) -> Path | None:
-    """Refuse what cannot be done before loading anything; returns the output directory (None: print only)."""
+def check_request(args, run: RunDir | None, train: DataSet | None, heldout: DataSet | None
+                  ) -> tuple[Path | None, Path | None]:
+    """Refuse what cannot be done before loading anything; returns the output directory (None: print only) and the
+    imtune directory it lies in (the run for RUN/eval; --out DIR itself, claimed as an "eval" directory)."""
     if heldout is None and train is None:
         raise UsageError("nothing to evaluate: give --data F (held-out) and/or --train-data T")
     if run and heldout is None:
@@ -194,10 +198,18 @@ def check_request(args, run: RunDir | None, train: DataSet | None, heldout: Data
         raise UsageError("--generate writes JSONL: give --out DIR (a run directory writes to RUN/eval)")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UsageError("--batch-size and --limit must be >= 1")
-    return out_dir
+    if args.json:
+        files.check_target(args.json)
+    if out_dir is None:
+        return None, None
+    if args.out:
+        files.check_claim(out_dir, "eval")
+        return out_dir, out_dir
+    return out_dir, files.owned(run.path, "run")
 
 
-def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, result: dict) -> None:
+def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, root: Path | None, result: dict
+             ) -> None:
     """--generate: answers for the held-out prompts (else the training prompts), saved as JSONL; --bleu-train:
     memorisation BLEU of greedy answers to the training prompts against the training outputs."""
     from ..evaluate.bleu import generation_rows, memorisation_bleu
@@ -210,7 +222,7 @@ def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, re
         say(f"imtune eval: generating for {len(side.conversations)} prompts of {side.data.label}")
         rows = generation_rows(model, tok, renderer, list(side.conversations), cfg, progress=True)
         gen_path = out_dir / f"generations-{_slug(side.data.label)}.jsonl"
-        _write_jsonl(gen_path, [{**r, "generator": spec} for r in rows])
+        files.write_jsonl(gen_path, [{**r, "generator": spec} for r in rows], root)
         result["generation"] = {"data": side.data.label, "n": len(rows), "path": str(gen_path), "config": asdict(cfg)}
         say(f"imtune eval: wrote {len(rows)} generations to {gen_path}")
     if args.bleu_train:
@@ -221,26 +233,19 @@ def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, re
         result["bleu_train"] = {"data": ev.train.data.label, **mem}
         if out_dir:
             p = out_dir / f"bleu-train-{_slug(ev.train.data.label)}.jsonl"
-            _write_jsonl(p, rows)
+            files.write_jsonl(p, rows, root)
             result["bleu_train"]["path"] = str(p)
 
 
-def write_results(result: dict, out_dir: Path | None, json_path: str | None, slug: str) -> None:
+def write_results(result: dict, out_dir: Path | None, root: Path | None, json_path: str | None, slug: str) -> None:
     """Print the tables; write eval-<slug>.json and .md to the output directory, and the JSON to --json."""
     print(report_text(result))
     if out_dir:
-        (out_dir / f"eval-{slug}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        (out_dir / f"eval-{slug}.md").write_text(markdown(result), encoding="utf-8")
+        files.write_json(out_dir / f"eval-{slug}.json", result, root, indent=2)
+        files.write_text(out_dir / f"eval-{slug}.md", markdown(result), root)
         say(f"imtune eval: wrote {out_dir / f'eval-{slug}.json'} and .md")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        files.write_json(json_path, result, indent=2)
 
 
 def _columns(result: dict) -> list[tuple[str, dict]]:
@@ -262,21 +267,23 @@ def report_text(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Evaluation of `{result['model']}`", "",
-             f"Template `{result['template']}`, max length {result['max_length'] or 'none'}, "
+    from ..report_render import md_code
+
+    lines = [f"# Evaluation of {md_code(result['model'])}", "",
+             f"Template {md_code(result['template'])}, max length {result['max_length'] or 'none'}, "
              f"limit {result['limit'] or 'none'}. NLL is the mean per token (nats); ppl = exp(NLL).", ""]
     cols = _columns(result)
     if cols:
         for title, res in cols:
-            lines.append(f"- {title}: `{res['data']}` — {res['n']} examples, {res['tokens']} tokens")
+            lines.append(f"- {title}: {md_code(res['data'])} — {res['n']} examples, {res['tokens']} tokens")
         lines += ["", md_table(*loss_table(cols, result.get("gap"))), ""]
     if "generation" in result:
         g = result["generation"]
-        lines += [f"Generations: {g['n']} answers for `{g['data']}` in `{g['path']}`.", ""]
+        lines += [f"Generations: {g['n']} answers for {md_code(g['data'])} in {md_code(g['path'])}.", ""]
     if "bleu_train" in result:
         b = result["bleu_train"]
         lines += ["## Memorisation (BLEU of greedy answers vs training outputs)", "",
                   "| n | corpus BLEU | mean sentence BLEU |", "|---|---|---|",
                   f"| {b['n']} | {_fmt(b['corpus_bleu'], 2)} | {_fmt(b['sentence_bleu_mean'], 2)} |", "",
-                  f"sacrebleu `{b['signature']}`", ""]
+                  f"sacrebleu {md_code(b['signature'])}", ""]
     return "\n".join(lines)

@@ -4,7 +4,6 @@ and [text|w] any other weight, so a weight of 2 is never drawn like 1.
 `--jsonl OUT` writes one row per example: index, input_ids, weights, classes."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -82,9 +81,12 @@ def summary(ex) -> str:
 
 
 def run(args) -> int:
+    from .. import files
     from ..models import load_tokenizer
     from ..prepare import prepare_examples
 
+    if args.jsonl:
+        files.check_target(args.jsonl)  # before any work: never over the data (imtune.cli protects it) or a link
     tok = load_tokenizer(args.model)
     spec = loss_spec_from(args)
     for w in weight_warnings(spec):
@@ -115,10 +117,8 @@ def run(args) -> int:
         rendered = prep.renderer.render(by_source[ex.source])
         print(show(ex, rendered, tok, color, args.tokens, args.special_tokens_in_content))
     if args.jsonl:
-        with open(args.jsonl, "w", encoding="utf-8") as f:
-            for ex in prep.examples:
-                f.write(json.dumps({"index": ex.source.index, "input_ids": ex.input_ids.tolist(),
-                                    "weights": ex.weights.tolist(),
-                                    "classes": [CLASSES[c] for c in ex.classes.tolist()]}) + "\n")
+        files.write_jsonl(args.jsonl, ({"index": ex.source.index, "input_ids": ex.input_ids.tolist(),
+                                        "weights": ex.weights.tolist(),
+                                        "classes": [CLASSES[c] for c in ex.classes.tolist()]} for ex in prep.examples))
         say(f"wrote {len(prep.examples)} rows to {args.jsonl}")
     return 0

@@ -8,13 +8,14 @@ by an OpenAI-compatible chat endpoint. Replies are cached (--cache), so a re-run
 --generate --model M first writes M's answers to the reference instructions (to --outputs, default
 <out>/alpaca_eval-outputs.jsonl), then judges them (or stops there without --judge-url).
 Results: <out>/judge-<outputs>.json, .md and .jsonl (every pair with both replies); <out> defaults to RUN/eval
-for a run directory given as --model, else the folder of --outputs."""
+for a run directory given as --model, else the folder of --outputs when imtune made it (RUN/eval, or an `imtune
+eval --out` directory); a --out DIR that exists must be one imtune made (imtune.files)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .. import files
 from ..runlog import say
 from ..types import UsageError
 from .common import add_template_args
@@ -52,7 +53,25 @@ def add_arguments(p) -> None:
     g.add_argument("--device", default="auto")
 
 
-def _generate(args, references: list[dict], out_dir: Path) -> Path:
+def output_dir(args, run) -> tuple[Path, Path]:
+    """(where results go, the imtune directory it lies in), checked before anything is generated or judged."""
+    from ..types import UsageError
+
+    if args.out:
+        files.check_claim(args.out, "eval")
+        return Path(args.out), Path(args.out)
+    if run is not None:
+        return run.path / "eval", files.owned(run.path, "run")
+    folder = Path(args.outputs).parent if args.outputs else Path(".")
+    if files.marker(folder) == "eval":
+        return folder, files.owned(folder, "eval")
+    if folder.name == "eval" and files.marker(folder.parent) == "run":
+        return folder, files.owned(folder.parent, "run")
+    raise UsageError(f"{folder} is not a directory imtune made for results: give --out DIR (a new or empty "
+                     "directory, or one imtune made)")
+
+
+def _generate(args, references: list[dict], out_dir: Path, root: Path) -> Path:
     from ..evaluate.bleu import generation_rows
     from ..generate import GenerationConfig
     from ..models import load_model, load_tokenizer
@@ -71,11 +90,8 @@ def _generate(args, references: list[dict], out_dir: Path) -> Path:
     say(f"imtune judge: generating {len(convs)} answers with {args.model} (template {renderer.name})")
     rows = generation_rows(model, tok, renderer, convs, cfg, progress=True)
     path = Path(args.outputs) if args.outputs else out_dir / "alpaca_eval-outputs.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({"instruction": r["instruction"], "output": r["output"], "generator": args.model},
-                               ensure_ascii=False) + "\n")
+    files.write_jsonl(path, [{"instruction": r["instruction"], "output": r["output"], "generator": args.model}
+                             for r in rows], root if not args.outputs else None)
     say(f"imtune judge: wrote {len(rows)} outputs to {path}")
     return path
 
@@ -97,11 +113,13 @@ def run(args) -> int:
         raise UsageError("give --judge-model NAME (the model name the endpoint serves)")
     url = chat_url(args.judge_url) if args.judge_url else None
     run = find_run(args.model)
-    run_dir = run.path if run else None
-    out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else
-                                               Path(args.outputs).parent if args.outputs else Path("."))
+    out_dir, root = output_dir(args, run)
+    if args.generate and args.outputs:
+        files.check_target(args.outputs)
     references = read_outputs(args.references)
-    outputs_path = _generate(args, references, out_dir) if args.generate else Path(args.outputs)
+    if args.out:
+        files.claim(out_dir, "eval")
+    outputs_path = _generate(args, references, out_dir, root) if args.generate else Path(args.outputs)
     if url is None:
         return 0
 
@@ -124,12 +142,9 @@ def run(args) -> int:
               "cache": str(cache_path) if cache_path else None})
     stem = outputs_path.name.rsplit(".", 1)[0]
     report = markdown(s, outputs_path.name, Path(args.references).name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"judge-{stem}.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
-    (out_dir / f"judge-{stem}.md").write_text(report, encoding="utf-8")
-    with open(out_dir / f"judge-{stem}.jsonl", "w", encoding="utf-8") as f:
-        for r in result["pairs"]:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    files.write_json(out_dir / f"judge-{stem}.json", s, root, indent=2)
+    files.write_text(out_dir / f"judge-{stem}.md", report, root)
+    files.write_jsonl(out_dir / f"judge-{stem}.jsonl", result["pairs"], root)
     print(report)
     say(f"imtune judge: {s['requests']} requests, {s['cache_hits']} cached; wrote {out_dir / f'judge-{stem}.json'}")
     return 0

@@ -283,16 +283,15 @@ def _run_vllm(args, renderer, key: str | None) -> int:
     key goes to vLLM in its environment (VLLM_API_KEY, not on its command line); imtune's other request checks
     (Host, media type, body size, queue) are not on this path."""
     import subprocess
-    import tempfile
 
+    from .. import files
     from ..models import resolve
     from ..serve import vllm_command
 
     src = resolve(args.model)
-    with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as f:
-        f.write(renderer.jinja)
+    template = files.temp_file(renderer.jinja, ".jinja")
     port = args.port or 8000
-    cmd = vllm_command(src.path, args.name or args.model, f.name, args.host, port)
+    cmd = vllm_command(src.path, args.name or args.model, str(template), args.host, port)
     say(f"imtune serve: vLLM on {src.path}: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_API_KEY": key} if key else None)
     print(f"imtune serve: listening on http://{args.host}:{port}/v1 (vLLM; ready once it says so)", flush=True)

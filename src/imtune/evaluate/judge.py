@@ -232,7 +232,10 @@ class JudgeCache:
 
     def __init__(self, path: str | Path | None):
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            from .. import files
+
+            files.make_dirs(Path(path).parent)
+            files.check_target(path)  # SQLite opens (and writes) the file itself: a link or an input is refused first
         self.db = sqlite3.connect(str(path) if path else ":memory:")
         self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, reply TEXT, "
                         "created REAL)")
@@ -397,11 +400,13 @@ def judge_pairs(pairs: list[dict], client: JudgeClient, cache: JudgeCache, worke
 
 
 def markdown(summary: dict, outputs_name: str, references_name: str) -> str:
+    from ..report_render import md_code
+
     s = summary
     rate = "n/a" if s["win_rate"] is None else f"{100 * s['win_rate']:.1f} ± {100 * s['standard_error']:.1f}"
     return "\n".join([
-        f"# Pairwise judgement: {outputs_name} vs {references_name}", "",
-        f"Judge: `{s['judge_model']}` at {s['judge_url']}; {s['protocol']}.", "",
+        f"# Pairwise judgement: {md_code(outputs_name)} vs {md_code(references_name)}", "",
+        f"Judge: {md_code(s['judge_model'])} at {md_code(s['judge_url'])}; {s['protocol']}.", "",
         "| n | wins | losses | ties | win rate % (± s.e.) | inconsistent | unparseable replies | pairs dropped |",
         "|---|---|---|---|---|---|---|---|",
         f"| {s['n']} | {s['wins']} | {s['losses']} | {s['ties']} | {rate} | {s['inconsistent_pairs']} "

@@ -17,7 +17,6 @@ LABEL.json, LABEL.samples.jsonl (prompt, completion, reference, correct) and LAB
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -287,27 +286,27 @@ def summary_line(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
+    from ..report_render import md_cell
+
     names = metric_names(result)
     lines = [f"| benchmark | model | n | {' | '.join(names)} |", "|---|---|---:|" + "---:|" * len(names),
-             f"| {result['label']} | {result.get('model', '')} | {result['n']} | "
+             f"| {md_cell(result['label'])} | {md_cell(result.get('model', ''))} | {result['n']} | "
              + " | ".join(f"{100 * result[m]:.1f}" for m in names) + " |"]
     tasks = result.get("tasks")
     if tasks:
         lines += ["", "| task | n | accuracy |", "|---|---:|---:|"]
-        lines += [f"| {t} | {r['n']} | {100 * r['accuracy']:.1f} |" for t, r in tasks.items()]
+        lines += [f"| {md_cell(t)} | {r['n']} | {100 * r['accuracy']:.1f} |" for t, r in tasks.items()]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(result: dict, rows: list[dict] | None, out_dir: Path, markdown: str | None = None) -> dict[str, str]:
     """LABEL.json (the result), LABEL.samples.jsonl (one row a sample, when there are rows) and LABEL.md (a table)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .. import files as fs
+
     label = result["label"]
     files = {"json": str(out_dir / f"{label}.json"), "markdown": str(out_dir / f"{label}.md")}
     if rows is not None:
-        files["samples"] = str(out_dir / f"{label}.samples.jsonl")
-        with open(files["samples"], "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    Path(files["markdown"]).write_text(f"# {label}\n\n" + (markdown or markdown_table(result)), encoding="utf-8")
-    Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=2) + "\n", encoding="utf-8")
+        files["samples"] = str(fs.write_jsonl(out_dir / f"{label}.samples.jsonl", rows, out_dir))
+    fs.write_text(files["markdown"], f"# {label}\n\n" + (markdown or markdown_table(result)), out_dir)
+    fs.write_json(files["json"], {**result, "files": files}, out_dir, indent=2)
     return files

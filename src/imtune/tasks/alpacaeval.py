@@ -105,9 +105,13 @@ def summary(result: dict) -> str:
 def markdown(result: dict) -> str:
     rate = "n/a" if result["win_rate"] is None else \
         f"{100 * result['win_rate']:.1f} ± {100 * result['standard_error']:.1f}"
+    from ..report_render import md_cell, md_code
+
     return "\n".join([
-        f"Judge `{result['judge']['model']}` at {result['judge']['url']}: {result['judge']['protocol']}.", "",
+        f"Judge {md_code(result['judge']['model'])} at {md_code(result['judge']['url'])}: "
+        f"{result['judge']['protocol']}.", "",
         "| model | n | win rate % (± s.e.) | wins | losses | ties | unparseable pairs | avg length | reference avg |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {result['model']} | {result['n']} | {rate} | {result['wins']} | {result['losses']} | {result['ties']} "
-        f"| {result['unparseable_pairs']} | {result['avg_length']:.0f} | {result['reference_avg_length']:.0f} |", ""])
+        f"| {md_cell(result['model'])} | {result['n']} | {rate} | {result['wins']} | {result['losses']} "
+        f"| {result['ties']} | {result['unparseable_pairs']} | {result['avg_length']:.0f} "
+        f"| {result['reference_avg_length']:.0f} |", ""])

@@ -124,6 +124,8 @@ def summarize(raw: dict, opts: Options, limit: int | None) -> dict:
 
 
 def markdown_table(result: dict) -> str:
+    from ..report_render import md_cell
+
     lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
     for task, metrics in result["tasks"].items():
         for name, value in metrics.items():
@@ -132,8 +134,8 @@ def markdown_table(result: dict) -> str:
             metric, _, filt = name.partition(",")
             err = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
             shown = f"{metric}" + (f" ({filt})" if filt and filt != "none" else "")
-            lines.append(f"| {task} | {shown} | {value:.4f} | {err:.4f} |" if isinstance(err, (int, float))
-                         else f"| {task} | {shown} | {value:.4f} | |")
+            cells = f"| {md_cell(task)} | {md_cell(shown)} | {value:.4f} |"
+            lines.append(f"{cells} {err:.4f} |" if isinstance(err, (int, float)) else f"{cells} |")
     return "\n".join(lines) + "\n"
 
 

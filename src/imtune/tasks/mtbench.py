@@ -234,12 +234,15 @@ def summary(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Judge `{result['judge']['model']}` at {result['judge']['url']}: {result['judge']['protocol']}.", "",
+    from ..report_render import md_cell, md_code
+
+    lines = [f"Judge {md_code(result['judge']['model'])} at {md_code(result['judge']['url'])}: "
+             f"{result['judge']['protocol']}.", "",
              "| model | n | score (± s.e.) | turn 1 | turn 2 | unparseable judgements |",
              "|---|---:|---:|---:|---:|---:|",
-             f"| {result['model']} | {result['n']} | {_fmt(result)} | {_fmt(result['turn1'])} | "
+             f"| {md_cell(result['model'])} | {result['n']} | {_fmt(result)} | {_fmt(result['turn1'])} | "
              f"{_fmt(result['turn2'])} | {result['unparseable_judgements']} of {result['judgements']} |", "",
              "| category | graded turns | score (± s.e.) |", "|---|---:|---:|"]
-    lines += [f"| {c} | {s['n']} | {_fmt(s)} |" for c, s in result["categories"].items()]
+    lines += [f"| {md_cell(c)} | {s['n']} | {_fmt(s)} |" for c, s in result["categories"].items()]
     return "\n".join(lines) + "\n"
 

@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
+from .. import files
 from ..types import UsageError
 
 PROCESS_LIMIT = 64  # processes (threads count too) one program may have at once
@@ -188,7 +189,7 @@ def _spawn(role: str, fds: tuple[int, ...], source: dict, bwrap: str | None, tim
         stdin.write(marshal.dumps(settings))
         stdin.seek(0)
         err = tempfile.TemporaryFile() if keep_stderr else None
-        workdir = None if bwrap else tempfile.mkdtemp(prefix="imtune-unsandboxed-")
+        workdir = None if bwrap else str(files.temp_dir(prefix="imtune-unsandboxed-"))
         home = workdir or "/tmp"  # in the sandbox, /tmp is its private tmpfs
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
         try:
@@ -198,8 +199,7 @@ def _spawn(role: str, fds: tuple[int, ...], source: dict, bwrap: str | None, tim
         except OSError:
             if err is not None:
                 err.close()
-            if workdir:
-                shutil.rmtree(workdir, ignore_errors=True)
+            _discard(workdir)
             raise
     return _Process(proc, err, workdir)
 
@@ -263,9 +263,17 @@ def _end(process: _Process) -> int:
     except (ProcessLookupError, PermissionError):
         pass
     rc = process.proc.wait()
-    if process.workdir:
-        shutil.rmtree(process.workdir, ignore_errors=True)
+    _discard(process.workdir)
     return rc
+
+
+def _discard(workdir: str | None) -> None:
+    """Remove an unsandboxed process's scratch directory (best effort; a link put in its place is left alone)."""
+    if workdir:
+        try:
+            files.remove(workdir)
+        except (OSError, UsageError):
+            pass
 
 
 def _finish(job: _Job, timed_out: bool, timeout: float) -> Outcome:
