@@ -14,6 +14,7 @@ A generation run writes LABEL.json, LABEL.samples.jsonl and LABEL.md into --out 
 directory, else ./imtune-bench/NAME/); --json OUT also writes the result to OUT."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..runlog import say
@@ -100,10 +101,10 @@ def add_arguments(p) -> None:
                    help="reply tokens asked of the judge (default: the protocol's, alpacaeval 100, mtbench 2048)")
 
 
-def output_dir(args, default: bool = True) -> Path | None:
-    """Where the result files go, made ready (None: no files): --out DIR, claimed as an imtune "eval" directory
-    (imtune.files: new or empty, or one imtune made); else RUN/eval of a run given as --model; else
-    imtune-bench/NAME. --json OUT is checked here too: every argument before the first write."""
+def output_dir(args, default: bool = True) -> tuple[Path | None, bool]:
+    """(where the result files go (None: no files), whether it is a directory of its own), checked before anything
+    is written: --out DIR, an imtune "eval" directory of its own (imtune.files: new or empty, or one imtune made);
+    else RUN/eval of a run given as --model; else imtune-bench/NAME. --json OUT is checked here too."""
     from .. import files
     from ..rundir import find_run
 
@@ -111,11 +112,24 @@ def output_dir(args, default: bool = True) -> Path | None:
         files.check_target(args.json)
     run = None if args.out or not default else find_run(args.model)
     if run is not None:
-        return files.make_dirs(run.path / "eval", files.owned(run.path, "run"))
+        return files.check_target(run.path / "eval", files.owned(run.path, "run")), False
     out = Path(args.out) if args.out else Path("imtune-bench") / args.name if default else None
     if out is not None:
-        files.claim(out, "eval")
-    return out
+        files.check_claim(out, "eval")
+    return out, out is not None
+
+
+@contextmanager
+def writing_to(out: Path | None, own: bool):
+    """A directory of its own is claimed (imtune.files.claiming: removed again when the benchmark fails before
+    writing); RUN/eval lies in a run imtune made; no output needs nothing."""
+    from .. import files
+
+    if not own:
+        yield
+        return
+    with files.claiming(out, "eval"):
+        yield
 
 
 def run(args) -> int:
@@ -127,7 +141,9 @@ def run(args) -> int:
             raise UsageError("harness: lm-eval generates and scores itself; give --model, not --samples")
         from ..tasks import harness
 
-        result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=output_dir(args), **options)
+        out, own = output_dir(args)
+        with writing_to(out, own):
+            result = harness.run_benchmark(args.model or "default", limit=args.limit, out_dir=out, **options)
         print(harness.markdown_table(result), end="")
         return _finish(result, args)
     if not args.data and args.name in DEFAULT_DATA:
@@ -138,8 +154,9 @@ def run(args) -> int:
                             "alpacaeval": "alpaca_eval/text_davinci_003_outputs.json",
                             "mtbench": "mt_bench"}[args.name])
     if args.samples:
-        result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit,
-                                     out_dir=output_dir(args, default=False), **options)
+        out, own = output_dir(args, default=False)
+        with writing_to(out, own):
+            result = tasks.score_samples(args.name, args.samples, args.data, limit=args.limit, out_dir=out, **options)
     elif args.model:
         result = _generate(args, options)
     else:
@@ -158,6 +175,7 @@ def _generate(args, options: dict) -> dict:
     from ..models import load_model, load_tokenizer
     from ..templates import Renderer
 
+    out, own = output_dir(args)  # checked before the model is loaded
     mod = tasks.module(args.name)
     opts = tasks.make_options(args.name, options)
     tok = load_tokenizer(args.model)
@@ -170,12 +188,12 @@ def _generate(args, options: dict) -> dict:
     if getattr(opts, "n_samples", 1) > 1 and cfg.temperature == 0:
         say(f"{args.name}: {opts.n_samples} samples per problem with greedy decoding are identical; "
             "use --temperature > 0 (e.g. 0.8) for pass@k")
-    out = output_dir(args)
     say(f"{args.name}: model {args.model}, template {renderer.name}, max_new_tokens {cfg.max_new_tokens}")
     if args.judge_key_anywhere:  # not an Option (kept out of the results): how this run may treat the API key
         options = {**options, "judge_key_anywhere": True}
-    result = tasks.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
-                                 out_dir=out, model_name=args.model, progress=True, **options)
+    with writing_to(out, own):
+        result = tasks.run_benchmark(args.name, model, tok, renderer, args.data, limit=args.limit, gen_cfg=cfg,
+                                     out_dir=out, model_name=args.model, progress=True, **options)
     say(f"wrote {', '.join(result['files'].values())}")
     return result
 

@@ -71,6 +71,12 @@ def output_dir(args, run) -> tuple[Path, Path]:
                      "directory, or one imtune made)")
 
 
+def _claim(args, out_dir: Path) -> None:
+    """--out DIR becomes imtune's right before the first file goes into it (output_dir checked it at the start)."""
+    if args.out:
+        files.claim(out_dir, "eval")
+
+
 def _generate(args, references: list[dict], out_dir: Path, root: Path) -> Path:
     from ..evaluate.bleu import generation_rows
     from ..generate import GenerationConfig
@@ -112,13 +118,15 @@ def run(args) -> int:
     if args.judge_url and not args.judge_model:
         raise UsageError("give --judge-model NAME (the model name the endpoint serves)")
     url = chat_url(args.judge_url) if args.judge_url else None
+    client = JudgeClient(url, args.judge_model, os.environ.get(args.api_key_env) or None, args.max_tokens,
+                         args.timeout, key_anywhere=args.judge_key_anywhere) if url else None  # first: a key refused
     run = find_run(args.model)
     out_dir, root = output_dir(args, run)
     if args.generate and args.outputs:
         files.check_target(args.outputs)
     references = read_outputs(args.references)
-    if args.out:
-        files.claim(out_dir, "eval")
+    if args.generate:
+        _claim(args, out_dir)
     outputs_path = _generate(args, references, out_dir, root) if args.generate else Path(args.outputs)
     if url is None:
         return 0
@@ -129,8 +137,6 @@ def run(args) -> int:
     if unmatched:
         say(f"imtune judge: {unmatched} outputs have no reference with the same instruction (left out)")
     cache_path = None if (args.cache or "").lower() == "none" else (args.cache or cache_dir() / "judge-cache.sqlite")
-    client = JudgeClient(url, args.judge_model, os.environ.get(args.api_key_env) or None, args.max_tokens,
-                         args.timeout, key_anywhere=args.judge_key_anywhere)
     cache = JudgeCache(cache_path)
     try:
         say(f"imtune judge: {len(pairs)} pairs x 2 orders, judge {args.judge_model} at {url}, cache {cache_path}")
@@ -142,6 +148,7 @@ def run(args) -> int:
               "cache": str(cache_path) if cache_path else None})
     stem = outputs_path.name.rsplit(".", 1)[0]
     report = markdown(s, outputs_path.name, Path(args.references).name)
+    _claim(args, out_dir)
     files.write_json(out_dir / f"judge-{stem}.json", s, root, indent=2)
     files.write_text(out_dir / f"judge-{stem}.md", report, root)
     files.write_jsonl(out_dir / f"judge-{stem}.jsonl", result["pairs"], root)
