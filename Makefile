@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 # wheels that this machine's pip finds torch in is handed to it when it exists.
 UV_VERSION := 0.13.9
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
-EXTRAS := .[eval,serve,tensorboard,test]
+EXTRAS := .[eval,serve,tensorboard,test,ray]
 # The venv is made without pip (`venv` takes ~10 s to install pip into it; uv does not need it): this machine's pip
 # puts uv into it (`pip --python`, pip >= 22.3); where that fails, pip is added to the venv after all.
 pip = { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip -q; } && $(BIN)/python -m pip install -q

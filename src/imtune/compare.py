@@ -116,6 +116,7 @@ class CompareSettings:
     bleu_samples: int = 16  # training prompts answered greedily for memorisation BLEU
     exact_match: int = 0  # held-out prompts answered greedily and scored by exact match (short-answer data)
     dry_run: bool = False  # print the plan and its estimated cost, train nothing
+    ray: object = None  # imtune.ray_jobs.RayPlan: train the grid on a Ray cluster (--executor ray)
     max_new_tokens: int = 128
     bench: list[tuple[str, str]] = field(default_factory=list)  # (benchmark, data path)
     bench_limit: int | None = None
@@ -215,7 +216,7 @@ def run_comparison(s: CompareSettings) -> Path:
     if s.dry_run:
         say(f"--dry-run: nothing trained (the data split is written under {out / 'data'})")
         return out
-    train_all(todo, s.jobs, say)
+    train_all(todo, s.jobs, say, s.ray)
     free_memory()
     if not is_main_process():
         return out

@@ -42,12 +42,17 @@ class Task:
     done: str = "done"  # the verb of the line printed when it ends ("trained", "evaluated")
 
 
-def train_all(jobs: list[Job], parallel: int, say) -> None:
-    """Train every job's config to its end (finished runs are the caller's to skip)."""
+def train_all(jobs: list[Job], parallel: int, say, ray=None) -> None:
+    """Train every job's config to its end (finished runs are the caller's to skip): on a Ray cluster when `ray` (an
+    imtune.ray_jobs.RayPlan) is given, else here."""
     from .train import train
 
     for job in jobs:  # claimed here (imtune.files), before a train.log is opened in it
         files.claim(job.cfg.output_dir, "run")
+    if ray is not None and jobs:
+        from .ray_jobs import train_on_ray
+
+        return train_on_ray(jobs, ray, say)
     if not side_by_side_ok(parallel, len(jobs)):
         for job in jobs:
             say(f"{job.label}: training -> {job.cfg.output_dir}")
@@ -58,7 +63,29 @@ def train_all(jobs: list[Job], parallel: int, say) -> None:
     for job in jobs:
         cfg = job.cfg.replace(progress=False, threads=job.cfg.threads or threads)
         tasks.append(Task(job.label, train, (cfg,), Path(cfg.output_dir) / "train.log", cfg.threads, "trained"))
-    side_by_side(tasks, parallel, say)
+    side_by_side(tasks, parallel, say, gpu_groups(visible_gpus(), parallel))
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES as given, else 0..count-1); none without CUDA."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d for d in given.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def gpu_groups(gpus: list[str], parallel: int) -> list[str | None]:
+    """One CUDA_VISIBLE_DEVICES value per concurrent slot: the GPUs dealt out so that runs side by side never share
+    one (8 GPUs, --jobs 4: "0,1", "2,3", ...). Fewer GPUs than slots: the runs share them round robin (said by the
+    caller); no GPUs: None (CPU runs)."""
+    if not gpus:
+        return [None] * parallel
+    if len(gpus) < parallel:
+        return [gpus[i % len(gpus)] for i in range(parallel)]
+    per = len(gpus) // parallel
+    return [",".join(gpus[i * per:(i + 1) * per]) for i in range(parallel)]
 
 
 def side_by_side_ok(parallel: int, n: int) -> bool:
@@ -67,24 +94,27 @@ def side_by_side_ok(parallel: int, n: int) -> bool:
     return parallel > 1 and n > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1
 
 
-def side_by_side(tasks: list[Task], parallel: int, say) -> None:
-    """Run the tasks, at most `parallel` at a time, each in a spawned process; a failure stops the others and raises
-    a UsageError naming the failed task's log."""
+def side_by_side(tasks: list[Task], parallel: int, say, slots: list[str | None] | None = None) -> None:
+    """Run the tasks, at most `parallel` at a time, each in a spawned process (slot i's CUDA_VISIBLE_DEVICES, see
+    gpu_groups); a failure stops the others and raises a UsageError naming the failed task's log."""
     ctx, waiting, running = mp.get_context("spawn"), list(tasks), {}
+    free = list(slots or [None] * parallel)
     t0 = time.perf_counter()
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
-                task = waiting.pop(0)
+                task, slot = waiting.pop(0), free.pop(0)
                 files.make_dirs(task.log.parent)
-                p = ctx.Process(target=_child, args=(task.target, task.args, str(task.log), task.threads),
+                p = ctx.Process(target=_child, args=(task.target, task.args, str(task.log), task.threads, slot),
                                 name=task.label)
                 p.start()
-                running[p.sentinel] = (p, task, time.perf_counter())
-                say(f"{task.label}: started ({task.threads} thread(s), side by side with up to {parallel - 1} "
+                running[p.sentinel] = (p, task, time.perf_counter(), slot)
+                gpu = f", GPU {slot}" if slot is not None else ""
+                say(f"{task.label}: started ({task.threads} thread(s){gpu}, side by side with up to {parallel - 1} "
                     f"other(s); log {task.log})")
             for sentinel in wait(list(running)):
-                p, task, started = running.pop(sentinel)
+                p, task, started, slot = running.pop(sentinel)
+                free.append(slot)
                 p.join()
                 if p.exitcode != 0:
                     raise UsageError(f"{task.label} failed (exit {p.exitcode}); its log {task.log} ends:\n"
@@ -97,8 +127,11 @@ def side_by_side(tasks: list[Task], parallel: int, say) -> None:
             p.join()
 
 
-def _child(target: Callable, args: tuple, log: str, threads: int) -> None:
-    """In the child: everything it prints (Python and native) goes to `log`; torch uses `threads` threads."""
+def _child(target: Callable, args: tuple, log: str, threads: int, gpus: str | None = None) -> None:
+    """In the child: everything it prints (Python and native) goes to `log`; torch uses `threads` threads and sees
+    only the GPUs of its slot (set before torch is imported here: spawn starts a fresh interpreter)."""
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     import torch
 
     fd = files.open_fd(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode=0o644)  # O_NOFOLLOW

@@ -56,6 +56,7 @@ class StudySettings:
     heldout_fraction: float = 0.1
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule)
+    ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
     strata: int | None = None  # ratio with --data: equal-size quantile bins of the per-example ratio
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -203,7 +204,7 @@ def run_study(s: StudySettings, arms: list) -> Path:
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
         cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
                                       seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
-                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, jobs=s.jobs,
+                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray,
                                       argv=s.argv))
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue

@@ -44,6 +44,7 @@ class SweepSettings:
     loss_samples: int | None = None
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule)
+    ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -69,7 +70,7 @@ def sweep(s: SweepSettings) -> Path:
         cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
                                       val_fraction=s.val_fraction, val_data=s.val_data,
                                       heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples,
-                                      bleu_samples=0, device=s.device, jobs=s.jobs, argv=s.argv))
+                                      bleu_samples=0, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv))
     if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
         return out
     summary = read_json(cmp / "compare.json")

@@ -20,8 +20,30 @@ class CommaList(argparse.Action):
         setattr(namespace, self.dest, ",".join(v.strip(",") for v in values if v.strip(",")))
 
 
+def ray_plan(args):
+    """--executor ray [--ray-address A] [--cpus-per-run C] [--gpus-per-run G] -> a RayPlan (imtune.ray_jobs);
+    --executor local: None."""
+    from ..ray_jobs import RayPlan
+    from ..types import UsageError
+
+    if args.executor == "local":
+        if args.ray_address or args.gpus_per_run is not None or args.cpus_per_run is not None:
+            raise UsageError("--ray-address, --gpus-per-run and --cpus-per-run are for --executor ray")
+        return None
+    return RayPlan(address=args.ray_address, cpus_per_run=1.0 if args.cpus_per_run is None else args.cpus_per_run,
+                   gpus_per_run=0.0 if args.gpus_per_run is None else args.gpus_per_run)
+
+
 def add_jobs_arg(p) -> None:
-    """--jobs of compare, sweep and study (imtune.schedule)."""
+    """--jobs of compare, sweep and study (imtune.schedule), and the Ray executor's flags (imtune.ray_jobs)."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local", type=str.lower,
+                   help="where the grid of runs trains: here (one after another, or --jobs side by side), or every "
+                        "run a Ray task (--out must be on storage every node sees)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="--executor ray: a running cluster (auto, or HEAD:6379); default: a local Ray instance")
+    p.add_argument("--cpus-per-run", type=float, default=None, metavar="C", help="--executor ray: CPUs per run (1)")
+    p.add_argument("--gpus-per-run", type=float, default=None, metavar="G",
+                   help="--executor ray: GPUs per run (0); Ray places the run and sets CUDA_VISIBLE_DEVICES")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs side by side, each in its own process with cores/N torch threads, output in "
                         "RUN/train.log (evaluations still run one after another); for machines where one run cannot "

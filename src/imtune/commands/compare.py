@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg
+from .common import CommaList, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -103,7 +103,7 @@ def settings_from(args):
                            val_data=base.val_data, heldout_fraction=args.heldout_fraction,
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
-                           bench_limit=args.bench_limit, device=args.device, jobs=args.jobs,
+                           bench_limit=args.bench_limit, device=args.device, jobs=args.jobs, ray=ray_plan(args),
                            judge=judge, bench_max_new_tokens=args.bench_max_new_tokens, dry_run=args.dry_run)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg
+from .common import CommaList, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -85,7 +85,7 @@ def settings_from(args):
                          values=[] if stratified else parse_values(args.factor, args.values),
                          arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
                          heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
-                         heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs,
+                         heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs, ray=ray_plan(args),
                          strata=(args.strata or 3) if stratified else None)
 
 

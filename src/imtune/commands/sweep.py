@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg
+from .common import CommaList, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -49,7 +49,7 @@ def settings_from(args):
                          prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
                          val_fraction=args.val_fraction, val_data=base.val_data,
                          heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device,
-                         jobs=args.jobs)
+                         jobs=args.jobs, ray=ray_plan(args))
 
 
 def show(out: Path) -> None:
