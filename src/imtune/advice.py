@@ -54,10 +54,25 @@ class Evidence:
 
 
 EVIDENCE: tuple[Evidence, ...] = (
-    Evidence(source="imtune demo: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every answer in its own "
-                    "instruction), 12 steps at lr 1.5e-4, 31 test examples (2026-12-06)",
-             command="imtune demo", data="synth:lookup", ratio_words=30.6, n=8, seeds=3,
-             final=(-0.6817, -0.9663, -0.4176), best=(-0.3747, -0.8559, 0.0638), it_final=1.7192, it_best=1.3719),
+    Evidence(source="the demo's comparison with 3 seeds: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every "
+                    "answer in its own instruction; data: imtune data synth --family lookup --n 8 --ratio 30 --seed 0 "
+                    "--heldout 44 --out synth/lookup.jsonl), 12 steps at lr 1.5e-4, 31 test examples (2026-12-07)",
+             command="imtune compare --data synth/lookup.jsonl --eval-data synth/lookup.heldout.jsonl --arms it,im "
+                     "--model default --template chatml --epochs 1.5 --lr 0.00015 --lr-schedule constant "
+                     "--warmup-ratio 0 --no-packing --max-length 256 --batch-size 1 --eval-every 4 "
+                     "--eval-train-sample 0 --bleu-samples 0 --exact-match 44 --max-new-tokens 8 --loss-samples 8 "
+                     "--seeds 0,1,2 --out runs/demo3",
+             data="synth:lookup", ratio_words=30.6, n=8, seeds=3,
+             final=(-0.6817, -0.9663, -0.4176), best=(-0.3748, -0.8559, 0.0638), it_final=1.7192, it_best=1.3719),
+    Evidence(source="imtune study --factor n, value 32: SmolLM2-135M-Instruct on AlpaGasus-Dolly 3k (first 1,000 "
+                    "records, 100 held out: 30 validation, 70 test), 29 training examples, 3 epochs at lr 1e-4, "
+                    "12 steps (2026-12-06)",
+             command="imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl "
+                     "--limit 1000 --arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 "
+                     "--batch-size 2 --lr 1e-4 --epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 "
+                     "--no-progress --out dolly-n",
+             data="alpagasus_dolly_3k.jsonl", ratio_words=0.58, n=29, seeds=3,
+             final=(-0.0030, -0.0064, 0.0006), best=(-0.0058, -0.0128, 0.0002), it_final=2.4740, it_best=2.4701),
 )
 
 
