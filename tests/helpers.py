@@ -106,3 +106,14 @@ def conversations(draw):
         msgs.append(Message("user", draw(text_strategy)))
         msgs.append(Message("assistant", draw(text_strategy)))
     return Conversation(tuple(msgs), Where("h.jsonl", 1, 0))
+
+
+def word_data(path, n: int = 10) -> str:
+    """n short two-turn conversations over ten words, in the `messages` format (schedule and Ray tests)."""
+    words = "alpha beta gamma delta river stone light cloud seven green".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            msgs = [{"role": "user", "content": " ".join(words[(i + k) % 10] for k in range(6))},
+                    {"role": "assistant", "content": " ".join(words[(i * 3 + k) % 10] for k in range(3))}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return str(path)

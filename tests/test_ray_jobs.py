@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import word_data
 from imtune.cli import main
 from imtune.schedule import gpu_groups
 
@@ -30,14 +31,7 @@ def test_concurrent_runs_get_their_own_gpus():
     assert gpu_groups([], 2) == [None, None]  # CPU
 
 
-def _data(path, n: int = 10) -> str:
-    words = "alpha beta gamma delta river stone light cloud seven green".split()
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            msgs = [{"role": "user", "content": " ".join(words[(i + k) % 10] for k in range(6))},
-                    {"role": "assistant", "content": " ".join(words[(i * 3 + k) % 10] for k in range(3))}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return str(path)
+_data = word_data
 
 
 def _argv(data: str, out, steps: int = 3) -> list[str]:

@@ -8,20 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import word_data
 from imtune.cli import main
 from imtune.config import TrainConfig
 from imtune.schedule import Job, train_all
 from imtune.types import UsageError
 
-
-def _data(path, n: int = 10) -> str:
-    words = "alpha beta gamma delta river stone light cloud seven green".split()
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            msgs = [{"role": "user", "content": " ".join(words[(i + k) % 10] for k in range(6))},
-                    {"role": "assistant", "content": " ".join(words[(i * 3 + k) % 10] for k in range(3))}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
-    return str(path)
+_data = word_data
 
 
 def _compare(tmp_path, data: str, out: str, jobs: int) -> None:
