@@ -22,6 +22,7 @@ RULE = {
     "small_n": 5000,  # between the two ratios: N <= this -> IM (few examples), else weighted
     "prompt_weight": 0.1,  # λ suggested for `weighted` (Huerta-Enochian & Ko 2024: 0.01–0.5 best on short outputs)
 }
+PRACTICAL = 0.02  # a difference below 2% of IT's loss decides nothing (as imtune.report_checks.PRACTICAL)
 # The ratio bands of the rule (instruction/output in words): evidence speaks only for data in its own band.
 BANDS = (("long outputs (ratio < 0.15)", 0.0, RULE["low_ratio"]),
          ("intermediate (0.15 <= ratio < 0.5)", RULE["low_ratio"], RULE["high_ratio"]),
@@ -48,8 +49,11 @@ class Evidence:
     it_best: float  # IT's held-out output loss at its best checkpoints
 
     def verdict(self, which: str = "final") -> str | None:
-        """'im' or 'it' when the interval excludes zero, else None."""
-        _, lo, hi = getattr(self, which)
+        """'im' or 'it' when the interval excludes zero and the difference is at least PRACTICAL of IT's loss (the
+        compare verdict's rule, imtune.report_checks), else None."""
+        value, lo, hi = getattr(self, which)
+        if abs(value) < PRACTICAL * getattr(self, "it_" + which):
+            return None
         return "im" if hi < 0 else "it" if lo > 0 else None
 
 
@@ -73,6 +77,14 @@ EVIDENCE: tuple[Evidence, ...] = (
                      "--no-progress --out dolly-n",
              data="alpagasus_dolly_3k.jsonl", ratio_words=0.58, n=29, seeds=3,
              final=(-0.0030, -0.0064, 0.0006), best=(-0.0058, -0.0128, 0.0002), it_final=2.4740, it_best=2.4701),
+    Evidence(source="the same study, value 64: 61 training examples, 24 steps (2026-12-07); the final difference's "
+                    "interval excludes zero but it is -0.19% of the loss (undecided by the 2% rule)",
+             command="imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl "
+                     "--limit 1000 --arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 "
+                     "--batch-size 2 --lr 1e-4 --epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 "
+                     "--no-progress --out dolly-n",
+             data="alpagasus_dolly_3k.jsonl", ratio_words=0.51, n=61, seeds=3,
+             final=(-0.0047, -0.0093, -0.0004), best=(-0.0021, -0.0061, 0.0020), it_final=2.4655, it_best=2.4376),
 )
 
 
@@ -92,8 +104,9 @@ def evidence_for(ratio: float | None, mode: str) -> str:
         said = []
         for which, v in found.items():
             val, lo, hi = getattr(e, which)
-            verdict = ("agrees with this advice" if v == mode else "decides nothing (the interval includes zero)"
-                       if v is None else f"disagrees with this advice (it favours {v})")
+            verdict = ("agrees with this advice" if v == mode else "decides nothing (the interval includes zero, or "
+                       f"the difference is below {PRACTICAL:.0%} of the loss)" if v is None
+                       else f"disagrees with this advice (it favours {v})")
             scale = getattr(e, "it_" + which)
             said.append(f"{which} {val:+.3f} ({val / scale:+.1%}; 95% interval {lo:+.3f} to {hi:+.3f}) — {verdict}")
         parts.append(f"{e.data}, ratio {e.ratio_words:.3g}, N = {e.n}, {e.seeds} seeds: IM − IT held-out output "
