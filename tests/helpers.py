@@ -48,11 +48,13 @@ def metrics(run, kind="train"):
 
 
 @contextmanager
-def serving(model: str = "random:tiny", *extra: str, timeout: float = 180.0):
-    """Start `imtune serve MODEL --port 0` as a subprocess; yield (process, base URL ending in /v1, stderr file).
+def serving(model: str = "random:tiny", *extra: str, timeout: float = 180.0, program: list[str] | None = None):
+    """Start `imtune serve MODEL --port 0` as a subprocess (`program` instead of `python -m imtune.cli`, e.g.
+    `python -c CODE` that patches the server first); yield (process, base URL ending in /v1, stderr file).
     The process is always stopped (SIGTERM, then SIGKILL) on exit."""
     err = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "imtune.cli", "serve", model, "--port", "0", "--quiet", *extra],
+    program = program or [sys.executable, "-m", "imtune.cli"]
+    proc = subprocess.Popen([*program, "serve", model, "--port", "0", "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         sel = selectors.DefaultSelector()

@@ -13,18 +13,15 @@ import asyncio
 import http.client
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 
@@ -575,29 +572,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@contextmanager
-def serving_code(code: str, *args: str, timeout: float = 180.0):
-    """helpers.serving for `python -c CODE serve ARGS --port 0 --quiet`: (process, URL, stderr file)."""
-    err = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        url, deadline = None, time.time() + timeout
-        while url is None:
-            if proc.poll() is not None or time.time() > deadline:
-                err.seek(0)
-                raise RuntimeError(f"the server did not start (rc {proc.poll()}): {err.read()[-2000:]}")
-            if sel.select(timeout=1.0) and "listening on " in (line := proc.stdout.readline()):
-                url = line.split("listening on ", 1)[1].strip()
-        yield proc, url, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        err.close()
+def serving_code(code: str, model: str, *args: str, timeout: float = 180.0):
+    """helpers.serving for `python -c CODE serve MODEL ARGS --port 0 --quiet`: (process, URL, stderr file)."""
+    return serving(model, *args, timeout=timeout, program=[sys.executable, "-c", code])
 
 
 @pytest.fixture(scope="module")

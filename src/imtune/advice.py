@@ -57,6 +57,9 @@ class Evidence:
         return "im" if hi < 0 else "it" if lo > 0 else None
 
 
+DOLLY_N = ("imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl --limit 1000 "
+           "--arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 --batch-size 2 --lr 1e-4 "
+           "--epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 --no-progress --out dolly-n")
 EVIDENCE: tuple[Evidence, ...] = (
     Evidence(source="the demo's comparison with 3 seeds: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every "
                     "answer in its own instruction; data: imtune data synth --family lookup --n 8 --ratio 30 --seed 0 "
@@ -71,18 +74,12 @@ EVIDENCE: tuple[Evidence, ...] = (
     Evidence(source="imtune study --factor n, value 32: SmolLM2-135M-Instruct on AlpaGasus-Dolly 3k (first 1,000 "
                     "records, 100 held out: 30 validation, 70 test), 29 training examples, 3 epochs at lr 1e-4, "
                     "12 steps (2026-12-06)",
-             command="imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl "
-                     "--limit 1000 --arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 "
-                     "--batch-size 2 --lr 1e-4 --epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 "
-                     "--no-progress --out dolly-n",
+             command=DOLLY_N,
              data="alpagasus_dolly_3k.jsonl", ratio_words=0.58, n=29, seeds=3,
              final=(-0.0030, -0.0064, 0.0006), best=(-0.0058, -0.0128, 0.0002), it_final=2.4740, it_best=2.4701),
     Evidence(source="the same study, value 64: 61 training examples, 24 steps (2026-12-07); the final difference's "
                     "interval excludes zero but it is -0.19% of the loss (undecided by the 2% rule)",
-             command="imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl "
-                     "--limit 1000 --arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 "
-                     "--batch-size 2 --lr 1e-4 --epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 "
-                     "--no-progress --out dolly-n",
+             command=DOLLY_N,
              data="alpagasus_dolly_3k.jsonl", ratio_words=0.51, n=61, seeds=3,
              final=(-0.0047, -0.0093, -0.0004), best=(-0.0021, -0.0061, 0.0020), it_final=2.4655, it_best=2.4376),
 )
