@@ -79,3 +79,14 @@ def tokenize(rendered, tokenizer, spec, max_length=None, truncation="drop", on_e
                              truncation, on_empty)
     report.content_specials, report.special_tokens_in_content = specials, special_tokens_in_content
     return examples, report
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """The preparation cache on for this test, in its own folder, for inputs of any size (test_cache*)."""
+    from imtune import cache
+
+    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)
+    monkeypatch.setattr(cache, "MIN_CHARS", 0)
+    return tmp_path / "prep"

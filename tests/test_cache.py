@@ -23,14 +23,6 @@ from imtune.weights import loss_spec
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
-    monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)
-    monkeypatch.setattr(cache, "MIN_CHARS", 0)
-    return tmp_path / "prep"
-
-
-@pytest.fixture
 def counting(monkeypatch):
     """Counts calls of tokenize.encode as seen by the cache module (every tokenisation goes through it)."""
     calls = []

@@ -12,14 +12,6 @@ from imtune.types import Conversation, Message, Where
 from imtune.weights import loss_spec
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
-    monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)
-    monkeypatch.setattr(cache, "MIN_CHARS", 0)
-    return tmp_path / "prep"
-
-
 def convs(n: int = 6) -> list[Conversation]:
     return [Conversation((Message("user", f"What is {i} + {i}?"), Message("assistant", f"{2 * i}, of course.")),
                          Where("m.jsonl", i + 1, i)) for i in range(n)]
