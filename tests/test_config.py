@@ -41,3 +41,28 @@ def test_commands_sharing_a_flag_print_the_fields_help():
                        "field": "fields", "role": "roles", "on_invalid": "on_invalid",
                        "special_tokens_in_content": "special_tokens_in_content"}.items():
         assert helps[dest] == field_help(name), dest
+
+
+def test_field_alternatives_in_yaml_and_on_the_command_line_are_one_setting(tmp_path):
+    """`fields: {output: [output, response]}`, `output|response` in YAML and `--field output=output|response` give
+    the same config (so a re-run with either is the same run); a single key stays a string."""
+    from imtune.cli import build_parser
+    from imtune.types import UsageError
+
+    want = {"output": ["output", "response"], "instruction": "question"}
+    for body in ("fields: {output: [output, response], instruction: question}\n",
+                 "fields: {output: 'output|response', instruction: question}\n"):
+        (tmp_path / "c.yaml").write_text("data: d.jsonl\n" + body)
+        assert TrainConfig.from_yaml(tmp_path / "c.yaml").fields == want
+    args = build_parser("train").parse_args(["d.jsonl", "--field", "output=output|response",
+                                             "--field", "instruction=question"])
+    cfg = TrainConfig.from_args(args)
+    assert cfg.fields == want
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # config.yaml round trip
+    (tmp_path / "c.yaml").write_text("data: d.jsonl\nfields: {ouput: response}\n")
+    try:
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    except UsageError as e:
+        assert "did you mean 'output'" in str(e)
+    else:
+        raise AssertionError("an unknown canonical field was accepted")

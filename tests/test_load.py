@@ -171,6 +171,60 @@ def test_parse_fields():
             parse_fields(bad)
 
 
+def test_parse_fields_takes_ordered_alternatives():
+    assert parse_fields(["output=output|response"]) == {"output": ["output", "response"]}
+    assert parse_fields(["output = output | response ", "instruction=question"]) == {
+        "output": ["output", "response"], "instruction": "question"}
+    assert parse_fields(["output=response|response"]) == {"output": "response"}  # one key stays a string
+    for bad in (["output=|"], ["output=a|b", "output=b|a"], ["ouptut=a|b"]):
+        with pytest.raises(UsageError):
+            parse_fields(bad)
+    with pytest.raises(UsageError, match="did you mean 'output'"):
+        parse_fields(["ouptut=a|b"])
+
+
+MIXED = [{"instruction": "Add.", "output": "2"}, {"instruction": "Say hi.", "response": "hi"},
+         {"instruction": "Count.", "input": "1 2", "output": "3"},
+         {"question": "Why?", "response": "because", "output": "ignored: response comes first here"}]
+
+
+@pytest.mark.parametrize("fields", [{"output": "output|response"}, {"output": ["output", "response"]}])
+def test_a_file_spelling_a_field_two_ways_loads_with_alternatives(tmp_path, fields):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in MIXED[:3]) + "\n")
+    result = load_conversations(str(path), fields=fields)
+    assert turns(result) == [[("user", "Add."), ("assistant", "2")], [("user", "Say hi."), ("assistant", "hi")],
+                             [("user", "Count.\n\n1 2"), ("assistant", "3")]]
+    assert "output|response → assistant" in result.understood.line()
+    assert "response" not in result.understood.ignored  # an alternative is read, never "ignored"
+    # The order decides when a record has both; nested alternatives (instruction=instruction|question) work alike.
+    path.write_text(json.dumps(MIXED[3]) + "\n")
+    both = load_conversations(str(path), format="alpaca",
+                              fields={"output": ["response", "output"], "instruction": "instruction|question"})
+    assert turns(both) == [[("user", "Why?"), ("assistant", "because")]]
+
+
+def test_a_file_spelling_a_field_two_ways_fails_clearly_without_alternatives(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in MIXED[:3]) + "\n")
+    with pytest.raises(DataError) as error:
+        load_conversations(str(path))
+    text = error.value.render()
+    assert f"{path}:2: output: missing (format alpaca); the record has fields instruction, response" in text
+    assert "1 record(s) have response instead of output: read either with --field output=output|response" in text
+    with pytest.raises(DataError) as error:  # mapping only the other spelling moves the failure, and says so
+        load_conversations(str(path), fields={"output": "response"})
+    assert f"{path}:1: response: missing" in error.value.render()
+    assert "--field output=response|output" in error.value.hint
+    # A record with none of the alternatives names every key tried, at its file:line.
+    path.write_text(json.dumps(MIXED[0]) + "\n" + json.dumps({"instruction": "x", "answer": "y"}) + "\n")
+    with pytest.raises(DataError) as error:
+        load_conversations(str(path), fields={"output": "output|response"})
+    assert (f"{path}:2: output|response: missing (format alpaca; tried output, response); the record has fields "
+            "instruction, answer; add one to the alternatives, e.g. --field output=output|response|NAME"
+            in error.value.render())
+
+
 def test_formats_registry_is_reexported():
     assert list(FORMATS) == ["messages", "sharegpt", "alpaca", "prompt_completion"]
 
@@ -241,3 +295,17 @@ def test_gsm8k_with_a_field_map():
     result = load_conversations(real("gsm8k_train.jsonl"), format="prompt_completion", fields=fields)
     assert len(result.conversations) == 7473
     assert result.conversations[0].messages[1].content.endswith("#### 72")
+
+
+def test_the_commands_read_a_mixed_file_with_field_alternatives(tmp_path, capsys):
+    from imtune.cli import main
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in MIXED[:3]) + "\n")
+    assert main(["data", "stats", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: output: missing" in err and "--field output=output|response" in err
+    assert "Traceback" not in err and "usage:" not in err
+    assert main(["data", "stats", str(path), "--field", "output=output|response"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 3 examples" in out and "output|response → assistant" in out

@@ -191,7 +191,7 @@ def test_some_valid_records_still_suggest_skipping(tmp_path, capsys):
     from imtune.cli import main
 
     path = tmp_path / "half.jsonl"
-    path.write_bytes(lines(OK_ALPACA, '{"instruction": "i", "answer": "a"}'))
+    path.write_bytes(lines(OK_ALPACA, '{"instruction": "i", "note": "a"}'))
     with pytest.raises(DataError) as error:
         load_conversations(str(path))
     assert error.value.hint == ""

@@ -59,9 +59,10 @@ class TrainConfig:
     # -- data ----------------------------------------------------------------------------------------------------
     data: str = _f("", "training data: JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
     format: str = _f("auto", "auto, messages, alpaca, prompt_completion or sharegpt")
-    # YAML: fields: {output: response}, roles: {bot: assistant}
-    fields: dict = _f({}, "read canonical field NAME from record key KEY, e.g. --field output=response (repeatable)",
-                      name="--field", dest="field", action="append", metavar="NAME=KEY")
+    # YAML: fields: {output: response} or {output: [output, response]} (the first a record has); roles: {bot: assistant}
+    fields: dict = _f({}, "read canonical field NAME from record key KEY, e.g. --field output=response; ordered "
+                          "alternatives, the first a record has: --field output=output|response (repeatable)",
+                      name="--field", dest="field", action="append", metavar="NAME=KEY[|KEY2]")
     roles: dict = _f({}, "map a role spelling of the data to user/assistant/system, e.g. --role bot=assistant "
                          "(ShareGPT's human and gpt are known already; repeatable)",
                      name="--role", dest="role", action="append", metavar="NAME=ROLE,...")
@@ -148,6 +149,10 @@ class TrainConfig:
             meant = "; ".join(f"did you mean {g[0]!r} for {k!r}?" for k, g in guesses.items() if g)
             raise UsageError(f"unknown config key(s) {', '.join(unknown)}{'; ' + meant if meant else ''}; valid: "
                              f"{', '.join(known)}")
+        if d.get("fields"):  # `fields: {output: [output, response]}` or `output|response`: one form (imtune.load)
+            from .load import check_fields
+
+            d = {**d, "fields": check_fields(d["fields"]) if isinstance(d["fields"], dict) else d["fields"]}
         return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
 
     @classmethod

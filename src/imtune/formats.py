@@ -2,7 +2,9 @@
 
 Converters read *canonical* field names through a field map: with `fields={"output": "response"}` the canonical
 `output` is read from the record's `response` key (every name below can be mapped, nested ones too: role, content,
-from, value). Problems are reported with the name the record actually uses, so a person can find it.
+from, value). A name may map to ordered alternatives, `{"output": ["output", "response"]}` (or `"output|response"`):
+each record (or message) reads the first of them it has, so a file whose records spell one field two ways loads.
+Problems are reported with the name the record actually uses, or every alternative tried, so a person can find it.
 
 | format            | record                                                                | detected by        |
 |-------------------|-----------------------------------------------------------------------|--------------------|
@@ -31,6 +33,25 @@ from .types import ROLES, Conversation, Message, Problem, Where
 Bad = validate.Bad
 
 
+def alternatives(fields: dict, canonical: str) -> tuple[str, ...]:
+    """The record keys canonical field `canonical` is read from, in order: `fields[canonical]` as a list or an
+    `a|b` string of alternatives, a single key, or (not mapped) the canonical name itself."""
+    value = fields.get(canonical, canonical)
+    keys = value.split("|") if isinstance(value, str) else list(value)
+    return tuple(k.strip() for k in keys if k.strip()) or (canonical,)
+
+
+def key_in(fields: dict, canonical: str, obj) -> str:
+    """The key `canonical` is read from in `obj`: the first alternative it has (else the first alternative)."""
+    keys = alternatives(fields, canonical)
+    return next((k for k in keys if isinstance(obj, dict) and k in obj), keys[0])
+
+
+def shown(fields: dict, canonical: str) -> str:
+    """The alternatives as a person typed them: `output|response`."""
+    return "|".join(alternatives(fields, canonical))
+
+
 @dataclass(frozen=True)
 class Record:
     """One record being converted: its data, the field map and where problems go."""
@@ -42,17 +63,20 @@ class Record:
     allow_empty: bool = False  # empty or whitespace-only text is accepted (data stats), not a problem
     roles: dict[str, str] = field(default_factory=dict)  # extra role spellings -> ROLES (--role)
 
-    def key(self, canonical: str) -> str:
-        return self.fields.get(canonical, canonical)
+    def key(self, canonical: str, obj: dict | None = None) -> str:
+        """The key of `obj` (default: the record) that canonical field `canonical` is read from."""
+        return key_in(self.fields, canonical, self.data if obj is None else obj)
 
     def required(self, canonical: str, obj: dict | None = None, prefix: str = "") -> Any:
         """The value of a required field (None, reported, when absent or null)."""
         obj = self.data if obj is None else obj
-        key = self.key(canonical)
+        key = self.key(canonical, obj)
         value = obj.get(key)
         if value is None:
             what = "message" if prefix else "record"
-            self.bad(prefix + key, validate.missing(obj, key, canonical, self.format, what))
+            tried = alternatives(self.fields, canonical)
+            self.bad(prefix + ("|".join(tried) if len(tried) > 1 and key not in obj else key),
+                     validate.missing(obj, key, canonical, self.format, what, tried))
         return value
 
     def text(self, canonical: str) -> str | None:
@@ -92,14 +116,15 @@ def _turns(r: Record, list_field: str, role_field: str, content_field: str, role
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            r.bad(where, f"expected an object with {r.key(role_field)} and {r.key(content_field)}, "
-                         f"got {validate.kind(turn)}")
+            r.bad(where, f"expected an object with {shown(r.fields, role_field)} and {shown(r.fields, content_field)},"
+                         f" got {validate.kind(turn)}")
             continue
         raw_role = r.required(role_field, turn, where + ".")
         raw_content = r.required(content_field, turn, where + ".")
-        role = None if raw_role is None else validate.role(raw_role, f"{where}.{r.key(role_field)}", roles, r.bad)
+        role = (None if raw_role is None
+                else validate.role(raw_role, f"{where}.{r.key(role_field, turn)}", roles, r.bad))
         content = (None if raw_content is None
-                   else validate.text(raw_content, f"{where}.{r.key(content_field)}", r.bad, r.allow_empty))
+                   else validate.text(raw_content, f"{where}.{r.key(content_field, turn)}", r.bad, r.allow_empty))
         seen.append(role)
         if role is not None and content is not None:
             messages.append(Message(role, content))
@@ -191,14 +216,14 @@ def detect(record: Any, fields: dict[str, str]) -> str | None:
     if not isinstance(record, dict):
         return None
     for name, fmt in FORMATS.items():
-        if all(fields.get(c, c) in record for c in fmt.detect):
+        if all(any(k in record for k in alternatives(fields, c)) for c in fmt.detect):
             return name
     return None
 
 
 def describe_formats(fields: dict[str, str]) -> str:
     """'messages (messages), alpaca (instruction, output), ...' with the field map applied."""
-    return "; ".join(f"{name} ({', '.join(fields.get(c, c) for c in f.detect)})" for name, f in FORMATS.items())
+    return "; ".join(f"{name} ({', '.join(shown(fields, c) for c in f.detect)})" for name, f in FORMATS.items())
 
 
 def to_conversation(record: Any, where: Where, format: str, fields: dict[str, str],
@@ -260,10 +285,12 @@ class Survey:
     keys: dict[str, int] = field(default_factory=dict)
     differ: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records
     both: dict[tuple[str, str], int] = field(default_factory=dict)  # (used key, ignored key) -> records with both
+    spelled: dict[tuple[str, str], int] = field(default_factory=dict)  # (canonical, other key) -> records that lack
+    # every key `canonical` is read from but have `other`, a name of the same meaning (a file spelling it two ways)
     sharegpt_turns: int = 0  # `messages` records read as {from, value} turns
 
     def used_keys(self) -> list[str]:
-        return [self.fields.get(c, c) for c in FORMATS[self.format].fields]
+        return [k for c in FORMATS[self.format].fields for k in alternatives(self.fields, c)]
 
     def add(self, record: Any) -> None:
         if not isinstance(record, dict):
@@ -275,13 +302,26 @@ class Survey:
             self.sharegpt_turns += _sharegpt_turns(Record(record, self.fields, self.format, lambda f, m: None))
         used = self.used_keys()
         for canonical in FORMATS[self.format].fields:
-            key = self.fields.get(canonical, canonical)
+            key = key_in(self.fields, canonical, record)
             group = next((g for g in SAME_FIELD if canonical in g), ())
+            if key not in record:
+                other = next((o for o in group if o in record and o not in used), None)
+                if other is not None:
+                    self.spelled[(canonical, other)] = self.spelled.get((canonical, other), 0) + 1
             for other in group:
                 if other != key and other not in used and other in record and key in record:
                     self.both[(key, other)] = self.both.get((key, other), 0) + 1
                     if record[other] != record[key]:
                         self.differ[(key, other)] = self.differ.get((key, other), 0) + 1
+
+    def fallbacks(self) -> str:
+        """What to say when some records spell a field another way (`response` where the others have `output`): the
+        --field with ordered alternatives that reads them all; "" when none does."""
+        said = [f"{n:,} record(s) have {other} instead of {shown(self.fields, c)}" for (c, other), n in
+                self.spelled.items()]
+        flags = " ".join(f"--field {c}={shown(self.fields, c)}|{other}" for c, other in dict(self.spelled))
+        return (f"imtune: {'; '.join(said)}: read either with {flags} (the first a record has is read), or pass "
+                "--on-invalid skip to train on the others") if said else ""
 
     def nothing_valid(self, n_records: int) -> str:
         """What to say when no record of a file could be used: the likely cause is how it is read."""
@@ -290,7 +330,8 @@ class Survey:
             return f"{head}: none could be read as an object with named fields; check the file's format"
         have = ", ".join(sorted(self.keys, key=lambda k: -self.keys[k])[:12])
         roles = " or name its role spellings with --role NAME=ROLE" if self.format in ("messages", "sharegpt") else ""
-        guesses = [f"--field {c}={k}" for c in FORMATS[self.format].detect if self.fields.get(c, c) not in self.keys
+        guesses = [f"--field {c}={k}" for c in FORMATS[self.format].detect
+                   if not any(a in self.keys for a in alternatives(self.fields, c))
                    for k in next((g for g in SAME_FIELD if c in g), ()) if k in self.keys][:3]
         example = f"here perhaps {' '.join(guesses)}" if guesses else "e.g. --field output=response"
         return (f"{head}: every record has a problem, so the likely cause is how the file is read, not the records. "
@@ -299,8 +340,8 @@ class Survey:
                 f"({example}){roles}")
 
     def understood(self, detected: bool) -> Understood:
-        key = lambda c: self.fields.get(c, c)  # noqa: E731
-        seen = lambda c: key(c) in self.keys  # noqa: E731
+        key = lambda c: shown(self.fields, c)  # noqa: E731
+        seen = lambda c: any(k in self.keys for k in alternatives(self.fields, c))  # noqa: E731
         if self.format == "alpaca":
             user = " + ".join(key(c) for c in ("instruction", "input") if c == "instruction" or seen(c))
             mapping = f"{user} → user, {key('output')} → assistant"
@@ -322,7 +363,7 @@ class Survey:
         ignored = tuple(k for k in self.keys if k not in used)
         notes = []
         for (used_key, other), n in self.differ.items():
-            canonical = next(c for c in FORMATS[self.format].fields if key(c) == used_key)
+            canonical = next(c for c in FORMATS[self.format].fields if used_key in alternatives(self.fields, c))
             switch = (f"leave out --field {canonical}={used_key}" if other == canonical
                       else f"--field {canonical}={other}")
             notes.append(f"{other} differs from {used_key} in {n:,} of the {self.both[(used_key, other)]:,} records "

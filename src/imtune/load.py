@@ -40,8 +40,8 @@ from .formats import CANONICAL_FIELDS, FORMATS, Survey, Understood, describe_for
 from .types import Conversation, DataError, Problem, UsageError, Where
 from .validate import lone_surrogate, surrogate_message
 
-__all__ = ["FORMATS", "ConversationStream", "LoadResult", "load_conversations", "parse_fields", "read_records",
-           "stream_conversations", "stream_records"]
+__all__ = ["FORMATS", "ConversationStream", "LoadResult", "check_fields", "load_conversations", "parse_fields",
+           "read_records", "stream_conversations", "stream_records"]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 ON_INVALID = ("error", "skip")
@@ -80,7 +80,7 @@ class ConversationStream:
     def __init__(self, spec: str, format: str = "auto", fields: dict[str, str] | None = None,
                  on_invalid: str = "error", max_problems: int = 20, limit: int | None = None,
                  allow_empty: bool = False, roles: dict[str, str] | None = None):
-        self.fields = _check_fields(fields)
+        self.fields = check_fields(fields)
         if format != "auto" and format not in FORMATS:
             raise UsageError(f"unknown data format {format!r}; use one of auto, {', '.join(FORMATS)}")
         if on_invalid not in ON_INVALID:
@@ -129,34 +129,56 @@ class ConversationStream:
                 more = f" (and {len(found) - 1} more problem(s) in this record)" if len(found) > 1 else ""
                 self.skipped.append(Problem(first.where, first.field, first.message + more))
         if n_problems and (self.on_invalid == "error" or not n_ok):  # skip mode with nothing left is an error too
-            hint = "" if n_ok else self.survey.nothing_valid(self.n_read)
+            hint = self.survey.nothing_valid(self.n_read) if not n_ok else self.survey.fallbacks()
             raise DataError(problems, total=n_problems, hint=hint)
 
 
 stream_conversations = ConversationStream
 
 
-def parse_fields(items: list[str] | None) -> dict[str, str]:
-    """["output=response", "instruction=question"] -> {"output": "response", "instruction": "question"}."""
-    fields: dict[str, str] = {}
+def parse_fields(items: list[str] | None) -> dict[str, str | list[str]]:
+    """["output=response", "instruction=question"] -> {"output": "response", "instruction": "question"};
+    ordered alternatives, the first a record has being read: "output=output|response" -> {"output": ["output",
+    "response"]}."""
+    fields: dict = {}
     for item in items or []:
         canonical, sep, key = (part.strip() for part in item.partition("="))
-        if not sep or not canonical or not key:
-            raise UsageError(f"--field {item!r}: expected FIELD=KEY, e.g. output=response")
+        if not sep or not canonical or not key.strip("| "):
+            raise UsageError(f"--field {item!r}: expected FIELD=KEY or FIELD=KEY1|KEY2 (the first a record has is "
+                             "read), e.g. output=response or output=output|response")
+        key = normal_fields({canonical: key})[canonical]
         if fields.get(canonical, key) != key:
-            raise UsageError(f"--field {canonical} is given twice ({fields[canonical]!r} and {key!r})")
+            raise UsageError(f"--field {canonical} is given twice ({fields[canonical]!r} and {key!r}); give "
+                             f"alternatives once, in order: --field {canonical}=KEY1|KEY2")
         fields[canonical] = key
-    return _check_fields(fields)
+    return check_fields(fields)
 
 
-def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
-    fields = dict(fields or {})
-    for canonical, key in fields.items():
+def normal_fields(fields: dict | None) -> dict[str, str | list[str]]:
+    """A field map in one form, however it was written (--field, YAML string, YAML list): one key as a string, ordered
+    alternatives as a list (`"output|response"` and `[output, response]` -> ["output", "response"])."""
+    out: dict = {}
+    for canonical, value in dict(fields or {}).items():
+        keys = value.split("|") if isinstance(value, str) else value
+        if not isinstance(keys, list | tuple) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
+            raise UsageError(f"field map: {canonical} must map to a key name or a list of key names (the first a "
+                             f"record has is read), e.g. output: response or output: [output, response]; not "
+                             f"{value!r}")
+        keys = list(dict.fromkeys(k.strip() for k in keys))
+        out[canonical] = keys[0] if len(keys) == 1 else keys
+    return out
+
+
+def check_fields(fields: dict | None) -> dict[str, str | list[str]]:
+    for canonical in dict(fields or {}):
         if canonical not in CANONICAL_FIELDS:
-            raise UsageError(f"unknown field {canonical!r} in the field map; use one of {', '.join(CANONICAL_FIELDS)}")
-        if not isinstance(key, str) or not key:
-            raise UsageError(f"field map: {canonical} must map to a key name (a non-empty string), not {key!r}")
-    return fields
+            import difflib
+
+            close = difflib.get_close_matches(str(canonical), CANONICAL_FIELDS, n=1, cutoff=0.6)
+            meant = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown field {canonical!r} in the field map{meant}; use one of "
+                             f"{', '.join(CANONICAL_FIELDS)}")
+    return normal_fields(fields)
 
 
 def _detect(items: list[Item], fields: dict[str, str]) -> str:

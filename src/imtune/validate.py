@@ -65,12 +65,17 @@ def listing(names) -> str:
     return ", ".join(str(n) for n in names)
 
 
-def missing(obj: dict, key: str, canonical: str, fmt: str, what: str = "record") -> str:
-    """The message for a required field an object lacks: name the keys it has and how to map one of them."""
+def missing(obj: dict, key: str, canonical: str, fmt: str, what: str = "record",
+            tried: tuple[str, ...] = ()) -> str:
+    """The message for a required field an object lacks: name the keys it has (and the alternatives tried, when the
+    field map gives several) and how to map one of them."""
     if key in obj:  # present but null
         return f"is null; format {fmt} needs a value here"
     others = [k for k in obj if isinstance(k, str)]
     has = f"the {what} has fields {listing(others)}" if others else f"the {what} has no fields"
+    if len(tried) > 1:
+        return (f"missing (format {fmt}; tried {', '.join(tried)}); {has}; add one to the alternatives, "
+                f"e.g. --field {canonical}={'|'.join(tried)}|NAME")
     return f"missing (format {fmt}); {has}; map one with --field {canonical}=NAME"
 
 

@@ -67,7 +67,7 @@ def add_data_args(p, positional: bool = True, nargs=None) -> None:
     if positional:
         p.add_argument("data", nargs=nargs, help="JSONL/JSON/Parquet/CSV file or hf:owner/name[:split]")
     p.add_argument("--format", default="auto", help=field_help("format"))
-    p.add_argument("--field", action="append", default=[], metavar="NAME=KEY", help=field_help("fields"))
+    p.add_argument("--field", action="append", default=[], metavar="NAME=KEY[|KEY2]", help=field_help("fields"))
     p.add_argument("--role", action="append", default=[], metavar="NAME=ROLE,...", help=field_help("roles"))
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error", help=field_help("on_invalid"))
 
