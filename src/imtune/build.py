@@ -71,11 +71,17 @@ def build_model(cfg: TrainConfig, acc):
         compile_layers(model)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        try:
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
+        except NoMatchingPeftModuleError:  # a flag value only the model can refuse: said for a person
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+            raise UsageError(f"--lora-targets {cfg.lora_targets}: no such module in {cfg.model}; its linear modules: "
+                             f"{', '.join(linear)} (or all-linear)") from None
     return model, ref, base_dir
 
 

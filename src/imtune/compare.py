@@ -153,11 +153,18 @@ class CompareSettings:
 # The whole comparison, top to bottom
 def compare(s: CompareSettings) -> Path:
     """Every argument is checked before anything is written; COMPARE_DIR is claimed (imtune.files: created and
-    marked, or refused when it is somebody else's) and removed again when the comparison fails before writing."""
+    marked, or refused when it is somebody else's) and removed again when the comparison fails before training."""
     check_settings(s)
     files.check_claim(s.out, "compare")
-    with files.protecting(s.base.data, s.base.eval_data, s.val_data), files.claiming(s.out, "compare"):
+    with files.protecting(s.base.data, s.base.eval_data, s.val_data), \
+            files.claiming(s.out, "compare", unused=nothing_trained):
         return run_comparison(s)
+
+
+def nothing_trained(out: Path) -> bool:
+    """No run of the comparison in `out` began training (none has a metrics.jsonl) and it has no results: what a
+    comparison that failed before training leaves (a data split, empty run directories) is worth nothing."""
+    return not (Path(out) / "compare.json").exists() and not any(Path(out).glob("arms/*/*/metrics.jsonl"))
 
 
 def check_settings(s: CompareSettings) -> None:

@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,9 +144,11 @@ def claim(path: str | Path, kind: str) -> bool:
 
 
 @contextmanager
-def claiming(path: str | Path, kind: str) -> Iterator[bool]:
+def claiming(path: str | Path, kind: str, unused: Callable[[Path], bool] | None = None) -> Iterator[bool]:
     """claim(); when the body fails and the directory was created here with nothing but its marker (and lock) in it,
-    it is removed again, with the parents created for it: a refused command leaves nothing behind."""
+    it is removed again, with the parents created for it: a refused command leaves nothing behind. `unused(DIR)`:
+    the command's own test that what it wrote so far is worth nothing (compare: a data split but no run that began
+    training), for a directory that holds more than markers when it fails."""
     p = Path(path)
     top = first_missing(p)
     created = claim(p, kind)
@@ -154,7 +156,7 @@ def claiming(path: str | Path, kind: str) -> Iterator[bool]:
         yield created
     except BaseException:
         if created:
-            unclaim(p, top)
+            unclaim(p, top, unused)
         raise
 
 
@@ -164,14 +166,15 @@ def first_missing(path: str | Path) -> Path | None:
     return next((a for a in [*reversed(p.parents), p] if not a.exists()), None)
 
 
-def unclaim(p: Path, top: Path | None) -> None:
+def unclaim(p: Path, top: Path | None, unused: Callable[[Path], bool] | None = None) -> None:
     """Remove `p` (created by claim) and its parents up to `top` when nothing but markers, locks and empty
-    directories is in it: a command that failed before writing leaves no trace. Anything else stays."""
+    directories is in it (or `unused(p)` says what is in it is worth nothing): a command that failed before writing
+    (before training) leaves no trace. Anything else stays."""
     p = Path(p)
     if p.is_symlink() or not p.is_dir():
         return
     files = [f for f in p.rglob("*") if not f.is_dir() or f.is_symlink()]
-    if any(f.name not in IGNORED for f in files):
+    if any(f.name not in IGNORED for f in files) and not (unused is not None and unused(p)):
         return
     shutil.rmtree(p, ignore_errors=True)
     for d in p.parents:

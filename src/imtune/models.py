@@ -136,7 +136,11 @@ def load_tokenizer(spec: str | None = "default"):
         try:
             tok = _tokenizer_class(key).from_pretrained(key)
         except (OSError, ValueError) as e:  # ValueError: a directory without tokenizer files
-            raise UsageError(f"{spec}: cannot load a tokenizer: {e}") from None
+            # the first line: transformers' own advice (internet connection, offline mode) follows it
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise UsageError(f"{spec}: cannot load a tokenizer: {first}{offline}; give a local model directory, "
+                             "a run directory, a hub id you can download, or 'default'") from None
         if not getattr(tok, "is_fast", False):
             raise UsageError(f"{spec}: imtune needs a fast tokenizer (offset mappings); this one is slow")
         if tok.pad_token is None:

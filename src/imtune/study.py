@@ -186,8 +186,15 @@ def study(s: StudySettings) -> Path:
     check_settings(CompareSettings(out=Path(s.out), base=s.base, arms=arms, seeds=s.seeds, val_fraction=s.val_fraction,
                                    heldout_fraction=s.heldout_fraction, jobs=s.jobs))
     files.check_claim(s.out, "study")
-    with files.protecting(s.base.data, s.base.eval_data), files.claiming(s.out, "study"):
+    with files.protecting(s.base.data, s.base.eval_data), files.claiming(s.out, "study", unused=nothing_trained):
         return run_study(s, arms)
+
+
+def nothing_trained(out: Path) -> bool:
+    """No comparison of the study began training (imtune.compare.nothing_trained): its data is remade in seconds."""
+    from .compare import nothing_trained as none_in
+
+    return not (Path(out) / "study.json").exists() and all(none_in(d) for d in Path(out).glob("runs/*"))
 
 
 def run_study(s: StudySettings, arms: list) -> Path:
