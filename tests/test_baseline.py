@@ -19,7 +19,7 @@ def test_second_run_from_the_same_model_reuses_step0_and_a_changed_model_does_no
     held = write_conversations(tmp_path / "h.jsonl", 6, seed=1)
     calls = []
     real = track.eval_losses
-    monkeypatch.setattr(track, "eval_losses", lambda run: calls.append(run.dir.name) or real(run))
+    monkeypatch.setattr(track, "eval_losses", lambda run, *step: calls.append(run.dir.name) or real(run, *step))
     kw = dict(eval_data=held, eval_every=2, eval_train_sample=4, max_steps=2, batch_size=4)
 
     first = train(tiny(data, tmp_path / "it", loss="it", **kw))

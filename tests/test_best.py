@@ -148,3 +148,54 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
         assert reused["output_loss"] == pytest.approx(fresh["output"]["nll"], rel=1e-5)
     assert scored_in_training(run, {**data, "test_path": str(tmp_path / "other.jsonl")}, 4) is None
     assert scored_in_training(run, data, 99) is None  # no evaluation at that step: compare scores it afresh
+
+
+@pytest.mark.slow
+def test_best_of_the_last_step_is_final_and_answers_are_not_generated_twice(tmp_path, monkeypatch):
+    """compare_eval never loads, scores or asks a model whose answers it already has: best/ of the last step is final/
+    (its test score is final/'s), and an evaluation repeated with other settings takes the greedy answers the same
+    weights gave before from RUN/eval/answers.json, generating only the new prompts. A cached evaluation hands back
+    its measured time marked reused."""
+    from helpers import tiny
+    from imtune import compare_eval, models
+    from imtune.compare import CompareSettings, parse_arms
+    from imtune.prepare import load
+    from imtune.synth import synthesize, write_jsonl
+    from imtune.train import train
+
+    train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
+    data_path = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
+    test_path = write_jsonl(tmp_path / "t.jsonl", heldout[:3], "lookup", 0, "heldout")
+    val_path = write_jsonl(tmp_path / "v.jsonl", heldout[3:], "lookup", 0, "heldout")
+    cfg = tiny(data_path, tmp_path / "run", loss="it", eval_data=str(test_path), val_data=str(val_path),
+               keep_best=True, max_steps=2, batch_size=4, max_length=256, eval_every=1, eval_train_sample=0)
+    run_dir = train(cfg)
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    (run_dir / "best" / "best.json").write_text(json.dumps({**best, "step": 2}))  # as if the last step were best
+    data = {"train": load(str(data_path), "auto")[0], "test": load(str(test_path), "auto")[0],
+            "train_path": str(data_path), "test_path": str(test_path)}
+    loaded, asked, real = [], [], models.load_model
+
+    def spy(spec, *a, **kw):
+        loaded.append(spec)
+        model = real(spec, *a, **kw)
+        generate = model.generate
+        model.generate = lambda **k: asked.append(k["input_ids"].shape[0]) or generate(**k)
+        return model
+
+    monkeypatch.setattr(models, "load_model", spy)
+    monkeypatch.setattr(compare_eval, "scored_in_training", lambda *a: None)  # every score computed here
+    settings = lambda **kw: CompareSettings(out=tmp_path, base=cfg, arms=parse_arms("it"),  # noqa: E731
+                                            max_new_tokens=3, **kw)
+    first = compare_eval.evaluate_arm(settings(bleu_samples=4), parse_arms("it")[0], cfg, data, "run")
+    assert loaded == [str(run_dir / "final")]  # best/ (step 2 of 2) is final/: neither loaded nor scored again
+    assert first["best"]["heldout"] == first["heldout"]
+    assert first["best"]["step"] == 2 and sum(asked) == 4
+    again = compare_eval.evaluate_arm(settings(bleu_samples=4, exact_match=2), parse_arms("it")[0], cfg, data, "run")
+    assert sum(asked) == 4 + 2  # only the exact-match prompts are new to these weights
+    assert again["bleu"] == first["bleu"] and again["exact_match"]["n"] == 2
+    answers = json.loads((run_dir / "eval" / "answers.json").read_text())["answers"]
+    assert len(answers) == 6 and len({a["weights"] for a in answers}) == 1
+    assert set(first["time"]["seconds"]) == {"startup", "final_scoring", "generation"}
+    cached = compare_eval.evaluate_arm(settings(bleu_samples=4, exact_match=2), parse_arms("it")[0], cfg, data, "run")
+    assert cached["time"] == {**again["time"], "reused": True} and sum(asked) == 6

@@ -36,15 +36,11 @@ def usable(run) -> bool:
 
 def key(run) -> str:
     """The hash of the model's weights, the forward's settings and the evaluation sets (see the module docstring)."""
-    import torch
-
+    from .models import hash_weights
     from .train import fingerprint
 
     h = hashlib.sha256(json.dumps(forward_settings(run)).encode())
-    for name, tensor in run.model.state_dict().items():
-        t = tensor.detach().contiguous()
-        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    hash_weights(h, run.model)
     for name, (examples, batches) in sorted(run.eval_sets.items()):
         h.update(f"|{name}:{fingerprint(examples)}:{batches}".encode())
     return h.hexdigest()

@@ -11,7 +11,8 @@ is trained once per seed (--seeds; default the one --seed).
       .imtune             the marker: imtune made this directory (imtune.files.claim); any other is refused
       compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
                           spread, per-seed runs), intervals against the reference arm (imtune.aggregate), the verdict,
-                          versions (imtune, torch, transformers, python, model fingerprint: imtune.provenance)
+                          versions (imtune, torch, transformers, python, model fingerprint: imtune.provenance),
+                          where the time and memory went per phase ("time", "memory": imtune.clock)
       data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format
       data/heldout.jsonl  held-out data: G, or a seeded split of F (--heldout-fraction)
       data/val.jsonl      the part of the held-out data that selects each run's best checkpoint (or --val-data)
@@ -187,15 +188,20 @@ def check_settings(s: CompareSettings) -> None:
 def run_comparison(s: CompareSettings) -> Path:
     from . import checkpoint as ckpt, report
     from .aggregate import aggregate
+    from .clock import Clock, of_comparison
     from .compare_data import materialise_data
     from .compare_eval import evaluate_arm
     from .provenance import versions
     from .schedule import Job, train_all
 
-    out = Path(s.out)
+    out, clock = Path(s.out), Clock()  # where the time goes: compare.json "time" and "memory" (imtune.clock)
+    with clock.phase("startup"):
+        import torch  # noqa: F401  (imported here, their cost shows as start-up)
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     old = read_json(out / "compare.json")
     seeds, ref = s.seed_list(), s.reference_arm()
-    data = materialise_data(s, out)
+    with clock.phase("data"):
+        data = materialise_data(s, out)
     files.make_dirs(out / "arms", out)
     base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
                           fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
@@ -208,7 +214,6 @@ def run_comparison(s: CompareSettings) -> Path:
     for _, _, cfg in runs:  # every run is checked before any trains: a mistake costs no training time
         check_same_training(Path(cfg.output_dir), cfg.check())
 
-    t0 = time.perf_counter()
     todo = []  # 1. train every arm x seed not yet trained (every process, under accelerate)
     for i, (arm, seed, cfg) in enumerate(runs, 1):
         run_dir, what = Path(cfg.output_dir), f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"
@@ -219,12 +224,14 @@ def run_comparison(s: CompareSettings) -> Path:
     if (todo or s.dry_run) and is_main_process():  # the cost before the first step (imtune.cost)
         from .cost import estimate
 
-        say(estimate(s, data, base, len(todo)).text())
+        with clock.phase("estimate"):
+            say(estimate(s, data, base, len(todo)).text())
     if s.dry_run:
         say(f"--dry-run: nothing trained (the data split is written under {out / 'data'})")
         return out
-    train_all(todo, s.jobs, say, s.ray)
-    free_memory()
+    with clock.phase(None):  # every run times itself (metrics.jsonl's "timing" line)
+        train_all(todo, s.jobs, say, s.ray)
+        free_memory()
     if not is_main_process():
         return out
 
@@ -233,26 +240,33 @@ def run_comparison(s: CompareSettings) -> Path:
     # side by side, each child imports torch and transformers again, and on the 2-core build machine two demo
     # evaluations took 45 s per pair against ~10 s each here (2026-12-01).
     for i, (arm, seed, cfg) in enumerate(runs, 1):
-        results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
-        free_memory()
-
-    commands = (old or {}).get("commands", [])
-    commands.append({"argv": s.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd()})
-    arms = [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
-             "runs": [{"seed": seed, "dir": str(Path("arms") / a.name / f"seed-{seed}"),
-                       "results": results[a.name, seed]} for seed in seeds]} for a in s.arms]
-    evidence = aggregate(arms, ref.name)  # per-arm means, spreads and intervals; strips per-example lists
-    summary = {
-        "version": 2, "dir": str(out), "commands": commands,
-        "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(), "heldout_fraction": s.heldout_fraction,
-                     "seeds": seeds, "reference": ref.spec, "val_fraction": s.val_fraction},
-        "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
-        "arms": arms, "evidence": evidence, "versions": versions(base.model),
-    }
-    summary["verdict"] = report.verdict(summary, out)
-    files.write_json(out / "compare.json", summary, root=out)
-    report.write_report(out)
-    say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds in {time.perf_counter() - t0:.0f}s")
+        with clock.phase(None):  # the evaluation times itself (results["time"])
+            results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
+            free_memory()
+    with clock.phase("report"):  # 3. intervals, verdict, compare.json, report.md/html
+        commands = (old or {}).get("commands", [])
+        commands.append({"argv": s.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd()})
+        arms = [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
+                 "runs": [{"seed": seed, "dir": str(Path("arms") / a.name / f"seed-{seed}"),
+                           "results": results[a.name, seed]} for seed in seeds]} for a in s.arms]
+        evidence = aggregate(arms, ref.name)  # per-arm means, spreads and intervals; strips per-example lists
+        summary = {
+            "version": 2, "dir": str(out), "commands": commands,
+            "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(),
+                         "heldout_fraction": s.heldout_fraction, "seeds": seeds, "reference": ref.spec,
+                         "val_fraction": s.val_fraction},
+            "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
+            "arms": arms, "evidence": evidence, "versions": versions(base.model),
+        }
+        summary["verdict"] = report.verdict(summary, out)
+        files.write_json(out / "compare.json", summary, root=out)
+        report.write_report(out)
+    trained = {c.cfg.output_dir for c in todo}
+    summary["time"], summary["memory"], spent = of_comparison(
+        clock, [(cfg.output_dir, cfg.output_dir in trained) for _, _, cfg in runs],
+        [results[arm.name, seed].get("time") for arm, seed, _ in runs])
+    files.write_json(out / "compare.json", summary, root=out)  # again, with the report's own time
+    say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds; {spent}")
     return out
 
 

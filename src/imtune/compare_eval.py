@@ -5,8 +5,12 @@
                                                                                (scored_in_training) when it scored
                                                                                the same model on test.jsonl
     memorisation BLEU, test exact match, benchmarks                             generation_scores, benchmarks
-    best/ (selected on val.jsonl) scored on test.jsonl like final/
-Per-example output sums ride along (results["per_example"]) for the intervals (imtune.aggregate)."""
+    best/ (selected on val.jsonl) scored on test.jsonl like final/; when best/ is the model of the last step it is
+    final/ itself, and final/'s test score is its score (never loaded or scored twice)
+Per-example output sums ride along (results["per_example"]) for the intervals (imtune.aggregate). Greedy answers are
+kept in RUN/eval/answers.json (imtune.answers): evaluated again with other settings, the same weights are not asked
+the same prompt twice. results["time"]: this evaluation's seconds and peak memory per phase (imtune.clock: startup =
+loading the model, final_scoring, generation); a cached evaluation returns them with "reused": true."""
 from __future__ import annotations
 
 import hashlib
@@ -38,42 +42,56 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     cached = read_json(cache)
     if cached and cached.get("key") == key:
         say(f"{what}: already evaluated ({cache}); skipping")
-        return cached["results"]
+        res = cached["results"]
+        return {**res, "time": {**res["time"], "reused": True}} if "time" in res else res
 
     import torch
 
+    from .answers import Answers
+    from .clock import Clock
     from .evaluate.run import DataSet, evaluate_run, scoring_as_trained
     from .models import load_model, load_tokenizer
 
-    t0 = time.perf_counter()
+    t0, clock, bars = time.perf_counter(), Clock(), s.base.progress
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(str(run.final))
-    model = load_model(str(run.final)).to(device)
+    with clock.phase("startup"):
+        tok = load_tokenizer(str(run.final))
+        model = load_model(str(run.final)).to(device)
     say(f"{what}: evaluating {run.final} on {device}")
     test = DataSet(tuple(data["test"]))
     steps = json.loads(run.done_text())["steps"]
-    trained = scored_in_training(run, data, steps)  # the trainer scored final/ on test.jsonl already
-    ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed, 1))),
-                      heldout=None if trained else test, per_example=True)
+    with clock.phase("final_scoring"):
+        trained = scored_in_training(run, data, steps)  # the trainer scored final/ on test.jsonl already
+        ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed,
+                                                                            1))),
+                          heldout=None if trained else test, per_example=True, progress=bars)
     res: dict = {"per_example": {}}
     res["train"], res["per_example"]["train"] = output_loss(ev.train.loss)
     res["heldout"], res["per_example"]["heldout"] = trained or output_loss(ev.heldout.loss)
     ho, tr = res["heldout"]["output_loss"], res["train"]["output_loss"]
     res["gap"] = None if ho is None or tr is None else ho - tr  # evaluate.loss.gap's output entry, either way scored
-    res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data))
-    del model
+    with clock.phase("generation"):
+        res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data,
+                                     Answers.of(run.path, model)))
+    del model, ev  # before best/ is loaded: one model in memory at a time
     best = run.path / "best"
     if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
         info = json.loads((best / "best.json").read_text(encoding="utf-8"))
-        trained = scored_in_training(run, data, info["step"])
+        if info["step"] == steps:  # the last step's model: final/ itself, already scored on test.jsonl
+            trained = res["heldout"], res["per_example"]["heldout"]
+        else:
+            trained = scored_in_training(run, data, info["step"])
         if not trained:
-            model = load_model(str(best)).to(device)
-            scored = evaluate_run(run, model, tok, train=None, heldout=test, per_example=True)
+            with clock.phase("startup"):
+                model = load_model(str(best)).to(device)
+            with clock.phase("final_scoring"):
+                scored = evaluate_run(run, model, tok, train=None, heldout=test, per_example=True, progress=bars)
             trained = output_loss(scored.heldout.loss)
-            del model
+            del model, scored
         ho_best, res["per_example"]["best_heldout"] = trained
         res["best"] = {**info, "heldout": ho_best}
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["time"] = clock.record()
     files.write_json(cache, {"key": key, "settings": s.eval_settings(), "results": res}, root=run.path)
     say(f"  train output loss {fmt(res['train']['output_loss'])}, test {fmt(res['heldout']['output_loss'])}, "
         f"gap {fmt(res['gap'])}"
@@ -85,9 +103,11 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     return res
 
 
-def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, cfg: TrainConfig, data: dict) -> dict:
+def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, cfg: TrainConfig, data: dict,
+                      answers=None) -> dict:
     """Memorisation BLEU on a fixed sample of training prompts, test exact match, and the benchmarks of one model
-    (answers greedily, rendered as the run was trained)."""
+    (answers greedily, rendered as the run was trained; `answers`: imtune.answers.Answers of the model, whose
+    greedy answers are reused and kept)."""
     from .evaluate.bleu import generation_rows, memorisation_bleu
     from .generate import GenerationConfig
     from .synth import exact_match
@@ -96,14 +116,15 @@ def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, c
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, batch_size=8)
     if s.bleu_samples:
         sample = fixed_sample(data["train"], s.bleu_samples, cfg.seed, 2)
-        b = memorisation_bleu(model, tok, renderer, sample, gen_cfg=gen)
+        b = memorisation_bleu(model, tok, renderer, sample, gen_cfg=gen, progress=s.base.progress, answers=answers)
         words = [len(r["reference"].split()) for r in b["rows"]]
         res["bleu"] = {"n": b["n"], "corpus_bleu": b["corpus_bleu"], "sentence_bleu_mean": b["sentence_bleu_mean"],
                        "sentence_bleu": b["sentence_bleu"], "signature": b["signature"],
                        "reference_words_mean": sum(words) / max(len(words), 1)}
         files.write_jsonl(run_dir / "eval" / "compare-bleu.jsonl", b["rows"], run_dir)
     if s.exact_match:
-        rows = generation_rows(model, tok, renderer, data["test"], gen, limit=s.exact_match)
+        rows = generation_rows(model, tok, renderer, data["test"], gen, limit=s.exact_match, progress=s.base.progress,
+                               answers=answers)
         correct = [bool(exact_match(r["output"], r["reference"])) for r in rows if r["reference"] is not None]
         res["exact_match"] = {"n": len(correct), "accuracy": sum(correct) / max(len(correct), 1),
                               "correct": correct}
@@ -126,7 +147,8 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
         b = run_benchmark(name, model, tok, renderer, path, s.bench_limit,
                           out_dir=files.make_dirs(run_dir / "eval" / "bench", run_dir),
                           gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
-                          if s.bench_max_new_tokens else None, **(s.judge if judged else {}))
+                          if s.bench_max_new_tokens else None, progress=s.base.progress,
+                          **(s.judge if judged else {}))
         metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
             next((m for m in b if m.startswith("pass@")), None)
         out[b.get("label", name)] = {

@@ -48,16 +48,23 @@ def cut_at_stop(text: str, stops=STOP_STRINGS, eot_markers=()) -> str:
 
 
 def generate(model, tokenizer, renderer: Renderer, prompts: list, cfg: GenerationConfig = GenerationConfig(),
-             raw: bool = False, progress: bool = False) -> list[str]:
+             raw: bool = False, progress: bool = False, answers=None) -> list[str]:
     """Continuations for `prompts` (each a str user message, a list of Messages, or with raw=True a ready prompt
-    text). Greedy when cfg.temperature == 0."""
+    text). Greedy when cfg.temperature == 0. `answers` (imtune.answers.Answers of this model): greedy answers
+    already given are taken from it, new ones added and saved."""
     import torch
 
     texts = list(prompts) if raw else [prompt_text(renderer, p) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     outputs: list[str] = [""] * len(texts)
-    device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, renderer)
+    kept = answers is not None and cfg.temperature == 0  # only greedy answers are a function of the prompt
+    settings = {"max_new_tokens": cfg.max_new_tokens, "stops": stops, "eot": renderer.eot_markers}
+    known = {i: answers.get(t, settings) for i, t in enumerate(texts)} if kept else {}
+    known = {i: a for i, a in known.items() if a is not None}
+    for i, a in known.items():
+        outputs[i] = a
+    order = sorted((i for i in range(len(texts)) if i not in known), key=lambda i: -len(texts[i]))
+    device = next(model.parameters()).device
     pad_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -86,4 +93,8 @@ def generate(model, tokenizer, renderer: Renderer, prompts: list, cfg: Generatio
     finally:
         tokenizer.padding_side = pad_side
         model.train(was_training)
+    if kept:
+        for i in order:
+            answers.add(texts[i], settings, outputs[i])
+        answers.save()
     return outputs

@@ -50,6 +50,16 @@ def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _chunk_nll_eval(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """_chunk_nll without autograd, in the one [c, V] fp32 buffer of the logits: cross_entropy would add a second
+    (its log-softmax), 2 x 201 MB for a 1024-position chunk of a 49k vocabulary (every evaluation batch)."""
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()  # [c, V]
+    target = logits[torch.arange(len(y), device=y.device), y]  # [c], a copy: the logits are overwritten next
+    m = logits.amax(dim=-1)
+    z = logits.sub_(m[:, None]).exp_().sum(dim=-1)
+    return m + z.log() - target
+
+
 def _chunk_nll_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                     w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h [c, H], y [c], w [c] -> (nll [c] fp32, d(Σ w·nll)/d logits [c, V] in the head matmul's dtype).
@@ -117,7 +127,7 @@ def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for s in range(0, len(idx), chunk_size):
         args = (h[s:s + chunk_size], weight, bias, y[s:s + chunk_size])
         # checkpoint: keep only the chunk's inputs; recompute its logits in backward, one chunk at a time.
-        out.append(checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll(*args))
+        out.append(checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll_eval(*args))
     return torch.cat(out)
 
 

@@ -241,3 +241,16 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def hash_weights(h, model) -> None:
+    """Feed every weight and buffer of `model` (names, dtypes, shapes, bytes) into the hashlib object `h`: what the
+    answers it gives depend on (imtune.baseline's step-0 key, imtune.answers). Tensors off the CPU are copied to it
+    one at a time."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().contiguous()
+        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.cpu().view(torch.uint8).numpy()))

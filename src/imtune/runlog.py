@@ -8,6 +8,8 @@ metrics.jsonl has one JSON object a line:
     {"type": "eval_examples", "step": 12, "sets": {"eval": {"source": [...], "output_nll": [...],
      "output_tokens": [...]}, ...}}            beside each eval line: per-example output-token NLL sums and counts
     {"type": "stopped", "step": 13, "reason": "..."}                                  a run stopped on a bad loss
+    {"type": "timing", "step": 40, "seconds": {"startup": 9.1, "train_steps": 61.0, "train_eval": 8.2,
+     "saving": 3.3}, "peak_rss_mb": {"startup": 1210.5, ...}}      last, once final/ is written (imtune.clock)
 `loss` is the training objective's Σw·nll / Σw of that step (the KL term, when on, is logged apart as `kl`);
 `loss_output` / `loss_instruction` are unweighted mean nll over assistant+eot / user+system label tokens.
 Only rank 0 writes; the other ranks hold a RunLog(None) that does nothing.
@@ -74,6 +76,15 @@ class RunLog:
         if self.bar is not None and record.get("type") == "train":
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def subtask(self, total: int, desc: str, unit: str = "batch"):
+        """A progress bar under the training bar for work between steps (an evaluation), or None without
+        progress bars (--no-progress, or not rank 0). Close it when done; it leaves no line behind."""
+        if self.bar is None:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
 
     def note(self, msg: str) -> None:
         """A line for the person watching, printed above the progress bar."""

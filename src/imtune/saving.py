@@ -2,8 +2,15 @@
 
 The file formats and the atomic writes are imtune.checkpoint's; this module gathers what to write from a training
 run (full weights and optimizer state out of FSDP/DeepSpeed shards, the trainer state that makes a resume exact) and
-lets only rank 0 write. Every function is called on every rank: gathering is a collective."""
+lets only rank 0 write. Every function is called on every rank: gathering is a collective.
+
+A save of the default model writes 0.5-1.6 GB and takes seconds while no bar moves: with progress bars on, a line
+says what is being written, how much, and how long it should take at the rate of this process's saves so far; the
+line after it says how long it took."""
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
 
 from . import checkpoint as ckpt
 from .distributed import FullStateOptimizer, full_model_state, is_fsdp
@@ -51,15 +58,40 @@ class Gathered:
         return self.state
 
 
+RATE: list[float] = []  # MB/s of this process's saves so far: the next save's estimate
+
+
+def size_mb(model, optimizer: bool) -> float:
+    """What a save writes, about: the weights (LoRA: the trainable ones), with AdamW's two moments of each trainable
+    parameter for a checkpoint."""
+    params = list(model.parameters())  # a tied weight once; FSDP's DTensors count their full size
+    lora = any(not p.requires_grad for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not lora)
+    moments = 2 * sum(p.numel() * 4 for p in params if p.requires_grad) if optimizer else 0
+    return (weights + moments) / 2**20
+
+
+@contextmanager
+def announced(run, what: str, optimizer: bool = False):
+    """Yields a callable that gives the seconds since the save began; a line before it (with progress bars on)."""
+    t0, mb = time.perf_counter(), size_mb(run.model, optimizer)
+    if run.log.bar is not None:
+        eta = f", ~{mb / RATE[-1]:.0f} s at the rate of the last save" if RATE else ""
+        run.log.note(f"writing {what} (~{mb:,.0f} MB{eta}) ...")
+    yield lambda: time.perf_counter() - t0
+    RATE.append(mb / max(time.perf_counter() - t0, 1e-3))
+
+
 def save_checkpoint(run, step: int, tokens: int) -> None:
     state = full_state(run.objective, run.acc)
     optimizer = saved_optimizer(run.objective, run.optimizer, run.acc)
     if optimizer is not None and optimizer is not run.optimizer:
         optimizer = Gathered(optimizer.state_dict())  # a collective: every rank gathers, rank 0 writes
     if run.acc.is_main_process:
-        path = ckpt.save_checkpoint(run.dir, step, run.model, state, optimizer, run.scheduler,
-                                    run.trainer_state(step, tokens), run.cfg.keep_checkpoints)
-        run.log.note(f"checkpoint: {path}")
+        with announced(run, f"checkpoint step-{step}", optimizer is not None) as took:
+            path = ckpt.save_checkpoint(run.dir, step, run.model, state, optimizer, run.scheduler,
+                                        run.trainer_state(step, tokens), run.cfg.keep_checkpoints)
+        run.log.note(f"checkpoint: {path} ({took():.1f} s)")
     run.acc.wait_for_everyone()
 
 
@@ -73,9 +105,10 @@ def save_final(run, name: str = "final", info: dict | None = None, *, tokens: in
     total = run.schedule.total_steps
     if run.acc.is_main_process:
         try:
-            final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
-                                    stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora, run.cfg.merge_lora,
-                                    run.base_dir, name=name, info=info)
+            with announced(run, f"{name}/") as took:
+                final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
+                                        stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora,
+                                        run.cfg.merge_lora, run.base_dir, name=name, info=info)
         except ckpt.WriteFailed as e:
             if name != "final":  # best/ is a convenience; the run goes on (its checkpoints and final/ are intact)
                 raise
@@ -87,7 +120,8 @@ def save_final(run, name: str = "final", info: dict | None = None, *, tokens: in
             last = ckpt.latest_checkpoint(run.dir)
             ckpt.mark_done(run.dir, {"steps": total, "tokens": tokens, "final": str(final),
                                      "last_checkpoint": str(last) if last else None})
-            run.log.note(f"final model: {final}")
+            run.log.note(f"final model: {final} ({took():.1f} s)")
         else:
-            run.log.note(f"{name} model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): {final}")
+            run.log.note(f"{name} model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): {final} "
+                         f"({took():.1f} s)")
     run.acc.wait_for_everyone()  # every rank, whichever model was saved

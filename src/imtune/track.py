@@ -67,7 +67,7 @@ def evaluate(run, step: int, best: Best | None) -> Best | None:
     cached = step == 0 and baseline.usable(run)
     k = baseline.key(run) if cached else None
     hit = baseline.read(k) if cached else None
-    losses, per_example = hit if hit is not None else eval_losses(run)
+    losses, per_example = hit if hit is not None else eval_losses(run, step)
     if cached and hit is None:
         baseline.write(k, (losses, per_example), run.dir)
     rec.update(losses)
@@ -81,9 +81,10 @@ def evaluate(run, step: int, best: Best | None) -> Best | None:
     return best
 
 
-def eval_losses(run) -> tuple[dict, dict]:
+def eval_losses(run, step: int | None = None) -> tuple[dict, dict]:
     """Output-token loss of the model now on every evaluation set: ({"<set>_output_loss", "<set>_output_tokens"},
-    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample)."""
+    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample). A progress bar
+    (run.log.subtask) counts the micro-batches: the training bar stands still meanwhile."""
     import torch
 
     from .objective import batch_args
@@ -91,15 +92,19 @@ def eval_losses(run) -> tuple[dict, dict]:
     acc, obj, world = run.acc, run.objective, run.acc.num_processes
     obj.eval()
     rec, per_example = {}, {}
+    rounds = {name: math.ceil(len(batches) / world) for name, (_, batches) in run.eval_sets.items()}
+    bar = run.log.subtask(sum(rounds.values()), "evaluating" if step is None else f"evaluating (step {step})")
     with torch.no_grad():
         for name, (examples, batches) in run.eval_sets.items():
             sums = torch.zeros(2, len(examples), dtype=torch.float64, device=acc.device)  # Σw·nll, Σw per example
-            for j in range(math.ceil(len(batches) / world)):
+            for j in range(rounds[name]):
                 k = acc.process_index + j * world
                 idx, keep = (batches[k], True) if k < len(batches) else (batches[0], False)  # stand-in: not kept
                 _, _, out = obj(*batch_args(run.collate(idx, examples)), per_example=True)
                 if keep:
                     sums[:, idx] += torch.stack(out.per_group)
+                if bar is not None:
+                    bar.update()
             if world > 1:
                 sums = acc.reduce(sums, reduction="sum")
             nll, w = sums.tolist()
@@ -108,6 +113,8 @@ def eval_losses(run) -> tuple[dict, dict]:
             rec[f"{name}_output_tokens"] = int(total)
             per_example[name] = {"source": [str(x) for x in examples.sources], "output_nll": nll,
                                  "output_tokens": [int(x) for x in w]}
+    if bar is not None:
+        bar.close()
     obj.train()
     return rec, per_example
 

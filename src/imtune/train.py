@@ -35,6 +35,9 @@ The run directory (evaluation, comparison and reports read only this; keep the n
                             --lora (no --merge-lora): the adapter + HOW_TO_LOAD.md (+ RUN/base/ for random bases)
       DONE                  written last (JSON summary); checkpoint.is_finished(RUN) -> train() returns at once
 
+metrics.jsonl ends with a "timing" line (imtune.clock): the seconds and peak memory of this process's setup
+(startup), optimizer steps (train_steps), evaluations (train_eval) and saves (saving), which compare adds up.
+
 Multi-process: `accelerate launch` (or torchrun) starts N copies; each rank takes micro-batches r, r+N, ... of every
 step (a zero-weight stand-in when a short last step leaves it none, so every rank runs the same number of passes);
 only rank 0 writes files.
@@ -42,6 +45,7 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import math
 import time
@@ -50,6 +54,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt, files, guard, saving, track
 from .build import build_model, build_training, make_accelerator, set_threads
+from .clock import Clock
 from .config import TrainConfig
 from .distributed import full_tensor, gradient_sync, is_fsdp, resume_supported
 from .plan import Schedule, schedule
@@ -71,17 +76,21 @@ def train(cfg: TrainConfig) -> Path:
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' load/save bars would tear through ours
-    ok = False
+    ok, clock = False, Clock()  # where the run's time goes: metrics.jsonl's last line (imtune.clock)
     try:
         with files.protecting(cfg.data, cfg.eval_data, cfg.val_data):  # never written over, whatever the output
-            run = setup(cfg)
+            with clock.phase("startup"):
+                run = setup(cfg)
             if isinstance(run, Path):
                 say(f"{run}: already finished (DONE); nothing to do")
                 ok = True
                 return run
             try:
-                tokens = fit(run)
-                saving.save_final(run, tokens=tokens)
+                with clock.phase("train_steps"):  # fit times its evaluations and saves apart
+                    tokens = fit(run, clock=clock)
+                with clock.phase("saving"):
+                    saving.save_final(run, tokens=tokens)
+                run.log.write({"type": "timing", "step": run.schedule.total_steps, **clock.record()})
             finally:
                 run.log.close()
             ok = True
@@ -90,6 +99,10 @@ def train(cfg: TrainConfig) -> Path:
         guard.release(discard_unused=not ok)  # the lock taken in setup; a new directory left empty goes too
         if bars:
             hf_logging.enable_progress_bar()
+        # The Run's model may sit in a reference cycle (accelerate wraps its forward under bf16): without this the
+        # weights of one compare arm stayed alive while the next arm built its model (tests/test_clock.py).
+        run = None
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,10 +310,11 @@ def stats_extra(cfg: TrainConfig, examples, first: list, prec, acc, objective, s
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
-def fit(run: Run, batches_of=None) -> int:
+def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
     """Optimizer steps run.start_step .. total_steps, with the evaluations and checkpoints --eval-every and
     --save-every ask for; returns the tokens trained on (those before a resume included). `batches_of(epoch)`: the
-    epoch's micro-batches (default: run.epoch_batches, computed once per epoch)."""
+    epoch's micro-batches (default: run.epoch_batches, computed once per epoch). `clock`: the evaluations and saves
+    are timed as its phases train_eval and saving (the caller's phase gets the steps)."""
     import torch
 
     from .objective import batch_args
@@ -309,8 +323,10 @@ def fit(run: Run, batches_of=None) -> int:
     rank, world = acc.process_index, acc.num_processes
     batches_of = batches_of or functools.lru_cache(maxsize=1)(run.epoch_batches)  # the current epoch's only
     tokens, best, t_start = run.start_tokens, None, time.perf_counter()  # best: --keep-best's lowest loss so far
+    clock = clock or Clock()
     if run.start_step == 0 and run.eval_sets:
-        best = track.evaluate(run, 0, best)
+        with clock.phase("train_eval"):
+            best = track.evaluate(run, 0, best)
     obj.train()
     for step in range(run.start_step, sched.total_steps):
         t0 = time.perf_counter()
@@ -359,12 +375,17 @@ def fit(run: Run, batches_of=None) -> int:
             rec["kl"] = kl_sum / W
         run.log.write(rec)
         if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done < sched.total_steps:
-            best = track.evaluate(run, done, best)
+            with clock.phase("train_eval"):
+                best = track.evaluate(run, done, best)
         if cfg.save_every and (done % cfg.save_every == 0 or done == sched.total_steps):
-            best = track.flush(run, best)  # a resume from this checkpoint reads the best so far from RUN/best/
-            saving.save_checkpoint(run, done, tokens)
+            with clock.phase("saving"):
+                best = track.flush(run, best)  # a resume from this checkpoint reads the best so far from RUN/best/
+                saving.save_checkpoint(run, done, tokens)
     if run.eval_sets:
-        track.flush(run, track.evaluate(run, sched.total_steps, best))
+        with clock.phase("train_eval"):
+            best = track.evaluate(run, sched.total_steps, best)
+        with clock.phase("saving"):
+            track.flush(run, best)
     return tokens
 
 

@@ -29,12 +29,13 @@ def instruction_of(prompt: tuple[Message, ...]) -> str:
 
 def generation_rows(model, tokenizer, renderer, conversations: list[Conversation],
                     cfg: GenerationConfig = GenerationConfig(), limit: int | None = None,
-                    progress: bool = False) -> list[dict]:
-    """One row per conversation: index, source, instruction, prompt (messages), output, reference (or None)."""
+                    progress: bool = False, answers=None) -> list[dict]:
+    """One row per conversation: index, source, instruction, prompt (messages), output, reference (or None).
+    `answers`: imtune.answers.Answers of this model (greedy answers given before are not generated again)."""
     convs = list(conversations)[:limit] if limit else list(conversations)
     convs = [c for c in convs if any(m.role == "user" for m in split_prompt(c)[0])]
     splits = [split_prompt(c) for c in convs]
-    outputs = generate(model, tokenizer, renderer, [p for p, _ in splits], cfg, progress=progress)
+    outputs = generate(model, tokenizer, renderer, [p for p, _ in splits], cfg, progress=progress, answers=answers)
     return [{"index": c.source.index, "source": str(c.source), "instruction": instruction_of(p),
              "prompt": [{"role": m.role, "content": m.content} for m in p], "output": out, "reference": ref}
             for c, (p, ref), out in zip(convs, splits, outputs)]
@@ -57,13 +58,13 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def memorisation_bleu(model, tokenizer, renderer, conversations: list[Conversation], limit: int | None = None,
-                      gen_cfg: GenerationConfig = GenerationConfig(), progress: bool = False) -> dict:
+                      gen_cfg: GenerationConfig = GenerationConfig(), progress: bool = False, answers=None) -> dict:
     """BLEU of greedy generations for training prompts against the training outputs.
 
     Returns {"n", "corpus_bleu", "sentence_bleu_mean", "sentence_bleu", "signature", "rows"} (rows: what
     `generation_rows` gives, each with its sentence BLEU)."""
     cfg = replace(gen_cfg, temperature=0.0)  # memorisation is measured on the model's most likely answer
-    rows = [r for r in generation_rows(model, tokenizer, renderer, conversations, cfg, limit, progress)
+    rows = [r for r in generation_rows(model, tokenizer, renderer, conversations, cfg, limit, progress, answers)
             if r["reference"] is not None]
     result = bleu([r["output"] for r in rows], [r["reference"] for r in rows])
     for r, s in zip(rows, result["sentence_bleu"]):
