@@ -9,8 +9,9 @@
     final/ itself, and final/'s test score is its score (never loaded or scored twice)
 Per-example output sums ride along (results["per_example"]) for the intervals (imtune.aggregate). Greedy answers are
 kept in RUN/eval/answers.json (imtune.answers): evaluated again with other settings, the same weights are not asked
-the same prompt twice. results["time"]: this evaluation's seconds and peak memory per phase (imtune.clock: startup =
-loading the model, final_scoring, generation); a cached evaluation returns them with "reused": true."""
+the same prompt twice (benchmarks included). results["time"]: this evaluation's seconds and peak memory per phase
+(imtune.clock: startup = loading the model, final_scoring, generation); a cached evaluation returns them with
+"reused": true."""
 from __future__ import annotations
 
 import hashlib
@@ -131,12 +132,13 @@ def generation_scores(s: CompareSettings, model, tok, renderer, run_dir: Path, c
         files.write_jsonl(run_dir / "eval" / "compare-exact-match.jsonl",
                           [{**r, "correct": exact_match(r["output"], r["reference"])} for r in rows], run_dir)
     if s.bench:
-        res["bench"] = benchmarks(s, model, tok, renderer, run_dir)
+        res["bench"] = benchmarks(s, model, tok, renderer, run_dir, answers)
     return res
 
 
-def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
-    """label -> {benchmark, metric, value, n, standard_error, scale, judge} for each --bench of one model."""
+def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path, answers=None) -> dict:
+    """label -> {benchmark, metric, value, n, standard_error, scale, judge} for each --bench of one model (`answers`:
+    imtune.answers.Answers of the model, whose greedy answers are reused and kept)."""
     from .generate import GenerationConfig
     from .tasks import JUDGED, run_benchmark
 
@@ -147,7 +149,7 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path) -> dict:
         b = run_benchmark(name, model, tok, renderer, path, s.bench_limit,
                           out_dir=files.make_dirs(run_dir / "eval" / "bench", run_dir),
                           gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
-                          if s.bench_max_new_tokens else None, progress=s.base.progress,
+                          if s.bench_max_new_tokens else None, progress=s.base.progress, answers=answers,
                           **(s.judge if judged else {}))
         metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
             next((m for m in b if m.startswith("pass@")), None)

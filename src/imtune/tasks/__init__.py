@@ -96,7 +96,7 @@ class JudgedTask(Protocol):
     def load(self, data: str, limit: int | None, opts) -> list: ...
 
     def run(self, model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
-            model_name: str | None = None, progress: bool = False, **options) -> dict: ...
+            model_name: str | None = None, progress: bool = False, answers=None, **options) -> dict: ...
 
     def summary(self, result: dict) -> str: ...  # one line for the terminal
 
@@ -152,8 +152,9 @@ def text_field(where: Where, record: dict, name: str) -> str:
 
 def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit: int | None = None, gen_cfg=None,
                   out_dir: Path | str | None = None, model_name: str | None = None, progress: bool = False,
-                  **options) -> dict:
-    """Generate with `model` for every example of `data` and score; write the files into `out_dir` if given."""
+                  answers=None, **options) -> dict:
+    """Generate with `model` for every example of `data` and score; write the files into `out_dir` if given.
+    `answers`: imtune.answers.Answers of the model (greedy answers it gave before are not generated again)."""
     if name == "harness":
         from . import harness
 
@@ -161,7 +162,7 @@ def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit
                                      **options)
     if name in JUDGED:
         return module(name).run(model, tokenizer, renderer, data, limit=limit, gen_cfg=gen_cfg, out_dir=out_dir,
-                                model_name=model_name, progress=progress, **options)
+                                model_name=model_name, progress=progress, answers=answers, **options)
     from ..generate import GenerationConfig, generate
 
     mod, opts = module(name), make_options(name, options)
@@ -170,7 +171,8 @@ def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit
     examples = mod.load(data, limit, opts)
     cfg = gen_cfg or GenerationConfig(max_new_tokens=mod.max_new_tokens(opts))
     asked = [ex for ex in examples for _ in range(getattr(opts, "n_samples", 1))]
-    replies = generate(model, tokenizer, renderer, [list(ex.messages) for ex in asked], cfg, progress=progress)
+    replies = generate(model, tokenizer, renderer, [list(ex.messages) for ex in asked], cfg, progress=progress,
+                       answers=answers)
     pairs = [(ex, mod.postprocess(ex, reply)) for ex, reply in zip(asked, replies)]
     verdicts = mod.score(pairs, opts)
     result = _result(name, mod, opts, examples, pairs, verdicts, data, limit)

@@ -51,8 +51,9 @@ def load(data: str, limit: int | None, opts: Options) -> list[Example]:
 
 
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
-        model_name: str | None = None, progress: bool = False, **options) -> dict:
-    """Answer every instruction, judge each answer against the reference in both orders, summarize."""
+        model_name: str | None = None, progress: bool = False, answers=None, **options) -> dict:
+    """Answer every instruction, judge each answer against the reference in both orders, summarize. `answers`:
+    imtune.answers.Answers of the model (greedy answers given before are not generated again)."""
     from pathlib import Path
 
     from ..evaluate.judge import ALPACA_EVAL_MAX_TOKENS, judge_pairs, open_judge
@@ -69,7 +70,8 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
     try:
         examples = load(data, limit, opts)
         cfg = gen_cfg or GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
-        outputs = generate(model, tokenizer, renderer, [list(ex.messages) for ex in examples], cfg, progress=progress)
+        outputs = generate(model, tokenizer, renderer, [list(ex.messages) for ex in examples], cfg, progress=progress,
+                           answers=answers)
         pairs = [{"index": ex.key[0], "instruction": ex.messages[0].content, "output": out, "reference": ex.reference}
                  for ex, out in zip(examples, outputs)]
         judged = judge_pairs(pairs, client, cache, opts.judge_workers, progress=progress)

@@ -101,25 +101,27 @@ def judge_prompts(data: str) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def answer(model, tokenizer, renderer, questions: list[Question], cfg, progress: bool = False) -> list[tuple]:
+def answer(model, tokenizer, renderer, questions: list[Question], cfg, progress: bool = False,
+           answers=None) -> list[tuple]:
     """(turn-1 answer, turn-2 answer) per question: turn 2 is asked after the model's own turn-1 answer. Questions
-    are generated in groups of one category temperature (gen_model_answer.py: do_sample when temperature >= 1e-4)."""
+    are generated in groups of one category temperature (gen_model_answer.py: do_sample when temperature >= 1e-4).
+    `answers`: imtune.answers.Answers of the model (its greedy answers given before are not generated again)."""
     from dataclasses import replace
 
     from ..generate import generate
 
-    answers: dict[tuple, list[str]] = {q.key: [] for q in questions}
+    given: dict[tuple, list[str]] = {q.key: [] for q in questions}
     for temp in sorted({TEMPERATURE[q.category] for q in questions}):
         group = [q for q in questions if TEMPERATURE[q.category] == temp]
         gcfg = replace(cfg, temperature=temp if temp >= 1e-4 else 0.0)
         first = generate(model, tokenizer, renderer, [[Message("user", q.turns[0])] for q in group], gcfg,
-                         progress=progress)
+                         progress=progress, answers=answers)
         second = generate(model, tokenizer, renderer,
                           [[Message("user", q.turns[0]), Message("assistant", a), Message("user", q.turns[1])]
-                           for q, a in zip(group, first)], gcfg, progress=progress)
+                           for q, a in zip(group, first)], gcfg, progress=progress, answers=answers)
         for q, a1, a2 in zip(group, first, second):
-            answers[q.key] = [a1, a2]
-    return [tuple(answers[q.key]) for q in questions]
+            given[q.key] = [a1, a2]
+    return [tuple(given[q.key]) for q in questions]
 
 
 def judge_messages(prompts: dict, q: Question, answers: tuple[str, str], turn: int) -> list[dict]:
@@ -175,8 +177,9 @@ def summarize(questions: list[Question], ratings: list[tuple]) -> dict:
 
 
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
-        model_name: str | None = None, progress: bool = False, **options) -> dict:
-    """Answer both turns of every question, have the judge grade each turn, summarize."""
+        model_name: str | None = None, progress: bool = False, answers=None, **options) -> dict:
+    """Answer both turns of every question, have the judge grade each turn, summarize. `answers`:
+    imtune.answers.Answers of the model (greedy answers given before are not generated again)."""
     from ..evaluate.judge import ask_all, cache_key, open_judge
     from ..generate import GenerationConfig
     from . import make_options
@@ -190,10 +193,10 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
                                opts.judge_max_tokens or JUDGE_MAX_TOKENS, opts.judge_timeout, key_anywhere)
     try:
         cfg = gen_cfg or GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
-        answers = answer(model, tokenizer, renderer, questions, cfg, progress)
+        given = answer(model, tokenizer, renderer, questions, cfg, progress, answers)
         requests = {}
         plan = []
-        for q, a in zip(questions, answers):
+        for q, a in zip(questions, given):
             keys = []
             for turn in (1, 2):
                 msgs = judge_messages(prompts, q, a, turn)
@@ -217,7 +220,7 @@ def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg
               "limit": limit}
     rows = [{"question_id": q.key[0], "category": q.category, "turns": list(q.turns), "answers": list(a),
              "replies": [replies[k] for k in keys], "ratings": list(r)}
-            for q, a, keys, r in zip(questions, answers, plan, ratings)]
+            for q, a, keys, r in zip(questions, given, plan, ratings)]
     if out_dir is not None:
         result["files"] = write_outputs(result, rows, Path(out_dir), markdown(result))
     return result
