@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import shlex
 import sys
 
 from . import __doc__ as PACKAGE_DOC, __version__, files
@@ -140,6 +142,8 @@ def _flag_error(p: argparse.ArgumentParser, words: str, message: str):
     sys.exit(2)
 
 
+RESUMABLE = ("compare", "sweep", "study")  # the same command again continues where Ctrl-C stopped it
+
 INPUTS = ("data", "eval_data", "val_data", "train_data", "references")  # flags naming files a command only reads
 
 
@@ -183,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"imtune: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; compare, sweep and study say what was kept (types.Interrupted)
         print("imtune: interrupted", file=sys.stderr)
+        for line in getattr(e, "lines", []):
+            print(f"  {line}", file=sys.stderr)
+        if words in RESUMABLE:
+            print(f"to continue (finished runs are kept, a run in progress resumes from its newest checkpoint), run "
+                  f"the same command again (in {os.getcwd()}):\n  {shlex.join(['imtune', *argv])}", file=sys.stderr)
         return 130
 
 

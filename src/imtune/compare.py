@@ -26,7 +26,10 @@ with the lowest validation output loss is saved as RUN/best/. Both RUN/final and
 which selection never sees.
 
 Re-running the same command skips finished runs (RUN/DONE) and runs already evaluated with the same settings;
-an unfinished run continues from its newest checkpoint. An arm trained with other settings is never mixed in: the
+an unfinished run continues from its newest checkpoint. Without --save-every every run writes a checkpoint at each
+evaluation point (only the newest kept, removed once the run is done), so Ctrl-C loses at most one evaluation
+interval; it raises types.Interrupted with what was kept (`kept`), which imtune.cli prints with the command that
+continues. An arm trained with other settings is never mixed in: the
 run stops and says which setting differs. The report reads only compare.json and the run directories, so
 `imtune compare --report-only DIR` rebuilds it.
 """
@@ -46,7 +49,7 @@ from pathlib import Path
 from . import files
 from .config import TrainConfig
 from .runlog import is_main_process, say
-from .types import UsageError
+from .types import Interrupted, UsageError
 
 ARM_FORMS = ("it, im, all or weighted:λ (λ >= 0), each optionally followed by +neftune:α and/or +kl:λ, "
              "e.g. it,im,weighted:0.1,im+neftune:5,it+kl:1")
@@ -127,6 +130,7 @@ class CompareSettings:
     bench_max_new_tokens: int | None = None  # answer length for benchmarks (None: each benchmark's own)
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule); 1: one after another in this process
+    checkpoints: bool = True  # without --save-every: a checkpoint at each evaluation point, for Ctrl-C (demo: off)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def eval_settings(self) -> dict:
@@ -159,7 +163,14 @@ def compare(s: CompareSettings) -> Path:
     files.check_claim(s.out, "compare")
     with files.protecting(s.base.data, s.base.eval_data, s.val_data), \
             files.claiming(s.out, "compare", unused=nothing_trained):
-        return run_comparison(s)
+        try:
+            return run_comparison(s)
+        except KeyboardInterrupt:  # Ctrl-C (children stopped by imtune.schedule): what was kept, what resumes
+            lines = kept(s)
+            for a in s.arms:  # the runs that never started: their claimed, empty directories go
+                for seed in s.seed_list():
+                    files.unclaim(Path(s.out) / "arms" / a.name / f"seed-{seed}", Path(s.out) / "arms" / a.name)
+            raise Interrupted(lines) from None
 
 
 def nothing_trained(out: Path) -> bool:
@@ -210,6 +221,12 @@ def run_comparison(s: CompareSettings) -> Path:
         data["steps"] = s.max_steps_cap
     if base.eval_every is None:
         base = base.replace(eval_every=default_eval_every(data["steps"]))
+    if base.save_every is None and s.checkpoints:
+        # Ctrl-C costs at most one evaluation interval: a checkpoint at each evaluation point, only the newest kept,
+        # removed once the run is done (tidy)
+        base = base.replace(save_every=base.eval_every, keep_checkpoints=1)
+    elif base.save_every is None:
+        say("compare: no checkpoints (--save-every not given): a run in progress at Ctrl-C starts over")
     runs = [(arm, seed, arm_config(base, arm, out, seed)) for arm in s.arms for seed in seeds]
     for _, _, cfg in runs:  # every run is checked before any trains: a mistake costs no training time
         check_same_training(Path(cfg.output_dir), cfg.check())
@@ -217,7 +234,7 @@ def run_comparison(s: CompareSettings) -> Path:
     todo = []  # 1. train every arm x seed not yet trained (every process, under accelerate)
     for i, (arm, seed, cfg) in enumerate(runs, 1):
         run_dir, what = Path(cfg.output_dir), f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}"
-        if ckpt.is_finished(run_dir):
+        if is_trained(run_dir):
             say(f"{what}: already trained ({run_dir}/DONE); skipping training")
             continue
         todo.append(Job(what, cfg.replace(resume="auto") if ckpt.latest_checkpoint(run_dir) is not None else cfg))
@@ -242,6 +259,7 @@ def run_comparison(s: CompareSettings) -> Path:
     for i, (arm, seed, cfg) in enumerate(runs, 1):
         with clock.phase(None):  # the evaluation times itself (results["time"])
             results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
+            tidy(s, Path(cfg.output_dir))
             free_memory()
     with clock.phase("report"):  # 3. intervals, verdict, compare.json, report.md/html
         commands = (old or {}).get("commands", [])
@@ -285,6 +303,57 @@ def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
             (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise UsageError(f"{run_dir} was trained with other settings ({shown}); re-run with the same flags to "
                          f"resume, or give another --out (or delete {run_dir})")
+
+
+def is_trained(run_dir: Path) -> bool:
+    """The run finished training (RUN/DONE is written last), whether or not its final/ is still there."""
+    from . import checkpoint as ckpt
+
+    return ckpt.is_finished(run_dir) or (Path(run_dir) / ckpt.DONE).is_file()
+
+
+def tidy(s: CompareSettings, run_dir: Path) -> None:
+    """After a run's evaluation: remove the checkpoints compare had it write for Ctrl-C (no --save-every given: a
+    finished run never resumes). Only directories imtune wrote inside its own run directory, through imtune.files (a
+    link is refused), renamed out of the way first, so a half-deleted directory is never taken for a checkpoint."""
+    drop = ["checkpoints"] if s.base.save_every is None else []
+    for name in drop:
+        if (run_dir / name).exists():
+            gone = run_dir / f".old-{name}"
+            files.remove(gone, run_dir)
+            files.rename(run_dir / name, gone, run_dir)
+            files.remove(gone, run_dir)
+
+
+def kept(s: CompareSettings) -> list[str]:
+    """What an interrupted comparison leaves, in words: runs trained (and evaluated), each run in progress (the step it
+    reached and the checkpoint it resumes from), the runs not started."""
+    from .integrity import latest_checkpoint
+    from .rundir import metrics
+
+    out = Path(s.out)
+    runs = [(f"arm {a.spec} seed {seed}", out / "arms" / a.name / f"seed-{seed}") for a in s.arms
+            for seed in s.seed_list()]
+    done = [d for _, d in runs if is_trained(d)]
+    scored = [d for d in done if (d / "eval" / "compare.json").is_file()]
+    lines = [f"kept in {out}: {len(done)} of {len(runs)} runs trained, {len(scored)} evaluated"]
+    waiting = 0
+    for what, d in runs:
+        steps = [] if is_trained(d) or not (d / "metrics.jsonl").is_file() else metrics(d, "train")
+        if not steps:
+            waiting += not is_trained(d)
+            continue
+        stats = read_json(d / "data_stats.json") or {}
+        total = f" of {stats['total_steps']}" if stats.get("total_steps") else ""
+        last = latest_checkpoint(d)
+        resumes = (f"resumes from its checkpoint at step {last.name.removeprefix('step-')} ({last})" if last else
+                   "no checkpoint yet: starts over")
+        lines.append(f"  {what}: stopped at step {steps[-1]['step']}{total}; {resumes}")
+    if waiting:
+        lines.append(f"  {waiting} run(s) not started")
+    if not done and len(lines) == 1 + (waiting > 0):
+        lines[0] = f"nothing was trained yet in {out}"
+    return lines
 
 
 def default_eval_every(steps: int) -> int:

@@ -30,6 +30,8 @@ class Cost:
     gen_tokens_per_s: float  # measured
     disk_bytes: int  # final/ and best/ of every run (fp32 weights)
     seconds: float
+    save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
+    checkpoint_bytes: int = 0
 
     def text(self) -> str:
         lines = [f"plan: {self.runs} run(s) to train; each {self.examples:,} examples, {self.tokens:,} training "
@@ -38,6 +40,11 @@ class Cost:
                  f"  estimated: {_duration(self.seconds)} on this machine (measured: {self.train_tokens_per_s:,.0f} "
                  f"training tokens/s, {self.gen_tokens_per_s:,.1f} generated tokens/s), {self.disk_bytes / 1e9:.1f} "
                  "GB of disk (final/ and best/ of each run)"]
+        if self.save_every:
+            each = (f"{self.checkpoint_bytes / 1e9:.1f} GB written each time (weights and optimizer state)"
+                    if self.checkpoint_bytes else "the LoRA adapter each time")
+            lines.append(f"  checkpoints every {self.save_every} step{'s' * (self.save_every != 1)}, so that Ctrl-C "
+                         f"loses little (the same command resumes): {each}, the newest kept while a run trains")
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:
             lines.append(f"  (the machine is busy now: load {load:.1f} on {cores} cores; on an idle machine it would "
@@ -73,7 +80,8 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                + gens * new / gen_tps)
     return Cost(runs=runs, examples=data["n_train"], tokens=tokens, steps=steps, evals=evals,
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
-                gen_tokens_per_s=gen_tps, disk_bytes=runs * 2 * 4 * params, seconds=runs * per_run)
+                gen_tokens_per_s=gen_tps, disk_bytes=runs * 2 * 4 * params, seconds=runs * per_run,
+                save_every=base.save_every if runs else None, checkpoint_bytes=0 if base.lora else 3 * 4 * params)
 
 
 def measure(base) -> tuple[float, float, int]:

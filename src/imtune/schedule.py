@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -107,7 +110,8 @@ def side_by_side(tasks: list[Task], parallel: int, say, slots: list[str | None] 
                 files.make_dirs(task.log.parent)
                 p = ctx.Process(target=_child, args=(task.target, task.args, str(task.log), task.threads, slot),
                                 name=task.label)
-                p.start()
+                with sigint_ignored():  # inherited: the child starts deaf to Ctrl-C until _child listens (no
+                    p.start()  # traceback of a half-started interpreter on the terminal)
                 running[p.sentinel] = (p, task, time.perf_counter(), slot)
                 gpu = f", GPU {slot}" if slot is not None else ""
                 say(f"{task.label}: started ({task.threads} thread(s){gpu}, side by side with up to {parallel - 1} "
@@ -116,33 +120,72 @@ def side_by_side(tasks: list[Task], parallel: int, say, slots: list[str | None] 
                 p, task, started, slot = running.pop(sentinel)
                 free.append(slot)
                 p.join()
+                if p.exitcode in (130, -signal.SIGINT):  # stopped by the Ctrl-C this process is about to hear too
+                    raise KeyboardInterrupt
                 if p.exitcode != 0:
                     raise UsageError(f"{task.label} failed (exit {p.exitcode}); its log {task.log} ends:\n"
                                      + _tail(task.log))
                 say(f"{task.label}: {task.done} in {time.perf_counter() - started:.0f}s "
                     f"(elapsed {time.perf_counter() - t0:.0f}s)")
+    except KeyboardInterrupt:  # Ctrl-C: each child stops as at a Ctrl-C of its own (it got one when the whole
+        stop([p for p, *_ in running.values()], signal.SIGINT)  # terminal's group did), leaving a checkpoint to resume
+        running.clear()
+        raise
     finally:
-        for p, *_ in running.values():  # a failure or Ctrl-C: stop the others (training checkpoints resume)
-            p.terminate()
+        stop([p for p, *_ in running.values()], signal.SIGTERM)  # a failure: stop the others (checkpoints resume)
+
+
+def stop(procs: list, sig: int, wait_s: float = 30.0) -> None:
+    """Send `sig` to the children still running, give them `wait_s` seconds to end (a SIGINT'ed trainer releases its
+    run directory; a checkpoint being written is left as a temporary directory that the resume removes), then kill
+    the rest."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, sig)
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
             p.join()
+
+
+@contextmanager
+def sigint_ignored():
+    """SIGINT ignored while the block runs (in the main thread; elsewhere nothing changes). A process started inside
+    inherits the ignored SIGINT, and Python then installs no KeyboardInterrupt handler of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _child(target: Callable, args: tuple, log: str, threads: int, gpus: str | None = None) -> None:
     """In the child: everything it prints (Python and native) goes to `log`; torch uses `threads` threads and sees
-    only the GPUs of its slot (set before torch is imported here: spawn starts a fresh interpreter)."""
+    only the GPUs of its slot (set before torch is imported here: spawn starts a fresh interpreter). Ctrl-C (the
+    terminal's, which reaches the whole process group, or the parent's SIGINT) is heard from here on: the run stops
+    as a Ctrl-C stops it, and the parent alone says what was kept."""
     if gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-    import torch
-
     fd = files.open_fd(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode=0o644)  # O_NOFOLLOW
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring it (sigint_ignored)
+    import torch
+
     torch.set_num_threads(threads)
     try:
         target(*args)
     except UsageError as e:
         print(f"imtune: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent alone reports it
+        print("imtune: interrupted (the parent process says what was kept)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

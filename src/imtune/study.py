@@ -34,7 +34,7 @@ from . import files
 from .compare import CompareSettings, check_settings, parse_arms, read_json
 from .compare_data import write_conversations
 from .config import TrainConfig
-from .types import UsageError
+from .types import Interrupted, UsageError
 
 FACTORS = ("ratio", "n")
 
@@ -209,10 +209,14 @@ def run_study(s: StudySettings, arms: list) -> Path:
             + (f", stratum {info['stratum']} of {info['of']} (per-example ratios {info['ratio_low']:.3g} to "
                f"{info['ratio_high']:.3g})" if info else ""))
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
-        cmp = compare(CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms,
-                                      seeds=s.seeds, val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction,
-                                      bleu_samples=0, max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray,
-                                      argv=s.argv))
+        cs = CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms, seeds=s.seeds,
+                             val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, bleu_samples=0,
+                             max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv)
+        try:
+            cmp = compare(cs)
+        except Interrupted as e:  # Ctrl-C: the values before this one are kept whole
+            raise Interrupted([f"study: {i - 1} of {len(sets)} values compared; stopped at {s.factor} = {_name(v)}",
+                               *e.lines]) from None
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue
         rows.append({**value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec), **info})

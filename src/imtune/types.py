@@ -235,3 +235,12 @@ class DataError(Exception):
 
 class UsageError(Exception):
     """A user mistake that is not about a data record (unknown template, bad flag value). Printed without traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a command whose work survives it (compare, sweep, study): `lines` say what was kept and what resumes;
+    the CLI prints them, then the command that continues, and exits 130."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
