@@ -18,7 +18,9 @@ run's setup: model load and tokenising its data; loading final/ and best/ for ev
 `estimate` (imtune.cost's estimate before training, which measures this machine),
 `train_steps` (forward, backward, optimizer step), `train_eval` (step 0's and the in-training evaluations),
 `saving` (checkpoints, best/, final/), `final_scoring` (loss of final/ and best/), `generation` (BLEU, exact match,
-benchmarks), `report` (intervals, verdict, compare.json, report.md/html, plots)."""
+benchmarks), `report` (intervals, verdict, compare.json, report.md/html, plots), and `other`: what this invocation
+spent between them (claiming directories, cache keys, collecting garbage, removing checkpoints), its wall time less
+everything measured."""
 from __future__ import annotations
 
 import os
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 # phase -> how the one-line summary names it
 PHASES = {"startup": "start-up", "data": "data", "estimate": "cost estimate", "train_steps": "optimizer steps",
           "train_eval": "in-training evaluation", "saving": "saving", "final_scoring": "final scoring",
-          "generation": "generation", "report": "report"}
+          "generation": "generation", "report": "report", "other": "other"}
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +111,7 @@ def total(records: list[dict]) -> dict:
 
 def summary(rec: dict) -> tuple[dict, dict]:
     """compare.json's ("time", "memory") of a total(): seconds per phase (PHASES order first), "total" and
-    "train_steps_share" (the optimizer steps' share of the total); peak RSS in MB per phase."""
+    "train_steps_share" (the optimizer steps' share of the total); peak RSS in MB per phase (none for "other")."""
     seconds = rec["seconds"]
     names = [p for p in PHASES if p in seconds] + sorted(set(seconds) - set(PHASES))
     t = {p: round(seconds[p], 2) for p in names}
@@ -127,29 +129,35 @@ def of_comparison(clock: Clock, runs: list[tuple[str, bool]], evaluations: list[
     """compare.json's "time" and "memory", and the line compare prints: the comparison's own phases (`clock`), the
     training of every run (its metrics.jsonl "timing" lines; `runs`: (run directory, trained by this invocation?))
     and every evaluation (its results["time"], "reused" when an earlier invocation measured it). "total" sums the
-    phases; "wall" is this invocation's own time (smaller when runs were reused, or trained side by side)."""
+    phases, "other" included (this invocation's wall time less what it measured); "wall" is this invocation's own
+    time: total less what earlier invocations measured (or less than that, for runs trained side by side)."""
     from .runlog import read_metrics
 
-    records, trainings, unrecorded = [clock.record()], 0, 0
+    records, trainings, unrecorded, now_s = [clock.record()], 0, 0, sum(clock.seconds.values())
     for run_dir, now in runs:
         lines = read_metrics(run_dir, "timing")
         records += lines
         trainings += bool(lines) and not now
         unrecorded += not lines
+        now_s += sum(v for r in lines for v in r["seconds"].values()) if now else 0.0
     for t in evaluations:
         records += [t] if t else []
         unrecorded += not t
+        now_s += sum(t["seconds"].values()) if t and not t.get("reused") else 0.0
     evals = sum(bool(t and t.get("reused")) for t in evaluations)
+    wall = time.perf_counter() - clock.started
+    if wall > now_s:  # less where runs trained side by side
+        records.append({"seconds": {"other": wall - now_s}})
     time_, memory = summary(total(records))
-    time_["wall"] = round(time.perf_counter() - clock.started, 2)
+    time_["wall"] = round(wall, 2)
     time_["from_earlier_runs"] = {"trainings": trainings, "evaluations": evals}
     notes = [f"{trainings} training(s) and {evals} evaluation(s) of it measured by earlier runs"] \
         if trainings or evals else []
     if unrecorded:
         time_["unrecorded"] = unrecorded
         notes.append(f"{unrecorded} training(s) or evaluation(s) without a record of their time, not counted")
-    if abs(time_["wall"] - time_["total"]) > 0.1 * time_["total"] and not (trainings or evals or unrecorded):
-        notes.append(f"{time_['wall']:.0f} s wall clock")  # runs trained side by side
+    if wall < 0.9 * now_s:
+        notes.append(f"{wall:.0f} s wall clock: runs side by side")
     return time_, memory, line(time_, memory, "; ".join(notes))
 
 
