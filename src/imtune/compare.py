@@ -130,6 +130,7 @@ class CompareSettings:
     bench_max_new_tokens: int | None = None  # answer length for benchmarks (None: each benchmark's own)
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule); 1: one after another in this process
+    keep: str = "both"  # which models of each run stay on disk after its evaluation (KEEP)
     checkpoints: bool = True  # without --save-every: a checkpoint at each evaluation point, for Ctrl-C (demo: off)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -184,6 +185,8 @@ def check_settings(s: CompareSettings) -> None:
     sweep and study call it too, before they claim their own directory."""
     seeds = s.seed_list()
     s.reference_arm()
+    if s.keep not in KEEP:
+        raise UsageError(f"--keep {s.keep!r}: valid: {', '.join(KEEP)}")
     if s.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, not {s.jobs}")
     if len(set(seeds)) < len(seeds):
@@ -258,6 +261,7 @@ def run_comparison(s: CompareSettings) -> Path:
     # evaluations took 45 s per pair against ~10 s each here (2026-12-01).
     for i, (arm, seed, cfg) in enumerate(runs, 1):
         with clock.phase(None):  # the evaluation times itself (results["time"])
+            check_models(s, Path(cfg.output_dir))
             results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
             tidy(s, Path(cfg.output_dir))
             free_memory()
@@ -305,18 +309,38 @@ def check_same_training(run_dir: Path, cfg: TrainConfig) -> None:
                          f"resume, or give another --out (or delete {run_dir})")
 
 
+KEEP = ("final", "best", "both", "none")  # --keep: which models of each run stay on disk after its evaluation
+
+
 def is_trained(run_dir: Path) -> bool:
-    """The run finished training (RUN/DONE is written last), whether or not its final/ is still there."""
+    """The run finished training (RUN/DONE is written last), whether or not --keep removed its models since."""
     from . import checkpoint as ckpt
 
     return ckpt.is_finished(run_dir) or (Path(run_dir) / ckpt.DONE).is_file()
 
 
+def check_models(s: CompareSettings, run_dir: Path) -> None:
+    """A run whose final/ --keep removed is evaluated from its cache only (RUN/eval/compare.json, same settings): say
+    so rather than fail to load a model that is not there."""
+    if not is_trained(run_dir) or (run_dir / "final").is_dir():
+        return
+    cached = read_json(run_dir / "eval" / "compare.json") or {}
+    if cached.get("settings") != s.eval_settings():
+        raise UsageError(f"{run_dir}/final was removed after its evaluation (--keep), and this comparison evaluates "
+                         "with other settings: re-run with the evaluation flags it was scored with, or train again "
+                         "into another --out")
+
+
 def tidy(s: CompareSettings, run_dir: Path) -> None:
     """After a run's evaluation: remove the checkpoints compare had it write for Ctrl-C (no --save-every given: a
-    finished run never resumes). Only directories imtune wrote inside its own run directory, through imtune.files (a
-    link is refused), renamed out of the way first, so a half-deleted directory is never taken for a checkpoint."""
-    drop = ["checkpoints"] if s.base.save_every is None else []
+    finished run never resumes), and the models --keep does not keep (--keep best keeps final/ when there is no best/).
+    Only directories imtune wrote inside its own run directory, through imtune.files (a link is refused): each is
+    renamed out of the way first, so a half-deleted model is never taken for a model."""
+    drop = ["checkpoints"] if s.base.save_every is None or s.keep == "none" else []
+    if s.keep == "none" or s.keep == "best" and (run_dir / "best").is_dir():
+        drop.append("final")
+    if s.keep in ("final", "none"):
+        drop.append("best")
     for name in drop:
         if (run_dir / name).exists():
             gone = run_dir / f".old-{name}"

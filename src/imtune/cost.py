@@ -28,8 +28,9 @@ class Cost:
     max_new_tokens: int
     train_tokens_per_s: float  # measured
     gen_tokens_per_s: float  # measured
-    disk_bytes: int  # final/ and best/ of every run (fp32 weights)
+    disk_bytes: int  # the models --keep keeps of every run (fp32 weights)
     seconds: float
+    kept: str = "final/ and best/"  # what disk_bytes counts, in words
     save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
     checkpoint_bytes: int = 0
 
@@ -39,7 +40,7 @@ class Cost:
                  f"examples; {self.generations} greedy answers of ≤ {self.max_new_tokens} tokens",
                  f"  estimated: {_duration(self.seconds)} on this machine (measured: {self.train_tokens_per_s:,.0f} "
                  f"training tokens/s, {self.gen_tokens_per_s:,.1f} generated tokens/s), {self.disk_bytes / 1e9:.1f} "
-                 "GB of disk (final/ and best/ of each run)"]
+                 f"GB of disk ({self.kept} of each run)"]
         if self.save_every:
             each = (f"{self.checkpoint_bytes / 1e9:.1f} GB written each time (weights and optimizer state)"
                     if self.checkpoint_bytes else "the LoRA adapter each time")
@@ -75,12 +76,15 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
     gens = ev.get("exact_match", 0) + ev.get("bleu_samples", 0)
     new = ev.get("max_new_tokens") or 64
     train_tps, gen_tps, params = measure(base)
+    keep = getattr(s, "keep", "both")  # --keep: the models left on disk once a run is evaluated
+    kept, copies = {"both": ("final/ and best/", 2), "final": ("final/", 1), "best": ("best/", 1),
+                    "none": ("no models", 0)}[keep]
     fwd_tps = 3 * train_tps  # a forward pass costs about a third of forward + backward
     per_run = (tokens / train_tps + evals * eval_examples * seq / fwd_tps + scored * seq / fwd_tps
                + gens * new / gen_tps)
     return Cost(runs=runs, examples=data["n_train"], tokens=tokens, steps=steps, evals=evals,
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
-                gen_tokens_per_s=gen_tps, disk_bytes=runs * 2 * 4 * params, seconds=runs * per_run,
+                gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * 4 * params, seconds=runs * per_run, kept=kept,
                 save_every=base.save_every if runs else None, checkpoint_bytes=0 if base.lora else 3 * 4 * params)
 
 

@@ -58,6 +58,7 @@ class StudySettings:
     jobs: int = 1  # runs trained side by side (imtune.schedule)
     ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
     strata: int | None = None  # ratio with --data: equal-size quantile bins of the per-example ratio
+    keep: str = "both"  # which models of each run stay on disk after its evaluation (imtune.compare.KEEP)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -184,7 +185,7 @@ def study(s: StudySettings) -> Path:
     if len(arms) != 2:
         raise UsageError(f"--arms {s.arms!r}: a study compares exactly two arms (the second minus the first)")
     check_settings(CompareSettings(out=Path(s.out), base=s.base, arms=arms, seeds=s.seeds, val_fraction=s.val_fraction,
-                                   heldout_fraction=s.heldout_fraction, jobs=s.jobs))
+                                   heldout_fraction=s.heldout_fraction, jobs=s.jobs, keep=s.keep))
     files.check_claim(s.out, "study")
     with files.protecting(s.base.data, s.base.eval_data), files.claiming(s.out, "study", unused=nothing_trained):
         return run_study(s, arms)
@@ -211,7 +212,8 @@ def run_study(s: StudySettings, arms: list) -> Path:
         base = s.base.replace(data=train, eval_data=held, format="messages", fields={}, limit=None)
         cs = CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms, seeds=s.seeds,
                              val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, bleu_samples=0,
-                             max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv)
+                             max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv,
+                             keep=s.keep)
         try:
             cmp = compare(cs)
         except Interrupted as e:  # Ctrl-C: the values before this one are kept whole

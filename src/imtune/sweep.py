@@ -45,6 +45,7 @@ class SweepSettings:
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.schedule)
     ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
+    keep: str = "both"  # which models of each run stay on disk after its evaluation (imtune.compare.KEEP)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -65,12 +66,14 @@ def sweep(s: SweepSettings) -> Path:
     out = Path(s.out)
     arms = [parse_arm(f"weighted:{v}") for v in s.prompt_weights]
     check_settings(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
-                                   val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, jobs=s.jobs))
+                                   val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, jobs=s.jobs,
+                                   keep=s.keep))
     with files.claiming(out, "sweep"):  # checked first: a refused sweep leaves nothing behind
         cmp = compare(CompareSettings(out=out / "compare", base=s.base, arms=arms, seeds=s.seeds,
                                       val_fraction=s.val_fraction, val_data=s.val_data,
                                       heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples,
-                                      bleu_samples=0, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv))
+                                      bleu_samples=0, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv,
+                                      keep=s.keep))
     if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
         return out
     summary = read_json(cmp / "compare.json")

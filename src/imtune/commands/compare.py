@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg, ray_plan
+from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -60,6 +60,7 @@ def add_arguments(p) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="print the plan (runs, examples, tokens, steps, evaluations, generations) and its estimated "
                         "time and disk on this machine, then stop before training")
+    add_grid_args(g)
     g.add_argument("--report-only", default=None, metavar="DIR",
                    help="only rebuild report.md/report.html of an existing comparison directory")
 
@@ -104,7 +105,8 @@ def settings_from(args):
                            loss_samples=args.loss_samples, bleu_samples=args.bleu_samples,
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
                            bench_limit=args.bench_limit, device=args.device, jobs=args.jobs, ray=ray_plan(args),
-                           judge=judge, bench_max_new_tokens=args.bench_max_new_tokens, dry_run=args.dry_run)
+                           judge=judge, bench_max_new_tokens=args.bench_max_new_tokens, dry_run=args.dry_run,
+                           keep=args.keep)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg, ray_plan
+from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="--factor n with --data and no --eval-data: the share held out (once, before subsetting)")
     add_jobs_arg(g)
+    add_grid_args(g)
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
@@ -86,7 +87,7 @@ def settings_from(args):
                          arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
                          heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
                          heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs, ray=ray_plan(args),
-                         strata=(args.strata or 3) if stratified else None)
+                         strata=(args.strata or 3) if stratified else None, keep=args.keep)
 
 
 def show(out: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..runlog import say
-from .common import CommaList, add_jobs_arg, ray_plan
+from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
 
 
 def add_arguments(p) -> None:
@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
     g.add_argument("--loss-samples", type=int, default=None, metavar="N",
                    help="score the final training output loss on a fixed sample of N examples (default: all)")
     add_jobs_arg(g)
+    add_grid_args(g)
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
@@ -49,7 +50,7 @@ def settings_from(args):
                          prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
                          val_fraction=args.val_fraction, val_data=base.val_data,
                          heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device,
-                         jobs=args.jobs, ray=ray_plan(args))
+                         jobs=args.jobs, ray=ray_plan(args), keep=args.keep)
 
 
 def show(out: Path) -> None:
