@@ -106,3 +106,14 @@ def test_study_usage_errors(capsys):
     assert "--family" in capsys.readouterr().err
     assert main(["study", "--factor", "n", "--values", "4", "--family", "rule"]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_study_dry_run_plans_every_value_and_their_sum_and_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "st"
+    assert main(["study", "--factor", "ratio", "--values", "2,8", "--family", "rule", "--n", "8", "--heldout", "4",
+                 "--seeds", "0,1", *COMMON, "--dry-run", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("plan: 4 run(s) to train") == 2  # one comparison per value: 2 arms x 2 seeds
+    assert "study plan (2 values of ratio): 8 run(s) to train in 2 comparison(s); estimated ~" in err
+    assert "--dry-run: nothing trained" in err
+    assert not list(out.rglob("arms")) and not list(out.rglob("metrics.jsonl")) and not (out / "study.json").exists()

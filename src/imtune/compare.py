@@ -132,6 +132,7 @@ class CompareSettings:
     jobs: int = 1  # runs trained side by side (imtune.schedule); 1: one after another in this process
     keep: str = "both"  # which models of each run stay on disk after its evaluation (KEEP)
     checkpoints: bool = True  # without --save-every: a checkpoint at each evaluation point, for Ctrl-C (demo: off)
+    planned: object = None  # --dry-run: the imtune.cost.Cost it printed (sweep and study add up their grid's)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def eval_settings(self) -> dict:
@@ -216,7 +217,8 @@ def run_comparison(s: CompareSettings) -> Path:
     seeds, ref = s.seed_list(), s.reference_arm()
     with clock.phase("data"):
         data = materialise_data(s, out)
-    files.make_dirs(out / "arms", out)
+    if not s.dry_run:  # a dry run makes no run directories
+        files.make_dirs(out / "arms", out)
     base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
                           fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
     if s.max_steps_cap and data["steps"] > s.max_steps_cap:
@@ -245,7 +247,8 @@ def run_comparison(s: CompareSettings) -> Path:
         from .cost import estimate
 
         with clock.phase("estimate"):
-            say(estimate(s, data, base, len(todo)).text())
+            s.planned = estimate(s, data, base, len(todo))
+            say(s.planned.text())
     if s.dry_run:
         say(f"--dry-run: nothing trained (the data split is written under {out / 'data'})")
         return out

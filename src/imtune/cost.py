@@ -9,6 +9,7 @@ that a user can shrink a run before spending an afternoon on it (`--dry-run` sto
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -88,16 +89,31 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                 save_every=base.save_every if runs else None, checkpoint_bytes=0 if base.lora else 3 * 4 * params)
 
 
+def grid_text(costs: list[Cost], what: str) -> str:
+    """One line adding up the plans of a grid's comparisons (a study's values): runs, time and disk in all."""
+    runs, seconds, disk = (sum(getattr(c, k) for c in costs) for k in ("runs", "seconds", "disk_bytes"))
+    line = (f"{what}: {runs} run(s) to train in {len(costs)} comparison(s); estimated {_duration(seconds)} on this "
+            f"machine in all, {disk / 1e9:.1f} GB of disk")
+    if seconds > SLOW:
+        line += " (long for this machine: --budget STEPS caps every run; on a GPU it takes minutes)"
+    return line
+
+
 def measure(base) -> tuple[float, float, int]:
     """(training tokens/s, generated tokens/s, parameters) of base.model on this machine: one warm-up and one timed
-    training step on a row of min(max_length, 256) tokens, then eight greedy tokens."""
+    training step on a row of min(max_length, 256) tokens, then eight greedy tokens. Measured once per model and row
+    length in a process (a study plans one comparison per value)."""
+    return _measure(base.model, min(base.max_length, 256))
+
+
+@functools.lru_cache(maxsize=4)
+def _measure(spec: str, n: int) -> tuple[float, float, int]:
     import torch
 
     from .models import load_model, n_params
 
-    model = load_model(base.model)
+    model = load_model(spec)
     model.train()
-    n = min(base.max_length, 256)
     ids = torch.randint(0, model.config.vocab_size, (1, n))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # steps nothing: only the time of a step is wanted
     for _ in range(2):

@@ -59,6 +59,7 @@ class StudySettings:
     ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
     strata: int | None = None  # ratio with --data: equal-size quantile bins of the per-example ratio
     keep: str = "both"  # which models of each run stay on disk after its evaluation (imtune.compare.KEEP)
+    dry_run: bool = False  # print the plan of every value's comparison and their sum (imtune.cost), train nothing
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -200,10 +201,11 @@ def nothing_trained(out: Path) -> bool:
 
 def run_study(s: StudySettings, arms: list) -> Path:
     from .compare import compare
+    from .cost import grid_text
     from .runlog import is_main_process, say
 
     out = Path(s.out)
-    rows = []
+    rows, plans = [], []
     sets = datasets(s)
     for i, (v, train, held, info) in enumerate(sets, 1):
         say(f"study: {s.factor} = {_name(v)} ({i}/{len(sets)})"
@@ -213,12 +215,15 @@ def run_study(s: StudySettings, arms: list) -> Path:
         cs = CompareSettings(out=out / "runs" / f"{s.factor}-{_name(v)}", base=base, arms=arms, seeds=s.seeds,
                              val_fraction=s.val_fraction, heldout_fraction=s.heldout_fraction, bleu_samples=0,
                              max_steps_cap=s.budget, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv,
-                             keep=s.keep)
+                             keep=s.keep, dry_run=s.dry_run)
         try:
             cmp = compare(cs)
         except Interrupted as e:  # Ctrl-C: the values before this one are kept whole
             raise Interrupted([f"study: {i - 1} of {len(sets)} values compared; stopped at {s.factor} = {_name(v)}",
                                *e.lines]) from None
+        if s.dry_run:
+            plans += [cs.planned] if cs.planned is not None else []
+            continue
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue
         rows.append({**value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec), **info})
@@ -226,6 +231,11 @@ def run_study(s: StudySettings, arms: list) -> Path:
         if s.family and s.factor == "ratio" and measured and abs(measured / v - 1) > 0.5:
             say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
                 f"{s.family} cannot make instructions that short or long; the report shows the measured ratio")
+    if s.dry_run:
+        if plans:
+            say(grid_text(plans, f"study plan ({len(sets)} values of {s.factor})"))
+        say(f"--dry-run: nothing trained (the data of every value is written under {out / 'data'})")
+        return out
     if not is_main_process():
         return out
     result = {"version": 1, "factor": s.factor, "values": [v for v, *_ in sets], "arms": [a.spec for a in arms],

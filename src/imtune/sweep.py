@@ -46,6 +46,7 @@ class SweepSettings:
     jobs: int = 1  # runs trained side by side (imtune.schedule)
     ray: object = None  # imtune.ray_jobs.RayPlan: the grid on a Ray cluster
     keep: str = "both"  # which models of each run stay on disk after its evaluation (imtune.compare.KEEP)
+    dry_run: bool = False  # print the plan of the whole grid (imtune.cost), train nothing
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -73,8 +74,8 @@ def sweep(s: SweepSettings) -> Path:
                                       val_fraction=s.val_fraction, val_data=s.val_data,
                                       heldout_fraction=s.heldout_fraction, loss_samples=s.loss_samples,
                                       bleu_samples=0, device=s.device, jobs=s.jobs, ray=s.ray, argv=s.argv,
-                                      keep=s.keep))
-    if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
+                                      keep=s.keep, dry_run=s.dry_run))
+    if s.dry_run or not is_main_process():  # a plan only; under accelerate launch: rank 0 alone reports
         return out
     summary = read_json(cmp / "compare.json")
     measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"

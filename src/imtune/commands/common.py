@@ -51,13 +51,16 @@ def add_jobs_arg(p) -> None:
                         "another); 1: one after another")
 
 
-def add_grid_args(p) -> None:
-    """--keep of compare, sweep and study."""
+def add_grid_args(p, what: str = "the comparison") -> None:
+    """--keep and --dry-run of compare, sweep and study."""
     p.add_argument("--keep", default="both", type=str.lower, choices=["final", "best", "both", "none"],
                    help="which models of each run stay on disk once it is evaluated: final/, best/ (the checkpoint "
                         "selected on validation; final/ when there is none), both, or none (metrics and evaluations "
                         "only; the report is the same). A re-run never retrains or re-evaluates a run for a removed "
                         "model (default: both)")
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"print the plan of {what} (runs, examples, tokens, steps, evaluations, generations) and its "
+                        "estimated time and disk on this machine, then stop before training")
 
 
 def add_model_args(p, default: str = "default") -> None:

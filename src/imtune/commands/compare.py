@@ -57,9 +57,6 @@ def add_arguments(p) -> None:
                    help="SQLite cache of judge replies (default: $IMTUNE_CACHE/judge-cache.sqlite)")
     add_jobs_arg(g)
     g.add_argument("--device", default="auto", help="device for the final evaluation: auto (cuda if any), cpu, ...")
-    g.add_argument("--dry-run", action="store_true",
-                   help="print the plan (runs, examples, tokens, steps, evaluations, generations) and its estimated "
-                        "time and disk on this machine, then stop before training")
     add_grid_args(g)
     g.add_argument("--report-only", default=None, metavar="DIR",
                    help="only rebuild report.md/report.html of an existing comparison directory")

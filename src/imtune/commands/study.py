@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="--factor n with --data and no --eval-data: the share held out (once, before subsetting)")
     add_jobs_arg(g)
-    add_grid_args(g)
+    add_grid_args(g, "the whole study (every value's comparison, and their sum)")
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
@@ -87,7 +87,7 @@ def settings_from(args):
                          arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
                          heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
                          heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs, ray=ray_plan(args),
-                         strata=(args.strata or 3) if stratified else None, keep=args.keep)
+                         strata=(args.strata or 3) if stratified else None, keep=args.keep, dry_run=args.dry_run)
 
 
 def show(out: Path) -> None:
@@ -115,7 +115,8 @@ def run(args) -> int:
         say(f"wrote {md} and {page}")
         show(Path(args.report_only))
         return 0
-    out = study(settings_from(args))
-    if is_main_process():
+    s = settings_from(args)
+    out = study(s)
+    if is_main_process() and not s.dry_run:
         show(out)
     return 0

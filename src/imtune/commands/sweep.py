@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     g.add_argument("--loss-samples", type=int, default=None, metavar="N",
                    help="score the final training output loss on a fixed sample of N examples (default: all)")
     add_jobs_arg(g)
-    add_grid_args(g)
+    add_grid_args(g, "the whole sweep (every λ and seed)")
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")
     g.add_argument("--report-only", default=None, metavar="DIR", help="only rebuild report.md/report.html of DIR")
 
@@ -50,7 +50,7 @@ def settings_from(args):
                          prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
                          val_fraction=args.val_fraction, val_data=base.val_data,
                          heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device,
-                         jobs=args.jobs, ray=ray_plan(args), keep=args.keep)
+                         jobs=args.jobs, ray=ray_plan(args), keep=args.keep, dry_run=args.dry_run)
 
 
 def show(out: Path) -> None:
@@ -76,7 +76,8 @@ def run(args) -> int:
         say(f"wrote {md} and {page}")
         show(Path(args.report_only))
         return 0
-    out = sweep(settings_from(args))
-    if is_main_process():
+    s = settings_from(args)
+    out = sweep(s)
+    if is_main_process() and not s.dry_run:
         show(out)
     return 0
