@@ -25,7 +25,7 @@ def test_the_plan_counts_what_the_run_then_does(tmp_path, capsys):
                      r"optimizer steps; (\d+) evaluation points × ([\d,]+) examples; (\d+) greedy answers", err)
     assert plan, err
     runs, examples, _, steps, evals, per_eval, gens = (int(x.replace(",", "")) for x in plan.groups())
-    assert "estimated: ~" in err and "GB of disk" in err and "--dry-run: nothing trained" in err
+    assert "estimated: ~" in err and "B of disk" in err and "--dry-run: nothing trained" in err
     assert not list(out.glob("arms/*/seed-*/metrics.jsonl"))  # nothing trained
     assert main(argv) == 0
     capsys.readouterr()
@@ -38,3 +38,31 @@ def test_the_plan_counts_what_the_run_then_does(tmp_path, capsys):
     assert per_eval == summary["data"]["n_val"] + summary["data"]["n_test"] + 4
     assert main(argv) == 0  # all trained: no plan, nothing to estimate
     assert "plan:" not in capsys.readouterr().err
+
+
+def test_train_prints_its_plan_and_dry_run_makes_no_directory(tmp_path, capsys):
+    """`imtune train --dry-run` prints the plan and nothing else happens; the real run prints the same plan before its
+    first step and then takes the steps and evaluations the plan said."""
+    train, held = synthesize("lookup", 12, 8.0, seed=0, heldout=6)
+    data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")
+    heldout = write_jsonl(tmp_path / "h.jsonl", held, "lookup", 0, "heldout")
+    run = tmp_path / "run"
+    argv = ["train", str(data), "--eval-data", str(heldout), "--model", "random:tiny", "--epochs", "2",
+            "--batch-size", "2", "--no-packing", "--eval-every", "2", "--eval-train-sample", "4",
+            "--max-length", "512", "--no-progress", "--threads", "1", "--output-dir", str(run)]
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr()
+    pattern = (r"plan: ([\d,]+) examples, ([\d,]+) training tokens in ([\d,]+) optimizer steps \(([\d.]+) epochs\); "
+               r"(\d+) evaluation points × ([\d,]+) examples\n  estimated: ~\d+ min on this machine")
+    plan = re.search(pattern, out.err)
+    assert plan, out.err
+    assert "--dry-run: nothing trained" in out.err and not out.out and not run.exists()
+    examples, tokens, steps, epochs, evals, per_eval = (float(x.replace(",", "")) for x in plan.groups())
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.search(pattern, err).groups() == plan.groups()  # the same plan, before the first step
+    assert err.index("plan:") < err.index("eval @ step 0")
+    steps_done = [r["step"] for r in read_metrics(run, "train")]
+    assert steps_done == list(range(1, int(steps) + 1)) and examples == 12 and epochs == 2
+    assert len(read_metrics(run, "eval")) == evals and per_eval == 4 + 6
+    assert tokens == read_metrics(run, "train")[-1]["tokens"]  # whole epochs: exact

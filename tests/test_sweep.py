@@ -119,6 +119,6 @@ def test_sweep_dry_run_prints_the_plan_of_the_whole_grid_and_trains_nothing(tmp_
     assert main(["sweep", _data(tmp_path / "d.jsonl", 40), "--model", "random:tiny", "--prompt-weights", "0,0.1,1",
                  "--seeds", "0,1", "--max-steps", "3", "--dry-run", "--no-progress", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "plan: 6 run(s) to train" in captured.err and "estimated: ~" in captured.err and "GB of disk" in captured.err
+    assert "plan: 6 run(s) to train" in captured.err and "estimated: ~" in captured.err and "B of disk" in captured.err
     assert "--dry-run: nothing trained" in captured.err and "Recommended" not in captured.out + captured.err
     assert not list(out.rglob("arms")) and not list(out.rglob("metrics.jsonl")) and not (out / "sweep.json").exists()

@@ -6,6 +6,9 @@ Time comes from this machine, not a constant: one training step of the real mode
 timed (after one warm-up step), and a few greedy tokens; forward-only passes are counted at a third of a training
 step per token. It is an estimate (±50% is typical: data loading, saving and evaluation overheads vary), printed so
 that a user can shrink a run before spending an afternoon on it (`--dry-run` stops there).
+
+`of_run(cfg, examples, sched, eval_sets, save_dtype)` is the same estimate for one `imtune train` run, from the
+examples, schedule and evaluation sets train.setup computed (exact counts; the same measured step and formula).
 """
 from __future__ import annotations
 
@@ -34,19 +37,36 @@ class Cost:
     kept: str = "final/ and best/"  # what disk_bytes counts, in words
     save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
     checkpoint_bytes: int = 0
+    what: str = "comparison"  # or "run": one `imtune train` (of_run)
+    epochs: float | None = None  # of a run: the epochs its steps span
+    keep_checkpoints: int = 1  # of a run: how many checkpoints stay on disk (0: all)
 
     def text(self) -> str:
-        lines = [f"plan: {self.runs} run(s) to train; each {self.examples:,} examples, {self.tokens:,} training "
-                 f"tokens in {self.steps:,} optimizer steps; {self.evals} evaluation points × {self.eval_examples:,} "
-                 f"examples; {self.generations} greedy answers of ≤ {self.max_new_tokens} tokens",
-                 f"  estimated: {_duration(self.seconds)} on this machine (measured: {self.train_tokens_per_s:,.0f} "
-                 f"training tokens/s, {self.gen_tokens_per_s:,.1f} generated tokens/s), {self.disk_bytes / 1e9:.1f} "
-                 f"GB of disk ({self.kept} of each run)"]
+        if self.what == "run":
+            span = f" ({self.epochs:.2f} epochs)" if self.epochs is not None else ""
+            head = (f"plan: {self.examples:,} examples, {self.tokens:,} training tokens in {self.steps:,} optimizer "
+                    f"steps{span}; {self.evals} evaluation points × {self.eval_examples:,} examples")
+        else:
+            head = (f"plan: {self.runs} run(s) to train; each {self.examples:,} examples, {self.tokens:,} training "
+                    f"tokens in {self.steps:,} optimizer steps; {self.evals} evaluation points × "
+                    f"{self.eval_examples:,} examples; {self.generations} greedy answers of ≤ {self.max_new_tokens} "
+                    "tokens")
+        rates = f"{self.train_tokens_per_s:,.0f} training tokens/s" + (
+            f", {self.gen_tokens_per_s:,.1f} generated tokens/s" if self.generations else "")
+        each_run = "" if self.what == "run" else " of each run"
+        lines = [head, f"  estimated: {_duration(self.seconds)} on this machine (measured: {rates}), "
+                       f"{_size(self.disk_bytes)} of disk ({self.kept}{each_run})"]
         if self.save_every:
-            each = (f"{self.checkpoint_bytes / 1e9:.1f} GB written each time (weights and optimizer state)"
+            each = (f"{_size(self.checkpoint_bytes)} written each time (weights and optimizer state)"
                     if self.checkpoint_bytes else "the LoRA adapter each time")
-            lines.append(f"  checkpoints every {self.save_every} step{'s' * (self.save_every != 1)}, so that Ctrl-C "
-                         f"loses little (the same command resumes): {each}, the newest kept while a run trains")
+            if self.what == "run":
+                kept = "all kept" if not self.keep_checkpoints else f"the newest {self.keep_checkpoints} kept"
+                lines.append(f"  checkpoints every {self.save_every} step{'s' * (self.save_every != 1)}: {each}, "
+                             f"{kept}")
+            else:
+                lines.append(f"  checkpoints every {self.save_every} step{'s' * (self.save_every != 1)}, so that "
+                             f"Ctrl-C loses little (the same command resumes): {each}, the newest kept while a run "
+                             "trains")
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:
             lines.append(f"  (the machine is busy now: load {load:.1f} on {cores} cores; on an idle machine it would "
@@ -54,8 +74,12 @@ class Cost:
         if self.seconds > SLOW:
             lines.append(f"  that is long for this machine: --limit {max(16, self.examples // 4)} or --max-steps "
                          f"{max(4, self.steps // 4)} brings it to about a quarter (--preset cpu-quick for a first "
-                         "look); on a GPU the same comparison takes minutes")
+                         f"look); on a GPU the same {self.what} takes minutes (docs/scaling.md)")
         return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def _duration(s: float) -> str:
@@ -80,20 +104,54 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
     keep = getattr(s, "keep", "both")  # --keep: the models left on disk once a run is evaluated
     kept, copies = {"both": ("final/ and best/", 2), "final": ("final/", 1), "best": ("best/", 1),
                     "none": ("no models", 0)}[keep]
-    fwd_tps = 3 * train_tps  # a forward pass costs about a third of forward + backward
-    per_run = (tokens / train_tps + evals * eval_examples * seq / fwd_tps + scored * seq / fwd_tps
-               + gens * new / gen_tps)
+    per_run = seconds(tokens, (evals * eval_examples + scored) * seq, gens * new, train_tps, gen_tps)
     return Cost(runs=runs, examples=data["n_train"], tokens=tokens, steps=steps, evals=evals,
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
-                gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * 4 * params, seconds=runs * per_run, kept=kept,
-                save_every=base.save_every if runs else None, checkpoint_bytes=0 if base.lora else 3 * 4 * params)
+                gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * 4 * params,
+                seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
+                checkpoint_bytes=0 if base.lora else 3 * 4 * params)
+
+
+def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
+    """The cost of one `imtune train` run of `cfg`: its `examples` (imtune.types.Examples), Schedule and evaluation
+    sets (track.eval_sets) as train.setup computed them; `save_dtype` (fp32|bf16) of final/ and best/. Evaluation
+    points as fit makes them: step 0, every --eval-every before the end, and the end."""
+    from .pack import lengths_of
+
+    per_epoch = sum(lengths_of(examples))
+    tokens = round(per_epoch * sched.total_steps / sched.steps_per_epoch)  # the last epoch may be partial
+    steps = sched.total_steps
+    every = cfg.eval_every or steps
+    evals = (1 + steps // every + (1 if steps % every else 0)) if eval_sets else 0
+    eval_tokens = sum(sum(lengths_of(ex)) for ex, _ in eval_sets.values())
+    train_tps, gen_tps, params = measure(cfg)
+    per_param = 2 if save_dtype == "bf16" else 4
+    n_ckpt = (steps // cfg.save_every + (1 if steps % cfg.save_every else 0)) if cfg.save_every else 0
+    n_ckpt = min(n_ckpt, cfg.keep_checkpoints or n_ckpt)
+    ckpt = 0 if cfg.lora else 3 * 4 * params  # weights and AdamW's two moments, fp32
+    return Cost(runs=1, examples=len(examples), tokens=tokens, steps=steps, evals=evals,
+                eval_examples=sum(len(ex) for ex, _ in eval_sets.values()), generations=0, max_new_tokens=0,
+                train_tokens_per_s=train_tps, gen_tokens_per_s=gen_tps,
+                disk_bytes=(1 + cfg.keep_best) * per_param * params + n_ckpt * ckpt,
+                seconds=seconds(tokens, evals * eval_tokens, 0, train_tps, gen_tps),
+                kept=f"final/{' and best/' if cfg.keep_best else ''} in {save_dtype}"
+                     + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""),
+                save_every=cfg.save_every, checkpoint_bytes=ckpt, what="run",
+                epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints)
+
+
+def seconds(train_tokens: float, forward_tokens: float, generated: float, train_tps: float, gen_tps: float) -> float:
+    """The time of training, forward-only passes (evaluation, scoring) and greedy generation at the measured rates: a
+    forward pass costs about a third of forward + backward."""
+    return train_tokens / train_tps + forward_tokens / (3 * train_tps) + generated / gen_tps
+
 
 
 def grid_text(costs: list[Cost], what: str) -> str:
     """One line adding up the plans of a grid's comparisons (a study's values): runs, time and disk in all."""
     runs, seconds, disk = (sum(getattr(c, k) for c in costs) for k in ("runs", "seconds", "disk_bytes"))
     line = (f"{what}: {runs} run(s) to train in {len(costs)} comparison(s); estimated {_duration(seconds)} on this "
-            f"machine in all, {disk / 1e9:.1f} GB of disk")
+            f"machine in all, {_size(disk)} of disk")
     if seconds > SLOW:
         line += " (long for this machine: --budget STEPS caps every run; on a GPU it takes minutes)"
     return line

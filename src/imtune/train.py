@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt, files, guard, saving, track
+from . import checkpoint as ckpt, cost, files, guard, saving, track
 from .build import build_model, build_training, make_accelerator, set_threads
 from .clock import Clock
 from .config import TrainConfig
@@ -70,8 +70,10 @@ class TrainingStopped(UsageError):
     """The run cannot go on (a non-finite loss): printed for a person, without a traceback."""
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train as `cfg` says; return the run directory (RUN/final/ holds the model). Idempotent on finished runs."""
+def train(cfg: TrainConfig, plan: bool = False) -> Path:
+    """Train as `cfg` says; return the run directory (RUN/final/ holds the model). Idempotent on finished runs.
+    plan: print the plan and its estimated cost before the first step (imtune.cost; `imtune train` asks for it,
+    compare prints one plan for all its runs)."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -80,7 +82,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         with files.protecting(cfg.data, cfg.eval_data, cfg.val_data):  # never written over, whatever the output
             with clock.phase("startup"):
-                run = setup(cfg)
+                run = setup(cfg, plan)
             if isinstance(run, Path):
                 say(f"{run}: already finished (DONE); nothing to do")
                 ok = True
@@ -155,8 +157,9 @@ class Run:
         return saving.trainer_state(self.cfg, self.schedule, self.fingerprint, step, tokens)
 
 
-def setup(cfg: TrainConfig) -> Run | Path:
-    """A Run ready for fit, or the run directory itself when it is already finished (RUN/DONE, same settings)."""
+def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
+    """A Run ready for fit, or the run directory itself when it is already finished (RUN/DONE, same settings).
+    plan: print what the run will cost once its schedule is known (before the model is built)."""
     import numpy as np
 
     from .pack import lengths_of
@@ -190,6 +193,8 @@ def setup(cfg: TrainConfig) -> Run | Path:
     # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
     first = epoch_batches(cfg, examples, tok, 0)
     sched = schedule(cfg, len(first), acc.num_processes)  # imtune.plan: compare estimates with the same function
+    if plan and acc.is_main_process:  # the cost before the first step (imtune.cost; --dry-run stops here: dry_run)
+        say(cost.of_run(cfg, examples, sched, evals, "fp32").text())
 
     # -- model, optimizer, lr schedule, (resume)
     model, ref, base_dir = build_model(cfg, acc)
@@ -220,6 +225,21 @@ def setup(cfg: TrainConfig) -> Run | Path:
                  cfg.progress)
     return Run(cfg, run_dir, sched, start_step, start_tokens, tok, prep.renderer, examples, lengths_of(examples),
                ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log)
+
+
+def dry_run(cfg: TrainConfig):
+    """`imtune train --dry-run`: the plan setup prints (an imtune.cost.Cost), from the same data, evaluation sets and
+    schedule; no run directory is made and nothing is trained."""
+    import os
+
+    cfg = cfg.check()
+    if cfg.output_dir:
+        files.check_claim(cfg.output_dir, "run")  # a directory the real run would refuse is refused now
+    tok, prep, examples = read_data(cfg)
+    evals = track.eval_sets(cfg, prep, tok)
+    first = epoch_batches(cfg, examples, tok, 0)
+    sched = schedule(cfg, len(first), int(os.environ.get("WORLD_SIZE", "1")))
+    return cost.of_run(cfg, examples, sched, evals, "fp32")
 
 
 def read_data(cfg: TrainConfig) -> tuple:
