@@ -120,10 +120,9 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     torch.set_num_threads(threads)
     from imtune.precision import resolve
 
-    # Both sides train in the precision imtune's --precision auto picks here (bf16 on a GPU; on a CPU whichever a
-    # quick matmul probe finds faster: bf16 on an AMX Xeon, fp32 on the AMD EPYC builds), and the peak is that
-    # precision's.
-    prec = resolve("bf16") if gpu else resolve("auto")
+    # Both sides train in the precision imtune's --precision auto picks here (bf16 on a GPU; on a CPU whichever its
+    # probe finds faster: fp32 on the AMD EPYC builds), and the peak is that precision's.
+    prec = resolve("bf16") if gpu else resolve("auto", model, max_length)
     bf16 = prec.used == "bf16"
     import datasets
     from transformers import TrainerCallback

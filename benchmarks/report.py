@@ -109,7 +109,10 @@ def write_report(r: dict, sweep: dict | None = None) -> str:
                      f"(imtune / TRL)", "≤ 0.4×", fmt(ratio, ".2f", "×"), verdict(ratio.median <= 0.4)))
     prec = next((t["prec"] for t in trains if t.get("prec")), None)
     if prec:
-        faster = "bf16" if (prec.get("bf16_gflops") or 0) > (prec.get("fp32_gflops") or 0) else "fp32"
+        # bf16's speed / fp32's as the probe measured it (a training step, or the product where that ruled bf16
+        # out; older results: the products only); "the faster" is bf16 only past the probe's margin
+        speedup = prec.get("bf16_speedup") or (prec.get("bf16_gflops") or 0) / (prec.get("fp32_gflops") or 1)
+        faster = "bf16" if speedup >= 1.3 else "fp32"
         rows.append(("4. `--precision auto` on this CPU picks the faster precision; both sides train in it",
                      "the faster", f"**{prec['used']}** ({prec['why']})",
                      verdict(prec["used"] == faster or prec["asked"] != "auto")))

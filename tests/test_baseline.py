@@ -55,14 +55,14 @@ def test_only_single_process_cpu_runs_from_step0_use_it(monkeypatch):
 
 
 def test_the_key_holds_the_precision_used_not_the_probe_that_chose_it():
-    """`--precision auto` measures GFLOP/s in every run: two runs that both chose fp32 share their step-0 scores."""
+    """`--precision auto` measures speeds in every run: two runs that both chose fp32 share their step-0 scores."""
     from types import SimpleNamespace as NS
 
     from imtune.baseline import forward_settings
-    from imtune.precision import Precision
+    from imtune.precision import Precision, Probe
 
     cfg = NS(attn_implementation=None, compile=False, chunk_size=1024)
-    a = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", fp32_gflops=72.0, bf16_gflops=1.0))
-    b = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", fp32_gflops=110.0, bf16_gflops=1.3))
+    a = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", Probe(72.0, 1.0)))
+    b = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", Probe(110.0, 1.3, 900.0, 60.0, "2 layers")))
     c = NS(cfg=cfg, precision=Precision("bf16", "bf16", "asked"))
     assert forward_settings(a) == forward_settings(b) != forward_settings(c)

@@ -48,7 +48,7 @@ def key(run) -> str:
 
 def forward_settings(run) -> list:
     """What decides the forward's numbers besides weights and data. The precision actually used, not how it was
-    chosen: `--precision auto`'s probe measures GFLOP/s anew in every run."""
+    chosen: `--precision auto`'s probe measures speeds anew in every process."""
     import torch
     import transformers
 

@@ -48,9 +48,10 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "dropout on the LoRA path")
     lora_targets: str = _f("all-linear", "modules to adapt: all-linear or a comma-separated list of module names")
     merge_lora: bool = _f(False, "merge the adapter into the weights of final/ (else final/ holds the adapter)")
-    precision: str = _f("auto", "auto (bf16 on a GPU that has it; on a CPU bf16 only where a quick "
-                                "matmul probe finds it ≥1.3× faster, else fp32), fp32 or bf16 (mixed: fp32 master "
-                                "weights, bf16 autocast)", choices=["auto", "fp32", "bf16"])
+    precision: str = _f("auto", "auto (bf16 on a GPU that has it; on a CPU bf16 only where a few timed "
+                                "training steps of a model shaped like this one run ≥1.3× faster in it, else "
+                                "fp32), fp32 or bf16 (mixed: fp32 master weights, bf16 autocast)",
+                        choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30%% slower)")
     attn_implementation: str | None = _f(None, "attention kernel passed to transformers: sdpa (its default), "
                                          "flash_attention_2 (needs flash-attn), flex_attention or eager", str)

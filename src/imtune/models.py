@@ -180,6 +180,55 @@ def random_config(size: str, vocab_size: int, pad_token_id: int | None, max_posi
                        **RANDOM_SIZES[size])
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder-only transformer that its speed and memory depend on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        """From a transformers config (llama-like field names; a peft adapter's base config reads the same)."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        return cls(hidden=hidden, intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                   layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def model_shape(spec: str | None = "default") -> Shape | None:
+    """The Shape of a model spec, read from its config without loading weights (a LoRA adapter's: its base model's);
+    None where no config can be read (the caller then loads the model and says why it failed)."""
+    src = resolve(spec)
+    try:
+        if src.kind == "random":
+            tok = load_tokenizer("default")
+            return Shape.of(random_config(src.size, len(tok), tok.pad_token_id))
+        if src.kind == "default":
+            prepare_default()
+        from transformers import AutoConfig
+
+        path = src.path
+        adapter = Path(path) / "adapter_config.json"
+        if adapter.is_file():
+            import json
+
+            path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        return Shape.of(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # torch.save / pickle files
 
 

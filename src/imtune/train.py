@@ -167,7 +167,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     cfg = cfg.check()
     if cfg.output_dir:
         files.check_claim(cfg.output_dir, "run")  # whose directory it is, before anything else is done
-    prec = resolve_precision(cfg.precision)  # auto on a CPU: measured (imtune.precision)
+    prec = resolve_precision(cfg.precision, cfg.model, cfg.max_length)  # auto on a CPU: measured (imtune.precision)
     acc = make_accelerator(cfg, prec)
     run_dir = Path(cfg.output_dir or default_output_dir(cfg, acc))
     guard.lock(run_dir, acc)  # one writer per run directory: before anything in it is read or written
