@@ -84,12 +84,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     print(f"killed after {at.name}; resumed; final weights bit-identical ({len(a)} tensors)")
 
 
-def test_lora_resume_from_a_named_checkpoint_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("cap", ["auto", "48"])  # 48: micro-batches run as passes of one row (--micro-batch-tokens)
+def test_lora_resume_from_a_named_checkpoint_is_bit_identical(tmp_path, cap):
     from imtune.train import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     cfg = tiny(data, tmp_path / "whole", lora=True, lora_r=4, lora_dropout=0.1, batch_size=2, max_steps=3,
-               save_every=1, keep_checkpoints=0, kl_coef=0.1)
+               save_every=1, keep_checkpoints=0, kl_coef=0.1, micro_batch_tokens=cap)
     whole = train(cfg)
     again = train(cfg.replace(output_dir=str(tmp_path / "again"), resume=str(whole / "checkpoints" / "step-1")))
     state = json.loads((whole / "checkpoints" / "step-1" / "trainer_state.json").read_text())

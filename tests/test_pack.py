@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from imtune.forward import embed, hidden_states, lm_head
 from imtune.loss import weighted_nll
-from imtune.pack import collate, make_batches, model_inputs, pack_examples, padding_fraction
+from imtune.pack import collate, make_batches, model_inputs, pack_examples, padding_fraction, split_passes
 from imtune.types import TokenizedExample, UsageError, Where
 
 
@@ -51,6 +51,27 @@ def test_make_batches_covers_each_example_once_and_collate_reproduces_bins(case,
         assert sorted(rows) == sorted(tuple(sorted(b)) for b in pack_examples(examples, max_length))
     else:
         assert len(rows) == len(lengths)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths_and_max, st.integers(1, 6), st.booleans(), st.integers(1, 200))
+def test_split_passes_keeps_rows_whole_and_each_pass_under_the_cap(case, batch_size, packed, cap):
+    """--micro-batch-tokens: a micro-batch's passes hold its examples once, in order; collated, they are exactly its
+    rows (never a row cut or rebuilt differently), and a pass holds more than `cap` positions only as a lone row."""
+    lengths, max_length = case
+    examples = [_ex(n, start=1000 * (i + 1)) for i, n in enumerate(lengths)]
+    for mb in make_batches(examples, batch_size, max_length, packed, pad_id=0, seed=0, epoch=0):
+        passes = split_passes(mb, lengths, packed, max_length, cap)
+        assert [i for p in passes for i in p] == mb
+        whole = collate([examples[i] for i in mb], packed, max_length)
+        rows = whole.input_ids.tolist()
+        got = []
+        for p in passes:
+            b = collate([examples[i] for i in p], packed, max_length)
+            assert b.input_ids.numel() <= cap or b.input_ids.shape[0] == 1
+            got += [row + [0] * (whole.input_ids.shape[1] - len(row)) for row in b.input_ids.tolist()]
+        assert got == rows  # the same rows, in the same order (padding aside)
+        assert split_passes(mb, lengths, packed, max_length, None) == [mb]
 
 
 def test_packed_micro_batches_group_bins_of_similar_length():

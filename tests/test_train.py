@@ -115,6 +115,76 @@ def test_accumulation_batch_and_packing_give_the_same_step(tmp_path, monkeypatch
     assert all(d.abs().max() > 0 for d, _ in ref_u.values())  # the step did move every weight
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_micro_batch_tokens_splits_the_passes_not_the_step(tmp_path, monkeypatch, capsys, packing):
+    """--micro-batch-tokens 64 on rows of up to 128 tokens (mostly one row a pass; a longer row is a pass alone)
+    against no cap: more forward/backward passes, the same optimizer steps, losses and gradients. SGD (see _sgd),
+    3 steps: the weights' updates agree to 1e-5 of their largest entry, as the accumulation test's do (only the
+    summation order of Σw·nll and of the gradients differs). (Under AdamW, 3 steps at lr 1e-3, the weights differed
+    by up to 1.8e-6, in entries whose gradient is a near-cancelling sum: Adam divides it by its own size.)"""
+    from imtune import pack
+    from imtune.train import train
+
+    _sgd(monkeypatch)
+    data = write_conversations(tmp_path / "d.jsonl", 16)
+    calls = []
+    collate = pack.collate
+    monkeypatch.setattr(pack, "collate", lambda ex, *a, **k: calls.append(len(ex)) or collate(ex, *a, **k))
+    runs, passes = {}, {}
+    for cap in ("none", "64"):
+        before = len(calls)
+        runs[cap] = train(tiny(data, tmp_path / f"r-{cap}", batch_size=4, grad_accum=2, max_steps=3, packing=packing,
+                               micro_batch_tokens=cap, lr=0.1, max_grad_norm=0.0))
+        passes[cap] = len(calls) - before
+    assert passes["64"] > passes["none"]
+    assert "passes of at most 64 tokens (--micro-batch-tokens 64" in capsys.readouterr().err
+    assert json.loads((runs["64"] / "data_stats.json").read_text())["micro_batch_tokens"] == 64
+    assert json.loads((runs["none"] / "data_stats.json").read_text())["micro_batch_tokens"] is None
+    a, b = metrics(runs["none"]), metrics(runs["64"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert (x["tokens"], x["lr"], x["epoch"]) == (y["tokens"], y["lr"], y["epoch"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+    ua, ub = _update(runs["none"]), _update(runs["64"])
+    for name, (delta, ulps) in ub.items():
+        want = ua[name][0]
+        assert (delta - want).abs().max().item() <= 1e-5 * want.abs().max().item() + ulps, name
+
+
+def test_every_rank_runs_the_same_number_of_passes():
+    """Run.passes: rank r takes micro-batches r, r + world, ..., each cut at --micro-batch-tokens; a rank with fewer
+    passes gets zero-weight stand-ins (keep 0), so DDP/FSDP ranks meet at the same collectives."""
+    from types import SimpleNamespace as NS
+
+    from imtune.train import Run
+
+    mbs = [[0, 1, 2], [3], [4, 5], [6]]  # padded rows of 100, 30, 30 | 90 | 20, 120 | 60 tokens
+    run = NS(lengths=[100, 30, 30, 90, 20, 120, 60], cfg=NS(packing=False, max_length=128), pass_tokens=100)
+    r0, r1 = (Run.passes(run, mbs, r, 2) for r in (0, 1))
+    assert r0 == [([0], 1.0), ([1, 2], 1.0), ([4], 1.0), ([5], 1.0)]  # 120 > 100: a row alone
+    assert r1 == [([3], 1.0), ([6], 1.0), ([0], 0.0), ([0], 0.0)]
+    uncapped = NS(lengths=run.lengths, cfg=run.cfg, pass_tokens=None)  # as before the cap: a micro-batch, a pass
+    assert Run.passes(uncapped, mbs[:3], 1, 2) == [([3], 1.0), ([0, 1, 2], 0.0)]
+
+
+def test_micro_batch_tokens_auto_caps_activations_on_a_cpu_only():
+    """auto: on a CPU as many positions as ~1.5 GiB of estimated activations hold (SmolLM2-135M: 953 at max_length
+    1024, so one packed row per pass); no cap on a GPU; a number is taken as it is; a bad value is refused."""
+    from imtune.memory import pass_tokens
+    from imtune.models import Shape, random_config
+
+    big = Shape.of(random_config("smollm2-135m", 49152, None))
+    assert pass_tokens("auto", big, 1024, "cpu") == 953 and pass_tokens("auto", big, 1024, "cuda") is None
+    assert pass_tokens("auto", big, 1024, "cpu", checkpointing=True) > 10_000  # each layer keeps its input only
+    assert pass_tokens("auto", Shape.of(random_config("tiny", 49152, None)), 128, "cpu") > 100_000  # never splits
+    assert pass_tokens("auto", None, 1024, "cpu") is None  # a shape no config gave: no cap
+    assert pass_tokens("512", big, 1024, "cuda") == 512 and pass_tokens("none", big, 1024, "cpu") is None
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(UsageError, match="--micro-batch-tokens"):
+            TrainConfig(data="x", micro_batch_tokens=bad).check()
+
+
 def test_normalize_sequences_is_the_mean_of_example_means(tmp_path):
     from imtune.train import train
 

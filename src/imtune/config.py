@@ -104,6 +104,12 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per process per optimizer step")
     effective_batch: int | None = _f(None, "rows per optimizer step over all processes; sets --grad-accum to "
                                            "effective_batch / (batch_size × processes)", int)
+    micro_batch_tokens: str = _f("auto", "run each micro-batch as forward/backward passes of at most N positions "
+                                         "(rows × the longest row; a row is never cut): less activation memory, "
+                                         "the same optimizer step (the loss is normalised over the whole step). "
+                                         "auto: on a CPU as many as ~1.5 GiB of activations hold (SmolLM2-135M: "
+                                         "one row of 1,024 per pass), no cap on a GPU; none: one pass per "
+                                         "micro-batch", metavar="N|auto|none")
     lr: float | None = _f(None, "peak learning rate (default: 2e-5, or 2e-4 with --lora)", float)
     lr_schedule: str = _f("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
     warmup_ratio: float = _f(0.03, "share of the steps spent warming up linearly")
@@ -217,6 +223,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise UsageError(f"--{_flag(name)} must be a finite number >= 0, not {v}")
+        mbt = str(self.micro_batch_tokens)
+        if mbt not in ("auto", "none") and not (mbt.isdigit() and int(mbt) >= 1):
+            raise UsageError(f"--micro-batch-tokens must be auto, none or a number of tokens >= 1, not {mbt!r}")
         if self.warmup_ratio >= 1:
             raise UsageError(f"--warmup-ratio must be < 1, not {self.warmup_ratio}")
         if self.max_steps is None and self.epochs <= 0:

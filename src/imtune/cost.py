@@ -40,6 +40,7 @@ class Cost:
     what: str = "comparison"  # or "run": one `imtune train` (of_run)
     epochs: float | None = None  # of a run: the epochs its steps span
     keep_checkpoints: int = 1  # of a run: how many checkpoints stay on disk (0: all)
+    peak: object = None  # imtune.memory.Peak: the estimated peak memory of a run (None: the shape is unknown)
 
     def text(self) -> str:
         if self.what == "run":
@@ -56,6 +57,8 @@ class Cost:
         each_run = "" if self.what == "run" else " of each run"
         lines = [head, f"  estimated: {_duration(self.seconds)} on this machine (measured: {rates}), "
                        f"{_size(self.disk_bytes)} of disk ({self.kept}{each_run})"]
+        if self.peak is not None:
+            lines.append(self.peak.text())
         if self.save_every:
             each = (f"{_size(self.checkpoint_bytes)} written each time (weights and optimizer state)"
                     if self.checkpoint_bytes else "the LoRA adapter each time")
@@ -109,7 +112,7 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
                 gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * 4 * params,
                 seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
-                checkpoint_bytes=0 if base.lora else 3 * 4 * params)
+                checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params))
 
 
 def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
@@ -137,7 +140,7 @@ def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
                 kept=f"final/{' and best/' if cfg.keep_best else ''} in {save_dtype}"
                      + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""),
                 save_every=cfg.save_every, checkpoint_bytes=ckpt, what="run",
-                epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints)
+                epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg, params))
 
 
 def seconds(train_tokens: float, forward_tokens: float, generated: float, train_tps: float, gen_tps: float) -> float:
@@ -145,6 +148,24 @@ def seconds(train_tokens: float, forward_tokens: float, generated: float, train_
     forward pass costs about a third of forward + backward."""
     return train_tokens / train_tps + forward_tokens / (3 * train_tps) + generated / gen_tps
 
+
+
+def peak(cfg, params: int):
+    """The estimated peak memory of training `cfg` (an imtune.memory.Peak: weights, gradients and AdamW moments, the
+    --keep-best copy, one pass's activations at --micro-batch-tokens, a loss chunk); None where the model's shape
+    cannot be read from its config."""
+    import torch
+
+    from .memory import pass_tokens, peak_bytes
+    from .models import model_shape
+
+    shape = model_shape(cfg.model)
+    if shape is None:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
+    return peak_bytes(shape, params, cap, cfg.batch_size, cfg.max_length, cfg.chunk_size, cfg.keep_best, cfg.lora,
+                      cfg.gradient_checkpointing)
 
 
 def grid_text(costs: list[Cost], what: str) -> str:

@@ -28,7 +28,7 @@ from .types import UsageError
 # Fields that do not change what is trained: display, logging, resources, kernels, where and how often to save.
 HARMLESS = ("progress", "tensorboard", "threads", "resume", "save_every", "keep_checkpoints", "output_dir",
             "allow_change", "log_class_losses", "chunk_size", "gradient_checkpointing", "compile",
-            "attn_implementation")
+            "attn_implementation", "micro_batch_tokens")
 # Fields a checkpoint's weights depend on: no --allow-change can make a checkpoint fit another model.
 FIXED = ("model", "lora", "lora_r", "lora_targets")
 

@@ -17,7 +17,8 @@ restart at 0 (so they form their own block and are never attended by real tokens
 
 Units. pack_examples() gives bins of example indices (one bin = one packed row). make_batches() gives the micro-batches
 of an epoch as lists of example indices: `batch_size` examples each when padded, `batch_size` packed rows (bins) each
-when packed. collate() turns one such list into a Batch.
+when packed. collate() turns one such list into a Batch. split_passes() cuts one into passes of whole rows of at
+most N positions (--micro-batch-tokens: the trainer runs a micro-batch as several forward/backward passes).
 """
 from __future__ import annotations
 
@@ -193,6 +194,29 @@ def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, m
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def split_passes(idx: list[int], lengths: list[int], packed: bool, max_length: int,
+                 cap: int | None) -> list[list[int]]:
+    """One micro-batch's example indices `idx` (from make_batches) cut into forward/backward passes of at most `cap`
+    positions each, counted as collate lays them out (rows × the longest row). A row is never cut: a row longer than
+    `cap` is a pass alone. Consecutive rows stay together and in order, so collate's next-fit rebuilds exactly the
+    micro-batch's rows in every pass. `lengths`: tokens per example (all examples). cap None: one pass, `idx`."""
+    if cap is None:
+        return [idx]
+    own = [lengths[i] for i in idx]
+    rows = _next_fit(own, max_length) if packed else [[j] for j in range(len(idx))]
+    passes: list[list[int]] = []
+    n_rows = longest = 0
+    for row in rows:
+        n = sum(own[j] for j in row)
+        if passes and (n_rows + 1) * max(longest, n) <= cap:  # joins the pass: every row padded to its longest
+            n_rows, longest = n_rows + 1, max(longest, n)
+            passes[-1] += [idx[j] for j in row]
+        else:
+            passes.append([idx[j] for j in row])
+            n_rows, longest = 1, n
+    return passes
 
 
 def padding_fraction(examples: Examples | list[TokenizedExample], batches: list[list[int]], packed: bool,

@@ -9,7 +9,8 @@ The loss. Every token carries a weight (imtune.weights: the loss mode's class ->
 consumes `grad_accum × processes` micro-batches; W = Σw over all of them is known from the data before any forward
 pass. Each process back-propagates  processes · Σ_its micro-batches (w·nll + kl_coef · w·KL) / W,  and DDP averages
 gradients over processes, so the update is that of  Σw·nll / Σw  over the whole step however it is split into
-micro-batches, accumulation steps and processes (tests/test_train.py checks 4×2 = 1×8 = 2 processes × 2×2).
+micro-batches, accumulation steps and processes (tests/test_train.py checks 4×2 = 1×8 = 2 processes × 2×2), or
+each micro-batch into passes of fewer rows (--micro-batch-tokens: less activation memory; Run.passes).
 `--normalize sequences` rescales each example's weights to sum to 1 first: W counts examples. `--normalize nonzero`
 divides Σw·nll by the number of tokens with w > 0 instead (step_normalisers).
 
@@ -39,8 +40,8 @@ metrics.jsonl ends with a "timing" line (imtune.clock): the seconds and peak mem
 (startup), optimizer steps (train_steps), evaluations (train_eval) and saves (saving), which compare adds up.
 
 Multi-process: `accelerate launch` (or torchrun) starts N copies; each rank takes micro-batches r, r+N, ... of every
-step (a zero-weight stand-in when a short last step leaves it none, so every rank runs the same number of passes);
-only rank 0 writes files.
+step, each as one or more passes (--micro-batch-tokens), and zero-weight stand-in passes where it has fewer than
+another rank (a short last step), so every rank runs the same number of passes; only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ from .build import build_model, build_training, make_accelerator, set_threads
 from .clock import Clock
 from .config import TrainConfig
 from .distributed import full_tensor, gradient_sync, is_fsdp, resume_supported
+from .memory import pass_tokens
+from .models import model_shape
 from .plan import Schedule, schedule
 from .precision import resolve as resolve_precision
 from .runlog import RunLog, say, write_run_files
@@ -135,6 +138,7 @@ class Run:
     scheduler: object  # the lr schedule, stepped once per optimizer step
     base_dir: str | None  # the base model of a LoRA adapter (final/HOW_TO_LOAD.md)
     log: RunLog
+    pass_tokens: int | None = None  # --micro-batch-tokens: positions per forward/backward pass (None: no cap)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
@@ -142,6 +146,19 @@ class Run:
 
         return make_batches(self.examples, self.cfg.batch_size, self.cfg.max_length, self.cfg.packing,
                             self.tokenizer.pad_token_id, self.cfg.seed, epoch)
+
+    def passes(self, mbs: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
+        """This rank's forward/backward passes of an optimizer step's micro-batches `mbs` (every rank's), as
+        (example indices, keep): micro-batches rank, rank + world, ..., each cut into passes of at most pass_tokens
+        positions (pack.split_passes; a function of the data only, so a resume runs the same passes), then
+        zero-weight stand-ins (keep 0) up to the count of the rank with the most: every rank runs the same number."""
+        from .pack import split_passes
+
+        split = [split_passes(mb, self.lengths, self.cfg.packing, self.cfg.max_length, self.pass_tokens)
+                 for mb in mbs]
+        most = max(sum(len(split[k]) for k in range(r, len(mbs), world)) for r in range(world))
+        mine = [(p, 1.0) for k in range(rank, len(mbs), world) for p in split[k]]
+        return mine + [(split[0][0], 0.0)] * (most - len(mine))
 
     def weight_of(self, mbs: list[list[int]]) -> float:
         return math.fsum(self.ex_weight[i] for idx in mbs for i in idx)  # exact: the same for any split
@@ -198,6 +215,8 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
 
     # -- model, optimizer, lr schedule, (resume)
     model, ref, base_dir = build_model(cfg, acc)
+    cap = pass_tokens(cfg.micro_batch_tokens, model_shape(cfg.model), cfg.max_length, acc.device.type,
+                      cfg.gradient_checkpointing)  # imtune.memory: auto caps activations on a CPU
     start_step = start_tokens = 0
     if resume_from is not None:
         state = ckpt.read_trainer_state(resume_from)
@@ -214,17 +233,21 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     if acc.is_main_process:
         guard.record_changes(run_dir, resume_from, start_step, changes)
         write_run_files(run_dir, cfg, prep, examples, ex_weight,
-                        stats_extra(cfg, examples, first, prec, acc, objective, sched, evals))
+                        stats_extra(cfg, examples, first, prec, acc, objective, sched, evals)
+                        | {"micro_batch_tokens": cap})
         say(f"data: {prep.summary()}; {len(examples)} examples, {sum(lengths_of(examples)):,} tokens; "
             f"{len(first)} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per "
             f"epoch; {sched.total_steps} optimizer steps of {sched.grad_accum} × {acc.num_processes} micro-batches"
             + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
         say(f"precision: {prec.used} ({prec.why})")
+        if cap is not None and cap < cfg.batch_size * cfg.max_length:
+            say(f"memory: each micro-batch runs as passes of at most {cap:,} tokens (--micro-batch-tokens "
+                f"{cfg.micro_batch_tokens}; a longer row is a pass alone); the optimizer step is the same")
     acc.wait_for_everyone()
     log = RunLog(run_dir if acc.is_main_process else None, sched.total_steps, start_step, cfg.tensorboard,
                  cfg.progress)
     return Run(cfg, run_dir, sched, start_step, start_tokens, tok, prep.renderer, examples, lengths_of(examples),
-               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log)
+               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log, cap)
 
 
 def dry_run(cfg: TrainConfig):
@@ -353,15 +376,13 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
         epoch, part = sched.step_slice(step)
         mbs = batches_of(epoch)[part]  # this step's micro-batches (lists of example indices), all ranks
         W = run.weight_of(mbs)  # Σw over the whole step, from the data: the one normaliser
-        rounds = math.ceil(len(mbs) / world)  # every rank runs the same number of passes
+        passes = run.passes(mbs, rank, world)  # (example indices, keep): the same count on every rank
         seed_step(cfg.seed, step, rank)  # RNG state is a function of (seed, step, rank): resume is exact
         dev = torch.zeros(2, dtype=torch.float64, device=acc.device)  # Σw·nll, Σw·KL (no sync until step end)
         host = [0.0] * 4  # Σnll, n over output tokens; Σnll, n over instruction tokens (logging only)
-        for j in range(rounds):
-            k = rank + j * world
-            idx, keep = (mbs[k], 1.0) if k < len(mbs) else (mbs[0], 0.0)  # stand-in pass: zero loss
+        for j, (idx, keep) in enumerate(passes):  # keep 0: a stand-in pass, zero loss
             batch = run.collate(idx)
-            with gradient_sync(acc, obj, sync=j == rounds - 1):
+            with gradient_sync(acc, obj, sync=j == len(passes) - 1):
                 nll, kl, sums = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
                                     kl=cfg.kl_coef > 0)
                 acc.backward((nll + cfg.kl_coef * kl) * (keep * world / W))
