@@ -90,6 +90,15 @@ def test_sweep_end_to_end_on_random_tiny(tmp_path, capsys):
     assert rec["decided"] is (not rec["indistinguishable"])
     if not rec["decided"]:
         assert "No λ recommended" in printed and "ties with" in md and "**λ" not in md and rec["to_decide"]
+        # ... and what would separate them, as this sweep's own command with more seeds (report_checks)
+        import shlex
+
+        from imtune.cli import build_parser
+
+        seeds = next(s["command"] for s in rec["next"] if "--seeds" in shlex.split(s["command"] or "")[-2:])
+        words = shlex.split(seeds)
+        assert words[:2] == ["imtune", "sweep"] and "To decide" in printed and seeds in printed and seeds in md
+        assert build_parser("sweep").parse_args(words[2:]).seeds == "0,1,2,3,4"
     else:
         assert "Recommended: λ" in printed
     assert "src='data:image/png;base64," in (out / "report.html").read_text()

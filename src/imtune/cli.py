@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _unknown(argv)
     args = build_parser(words).parse_args(argv[len(words.split()):])
+    args._argv = ["imtune", *argv]  # the command as typed: compare.json records it, the reports' next steps edit it
     try:
         with files.protecting(*inputs_of(args)):  # no command writes over a file it was given to read
             return int(importlib.import_module(args._module).run(args) or 0)

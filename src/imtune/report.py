@@ -25,7 +25,7 @@ import json
 import math
 from pathlib import Path
 
-from .report_checks import advice_vs_outcome, learned_nothing, nothing_warning, undecided
+from .report_checks import advice_vs_outcome, learned_nothing, next_commands, nothing_warning, undecided
 from .report_render import to_html, to_markdown  # noqa: F401 (imtune.sweep and imtune.study import them from here)
 
 THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
@@ -218,14 +218,30 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
     held = {r["dir"]: [(e["step"], e["eval_output_loss"]) for e in eval_points(metrics[r["dir"]])
                        if e.get("eval_output_loss") is not None] for _, r in runs}
     why_not = undecided(summary, held, primary) if primary else []
-    head = headline(summary, measures, wins, why_not) + (f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing"
-                                                         if stalled else "")
+    head = headline(summary, measures, wins, [why for _, why in why_not]) + (
+        f" — ⚠ {len(stalled)} of {len(runs)} runs learned nothing" if stalled else "")
+    tie = primary is not None and not any(c["winner"] for c in primary["comparisons"])
+    steps = [{"why": why, "command": cmd}
+             for why, cmd in next_commands(summary, [k for k, _ in why_not] + (["tie"] if tie else []))]
     text = "\n".join([head, *([f"⚠ Warning: {nothing[0]}", *(f"  {x}" for x in nothing[1])] if nothing else []),
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
-                     + [f"- {x}" for x in bullets])
+                     + [f"- {x}" for x in bullets]
+                     + next_text(steps, ((summary.get("commands") or [{}])[-1]).get("cwd")))
     return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures,
             "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
-            if nothing else None, "advice": advice, "bullets": bullets, "text": text}
+            if nothing else None, "advice": advice, "bullets": bullets, "undecided": [k for k, _ in why_not],
+            "next": steps, "text": text}
+
+
+def next_text(steps: list[dict], cwd: str | None) -> list[str]:
+    """The next steps for a terminal (compare's and sweep's): a heading, each reason with its command under it
+    (report_checks.next_commands: {"why", "command"}); [] when there are none."""
+    if not steps:
+        return []
+    lines = ["", "To decide" + (f" (run in {cwd}):" if cwd else ":")]
+    for step in steps:
+        lines += [f"- {step['why']}", *([f"    {step['command']}"] if step.get("command") else [])]
+    return lines
 
 
 def _signed(key: str, v: float) -> str:

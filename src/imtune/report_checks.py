@@ -5,6 +5,9 @@
   nothing about the loss modes. Named per arm and seed, with the numbers.
 - `undecided`: why a comparison cannot decide even where an interval excludes zero — too few held-out examples,
   every run's held-out loss still falling when training stopped, or a difference below a practical size.
+- `next_commands`: what would make an undecided or tied result decide, as commands built from the command that ran
+  it (compare.json "commands"): more steps, more held-out examples, more seeds; and that a GPU makes it minutes. The
+  compare report and the sweep report end with them.
 - `advice_vs_outcome`: what `imtune data stats` advised for this data (compare.json data.stats.recommendation,
   imtune.stats.recommend) next to who won on held-out output loss: agree, disagree, or untested.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 MIN_HELDOUT = 30  # fewer held-out (test) examples per seed than this: too few to decide
@@ -134,21 +138,166 @@ def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
     return {"advised": advised, "arm": arm, "outcome": outcome, "agreement": agreement, "text": text}
 
 
-def undecided(summary: dict, curves: dict[str, list[tuple[int, float]]], primary: dict) -> list[str]:
-    """Reasons the comparison cannot decide, whatever its intervals say (empty: it can). `curves`: each run's
-    held-out output loss per evaluation point; `primary`: the held-out loss measure of imtune.report.verdict."""
+def undecided(summary: dict, curves: dict[str, list[tuple[int, float]]], primary: dict) -> list[tuple[str, str]]:
+    """(kind, reason) for each reason the comparison cannot decide, whatever its intervals say (empty: it can); kind
+    is "few" (held-out examples), "falling" (every curve) or "small" (the difference), what next_commands acts on.
+    `curves`: each run's held-out output loss per evaluation point; `primary`: the held-out loss measure of
+    imtune.report.verdict."""
     why = []
     n_ex = ((summary.get("evidence") or {}).get("n_examples") or {}).get("heldout")
     if n_ex is not None and n_ex < MIN_HELDOUT:
-        why.append(f"only {n_ex} held-out examples per seed (fewer than {MIN_HELDOUT}; more --eval-data, or a larger "
-                   "--heldout-fraction)")
+        why.append(("few", f"only {n_ex} held-out examples per seed (fewer than {MIN_HELDOUT}; more --eval-data, or "
+                           "a larger --heldout-fraction)"))
     long_enough = [c for c in curves.values() if len(c) >= 2]
     if long_enough and all(min(v for _, v in c) == c[-1][1] for c in long_enough):
-        why.append("every run's held-out loss was still falling when training stopped (the budget ended before any "
-                   "arm could overfit; more steps or --epochs)")
+        why.append(("falling", "every run's held-out loss was still falling when training stopped (the budget ended "
+                               "before any arm could overfit; more steps or --epochs)"))
     ref = primary["values"].get(primary["reference"])
     small = [c for c in primary["comparisons"] if ref and abs(c["diff"]) < PRACTICAL * abs(ref)]
     if small:
-        why.append("; ".join(f"{c['arm']} − {c['reference']} is {c['diff'] / ref:+.1%} of {c['reference']}'s loss"
-                             for c in small) + f", below the practical threshold of {PRACTICAL:.0%}")
+        why.append(("small", "; ".join(f"{c['arm']} − {c['reference']} is {c['diff'] / ref:+.1%} of "
+                                       f"{c['reference']}'s loss" for c in small)
+                    + f", below the practical threshold of {PRACTICAL:.0%}"))
     return why
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The next step: commands that would make an undecided result decide
+RERUNNABLE = ("compare", "sweep")  # commands whose argv next_commands edits (others get the reasons in words)
+MORE_SEEDS = 5  # at least this many seeds in the suggested command
+
+
+def next_commands(summary: dict, kinds, out: str | None = None) -> list[tuple[str, str | None]]:
+    """(why, command) for each step that would help an undecided or tied comparison decide, the command being the
+    last one that ran it (compare.json "commands") with one flag changed; None where no command can say it (held-out
+    data given as a file). `kinds`: what stands in the way (undecided's kinds, and "tie": no interval excludes
+    zero). `out`: the directory the command writes (default: the comparison's own; a sweep gives its directory).
+    A longer budget or another split trains new runs, so those commands write to a new --out; more seeds reuse
+    every run already trained (same --out). A GPU line ends any non-empty list."""
+    kinds = set(kinds)
+    if not kinds:
+        return []
+    argv = ((summary.get("commands") or [{}])[-1]).get("argv") or []
+    words = argv[1] if len(argv) > 1 and argv[1] in RERUNNABLE else None
+    parser = _parser(words) if words else None
+    out = _out_of(argv, parser) or out or summary.get("dir") or "runs/next"
+    base = (summary.get("settings") or {}).get("base_config") or {}
+
+    def command(changes: list[tuple[str, list[str]]]) -> str | None:
+        if parser is None:
+            return None
+        new = list(argv[1:])
+        for flag, values in changes:
+            new = _with(new, parser, flag, values)
+        return shlex.join(["imtune", *new])
+
+    steps = []
+    if "falling" in kinds:
+        if base.get("max_steps"):
+            flag, value = "--max-steps", str(2 * int(base["max_steps"]))
+        else:
+            flag, value = "--epochs", f"{2 * float(base.get('epochs') or 2.0):g}"
+        steps.append((f"held-out loss still falling: twice the budget ({flag} {value}; new runs, a new --out)",
+                      command([(flag, [value]), ("--out", [f"{out}-{flag[2:]}{value}"])])))
+    if "few" in kinds:
+        steps.append(_more_heldout(summary, argv, parser, out, command))
+    if kinds & {"tie", "small"}:
+        more = [int(x) for x in (summary.get("settings") or {}).get("seeds") or [base.get("seed", 0)]]
+        target, x = max(MORE_SEEDS, 2 * len(more)), 0
+        while len(more) < target:  # the seeds that ran, then the smallest unused ones
+            more += [x] if x not in more else []
+            x += 1
+        steps.append((f"an interval that includes zero, or a small difference: more seeds ({len(more)}; the runs "
+                      "already trained are reused)", command([("--seeds", [",".join(map(str, more))])])))
+    steps.append(("on a GPU each of these runs takes minutes, not hours (docs/scaling.md: --jobs N, one run per GPU)",
+                  None))
+    return steps
+
+
+def _more_heldout(summary: dict, argv: list[str], parser, out: str, command) -> tuple[str, str | None]:
+    """A larger --heldout-fraction (and --limit, when one is in effect and the fraction alone cannot do it) that
+    gives at least MIN_HELDOUT test examples per seed; in words when the held-out data is a file of its own."""
+    data = summary.get("data") or {}
+    split = data.get("split") or {}
+    n_test = data.get("n_test") or ((summary.get("evidence") or {}).get("n_examples") or {}).get("heldout") or 0
+    if split.get("kind") != "split" or not n_test:
+        return (f"too few held-out examples ({n_test}): a larger --eval-data file, {MIN_HELDOUT} or more examples "
+                "scored per seed", None)
+    frac = float(split.get("heldout_fraction") or 0.1)
+    total = (data.get("n_train") or 0) + (data.get("n_heldout") or 0)
+    test_share = n_test / max(data.get("n_heldout") or n_test, 1)  # the part of the held-out data that is scored
+    want = min(0.5, math.ceil(20 * frac * MIN_HELDOUT / n_test) / 20)  # in steps of 0.05, at most half the data
+    changes = [("--heldout-fraction", [f"{want:g}"])]
+    limit, short = _limit_of(argv, parser), ""
+    if total * want * test_share < MIN_HELDOUT:
+        need = math.ceil(MIN_HELDOUT / (want * test_share))
+        if limit and total >= limit:  # --limit is what holds the data back
+            changes.append(("--limit", [str(need)]))
+        else:  # the file has no more records
+            short = (f"; the data has {total} records, about {need} would be needed: more data, or a held-out file "
+                     "(--eval-data)")
+    changes.append(("--out", [f"{out}-heldout{want:g}"]))
+    shown = " ".join(f"{f} {v[0]}" for f, v in changes[:-1])
+    return (f"only {n_test} held-out examples per seed: {shown} scores more (a new split: new runs, a new --out)"
+            + short, command(changes))
+
+
+def _parser(words: str):
+    from .cli import build_parser
+
+    return build_parser(words)
+
+
+def _flag_value(argv: list[str], parser, flag: str) -> str | None:
+    """The value `flag` has in argv as the parser reads it (the last one given), None when it is absent or argv
+    does not parse."""
+    import contextlib
+    import io
+
+    if parser is None:
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv[2:])
+    except SystemExit:
+        return None
+    dest = parser._option_string_actions[flag].dest
+    return getattr(args, dest, None)
+
+
+def _out_of(argv: list[str], parser) -> str | None:
+    return _flag_value(argv, parser, "--out")
+
+
+def _limit_of(argv: list[str], parser) -> int | None:
+    """--limit as the command had it: the flag, else its --preset's."""
+    from .config import PRESETS
+
+    limit = _flag_value(argv, parser, "--limit")
+    if limit is None:
+        limit = PRESETS.get(_flag_value(argv, parser, "--preset") or "", {}).get("limit")
+    return limit
+
+
+def _with(argv: list[str], parser, flag: str, values: list[str]) -> list[str]:
+    """argv (without the program name) with every occurrence of `flag` (any spelling of it, `--flag=v` included) and
+    the values the parser takes after it removed, and `flag values` appended."""
+    action = parser._option_string_actions[flag]
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.split("=", 1)[0] not in action.option_strings:
+            out.append(a)
+            i += 1
+            continue
+        i += 1
+        if "=" in a or action.nargs == 0:
+            continue
+        if action.nargs in ("+", "*"):
+            while i < len(argv) and not argv[i].startswith("-"):
+                i += 1
+        elif action.nargs == "?":
+            i += 1 if i < len(argv) and not argv[i].startswith("-") else 0
+        else:
+            i += 1 if action.nargs is None else int(action.nargs)
+    return out + [flag, *values]

@@ -254,7 +254,7 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
                 f"{data['n_heldout']} held-out: " + _split_text(data)
                 + f"); model `{summary['settings']['base_config']['model']}`"
                 + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") + "."),
-          ("h", 2, "Verdict"), ("ul", v["bullets"]),
+          ("h", 2, "Verdict"), ("ul", v["bullets"]), *next_blocks(v.get("next") or [], _cwd(summary)),
           ("h", 2, "Results (final models" + (", mean over seeds" if seeds and len(seeds) > 1 else "") + ")"),
           ("table", *results_table(summary)),
           ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT trains on, "
@@ -297,6 +297,26 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
           ("h", 3, "Base config (shared by every run; loss settings and seed are per run, above)"),
           ("code", "yaml", _base_yaml(summary))]
     b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
+    return b
+
+
+def _cwd(summary: dict) -> str | None:
+    return ((summary.get("commands") or [{}])[-1]).get("cwd")
+
+
+def next_blocks(steps: list[dict], cwd: str | None) -> list[tuple]:
+    """"To decide": each step that would make an undecided or tied result decide, with its command
+    (report_checks.next_commands; the compare page and the sweep page); [] when there are none."""
+    if not steps:
+        return []
+    b: list[tuple] = [("h", 3, "To decide"),
+                      ("p", "This result does not decide. Each of these would help; each command is the one that "
+                            "ran it with one setting changed, and a new --out where it trains new runs"
+                            + (f" (run them in `{cwd}`)" if cwd else "") + ":")]
+    for step in steps:
+        b.append(("p", step["why"][0].upper() + step["why"][1:] + "."))
+        if step.get("command"):
+            b.append(("code", "bash", step["command"]))
     return b
 
 

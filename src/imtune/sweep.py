@@ -24,7 +24,7 @@ from pathlib import Path
 from . import files
 from .compare import CompareSettings, check_settings, parse_arm, read_json
 from .config import TrainConfig
-from .report_checks import PRACTICAL
+from .report_checks import PRACTICAL, next_commands
 from .types import UsageError
 
 RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
@@ -109,11 +109,15 @@ def sweep(s: SweepSettings) -> Path:
            "indistinguishable": tied, "decided": not tied, "rule": RULE,
            "to_decide": None if not tied else (
                f"more seeds (--seeds with {max(3, 2 * n_seeds)} or more), more held-out examples (--eval-data), or "
-               "a longer budget (--epochs) where every run was still improving")}
+               "a longer budget (--epochs) where every run was still improving"),
+           # the same as commands, from this sweep's own command line (report_checks.next_commands)
+           "next": [] if not tied else [{"why": why, "command": cmd} for why, cmd in next_commands(
+               summary, ["tie", *(summary.get("verdict") or {}).get("undecided", [])], out=str(out))]}
     result = {"version": 1, "compare_dir": "compare", "normalize": s.base.normalize, "weights": s.base.weights,
               "seeds": summary["settings"]["seeds"], "method": summary["evidence"]["method"],
               "data": {k: summary["data"][k] for k in ("source", "n_train", "n_val", "n_test")},
-              "prompt_weights": rows, "recommendation": rec}
+              "prompt_weights": rows, "recommendation": rec,
+              "cwd": (summary.get("commands") or [{}])[-1].get("cwd")}  # where the next commands run
     files.write_json(out / "sweep.json", result, root=out)
     write_report(out)
     return out
@@ -172,6 +176,7 @@ def _iv(p: dict | None) -> str:
 
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     from .report import to_html, to_markdown
+    from .report_page import next_blocks
 
     d = files.owned(sweep_dir, "sweep")
     result = json.loads((d / "sweep.json").read_text(encoding="utf-8"))
@@ -194,6 +199,7 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
               ("table", header, rows), ("img", png, "held-out output loss against λ"),
               ("p", f"Intervals: {result['method']}. The λ arms' runs, curves and full comparison: "
                     f"`{result['compare_dir']}/report.md`.")]
+    blocks += next_blocks(rec.get("next") or [], result.get("cwd"))
     md, page = d / "report.md", d / "report.html"
     files.write_text(md, to_markdown(blocks, d), d)
     files.write_text(page, to_html(blocks, blocks[0][2]), d)

@@ -6,6 +6,7 @@ finished arms. `imtune compare --report-only DIR` rebuilds the report of a finis
 Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..runlog import say
@@ -103,7 +104,7 @@ def settings_from(args):
                            exact_match=args.exact_match, max_new_tokens=args.max_new_tokens, bench=bench,
                            bench_limit=args.bench_limit, device=args.device, jobs=args.jobs, ray=ray_plan(args),
                            judge=judge, bench_max_new_tokens=args.bench_max_new_tokens, dry_run=args.dry_run,
-                           keep=args.keep)
+                           keep=args.keep, argv=getattr(args, "_argv", None) or list(sys.argv))
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -4,6 +4,7 @@ comparison per value, the second arm minus the first (IM − IT) against the fac
 `imtune study --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..runlog import say
@@ -87,7 +88,8 @@ def settings_from(args):
                          arms=args.arms, seeds=parse_seeds(args.seeds), family=args.family, n=args.n,
                          heldout=args.heldout, ratio=args.ratio, budget=args.budget, val_fraction=args.val_fraction,
                          heldout_fraction=args.heldout_fraction, device=args.device, jobs=args.jobs, ray=ray_plan(args),
-                         strata=(args.strata or 3) if stratified else None, keep=args.keep, dry_run=args.dry_run)
+                         strata=(args.strata or 3) if stratified else None, keep=args.keep, dry_run=args.dry_run,
+                         argv=getattr(args, "_argv", None) or list(sys.argv))
 
 
 def show(out: Path) -> None:

@@ -4,6 +4,7 @@
 `imtune sweep --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..runlog import say
@@ -50,12 +51,14 @@ def settings_from(args):
                          prompt_weights=parse_weights(args.prompt_weights), seeds=parse_seeds(args.seeds),
                          val_fraction=args.val_fraction, val_data=base.val_data,
                          heldout_fraction=args.heldout_fraction, loss_samples=args.loss_samples, device=args.device,
-                         jobs=args.jobs, ray=ray_plan(args), keep=args.keep, dry_run=args.dry_run)
+                         jobs=args.jobs, ray=ray_plan(args), keep=args.keep, dry_run=args.dry_run,
+                         argv=getattr(args, "_argv", None) or list(sys.argv))
 
 
 def show(out: Path) -> None:
     import json
 
+    from ..report import next_text
     from ..sweep import recommendation_text
 
     result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
@@ -64,6 +67,8 @@ def show(out: Path) -> None:
                  for k in ("final", "best") if k in r]
         print(f"λ = {r['prompt_weight']:<8g} held-out output loss: " + ", ".join(parts))
     print("\n" + recommendation_text(result["recommendation"]))
+    for line in next_text(result["recommendation"].get("next") or [], result.get("cwd")):
+        print(line)
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 
 
