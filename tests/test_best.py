@@ -18,7 +18,8 @@ def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, m
     monkeypatch.setattr(saving, "save_final",
                         lambda run, name="final", info=None, state=None: saved.append((name, info)))
     monkeypatch.setattr(track, "held_copy", lambda run: None)  # not held in memory: every improvement is written
-    run, best = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, dir=tmp_path), None
+    run, best = SimpleNamespace(eval_sets={"train": 0, "eval": 0, "val": 0}, dir=tmp_path,
+                                schedule=SimpleNamespace(total_steps=9)), None
     # validation improves at steps 0, 1, 3; the scored (eval) loss improves at 2 only
     for step, val, test in ((0, 3.0, 2.0), (1, 2.5, 2.1), (2, 2.6, 1.0), (3, 2.4, 1.5), (4, 2.4, 0.5)):
         best = track.keep_best(run, {"step": step, "val_output_loss": val, "eval_output_loss": test}, best)
@@ -34,7 +35,8 @@ def test_best_weights_held_in_memory_are_written_once_with_the_best_points_weigh
     monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None, state=None:
                         saved.append((name, info, state)))
     monkeypatch.setattr(track, "held_copy", lambda run: {"weights at step": run.step})
-    run, best = SimpleNamespace(eval_sets={"eval": 0, "val": 0}, dir=tmp_path, step=None), None
+    run, best = SimpleNamespace(eval_sets={"eval": 0, "val": 0}, dir=tmp_path, step=None,
+                                schedule=SimpleNamespace(total_steps=9)), None
     for step, val in ((0, 3.0), (1, 2.5), (2, 2.6), (3, 2.4), (4, 2.45)):
         run.step = step
         best = track.keep_best(run, {"step": step, "val_output_loss": val}, best)
@@ -42,6 +44,48 @@ def test_best_weights_held_in_memory_are_written_once_with_the_best_points_weigh
     best = track.flush(run, best)
     assert saved == [("best", {"step": 3, "loss": 2.4, "selected_on": "val_output_loss"}, {"weights at step": 3})]
     assert best == track.Best(2.4) and track.flush(run, best) == best and len(saved) == 1  # written once
+
+
+def test_a_best_point_at_the_last_step_is_final_not_a_second_copy(tmp_path):
+    """best/ of the last step holds best.json alone ("same_as": "final"), even when an earlier best was written with
+    its weights (before a checkpoint); every reader takes final/ for it: --model RUN/best, compare's scores (best ==
+    final, scored once) and --keep best (final/ stays, being the best model)."""
+    import torch
+
+    from imtune.cli import main
+    from imtune.config import TrainConfig
+    from imtune.models import load_model
+    from imtune.rundir import best_model, model_dir, read_run
+    from imtune.synth import synthesize, write_jsonl
+    from imtune.train import train
+
+    rows, held = synthesize("lookup", 12, 4.0, seed=0, heldout=6)
+    data = write_jsonl(tmp_path / "d.jsonl", rows, "lookup", 0, "train")
+    test = write_jsonl(tmp_path / "t.jsonl", held, "lookup", 0, "heldout")
+    # validation on the training data itself: its loss falls at every step, so the last step is the best
+    run_dir = train(TrainConfig(model="random:tiny", data=str(data), val_data=str(data), keep_best=True, max_steps=3,
+                                batch_size=4, max_length=256, lr=1e-3, warmup_ratio=0.0, eval_every=1, save_every=1,
+                                eval_train_sample=0, progress=False, threads=1, output_dir=str(tmp_path / "run")))
+    vals = [e["val_output_loss"] for e in read_metrics(run_dir, "eval")]
+    assert vals == sorted(vals, reverse=True) and len(set(vals)) == 4  # falling at every evaluation point
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["step"] == 3 and best["same_as"] == "final" and best["loss"] == vals[-1]
+    assert [p.name for p in (run_dir / "best").iterdir()] == ["best.json"]  # the step-2 weights written before the
+    assert not list(run_dir.glob(".*best*"))  # checkpoint were replaced, nothing half-written left
+    assert best_model(run_dir) == read_run(run_dir).best == model_dir(run_dir / "best") == run_dir / "final"
+    a, b = load_model(str(run_dir / "best")), load_model(str(run_dir / "final"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), "--val-data", str(data), "--eval-data", str(test), "--model", "random:tiny",
+                 "--arms", "it", "--max-steps", "3", "--eval-every", "1", "--lr", "1e-3", "--warmup-ratio", "0",
+                 "--batch-size", "4", "--max-length", "256", "--eval-train-sample", "0", "--bleu-samples", "0",
+                 "--keep", "best", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    run = out / "arms" / "it" / "seed-42"
+    (res,) = [r["results"] for r in json.loads((out / "compare.json").read_text())["arms"][0]["runs"]]
+    assert res["best"]["step"] == 3 and res["best"]["heldout"] == res["heldout"]
+    assert [p.name for p in (run / "best").iterdir()] == ["best.json"] and (run / "final" / "config.json").exists()
+    assert not list(run.rglob("best/*.safetensors"))
 
 
 def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():

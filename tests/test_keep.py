@@ -51,19 +51,23 @@ def test_keep_none_leaves_metrics_and_evaluations_and_a_rerun_redoes_nothing(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keep, gone, stays", [
-    ("best", ["final", "checkpoints"], ["best"]),
-    ("final", ["best", "checkpoints"], ["final"]),
-    ("both", ["checkpoints"], ["final", "best"]),
+@pytest.mark.parametrize("keep, gone, stays, extra", [
+    ("best", ["final", "checkpoints"], ["best"], ["--lr", "1e-1"]),  # held-out loss turns up: best is step 2 of 4
+    ("best", ["checkpoints"], ["final", "best"], []),  # still falling: best/ is final/'s model (best.json alone)
+    ("final", ["best", "checkpoints"], ["final"], []),
+    ("both", ["checkpoints"], ["final", "best"], []),
 ])
-def test_keep_one_model(tmp_path, capsys, keep, gone, stays):
+def test_keep_one_model(tmp_path, capsys, keep, gone, stays, extra):
     data = word_data(tmp_path / "d.jsonl", 30)
     out = tmp_path / "cmp"
-    assert main(compare(data, out, "--keep", keep)) == 0
+    assert main(compare(data, out, "--keep", keep, *extra)) == 0
     run = out / "arms" / "it" / "seed-42"
     assert [d for d in gone if (run / d).exists()] == [] and all((run / d).is_dir() for d in stays)
+    if keep == "best":
+        same = json.loads((run / "best" / "best.json").read_text()).get("same_as") == "final"
+        assert same is ("final" in stays)  # final/ stays exactly when it is the best model
     capsys.readouterr()
-    assert main(compare(data, out, "--keep", keep)) == 0
+    assert main(compare(data, out, "--keep", keep, *extra)) == 0
     err = capsys.readouterr().err
     assert "already trained" in err and "already evaluated" in err
 

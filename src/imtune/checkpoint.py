@@ -324,6 +324,20 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
     return final
 
 
+def save_same_as(run_dir: Path, name: str, info: dict, same_as: str = "final") -> Path:
+    """RUN/<name>/ holding only best.json (`info` + "same_as"): the model is RUN/<same_as>'s, not written twice (the
+    best evaluation point was the last step). Readers follow it through imtune.rundir.best_model; never a link."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".tmp-{name}"
+    try:
+        files.fresh_dir(tmp, run_dir)
+        files.write_json(tmp / "best.json", {**info, "same_as": same_as}, root=run_dir)
+        publish(tmp, run_dir / name, run_dir)
+    except _write_errors() as e:
+        raise write_failure(e, run_dir / name, run_dir, cleanup=tmp) from None
+    return run_dir / name
+
+
 def rescue_weights(run_dir: Path, failed: WriteFailed, step: int, save) -> WriteFailed:
     """final/ could not be written: make sure the trained weights survive, and return the error to raise, saying
     where they are and how to finish. `save(root)` writes a checkpoint of the last step under root/checkpoints/

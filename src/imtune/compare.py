@@ -336,11 +336,14 @@ def check_models(s: CompareSettings, run_dir: Path) -> None:
 
 def tidy(s: CompareSettings, run_dir: Path) -> None:
     """After a run's evaluation: remove the checkpoints compare had it write for Ctrl-C (no --save-every given: a
-    finished run never resumes), and the models --keep does not keep (--keep best keeps final/ when there is no best/).
+    finished run never resumes), and the models --keep does not keep (--keep best keeps final/ when there is no best/
+    or best/ is final/'s model).
     Only directories imtune wrote inside its own run directory, through imtune.files (a link is refused): each is
     renamed out of the way first, so a half-deleted model is never taken for a model."""
+    from .rundir import best_model
+
     drop = ["checkpoints"] if s.base.save_every is None or s.keep == "none" else []
-    if s.keep == "none" or s.keep == "best" and (run_dir / "best").is_dir():
+    if s.keep == "none" or s.keep == "best" and best_model(run_dir) == run_dir / "best":  # best/ has its weights
         drop.append("final")
     if s.keep in ("final", "none"):
         drop.append("best")

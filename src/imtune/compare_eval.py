@@ -33,7 +33,7 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     losses ride along (results["per_example"], for the intervals). Cached in RUN/eval/compare.json per settings.
     The losses are imtune.evaluate.run.evaluate_run's, scored as the run was trained (template, system prompt,
     max length, truncation: the run's own config.yaml)."""
-    from .rundir import read_run
+    from .rundir import best_info, read_run
 
     run = read_run(cfg.output_dir)
     cache = run.path / "eval" / "compare.json"
@@ -75,10 +75,10 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
         res.update(generation_scores(s, model, tok, scoring_as_trained(run).renderer(tok), run.path, cfg, data,
                                      Answers.of(run.path, model)))
     del model, ev  # before best/ is loaded: one model in memory at a time
-    best = run.path / "best"
-    if (best / "best.json").exists():  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
-        info = json.loads((best / "best.json").read_text(encoding="utf-8"))
-        if info["step"] == steps:  # the last step's model: final/ itself, already scored on test.jsonl
+    best, info = run.best, best_info(run.path)
+    if info is not None:  # the checkpoint selected on val.jsonl, scored on test.jsonl like final/
+        info = {k: v for k, v in info.items() if k != "same_as"}
+        if best == run.final or info["step"] == steps:  # the last step's model: final/, already scored on test.jsonl
             trained = res["heldout"], res["per_example"]["heldout"]
         else:
             trained = scored_in_training(run, data, info["step"])

@@ -129,7 +129,8 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation data: output-token loss logged as val_output_loss; --keep-best "
                                     "selects on it (never on --eval-data when both are given)", str)
     keep_best: bool = _f(False, "keep the model of the evaluation point with the lowest held-out output loss in "
-                                "RUN/best/ (same format as final/; on --val-data if given, else --eval-data)")
+                                "RUN/best/ (same format as final/; on --val-data if given, else --eval-data; "
+                                "best.json alone when it is the last step's, final/'s, model)")
     eval_every: int | None = _f(None, "evaluate every N steps (also at the start and the end)", int)
     eval_train_sample: int = _f(64, "training examples in the fixed sample whose output loss is tracked (the same "
                                     "sample for every seed)")

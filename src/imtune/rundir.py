@@ -4,9 +4,11 @@ A run directory describes itself (imtune.train writes it): RUN/config.yaml is th
 the trained model (with its tokenizer and chat template), RUN/DONE the summary written last, RUN/metrics.jsonl one
 line per step and evaluation. Everything that asks "is this a run, and how was it trained" asks here:
 
-    read_run(RUN) -> RunDir(path, config: TrainConfig)       .final, .finished, .done_text(), .metrics(kind)
+    read_run(RUN) -> RunDir(path, config: TrainConfig)       .final, .best, .finished, .done_text(), .metrics(kind)
     find_run(SPEC) -> RunDir | None                          a model spec that names a run (RUN or RUN/final)
-    model_dir(DIR) -> DIR/final for a run directory          what `--model RUN` loads (imtune.models.resolve)
+    model_dir(DIR) -> DIR/final for a run directory          what `--model RUN` loads (imtune.models.resolve);
+                      RUN/final for a RUN/best that is final  (RUN/best/best.json "same_as": "final")
+    best_info(RUN), best_model(RUN)                          --keep-best's selection and the model it stands for
     read_config(RUN) -> TrainConfig | None                   the comparison of settings (imtune.guard)
     config_text(RUN), metrics(RUN, kind)                     for reports of runs that may be incomplete
 
@@ -26,6 +28,7 @@ from .types import UsageError
 
 CONFIG = "config.yaml"
 FINAL = "final"
+BEST = "best"  # --keep-best: RUN/best/best.json, with the weights unless they are final/'s (best.json "same_as")
 DONE = "DONE"  # imtune.checkpoint.DONE: written last, after final/
 TEMPLATE = "chat_template.jinja"
 
@@ -41,6 +44,11 @@ class RunDir:
     def final(self) -> Path:
         """The trained model: loads with AutoModelForCausalLM.from_pretrained (tokenizer and template inside)."""
         return self.path / FINAL
+
+    @property
+    def best(self) -> Path | None:
+        """The model --keep-best selected (best_model): RUN/best, or RUN/final when that is the same model."""
+        return best_model(self.path)
 
     @property
     def finished(self) -> bool:
@@ -122,11 +130,31 @@ def find_run(spec: str | None) -> RunDir | None:
 
 def model_dir(path: str | Path) -> Path:
     """The model directory `--model DIR` loads: DIR/final for a run directory (a directory with final/ and no model
-    files of its own), else DIR."""
+    files of its own), RUN/final for a RUN/best that says it is final/'s model, else DIR."""
     p = Path(path)
     if (p / FINAL).is_dir() and not (p / "config.json").exists() and not (p / "tokenizer.json").exists():
         return p / FINAL
+    if p.name == BEST and is_run(p.parent):
+        return best_model(p.parent) or p
     return p
+
+
+def best_info(path: str | Path) -> dict | None:
+    """RUN/best/best.json: {"step", "loss", "selected_on"}, and "same_as": "final" when the best evaluation point was
+    the last step (best/ then holds no weights: they are final/'s); None when the run has no best/."""
+    import json
+
+    f = _own_file(Path(path) / BEST / "best.json")
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def best_model(path: str | Path) -> Path | None:
+    """The directory holding the weights of a run's best/: RUN/best, or RUN/final when best.json says they are the
+    same (never a link: imtune.files refuses them); None when the run has no best/."""
+    info = best_info(path)
+    if info is None:
+        return None
+    return Path(path) / (FINAL if info.get("same_as") == FINAL else BEST)
 
 
 def metrics(path: str | Path, kind: str | None = "train") -> list[dict]:

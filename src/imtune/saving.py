@@ -98,11 +98,19 @@ def save_checkpoint(run, step: int, tokens: int) -> None:
 def save_final(run, name: str = "final", info: dict | None = None, *, tokens: int = 0, state: dict | None = None
                ) -> None:
     """RUN/final/ (then RUN/DONE, with the `tokens` trained on), or with name="best" RUN/best/ and `info`. `state`:
-    the weights to write (track.Best's copy of an earlier point), else the model's now."""
+    the weights to write (track.Best's copy of an earlier point), else the model's now. A best point at the last
+    step is final/'s model: best/ then holds best.json alone ("same_as": "final"), not a second copy."""
     from .generate import stop_token_ids
 
-    state = state if state is not None else full_state(run.objective, run.acc)
     total = run.schedule.total_steps
+    if name == "best" and info["step"] == total:
+        if run.acc.is_main_process:
+            ckpt.save_same_as(run.dir, name, info)
+            run.log.note(f"best model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): the last "
+                         f"step's, final/ (best/best.json says so; no second copy)")
+        run.acc.wait_for_everyone()
+        return
+    state = state if state is not None else full_state(run.objective, run.acc)
     if run.acc.is_main_process:
         try:
             with announced(run, f"{name}/") as took:

@@ -8,9 +8,11 @@ conversations and on --eval-data / --val-data, at step 0, every --eval-every ste
     flush(run, best) -> Best                                           writes RUN/best/ if held in memory
 
 Keep-best holds the best point's weights in memory (a CPU copy) and writes RUN/best/ once: before a checkpoint (so
-a resume finds it), at the end of training and before a stop. Every improvement used to write 540 MB for the
-default model (make demo: 2-3 writes per run, ~22 s of its time). Only a single process without LoRA holds them,
-and only when a copy takes at most half the free memory; otherwise every improvement is written at once.
+a resume finds it), at the end of training and before a stop. A best point at the last step is final/'s model:
+RUN/best/ then holds best.json alone, "same_as": "final" (imtune.rundir.best_model follows it), never a copy.
+Every improvement used to write 540 MB for the default model (make demo: 2-3 writes per run, ~22 s of its time).
+Only a single process without LoRA holds them, and only when a copy takes at most half the free memory; otherwise
+every improvement is written at once.
 """
 from __future__ import annotations
 
@@ -134,7 +136,8 @@ def keep_best(run, rec: dict, best: Best | None) -> Best:
     if loss is None or not loss < best.loss:
         return best
     info = {"step": rec["step"], "loss": loss, "selected_on": key}
-    state = held_copy(run)
+    last = rec["step"] == run.schedule.total_steps  # final/'s model: best/ says so, no copy is held or written
+    state = None if last else held_copy(run)
     if state is None:
         saving.save_final(run, name="best", info=info)
     return Best(loss, info, state)

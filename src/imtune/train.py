@@ -30,7 +30,8 @@ The run directory (evaluation, comparison and reports read only this; keep the n
                             (imtune.saving gathers, imtune.checkpoint writes, imtune.integrity verifies)
       best/                 with --keep-best: the model of the evaluation point with the lowest val (or eval)
                             output loss, same format as final/, and best/best.json (step, loss, selected on;
-                            track.keep_best)
+                            track.keep_best); best.json alone, "same_as": "final", when that is the last step
+                            (no second copy: imtune.rundir.best_model)
       final/                AutoModelForCausalLM.from_pretrained(RUN/final) + AutoTokenizer (with the chat template;
                             saving.save_final);
                             --lora (no --merge-lora): the adapter + HOW_TO_LOAD.md (+ RUN/base/ for random bases)
