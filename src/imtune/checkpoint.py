@@ -267,27 +267,28 @@ The base model is {base}. To get one merged model directory instead, train with 
 
 def save_final(run_dir: Path, model, state_dict: dict | None, tokenizer, chat_template: str, stop_ids: list[int],
                lora: bool, merge_lora: bool, base_dir: str | None, name: str = "final",
-               info: dict | None = None) -> Path:
+               info: dict | None = None, dtype: str = "fp32") -> Path:
     """RUN/final/: loads with AutoModelForCausalLM.from_pretrained (+ AutoTokenizer, with the training template).
 
     Full fine-tuning: the model. LoRA: the adapter and HOW_TO_LOAD.md, or (merge_lora) the merged model.
     `base_dir`: where the adapter's base model lives; None for a base with no directory (random:*), which is then
     saved into RUN/base/ so the adapter stays loadable. name="best" writes RUN/best/ the same way (mid-training:
     --merge-lora is not applied there, it would fold the adapter into the model being trained), with `info` as
-    best/best.json."""
+    best/best.json. dtype="bf16": the model's weights are written in bf16 (config.json says so; tied weights stay
+    one tensor), half the disk of fp32; a LoRA adapter (small) and RUN/base/ keep their own dtype."""
     run_dir = Path(run_dir)
     tmp = run_dir / f".tmp-{name}"
     merge_lora = merge_lora and name == "final"
     try:
         return _save_final(run_dir, tmp, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
-                           base_dir, name, info)
+                           base_dir, name, info, dtype)
     except _write_errors() as e:
         _discard(run_dir / ".tmp-base", run_dir)
         raise write_failure(e, run_dir / name, run_dir, cleanup=tmp) from None
 
 
 def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_template, stop_ids, lora, merge_lora,
-                base_dir, name: str, info: dict | None) -> Path:
+                base_dir, name: str, info: dict | None, dtype: str = "fp32") -> Path:
     import copy
 
     files.fresh_dir(tmp, run_dir)
@@ -309,6 +310,13 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         files.write_text(tmp / "HOW_TO_LOAD.md", HOW_TO_LOAD.format(final=run_dir / name, base=base_dir), run_dir)
         base_model.generation_config.save_pretrained(tmp)
+    elif dtype == "bf16":
+        import torch
+
+        model.save_pretrained(tmp, state_dict=converted(state_dict or model.state_dict(), dtype=torch.bfloat16),
+                              safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))  # transformers wrote the model's
+        files.write_json(tmp / "config.json", {**config, "dtype": "bfloat16"}, root=run_dir)  # fp32: say bf16
     else:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     shared = tokenizer.chat_template  # the tokenizer is cached per process: it leaves as it came (a deepcopy took
@@ -322,6 +330,19 @@ def _save_final(run_dir: Path, tmp: Path, model, state_dict, tokenizer, chat_tem
     final = run_dir / name
     publish(tmp, final, run_dir)
     return final
+
+
+def converted(state: dict, dtype=None, device=None) -> dict:
+    """Copies of a state dict's tensors (floating ones in `dtype`, all on `device`; None: as they are), detached;
+    tensors that share storage (a tied lm_head) stay one tensor, so save_pretrained drops the alias as it does for
+    the model's own state dict."""
+    import torch
+
+    view = lambda t: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())  # noqa: E731
+    unique = {view(t): t for t in state.values() if isinstance(t, torch.Tensor)}
+    copies = {k: t.detach().to(device=device or t.device, dtype=dtype if dtype and t.is_floating_point() else t.dtype,
+                               copy=True) for k, t in unique.items()}
+    return {name: copies[view(t)] if isinstance(t, torch.Tensor) else t for name, t in state.items()}
 
 
 def save_same_as(run_dir: Path, name: str, info: dict, same_as: str = "final") -> Path:

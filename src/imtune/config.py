@@ -52,6 +52,10 @@ class TrainConfig:
                                 "training steps of a model shaped like this one run ≥1.3× faster in it, else "
                                 "fp32), fp32 or bf16 (mixed: fp32 master weights, bf16 autocast)",
                         choices=["auto", "fp32", "bf16"])
+    save_dtype: str = _f("auto", "dtype of the final/ and best/ weights: auto = the precision trained in (bf16 "
+                                 "autocast: bf16 copies, half the disk), fp32 or bf16; checkpoints stay fp32 (exact "
+                                 "resume); a run's bf16 final/ still loads in fp32 for evaluation",
+                         choices=["auto", "fp32", "bf16"])
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~30%% slower)")
     attn_implementation: str | None = _f(None, "attention kernel passed to transformers: sdpa (its default), "
                                          "flash_attention_2 (needs flash-attn), flex_attention or eager", str)

@@ -32,7 +32,7 @@ class Cost:
     max_new_tokens: int
     train_tokens_per_s: float  # measured
     gen_tokens_per_s: float  # measured
-    disk_bytes: int  # the models --keep keeps of every run (fp32 weights)
+    disk_bytes: int  # the models --keep keeps of every run (in the dtype they are saved in: weight_bytes)
     seconds: float
     kept: str = "final/ and best/"  # what disk_bytes counts, in words
     save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
@@ -110,7 +110,7 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
     per_run = seconds(tokens, (evals * eval_examples + scored) * seq, gens * new, train_tps, gen_tps)
     return Cost(runs=runs, examples=data["n_train"], tokens=tokens, steps=steps, evals=evals,
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
-                gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * 4 * params,
+                gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * weight_bytes(base) * params,
                 seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
                 checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params))
 
@@ -141,6 +141,14 @@ def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
                      + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""),
                 save_every=cfg.save_every, checkpoint_bytes=ckpt, what="run",
                 epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg, params))
+
+
+def weight_bytes(cfg) -> int:
+    """Bytes per parameter of the final/ and best/ copies a run of `cfg` saves (imtune.saving.save_dtype)."""
+    from .precision import resolve
+    from .saving import save_dtype
+
+    return 2 if save_dtype(cfg, resolve(cfg.precision).used) == "bf16" else 4
 
 
 def seconds(train_tokens: float, forward_tokens: float, generated: float, train_tps: float, gen_tps: float) -> float:

@@ -249,7 +249,9 @@ def _refuse_pickled_weights(spec: str, path: str) -> None:
 
 
 def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_implementation: str | None = None):
-    """A causal LM for a spec. `dtype` a torch dtype (None: the checkpoint's, fp32 for random)."""
+    """A causal LM for a spec. `dtype` a torch dtype (None: the checkpoint's, fp32 for random and for a model an
+    imtune run saved, RUN/final or RUN/best: bf16 copies of fp32 master weights (--save-dtype) are scored and answer
+    in fp32, as an fp32 run's are, so runs compare whatever dtype they were saved in)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -271,6 +273,8 @@ def load_model(spec: str | None = "default", dtype=None, seed: int = 0, attn_imp
             prepare_default()
         if src.kind == "dir":
             _refuse_pickled_weights(spec, src.path)
+            if dtype is None and (Path(src.path).parent / "config.yaml").is_file():  # a run's model (rundir.is_run)
+                dtype = torch.float32
         # use_safetensors: also for a hub model and a LoRA adapter's base model, never unpickle
         return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype or "auto", use_safetensors=True, **kw)
     except OSError as e:

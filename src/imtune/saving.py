@@ -24,6 +24,12 @@ def trainer_state(cfg, schedule, fingerprint: str, step: int, tokens: int) -> di
             "rng": "torch reseeded at every step from (seed, step, rank); data order from (seed, epoch)"}
 
 
+def save_dtype(cfg, used: str) -> str:
+    """fp32 | bf16: the dtype of final/ and best/ for --save-dtype and the precision the run trains in (`used`):
+    auto saves bf16 copies of a bf16-autocast run's fp32 master weights (half the disk; what it computed in)."""
+    return used if cfg.save_dtype == "auto" else cfg.save_dtype
+
+
 def sharded(acc) -> bool:
     from accelerate.utils import DistributedType
 
@@ -116,7 +122,8 @@ def save_final(run, name: str = "final", info: dict | None = None, *, tokens: in
             with announced(run, f"{name}/") as took:
                 final = ckpt.save_final(run.dir, run.model, state, run.tokenizer, run.renderer.jinja,
                                         stop_token_ids(run.tokenizer, run.renderer), run.cfg.lora,
-                                        run.cfg.merge_lora, run.base_dir, name=name, info=info)
+                                        run.cfg.merge_lora, run.base_dir, name=name, info=info,
+                                        dtype=save_dtype(run.cfg, run.precision.used))
         except ckpt.WriteFailed as e:
             if name != "final":  # best/ is a convenience; the run goes on (its checkpoints and final/ are intact)
                 raise

@@ -159,16 +159,16 @@ def held_copy(run) -> dict | None:
     than half the free memory."""
     import torch
 
+    from .checkpoint import converted
+
     if run.acc.num_processes > 1 or run.cfg.lora:
         return None
     state = run.model.state_dict()
-    view = lambda t: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())  # noqa: E731
-    unique = {view(t): t for t in state.values() if isinstance(t, torch.Tensor)}
-    size = sum(t.numel() * t.element_size() for t in unique.values())
+    unique = {t.untyped_storage().data_ptr(): t for t in state.values() if isinstance(t, torch.Tensor)}
+    size = sum(t.untyped_storage().nbytes() for t in unique.values())
     if size > free_memory() / 2:
         return None
-    copies = {k: t.detach().to("cpu", copy=True) for k, t in unique.items()}
-    return {name: copies[view(t)] if isinstance(t, torch.Tensor) else t for name, t in state.items()}
+    return converted(state, device="cpu")
 
 
 def free_memory() -> int:

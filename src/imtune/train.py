@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     first = epoch_batches(cfg, examples, tok, 0)
     sched = schedule(cfg, len(first), acc.num_processes)  # imtune.plan: compare estimates with the same function
     if plan and acc.is_main_process:  # the cost before the first step (imtune.cost; --dry-run stops here: dry_run)
-        say(cost.of_run(cfg, examples, sched, evals, "fp32").text())
+        say(cost.of_run(cfg, examples, sched, evals, saving.save_dtype(cfg, prec.used)).text())
 
     # -- model, optimizer, lr schedule, (resume)
     model, ref, base_dir = build_model(cfg, acc)
@@ -240,7 +240,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
             f"{len(first)} micro-batches of {cfg.batch_size} {'packed rows' if cfg.packing else 'examples'} per "
             f"epoch; {sched.total_steps} optimizer steps of {sched.grad_accum} × {acc.num_processes} micro-batches"
             + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
-        say(f"precision: {prec.used} ({prec.why})")
+        say(f"precision: {prec.used} ({prec.why}); final/ and best/ saved in {saving.save_dtype(cfg, prec.used)}")
         if cap is not None and cap < cfg.batch_size * cfg.max_length:
             say(f"memory: each micro-batch runs as passes of at most {cap:,} tokens (--micro-batch-tokens "
                 f"{cfg.micro_batch_tokens}; a longer row is a pass alone); the optimizer step is the same")
@@ -263,7 +263,7 @@ def dry_run(cfg: TrainConfig):
     evals = track.eval_sets(cfg, prep, tok)
     first = epoch_batches(cfg, examples, tok, 0)
     sched = schedule(cfg, len(first), int(os.environ.get("WORLD_SIZE", "1")))
-    return cost.of_run(cfg, examples, sched, evals, "fp32")
+    return cost.of_run(cfg, examples, sched, evals, saving.save_dtype(cfg, resolve_precision(cfg.precision).used))
 
 
 def read_data(cfg: TrainConfig) -> tuple:
@@ -346,7 +346,8 @@ def stats_extra(cfg: TrainConfig, examples, first: list, prec, acc, objective, s
 
     return {"packing": cfg.packing, "micro_batches_per_epoch": sched.micro_batches,
             "padding_fraction": padding_fraction(examples, first, cfg.packing, cfg.max_length),
-            "precision": prec.to_dict(), "processes": acc.num_processes,
+            "precision": {**prec.to_dict(), "save_dtype": saving.save_dtype(cfg, prec.used)},
+            "processes": acc.num_processes,
             "distributed": "FSDP" if is_fsdp(objective) else acc.distributed_type.value,
             "grad_accum": sched.grad_accum, "steps_per_epoch": sched.steps_per_epoch,
             "total_steps": sched.total_steps, "eval": {name: len(ex) for name, (ex, _) in evals.items()}}

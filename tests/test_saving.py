@@ -1,0 +1,57 @@
+"""imtune.saving: a run trained in bf16 (autocast over fp32 master weights) saves final/ as bf16 copies, half the
+disk of fp32, unless --save-dtype fp32; the copy loads back (in fp32, as every run's model) with the master weights
+rounded to bf16, and checkpoints stay fp32 for an exact resume."""
+from __future__ import annotations
+
+import json
+import struct
+
+import torch
+
+from imtune.config import TrainConfig
+from imtune.models import load_model
+from imtune.synth import synthesize, write_jsonl
+from imtune.train import train
+
+
+def header(path) -> dict:
+    """The safetensors header: tensor name -> {"dtype", "shape", "data_offsets"}."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+
+
+def test_a_bf16_run_saves_bf16_copies_that_load_back(tmp_path):
+    from safetensors.torch import load_file
+
+    rows, _ = synthesize("lookup", 8, 4.0, seed=0, heldout=2)
+    data = write_jsonl(tmp_path / "d.jsonl", rows, "lookup", 0, "train")
+    cfg = TrainConfig(model="random:tiny", data=str(data), max_steps=1, batch_size=4, max_length=256, lr=1e-3,
+                      warmup_ratio=0.0, save_every=1, progress=False, threads=1)
+    runs = {name: train(cfg.replace(output_dir=str(tmp_path / name), **kw)) for name, kw in
+            (("bf16", {"precision": "bf16"}), ("fp32", {"precision": "fp32"}),
+             ("bf16-kept-fp32", {"precision": "bf16", "save_dtype": "fp32"}))}
+    heads = {name: header(run / "final" / "model.safetensors") for name, run in runs.items()}
+    assert {v["dtype"] for v in heads["bf16"].values()} == {"BF16"}
+    assert {v["dtype"] for v in heads["fp32"].values()} == {"F32"} == {v["dtype"] for v in heads["bf16-kept-fp32"]
+                                                                        .values()}
+    assert heads["bf16"].keys() == heads["fp32"].keys()  # the tied lm_head is not written as a tensor of its own
+    sizes = {name: (run / "final" / "model.safetensors").stat().st_size for name, run in runs.items()}
+    assert 0.49 < sizes["bf16"] / sizes["fp32"] < 0.51
+    assert json.loads((runs["bf16"] / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    stats = json.loads((runs["bf16"] / "data_stats.json").read_text())["precision"]
+    assert stats["used"] == "bf16" and stats["save_dtype"] == "bf16"
+    assert "save_dtype: auto" in (runs["bf16"] / "config.yaml").read_text()
+
+    # the checkpoint of the last step holds the fp32 master weights; final/ is them rounded to bf16, loaded as fp32
+    master = load_file(str(runs["bf16"] / "checkpoints" / "step-1" / "model.safetensors"))
+    assert {t.dtype for t in master.values()} == {torch.float32}
+    model = load_model(str(runs["bf16"] / "final"))
+    state = model.state_dict()
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    for k, t in master.items():
+        assert torch.equal(state[k], t.to(torch.bfloat16).float()), k
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in master.values())  # bf16 did round
+    with torch.no_grad():  # and it runs
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.isfinite(model(input_ids=ids).logits).all()
