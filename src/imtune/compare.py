@@ -132,6 +132,7 @@ class CompareSettings:
     jobs: int = 1  # runs trained side by side (imtune.schedule); 1: one after another in this process
     keep: str = "both"  # which models of each run stay on disk after its evaluation (KEEP)
     checkpoints: bool = True  # without --save-every: a checkpoint at each evaluation point, for Ctrl-C (demo: off)
+    plan: bool = True  # print the measured plan before the first step (demo: off, its fixed cost is stated instead)
     planned: object = None  # --dry-run: the imtune.cost.Cost it printed (sweep and study add up their grid's)
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -243,7 +244,7 @@ def run_comparison(s: CompareSettings) -> Path:
             say(f"{what}: already trained ({run_dir}/DONE); skipping training")
             continue
         todo.append(Job(what, cfg.replace(resume="auto") if ckpt.latest_checkpoint(run_dir) is not None else cfg))
-    if (todo or s.dry_run) and is_main_process():  # the cost before the first step (imtune.cost)
+    if ((todo and s.plan) or s.dry_run) and is_main_process():  # the cost before the first step (imtune.cost)
         from .cost import estimate
 
         with clock.phase("estimate"):
