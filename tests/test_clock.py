@@ -58,10 +58,13 @@ def test_compare_writes_where_its_time_and_memory_went_and_a_rerun_reuses_the_ru
                                                                                            monkeypatch):
     import weakref
 
-    from imtune import models
+    from imtune import cost, models
     from imtune.cli import main
     from imtune.runlog import read_metrics
 
+    # The cost estimate measures a model once per process: another test in this worker may have measured random:tiny
+    # already, and then the estimate phase takes no time and loads no model.
+    cost._measure.cache_clear()
     alive, overlaps, load = [], [], models.load_model
 
     def watched(spec, *args, **kwargs):  # every model compare makes: training's, the cost estimate's, evaluation's
