@@ -60,6 +60,10 @@ class Evidence:
 DOLLY_N = ("imtune study --factor n --values 32,64 --data ../shared/data/train/alpagasus_dolly_3k.jsonl --limit 1000 "
            "--arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 --batch-size 2 --lr 1e-4 "
            "--epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 --no-progress --out dolly-n")
+DOLLY_RATIO = ("imtune study --factor ratio --data ../shared/data/train/alpagasus_dolly_3k.jsonl --strata 2 --n 32 "
+               "--heldout 36 --arms it,im --seeds 0,1,2 --model default --template chatml --max-length 512 "
+               "--batch-size 2 --lr 1e-4 --epochs 3 --eval-every 6 --eval-train-sample 16 --threads 2 --no-progress "
+               "--out dolly-ratio")
 EVIDENCE: tuple[Evidence, ...] = (
     Evidence(source="the demo's comparison with 3 seeds: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every "
                     "answer in its own instruction; data: imtune data synth --family lookup --n 8 --ratio 30 --seed 0 "
@@ -82,6 +86,12 @@ EVIDENCE: tuple[Evidence, ...] = (
              command=DOLLY_N,
              data="alpagasus_dolly_3k.jsonl", ratio_words=0.51, n=61, seeds=3,
              final=(-0.0047, -0.0093, -0.0004), best=(-0.0021, -0.0061, 0.0020), it_final=2.4655, it_best=2.4376),
+    Evidence(source="imtune study --factor ratio, stratum 1 of 2 (per-example ratios 0.008-0.548; its 32 training "
+                    "examples 0.158): SmolLM2-135M-Instruct on AlpaGasus-Dolly 3k, 31 training examples, 3 epochs at "
+                    "lr 1e-4, 15 steps, 25 test examples (fewer than the verdict's 30) (2026-12-07)",
+             command=DOLLY_RATIO,
+             data="alpagasus_dolly_3k.jsonl", ratio_words=0.158, n=31, seeds=3,
+             final=(-0.0019, -0.0066, 0.0030), best=(-0.0002, -0.0039, 0.0038), it_final=2.8320, it_best=2.8276),
 )
 
 
