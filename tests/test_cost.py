@@ -66,3 +66,13 @@ def test_train_prints_its_plan_and_dry_run_makes_no_directory(tmp_path, capsys):
     assert steps_done == list(range(1, int(steps) + 1)) and examples == 12 and epochs == 2
     assert len(read_metrics(run, "eval")) == evals and per_eval == 4 + 6
     assert tokens == read_metrics(run, "train")[-1]["tokens"]  # whole epochs: exact
+
+
+def test_a_long_plan_offers_the_quick_preset_only_to_a_run_not_already_using_it():
+    from imtune.cost import SLOW, Cost
+
+    long = dict(runs=6, examples=229, tokens=81_920, steps=40, evals=5, eval_examples=42, generations=16,
+                max_new_tokens=128, train_tokens_per_s=63.0, gen_tokens_per_s=4.4, disk_bytes=0, seconds=SLOW * 7)
+    assert "--preset cpu-quick" in Cost(**long).text()
+    quick = Cost(**long, preset="cpu-quick").text()
+    assert "brings it to about a quarter" in quick and "--preset cpu-quick" not in quick

@@ -35,6 +35,7 @@ class Cost:
     disk_bytes: int  # the models --keep keeps of every run (in the dtype they are saved in: weight_bytes)
     seconds: float
     kept: str = "final/ and best/"  # what disk_bytes counts, in words
+    preset: str | None = None  # --preset given: the long-run hint does not offer the one already in use
     save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
     checkpoint_bytes: int = 0
     what: str = "comparison"  # or "run": one `imtune train` (of_run)
@@ -76,8 +77,9 @@ class Cost:
                          "take less)")
         if self.seconds > SLOW:
             lines.append(f"  that is long for this machine: --limit {max(16, self.examples // 4)} or --max-steps "
-                         f"{max(4, self.steps // 4)} brings it to about a quarter (--preset cpu-quick for a first "
-                         f"look); on a GPU the same {self.what} takes minutes (docs/scaling.md)")
+                         f"{max(4, self.steps // 4)} brings it to about a quarter"
+                         f"{' (--preset cpu-quick for a first look)' if self.preset != 'cpu-quick' else ''}; on a "
+                         f"GPU the same {self.what} takes minutes (docs/scaling.md)")
         return "\n".join(lines)
 
 
@@ -112,7 +114,7 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
                 gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * weight_bytes(base) * params,
                 seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
-                checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params))
+                checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params), preset=base.preset)
 
 
 def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
@@ -138,7 +140,7 @@ def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
                 disk_bytes=(1 + cfg.keep_best) * per_param * params + n_ckpt * ckpt,
                 seconds=seconds(tokens, evals * eval_tokens, 0, train_tps, gen_tps),
                 kept=f"final/{' and best/' if cfg.keep_best else ''} in {save_dtype}"
-                     + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""),
+                     + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""), preset=cfg.preset,
                 save_every=cfg.save_every, checkpoint_bytes=ckpt, what="run",
                 epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg, params))
 
