@@ -92,6 +92,12 @@ EVIDENCE: tuple[Evidence, ...] = (
              command=DOLLY_RATIO,
              data="alpagasus_dolly_3k.jsonl", ratio_words=0.158, n=31, seeds=3,
              final=(-0.0019, -0.0066, 0.0030), best=(-0.0002, -0.0039, 0.0038), it_final=2.8320, it_best=2.8276),
+    Evidence(source="the same study, stratum 2 of 2 (per-example ratios 0.548-220; its training examples 1.55): 28 "
+                    "training examples, 9 steps, 25 test examples; every run still improving at its last evaluation "
+                    "(a budget too short for the overfitting regime) (2026-12-07)",
+             command=DOLLY_RATIO,
+             data="alpagasus_dolly_3k.jsonl", ratio_words=1.55, n=28, seeds=3,
+             final=(-0.0017, -0.0131, 0.0086), best=(-0.0034, -0.0135, 0.0059), it_final=1.6879, it_best=1.6896),
 )
 
 
