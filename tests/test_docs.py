@@ -27,7 +27,7 @@ def imtune_argv(line: str) -> list[str] | None:
     None when the line runs something else. Comments, a trailing `&` and everything after a pipe are dropped."""
     words = shlex.split(line, comments=True)
     for i, w in enumerate(words):
-        if w.endswith("/imtune") or w == "imtune" or (w in ("imtune", "imtune.cli") and words[i - 1] == "-m"):
+        if w.endswith("/imtune") or w == "imtune" or (w == "imtune.cli" and words[i - 1] == "-m"):
             rest = words[i + 1:]
             for j, r in enumerate(rest):
                 if r in ("&", "|", "&&", ";", ">", "2>&1"):
