@@ -120,7 +120,8 @@ import os, sys
 os.environ["IMTUNE_CPU_PROBE"] = "100,500" if os.environ["RANK"] == "0" else "500,100"  # the ranks would disagree
 from imtune import precision
 p = precision.resolve("auto", "random:tiny")
-print(os.environ["RANK"], p.used, p.why, flush=True)
+with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:  # one file each: two ranks' stdout can interleave
+    f.write(f"{os.environ['RANK']} {p.used} {p.why}")
 import torch.distributed as dist
 dist.destroy_process_group()  # a gloo group left to interpreter exit can abort the process
 """
@@ -136,9 +137,9 @@ def test_several_processes_use_rank_0s_measurement(tmp_path):
     script.write_text(AGREE)
     env = {k: v for k, v in os.environ.items() if k != "IMTUNE_CPU_PRECISION"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+                          str(script), str(tmp_path / "out")], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = sorted(x for x in res.stdout.splitlines() if x[:2] in ("0 ", "1 "))
-    assert [x.split()[:2] for x in lines] == [["0", "bf16"], ["1", "bf16"]], res.stdout
+    lines = [(tmp_path / f"out.{rank}").read_text() for rank in (0, 1)]
+    assert [x.split()[:2] for x in lines] == [["0", "bf16"], ["1", "bf16"]], lines
     assert all("measured on rank 0 for all 2 processes" in x for x in lines)
