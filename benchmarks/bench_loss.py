@@ -1,7 +1,8 @@
 """Micro-benchmarks of the loss head and the optimizer (before/after figures, not part of the peer comparison),
 alternating the two variants in one process.
 
-  loss   imtune.loss.weighted_nll before issue 7 (chunks under torch.utils.checkpoint: logits computed twice, three
+  loss   imtune.model.loss.weighted_nll before issue 7 (chunks under torch.utils.checkpoint: logits computed twice,
+  three
          softmax passes) vs now (each chunk's gradient formed in the forward pass: 6·V·H FLOPs per weighted position
          instead of 8·V·H, one softmax pass). Checked equal (loss and gradients) before timing.
   adamw  torch.optim.AdamW default (foreach, imtune before issue 7) vs fused=True (imtune now), on the
@@ -29,7 +30,7 @@ def main(hidden: int = 256, vocab: int = 49152, tokens: int = 2048, share: float
     import torch
 
     from bench_variants import before_weighted_nll
-    from imtune.loss import weighted_nll
+    from imtune.model.loss import weighted_nll
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -52,7 +52,7 @@ def run_imtune(model: str, data: str, max_length: int, threads: int, chunk_size:
 
     torch.set_num_threads(threads)
     from imtune.config import TrainConfig
-    from imtune.train import fit, setup
+    from imtune.train.loop import fit, setup
 
     cfg = TrainConfig(model=model, data=data, max_length=max_length, batch_size=1, max_steps=1, packing=True,
                       loss="it", output_dir=tempfile.mkdtemp(prefix="imtune-bench-mem-"), progress=False,
@@ -74,7 +74,7 @@ def run_trl(model: str, data: str, max_length: int, threads: int) -> dict:
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     datasets.disable_progress_bars()
     records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]

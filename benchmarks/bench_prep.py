@@ -66,8 +66,8 @@ def _trl_args(mode: str):
 
 
 def imtune_prepare(tok, cache: bool):
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
+    from imtune.data.prepare import prepare_examples
+    from imtune.data.weights import loss_spec
 
     return prepare_examples(str(LIMA), tok, loss_spec("it"), cache=cache)
 
@@ -76,11 +76,11 @@ def imtune_before(tok):
     """prepare_examples with the tokenize() that preceded the batched fast path (kept here as the 'before')."""
     import numpy as np
 
-    from imtune.prepare import load
-    from imtune.templates import Renderer
-    from imtune.tokenize import _class_ids
+    from imtune.data.prepare import load
+    from imtune.data.templates import Renderer
+    from imtune.data.tokenize import _class_ids
+    from imtune.data.weights import loss_spec
     from imtune.types import CLASSES, TokenizedExample
-    from imtune.weights import loss_spec
 
     spec = loss_spec("it")
     convs, _ = load(str(LIMA))
@@ -123,8 +123,8 @@ def main(repeats: int = 3) -> dict:
 
     datasets.disable_progress_bars()
     os.environ["IMTUNE_CACHE"] = tempfile.mkdtemp(prefix="imtune-bench-cache-")
-    from imtune.prepare import load
-    from imtune.templates import Renderer
+    from imtune.data.prepare import load
+    from imtune.data.templates import Renderer
 
     tok0 = fresh_tokenizer()
     texts = [Renderer(None, tok0).render(c).text for c in load(str(LIMA))[0]]

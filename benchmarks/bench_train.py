@@ -1,6 +1,7 @@
 """Training throughput on this CPU: real (non-padding) tokens per second, imtune vs TRL's SFTTrainer.
 
-Both sides train the same randomly initialised llama (imtune.models.load_model, same seed, sdpa attention) in the same
+Both sides train the same randomly initialised llama (imtune.model.models.load_model, same seed, sdpa attention) in the
+same
 precision, the one imtune's `--precision auto` picks on this machine (recorded as "precision"), on
 the same LIMA conversations (those whose rendering with the default template fits in max_length tokens, so neither
 side truncates or drops anything), with the same loss (assistant content + <|im_end|>: imtune `it`, TRL
@@ -11,7 +12,7 @@ All sides live in ONE process and take turns, window by window, so that every re
 under the same machine load, and setup (imports, model init, data preparation) is paid once:
   - TRL runs its own, unmodified `trainer.train()`; a TrainerCallback times each optimizer step (on_step_begin ->
     on_step_end) and, at the end of each TRL window, runs the other sides' windows before TRL continues.
-  - imtune runs its own loop, `imtune.train.fit(run)`, one window at a time (a copy of the frozen Run whose
+  - imtune runs its own loop, `imtune.train.loop.fit(run)`, one window at a time (a copy of the frozen Run whose
     start_step/total_steps are the window's), timed around the call.
   - other imtune sides (optional, `variants`): imtune with some of benchmarks/bench_variants.py's variants in force
     (the code as it was before issue 7, or changes proposed to the trainer's owner), measured the same way.
@@ -54,8 +55,8 @@ def model_flops_per_token(cfg, n_param: int, attended: float) -> float:
 
 class ImtuneSide:
     def __init__(self, name: str, cfg, variants: list | None = None):
-        from imtune.pack import padding_fraction
-        from imtune.train import setup
+        from imtune.data.pack import padding_fraction
+        from imtune.train.loop import setup
 
         self.variants = list(variants or [])
         if _bench_variants_loaded():
@@ -70,7 +71,7 @@ class ImtuneSide:
         self.windows: list[dict] = []
 
     def window(self, steps: int, measured: bool, peak: float | None) -> None:
-        from imtune.train import fit
+        from imtune.train.loop import fit
 
         if _bench_variants_loaded():
             import bench_variants as P
@@ -118,7 +119,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     import torch
 
     torch.set_num_threads(threads)
-    from imtune.precision import resolve
+    from imtune.model.precision import resolve
 
     # Both sides train in the precision imtune's --precision auto picks here (bf16 on a GPU; on a CPU whichever its
     # probe finds faster: fp32 on the AMD EPYC builds), and the peak is that precision's.
@@ -129,7 +130,7 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
     from trl import SFTConfig, SFTTrainer
 
     from imtune.config import TrainConfig
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     datasets.disable_progress_bars()
     data = subset(max_length)
@@ -224,8 +225,8 @@ def main(model: str, max_length: int, batch_size: int, grad_accum: int, repeats:
         pass
     trl_pad = 1.0 - sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))
     if trl_only:
-        from imtune.prepare import prepare_examples
-        from imtune.weights import loss_spec
+        from imtune.data.prepare import prepare_examples
+        from imtune.data.weights import loss_spec
 
         examples = prepare_examples(data, fresh_tokenizer(), loss_spec(loss), max_length=max_length).examples
         lengths, cfg, nparam = [len(e) for e in examples], net.config, n_params(net)

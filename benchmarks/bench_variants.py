@@ -1,10 +1,12 @@
 """Variants of imtune's training code for before/after figures, switched per benchmark side inside one process.
 
-  before_loss     imtune.loss.weighted_nll as it was before issue 7 (a8a5635): chunks under torch.utils.checkpoint,
+  before_loss     imtune.model.loss.weighted_nll as it was before issue 7 (a8a5635): chunks under
+  torch.utils.checkpoint,
                   so every chunk's logits are computed twice and log-softmax runs three times.
-  before_batches  imtune.pack.make_batches as it was before issue 7: shuffled bins cut into micro-batches without
+  before_batches  imtune.data.pack.make_batches as it was before issue 7: shuffled bins cut into micro-batches without
                   regard to their lengths (rows padded to the longest of their micro-batch).
-  before_adamw    imtune.build.build_optimizer as it was before issue 7: torch.optim.AdamW's default (foreach) step,
+  before_adamw    imtune.train.build.build_optimizer as it was before issue 7: torch.optim.AdamW's default (foreach)
+  step,
                   not fused=True.
 
 install() routes imtune's loss, batching and optimizer construction through dispatchers once; use(names) picks the
@@ -23,9 +25,9 @@ def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int
                         lm_head_bias=None, groups=None):  # groups: per-example sums, only asked by evaluation
     import torch
 
-    from imtune import loss as L
+    from imtune.model import loss as L
 
-    def nll_at(idx):  # the checkpointed chunks: imtune.loss._nll_at, still used there for unweighted positions
+    def nll_at(idx):  # the checkpointed chunks: imtune.model.loss._nll_at, still used there for unweighted positions
         return L._nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)
 
     y, w = labels.reshape(-1), weights.reshape(-1).float()
@@ -54,7 +56,7 @@ def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int
 def before_make_batches(examples, batch_size, max_length, packed, pad_id, seed, epoch, drop_last=False):
     import numpy as np
 
-    from imtune import pack
+    from imtune.data import pack
 
     if not packed:
         return _ORIGINAL["make_batches"](examples, batch_size, max_length, packed, pad_id, seed, epoch, drop_last)
@@ -90,7 +92,9 @@ def _batches_dispatch(*args, **kw):
 
 
 def install() -> None:
-    from imtune import build, loss, objective, pack
+    from imtune.data import pack
+    from imtune.model import loss, objective
+    from imtune.train import build
 
     if _ORIGINAL:
         return

@@ -44,8 +44,8 @@ def lima_subset(name: str, max_length: int, pick) -> str:
     out = Path(tempfile.gettempdir()) / name
     if out.exists():
         return str(out)
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
+    from imtune.data.prepare import prepare_examples
+    from imtune.data.weights import loss_spec
 
     keep = pick(prepare_examples(str(LIMA), fresh_tokenizer(), loss_spec("it"), max_length=max_length).examples)
     lines = [line for i, line in enumerate(LIMA.read_text(encoding="utf-8").splitlines()) if i in keep]
@@ -59,7 +59,7 @@ def fresh_tokenizer(chat_template: str | None = None):
     """The default tokenizer, loaded anew (an empty BPE cache), optionally with another chat template."""
     from transformers import AutoTokenizer
 
-    from imtune.models import default_dir, prepare_default
+    from imtune.model.models import default_dir, prepare_default
 
     prepare_default(verbose=False)
     tok = AutoTokenizer.from_pretrained(default_dir())

@@ -319,7 +319,7 @@ def _analysis(r: dict) -> str:
     L = ["## Optimisations that stayed (before → after, from this run)\n"]
     if p:
         L.append(f"- **Data preparation, one batched tokenizer call + vectorised classes + GC paused while tokens are "
-                 f"built** (`imtune.weights.encode/weigh`): time / tokenizer time "
+                 f"built** (`imtune.data.weights.encode/weigh`): time / tokenizer time "
                  f"{S(p['before_over_tokenizer']).median:.2f}× → {S(p['imtune_over_tokenizer']).median:.2f}× "
                  f"(speed-up {S(p['speedup_vs_before']).fmt('.2f', '×')}). The per-example path it replaced was "
                  "already "
@@ -329,7 +329,8 @@ def _analysis(r: dict) -> str:
                  (" **In this run the gain is within the noise** (median below 1.05×): the path stays because it is "
                   "the one the cache (next item) stores, not for speed." if S(p["speedup_vs_before"]).median < 1.05
                   else ""))
-        L.append(f"- **Preparation cache** (`imtune.cache`, `$IMTUNE_CACHE/prep/*.npz`): a repeated run on unchanged "
+        L.append(f"- **Preparation cache** (`imtune.data.cache`, `$IMTUNE_CACHE/prep/*.npz`): a repeated run on "
+                  f"unchanged "
                  f"data, template and tokenizer does not tokenize: {S(p['cached_over_tokenizer']).fmt('.2f', '×')} "
                  f"the tokenizer's own time, {S(p['speedup_cached_vs_trl']).fmt('.1f', '×')} faster than TRL. It "
                  "stores the loss-mode-independent ids and classes, so another loss mode on the same data is a hit "
@@ -338,7 +339,7 @@ def _analysis(r: dict) -> str:
         b = t["extra"].get("before")
         if b:
             L.append(f"- **Fused chunked weighted cross-entropy + length-grouped packed micro-batches** "
-                     f"(`imtune.loss`, `imtune.pack`), `{t['w']['model']}`: {b['tps'].median:.0f} → "
+                     f"(`imtune.model.loss`, `imtune.data.pack`), `{t['w']['model']}`: {b['tps'].median:.0f} → "
                      f"{t['imt_tps'].median:.0f} tokens/s (today / before "
                      f"{sp([1 / x for x in b['vs_imtune'].values]).fmt('.2f', '×')}); "
                      f"padding {100 * b['padding']:.1f}% → {100 * t['imt_pad']:.1f}%; FLOP share "
@@ -346,7 +347,8 @@ def _analysis(r: dict) -> str:
     if r.get("loss"):
         L.append(f"- The loss head alone (micro-benchmark above): {S(r['loss']['speedup_fused']).fmt('.2f', '×')} "
                  "faster than the checkpointed chunks, with the same values and gradients (tests/test_loss.py).")
-        L.append(f"- **Fused AdamW** (`imtune.build.build_optimizer`, `fused=True` on CPU and GPU): the optimizer step "
+        L.append(f"- **Fused AdamW** (`imtune.train.build.build_optimizer`, `fused=True` on CPU and GPU): the "
+                  f"optimizer step "
                  f"alone {S(r['loss']['adamw_speedup_fused']).fmt('.1f', '×')} faster than the default foreach step "
                  "(micro-benchmark above); part of the `before` → today training figures.")
     L.append("- **GPU settings** (section 6, H100, `random:1b`, imtune alone): 4 → 8 packed rows per micro-batch "

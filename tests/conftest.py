@@ -13,7 +13,8 @@ SHARED = ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `--precision auto` measures bf16 against fp32 on a CPU (imtune.precision); the suite's equalities are fp32's, so on
+# `--precision auto` measures bf16 against fp32 on a CPU (imtune.model.precision); the suite's equalities are fp32's,
+# so on
 # a bf16-fast CPU (AMX) they must not silently switch. Tests of the probe itself clear this.
 os.environ.setdefault("IMTUNE_CPU_PRECISION", "fp32")
 # A developer's own server key or probe stand-in must not change what the tests' servers and runs do.
@@ -30,7 +31,7 @@ def shared_file(rel: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tok():
-    from imtune.models import load_tokenizer
+    from imtune.model.models import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -71,8 +72,8 @@ def tokenize(rendered, tokenizer, spec, max_length=None, truncation="drop", on_e
              special_tokens_in_content="split"):
     """The tokenize and weights stages on texts a test rendered itself (prepare_examples' steps after the template,
     without its cache): tokenize.content_policy + tokenize.encode, then weights.weigh. -> (Examples, TokenizeReport)"""
-    from imtune.tokenize import content_policy, encode
-    from imtune.weights import weigh
+    from imtune.data.tokenize import content_policy, encode
+    from imtune.data.weights import weigh
 
     split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
     examples, report = weigh(encode(rendered, tokenizer, split), [r.source for r in rendered], spec, max_length,
@@ -84,7 +85,7 @@ def tokenize(rendered, tokenizer, spec, max_length=None, truncation="drop", on_e
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """The preparation cache on for this test, in its own folder, for inputs of any size (test_cache*)."""
-    from imtune import cache
+    from imtune.data import cache
 
     monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)

@@ -119,3 +119,20 @@ def word_data(path, n: int = 10) -> str:
                     {"role": "assistant", "content": " ".join(words[(i * 3 + k) % 10] for k in range(3))}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return str(path)
+
+
+def patch_everywhere(monkeypatch, module, name: str, value) -> None:
+    """Replace `module.name` and every imtune module's own reference to the same object (imtune imports at module
+    top: a consumer holds the function it imported, so patching only its home would not reach it)."""
+    import importlib
+    import pkgutil
+
+    import imtune
+
+    for info in pkgutil.walk_packages(imtune.__path__, "imtune."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    original = getattr(module, name)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.split(".")[0] == "imtune" and getattr(mod, name, None) is original:
+            monkeypatch.setattr(mod, name, value)

@@ -1,4 +1,5 @@
-"""imtune.answers: greedy answers kept per (weights, prompt, settings) in RUN/eval/answers.json. The same weights are
+"""imtune.evaluate.answers: greedy answers kept per (weights, prompt, settings) in RUN/eval/answers.json. The same
+weights are
 never asked the same prompt twice (a benchmark included); other weights, other settings or sampling are asked
 afresh; a damaged file costs only its answers."""
 from __future__ import annotations
@@ -7,13 +8,13 @@ import json
 
 import pytest
 
-from imtune.answers import FILE, Answers
-from imtune.generate import GenerationConfig, generate
+from imtune.evaluate.answers import FILE, Answers
+from imtune.model.generate import GenerationConfig, generate
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from imtune.models import load_model, load_tokenizer
+    from imtune.model.models import load_model, load_tokenizer
 
     return load_model("random:tiny", seed=0), load_model("random:tiny", seed=1), load_tokenizer("random:tiny")
 
@@ -25,7 +26,7 @@ def counted(model, asked: list):
 
 
 def test_the_same_weights_are_asked_a_prompt_once(tmp_path, tiny_models):
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
 
     a, b, tok = tiny_models
     renderer, asked = Renderer(None, tok), []
@@ -50,8 +51,8 @@ def test_the_same_weights_are_asked_a_prompt_once(tmp_path, tiny_models):
 
 
 def test_a_benchmark_answered_again_by_the_same_weights_generates_nothing(tmp_path, tiny_models):
+    from imtune.data.templates import Renderer
     from imtune.tasks import run_benchmark
-    from imtune.templates import Renderer
 
     a, _, tok = tiny_models
     data = tmp_path / "gsm.jsonl"

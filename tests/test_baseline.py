@@ -11,8 +11,8 @@ def step0(run_dir):
 
 
 def test_second_run_from_the_same_model_reuses_step0_and_a_changed_model_does_not(tmp_path, monkeypatch):
-    from imtune import track
-    from imtune.train import train
+    from imtune.train import track
+    from imtune.train.loop import train
 
     monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path / "cache"))
     data = write_conversations(tmp_path / "d.jsonl", 12)
@@ -32,7 +32,7 @@ def test_second_run_from_the_same_model_reuses_step0_and_a_changed_model_does_no
     third = train(tiny(data, tmp_path / "seed1", seed=1, **kw))  # random:tiny with another seed: other weights
     assert calls == ["seed1", "seed1"] and step0(third) != step0(first)
 
-    from imtune import baseline
+    from imtune.train import baseline
 
     (entry,) = [p for p in (tmp_path / "cache" / "eval0").glob("*.json") if str(first) in p.read_text()]
     assert baseline.read(entry.stem)[0]["eval_output_loss"] == step0(first)["eval_output_loss"]
@@ -43,7 +43,7 @@ def test_second_run_from_the_same_model_reuses_step0_and_a_changed_model_does_no
 def test_only_single_process_cpu_runs_from_step0_use_it(monkeypatch):
     from types import SimpleNamespace as NS
 
-    from imtune.baseline import usable
+    from imtune.train.baseline import usable
 
     def run(start=0, world=1, device="cpu"):
         return NS(start_step=start, acc=NS(num_processes=world, device=NS(type=device)))
@@ -58,8 +58,8 @@ def test_the_key_holds_the_precision_used_not_the_probe_that_chose_it():
     """`--precision auto` measures speeds in every run: two runs that both chose fp32 share their step-0 scores."""
     from types import SimpleNamespace as NS
 
-    from imtune.baseline import forward_settings
-    from imtune.precision import Precision, Probe
+    from imtune.model.precision import Precision, Probe
+    from imtune.train.baseline import forward_settings
 
     cfg = NS(attn_implementation=None, compile=False, chunk_size=1024)
     a = NS(cfg=cfg, precision=Precision("auto", "fp32", "measured", Probe(72.0, 1.0)))

@@ -1,4 +1,4 @@
-"""The step-0 evaluation cache (imtune.baseline) does not trust its directory: an entry that is not exactly what
+"""The step-0 evaluation cache (imtune.train.baseline) does not trust its directory: an entry that is not exactly what
 track.eval_losses returns — forged numbers, wrong types, lists that do not line up, extra metrics, broken JSON — is
 a miss (recomputed by the caller) with a one-line note, never believed and never a traceback."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from imtune import baseline
+from imtune.train import baseline
 
 KEY = "ab" * 32
 GOOD = {"key": KEY, "losses": {"eval_output_loss": 2.5, "eval_output_tokens": 12},

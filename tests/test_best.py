@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from imtune.runlog import read_metrics
+from imtune.rundir.read import metrics as read_metrics
 
 
 def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, monkeypatch):
-    from imtune import saving, track
+    from imtune.train import saving, track
 
     saved = []
     monkeypatch.setattr(saving, "save_final",
@@ -29,7 +29,7 @@ def test_keep_best_selects_on_validation_loss_not_on_the_scored_data(tmp_path, m
 
 
 def test_best_weights_held_in_memory_are_written_once_with_the_best_points_weights(tmp_path, monkeypatch):
-    from imtune import saving, track
+    from imtune.train import saving, track
 
     saved = []
     monkeypatch.setattr(saving, "save_final", lambda run, name="final", info=None, state=None:
@@ -54,10 +54,10 @@ def test_a_best_point_at_the_last_step_is_final_not_a_second_copy(tmp_path):
 
     from imtune.cli import main
     from imtune.config import TrainConfig
-    from imtune.models import load_model
-    from imtune.rundir import best_model, model_dir, read_run
-    from imtune.synth import synthesize, write_jsonl
-    from imtune.train import train
+    from imtune.data.synth import synthesize, write_jsonl
+    from imtune.model.models import load_model
+    from imtune.rundir.read import best_model, model_dir, read_run
+    from imtune.train.loop import train
 
     rows, held = synthesize("lookup", 12, 4.0, seed=0, heldout=6)
     data = write_jsonl(tmp_path / "d.jsonl", rows, "lookup", 0, "train")
@@ -91,8 +91,8 @@ def test_a_best_point_at_the_last_step_is_final_not_a_second_copy(tmp_path):
 def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():
     import torch
 
-    from imtune import track
-    from imtune.models import load_model
+    from imtune.model.models import load_model
+    from imtune.train import track
 
     model = load_model("random:tiny")
     run = SimpleNamespace(acc=SimpleNamespace(num_processes=1), cfg=SimpleNamespace(lora=False), model=model)
@@ -113,9 +113,10 @@ def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():
 
 
 def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp_path):
-    from imtune.compare import CompareSettings, compare, parse_arms
     from imtune.config import TrainConfig
-    from imtune.synth import synthesize, write_jsonl
+    from imtune.data.synth import synthesize, write_jsonl
+    from imtune.experiments.arms import CompareSettings, parse_arms
+    from imtune.experiments.compare import compare
 
     train, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=8)
     data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")
@@ -157,13 +158,13 @@ def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp
 def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(tmp_path):
     """compare takes final/'s and best/'s test scores from the trainer's evaluation at that step (no second forward
     pass); that is only right if they equal evaluate_run's on the saved model, example by example, same sources."""
-    from imtune.compare_eval import scored_in_training
     from imtune.config import TrainConfig
+    from imtune.data.synth import synthesize, write_jsonl
     from imtune.evaluate.run import DataSet, evaluate_run
-    from imtune.models import load_model, load_tokenizer
-    from imtune.rundir import read_run
-    from imtune.synth import synthesize, write_jsonl
-    from imtune.train import train
+    from imtune.experiments.score import scored_in_training
+    from imtune.model.models import load_model, load_tokenizer
+    from imtune.rundir.read import read_run
+    from imtune.train.loop import train
 
     train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
     data = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
@@ -175,7 +176,7 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
                                 eval_every=1, eval_train_sample=0, progress=False, threads=1,
                                 output_dir=str(tmp_path / "run")))
     run = read_run(run_dir)
-    from imtune.prepare import load
+    from imtune.data.prepare import load
 
     convs, _ = load(str(held), "auto")  # sources held.jsonl:N, while the trainer read test.jsonl:N
     data = {"test_path": str(test), "test": convs}
@@ -200,12 +201,13 @@ def test_best_of_the_last_step_is_final_and_answers_are_not_generated_twice(tmp_
     (its test score is final/'s), and an evaluation repeated with other settings takes the greedy answers the same
     weights gave before from RUN/eval/answers.json, generating only the new prompts. A cached evaluation hands back
     its measured time marked reused."""
-    from helpers import tiny
-    from imtune import compare_eval, models
-    from imtune.compare import CompareSettings, parse_arms
-    from imtune.prepare import load
-    from imtune.synth import synthesize, write_jsonl
-    from imtune.train import train
+    from helpers import patch_everywhere, tiny
+    from imtune.data.prepare import load
+    from imtune.data.synth import synthesize, write_jsonl
+    from imtune.experiments import score as compare_eval
+    from imtune.experiments.arms import CompareSettings, parse_arms
+    from imtune.model import models
+    from imtune.train.loop import train
 
     train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
     data_path = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
@@ -227,7 +229,7 @@ def test_best_of_the_last_step_is_final_and_answers_are_not_generated_twice(tmp_
         model.generate = lambda **k: asked.append(k["input_ids"].shape[0]) or generate(**k)
         return model
 
-    monkeypatch.setattr(models, "load_model", spy)
+    patch_everywhere(monkeypatch, models, "load_model", spy)
     monkeypatch.setattr(compare_eval, "scored_in_training", lambda *a: None)  # every score computed here
     settings = lambda **kw: CompareSettings(out=tmp_path, base=cfg, arms=parse_arms("it"),  # noqa: E731
                                             max_new_tokens=3, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imtune.evaluate.bleu import bleu, memorisation_bleu, split_prompt
-from imtune.generate import GenerationConfig
+from imtune.model.generate import GenerationConfig
 from imtune.types import Conversation, Message
 
 TEXT = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -34,8 +34,8 @@ def test_split_prompt_takes_the_last_assistant_message():
 
 
 def test_memorisation_bleu_on_a_tiny_model():
-    from imtune.models import load_model, load_tokenizer
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.model.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer("random:tiny"), load_model("random:tiny")
     convs = [Conversation((Message("user", f"Question {i}?"), Message("assistant", TEXT[i % 2]))) for i in range(3)]

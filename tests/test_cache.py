@@ -1,4 +1,4 @@
-"""The preparation cache (imtune.cache) and the batched fast path of tokenize.encode it stores.
+"""The preparation cache (imtune.data.cache) and the batched fast path of tokenize.encode it stores.
 
 - A second prepare_examples on unchanged data is a cache hit: the tokenizer is never called.
 - Changing the template, the data or the tokenizer misses; changing the loss mode reuses the tokenisation (the cache
@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import imtune.tokenize
+import imtune.data.tokenize
 from conftest import shared_file, tokenize
-from imtune import cache
-from imtune.prepare import prepare_examples
-from imtune.templates import Renderer
-from imtune.tokenize import _class_ids, encode
+from imtune.data import cache
+from imtune.data.prepare import prepare_examples
+from imtune.data.templates import Renderer
+from imtune.data.tokenize import _class_ids, encode
+from imtune.data.weights import loss_spec
 from imtune.types import Conversation, Message, Where
-from imtune.weights import loss_spec
 
 
 @pytest.fixture
@@ -55,7 +55,8 @@ def test_second_run_is_a_hit_without_any_tokenizer_call(tok, cache_dir, counting
     def no_tokenizer(*a, **k):
         raise AssertionError("the data was tokenized on a cache hit")
 
-    monkeypatch.setattr(imtune.tokenize, "_batch_encode", no_tokenizer)  # the one place encode() calls the tokenizer
+    # the one place encode() calls the tokenizer
+    monkeypatch.setattr(imtune.data.tokenize, "_batch_encode", no_tokenizer)
     second = prepare_examples(lima, tok, loss_spec("it"), max_length=1024)
     assert second.cache == "hit" and counting == [1030]
     assert as_tuples(second) == as_tuples(first)
@@ -171,7 +172,7 @@ def test_each_chunk_is_an_entry_hit_again_and_missed_only_where_changed(tok, cac
     """prepare_examples tokenizes ENCODE_CHUNK examples at a time, one entry a chunk: a repeated run hits every chunk
     (however small: MIN_CHARS applies to single-chunk inputs only), a changed record re-tokenizes its chunk only, and
     what comes back always equals an uncached run."""
-    monkeypatch.setattr(imtune.tokenize, "ENCODE_CHUNK", 5)
+    monkeypatch.setattr(imtune.data.tokenize, "ENCODE_CHUNK", 5)
     monkeypatch.setattr(cache, "MIN_CHARS", 10**9)
     first = prepare_examples(convs(), tok, loss_spec("it"), template="tulu")
     assert first.cache == "miss" and counting == [5, 5, 2] and len(list(cache_dir.glob("*.npz"))) == 3

@@ -1,4 +1,4 @@
-"""The preparation cache (imtune.cache) does not trust its directory: a forged entry — one whose checksum was
+"""The preparation cache (imtune.data.cache) does not trust its directory: a forged entry — one whose checksum was
 recomputed by whoever wrote it, so only the checks on what the arrays hold can catch it — or a broken one is a miss
 that is tokenized again, with a one-line note, never believed and never a traceback."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imtune import cache
-from imtune.prepare import prepare_examples
+from imtune.data import cache
+from imtune.data.prepare import prepare_examples
+from imtune.data.weights import loss_spec
 from imtune.types import Conversation, Message, Where
-from imtune.weights import loss_spec
 
 
 def convs(n: int = 6) -> list[Conversation]:

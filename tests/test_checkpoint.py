@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import metrics, tiny, write_conversations
-from imtune import checkpoint as ckpt, files
+from imtune import files
+from imtune.rundir import checkpoint as ckpt
 
 
 def test_save_is_atomic_and_resume_trusts_only_complete_checkpoints(tmp_path):
-    from imtune.models import load_model
+    from imtune.model.models import load_model
     from imtune.types import UsageError
 
     model = load_model("random:tiny", dtype=torch.float32, seed=0)
@@ -86,7 +87,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.parametrize("cap", ["auto", "48"])  # 48: micro-batches run as passes of one row (--micro-batch-tokens)
 def test_lora_resume_from_a_named_checkpoint_is_bit_identical(tmp_path, cap):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     cfg = tiny(data, tmp_path / "whole", lora=True, lora_r=4, lora_dropout=0.1, batch_size=2, max_steps=3,
@@ -102,7 +103,7 @@ def test_lora_resume_from_a_named_checkpoint_is_bit_identical(tmp_path, cap):
 
 
 def test_resume_refuses_other_data(tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
     from imtune.types import UsageError
 
     run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", batch_size=2, max_steps=1,
@@ -118,7 +119,7 @@ def test_resume_refuses_other_data(tmp_path):
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """A finished 8-step run with checkpoints at steps 4 and 8 (the reference), built once for the damage tests."""
-    from imtune.train import train
+    from imtune.train.loop import train
 
     d = tmp_path_factory.mktemp("ckpt")
     data = write_conversations(d / "d.jsonl", 8)
@@ -143,7 +144,7 @@ def _flip_byte(path: Path, at: int) -> None:
 
 
 def test_manifest_detects_missing_truncated_and_flipped_files(two_checkpoints, tmp_path):
-    from imtune.integrity import COMPLETE
+    from imtune.rundir.integrity import COMPLETE
 
     _, whole = two_checkpoints
     run = _unfinished_copy(whole, tmp_path / "run")
@@ -170,7 +171,7 @@ def test_manifest_detects_missing_truncated_and_flipped_files(two_checkpoints, t
 def test_resume_falls_back_to_the_newest_intact_checkpoint(two_checkpoints, tmp_path, capsys):
     """optimizer.pt deleted from the newest checkpoint: resume says so, continues from step 4 (never "sharded run"
     from step 8 with fresh Adam moments) and ends with the reference's weights, bit for bit."""
-    from imtune.train import train
+    from imtune.train.loop import train
     from imtune.types import UsageError
 
     cfg, whole = two_checkpoints
@@ -196,7 +197,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(two_checkpoints, tmp_
 
 def test_truncated_weights_give_a_message_not_a_traceback(two_checkpoints, tmp_path):
     """Even where no manifest can help (a copy whose COMPLETE was rewritten), reading broken weights is a UsageError."""
-    from imtune.models import load_model
+    from imtune.model.models import load_model
     from imtune.types import UsageError
 
     _, whole = two_checkpoints
@@ -215,7 +216,7 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint_listed(tmp_path, monkeyp
     """Deletion interrupted after one file (a crash, a full disk): the pruned checkpoint must not stay listed."""
     import shutil
 
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     model = load_model("random:tiny", dtype=torch.float32, seed=0)
     opt = torch.optim.AdamW(model.parameters())
@@ -254,7 +255,7 @@ def small_disk(path: Path, mb: int):
 
 
 def test_a_full_disk_mid_run_is_a_message_and_leaves_no_partial_checkpoint(tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     with small_disk(tmp_path / "disk", 24) as disk:  # the weights (13 MB) fit, the optimizer state (26 MB) does not
@@ -273,7 +274,7 @@ def test_a_failed_final_save_keeps_the_trained_weights(tmp_path, monkeypatch):
     import re
     import tempfile
 
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     cfg = tiny(data, tmp_path / "ref", batch_size=2, max_steps=3)

@@ -1,4 +1,5 @@
-"""imtune.clock: where a comparison's time and memory go. The Clock itself (exclusive seconds per phase, peak RSS per
+"""imtune.train.clock: where a comparison's time and memory go. The Clock itself (exclusive seconds per phase, peak RSS
+per
 phase), a compare on random:tiny that records every phase in compare.json (and counts reused runs on a re-run), and
 the memory guards: a compare never holds two models at once (a finished run's model does not outlive train(), an
 evaluation's model goes before the next is loaded), and the loss holds one chunk of logits at a time."""
@@ -10,9 +11,9 @@ import time
 
 import pytest
 
-from helpers import tiny, write_conversations
-from imtune import clock
-from imtune.clock import PHASES, Clock
+from helpers import patch_everywhere, tiny, write_conversations
+from imtune.train import clock
+from imtune.train.clock import PHASES, Clock
 
 
 def test_every_second_goes_to_the_innermost_phase_and_each_phase_has_its_own_peak():
@@ -58,9 +59,10 @@ def test_compare_writes_where_its_time_and_memory_went_and_a_rerun_reuses_the_ru
                                                                                            monkeypatch):
     import weakref
 
-    from imtune import cost, models
     from imtune.cli import main
-    from imtune.runlog import read_metrics
+    from imtune.model import models
+    from imtune.rundir.read import metrics as read_metrics
+    from imtune.train import cost
 
     # The cost estimate measures a model once per process: another test in this worker may have measured random:tiny
     # already, and then the estimate phase takes no time and loads no model.
@@ -73,7 +75,7 @@ def test_compare_writes_where_its_time_and_memory_went_and_a_rerun_reuses_the_ru
         alive.append((spec, weakref.ref(model)))
         return model
 
-    monkeypatch.setattr(models, "load_model", watched)
+    patch_everywhere(monkeypatch, models, "load_model", watched)
     data = write_conversations(tmp_path / "d.jsonl", 24)
     argv = ["compare", "--data", data, "--model", "random:tiny", "--arms", "it,im", "--max-steps", "2",
             "--batch-size", "4", "--max-length", "128", "--bleu-samples", "2", "--max-new-tokens", "3",
@@ -117,7 +119,7 @@ def test_a_finished_runs_model_does_not_outlive_train(tmp_path, monkeypatch):
     kept each compare arm's weights alive, beside the next arm's, until Python's cycle collector ran."""
     import weakref
 
-    from imtune import train as training
+    from imtune.train import loop as training
 
     seen, real = [], training.build_training
 
@@ -138,7 +140,7 @@ def test_the_loss_holds_one_chunk_of_logits_at_a_time(grad):
     positions and a 49k vocabulary. cross_entropy on it would hold a second (its log-softmax) in evaluation."""
     import torch
 
-    from imtune.loss import token_nll, weighted_nll
+    from imtune.model.loss import token_nll, weighted_nll
 
     if not clock.reset_peak():
         pytest.skip("the kernel does not let this process reset its peak RSS (/proc/self/clear_refs)")

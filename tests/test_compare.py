@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from imtune.cli import main
-from imtune.compare import parse_arm, parse_arms
-from imtune.runlog import read_metrics
+from imtune.experiments.arms import parse_arm, parse_arms
+from imtune.rundir.read import metrics as read_metrics
 from imtune.types import UsageError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -144,7 +144,7 @@ def test_compare_three_arms_on_lima_and_rerun_skips(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compare_on_synthetic_data_with_exact_match_and_modifiers(tmp_path, capsys):
-    from imtune.synth import synthesize, write_jsonl
+    from imtune.data.synth import synthesize, write_jsonl
 
     train, heldout = synthesize("lookup", 10, 10.0, seed=0, heldout=4)
     data = write_jsonl(tmp_path / "lookup.jsonl", train, "lookup", 0, "train")
@@ -202,7 +202,7 @@ def test_compare_passes_role_map_and_system_prompt_to_its_data_and_evaluation(tm
     (a random model's loss barely depends on the context, so the renderers are watched, not the numbers)."""
     import inspect
 
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
 
     init, seen = Renderer.__init__, []
 

@@ -11,7 +11,7 @@ JUDGE = "judge-tiny"
 
 
 def test_compare_with_judged_benchmarks(tmp_path, capsys, judge_server):
-    from imtune.synth import synthesize, write_jsonl
+    from imtune.data.synth import synthesize, write_jsonl
 
     alpaca = str(shared_file("eval/alpaca_eval/text_davinci_003_outputs.json"))
     mt = shared_file("eval/mt_bench/question.jsonl").parent

@@ -1,4 +1,5 @@
-"""imtune.cost: the plan `compare` prints before its first step (and alone with --dry-run) counts what the real run
+"""imtune.train.cost: the plan `compare` prints before its first step (and alone with --dry-run) counts what the real
+run
 then does: examples, optimizer steps, evaluation points and held-out examples per point."""
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 import re
 
 from imtune.cli import main
-from imtune.runlog import read_metrics
-from imtune.synth import synthesize, write_jsonl
+from imtune.data.synth import synthesize, write_jsonl
+from imtune.rundir.read import metrics as read_metrics
 
 
 def test_the_plan_counts_what_the_run_then_does(tmp_path, capsys):
@@ -69,7 +70,7 @@ def test_train_prints_its_plan_and_dry_run_makes_no_directory(tmp_path, capsys):
 
 
 def test_a_long_plan_offers_the_quick_preset_only_to_a_run_not_already_using_it():
-    from imtune.cost import SLOW, Cost
+    from imtune.train.cost import SLOW, Cost
 
     long = dict(runs=6, examples=229, tokens=81_920, steps=40, evals=5, eval_examples=42, generations=16,
                 max_new_tokens=128, train_tokens_per_s=63.0, gen_tokens_per_s=4.4, disk_bytes=0, seconds=SLOW * 7)

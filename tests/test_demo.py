@@ -8,7 +8,7 @@ import yaml
 
 from imtune.cli import main
 from imtune.commands import demo
-from imtune.runlog import read_metrics
+from imtune.rundir.read import metrics as read_metrics
 
 
 def test_the_demos_recipe_end_to_end_on_a_tiny_model(tmp_path, capsys):

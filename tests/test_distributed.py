@@ -17,7 +17,7 @@ from helpers import metrics, tiny, write_conversations
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     # 10 examples, padded batches of 2 -> 5 micro-batches an epoch: a step of 4, then a step of 1 (rank 1: stand-in)
     data = write_conversations(tmp_path / "d.jsonl", 10)
@@ -58,7 +58,7 @@ def test_fsdp_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path):
     re-sharded) ends bit-identical to the uninterrupted sharded run — restarted moments would not."""
     import shutil
 
-    from imtune.train import train
+    from imtune.train.loop import train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data = write_conversations(tmp_path / "d.jsonl", 10)

@@ -10,10 +10,10 @@ import torch
 
 from conftest import tokenize
 from imtune.cli import main
+from imtune.data.templates import Renderer
+from imtune.data.weights import loss_spec
 from imtune.evaluate.loss import evaluate_loss
-from imtune.templates import Renderer
 from imtune.types import CLASSES, Conversation, Message
-from imtune.weights import loss_spec
 
 CONVS = [
     Conversation((Message("system", "You are terse."), Message("user", "What is 2+2?"), Message("assistant", "4"))),
@@ -28,7 +28,7 @@ CONVS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imtune.models import load_model, load_tokenizer
+    from imtune.model.models import load_model, load_tokenizer
 
     return load_model("random:tiny"), load_tokenizer("random:tiny")
 

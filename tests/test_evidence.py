@@ -1,10 +1,10 @@
-"""imtune.evidence: the hierarchical paired bootstrap against cases with a known answer."""
+"""imtune.analysis.evidence: the hierarchical paired bootstrap against cases with a known answer."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from imtune import evidence as ev
+from imtune.analysis import evidence as ev
 
 
 def test_a_constant_difference_gives_a_zero_width_interval_at_that_value():

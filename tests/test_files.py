@@ -35,23 +35,23 @@ ALLOWED = {
         "tempfile.mkdtemp", ".rmdir")},
     # Libraries that write by themselves, into a directory files.fresh_dir / files.temp_dir has just made (new,
     # empty, no link inside), which is then renamed into place whole (integrity.publish / files.rename):
-    ("checkpoint.py", ".save_pretrained"): "into files.fresh_dir(RUN/.tmp-...), published whole",
-    ("models.py", ".save_pretrained"): "into files.temp_dir (mkdtemp) in the cache, renamed whole",
+    ("rundir/checkpoint.py", ".save_pretrained"): "into files.fresh_dir(RUN/.tmp-...), published whole",
+    ("model/models.py", ".save_pretrained"): "into files.temp_dir (mkdtemp) in the cache, renamed whole",
     # ... or into a file object files.replacing opened (a temporary file, renamed over the target when done):
-    ("checkpoint.py", "torch.save"): "into files.fresh_dir(RUN/checkpoints/.tmp-step-N), published whole",
-    ("cache.py", "np.savez"): "into the file object of files.replacing",
+    ("rundir/checkpoint.py", "torch.save"): "into files.fresh_dir(RUN/checkpoints/.tmp-step-N), published whole",
+    ("data/cache.py", "np.savez"): "into the file object of files.replacing",
     # SQLite and TensorBoard open their own files; the path is checked right before (files.check_target /
     # files.make_dirs), a link refused:
     ("evaluate/judge.py", "sqlite3.connect"): "the judge cache file, files.check_target first",
-    ("runlog.py", "SummaryWriter"): "RUN/tensorboard made by files.make_dirs just before",
+    ("rundir/log.py", "SummaryWriter"): "RUN/tensorboard made by files.make_dirs just before",
     # Not files: the pipes between the sandbox's two processes.
     ("tasks/inside.py", "os.fdopen"): "pipe descriptors, not files",
-    # Not a file: the kernel's control that resets this process's peak RSS (imtune.clock).
-    ("clock.py", "os.open"): "/proc/self/clear_refs, a kernel control, not a file",
+    # Not a file: the kernel's control that resets this process's peak RSS (imtune.train.clock).
+    ("train/clock.py", "os.open"): "/proc/self/clear_refs, a kernel control, not a file",
     # Owned by a concurrent change (synth.py is another engineer's file in this change): its write_jsonl is no
     # longer called by imtune's commands (commands/data_synth.py's write_synth writes through imtune.files).
-    ("synth.py", "open"): "synth.write_jsonl: unused by the commands; to be moved onto imtune.files",
-    ("synth.py", ".mkdir"): "synth.write_jsonl: as above",
+    ("data/synth.py", "open"): "synth.write_jsonl: unused by the commands; to be moved onto imtune.files",
+    ("data/synth.py", ".mkdir"): "synth.write_jsonl: as above",
 }
 
 

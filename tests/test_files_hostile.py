@@ -104,7 +104,7 @@ def test_no_output_is_written_over_an_input(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished random:tiny run with a checkpoint at every step, and its data."""
-    from imtune.train import train
+    from imtune.train.loop import train
 
     d = tmp_path_factory.mktemp("finished")
     data, held = write_conversations(d / "d.jsonl", 8), write_conversations(d / "held.jsonl", 2, seed=1)
@@ -128,7 +128,7 @@ def received(src: Path, tmp_path: Path) -> Path:
 
 
 def test_a_metrics_link_in_a_received_run_is_refused_on_resume(finished, tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     run_dir, cfg = finished
     run = received(run_dir, tmp_path)

@@ -1,7 +1,7 @@
 """Record -> Conversation for every format: detection, field maps, role mapping, alpaca input joining."""
 import pytest
 
-from imtune.formats import CANONICAL_FIELDS, FORMATS, detect, to_conversation
+from imtune.data.formats import CANONICAL_FIELDS, FORMATS, detect, to_conversation
 from imtune.types import Where
 
 HERE = Where("t.jsonl", 3, 2)
@@ -132,7 +132,7 @@ def test_messages_accept_sharegpt_role_names_and_turns():
 
 
 def test_role_map_adds_spellings():
-    from imtune.formats import parse_roles
+    from imtune.data.formats import parse_roles
 
     roles = parse_roles(["bot=assistant, person=user", "narrator=system"])
     assert roles == {"bot": "assistant", "person": "user", "narrator": "system"}
@@ -148,7 +148,7 @@ def test_role_map_adds_spellings():
 @pytest.mark.parametrize("text, message", [("bot", "expected NAME=ROLE"), ("bot=robot", "ROLE one of system"),
                                            ("bot=user,bot=assistant", "mapped twice")])
 def test_bad_role_maps_are_usage_errors(text, message):
-    from imtune.formats import parse_roles
+    from imtune.data.formats import parse_roles
     from imtune.types import UsageError
 
     with pytest.raises(UsageError, match=message):
@@ -158,7 +158,7 @@ def test_bad_role_maps_are_usage_errors(text, message):
 def test_what_was_understood_names_format_mapping_and_ignored_fields(tmp_path):
     import json
 
-    from imtune.load import load_conversations
+    from imtune.data.load import load_conversations
 
     rows = [{"instruction": "Sum", "input": "1 2", "output": "3", "response": "3", "id": 1},
             {"instruction": "Hi", "input": "", "output": "Hello", "response": "Hello there", "id": 2}]
@@ -179,7 +179,7 @@ def test_what_was_understood_names_format_mapping_and_ignored_fields(tmp_path):
 def test_understood_for_list_formats(tmp_path):
     import json
 
-    from imtune.load import load_conversations
+    from imtune.data.load import load_conversations
 
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"messages": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}],

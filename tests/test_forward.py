@@ -1,4 +1,5 @@
-"""imtune.forward: the one forward pass (training, its KL reference, evaluation) keeps packed examples apart under a
+"""imtune.model.forward: the one forward pass (training, its KL reference, evaluation) keeps packed examples apart
+under a
 flash attention kernel, with several packed rows per batch.
 
 There is no flash-attn on a CPU, so the kernels are swapped for torch ones (scaled_dot_product_attention) one level
@@ -15,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imtune.forward import embed, hidden_states, lm_head
-from imtune.pack import collate
+from imtune.data.pack import collate
+from imtune.model.forward import embed, hidden_states, lm_head
 from imtune.types import TokenizedExample, Where
 
 # Two packed rows of max_length 12, next-fit in this order: [5, 4, 3] and [6, 2] + a padded tail of 4.
@@ -38,7 +39,7 @@ def _examples():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     return load_model("random:tiny", dtype=torch.float32, seed=0)  # sdpa
 
@@ -113,7 +114,7 @@ def test_flash_sees_every_packed_example_alone(tiny, monkeypatch):
 
 
 def test_training_objective_and_its_kl_reference_go_through_it(tiny, monkeypatch):
-    from imtune.objective import Objective, batch_args
+    from imtune.model.objective import Objective, batch_args
 
     examples = _examples()
     batch = _packed_batch(examples)
@@ -145,9 +146,9 @@ def test_evaluation_goes_through_it(tiny, monkeypatch):
 
 
 def test_the_spy_catches_rows_that_are_not_laid_end_to_end(tiny, monkeypatch):
-    # Several packed rows straight into the decoder (what training did before imtune.forward): transformers'
+    # Several packed rows straight into the decoder (what training did before imtune.model.forward): transformers'
     # flash path infers no boundaries for a batch of more than one row, and examples attend to each other.
-    from imtune.forward import decoder
+    from imtune.model.forward import decoder
 
     examples = _examples()
     batch = _packed_batch(examples)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from helpers import metrics, tiny, write_conversations
-from imtune import guard
 from imtune.config import TrainConfig
+from imtune.rundir import guard
 from imtune.types import UsageError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -103,7 +103,7 @@ def test_under_two_processes_only_rank_0_locks_and_a_refusal_stops_both(tmp_path
 
 # -- settings --------------------------------------------------------------------------------------------------------
 def test_changed_settings_are_refused_listed_or_allowed_and_recorded(tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     cfg = tiny(data, tmp_path / "run", batch_size=2, max_steps=4, save_every=2, keep_checkpoints=0)
@@ -146,7 +146,7 @@ def test_changed_settings_are_refused_listed_or_allowed_and_recorded(tmp_path):
 
 def test_compare_judges_an_existing_arm_by_guards_one_comparison(tmp_path):
     """compare.check_same_training is guard.config_changes: harmless settings may differ, others are named."""
-    from imtune.compare import check_same_training
+    from imtune.experiments.compare import check_same_training
 
     cfg = TrainConfig(model="random:tiny", data="d.jsonl", output_dir=str(tmp_path), lr=1e-3)
     check_same_training(tmp_path, cfg)  # no config.yaml yet: a new arm

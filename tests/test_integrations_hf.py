@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import tiny, write_conversations
+from imtune.data.pack import make_batches
+from imtune.data.prepare import prepare_examples
+from imtune.data.weights import loss_spec
 from imtune.integrations import hf
-from imtune.models import load_model, load_tokenizer
-from imtune.pack import make_batches
-from imtune.prepare import prepare_examples
+from imtune.model.models import load_model, load_tokenizer
 from imtune.types import UsageError
-from imtune.weights import loss_spec
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def _imtune_run(tmp_path, data, **kw):
     No gradient clipping on either side: on this model every step would be clipped to norm 1, which rescales each
     step's gradient and hides a wrong normaliser (checked: Σw replaced by the token count passes with clipping at 1,
     and is 40x over the tolerance without)."""
-    from imtune.train import train
+    from imtune.train.loop import train
 
     same = {"packing": False, "batch_size": 2, "grad_accum": 2, "lr_schedule": "linear", "max_grad_norm": 0.0,
             "precision": "fp32", "epochs": 1}
@@ -99,7 +99,7 @@ def _same_optimizer(cfg, n_micro):
     """A model initialised as imtune's, with imtune's AdamW (param groups, fused) and lr schedule."""
     import math
 
-    from imtune.build import build_optimizer, build_scheduler
+    from imtune.train.build import build_optimizer, build_scheduler
 
     model = load_model(cfg.model, dtype=torch.float32, seed=cfg.seed)
     model.config.use_cache = False

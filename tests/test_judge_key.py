@@ -125,7 +125,6 @@ def test_imtune_judge_refuses_and_names_the_opt_in(tmp_path, capsys, monkeypatch
 def test_judged_benchmarks_pass_the_opt_in_to_the_judge(task, monkeypatch):
     import importlib
 
-    from imtune.evaluate import judge
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     mod = importlib.import_module(f"imtune.tasks.{task}")
@@ -142,7 +141,7 @@ def test_judged_benchmarks_pass_the_opt_in_to_the_judge(task, monkeypatch):
     def fake_open_judge(*args, **kw):
         raise Reached(args[6] if len(args) > 6 else kw.get("key_anywhere", False))
 
-    monkeypatch.setattr(judge, "open_judge", fake_open_judge)
+    monkeypatch.setattr(mod, "open_judge", fake_open_judge)  # where the task looks it up
     with pytest.raises(Reached) as e:
         mod.run(None, None, None, "data", judge_key_anywhere=True, **opts)
     assert e.value.args == (True,)

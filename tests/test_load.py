@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from imtune.load import FORMATS, LoadResult, load_conversations, parse_fields
+from imtune.data.load import FORMATS, LoadResult, load_conversations, parse_fields
 from imtune.types import DataError, UsageError, Where
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from imtune import validate
-from imtune.load import load_conversations, read_records
+from imtune.data import validate
+from imtune.data.load import load_conversations, read_records
 from imtune.types import Conversation, DataError, Message, Problem, UsageError, Where
 
 HUGE = "1" * 100_000

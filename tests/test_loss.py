@@ -1,11 +1,11 @@
-"""imtune.loss: the chunked weighted NLL equals the naive one (values and gradients); per-sequence weights; the
-hidden states and head of imtune.forward give the model's own logits."""
+"""imtune.model.loss: the chunked weighted NLL equals the naive one (values and gradients); per-sequence weights; the
+hidden states and head of imtune.model.forward give the model's own logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from imtune import forward, loss as L
-from imtune.pack import collate, model_inputs
+from imtune.data.pack import collate, model_inputs
+from imtune.model import forward, loss as L
 from imtune.types import CLASSES, Examples, TokenizedExample, Where
 
 B, T, H, V = 2, 13, 16, 50
@@ -128,7 +128,7 @@ def _ex(n, w=1.0):
 
 
 def test_sequence_weights_make_each_example_sum_to_one():
-    from imtune.train import per_sequence
+    from imtune.train.loop import per_sequence
 
     # rows [5, 3], [4] + pad
     batch = collate(per_sequence(Examples.of([_ex(5), _ex(3, 2.0), _ex(4)])), packed=True, max_length=9)
@@ -141,7 +141,7 @@ def test_sequence_weights_make_each_example_sum_to_one():
 
 def test_sequence_normalisation_gives_mean_over_examples():
     # nll_sum / weight_sum with sequence weights == mean over examples of each example's weighted mean nll
-    from imtune.train import per_sequence
+    from imtune.train.loop import per_sequence
 
     g = torch.Generator().manual_seed(1)
     batch = collate(per_sequence(Examples.of([_ex(6), _ex(3), _ex(5)])), packed=True, max_length=16)
@@ -158,7 +158,7 @@ def test_sequence_normalisation_gives_mean_over_examples():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     return load_model("random:tiny")
 

@@ -1,12 +1,12 @@
-"""imtune.memory: the activation estimate against what training actually saves, the peak the plan prints, and the
+"""imtune.model.memory: the activation estimate against what training actually saves, the peak the plan prints, and the
 pass cap of --micro-batch-tokens (the split itself: tests/test_pack.py; the same update: tests/test_train.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from imtune.memory import activation_bytes, pass_tokens, peak_bytes
-from imtune.models import Shape, random_config
+from imtune.model.memory import activation_bytes, pass_tokens, peak_bytes
+from imtune.model.models import Shape, random_config
 
 
 def _saved_bytes(layers: int, n: int) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from imtune import models
+from imtune.model import models
 from imtune.types import UsageError
 
 
@@ -43,7 +43,7 @@ def test_tokenizer_only_directory_needs_no_weights(tok, tmp_path):
 def test_unknown_or_missing_attention_kernel_is_a_usage_error():
     import importlib.util
 
-    from imtune.models import load_model
+    from imtune.model.models import load_model
     from imtune.types import UsageError
 
     with pytest.raises(UsageError, match=r"--attn-implementation bogus: .*not supported"):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from imtune import models
+from imtune.model import models
 from imtune.types import UsageError
 
 

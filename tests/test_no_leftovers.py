@@ -38,7 +38,7 @@ def test_a_command_that_fails_before_training_leaves_no_folder(tmp_path, monkeyp
 
 def test_a_compare_that_trained_something_keeps_its_folder(tmp_path, monkeypatch):
     """The other side: once a run has begun training, a failure later keeps everything (the re-run resumes)."""
-    from imtune import compare as cmp
+    from imtune.experiments import compare as cmp
 
     data = word_data(tmp_path / "d.jsonl", 12)
     out = tmp_path / "cmp"
@@ -46,7 +46,7 @@ def test_a_compare_that_trained_something_keeps_its_folder(tmp_path, monkeypatch
     def fail(*args, **kwargs):  # every run trained; the evaluation fails
         raise cmp.UsageError("evaluation failed")
 
-    monkeypatch.setattr("imtune.compare_eval.evaluate_arm", fail)
+    monkeypatch.setattr("imtune.experiments.compare.evaluate_arm", fail)
     assert main(["compare", "--data", data, "--model", "random:tiny", "--max-steps", "1", "--no-progress",
                  "--threads", "1", "--bleu-samples", "0", "--arms", "it", "--out", str(out)]) == 2
     assert (out / "arms" / "it" / "seed-42" / "DONE").exists() and (out / "data" / "train.jsonl").exists()

@@ -1,11 +1,11 @@
-"""imtune.pack: bin packing invariants, collate layout, and packed == one example at a time on a real model."""
+"""imtune.data.pack: bin packing invariants, collate layout, and packed == one example at a time on a real model."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from imtune.forward import embed, hidden_states, lm_head
-from imtune.loss import weighted_nll
-from imtune.pack import collate, make_batches, model_inputs, pack_examples, padding_fraction, split_passes
+from imtune.data.pack import collate, make_batches, model_inputs, pack_examples, padding_fraction, split_passes
+from imtune.model.forward import embed, hidden_states, lm_head
+from imtune.model.loss import weighted_nll
 from imtune.types import TokenizedExample, UsageError, Where
 
 
@@ -137,7 +137,7 @@ def test_too_long_example_raises_a_clear_error():
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def tiny(request):
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     return load_model("random:tiny", attn_implementation=request.param)
 

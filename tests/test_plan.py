@@ -1,4 +1,4 @@
-"""imtune.plan: the step arithmetic is one function, so compare's estimate (taken before any run trains: the eval
+"""imtune.train.plan: the step arithmetic is one function, so compare's estimate (taken before any run trains: the eval
 cadence, the --budget cap) is exactly what the trainer then does (data_stats.json total_steps of a real run)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny, write_conversations
 from imtune.config import TrainConfig
-from imtune.plan import schedule
+from imtune.train.plan import schedule
 from imtune.types import UsageError
 
 
@@ -19,9 +19,9 @@ from imtune.types import UsageError
     dict(packing=False, batch_size=3, max_steps=2),
 ])
 def test_compare_estimate_is_what_the_trainer_does(tmp_path, kw):
-    from imtune.compare import CompareSettings, parse_arms
-    from imtune.compare_data import materialise_data
-    from imtune.train import train
+    from imtune.experiments.arms import CompareSettings, parse_arms
+    from imtune.experiments.data import materialise_data
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 13)
     held = write_conversations(tmp_path / "h.jsonl", 3, seed=1)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from imtune import precision
+from imtune.model import precision
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_the_probe_is_shaped_like_the_model_and_measured_once(measured, monkeypa
 
 def test_the_probe_functions_measure_both_precisions():
     """The real timings, on a tiny shape and a short row (bf16 is slow here: the bf16 steps take ~1 s)."""
-    from imtune.models import model_shape
+    from imtune.model.models import model_shape
 
     fp32, bf16 = precision.step_speeds(model_shape("random:tiny"), 16, 1, 512, steps=1)
     assert fp32 > 0 and bf16 > 0
@@ -96,7 +96,7 @@ def test_explicit_choice_and_env_skip_the_probe(measured, monkeypatch):
 
 def test_the_choice_is_recorded_in_the_run_directory(tmp_path, measured, monkeypatch, capsys):
     from helpers import tiny, write_conversations
-    from imtune.train import train
+    from imtune.train.loop import train
 
     _stub(monkeypatch, (900.0, 450.0))
     run = train(tiny(write_conversations(tmp_path / "d.jsonl", 4), tmp_path / "run", max_steps=1))
@@ -118,7 +118,7 @@ def test_a_stubbed_probe_decides_as_a_measured_one(measured, monkeypatch):
 AGREE = """
 import os, sys
 os.environ["IMTUNE_CPU_PROBE"] = "100,500" if os.environ["RANK"] == "0" else "500,100"  # the ranks would disagree
-from imtune import precision
+from imtune.model import precision
 p = precision.resolve("auto", "random:tiny")
 with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:  # one file each: two ranks' stdout can interleave
     f.write(f"{os.environ['RANK']} {p.used} {p.why}")

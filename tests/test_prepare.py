@@ -12,10 +12,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from imtune import tokenize
 from imtune.cli import main
-from imtune.prepare import chars_per_token, prepare_examples
-from imtune.weights import loss_spec
+from imtune.data import tokenize
+from imtune.data.prepare import chars_per_token, prepare_examples
+from imtune.data.weights import loss_spec
 
 LONG_WORDS = 40_000  # 200k characters: tokenizes fine, but cannot fit 64 tokens
 
@@ -216,7 +216,7 @@ def test_training_lets_the_conversations_go_before_the_model_is_built(tmp_path, 
     """Training holds the examples, not the Python conversations of every record (~0.5 KB a record): by the time
     the model is built, none read from the data is alive (the train sample is prepared and let go too)."""
     from helpers import tiny, write_conversations
-    from imtune import train
+    from imtune.train import loop as train
 
     data = write_conversations(tmp_path / "d.jsonl", 24)
     alive, build = [], train.build_model

@@ -7,9 +7,9 @@ from helpers import tiny, write_conversations
 
 
 def test_training_shows_its_evaluations_and_saves_and_no_progress_silences_them(tmp_path, capsys, monkeypatch):
-    from imtune.train import train
+    from imtune.train.loop import train
 
-    monkeypatch.setenv("IMTUNE_NO_CACHE", "1")  # step 0 is evaluated here, not taken from imtune.baseline's cache
+    monkeypatch.setenv("IMTUNE_NO_CACHE", "1")  # step 0 is evaluated here, not taken from imtune.train.baseline's cache
 
     data = write_conversations(tmp_path / "d.jsonl", 12)
     held = write_conversations(tmp_path / "h.jsonl", 4, seed=1)
@@ -30,12 +30,12 @@ def test_training_shows_its_evaluations_and_saves_and_no_progress_silences_them(
 
 
 def test_final_scoring_and_generation_show_bars_unless_progress_is_off(tmp_path, capsys):
-    from imtune.compare import CompareSettings, parse_arms
-    from imtune.compare_eval import generation_scores
     from imtune.config import TrainConfig
+    from imtune.data.prepare import load
     from imtune.evaluate.run import DataSet, Scoring, evaluate_run
-    from imtune.models import load_model, load_tokenizer
-    from imtune.prepare import load
+    from imtune.experiments.arms import CompareSettings, parse_arms
+    from imtune.experiments.score import generation_scores
+    from imtune.model.models import load_model, load_tokenizer
 
     path = write_conversations(tmp_path / "d.jsonl", 6)
     convs = load(str(path), "auto")[0]

@@ -1,4 +1,5 @@
-"""imtune.ray_jobs and the GPU placement of imtune.schedule: a compare whose runs are Ray tasks on a local Ray cluster
+"""imtune.experiments.ray_jobs and the GPU placement of imtune.experiments.jobs: a compare whose runs are Ray tasks on
+a local Ray cluster
 ends exactly where the sequential one ends (compare.json numbers equal, weights bit-identical); a run whose worker is
 killed is reported with its log while the others finish, and the re-run trains only the missing run; concurrent local
 runs never share a GPU (the assignment, on a fake device list)."""
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import word_data
 from imtune.cli import main
-from imtune.schedule import gpu_groups
+from imtune.experiments.jobs import gpu_groups
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'imtune[ray]')")
 

@@ -1,4 +1,4 @@
-"""imtune.report on hand-made comparison directories (no training): the verdict's decisions and thresholds, and a
+"""imtune.report.write on hand-made comparison directories (no training): the verdict's decisions and thresholds, and a
 report whose tables and plots come from compare.json and metrics.jsonl alone."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imtune.report import THRESHOLDS, verdict, write_report
+from imtune.report.runs import THRESHOLDS
+from imtune.report.write import verdict, write_report
 
 
 def make_dir(tmp_path: Path, heldout: dict, train: dict, curves: dict | None = None, extra: dict | None = None,
@@ -42,7 +43,7 @@ def make_dir(tmp_path: Path, heldout: dict, train: dict, curves: dict | None = N
 
 
 def _stats() -> dict:
-    from imtune.stats import dataset_stats
+    from imtune.analysis.stats import dataset_stats
     from imtune.types import Conversation, Message
 
     convs = [Conversation((Message("user", "a long instruction " * 5), Message("assistant", "short")))] * 3
@@ -274,7 +275,7 @@ def test_example_answers_side_by_side_or_a_note_that_there_are_none(tmp_path):
 
 def test_versions_are_recorded_and_shown(tmp_path):
     from imtune import __version__
-    from imtune.provenance import model_fingerprint, versions
+    from imtune.model.provenance import model_fingerprint, versions
 
     v = versions("random:tiny")
     assert v["imtune"] == __version__ and v["torch"] and v["transformers"] and v["python"].count(".") == 2
@@ -307,8 +308,8 @@ def test_configs_are_shown_as_a_diff_from_the_base(tmp_path):
 
 
 def test_plot_axes_do_not_turn_a_tiny_difference_into_a_visual_win(tmp_path):
-    from imtune.report import load
-    from imtune.report_plots import bars_figure, curves_figure
+    from imtune.report.plots import bars_figure, curves_figure
+    from imtune.report.runs import load
 
     d = make_dir(tmp_path, {"it": 2.0, "im": 2.0001}, {"it": 1.9, "im": 1.9001})
     _write_metrics(d / "arms" / "it", [1.9, 1.9, 1.9])

@@ -1,4 +1,4 @@
-"""imtune.report_checks.next_commands: an undecided or tied comparison ends with the commands that would make it
+"""imtune.report.checks.next_commands: an undecided or tied comparison ends with the commands that would make it
 decide, each the command that ran it with one flag changed, and each parses with the real CLI parser."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import shlex
 
 from imtune.cli import build_parser, main
-from imtune.report_checks import MIN_HELDOUT, next_commands
+from imtune.report.checks import MIN_HELDOUT, next_commands
 
 
 def parsed(command: str, words: str = "compare") -> dict:

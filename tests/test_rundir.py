@@ -1,4 +1,5 @@
-"""RunDir (imtune.rundir) reads a run directory once for everyone, and evaluate_run (imtune.evaluate.run) scores a run
+"""RunDir (imtune.rundir.read) reads a run directory once for everyone, and evaluate_run (imtune.evaluate.run) scores a
+run
 on its data read exactly as training read it: a run trained with a field mapping and --system-prompt TEXT is re-read
 to the same tokens, per class, that training counted in RUN/data_stats.json."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 from imtune.cli import main
 from imtune.config import TrainConfig
 from imtune.evaluate.run import DataSet, Scoring, evaluate_run, scoring_as_trained, training_data
-from imtune.rundir import find_run, model_dir, read_run
+from imtune.rundir.read import find_run, model_dir, read_run
 from imtune.types import CLASSES, UsageError
 
 SYSTEM = "Answer in one word."
@@ -26,7 +27,7 @@ def _alpaca(path: Path, rows: list[tuple[str, str]]) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished random:tiny run: alpaca records under other keys, a system prompt of its own, a limit."""
-    from imtune.train import train
+    from imtune.train.loop import train
 
     d = tmp_path_factory.mktemp("rundir")
     data = _alpaca(d / "train.jsonl", [(f"Name a colour number {i}.", f"Colour {i}") for i in range(6)])

@@ -1,4 +1,4 @@
-"""imtune.saving: a run trained in bf16 (autocast over fp32 master weights) saves final/ as bf16 copies, half the
+"""imtune.train.saving: a run trained in bf16 (autocast over fp32 master weights) saves final/ as bf16 copies, half the
 disk of fp32, unless --save-dtype fp32; the copy loads back (in fp32, as every run's model) with the master weights
 rounded to bf16, and checkpoints stay fp32 for an exact resume."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import struct
 import torch
 
 from imtune.config import TrainConfig
-from imtune.models import load_model
-from imtune.synth import synthesize, write_jsonl
-from imtune.train import train
+from imtune.data.synth import synthesize, write_jsonl
+from imtune.model.models import load_model
+from imtune.train.loop import train
 
 
 def header(path) -> dict:

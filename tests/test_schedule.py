@@ -1,4 +1,4 @@
-"""imtune.schedule: compare's runs trained side by side (--jobs) end exactly where the same runs end one
+"""imtune.experiments.jobs: compare's runs trained side by side (--jobs) end exactly where the same runs end one
 after another, each writes its own RUN/train.log, and a run that fails stops the others and names its log."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from helpers import word_data
 from imtune.cli import main
 from imtune.config import TrainConfig
-from imtune.schedule import Job, train_all
+from imtune.experiments.jobs import Job, train_all
 from imtune.types import UsageError
 
 _data = word_data

@@ -184,8 +184,8 @@ def test_short_body_and_negative_length_do_not_hang(server):
 
 
 def test_control_tokens_in_content_are_plain_text(tok):
-    from imtune.serve import prompt_ids
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.serve.app import prompt_ids
     from imtune.types import Message
 
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -362,7 +362,7 @@ def _send_and_read(url: str, head: bytes, chunks, wait: float = 30.0) -> bytes:
 
 
 def test_bodies_over_the_limit_are_refused_as_they_arrive(server):
-    from imtune.serve_request import MAX_BODY
+    from imtune.serve.request import MAX_BODY
 
     _, url, _ = server
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -556,7 +556,7 @@ def test_non_loopback_address_without_a_key_is_refused():
 # A server whose generation raises (seed 1) or never returns and never looks at its stop flag (seed 2).
 HOSTILE_MODEL = """
 import sys, time
-import imtune.serve as serve
+import imtune.serve.app as serve
 real = serve.run_generation
 
 def hostile(served, job, streamer):

@@ -1,4 +1,5 @@
-"""imtune.stats and `imtune data stats`: statistics on hand-made data whose answers are worked out here by hand, the
+"""imtune.analysis.stats and `imtune data stats`: statistics on hand-made data whose answers are worked out here by
+hand, the
 paper's Table 5 rows on the real LIMA and AlpaGasus-Dolly files (words mode), token counts that agree with one
 tokenisation under every template, the recommendation rule at its thresholds, and the CLI (table, JSON, plots)."""
 from __future__ import annotations
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from imtune.advice import RULE, recommend
-from imtune.load import load_conversations
-from imtune.stats import dataset_stats, format_one, measure, summarize, supervised_share
-from imtune.templates import Renderer
+from imtune.analysis.advice import RULE, recommend
+from imtune.analysis.stats import dataset_stats, format_one, measure, summarize, supervised_share
+from imtune.data.load import load_conversations
+from imtune.data.templates import Renderer
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
 
 TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
@@ -179,7 +180,7 @@ def write_jsonl(path, convs):
 
 @pytest.fixture
 def cli(capsys):
-    pytest.importorskip("imtune.load", reason="imtune.load (the data loader) has not landed yet")
+    pytest.importorskip("imtune.data.load", reason="imtune.data.load (the data loader) has not landed yet")
     from imtune.cli import main
 
     def call(*argv):
@@ -206,7 +207,7 @@ def test_cli_json_one_file_is_the_object(cli, tmp_path):
 
 
 def _tok():
-    from imtune.models import load_tokenizer
+    from imtune.model.models import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -238,7 +239,7 @@ def test_cli_bad_max_length(cli, tmp_path):
 # -- data as it is: quality problems are findings (issue 14 item 8) ---------------------------------------------
 def test_code_alpaca_empty_outputs_are_findings_and_every_record_counts(tmp_path):
     from conftest import shared_file
-    from imtune.stats import analyse
+    from imtune.analysis.stats import analyse
 
     path = str(shared_file("train/code_alpaca_2k.json"))
     stats, lengths, skipped = analyse(path, None, None, unit="words")
@@ -251,8 +252,8 @@ def test_code_alpaca_empty_outputs_are_findings_and_every_record_counts(tmp_path
 
 
 def test_duplicates_near_duplicates_and_control_tokens_are_counted(tmp_path):
-    from imtune.findings import NEAR_CHARS
-    from imtune.stats import analyse
+    from imtune.analysis.findings import NEAR_CHARS
+    from imtune.analysis.stats import analyse
 
     context = "The shared document. " * (NEAR_CHARS // 10)
     rows = [{"instruction": "Add 1 and 1.", "output": "2"},                     # line 1
@@ -275,7 +276,7 @@ def test_duplicates_near_duplicates_and_control_tokens_are_counted(tmp_path):
 
 
 def test_streamed_stats_say_how_the_file_was_read_and_what_the_system_prompt_costs(tmp_path):
-    from imtune.stats import analyse
+    from imtune.analysis.stats import analyse
 
     turns = [{"from": "person", "value": "hi there"}, {"from": "bot", "value": "yo"}]
     path = tmp_path / "d.jsonl"
@@ -291,14 +292,14 @@ def test_streamed_stats_say_how_the_file_was_read_and_what_the_system_prompt_cos
 
 
 def _ev(ratio: float, final: tuple, best: tuple = (-0.01, -0.05, 0.03), data: str = "x.jsonl"):
-    from imtune.advice import Evidence
+    from imtune.analysis.advice import Evidence
 
     return Evidence(source="s", command="imtune compare --data x.jsonl", data=data, ratio_words=ratio, n=8, seeds=3,
                     final=final, best=best, it_final=1.0, it_best=1.0)
 
 
 def test_the_advice_cites_only_measurements_in_the_datas_ratio_band_and_says_whether_they_agree(monkeypatch):
-    from imtune import advice
+    from imtune.analysis import advice
 
     base = {"n_examples": 8, "ratio": 30.0, "unit": "tokens"}
     monkeypatch.setattr(advice, "EVIDENCE", (_ev(25.0, (-0.3, -0.5, -0.1), data="synth:lookup"),
@@ -323,7 +324,7 @@ def test_every_evidence_entry_is_fair_and_names_a_command_that_parses():
     the real CLI parser accepts (the flags exist; nothing is run)."""
     import shlex
 
-    from imtune.advice import EVIDENCE
+    from imtune.analysis.advice import EVIDENCE
     from imtune.cli import COMMANDS, build_parser
 
     assert EVIDENCE, "no measurement recorded"

@@ -42,7 +42,7 @@ def test_study_ratio_on_synthetic_data(tmp_path, capsys):
 
 
 def test_study_n_takes_nested_subsets_with_one_heldout_set(tmp_path, capsys):
-    from imtune.synth import synthesize, write_jsonl
+    from imtune.data.synth import synthesize, write_jsonl
 
     train, held = synthesize("lookup", 8, 4.0, seed=0, heldout=4)
     data = write_jsonl(tmp_path / "d.jsonl", train, "lookup", 0, "train")

@@ -10,7 +10,7 @@ import torch
 from helpers import WORDS
 from imtune.cli import main
 from imtune.config import TrainConfig
-from imtune.runlog import read_metrics
+from imtune.rundir.read import metrics as read_metrics
 
 
 def _data(path, n: int, seed: int = 0) -> str:
@@ -28,11 +28,11 @@ def test_normalize_nonzero_divides_by_the_count_of_weighted_tokens(tmp_path):
     plain transformers logits, for a prompt weight 0.5 and a response weight 0.6 (Weighted Instruction Tuning)."""
     import torch.nn.functional as F
 
-    from imtune.models import load_model, load_tokenizer
-    from imtune.pack import collate
-    from imtune.prepare import prepare_examples
-    from imtune.train import train
-    from imtune.weights import loss_spec
+    from imtune.data.pack import collate
+    from imtune.data.prepare import prepare_examples
+    from imtune.data.weights import loss_spec
+    from imtune.model.models import load_model, load_tokenizer
+    from imtune.train.loop import train
 
     data = _data(tmp_path / "d.jsonl", 6)
     cfg = TrainConfig(model="random:tiny", data=data, output_dir=str(tmp_path / "run"), loss="weighted",
@@ -113,7 +113,7 @@ def test_sweep_refuses_a_per_arm_loss(capsys):
 
 
 def test_a_tie_is_never_recommended():
-    from imtune.sweep import recommendation_text
+    from imtune.experiments.sweep import recommendation_text
 
     rec = {"prompt_weight": 0.1, "measure": "held-out output loss (best)", "value": 1.0, "interval": [0.9, 1.1],
            "indistinguishable": [0.5], "decided": False, "rule": "r", "to_decide": "more seeds"}

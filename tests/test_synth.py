@@ -1,5 +1,6 @@
-"""imtune.synth and `imtune data synth`: deterministic for a seed (also across processes with other hash seeds),
-seeds differ, the ratio knob moves the ratio measured by imtune.stats (words), examples stay short in tokens at the
+"""imtune.data.synth and `imtune data synth`: deterministic for a seed (also across processes with other hash seeds),
+seeds differ, the ratio knob moves the ratio measured by imtune.analysis.stats (words), examples stay short in tokens
+at the
 default ratios, the fair families are fair (an oracle answers every example from its own instruction; no held-out
 answer occurs in training), `recall` is the labelled exception, exact-match scoring, and the written files load back
 as `messages`."""
@@ -12,8 +13,8 @@ import sys
 
 import pytest
 
-from imtune.stats import dataset_stats
-from imtune.synth import (
+from imtune.analysis.stats import dataset_stats
+from imtune.data.synth import (
     ATTRS,
     COLOURS,
     FAMILIES,
@@ -27,7 +28,7 @@ from imtune.synth import (
     normalize,
     synthesize,
 )
-from imtune.templates import Renderer
+from imtune.data.templates import Renderer
 from imtune.types import UsageError
 
 FAMS = list(FAMILIES)
@@ -223,7 +224,7 @@ def test_errors():
 
 def test_cli_writes_messages_that_load_back(tmp_path, capsys):
     from imtune.cli import main
-    from imtune.load import load_conversations
+    from imtune.data.load import load_conversations
 
     out = tmp_path / "d" / "rule.jsonl"
     assert main(["data", "synth", "--family", "rule", "--n", "20", "--heldout", "5", "--seed", "4",

@@ -11,7 +11,7 @@ from conftest import shared_file
 from helpers import get
 from imtune.cli import main
 from imtune.evaluate.judge import JudgeCache, cache_key, judge_messages
-from imtune.generate import GenerationConfig
+from imtune.model.generate import GenerationConfig
 from imtune.tasks import run_benchmark
 
 JUDGE = "judge-tiny"
@@ -27,15 +27,15 @@ def _requests(url: str) -> int:
 
 
 def test_alpacaeval_end_to_end(judge_url, tmp_path):
-    from imtune.models import load_model, load_tokenizer
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.model.models import load_model, load_tokenizer
 
     data = str(shared_file("eval/alpaca_eval/text_davinci_003_outputs.json"))
     refs = json.loads(open(data, encoding="utf-8").read())[:2]
     model, tok = load_model("random:tiny"), load_tokenizer("random:tiny")
     renderer = Renderer(None, tok)
     cfg = GenerationConfig(max_new_tokens=4)
-    from imtune.generate import generate
+    from imtune.model.generate import generate
 
     first_answer = generate(model, tok, renderer, [refs[0]["instruction"]], cfg)[0]
     cache = tmp_path / "judge.sqlite"

@@ -51,7 +51,7 @@ def test_local_task_runs_offline(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
     from imtune.cli import main
-    from imtune.models import load_model, load_tokenizer
+    from imtune.model.models import load_model, load_tokenizer
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")

@@ -426,9 +426,9 @@ def test_postprocess_keeps_the_standard_form():
 
 @needs_data
 def test_generation_run_through_the_python_api(tmp_path):
-    from imtune.generate import GenerationConfig
-    from imtune.models import load_model, load_tokenizer
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.model.generate import GenerationConfig
+    from imtune.model.models import load_model, load_tokenizer
 
     tok = load_tokenizer("random:tiny")
     model = load_model("random:tiny")

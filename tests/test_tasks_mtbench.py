@@ -11,7 +11,7 @@ import pytest
 from conftest import shared_file
 from helpers import get
 from imtune.cli import main
-from imtune.generate import GenerationConfig, generate
+from imtune.model.generate import GenerationConfig, generate
 from imtune.tasks import mtbench, run_benchmark
 from imtune.types import Message
 
@@ -63,8 +63,8 @@ def test_summarize_leaves_unparseable_out(data):
 
 
 def test_mtbench_end_to_end(data, tmp_path, judge_server):
-    from imtune.models import load_model, load_tokenizer
-    from imtune.templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.model.models import load_model, load_tokenizer
 
     subset = tmp_path / "mt_bench"
     subset.mkdir()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from helpers import SIMPLE, conversations
-from imtune.templates import TEMPLATES, Renderer
+from imtune.data.templates import TEMPLATES, Renderer
 from imtune.types import Conversation, Message, UsageError, Where
 
 
@@ -100,7 +100,7 @@ HOSTILE = {
 def test_hostile_template_is_stopped_with_its_line(tok, tmp_path, monkeypatch, name):
     import tracemalloc
 
-    from imtune import templates
+    from imtune.data import templates
 
     source, line, what = HOSTILE[name]
     monkeypatch.setattr(templates, "RENDER_SECONDS", 0.5)
@@ -142,7 +142,7 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
     ({"instruction": "Say hi.", "input": "", "output": "Hi!"}, ALPACA_NO_INPUT),
     ({"instruction": "Say hi.", "output": "Hi!"}, ALPACA_NO_INPUT)])
 def test_alpaca_is_the_stanford_prompt_with_and_without_input(tok, record, prompt):
-    from imtune.formats import to_conversation
+    from imtune.data.formats import to_conversation
 
     conv, problems = to_conversation(record, Where("a.json", 1), "alpaca", {})
     assert not problems

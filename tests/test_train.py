@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import metrics, tiny, write_conversations
+from helpers import metrics, patch_everywhere, tiny, write_conversations
 from imtune.config import TrainConfig, add_train_arguments
 from imtune.types import UsageError
 
@@ -39,7 +39,7 @@ def test_config_precedence_and_yaml_round_trip(tmp_path):
 
 
 def test_lr_schedule():
-    from imtune.build import lr_factor
+    from imtune.train.build import lr_factor
 
     lin = [lr_factor(s, 2, 10, "linear") for s in range(10)]
     assert lin[:3] == [1 / 3, 2 / 3, 1.0] and all(a > b > 0 for a, b in zip(lin[2:], lin[3:]))
@@ -58,7 +58,7 @@ def _sgd(monkeypatch):
 def _update(run):
     from safetensors.torch import load_file
 
-    from imtune.models import load_model
+    from imtune.model.models import load_model
 
     start = load_model("random:tiny", dtype=torch.float32, seed=42).state_dict()
     # (update, the rounding of an fp32 subtraction at these weights: a few ulps of the largest weight)
@@ -71,10 +71,10 @@ def _reference_loss(cfg, normalize):
     examples, one example at a time, computed here independently of the trainer."""
     import torch.nn.functional as F
 
-    from imtune.models import load_model, load_tokenizer
-    from imtune.pack import collate
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
+    from imtune.data.pack import collate
+    from imtune.data.prepare import prepare_examples
+    from imtune.data.weights import loss_spec
+    from imtune.model.models import load_model, load_tokenizer
 
     prep = prepare_examples(cfg.data, load_tokenizer("random:tiny"), loss_spec(cfg.loss), max_length=cfg.max_length)
     model = load_model("random:tiny", dtype=torch.float32, seed=42)
@@ -98,7 +98,7 @@ def test_accumulation_batch_and_packing_give_the_same_step(tmp_path, monkeypatch
     runs = {}
     for packing in (False, True):
         for bs, ga in ((2, 4), (8, 1)):
-            from imtune.train import train
+            from imtune.train.loop import train
 
             out = train(tiny(data, tmp_path / f"r{bs}x{ga}-{packing}", batch_size=bs, grad_accum=ga, max_steps=1,
                              packing=packing, max_grad_norm=0.0, lr=1.0))  # SGD, lr 1: update = -gradient
@@ -122,14 +122,14 @@ def test_micro_batch_tokens_splits_the_passes_not_the_step(tmp_path, monkeypatch
     3 steps: the weights' updates agree to 1e-5 of their largest entry, as the accumulation test's do (only the
     summation order of Σw·nll and of the gradients differs). (Under AdamW, 3 steps at lr 1e-3, the weights differed
     by up to 1.8e-6, in entries whose gradient is a near-cancelling sum: Adam divides it by its own size.)"""
-    from imtune import pack
-    from imtune.train import train
+    from imtune.data import pack
+    from imtune.train.loop import train
 
     _sgd(monkeypatch)
     data = write_conversations(tmp_path / "d.jsonl", 16)
     calls = []
     collate = pack.collate
-    monkeypatch.setattr(pack, "collate", lambda ex, *a, **k: calls.append(len(ex)) or collate(ex, *a, **k))
+    patch_everywhere(monkeypatch, pack, "collate", lambda ex, *a, **k: calls.append(len(ex)) or collate(ex, *a, **k))
     runs, passes = {}, {}
     for cap in ("none", "64"):
         before = len(calls)
@@ -157,7 +157,7 @@ def test_every_rank_runs_the_same_number_of_passes():
     passes gets zero-weight stand-ins (keep 0), so DDP/FSDP ranks meet at the same collectives."""
     from types import SimpleNamespace as NS
 
-    from imtune.train import Run
+    from imtune.train.loop import Run
 
     mbs = [[0, 1, 2], [3], [4, 5], [6]]  # padded rows of 100, 30, 30 | 90 | 20, 120 | 60 tokens
     run = NS(lengths=[100, 30, 30, 90, 20, 120, 60], cfg=NS(packing=False, max_length=128), pass_tokens=100)
@@ -171,8 +171,8 @@ def test_every_rank_runs_the_same_number_of_passes():
 def test_micro_batch_tokens_auto_caps_activations_on_a_cpu_only():
     """auto: on a CPU as many positions as ~1.5 GiB of estimated activations hold (SmolLM2-135M: 953 at max_length
     1024, so one packed row per pass); no cap on a GPU; a number is taken as it is; a bad value is refused."""
-    from imtune.memory import pass_tokens
-    from imtune.models import Shape, random_config
+    from imtune.model.memory import pass_tokens
+    from imtune.model.models import Shape, random_config
 
     big = Shape.of(random_config("smollm2-135m", 49152, None))
     assert pass_tokens("auto", big, 1024, "cpu") == 953 and pass_tokens("auto", big, 1024, "cuda") is None
@@ -186,7 +186,7 @@ def test_micro_batch_tokens_auto_caps_activations_on_a_cpu_only():
 
 
 def test_normalize_sequences_is_the_mean_of_example_means(tmp_path):
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 6)
     out = train(tiny(data, tmp_path / "run", batch_size=6, max_steps=1, normalize="sequences", packing=False))
@@ -202,8 +202,9 @@ def test_a_run_holds_float32_weights_and_fingerprints_the_float64_ones(tmp_path,
     its data fingerprint is taken from the float64 values, so checkpoints written before still resume."""
     import numpy as np
 
-    from imtune import guard
-    from imtune.train import fingerprint, read_data, setup
+    from imtune.data.prepare import fingerprint
+    from imtune.rundir import guard
+    from imtune.train.loop import read_data, setup
 
     data = write_conversations(tmp_path / "d.jsonl", 6)
     cfg = tiny(data, tmp_path / "run", loss="weighted", prompt_weight=0.1, normalize=normalize, max_steps=1)
@@ -220,7 +221,7 @@ def test_a_run_holds_float32_weights_and_fingerprints_the_float64_ones(tmp_path,
 
 # -- NEFTune and KL ----------------------------------------------------------------------------------------------
 def test_neftune_noise_scale_follows_each_packed_example():
-    from imtune.objective import neftune_noise
+    from imtune.model.objective import neftune_noise
 
     d, alpha = 4096, 5.0
     embeds = torch.zeros(1, 10, d)
@@ -235,7 +236,7 @@ def test_neftune_noise_scale_follows_each_packed_example():
 
 
 def test_weighted_kl_matches_full_logits():
-    from imtune.objective import weighted_kl
+    from imtune.model.objective import weighted_kl
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 8, generator=g, requires_grad=True)
@@ -256,11 +257,11 @@ def test_weighted_kl_matches_full_logits():
 
 
 def test_neftune_only_while_training(tmp_path):
-    from imtune.models import load_model, load_tokenizer
-    from imtune.objective import Objective, batch_args
-    from imtune.pack import collate
-    from imtune.prepare import prepare_examples
-    from imtune.weights import loss_spec
+    from imtune.data.pack import collate
+    from imtune.data.prepare import prepare_examples
+    from imtune.data.weights import loss_spec
+    from imtune.model.models import load_model, load_tokenizer
+    from imtune.model.objective import Objective, batch_args
 
     prep = prepare_examples(write_conversations(tmp_path / "d.jsonl", 3), load_tokenizer("random:tiny"),
                             loss_spec("im"))
@@ -279,8 +280,8 @@ def test_neftune_only_while_training(tmp_path):
 def test_run_directory_final_model_and_eval_lines(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imtune.checkpoint import is_finished
-    from imtune.train import train
+    from imtune.rundir.checkpoint import is_finished
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 12)
     held = write_conversations(tmp_path / "e.jsonl", 4, seed=1)
@@ -323,7 +324,7 @@ def test_run_directory_final_model_and_eval_lines(tmp_path):
 def test_lora_final_loads_in_plain_transformers(tmp_path, merge):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imtune.train import train
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 6)
     more = dict(gradient_checkpointing=True, precision="bf16") if merge else {}  # exercise both once
@@ -341,7 +342,7 @@ def test_lora_final_loads_in_plain_transformers(tmp_path, merge):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    from imtune.train import TrainingStopped, train
+    from imtune.train.loop import TrainingStopped, train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     cfg = tiny(data, tmp_path / "run", lr=1e30, batch_size=2, max_steps=4, save_every=1, keep_checkpoints=0)
@@ -356,8 +357,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeypatch):
     """A checkpoint whose bytes changed after it was written (one flipped bit) is not named "last good"."""
-    from imtune import checkpoint as ckpt
-    from imtune.train import TrainingStopped, train
+    from imtune.rundir import checkpoint as ckpt
+    from imtune.train.loop import TrainingStopped, train
 
     save = ckpt.save_checkpoint
 
@@ -380,9 +381,9 @@ def test_non_finite_loss_never_calls_a_damaged_checkpoint_good(tmp_path, monkeyp
 def test_attention_kernel_and_compiled_layers_train_the_same(tmp_path):
     """--attn-implementation eager and --compile (each decoder layer torch.compile'd) change kernels, not the
     objective: the first step's loss equals the default (sdpa, eager layers) run's; the layers are really compiled."""
-    from imtune.build import compile_layers
-    from imtune.models import load_model
-    from imtune.train import train
+    from imtune.model.models import load_model
+    from imtune.train.build import compile_layers
+    from imtune.train.loop import train
 
     data = write_conversations(tmp_path / "d.jsonl", 8)
     losses = {}

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from imtune import validate
-from imtune.load import load_conversations
+from imtune.data import validate
+from imtune.data.load import load_conversations
 from imtune.types import Conversation, DataError, Message, UsageError, Where
 
 OK_ALPACA = '{"instruction": "i", "output": "o"}'

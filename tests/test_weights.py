@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import shared_file, tokenize
 from helpers import SIMPLE, conv, conversations, text_strategy as _text
-from imtune.templates import Renderer
-from imtune.tokenize import token_offsets
+from imtune.data.templates import Renderer
+from imtune.data.tokenize import token_offsets
+from imtune.data.weights import LOSS_MODES, loss_spec, parse_weights, weigh
 from imtune.types import CLASS_ID, CLASSES, Conversation, DataError, Message, UsageError, Where
-from imtune.weights import LOSS_MODES, loss_spec, parse_weights, weigh
 
 TEMPLATES = ["tulu", "chatml", "alpaca", "model"]
 
@@ -203,7 +203,7 @@ def injected(draw):
 
 
 def _occurrences(r, tokenizer):
-    from imtune.tokenize import content_specials, control_pattern
+    from imtune.data.tokenize import content_specials, control_pattern
 
     return content_specials(r, control_pattern(tokenizer))
 
@@ -294,7 +294,7 @@ def test_model_template_injected_system_prompt_is_template(tok, lima):
 
 
 def test_weight_warnings_flag_weights_above_1_only():
-    from imtune.weights import weight_warnings
+    from imtune.data.weights import weight_warnings
 
     assert weight_warnings(loss_spec("im")) == weight_warnings(loss_spec("weighted", 0.5)) == []
     [w] = weight_warnings(loss_spec("weighted", 2))
@@ -308,7 +308,7 @@ def test_weigh_needs_little_beyond_the_weights_it_makes():
     token, 0.36 GB at a million small records; issue 14 item 6)."""
     import tracemalloc
 
-    from imtune.tokenize import Encoded
+    from imtune.data.tokenize import Encoded
 
     k, n = 50_000, 40
     classes = np.tile(np.array([0, 2, 2, 0] + [3] * (n - 5) + [4], np.int8), k)

@@ -13,8 +13,9 @@ import os
 import shlex
 import sys
 
-from . import __doc__ as PACKAGE_DOC, __version__, files
-from .types import DataError, UsageError
+from imtune import __doc__ as PACKAGE_DOC, __version__, files
+from imtune.report import checks
+from imtune.types import DataError, UsageError
 
 # command (words) -> (module, one-line help). A dict literal: the whole CLI map at a glance.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -200,3 +201,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+checks.register_parser(build_parser)  # the report's next steps are command lines this parser reads

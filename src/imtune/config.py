@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .types import UsageError
+from imtune.data.formats import parse_roles
+from imtune.data.load import check_fields, parse_fields
+from imtune.data.weights import LOSS_MODES, loss_spec
+from imtune.types import UsageError
 
 
 def _f(default, help: str, type=None, choices=None, **flag):
@@ -155,15 +159,11 @@ class TrainConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            import difflib
-
             guesses = {k: difflib.get_close_matches(k, list(known), n=1, cutoff=0.6) for k in unknown}
             meant = "; ".join(f"did you mean {g[0]!r} for {k!r}?" for k, g in guesses.items() if g)
             raise UsageError(f"unknown config key(s) {', '.join(unknown)}{'; ' + meant if meant else ''}; valid: "
                              f"{', '.join(known)}")
-        if d.get("fields"):  # `fields: {output: [output, response]}` or `output|response`: one form (imtune.load)
-            from .load import check_fields
-
+        if d.get("fields"):  # `fields: {output: [output, response]}` or `output|response`: one form (imtune.data.load)
             d = {**d, "fields": check_fields(d["fields"]) if isinstance(d["fields"], dict) else d["fields"]}
         return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
 
@@ -180,12 +180,8 @@ class TrainConfig:
         With a bare --resume and no CONFIG.yaml, the run directory's own config.yaml is the base."""
         given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
         if "field" in vars(args):
-            from .load import parse_fields
-
             given["fields"] = parse_fields(args.field)
         if "role" in vars(args):
-            from .formats import parse_roles
-
             given["roles"] = parse_roles(args.role)
         base: dict = {}
         positional = getattr(args, "config", None)
@@ -245,8 +241,6 @@ class TrainConfig:
             raise UsageError("--keep-best needs held-out data to select on: give --val-data (or --eval-data)")
         if self.merge_lora and not self.lora:
             raise UsageError("--merge-lora needs --lora")
-        from .weights import loss_spec
-
         loss_spec(self.loss, self.prompt_weight, self.weights, self.last_turn_only)  # raises on a bad loss
         return self
 
@@ -323,8 +317,6 @@ ALIASES = {"lr": ["--learning-rate"], "grad_accum": ["--gradient-accumulation-st
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field as a flag, its help the field's. Defaults are SUPPRESSed so that from_args sees only
     what was typed (and CONFIG.yaml / --preset values are not overridden)."""
-    from .weights import LOSS_MODES  # --loss's choices (check() validates a YAML value through loss_spec)
-
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG.yaml|DATA",
                    help="CONFIG.yaml (fields as below; flags override it), or the training data file itself (any "
                         "name not ending in .yaml/.yml is taken as --data)")

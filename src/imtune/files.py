@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .types import UsageError
+from imtune.types import UsageError
 
 MARKER = ".imtune"
 KINDS = ("run", "compare", "sweep", "study", "demo", "eval", "plots")
@@ -398,3 +398,8 @@ def fsync_dir(d: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """Where imtune keeps its caches: $IMTUNE_CACHE, else ~/.cache/imtune."""
+    return Path(os.environ.get("IMTUNE_CACHE", Path.home() / ".cache" / "imtune"))

@@ -14,13 +14,14 @@ A generation run writes LABEL.json, LABEL.samples.jsonl and LABEL.md into --out 
 directory, else ./imtune-bench/NAME/); --json OUT also writes the result to OUT."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..runlog import say
-from ..tasks import BENCHMARKS
-from ..types import UsageError
-from .common import add_model_args, add_template_args
+from imtune.commands.common import add_model_args, add_template_args
+from imtune.console import say
+from imtune.tasks import BENCHMARKS
+from imtune.types import UsageError
 
 # benchmark -> the flags (argparse dests) that become its Options fields
 OPTION_FLAGS: dict[str, tuple[str, ...]] = {
@@ -105,8 +106,8 @@ def output_dir(args, default: bool = True) -> tuple[Path | None, bool]:
     """(where the result files go (None: no files), whether it is a directory of its own), checked before anything
     is written: --out DIR, an imtune "eval" directory of its own (imtune.files: new or empty, or one imtune made);
     else RUN/eval of a run given as --model; else imtune-bench/NAME. --json OUT is checked here too."""
-    from .. import files
-    from ..rundir import find_run
+    from imtune import files
+    from imtune.rundir.read import find_run
 
     if args.json:
         files.check_target(args.json)
@@ -123,7 +124,7 @@ def output_dir(args, default: bool = True) -> tuple[Path | None, bool]:
 def writing_to(out: Path | None, own: bool):
     """A directory of its own is claimed (imtune.files.claiming: removed again when the benchmark fails before
     writing); RUN/eval lies in a run imtune made; no output needs nothing."""
-    from .. import files
+    from imtune import files
 
     if not own:
         yield
@@ -133,13 +134,13 @@ def writing_to(out: Path | None, own: bool):
 
 
 def run(args) -> int:
-    from .. import tasks
+    from imtune import tasks
 
     options = {flag: getattr(args, flag) for flag in OPTION_FLAGS[args.name]}
     if args.name == "harness":
         if args.samples:
             raise UsageError("harness: lm-eval generates and scores itself; give --model, not --samples")
-        from ..tasks import harness
+        from imtune.tasks import harness
 
         out, own = output_dir(args)
         with writing_to(out, own):
@@ -170,10 +171,10 @@ def run(args) -> int:
 def _generate(args, options: dict) -> dict:
     import torch
 
-    from .. import tasks
-    from ..generate import GenerationConfig
-    from ..models import load_model, load_tokenizer
-    from ..templates import Renderer
+    from imtune import tasks
+    from imtune.data.templates import Renderer
+    from imtune.model.generate import GenerationConfig
+    from imtune.model.models import load_model, load_tokenizer
 
     out, own = output_dir(args)  # checked before the model is loaded
     mod = tasks.module(args.name)
@@ -199,8 +200,6 @@ def _generate(args, options: dict) -> dict:
 
 
 def _default_data(name: str) -> str | None:
-    import os
-
     roots = [Path(os.environ["IMTUNE_DATA"])] if os.environ.get("IMTUNE_DATA") else []
     for root in [*roots, Path("../shared/data"), Path("shared/data")]:
         if (root / DEFAULT_DATA[name]).exists():
@@ -210,7 +209,7 @@ def _default_data(name: str) -> str | None:
 
 def _finish(result: dict, args) -> int:
     if args.json:
-        from .. import files
+        from imtune import files
 
         files.write_json(args.json, result, indent=2)
         say(f"wrote {args.json}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import field_help
-from ..runlog import say  # noqa: F401  (the one `say`; commands import it from imtune.runlog)
-from ..weights import LOSS_MODES, LossSpec, loss_spec
+from imtune.config import field_help
+from imtune.console import say  # noqa: F401  (the one `say`; commands import it from imtune.rundir.log)
+from imtune.data.weights import LOSS_MODES, LossSpec, loss_spec
 
 
 class CommaList(argparse.Action):
@@ -21,10 +21,11 @@ class CommaList(argparse.Action):
 
 
 def ray_plan(args):
-    """--executor ray [--ray-address A] [--cpus-per-run C] [--gpus-per-run G] -> a RayPlan (imtune.ray_jobs);
+    """--executor ray [--ray-address A] [--cpus-per-run C] [--gpus-per-run G] -> a RayPlan
+    (imtune.experiments.ray_jobs);
     --executor local: None."""
-    from ..ray_jobs import RayPlan
-    from ..types import UsageError
+    from imtune.experiments.ray_jobs import RayPlan
+    from imtune.types import UsageError
 
     if args.executor == "local":
         if args.ray_address or args.gpus_per_run is not None or args.cpus_per_run is not None:
@@ -35,7 +36,8 @@ def ray_plan(args):
 
 
 def add_jobs_arg(p) -> None:
-    """--jobs of compare, sweep and study (imtune.schedule), and the Ray executor's flags (imtune.ray_jobs)."""
+    """--jobs of compare, sweep and study (imtune.experiments.jobs), and the Ray executor's flags
+    (imtune.experiments.ray_jobs)."""
     p.add_argument("--executor", choices=["local", "ray"], default="local", type=str.lower,
                    help="where the grid of runs trains: here (one after another, or --jobs side by side), or every "
                         "run a Ray task (--out must be on storage every node sees)")
@@ -103,13 +105,13 @@ def loss_spec_from(args) -> LossSpec:
 
 
 def fields_from(args) -> dict[str, str]:
-    from ..load import parse_fields
+    from imtune.data.load import parse_fields
 
     return parse_fields(getattr(args, "field", None))
 
 
 def roles_from(args) -> dict[str, str]:
-    from ..formats import parse_roles
+    from imtune.data.formats import parse_roles
 
     return parse_roles(getattr(args, "role", None))
 

@@ -1,21 +1,23 @@
 """`imtune compare --data F [--eval-data G] --arms it,im[,weighted:0.1][,im+neftune:5][,it+kl:1] [--seeds 0,1,2]
 [--reference ARM] [--val-data V | --val-fraction F] [--flags]`:
 train every arm with the same model, data, order, budget and seeds, evaluate each final and best model, write a report
-(imtune.compare, imtune.report). Every `imtune train` flag applies to all arms. Re-running the same command skips
+(imtune.experiments.compare, imtune.report.write). Every `imtune train` flag applies to all arms. Re-running the same
+command skips
 finished arms. `imtune compare --report-only DIR` rebuilds the report of a finished comparison.
 Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from ..runlog import say
-from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.console import say
 
 
 def add_arguments(p) -> None:
-    from ..compare import ARM_FORMS
-    from ..config import add_train_arguments
+    from imtune.config import add_train_arguments
+    from imtune.experiments.arms import ARM_FORMS
 
     add_train_arguments(p)  # first: it SUPPRESSes the defaults of every action already added
     g = p.add_argument_group("comparison")
@@ -64,9 +66,9 @@ def add_arguments(p) -> None:
 
 
 def settings_from(args):
-    from ..compare import CompareSettings, parse_arms
-    from ..config import TrainConfig
-    from ..types import UsageError
+    from imtune.config import TrainConfig
+    from imtune.experiments.arms import CompareSettings, parse_arms
+    from imtune.types import UsageError
 
     for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir"),
                        ("--neftune-alpha", "neftune_alpha"), ("--kl-coef", "kl_coef")):
@@ -83,7 +85,7 @@ def settings_from(args):
         if not sep or not path:
             raise UsageError(f"--bench {item!r}: expected NAME:PATH, e.g. gsm8k:../shared/data/eval/gsm8k_test.jsonl")
         bench.append((name, path))
-    from ..tasks import JUDGED
+    from imtune.tasks import JUDGED
 
     judged = [n for n, _ in bench if n in JUDGED]
     if judged and not (args.judge_url and args.judge_model):
@@ -109,7 +111,7 @@ def settings_from(args):
 
 def parse_seeds(text: str | None) -> list[int] | None:
     """`0,1,2` -> [0, 1, 2]; None stays None (the one --seed)."""
-    from ..types import UsageError
+    from imtune.types import UsageError
 
     if text is None:
         return None
@@ -124,9 +126,8 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 def show(out: Path) -> None:
     """The results table, the verdict and where the report is (stdout)."""
-    import json
 
-    from ..report import text_table, verdict
+    from imtune.report.write import text_table, verdict
 
     summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     v = verdict(summary, out)
@@ -140,8 +141,8 @@ def show(out: Path) -> None:
 
 
 def run(args) -> int:
-    from ..compare import compare, is_main_process
-    from ..report import write_report
+    from imtune.experiments.compare import compare, is_main_process
+    from imtune.report.write import write_report
 
     if args.report_only:
         md, page = write_report(args.report_only)

@@ -1,10 +1,12 @@
 """`imtune data stats DATA [DATA...]`: lengths, instruction/output ratio, the share of tokens each loss mode trains
-on, and advice on the loss mode (imtune.stats). One file: a detailed block; several: one row each, side by side.
+on, and advice on the loss mode (imtune.analysis.stats). One file: a detailed block; several: one row each, side by
+side.
 `--json`: one file prints the stats object; several print a JSON list of them, in the order given, each with its
 `path`. `--plot DIR` writes `<file stem>.lengths.png` and `<file stem>.scatter.png` per file.
 
 Data is analysed as it is: empty outputs, duplicates, near-duplicate long prompts and content that spells control
-tokens are findings (counted, first path:lines), not refusals (imtune.findings); only unparsable records are errors
+tokens are findings (counted, first path:lines), not refusals (imtune.analysis.findings); only unparsable records are
+errors
 (or skipped with --on-invalid skip). Files are streamed, so memory stays bounded on millions of records."""
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ import json
 import shlex
 from pathlib import Path
 
-from ..runlog import say
-from .common import (
+from imtune.commands.common import (
     add_data_args,
     add_length_args,
     add_model_args,
@@ -22,6 +23,7 @@ from .common import (
     fields_from,
     roles_from,
 )
+from imtune.console import say
 
 
 def add_arguments(p) -> None:
@@ -70,15 +72,15 @@ def next_step(stats: dict, args) -> str:
 
 
 def run(args) -> int:
-    from ..models import load_tokenizer
-    from ..stats import analyse, format_one, format_table, plot
-    from ..templates import Renderer
-    from ..types import UsageError
+    from imtune.analysis.stats import analyse, format_one, format_table, plot
+    from imtune.data.templates import Renderer
+    from imtune.model.models import load_tokenizer
+    from imtune.types import UsageError
 
     if args.max_length is not None and args.max_length < 1:
         raise UsageError("--max-length must be >= 1")
     if args.plot:
-        from .. import files
+        from imtune import files
 
         files.check_claim(args.plot, "plots")  # a new or empty directory, or one imtune made for plots
     tok = load_tokenizer(args.model)
@@ -95,7 +97,7 @@ def run(args) -> int:
             stats["max_length"]["truncation"] = args.truncation
         results.append(stats)
         if args.plot:
-            from .. import files
+            from imtune import files
 
             files.claim(args.plot, "plots")
             for f in plot(lengths, args.plot, _plot_name(path, taken)):

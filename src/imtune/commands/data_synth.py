@@ -1,4 +1,5 @@
-"""`imtune data synth --family F --n N --out FILE`: synthetic controlled data (imtune.synth) in the `messages` format.
+"""`imtune data synth --family F --n N --out FILE`: synthetic controlled data (imtune.data.synth) in the `messages`
+format.
 
 Writes the train split to FILE and, with --heldout H > 0, the held-out split next to it: `data.jsonl` ->
 `data.heldout.jsonl` (any other name gets `.heldout.jsonl` appended). Prints both paths and the instruction/output
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runlog import say
+from imtune.console import say
 
 
 def heldout_path(out: str | Path) -> Path:
@@ -19,9 +20,9 @@ def heldout_path(out: str | Path) -> Path:
 
 def write_synth(path: str | Path, conversations: list, family_name: str, seed: int, split: str,
                 root: Path | None = None) -> Path:
-    """imtune.synth's records (`messages`, with `id` and `family` beside them), one a line, written through
+    """imtune.data.synth's records (`messages`, with `id` and `family` beside them), one a line, written through
     imtune.files (a link at `path` is refused; `root`: the imtune directory it lies in)."""
-    from .. import files
+    from imtune import files
 
     rows = [{"id": f"{family_name}-{seed}-{split}-{i}", "family": family_name,
              "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
@@ -30,7 +31,7 @@ def write_synth(path: str | Path, conversations: list, family_name: str, seed: i
 
 
 def add_arguments(p) -> None:
-    from ..synth import FAMILIES
+    from imtune.data.synth import FAMILIES
 
     p.add_argument("--family", required=True, metavar="F",
                    help="; ".join(f"{name}: {f.about} (default ratio {f.default_ratio:g})"
@@ -44,9 +45,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .. import files
-    from ..stats import dataset_stats
-    from ..synth import family, synthesize
+    from imtune import files
+    from imtune.analysis.stats import dataset_stats
+    from imtune.data.synth import family, synthesize
 
     fam = family(args.family)
     for p in [args.out] + ([heldout_path(args.out)] if args.heldout else []):
@@ -58,7 +59,7 @@ def run(args) -> int:
     print(f"wrote {len(train):,} {args.family} train examples to {out}")
     if heldout:
         hp = write_synth(heldout_path(args.out), heldout, args.family, args.seed, "heldout")
-        print(f"wrote {len(heldout):,} held-out examples to {hp} (score with imtune.synth.exact_match)")
+        print(f"wrote {len(heldout):,} held-out examples to {hp} (score with imtune.data.synth.exact_match)")
     print(f"instruction/output ratio (words): {s['ratio']:.3g} (target {target:g}); mean instruction "
           f"{s['instruction']['mean']:.1f} words, mean output {s['output']['mean']:.1f} words")
     if abs(s["ratio"] / target - 1) > 0.2:

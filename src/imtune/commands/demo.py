@@ -1,6 +1,6 @@
 """`imtune demo` (what `make demo` runs): the whole flow, offline, in a few minutes on a laptop CPU.
 
-Fair synthetic data whose instructions are long and whose answers are short and checkable (imtune.synth `lookup`:
+Fair synthetic data whose instructions are long and whose answers are short and checkable (imtune.data.synth `lookup`:
 every example's answer is in its own instruction, none is shared with training), IT and IM
 trained alike with every seed in SEEDS on the embedded SmolLM2-135M-Instruct (`imtune compare`), then the
 comparison table, a report (plots, verdict, commands) and whether each arm's held-out loss passed its best point.
@@ -8,17 +8,18 @@ The same comparison at scale is one `imtune compare` command (README: "Compare l
 Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from pathlib import Path
 
-from ..files import MARKER  # noqa: F401  (every demo directory holds it: imtune.files; --fresh deletes only those)
-from ..runlog import say
-from .common import CommaList
+from imtune.commands.common import CommaList
+from imtune.console import say
+from imtune.files import MARKER  # noqa: F401  (every demo directory holds it: imtune.files; --fresh deletes only those)
 
 # The demo's recipe, aimed at the overfitting regime (held-out output loss passes its minimum and ends >= RISE
-# above it for at least one arm), 2 arms x 3 seeds, on FAIR data: `lookup` (imtune.synth), where every example has
+# above it for at least one arm), 2 arms x 3 seeds, on FAIR data: `lookup` (imtune.data.synth), where every example has
 # its own invented towns, its answer (a 1-2 word invented name) is stated in its own instruction, and no held-out
 # answer or name occurs in any training record, so neither arm is handed the held-out answers. Tuned for the regime,
 # never for a winner: the training settings are the ones tuned on 2026-12-01/02 for the regime (one example per step,
@@ -26,7 +27,8 @@ from .common import CommaList
 # 12, no in-training train sample); moved to `lookup`, the first trial (2026-12-06, 2 seeds, 12 held-out) had all four
 # runs pass their best point (+27% to +62%) and IM − IT undecided (final −0.33 [−0.76, +0.08], best −0.08 [−0.51,
 # +0.25]). Held-out evaluations moved from every 4 to every 6 steps on 2026-12-07 for time: in-training
-# evaluation was 57% of the demo's time (imtune.clock); the final models are the same, IT still passes its best point
+# evaluation was 57% of the demo's time (imtune.train.clock); the final models are the same, IT still passes its best
+# point
 # with every seed. The `chatml` template is SmolLM2's own format without its injected ~20-token default system prompt.
 # Whether a run reached the regime is printed at its end (regime_text), whichever arm it is; so is the verdict, tie
 # included (verdict_text). Timings: BENCHMARKS.md "Issue 11"/"Issue 24".
@@ -57,7 +59,7 @@ def add_arguments(p) -> None:
     p.add_argument("--arms", action=CommaList, default="it,im", help="arms to compare (see imtune compare --arms)")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo directory first")
     g = p.add_argument_group("recipe (the defaults are what the timing in BENCHMARKS.md was measured with)")
-    g.add_argument("--family", default=DATA["family"], help="imtune.synth family (see imtune data synth)")
+    g.add_argument("--family", default=DATA["family"], help="imtune.data.synth family (see imtune data synth)")
     g.add_argument("--n", type=int, default=DATA["n"], help="training examples")
     g.add_argument("--ratio", type=float, default=DATA["ratio"], help="instruction/output ratio in words")
     g.add_argument("--epochs", type=float, default=TRAIN["epochs"])
@@ -116,7 +118,8 @@ def equivalent_command(args, data_cfg: dict, train_cfg: dict, data: Path, held: 
 
 def run_compare(out: Path, base, arms: list, jobs: int = 1) -> list[Path]:
     """Every arm with every seed in SEEDS, in one comparison (intervals over seeds and examples)."""
-    from ..compare import CompareSettings, compare
+    from imtune.experiments.arms import CompareSettings
+    from imtune.experiments.compare import compare
 
     # No Ctrl-C checkpoints: one of the 135M model (weights and AdamW state) took ~8 s to write on the 2-core build
     # machine (2026-12); 3 evaluation points x 4 runs would add ~1.5 min to a ~6-minute demo. Ctrl-C restarts a run.
@@ -129,8 +132,8 @@ def run_compare(out: Path, base, arms: list, jobs: int = 1) -> list[Path]:
 def held_out_curves(out: Path) -> list[dict]:
     """Per run directory under `out` (every arm x seed): its held-out output loss at each evaluation
     (RUN/metrics.jsonl "eval" lines), the minimum, the last value and how far the last is above the minimum."""
-    from ..config import read_yaml
-    from ..runlog import read_metrics
+    from imtune.config import read_yaml
+    from imtune.rundir.read import metrics as read_metrics
 
     rows = []
     for cfg_path in sorted(out.rglob("config.yaml")):
@@ -174,8 +177,8 @@ def remove_demo_dir(out: Path) -> None:
     """--fresh: delete `out` only when the demo made it (its imtune.files marker, or an older demo's .imtune-demo) and
     it is not the working directory, an ancestor of it, the home directory or the root; anything else is refused,
     saying what was found."""
-    from .. import files
-    from ..types import UsageError
+    from imtune import files
+    from imtune.types import UsageError
 
     try:
         files.remove_owned(out, "demo")
@@ -221,15 +224,13 @@ def verdict_text(summary: dict) -> str:
 
 
 def run(args) -> int:
-    import json
-
-    from .. import files
-    from ..compare import parse_arms
-    from ..config import TrainConfig
-    from ..synth import FAMILIES, family, synthesize
-    from ..types import UsageError
-    from .compare import show
-    from .data_synth import write_synth
+    from imtune import files
+    from imtune.commands.compare import show
+    from imtune.commands.data_synth import write_synth
+    from imtune.config import TrainConfig
+    from imtune.data.synth import FAMILIES, family, synthesize
+    from imtune.experiments.arms import parse_arms
+    from imtune.types import UsageError
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -259,7 +260,7 @@ def run(args) -> int:
             "idle machine")
     say(f"imtune demo: {args.arms.replace(',', ' vs ')} on {args.model}, seeds {', '.join(map(str, SEEDS))}, "
         f"offline.\n"
-        f"  data: imtune.synth '{d['family']}' ({family(d['family']).about}), {d['n']} training and "
+        f"  data: imtune.data.synth '{d['family']}' ({family(d['family']).about}), {d['n']} training and "
         f"{d['heldout']} held-out examples (every answer in its own instruction; none shared with training), "
         f"instruction/output ratio ~{d['ratio']:g} in words\n"
         f"  training (every arm and seed alike): {t['epochs']:g} epochs, lr {t['lr']:g}, template {t['template']}, "

@@ -14,13 +14,16 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import files
-from ..evaluate.run import DataSet, Scoring
-from ..rundir import RunDir, find_run
-from ..runlog import say
-from ..types import CLASSES, UsageError
-from .common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from
+from imtune import files
+from imtune.commands.common import add_data_args, add_system_prompt_arg, add_template_args, fields_from, roles_from
+from imtune.console import say
+from imtune.rundir.read import RunDir, find_run
+from imtune.types import CLASSES, UsageError
+
+if TYPE_CHECKING:
+    from imtune.evaluate.run import DataSet, Scoring
 
 ROWS = [("output", "output (assistant+eot)"), ("instruction", "instruction (user+system)")] + \
        [(c, f"  {c}") for c in CLASSES] + [("all", "all tokens")]
@@ -106,9 +109,9 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 def run(args) -> int:
-    from ..evaluate.run import evaluate_run
-    from ..models import load_model, load_tokenizer, resolve
-    from .serve import pick_device
+    from imtune.commands.serve import pick_device
+    from imtune.evaluate.run import evaluate_run
+    from imtune.model.models import load_model, load_tokenizer, resolve
 
     spec = model_spec(args)
     run = find_run(spec)
@@ -144,7 +147,7 @@ def model_spec(args) -> str:
     if args.model_pos and args.model and args.model_pos != args.model:
         raise UsageError(f"two models given: {args.model_pos!r} and --model {args.model!r}")
     spec = args.model_pos or args.model or "default"
-    from ..models import resolve
+    from imtune.model.models import resolve
 
     resolve(spec)  # a mistyped run directory is "no such run directory", before anything else is asked for
     return spec
@@ -153,7 +156,8 @@ def model_spec(args) -> str:
 def data_sets(args, run: RunDir | None) -> tuple[DataSet | None, DataSet | None]:
     """(train, held-out): --train-data / --data as the flags read them; without them, a run's own data (its `data`
     and `eval_data`) read exactly as training read it (imtune.evaluate.run)."""
-    from ..evaluate.run import heldout_data, training_data
+    from imtune.evaluate.run import DataSet, heldout_data, training_data  # the stage loads torch (~4 s): here, so
+    # that `imtune eval --help` stays fast
 
     given = reading_of(args, run)
     train = DataSet(args.train_data, **given) if args.train_data else training_data(run, args.limit) if run else None
@@ -173,7 +177,7 @@ def reading_of(args, run: RunDir | None) -> dict:
 
 def scoring_of(args, run: RunDir | None) -> Scoring:
     """Template, system prompt, max length and truncation: the flags, else the run's (else no limit, truncate)."""
-    from ..evaluate.run import scoring_as_trained
+    from imtune.evaluate.run import Scoring, scoring_as_trained  # the stage loads torch: see data_sets
 
     base = scoring_as_trained(run) if run else Scoring()
     return replace(base, template=args.template or base.template,
@@ -212,8 +216,8 @@ def generate(args, spec: str, ev, model, tok, renderer, out_dir: Path | None, ro
              ) -> None:
     """--generate: answers for the held-out prompts (else the training prompts), saved as JSONL; --bleu-train:
     memorisation BLEU of greedy answers to the training prompts against the training outputs."""
-    from ..evaluate.bleu import generation_rows, memorisation_bleu
-    from ..generate import GenerationConfig
+    from imtune.evaluate.bleu import generation_rows, memorisation_bleu
+    from imtune.model.generate import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            batch_size=args.batch_size, seed=args.seed)
@@ -267,7 +271,7 @@ def report_text(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    from ..report_render import md_code
+    from imtune.report.render import md_code
 
     lines = [f"# Evaluation of {md_code(result['model'])}", "",
              f"Template {md_code(result['template'])}, max length {result['max_length'] or 'none'}, "

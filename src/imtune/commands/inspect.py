@@ -7,11 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..runlog import say
-from ..tokenize import token_offsets
-from ..types import CLASSES
-from ..weights import weight_warnings
-from .common import (
+from imtune.commands.common import (
     add_data_args,
     add_length_args,
     add_loss_args,
@@ -22,6 +18,10 @@ from .common import (
     loss_spec_from,
     roles_from,
 )
+from imtune.console import say
+from imtune.data.tokenize import token_offsets
+from imtune.data.weights import weight_warnings
+from imtune.types import CLASSES
 
 GREEN, YELLOW, MAGENTA, DIM, CYAN, RESET = ("\x1b[42;30m", "\x1b[43;30m", "\x1b[45;30m", "\x1b[2m", "\x1b[36m",
                                             "\x1b[0m")
@@ -81,9 +81,9 @@ def summary(ex) -> str:
 
 
 def run(args) -> int:
-    from .. import files
-    from ..models import load_tokenizer
-    from ..prepare import prepare_examples
+    from imtune import files
+    from imtune.data.prepare import prepare_examples
+    from imtune.model.models import load_tokenizer
 
     if args.jsonl:
         files.check_target(args.jsonl)  # before any work: never over the data (imtune.cli protects it) or a link

@@ -15,10 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import files
-from ..runlog import say
-from ..types import UsageError
-from .common import add_template_args
+from imtune import files
+from imtune.commands.common import add_template_args
+from imtune.console import say
+from imtune.types import UsageError
 
 
 def add_arguments(p) -> None:
@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
 
 def output_dir(args, run) -> tuple[Path, Path]:
     """(where results go, the imtune directory it lies in), checked before anything is generated or judged."""
-    from ..types import UsageError
+    from imtune.types import UsageError
 
     if args.out:
         files.check_claim(args.out, "eval")
@@ -78,12 +78,12 @@ def _claim(args, out_dir: Path) -> None:
 
 
 def _generate(args, references: list[dict], out_dir: Path, root: Path) -> Path:
-    from ..evaluate.bleu import generation_rows
-    from ..generate import GenerationConfig
-    from ..models import load_model, load_tokenizer
-    from ..templates import Renderer
-    from ..types import Conversation, Message, Where
-    from .serve import pick_device
+    from imtune.commands.serve import pick_device
+    from imtune.data.templates import Renderer
+    from imtune.evaluate.bleu import generation_rows
+    from imtune.model.generate import GenerationConfig
+    from imtune.model.models import load_model, load_tokenizer
+    from imtune.types import Conversation, Message, Where
 
     tok = load_tokenizer(args.model)
     renderer = Renderer(args.template, tok)
@@ -103,9 +103,9 @@ def _generate(args, references: list[dict], out_dir: Path, root: Path) -> Path:
 
 
 def run(args) -> int:
-    from ..evaluate.judge import JudgeCache, JudgeClient, chat_url, judge_pairs, markdown, pair_up, read_outputs
-    from ..models import cache_dir
-    from ..rundir import find_run
+    from imtune.evaluate.judge import JudgeCache, JudgeClient, chat_url, judge_pairs, markdown, pair_up, read_outputs
+    from imtune.files import cache_dir
+    from imtune.rundir.read import find_run
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be >= 1")

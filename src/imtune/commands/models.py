@@ -1,7 +1,7 @@
 """`imtune models prepare [MODEL]`: make a model available locally (the default: convert its GGUF once)."""
 from __future__ import annotations
 
-from .. import models
+from imtune.model import models
 
 
 def add_arguments(p) -> None:

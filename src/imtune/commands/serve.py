@@ -1,4 +1,4 @@
-"""`imtune serve MODEL|RUN`: an OpenAI-compatible chat-completions server on 127.0.0.1 (see imtune.serve).
+"""`imtune serve MODEL|RUN`: an OpenAI-compatible chat-completions server on 127.0.0.1 (see imtune.serve.app).
 
 The model is resolved as everywhere in imtune (`default`, `random:<size>`, a directory, a run directory with its
 training chat template, a hub id). Prints `imtune serve: listening on http://HOST:PORT/v1` on stdout once ready
@@ -7,28 +7,31 @@ that URL, e.g. `imtune bench alpacaeval --judge-url`.
 
 Another address than loopback (`--host 0.0.0.0`) is refused without an API key (--api-key, or IMTUNE_API_KEY, which
 `ps` does not show); clients then send `Authorization: Bearer KEY`, and name the server by an address or name given
-with --allowed-host. A public address also needs a TLS reverse proxy in front (see imtune.serve).
+with --allowed-host. A public address also needs a TLS reverse proxy in front (see imtune.serve.app).
 
 --engine vllm (or auto, when vLLM is installed and a GPU is present) hands a model directory to vLLM's OpenAI
-server instead, with the same chat template and API key (but none of imtune.serve's other request checks); that path
+server instead, with the same chat template and API key (but none of imtune.serve.app's other request checks); that path
 is not covered by the tests.
 
-The app (requests, queue, generation) is imtune.serve; the process around it is here: the socket, uvicorn's settings
+The app (requests, queue, generation) is imtune.serve.app; the process around it is here: the socket, uvicorn's settings
 (h11, keep-alive, connection limit, graceful shutdown), a header deadline uvicorn lacks, and an exit EXIT_AFTER seconds
 after SIGTERM/SIGINT whatever still runs."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 
-from ..runlog import say
-from ..types import UsageError
-from .common import add_template_args
+from imtune.commands.common import add_template_args
+from imtune.console import say
+from imtune.types import UsageError
 
 MAX_CONNECTIONS = 512  # uvicorn's limit_concurrency
 SHUTDOWN_GRACE = 2  # seconds uvicorn waits for responses to end after SIGTERM before it cancels them
@@ -115,9 +118,7 @@ def _after_serving(signum, frame):
 
 
 def _use_vllm(args) -> bool:
-    import importlib.util
-
-    from ..models import resolve
+    from imtune.model.models import resolve
 
     if args.engine == "transformers" or resolve(args.model).kind == "random":
         if args.engine == "vllm":
@@ -131,8 +132,8 @@ def _use_vllm(args) -> bool:
 
 
 def run(args) -> int:
-    from ..models import load_model, load_tokenizer
-    from ..templates import Renderer
+    from imtune.data.templates import Renderer
+    from imtune.model.models import load_model, load_tokenizer
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -149,7 +150,7 @@ def run(args) -> int:
         if _use_vllm(args):
             return _run_vllm(args, renderer, key)
         try:
-            from ..serve import Served, make_app
+            from imtune.serve.app import Served, make_app
         except ImportError as e:
             raise UsageError(f"imtune serve needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from None
 
@@ -177,7 +178,6 @@ def run(args) -> int:
 # The process around the app: socket, uvicorn, header deadline, shutdown.
 def listen(host: str, port: int):
     """A bound, listening socket (port 0: a free one); UsageError when the address cannot be had."""
-    import socket
 
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
@@ -282,11 +282,10 @@ def _run_vllm(args, renderer, key: str | None) -> int:
     """vLLM's OpenAI server on the resolved model directory with our chat template; SIGTERM is passed on. The API
     key goes to vLLM in its environment (VLLM_API_KEY, not on its command line); imtune's other request checks
     (Host, media type, body size, queue) are not on this path."""
-    import subprocess
 
-    from .. import files
-    from ..models import resolve
-    from ..serve import vllm_command
+    from imtune import files
+    from imtune.model.models import resolve
+    from imtune.serve.app import vllm_command
 
     src = resolve(args.model)
     template = files.temp_file(renderer.jinja, ".jinja")

@@ -1,18 +1,20 @@
 """`imtune study --factor ratio|n --values V1,V2,... [--family F | --data FILE] --arms it,im --seeds 0,1
---model M [train flags] --out DIR [--budget STEPS]`: the IM paper's two factors, measured (imtune.study): one
+--model M [train flags] --out DIR [--budget STEPS]`: the IM paper's two factors, measured (imtune.experiments.study):
+one
 comparison per value, the second arm minus the first (IM − IT) against the factor with intervals and a trend.
 `imtune study --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from ..runlog import say
-from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.console import say
 
 
 def add_arguments(p) -> None:
-    from ..config import add_train_arguments
+    from imtune.config import add_train_arguments
 
     add_train_arguments(p)
     g = p.add_argument_group("study")
@@ -49,10 +51,10 @@ def add_arguments(p) -> None:
 
 
 def settings_from(args):
-    from ..config import TrainConfig
-    from ..study import StudySettings, parse_values
-    from ..types import UsageError
-    from .compare import parse_seeds
+    from imtune.commands.compare import parse_seeds
+    from imtune.config import TrainConfig
+    from imtune.experiments.study import StudySettings, parse_values
+    from imtune.types import UsageError
 
     for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir")):
         if hasattr(args, dest):
@@ -93,8 +95,6 @@ def settings_from(args):
 
 
 def show(out: Path) -> None:
-    import json
-
     result = json.loads((out / "study.json").read_text(encoding="utf-8"))
     print(f"{result['difference']} of held-out output loss against {result['factor']} (95% intervals):")
     for r in result["rows"]:
@@ -109,8 +109,8 @@ def show(out: Path) -> None:
 
 
 def run(args) -> int:
-    from ..compare import is_main_process
-    from ..study import study, write_report
+    from imtune.experiments.compare import is_main_process
+    from imtune.experiments.study import study, write_report
 
     if args.report_only:
         md, page = write_report(args.report_only)

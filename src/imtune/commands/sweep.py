@@ -1,18 +1,19 @@
 """`imtune sweep --data F [--eval-data G] --prompt-weights 0,0.01,0.1,0.5,1 --seeds 0,1 [--normalize nonzero]
 [--weights assistant=0.6,eot=0.6] [train flags] --out DIR`: one `weighted:λ` arm per λ and seed under one budget
-(imtune.sweep, through imtune.compare), then sweep.json and a report with the recommended λ.
+(imtune.experiments.sweep, through imtune.experiments.compare), then sweep.json and a report with the recommended λ.
 `imtune sweep --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from ..runlog import say
-from .common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.console import say
 
 
 def add_arguments(p) -> None:
-    from ..config import add_train_arguments
+    from imtune.config import add_train_arguments
 
     add_train_arguments(p)
     g = p.add_argument_group("sweep")
@@ -34,10 +35,10 @@ def add_arguments(p) -> None:
 
 
 def settings_from(args):
-    from ..config import TrainConfig
-    from ..sweep import SweepSettings, parse_weights
-    from ..types import UsageError
-    from .compare import parse_seeds
+    from imtune.commands.compare import parse_seeds
+    from imtune.config import TrainConfig
+    from imtune.experiments.sweep import SweepSettings, parse_weights
+    from imtune.types import UsageError
 
     for flag, dest in (("--loss", "loss"), ("--prompt-weight", "prompt_weight"), ("--output-dir", "output_dir")):
         if hasattr(args, dest):
@@ -56,10 +57,8 @@ def settings_from(args):
 
 
 def show(out: Path) -> None:
-    import json
-
-    from ..report import next_text
-    from ..sweep import recommendation_text
+    from imtune.experiments.sweep import recommendation_text
+    from imtune.report.write import next_text
 
     result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     for r in result["prompt_weights"]:
@@ -73,8 +72,8 @@ def show(out: Path) -> None:
 
 
 def run(args) -> int:
-    from ..compare import is_main_process
-    from ..sweep import sweep, write_report
+    from imtune.experiments.compare import is_main_process
+    from imtune.experiments.sweep import sweep, write_report
 
     if args.report_only:
         md, page = write_report(args.report_only)

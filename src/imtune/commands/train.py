@@ -1,11 +1,12 @@
 """`imtune train [CONFIG.yaml] [--flags]`: one run directory (config, data stats, chat template, metrics,
 checkpoints, final model). Every flag is a TrainConfig field (imtune.config); flags override CONFIG.yaml, which
-overrides --preset. The plan (examples, tokens, steps, evaluations, estimated time and disk: imtune.cost) is printed
+overrides --preset. The plan (examples, tokens, steps, evaluations, estimated time and disk: imtune.train.cost) is
+printed
 before the first step; `--dry-run` prints only that. Multi-GPU: `accelerate launch -m imtune.cli train ...` (see
 configs/)."""
 from __future__ import annotations
 
-from ..config import add_train_arguments
+from imtune.config import add_train_arguments
 
 
 def add_arguments(p) -> None:
@@ -16,10 +17,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..config import TrainConfig
-    from ..runlog import say
-    from ..train import dry_run, train
-    from ..weights import loss_spec, weight_warnings
+    from imtune.config import TrainConfig
+    from imtune.console import say
+    from imtune.data.weights import loss_spec, weight_warnings
+    from imtune.train.loop import dry_run, train
 
     cfg = TrainConfig.from_args(args)
     for w in weight_warnings(loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)):

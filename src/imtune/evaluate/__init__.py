@@ -11,9 +11,9 @@
 Heavy imports (torch, transformers, sacrebleu) happen inside the functions that need them."""
 from __future__ import annotations
 
-from .bleu import bleu, generation_rows, memorisation_bleu, split_prompt
-from .judge import head2head, judge_pairs, parse_ranking
-from .loss import evaluate_loss, gap
+from imtune.evaluate.bleu import bleu, generation_rows, memorisation_bleu, split_prompt
+from imtune.evaluate.judge import head2head, judge_pairs, parse_ranking
+from imtune.evaluate.loss import evaluate_loss, gap
 
 __all__ = ["bleu", "evaluate_loss", "gap", "generation_rows", "head2head", "judge_pairs", "memorisation_bleu",
            "parse_ranking", "split_prompt"]

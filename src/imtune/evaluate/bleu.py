@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..generate import GenerationConfig, generate
-from ..types import Conversation, Message
+from imtune.model.generate import GenerationConfig, generate
+from imtune.types import Conversation, Message
 
 
 def split_prompt(conv: Conversation) -> tuple[tuple[Message, ...], str | None]:
@@ -31,7 +31,7 @@ def generation_rows(model, tokenizer, renderer, conversations: list[Conversation
                     cfg: GenerationConfig = GenerationConfig(), limit: int | None = None,
                     progress: bool = False, answers=None) -> list[dict]:
     """One row per conversation: index, source, instruction, prompt (messages), output, reference (or None).
-    `answers`: imtune.answers.Answers of this model (greedy answers given before are not generated again)."""
+    `answers`: imtune.evaluate.answers.Answers of this model (greedy answers given before are not generated again)."""
     convs = list(conversations)[:limit] if limit else list(conversations)
     convs = [c for c in convs if any(m.role == "user" for m in split_prompt(c)[0])]
     splits = [split_prompt(c) for c in convs]

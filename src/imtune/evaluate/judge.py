@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import sqlite3
 import time
 import urllib.error
@@ -36,7 +37,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..types import DataError, Problem, UsageError
+from imtune import files
+from imtune.data.load import read_records
+from imtune.files import cache_dir
+from imtune.report.render import md_code
+from imtune.types import DataError, Problem, UsageError
 
 # alpaca_eval/evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt (alpaca-eval 0.6.6, Apache-2.0), verbatim.
 ALPACA_EVAL_GPT4 = '''<|im_start|>system
@@ -232,8 +237,6 @@ class JudgeCache:
 
     def __init__(self, path: str | Path | None):
         if path:
-            from .. import files
-
             files.make_dirs(Path(path).parent)
             files.check_target(path)  # SQLite opens (and writes) the file itself: a link or an input is refused first
         self.db = sqlite3.connect(str(path) if path else ":memory:")
@@ -258,9 +261,6 @@ def open_judge(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", cache:
     """The client and reply cache a judged benchmark uses. `cache`: a SQLite file, None for
     $IMTUNE_CACHE/judge-cache.sqlite, "none" for memory only. The API key is read from `api_key_env` (and sent over
     plain http to another machine only with `key_anywhere`)."""
-    import os
-
-    from ..models import cache_dir
 
     if not url or not model:
         raise UsageError("a judged benchmark needs --judge-url URL and --judge-model NAME (an OpenAI-compatible "
@@ -287,8 +287,6 @@ def _instruction(row: dict) -> str | None:
 
 def read_outputs(path: str | Path) -> list[dict]:
     """Rows of {instruction, output, generator} from a JSON array or JSONL file; problems say path:line."""
-    from ..load import read_records  # the one JSON/JSONL reader: path:line per record, U+2028 kept inside strings
-
     _, items = read_records(str(path))
     rows, problems = [], []
     for where, r in items:
@@ -400,8 +398,6 @@ def judge_pairs(pairs: list[dict], client: JudgeClient, cache: JudgeCache, worke
 
 
 def markdown(summary: dict, outputs_name: str, references_name: str) -> str:
-    from ..report_render import md_code
-
     s = summary
     rate = "n/a" if s["win_rate"] is None else f"{100 * s['win_rate']:.1f} ± {100 * s['standard_error']:.1f}"
     return "\n".join([

@@ -9,7 +9,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..types import CLASSES, Conversation
+from imtune.data.pack import IGNORE, collate
+from imtune.data.prepare import prepare_examples
+from imtune.data.weights import loss_spec
+from imtune.model.forward import embed, hidden_states, lm_head
+from imtune.model.loss import token_nll
+from imtune.types import CLASSES, Conversation
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "output": ("assistant", "eot"),
@@ -31,12 +36,8 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
 
     Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded.
     per_example=True also returns the same sums per example, [n][len(CLASSES)] each, in the order of `examples`
-    (the paired intervals of imtune.evidence resample them)."""
+    (the paired intervals of imtune.analysis.evidence resample them)."""
     import torch
-
-    from ..forward import embed, hidden_states, lm_head
-    from ..loss import token_nll
-    from ..pack import IGNORE, collate
 
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.int64)
@@ -99,9 +100,6 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
     default (truncation="drop" leaves them out); either way the count is reported. per_example=True adds
     "per_example": {"source": [str], "output_nll": [Σ nll of output tokens], "output_tokens": [count]} per scored
     example, in data order. The examples are rendered by `renderer` (its template and system prompt)."""
-    from ..prepare import prepare_examples
-    from ..weights import loss_spec
-
     # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
     prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
                             loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,

@@ -1,6 +1,6 @@
 """`evaluate_run`: a run's train and held-out loss per token class, on data read exactly as training read it.
 
-    RunDir (imtune.rundir) ─▶ Scoring + DataSet per side (as_trained) ─▶ evaluate_loss per side ─▶ RunEval (+ gap)
+    RunDir (imtune.rundir.read) ─▶ Scoring + DataSet per side (as_trained) ─▶ evaluate_loss per side ─▶ RunEval (+ gap)
 
 The run's TrainConfig says how its data became examples: format, field mapping, roles, on_invalid and limit (how
 records became conversations), template, system prompt, max_length, truncation and special-token policy (how
@@ -16,13 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..rundir import RunDir
-from ..types import Conversation
+from imtune.data.prepare import load
+from imtune.data.templates import Renderer
+from imtune.evaluate.loss import evaluate_loss, gap
+from imtune.model.models import load_model, load_tokenizer
+from imtune.rundir.read import RunDir
+from imtune.types import Conversation
 
 
 @dataclass(frozen=True)
 class DataSet:
-    """Data to score and how its records become conversations (imtune.prepare.load's arguments)."""
+    """Data to score and how its records become conversations (imtune.data.prepare.load's arguments)."""
 
     data: str | tuple[Conversation, ...]  # a path / hf: spec, or conversations given in code
     format: str = "auto"
@@ -48,8 +52,6 @@ class Scoring:
 
     def renderer(self, tokenizer):
         """The Renderer of this template and system prompt (also what generation for this run should use)."""
-        from ..templates import Renderer
-
         return Renderer(self.template, tokenizer, self.system_prompt)
 
 
@@ -102,8 +104,6 @@ def heldout_data(run: RunDir, limit: int | None = None) -> DataSet | None:
 
 def read_set(ds: DataSet) -> tuple[list[Conversation], list]:
     """(conversations, records skipped as invalid) of a data set."""
-    from ..prepare import load
-
     if not isinstance(ds.data, str):
         convs = list(ds.data)
         return (convs[:ds.limit] if ds.limit else convs), []
@@ -122,12 +122,8 @@ def evaluate_run(run: RunDir | None, model=None, tokenizer=None, *, train: DataS
     model / tokenizer: None = RUN/final's (loaded on the CPU: pass `model` placed elsewhere). loss=False only reads
     the data sets (for generation without loss).
     per_example=True adds each set's per-example output sums (loss["per_example"], for the intervals of compare)."""
-    from .loss import evaluate_loss, gap
-
     say = log or (lambda _msg: None)
     if run is not None:
-        from ..models import load_model, load_tokenizer
-
         scoring = scoring or scoring_as_trained(run)
         train = training_data(run, limit) if train == AS_TRAINED else train
         heldout = heldout_data(run, limit) if heldout == AS_TRAINED else heldout

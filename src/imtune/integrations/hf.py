@@ -23,7 +23,7 @@ What Trainer (transformers 5.23) passes to `compute_loss_func(outputs, labels, n
 - Scaling: with a compute_loss_func, Trainer treats the loss as already normalised over the step (no division by
   the accumulation steps) and, when num_items_in_batch is given, multiplies it by the number of processes before
   backward (DDP then averages gradients). So Σ_micro-batches Σw·nll / W_step is the update of Σw·nll / Σw over the
-  whole step and all processes — imtune train's normalisation (imtune.train). Trainer's default (no
+  whole step and all processes — imtune train's normalisation (imtune.train.loop). Trainer's default (no
   compute_loss_func, num_items_in_batch None) would instead average per-micro-batch means over accumulation steps.
 
 Packing (`collator(tokenizer, packing=True)`): the micro-batch becomes ONE row, padding-free, position_ids restarting
@@ -46,10 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..pack import IGNORE
-from ..prepare import Prepared, prepare_examples
-from ..types import UsageError
-from ..weights import loss_spec
+from imtune.data.pack import IGNORE
+from imtune.data.prepare import Prepared, prepare_examples
+from imtune.data.weights import loss_spec
+from imtune.types import UsageError
 
 
 def to_dataset(data, tokenizer, loss: str = "im", prompt_weight: float | None = None, weights=None,
@@ -57,7 +57,7 @@ def to_dataset(data, tokenizer, loss: str = "im", prompt_weight: float | None = 
                last_turn_only: bool = False, format: str = "auto", fields: dict | None = None,
                on_invalid: str = "error", limit: int | None = None, quiet: bool = False):
     """Data (a path, hub spec or list of Conversation) -> datasets.Dataset with columns input_ids, labels,
-    loss_weights (float32), one row per kept example, built by imtune.prepare.prepare_examples with the loss mode's
+    loss_weights (float32), one row per kept example, built by imtune.data.prepare.prepare_examples with the loss mode's
     table. What preparation skipped or truncated is printed (quiet=False) and kept in `ds.info.description`."""
     spec = loss_spec(loss, prompt_weight, weights, last_turn_only)
     prep = prepare_examples(data, tokenizer, spec, template, max_length, truncation, format, fields, on_invalid,

@@ -2,7 +2,7 @@
 
     load(data, limit, opts) -> [Example]      the records of a local file (or hf:owner/name[/config][:split]),
                                               each with the chat messages it is asked as and its reference
-    generate (imtune.generate)                the model's reply to each prompt
+    generate (imtune.model.generate)                the model's reply to each prompt
     postprocess(example, reply) -> str        the completion that is scored and saved (code extraction for HumanEval)
     score(pairs, opts) -> [Verdict]           each (example, completion) right or wrong, and what was compared
     summarize(pairs, verdicts, opts) -> dict  the metrics (accuracy, pass@k, per task)
@@ -21,7 +21,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..types import DataError, Message, Problem, UsageError, Where
+from imtune import files as fs
+from imtune.data.load import read_records
+from imtune.model.generate import GenerationConfig, generate
+from imtune.report.render import md_cell
+from imtune.types import DataError, Message, Problem, UsageError, Where
 
 # name -> module: a ScoredTask (gsm8k, humaneval, bbh), a JudgedTask (JUDGED) or the harness, which hands the model
 # to lm-eval (imtune.tasks.harness).
@@ -126,10 +130,8 @@ def make_options(name: str, options: dict):
 
 def read_rows(spec: str, list_key: str | None = None) -> list[tuple[Where, dict]]:
     """Records of a .jsonl / .json file (either optionally .gz) or of hf:owner/name[/config][:split] (split `test`
-    by default), each with where it came from, through the one record reader (imtune.load). A .json file holds a
+    by default), each with where it came from, through the one record reader (imtune.data.load). A .json file holds a
     list, or an object whose `list_key` field is the list (BBH: "examples"); every element keeps its own line."""
-    from ..load import read_records
-
     _, rows = read_records(spec, split="test", list_key=list_key)
     bad = [r if isinstance(r, Problem) else Problem(w, "", "expected a JSON object") for w, r in rows
            if not isinstance(r, dict)]
@@ -154,17 +156,13 @@ def run_benchmark(name: str, model, tokenizer, renderer, data: str | None, limit
                   out_dir: Path | str | None = None, model_name: str | None = None, progress: bool = False,
                   answers=None, **options) -> dict:
     """Generate with `model` for every example of `data` and score; write the files into `out_dir` if given.
-    `answers`: imtune.answers.Answers of the model (greedy answers it gave before are not generated again)."""
+    `answers`: imtune.evaluate.answers.Answers of the model (greedy answers it gave before are not generated again)."""
     if name == "harness":
-        from . import harness
-
-        return harness.run_benchmark(model, tokenizer, limit=limit, out_dir=out_dir, model_name=model_name,
+        return module(name).run_benchmark(model, tokenizer, limit=limit, out_dir=out_dir, model_name=model_name,
                                      **options)
     if name in JUDGED:
         return module(name).run(model, tokenizer, renderer, data, limit=limit, gen_cfg=gen_cfg, out_dir=out_dir,
                                 model_name=model_name, progress=progress, answers=answers, **options)
-    from ..generate import GenerationConfig, generate
-
     mod, opts = module(name), make_options(name, options)
     if not data:
         raise UsageError(f"{name}: give the data file (--data PATH)")
@@ -288,8 +286,6 @@ def summary_line(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    from ..report_render import md_cell
-
     names = metric_names(result)
     lines = [f"| benchmark | model | n | {' | '.join(names)} |", "|---|---|---:|" + "---:|" * len(names),
              f"| {md_cell(result['label'])} | {md_cell(result.get('model', ''))} | {result['n']} | "
@@ -303,8 +299,6 @@ def markdown_table(result: dict) -> str:
 
 def write_outputs(result: dict, rows: list[dict] | None, out_dir: Path, markdown: str | None = None) -> dict[str, str]:
     """LABEL.json (the result), LABEL.samples.jsonl (one row a sample, when there are rows) and LABEL.md (a table)."""
-    from .. import files as fs
-
     label = result["label"]
     files = {"json": str(out_dir / f"{label}.json"), "markdown": str(out_dir / f"{label}.md")}
     if rows is not None:

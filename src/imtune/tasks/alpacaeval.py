@@ -16,9 +16,13 @@ leaderboard's other models to fit the instruction terms, which are not available
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from ..types import Message, UsageError
-from . import JudgeOptions, read_rows, text_field, write_outputs
+from imtune.evaluate.judge import ALPACA_EVAL_MAX_TOKENS, judge_pairs, open_judge
+from imtune.model.generate import GenerationConfig, generate
+from imtune.report.render import md_cell, md_code
+from imtune.tasks import JudgeOptions, make_options, read_rows, text_field, write_outputs
+from imtune.types import Message, UsageError
 
 KEY_FIELDS = ("index",)
 MAX_NEW_TOKENS = 1024
@@ -53,12 +57,7 @@ def load(data: str, limit: int | None, opts: Options) -> list[Example]:
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
         model_name: str | None = None, progress: bool = False, answers=None, **options) -> dict:
     """Answer every instruction, judge each answer against the reference in both orders, summarize. `answers`:
-    imtune.answers.Answers of the model (greedy answers given before are not generated again)."""
-    from pathlib import Path
-
-    from ..evaluate.judge import ALPACA_EVAL_MAX_TOKENS, judge_pairs, open_judge
-    from ..generate import GenerationConfig, generate
-    from . import make_options
+    imtune.evaluate.answers.Answers of the model (greedy answers given before are not generated again)."""
 
     key_anywhere = bool(options.pop("judge_key_anywhere", False))  # a choice about this run, not an Option
     opts = make_options("alpacaeval", options)
@@ -107,8 +106,6 @@ def summary(result: dict) -> str:
 def markdown(result: dict) -> str:
     rate = "n/a" if result["win_rate"] is None else \
         f"{100 * result['win_rate']:.1f} ± {100 * result['standard_error']:.1f}"
-    from ..report_render import md_cell, md_code
-
     return "\n".join([
         f"Judge {md_code(result['judge']['model'])} at {md_code(result['judge']['url'])}: "
         f"{result['judge']['protocol']}.", "",

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..types import Message, UsageError
-from . import Verdict, read_rows, text_field
+from imtune.tasks import Verdict, read_rows, text_field
+from imtune.types import Message, UsageError
 
 KEY_FIELDS = ("task", "index")
 

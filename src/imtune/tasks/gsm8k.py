@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from ..types import DataError, Message, Problem, UsageError
-from . import Verdict, read_rows, text_field
+from imtune.tasks import Verdict, read_rows, text_field
+from imtune.types import DataError, Message, Problem, UsageError
 
 KEY_FIELDS = ("index",)
 

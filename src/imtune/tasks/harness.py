@@ -3,7 +3,8 @@
     imtune bench harness --model M --tasks mmlu,arc_challenge [--include-path DIR] [--limit N] [--num-fewshot K]
 
 The model goes to `lm_eval.simple_evaluate` as `model="hf"` with `model_args` pointing at a local directory (a
-directory, a run directory's final/, the converted default model from imtune.models.prepare_default()) or a hub id;
+directory, a run directory's final/, the converted default model from imtune.model.models.prepare_default()) or a hub
+id;
 a `random:<size>` model, and any model already loaded (the Python API), go as an `HFLM(pretrained=model)`. Tasks come
 from lm-eval's registry plus the YAML files under `--include-path` (your own tasks: `dataset_path: json` with
 `dataset_kwargs: {data_files: ...}` reads a local file). Tasks that fetch hub datasets need network access.
@@ -26,7 +27,10 @@ import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..types import UsageError
+from imtune.model import models
+from imtune.report.render import md_cell
+from imtune.tasks import make_options, write_outputs
+from imtune.types import UsageError
 
 PAPER_TASKS: tuple[str, ...] = (
     "mmlu", "piqa", "openbookqa", "hellaswag", "lambada",
@@ -68,8 +72,6 @@ def label(opts: Options) -> str:
 def _lm_for(model, tokenizer, batch_size: int):
     """(model, model_args) for simple_evaluate: a local directory or hub id as "hf", anything else as an HFLM."""
     if isinstance(model, str):
-        from .. import models
-
         src = models.resolve(model)
         if src.kind == "default":
             return "hf", {"pretrained": str(models.prepare_default()), "dtype": "auto"}
@@ -124,8 +126,6 @@ def summarize(raw: dict, opts: Options, limit: int | None) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    from ..report_render import md_cell
-
     lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
     for task, metrics in result["tasks"].items():
         for name, value in metrics.items():
@@ -142,8 +142,6 @@ def markdown_table(result: dict) -> str:
 def run_benchmark(model, tokenizer=None, limit: int | None = None, out_dir: Path | str | None = None,
                   model_name: str | None = None, **options) -> dict:
     """Evaluate and, with out_dir, write LABEL.json and LABEL.md there."""
-    from . import make_options, write_outputs
-
     opts = make_options("harness", options)
     result = summarize(evaluate(model, opts, limit, tokenizer), opts, limit)
     result["model"] = model_name or (model if isinstance(model, str) else

@@ -31,9 +31,9 @@ import re
 from dataclasses import dataclass
 from math import prod
 
-from ..types import Message, UsageError
-from . import Verdict, read_rows, text_field
-from .sandbox import Checked, find_sandbox, run_programs
+from imtune.tasks import Verdict, read_rows, text_field
+from imtune.tasks.sandbox import Checked, find_sandbox, run_programs
+from imtune.types import Message, UsageError
 
 KEY_FIELDS = ("task_id",)
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"

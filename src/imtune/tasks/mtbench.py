@@ -23,11 +23,14 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..types import DataError, Message, Problem, UsageError
-from . import JudgeOptions, read_rows, write_outputs
+from imtune.evaluate.judge import ask_all, cache_key, open_judge
+from imtune.model.generate import GenerationConfig, generate
+from imtune.report.render import md_cell, md_code
+from imtune.tasks import JudgeOptions, make_options, read_rows, write_outputs
+from imtune.types import DataError, Message, Problem, UsageError
 
 KEY_FIELDS = ("question_id",)
 MAX_NEW_TOKENS = 1024  # gen_model_answer.py --max-new-token
@@ -105,10 +108,8 @@ def answer(model, tokenizer, renderer, questions: list[Question], cfg, progress:
            answers=None) -> list[tuple]:
     """(turn-1 answer, turn-2 answer) per question: turn 2 is asked after the model's own turn-1 answer. Questions
     are generated in groups of one category temperature (gen_model_answer.py: do_sample when temperature >= 1e-4).
-    `answers`: imtune.answers.Answers of the model (its greedy answers given before are not generated again)."""
-    from dataclasses import replace
-
-    from ..generate import generate
+    `answers`: imtune.evaluate.answers.Answers of the model (its greedy answers given before are not generated
+    again)."""
 
     given: dict[tuple, list[str]] = {q.key: [] for q in questions}
     for temp in sorted({TEMPERATURE[q.category] for q in questions}):
@@ -179,11 +180,7 @@ def summarize(questions: list[Question], ratings: list[tuple]) -> dict:
 def run(model, tokenizer, renderer, data: str, limit: int | None = None, gen_cfg=None, out_dir=None,
         model_name: str | None = None, progress: bool = False, answers=None, **options) -> dict:
     """Answer both turns of every question, have the judge grade each turn, summarize. `answers`:
-    imtune.answers.Answers of the model (greedy answers given before are not generated again)."""
-    from ..evaluate.judge import ask_all, cache_key, open_judge
-    from ..generate import GenerationConfig
-    from . import make_options
-
+    imtune.evaluate.answers.Answers of the model (greedy answers given before are not generated again)."""
     key_anywhere = bool(options.pop("judge_key_anywhere", False))  # a choice about this run, not an Option
     opts = make_options("mtbench", options)
     if not data:
@@ -237,8 +234,6 @@ def summary(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    from ..report_render import md_cell, md_code
-
     lines = [f"Judge {md_code(result['judge']['model'])} at {md_code(result['judge']['url'])}: "
              f"{result['judge']['protocol']}.", "",
              "| model | n | score (± s.e.) | turn 1 | turn 2 | unparseable judgements |",

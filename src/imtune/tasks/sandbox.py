@@ -80,8 +80,8 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
-from .. import files
-from ..types import UsageError
+from imtune import files
+from imtune.types import UsageError
 
 PROCESS_LIMIT = 64  # processes (threads count too) one program may have at once
 FILE_LIMIT = 16 * 2**20  # bytes: the largest file (stderr included) a program may write

@@ -1,0 +1,1 @@
+"""Data analysis: statistics, findings and the advice of `imtune data stats`."""

@@ -1,0 +1,1 @@
+"""Data: files -> records -> Conversations -> rendered text -> token ids with per-token weights -> batches."""

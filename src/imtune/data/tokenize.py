@@ -1,0 +1,304 @@
+"""Rendered -> Encoded: the one tokenisation of the rendered texts, and each token's class from character spans.
+
+The rendered text is tokenized once (one batched call per ENCODE_CHUNK texts); every token's class comes from the
+character spans of that same pass, via the tokenizer's offsets (one numpy reduceat over all examples). The result,
+`Encoded`, is flat arrays over all examples and does not depend on the loss mode: imtune.data.cache stores it, and
+imtune.data.weights turns it into weighted examples. imtune.data.prepare.prepare_examples is the one entry that calls
+this.
+
+The rule for a token that covers characters of several classes: it takes the highest class among them in the order
+eot > assistant > user > system > template (types.CLASSES, last wins). So every token that holds any data content
+carries its content's weight, and only tokens made purely of template text are `template`.
+"""
+from __future__ import annotations
+
+import gc
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from imtune.types import CLASS_ID, DataError, Problem, Rendered, UsageError
+
+
+def _class_ids(r: Rendered, offsets: np.ndarray, last_turn_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token class ids and per-token 'is history' flags from character spans (see the module docstring).
+
+    The reference for one example; encode() computes the same for a whole batch at once (tests compare the two)."""
+    n_chars = len(r.text)
+    char_cls = np.zeros(n_chars + 1, dtype=np.int8)  # +1: a sentinel for tokens that start at the end
+    hist = np.zeros(n_chars + 1, dtype=np.int8)
+    last_asst = max((s.turn for s in r.spans if s.cls == "assistant"), default=-1)
+    for s in r.spans:
+        char_cls[s.start:s.end] = CLASS_ID[s.cls]
+        if last_turn_only and s.cls in ("assistant", "eot") and s.turn != last_asst:
+            hist[s.start:s.end] = 1
+    if len(offsets) == 0:
+        return np.zeros(0, np.int8), np.zeros(0, np.int8)
+    # Token i owns characters [start_i, start_{i+1}) (so gaps such as a space a tokenizer leaves out of the offsets
+    # belong to the token before them); reduceat takes the maximum class over each range.
+    starts = np.minimum(offsets[:, 0], n_chars)
+    starts = np.maximum.accumulate(starts)  # offsets are non-decreasing; guard against odd tokenizers
+    cls = np.maximum.reduceat(char_cls, starts)
+    his = np.maximum.reduceat(hist, starts)
+    # reduceat gives char_cls[start] for an empty range (start_i == start_{i+1}): a byte-split character, right.
+    return cls, his
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while millions of small containers are built (token lists, offset tuples,
+    examples: none of them can form a reference cycle). The collections they would trigger cost ~8% of preparing
+    LIMA (BENCHMARKS.md); the collector is re-enabled, as it was, on the way out."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The loss-mode-independent result of tokenizing a list of Rendered, flat over all examples (what the cache
+    stores). Example k owns the slice [bounds[k], bounds[k+1]) of every array."""
+
+    input_ids: np.ndarray  # [N] int32
+    classes: np.ndarray  # [N] int8, indices into CLASSES
+    history: np.ndarray  # [N] int8: 1 where an assistant/eot token belongs to an earlier turn than the last one
+    lengths: np.ndarray  # [K] int64 tokens per example
+
+    @property
+    def bounds(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)])
+
+
+class Appended:
+    """Encoded chunks joined as they come: each flat array grows in place (realloc; for a large array the kernel
+    moves its pages, nothing is copied), so the chunks and one joined copy of them are never held together (6 bytes
+    a token twice: ~0.27 GB more at a million small records, before the weights are made)."""
+
+    def __init__(self):
+        self.arrays = (np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.int8), np.zeros(0, np.int64))
+
+    def add(self, e: Encoded) -> None:
+        for a, part in zip(self.arrays, (e.input_ids, e.classes, e.history, e.lengths)):
+            n = len(a)
+            a.resize(n + len(part), refcheck=False)  # no view of these arrays exists until result()
+            a[n:] = part
+
+    def result(self) -> Encoded:
+        return Encoded(*self.arrays)
+
+
+# ---- content that spells control tokens -------------------------------------------------------------------------
+# A user message holding the literal text `<|im_end|>` would become the real end-of-turn token if the rendered text
+# were tokenized as it is: data could inject control tokens. The policy (--special-tokens-in-content):
+#   split (default)  such content is tokenized as plain text; the template's own control tokens stay special.
+#   keep             the old behaviour: the tokenizer sees control tokens wherever they are spelled.
+#   error            such a record is a DataError (path:line).
+# How `split` stays one tokenisation: the rendered text is tokenized once, as always; an occurrence of a special
+# token inside a content span is one special-token id there (added tokens are cut out of the text before any other
+# step, so the text around them tokenizes independently of them), and only that id is replaced by the plain-text
+# tokens of its characters. So the ids equal one tokenisation of the rendered string everywhere except exactly
+# inside those occurrences, and only the (rare) examples that have one cost anything extra.
+SPECIAL_TOKENS_IN_CONTENT = ("split", "keep", "error")
+CONTENT_CLASSES = (CLASS_ID["system"], CLASS_ID["user"], CLASS_ID["assistant"])
+
+_CONTROL: dict[int, tuple[object, re.Pattern | None]] = {}  # id(tokenizer) -> (tokenizer, pattern)
+
+
+def check_special_policy(policy: str) -> None:
+    if policy not in SPECIAL_TOKENS_IN_CONTENT:
+        raise UsageError(f"--special-tokens-in-content must be one of {', '.join(SPECIAL_TOKENS_IN_CONTENT)}, "
+                         f"not {policy!r}")
+
+
+def control_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching any special (control) token's text, longest first; None when the tokenizer has none."""
+    hit = _CONTROL.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    texts |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+    _CONTROL[id(tokenizer)] = (tokenizer, pattern)
+    return pattern
+
+
+def content_specials(r: Rendered, pattern: re.Pattern | None) -> list[tuple[int, int]]:
+    """Character ranges [start, end) of control-token text inside the content spans of r (system/user/assistant)."""
+    if pattern is None:
+        return []
+    return [m.span() for s in r.spans if s.cls in ("system", "user", "assistant") and s.end > s.start
+            for m in pattern.finditer(r.text, s.start, s.end)]
+
+
+def find_content_specials(rendered: list[Rendered], tokenizer) -> dict[int, list[tuple[int, int]]]:
+    """Example index -> the control-token ranges its content spells (only the examples that have any)."""
+    pattern = control_pattern(tokenizer)
+    found = {}
+    if pattern is None:
+        return found
+    for k, r in enumerate(rendered):
+        ranges = content_specials(r, pattern)
+        if ranges:
+            found[k] = ranges
+    return found
+
+
+def special_problem(r: Rendered, ranges: list[tuple[int, int]]) -> Problem:
+    spelled = sorted({r.text[a:b] for a, b in ranges})
+    return Problem(r.source, "", f"content spells the control token(s) {', '.join(spelled)} "
+                                 f"({len(ranges)} time(s))")
+
+
+def content_policy(rendered: list[Rendered], tokenizer, policy: str = "split",
+                   ) -> tuple[dict[int, list[tuple[int, int]]] | None, list[Problem]]:
+    """(what encode() should split, one Problem per example whose content spells a control token) under policy;
+    policy "error" raises them as a DataError."""
+    check_special_policy(policy)
+    found = find_content_specials(rendered, tokenizer)
+    problems = [special_problem(rendered[k], ranges) for k, ranges in found.items()]
+    if policy == "error":
+        refuse_specials(problems)
+    return (found if policy == "split" else None), problems
+
+
+def refuse_specials(problems: list[Problem]) -> None:
+    """Policy "error": the examples whose content spells a control token, as one DataError (none: nothing)."""
+    if problems:
+        hint = ("; remove the text, or pass --special-tokens-in-content split (train on it as plain text) or keep "
+                "(as control tokens)")
+        raise DataError([Problem(p.where, p.field, p.message + hint) for p in problems[:20]], total=len(problems))
+
+
+def token_offsets(r: Rendered, tokenizer, policy: str = "split") -> tuple[list[int], list[tuple[int, int]]]:
+    """One example's ids and character offsets exactly as encode() tokenizes it under policy (for display)."""
+    ids, offsets = _batch_encode([r.text], tokenizer)
+    ranges = content_specials(r, control_pattern(tokenizer)) if policy == "split" else []
+    if ranges:
+        return split_specials(ids[0], offsets[0], ranges, r.text, tokenizer)
+    return list(ids[0]), [tuple(o) for o in offsets[0]]
+
+
+def _plain(texts: list[str], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """ids and offsets of texts with special tokens treated as plain text (the tokenizer's split_special_tokens)."""
+    bk = getattr(tokenizer, "backend_tokenizer", None)
+    if bk is not None:
+        was = bk.encode_special_tokens
+        bk.encode_special_tokens = True
+        try:
+            encs = bk.encode_batch(texts, add_special_tokens=False)
+        finally:
+            bk.encode_special_tokens = was
+        return [(e.ids, e.offsets) for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def split_specials(ids: list[int], offsets: list, ranges: list[tuple[int, int]], text: str,
+                   tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """One example's ids/offsets with the tokens inside each range replaced by the plain-text tokens of the range."""
+    plain = _plain([text[a:b] for a, b in ranges], tokenizer)
+    out_ids, out_off, j = [], [], 0
+    for (a, b), (p_ids, p_off) in zip(ranges, plain):
+        while j < len(ids) and offsets[j][0] < a:
+            out_ids.append(ids[j])
+            out_off.append(tuple(offsets[j]))
+            j += 1
+        while j < len(ids) and offsets[j][0] < b:  # the control-token id(s) covering this range
+            j += 1
+        out_ids += p_ids
+        out_off += [(a + min(s, b - a), a + min(e, b - a)) for s, e in p_off]
+    out_ids += ids[j:]
+    out_off += [tuple(o) for o in offsets[j:]]
+    return out_ids, out_off
+
+
+def _batch_encode(texts: list[str], tokenizer) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """ids and offsets of every text from one batched call, without special tokens.
+
+    Calls the Rust backend directly when its state is what `tokenizer(texts, add_special_tokens=False)` would set
+    (no truncation, no padding, special tokens recognised as such): the same encodings, without building transformers'
+    BatchEncoding (~15% of the call). Otherwise, the ordinary call."""
+    bk = getattr(tokenizer, "backend_tokenizer", None)
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if bk is not None and bk.truncation is None and bk.padding is None and bk.encode_special_tokens == split:
+        encs = bk.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
+def _tokens(texts: list[str], tokenizer,
+            split: dict[int, list[tuple[int, int]]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [N] int32, start offset of every token [N] int64, tokens per text [K] int64) for all texts, from one
+    batched call; `split`: example -> control-token ranges of its content, tokenized as plain text (see above).
+    (Chunking the call to overlap this conversion with the tokenizer in a worker thread was measured slower on a
+    busy 2-core machine; see BENCHMARKS.md.)"""
+    ids, offsets = _batch_encode(texts, tokenizer)
+    if split:
+        ids, offsets = list(ids), list(offsets)
+        for k, ranges in split.items():
+            ids[k], offsets[k] = split_specials(ids[k], offsets[k], ranges, texts[k], tokenizer)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    n = int(lengths.sum())
+    input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=n)
+    starts = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * n)[0::2]
+    return input_ids, starts, lengths
+
+
+ENCODE_CHUNK = 16384  # texts per tokenizer call: the call's Python ids/offsets lists (~1 KB per text) stay bounded
+
+
+def encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
+    """Tokenize every rendered text and give each token its class: one batched call per ENCODE_CHUNK texts (all of
+    LIMA is one), the results joined into flat arrays."""
+    if len(rendered) <= ENCODE_CHUNK:
+        return _encode(rendered, tokenizer, split)
+    joined = Appended()
+    for a in range(0, len(rendered), ENCODE_CHUNK):
+        part = {k - a: v for k, v in (split or {}).items() if a <= k < a + ENCODE_CHUNK}
+        joined.add(_encode(rendered[a:a + ENCODE_CHUNK], tokenizer, part))
+    return joined.result()
+
+
+def _encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int, int]]] | None = None) -> Encoded:
+    """Tokenize every rendered text (one batched call) and give each token its class, for all examples at once.
+
+    Equal to _class_ids per example: the texts are laid end to end, each followed by one sentinel character of class
+    0, and one reduceat runs over all token starts plus one extra start at each sentinel (whose segment, covering the
+    characters before the next example's first token, is dropped)."""
+    input_ids, first, lengths = _tokens([r.text for r in rendered], tokenizer, split)
+    n_chars = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered))
+    base = np.concatenate([[0], np.cumsum(n_chars + 1)])  # text k starts at base[k]; its sentinel at base[k+1]-1
+    char_cls = np.zeros(int(base[-1]), dtype=np.int8)
+    hist = np.zeros(int(base[-1]), dtype=np.int8)
+    for k, r in enumerate(rendered):
+        b = int(base[k])
+        last_asst = max((s.turn for s in r.spans if s.cls == "assistant"), default=-1)
+        for s in r.spans:
+            char_cls[b + s.start:b + s.end] = CLASS_ID[s.cls]
+            if s.cls in ("assistant", "eot") and s.turn != last_asst:
+                hist[b + s.start:b + s.end] = 1
+    n = len(input_ids)
+    example = np.repeat(np.arange(len(rendered)), lengths)  # [N] example of each token
+    starts = np.minimum(first, n_chars[example]) + base[example]
+    starts = np.maximum.accumulate(starts)  # per example, as base[k] exceeds every start of earlier examples
+    # Each example's token starts, then its sentinel: token j of example k sits at bounds[k] + k + j.
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    is_token = np.ones(n + len(rendered), dtype=bool)
+    is_token[bounds[1:] + np.arange(len(rendered))] = False
+    idx = np.empty(n + len(rendered), dtype=np.int64)
+    idx[is_token] = starts
+    idx[~is_token] = base[1:] - 1
+    classes = np.maximum.reduceat(char_cls, idx)[is_token] if n else np.zeros(0, np.int8)
+    history = np.maximum.reduceat(hist, idx)[is_token] if n else np.zeros(0, np.int8)
+    return Encoded(input_ids, classes, history, lengths)
+
+

@@ -1,0 +1,184 @@
+"""Hidden states -> loss: the one weighted negative log-likelihood, computed in chunks of positions.
+
+The invariant. weighted_nll returns SUMS: nll_sum = Σ w·nll and weight_sum = Σ w over one micro-batch. The trainer
+divides by the weight sum of the whole optimizer step (all micro-batches, all ranks):
+
+    W = all_reduce_sum(Σ over the step's micro-batches of weights.sum())    # known before any forward pass
+    for batch in step: (weighted_nll(..., weights, ...).nll_sum / W).backward()
+
+so the gradient is that of Σw·nll / Σw over the step, whatever the split into micro-batches, accumulation or ranks
+(DDP AVERAGES gradients over ranks: multiply the loss by the number of ranks to keep the sum). `weight_sum` always
+equals `weights.sum()` (weights are 0 where labels == -100), hence W can be computed up front, from the same
+weights that are passed in (batch.weights; per-sequence rescaled ones under --normalize sequences, below).
+
+Memory and speed. Only positions with a label and weight > 0 are computed at all. Their hidden states are gathered
+([N, H]) and split into chunks of `chunk_size` positions. With gradients on, each chunk's logits ([chunk, V], fp32)
+are computed once, in the forward pass, and turned right there into the gradient of Σ w·nll with respect to them,
+w·(softmax − onehot), which is folded into dL/dh [N, H] and dL/dW [V, H] at once (_WeightedNLL): no logits outlive
+their chunk, and backward only scales the saved gradients. That is 3 head-sized matmuls per position instead of the 4
+of a checkpointed chunk (forward, recomputation, two in backward), and one softmax pass instead of three
+(BENCHMARKS.md). Without gradients (evaluation), chunks are computed forward only.
+
+The hidden states and the head come from imtune.model.forward (`hidden_states`, `lm_head`): the one forward pass of
+every
+caller. Per-sequence normalisation (--normalize sequences) needs nothing here: imtune.train.loop.per_sequence rescales
+each example's weights to sum to 1 before batching, so weight_sum counts examples and the same division by the
+step's weight sum gives the mean over examples of each example's weighted mean loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from imtune.data.pack import IGNORE
+from imtune.types import CLASSES
+
+
+@dataclass
+class LossSums:
+    nll_sum: torch.Tensor  # Σ w·nll, fp32 scalar, differentiable
+    weight_sum: torch.Tensor  # Σ w, fp32 scalar, no grad
+    per_class: dict[str, tuple[float, float]] | None = None  # class -> (Σ nll, count), unweighted, labelled tokens
+    per_group: tuple[torch.Tensor, torch.Tensor] | None = None  # (Σ w·nll, Σ w) per group id [G] fp64, no grad
+
+
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """h [c, H], weight [V, H], y [c] -> nll [c] fp32. The matmul runs in the head's dtype, the softmax in fp32."""
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()  # [c, V]
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _chunk_nll_eval(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """_chunk_nll without autograd, in the one [c, V] fp32 buffer of the logits: cross_entropy would add a second
+    (its log-softmax), 2 x 201 MB for a 1024-position chunk of a 49k vocabulary (every evaluation batch)."""
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()  # [c, V]
+    target = logits[torch.arange(len(y), device=y.device), y]  # [c], a copy: the logits are overwritten next
+    m = logits.amax(dim=-1)
+    z = logits.sub_(m[:, None]).exp_().sum(dim=-1)
+    return m + z.log() - target
+
+
+def _chunk_nll_grad(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                    w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [c, H], y [c], w [c] -> (nll [c] fp32, d(Σ w·nll)/d logits [c, V] in the head matmul's dtype).
+
+    The gradient w·(softmax − onehot) is built in place of the fp32 logits: one exp pass, no second [c, V] buffer."""
+    lin = F.linear(h.to(weight.dtype), weight, bias)  # [c, V], bf16 under autocast
+    logits = lin.float()
+    rows = torch.arange(len(y), device=y.device)
+    target = logits[rows, y]  # [c], a copy: the logits are overwritten next
+    m = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(m).exp_()  # exp(logit - max)
+    z = e.sum(dim=-1, keepdim=True)
+    nll = (m + z.log()).squeeze(1) - target
+    d = e.mul_(w[:, None] / z)  # w · softmax
+    d[rows, y] -= w
+    return nll, d.to(lin.dtype)
+
+
+class _WeightedNLL(torch.autograd.Function):
+    """(Σ w·nll, nll [N]) over positions h [N, H]; each chunk's gradient is computed in forward (see the module
+    docstring), so backward only scales dL/dh, dL/dW, dL/db by the incoming gradient. nll is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, w, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        nll = torch.empty(len(y), dtype=torch.float32, device=h.device)
+        for s in range(0, len(y), chunk_size):
+            e = s + chunk_size
+            nll[s:e], d = _chunk_nll_grad(h[s:e], weight, bias, y[s:e], w[s:e])
+            # The gradient matmuls run in the dtype of the forward one (bf16 under autocast), like autograd's would.
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                if gh is not None:
+                    gh[s:e] = torch.mm(d, weight.to(d.dtype))
+                if gw is not None:
+                    hc = h[s:e].to(d.dtype)
+                    if gw.dtype == d.dtype:
+                        gw.addmm_(d.t(), hc)
+                    else:
+                        gw += torch.mm(d.t(), hc)
+                if gb is not None:
+                    gb += d.sum(0)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(nll)
+        return (nll * w).sum(), nll
+
+    @staticmethod
+    def backward(ctx, g, _):
+        gh, gw, gb = ctx.saved_tensors
+        return (None if gh is None else gh * g, None if gw is None else gw * g, None if gb is None else gb * g,
+                None, None, None)
+
+
+def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+            idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Per-token nll [N] fp32 at flat positions idx [N] of hidden [B, T, H] / labels [B, T], chunk by chunk."""
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]  # [N, H], the only positions that cost anything
+    y = labels.reshape(-1)[idx]  # [N]
+    if len(idx) == 0:
+        return h.sum(-1).float()  # [0], still attached to the graph so backward() works on an empty batch
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    out = []
+    for s in range(0, len(idx), chunk_size):
+        args = (h[s:s + chunk_size], weight, bias, y[s:s + chunk_size])
+        # checkpoint: keep only the chunk's inputs; recompute its logits in backward, one chunk at a time.
+        out.append(checkpoint(_chunk_nll, *args, use_reentrant=False) if grad else _chunk_nll_eval(*args))
+    return torch.cat(out)
+
+
+def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None,
+                 groups: torch.Tensor | None = None) -> LossSums:
+    """Σ w·nll and Σ w over positions (see the module docstring). hidden [B, T, H] (any float dtype),
+    lm_head_weight [V, H], labels [B, T] (-100: none), weights [B, T] (already aligned with labels).
+
+    classes [B, T] (optional): also return per-class unweighted (Σ nll, count) over every labelled position,
+    zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions).
+    groups [B, T] (optional, ids >= 0): also return (Σ w·nll, Σ w) per group id, e.g. per example (no extra cost)."""
+    y, w = labels.reshape(-1), weights.reshape(-1).float()
+    labelled = y != IGNORE
+    active = labelled & (w > 0)
+    idx = active.nonzero().squeeze(1)  # [N] flat positions that carry loss
+    w_act = w[idx]
+    h = hidden.reshape(-1, hidden.shape[-1])[idx]  # [N, H], the only positions that cost anything
+    bias_grad = lm_head_bias is not None and lm_head_bias.requires_grad
+    if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad or bias_grad):
+        nll_sum, nll = _WeightedNLL.apply(h, lm_head_weight, lm_head_bias, y[idx], w_act, chunk_size)
+    else:
+        nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
+        nll_sum = (nll * w_act).sum()
+    sums = LossSums(nll_sum=nll_sum, weight_sum=w_act.sum().detach())
+    if groups is not None:
+        with torch.no_grad():
+            g = groups.reshape(-1)[idx]
+            n = int(groups.max()) + 1 if groups.numel() else 0
+            zero = torch.zeros(n, dtype=torch.float64, device=g.device)
+            sums.per_group = (zero.index_add(0, g, (nll.detach() * w_act).double()),
+                              zero.index_add(0, g, w_act.double()))
+    if classes is not None:
+        with torch.no_grad():
+            rest = (labelled & ~active).nonzero().squeeze(1)  # labelled but weightless: logged, never trained
+            nll_all = torch.cat([nll.detach(), _nll_at(hidden, lm_head_weight, lm_head_bias, labels, rest, chunk_size)])
+            cls = classes.reshape(-1)[torch.cat([idx, rest])].long()
+            k = len(CLASSES)
+            per_sum = torch.zeros(k, dtype=torch.float64, device=cls.device).index_add_(0, cls, nll_all.double())
+            per_n = torch.bincount(cls, minlength=k)
+            sums.per_class = {CLASSES[c]: (s, float(n)) for c, (s, n) in enumerate(zip(per_sum.tolist(),
+                                                                                          per_n.tolist())) if n}
+    return sums
+
+
+def token_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
+              lm_head_bias=None) -> torch.Tensor:
+    """Per-token nll [B, T] fp32 (0 where labels == -100), computed in chunks like weighted_nll. For evaluation."""
+    idx = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)
+    out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+    return out.index_put((idx,), nll).reshape(labels.shape)
+

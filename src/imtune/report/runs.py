@@ -1,0 +1,69 @@
+"""A comparison's runs for the report: compare.json's arms and runs, their metrics curves, and how a value is shown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from imtune.files import inside, refuse_links
+from imtune.rundir.read import config_text, metrics
+from imtune.types import UsageError
+
+THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+def runs_of(summary: dict) -> list[tuple[dict, dict]]:
+    """(arm, run) for every arm x seed; a version-1 compare.json (one seed, arms/<arm>/) has one run per arm."""
+    seed = summary["settings"]["base_config"].get("seed")
+    return [(a, r) for a in summary["arms"] for r in a.get("runs") or [{"seed": seed, "dir": a["dir"]}]]
+
+
+def run_label(arm: dict, run: dict, summary: dict) -> str:
+    return arm["spec"] if len(summary.get("settings", {}).get("seeds") or [0]) == 1 else \
+        f"{arm['spec']} seed {run['seed']}"
+
+
+def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str, str]]:
+    """(compare.json, run dir -> metrics.jsonl records, run dir -> config.yaml text)."""
+    d = Path(compare_dir)
+    path = d / "compare.json"
+    if not path.exists():
+        raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+    refuse_links(d)
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    for _, r in runs_of(summary):  # compare.json may come from elsewhere: its run directories stay inside d
+        refuse_links(inside(d, r["dir"]))
+    texts = {r["dir"]: config_text(d / r["dir"]) for _, r in runs_of(summary)}
+    configs = {k: "(missing)" if v is None else v for k, v in texts.items()}
+    return summary, load_metrics(summary, d), configs
+
+
+def load_metrics(summary: dict, d: Path) -> dict[str, list[dict]]:
+    return {r["dir"]: metrics(d / r["dir"], kind=None) for _, r in runs_of(summary)}
+
+
+def eval_points(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("type") == "eval"]
+
+
+def train_points(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("type", "train") == "train"]
+
+
+def _show(key: str, v) -> str:
+    if v is None:
+        return "–"
+    if key == "bleu":
+        return f"{v:.2f}"
+    if key.startswith("bench:mtbench"):
+        return f"{v:.2f}"  # MT-Bench: a 1-10 score, not a fraction
+    if key == "exact_match" or key.startswith("bench:"):
+        return f"{100 * v:.1f}%"
+    return f"{v:.4f}"
+
+
+def _diff(key: str, d: float) -> str:
+    if key.startswith("bench:mtbench"):
+        return f"{d:.2f}"
+    return f"{100 * d:.1f} points" if key == "exact_match" or key.startswith("bench:") else _show(key, d)

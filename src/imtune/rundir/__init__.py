@@ -1,0 +1,1 @@
+"""Run directories: the one reader, the run log, the single-writer guard, checkpoints and their integrity."""

@@ -1,0 +1,1 @@
+"""`imtune serve`: an OpenAI-compatible chat-completions server (the app and its request model)."""

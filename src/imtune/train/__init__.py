@@ -1,0 +1,1 @@
+"""Training: `imtune.train.loop.train(cfg) -> run directory`, and what it builds, tracks and saves."""
