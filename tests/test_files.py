@@ -48,10 +48,6 @@ ALLOWED = {
     ("tasks/inside.py", "os.fdopen"): "pipe descriptors, not files",
     # Not a file: the kernel's control that resets this process's peak RSS (imtune.train.clock).
     ("train/clock.py", "os.open"): "/proc/self/clear_refs, a kernel control, not a file",
-    # Owned by a concurrent change (synth.py is another engineer's file in this change): its write_jsonl is no
-    # longer called by imtune's commands (commands/data_synth.py's write_synth writes through imtune.files).
-    ("data/synth.py", "open"): "synth.write_jsonl: unused by the commands; to be moved onto imtune.files",
-    ("data/synth.py", ".mkdir"): "synth.write_jsonl: as above",
 }
 
 

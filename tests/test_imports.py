@@ -1,6 +1,7 @@
 """The package's plan, enforced on the source: stage packages whose imports run one way (LAYERS, bottom-up), no import
-cycle between modules, and imtune's own imports at the top of library modules. Only the command layer (commands/,
-cli.py) imports a stage inside `run`, so that `imtune --help` and `imtune COMMAND --help` never load torch."""
+cycle between modules, imtune's own imports at the top of library modules, and modules and functions that stay
+small. Only the command layer (commands/, cli.py) imports a stage inside `run`, so that `imtune --help` and
+`imtune COMMAND --help` never load torch."""
 from __future__ import annotations
 
 import ast
@@ -126,3 +127,20 @@ def test_the_checks_find_an_upward_import_a_cycle_and_a_lazy_import(tmp_path):
         f"pack.py:{len(pack.read_text().splitlines())}: data imports imtune.train.loop (train is above it)"]
     assert set(cycle(mods, edges)) >= {"imtune.data.load", "imtune.data.prepare"}
     assert lazy(edges) == [f"pack.py:{len(pack.read_text().splitlines())}: imports imtune.train.loop inside a function"]
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 80  # a module you can hold in your head; a function that fits a screen
+
+
+def test_modules_and_functions_stay_small():
+    big = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            big.append(f"{path.relative_to(SRC.parent)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    big.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: {node.name} is {n} lines")
+    assert big == []

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from imtune.data import validate
-from imtune.data.load import load_conversations, read_records
+from imtune.data.load import load_conversations
+from imtune.data.records import read_records
 from imtune.types import Conversation, DataError, Message, Problem, UsageError, Where
 
 HUGE = "1" * 100_000

@@ -1,5 +1,6 @@
-"""One reader for every JSON/JSONL input (imtune.data.load.read_records): judge outputs, bench samples and references go
-through the same code as training data, so U+2028 inside a string survives and every record has its own line."""
+"""One reader for every JSON/JSONL input (imtune.data.records.read_records): judge outputs, bench samples and
+references go through the same code as training data, so U+2028 inside a string survives and every record has its
+own line."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from conftest import SHARED
-from imtune.data.load import read_records
+from imtune.data.records import read_records
 from imtune.evaluate.judge import read_outputs
 from imtune.tasks import read_rows, score_samples
 from imtune.types import DataError, Problem

@@ -185,7 +185,7 @@ def test_short_body_and_negative_length_do_not_hang(server):
 
 def test_control_tokens_in_content_are_plain_text(tok):
     from imtune.data.templates import Renderer
-    from imtune.serve.app import prompt_ids
+    from imtune.serve.engine import prompt_ids
     from imtune.types import Message
 
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -556,7 +556,7 @@ def test_non_loopback_address_without_a_key_is_refused():
 # A server whose generation raises (seed 1) or never returns and never looks at its stop flag (seed 2).
 HOSTILE_MODEL = """
 import sys, time
-import imtune.serve.app as serve
+import imtune.serve.engine as serve
 real = serve.run_generation
 
 def hostile(served, job, streamer):

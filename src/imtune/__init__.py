@@ -4,7 +4,7 @@ The flow, one stage package after another (docs/design.md has the tree), frozen 
 (imtune.types), `imtune train` top to bottom:
 
     stage        function                                        gives
-    read         data.load.read_records / stream_records         (Where, record)  one reader for every JSON/JSONL input
+    read         data.records.read_records / stream_records      (Where, record)  one reader for every JSON/JSONL input
     understand   data.formats.to_conversation                    Conversation     (messages, alpaca, sharegpt, ...;
                                                                                   data.validate words the errors)
     render       data.templates.Renderer.render                  Rendered         text + role/turn spans

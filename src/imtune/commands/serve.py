@@ -150,7 +150,8 @@ def run(args) -> int:
         if _use_vllm(args):
             return _run_vllm(args, renderer, key)
         try:
-            from imtune.serve.app import Served, make_app
+            from imtune.serve.app import make_app
+            from imtune.serve.engine import Served
         except ImportError as e:
             raise UsageError(f"imtune serve needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'") from None
 

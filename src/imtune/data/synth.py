@@ -32,11 +32,9 @@ string seeds is stable across runs and platforms.
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from imtune.types import Conversation, Message, UsageError, Where
 
@@ -448,13 +446,3 @@ def exact_match_rate(predictions: list[str], heldout: list[Conversation]) -> flo
     return sum(map(exact_match, predictions, refs)) / max(len(refs), 1)
 
 
-def write_jsonl(path: str | Path, conversations: list[Conversation], family_name: str, seed: int, split: str) -> Path:
-    """The `messages` format, one record a line, with `id` and `family` beside `messages`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for i, c in enumerate(conversations):
-            rec = {"id": f"{family_name}-{seed}-{split}-{i}", "family": family_name,
-                   "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return path

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imtune import files
-from imtune.data.load import read_records
+from imtune.data.records import read_records
 from imtune.files import cache_dir
 from imtune.report.render import md_code
 from imtune.types import DataError, Problem, UsageError

@@ -117,19 +117,7 @@ def run_comparison(s: CompareSettings) -> Path:
         data = materialise_data(s, out)
     if not s.dry_run:  # a dry run makes no run directories
         files.make_dirs(out / "arms", out)
-    base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
-                          fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
-    if s.max_steps_cap and data["steps"] > s.max_steps_cap:
-        base = base.replace(max_steps=s.max_steps_cap)
-        data["steps"] = s.max_steps_cap
-    if base.eval_every is None:
-        base = base.replace(eval_every=default_eval_every(data["steps"]))
-    if base.save_every is None and s.checkpoints:
-        # Ctrl-C costs at most one evaluation interval: a checkpoint at each evaluation point, only the newest kept,
-        # removed once the run is done (tidy)
-        base = base.replace(save_every=base.eval_every, keep_checkpoints=1)
-    elif base.save_every is None:
-        say("compare: no checkpoints (--save-every not given): a run in progress at Ctrl-C starts over")
+    base = base_config(s, data)
     runs = [(arm, seed, arm_config(base, arm, out, seed)) for arm in s.arms for seed in seeds]
     for _, _, cfg in runs:  # every run is checked before any trains: a mistake costs no training time
         check_same_training(Path(cfg.output_dir), cfg.check())
@@ -189,6 +177,25 @@ def run_comparison(s: CompareSettings) -> Path:
     files.write_json(out / "compare.json", summary, root=out)  # again, with the report's own time
     say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds; {spent}")
     return out
+
+
+def base_config(s: CompareSettings, data: dict) -> TrainConfig:
+    """The config every arm starts from: the materialised data files, the step cap, the evaluation cadence and the
+    checkpoints that make Ctrl-C cheap. Caps data["steps"] as the runs will."""
+    base = s.base.replace(data=str(data["train_path"]), eval_data=str(data["test_path"]), format="messages",
+                          fields={}, limit=None, val_data=data["val_path"], keep_best=data["val_path"] is not None)
+    if s.max_steps_cap and data["steps"] > s.max_steps_cap:
+        base = base.replace(max_steps=s.max_steps_cap)
+        data["steps"] = s.max_steps_cap
+    if base.eval_every is None:
+        base = base.replace(eval_every=default_eval_every(data["steps"]))
+    if base.save_every is None and s.checkpoints:
+        # Ctrl-C costs at most one evaluation interval: a checkpoint at each evaluation point, only the newest kept,
+        # removed once the run is done (tidy)
+        base = base.replace(save_every=base.eval_every, keep_checkpoints=1)
+    elif base.save_every is None:
+        say("compare: no checkpoints (--save-every not given): a run in progress at Ctrl-C starts over")
+    return base
 
 
 def arm_config(base: TrainConfig, arm: Arm, out: Path, seed: int) -> TrainConfig:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from imtune.analysis.evidence import excludes_zero
 from imtune.analysis.stats import format_one
-from imtune.data.load import read_records
+from imtune.data.records import read_records
 from imtune.model.provenance import versions_line
-from imtune.report.runs import THRESHOLDS, _diff, _show, eval_points, runs_of, train_points
+from imtune.report.runs import THRESHOLDS, eval_points, runs_of, show_diff, show_value, train_points
 from imtune.types import Problem
 
 
@@ -54,7 +54,7 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             row.append(f"{100 * e['accuracy']:.1f}% ({sum(e['correct'])}/{e['n']})")
         for label in labels:
             v = r.get("bench", {}).get(label, {}).get("value")
-            row.append(_show(f"bench:{label}", v))
+            row.append(show_value(f"bench:{label}", v))
         rows.append(row)
     return header, rows
 
@@ -73,8 +73,8 @@ def difference_table(summary: dict) -> tuple[list[str], list[list[str]]] | None:
             win = None
             if excludes_zero(iv):
                 win = arm if (iv["value"] < 0) == (m["better"] == "lower") else ev["reference"]
-            rows.append([m["label"], f"{arm} − {ev['reference']}", _diff(key, iv["value"]),
-                         f"{_diff(key, iv['low'])} to {_diff(key, iv['high'])}",
+            rows.append([m["label"], f"{arm} − {ev['reference']}", show_diff(key, iv["value"]),
+                         f"{show_diff(key, iv['low'])} to {show_diff(key, iv['high'])}",
                          f"{win} won" if win else "no difference"])
     return header, rows
 

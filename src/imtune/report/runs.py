@@ -51,7 +51,7 @@ def train_points(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("type", "train") == "train"]
 
 
-def _show(key: str, v) -> str:
+def show_value(key: str, v) -> str:
     if v is None:
         return "–"
     if key == "bleu":
@@ -63,7 +63,7 @@ def _show(key: str, v) -> str:
     return f"{v:.4f}"
 
 
-def _diff(key: str, d: float) -> str:
+def show_diff(key: str, d: float) -> str:
     if key.startswith("bench:mtbench"):
         return f"{d:.2f}"
-    return f"{100 * d:.1f} points" if key == "exact_match" or key.startswith("bench:") else _show(key, d)
+    return f"{100 * d:.1f} points" if key == "exact_match" or key.startswith("bench:") else show_value(key, d)

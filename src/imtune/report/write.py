@@ -32,13 +32,13 @@ from imtune.report.plots import plot_bars, plot_curves
 from imtune.report.render import to_html, to_markdown  # noqa: F401 (imtune.experiments.sweep and imtune.experiments.study import them from here)
 from imtune.report.runs import (
     THRESHOLDS,
-    _diff,
-    _show,
     eval_points,
     load,
     load_metrics,
     run_label,
     runs_of,
+    show_diff,
+    show_value,
 )
 
 
@@ -195,7 +195,7 @@ def next_text(steps: list[dict], cwd: str | None) -> list[str]:
 
 
 def _signed(key: str, v: float) -> str:
-    return ("−" if v < 0 else "+") + _diff(key, abs(v))
+    return ("−" if v < 0 else "+") + show_diff(key, abs(v))
 
 
 def _pct(m: dict, c: dict) -> str:
@@ -250,7 +250,7 @@ def headline(summary: dict, measures: list[dict], wins: dict, why_not: list[str]
 
 
 def _iv(key: str, iv: dict) -> str:
-    return f"{_diff(key, iv['value'])} (95% interval {_diff(key, iv['low'])} to {_diff(key, iv['high'])})"
+    return f"{show_diff(key, iv['value'])} (95% interval {show_diff(key, iv['low'])} to {show_diff(key, iv['high'])})"
 
 
 def _interval_measure(key: str, m: dict, ref: str) -> tuple[dict, str]:
@@ -264,7 +264,8 @@ def _interval_measure(key: str, m: dict, ref: str) -> tuple[dict, str]:
             winner = arm if (iv["value"] < 0) == (m["better"] == "lower") else ref
         rows.append({"arm": arm, "reference": ref, "diff": iv["value"], "low": iv["low"], "high": iv["high"],
                      "decided": winner is not None, "winner": winner})
-        vals = f"{arm} {_show(key, m['values'][arm]['value'])} vs {ref} {_show(key, m['values'][ref]['value'])}"
+        values = m["values"]
+        vals = f"{arm} {show_value(key, values[arm]['value'])} vs {ref} {show_value(key, values[ref]['value'])}"
         parts.append(f"{arm} − {ref} = {_iv(key, iv)}, {vals}: "
                      + (f"**{winner} won**" if winner else "no difference"))
     rec = {"key": key, "label": m["label"], "better": m["better"], "reference": ref,
@@ -293,17 +294,17 @@ def _sentence(key, label, better, known, best, rows, spec) -> str:
     def vs(r) -> str:
         rel = f" = {100 * r['relative']:.1f}% {better}" if key == "heldout_loss" and r["relative"] else ""
         cmp = ">" if r["decided"] else "≤"
-        return (f"{spec[r['arm']]} {_show(key, r['value'])} (Δ {_diff(key, r['diff'])}{rel} {cmp} threshold "
-                f"{_diff(key, r['threshold'])}, {r['threshold_rule']})")
+        return (f"{spec[r['arm']]} {show_value(key, r['value'])} (Δ {show_diff(key, r['diff'])}{rel} {cmp} threshold "
+                f"{show_diff(key, r['threshold'])}, {r['threshold_rule']})")
 
     tied = [r for r in rows if not r["decided"]]
     ahead = [r for r in rows if r["decided"]]
     if not tied:
-        return f"On {label}, **{spec[best]}** won: {_show(key, known[best])} vs " + "; ".join(map(vs, rows)) + "."
+        return f"On {label}, **{spec[best]}** won: {show_value(key, known[best])} vs " + "; ".join(map(vs, rows)) + "."
     if not ahead:
-        return (f"On {label}, no difference: {spec[best]} {_show(key, known[best])} vs "
+        return (f"On {label}, no difference: {spec[best]} {show_value(key, known[best])} vs "
                 + "; ".join(map(vs, rows)) + ".")
-    return (f"On {label}, {spec[best]} ({_show(key, known[best])}) and " + "; ".join(map(vs, tied))
+    return (f"On {label}, {spec[best]} ({show_value(key, known[best])}) and " + "; ".join(map(vs, tied))
             + " are within the threshold of each other, ahead of " + "; ".join(map(vs, ahead)) + ".")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from imtune import files as fs
-from imtune.data.load import read_records
+from imtune.data.records import read_records
 from imtune.model.generate import GenerationConfig, generate
 from imtune.report.render import md_cell
 from imtune.types import DataError, Message, Problem, UsageError, Where
