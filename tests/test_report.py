@@ -234,8 +234,26 @@ def test_a_run_that_learned_nothing_is_named_with_its_numbers(tmp_path):
         "arm all seed 42: train-sample output loss 2.5000 at step 0 → 2.5000 at step 2 (not 1% lower)"]
     assert len(v["warnings"]) == 1 and "arm all seed 42" in v["warnings"][0]
     assert v["headline"].endswith(" — ⚠ 2 of 3 runs learned nothing")
-    md = write_report(d)[0].read_text()
+    md = write_report(d, recompute=True)[0].read_text()  # the runs changed after compare.json's verdict: rebuild
     assert "> ⚠ **Warning:** 2 of 3 runs learned nothing" in md and "> - arm it seed 42: final training" in md
+
+
+def test_the_verdict_is_computed_once_and_trusted_by_the_report_and_the_terminal(tmp_path, capsys):
+    """compare.json holds the verdict; the report and `imtune compare`'s terminal view show that one (a marker put
+    into it shows up in both), and only --report-only (recompute) computes it again from the files and stores it."""
+    from imtune.commands.compare import show
+
+    d = make_dir(tmp_path, {"it": 2.0, "im": 1.5}, {"it": 1.9, "im": 1.4})
+    write_report(d)  # computes the verdict (compare.json had none) and stores it
+    summary = json.loads((d / "compare.json").read_text())
+    assert summary["verdict"]["version"] == 1 and summary["verdict"]["headline"]
+    summary["verdict"]["headline"] = summary["verdict"]["text"] = "MARKER headline"
+    (d / "compare.json").write_text(json.dumps(summary))
+    assert "MARKER headline" in write_report(d)[0].read_text()
+    show(d)
+    assert capsys.readouterr().out.startswith("MARKER headline")
+    md = write_report(d, recompute=True)[0].read_text()
+    assert "MARKER" not in md and "MARKER" not in (d / "compare.json").read_text()
 
 
 @pytest.mark.parametrize("heldout, arms, agreement", [

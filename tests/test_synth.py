@@ -23,12 +23,10 @@ from imtune.data.synth import (
     RULE_ENTRIES,
     RULE_QUESTIONS,
     WORDS,
-    exact_match,
-    exact_match_rate,
-    normalize,
     synthesize,
 )
 from imtune.data.templates import Renderer
+from imtune.evaluate.exact import exact_match, exact_match_rate, normalize
 from imtune.types import UsageError
 
 FAMS = list(FAMILIES)

@@ -125,12 +125,12 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 
 def show(out: Path) -> None:
-    """The results table, the verdict and where the report is (stdout)."""
-
-    from imtune.report.write import text_table, verdict
+    """The results table, the verdict compare.json holds (computed once, by compare or --report-only) and where the
+    report is (stdout)."""
+    from imtune.report.write import text_table
 
     summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
-    v = verdict(summary, out)
+    v = summary["verdict"]
     print(v["headline"])  # first, so the one line that matters is not scrolled away by the table
     print()
     print(text_table(summary))
@@ -145,7 +145,7 @@ def run(args) -> int:
     from imtune.report.write import write_report
 
     if args.report_only:
-        md, page = write_report(args.report_only)
+        md, page = write_report(args.report_only, recompute=True)
         say(f"wrote {md} and {page}")
         show(Path(args.report_only))
         return 0

@@ -18,18 +18,6 @@ def heldout_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".heldout.jsonl")
 
 
-def write_synth(path: str | Path, conversations: list, family_name: str, seed: int, split: str,
-                root: Path | None = None) -> Path:
-    """imtune.data.synth's records (`messages`, with `id` and `family` beside them), one a line, written through
-    imtune.files (a link at `path` is refused; `root`: the imtune directory it lies in)."""
-    from imtune import files
-
-    rows = [{"id": f"{family_name}-{seed}-{split}-{i}", "family": family_name,
-             "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
-            for i, c in enumerate(conversations)]
-    return files.write_jsonl(path, rows, root)
-
-
 def add_arguments(p) -> None:
     from imtune.data.synth import FAMILIES
 
@@ -47,19 +35,19 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from imtune import files
     from imtune.analysis.stats import dataset_stats
-    from imtune.data.synth import family, synthesize
+    from imtune.data.synth import family, synthesize, write_jsonl
 
     fam = family(args.family)
     for p in [args.out] + ([heldout_path(args.out)] if args.heldout else []):
         files.check_target(p)  # both before either is written
     train, heldout = synthesize(args.family, args.n, args.ratio, args.seed, args.heldout)
     target = fam.default_ratio if args.ratio is None else args.ratio
-    out = write_synth(args.out, train, args.family, args.seed, "train")
+    out = write_jsonl(args.out, train, args.family, args.seed, "train")
     s = dataset_stats(train, unit="words")
     print(f"wrote {len(train):,} {args.family} train examples to {out}")
     if heldout:
-        hp = write_synth(heldout_path(args.out), heldout, args.family, args.seed, "heldout")
-        print(f"wrote {len(heldout):,} held-out examples to {hp} (score with imtune.data.synth.exact_match)")
+        hp = write_jsonl(heldout_path(args.out), heldout, args.family, args.seed, "heldout")
+        print(f"wrote {len(heldout):,} held-out examples to {hp} (score with imtune.evaluate.exact.exact_match)")
     print(f"instruction/output ratio (words): {s['ratio']:.3g} (target {target:g}); mean instruction "
           f"{s['instruction']['mean']:.1f} words, mean output {s['output']['mean']:.1f} words")
     if abs(s["ratio"] / target - 1) > 0.2:

@@ -226,9 +226,8 @@ def verdict_text(summary: dict) -> str:
 def run(args) -> int:
     from imtune import files
     from imtune.commands.compare import show
-    from imtune.commands.data_synth import write_synth
     from imtune.config import TrainConfig
-    from imtune.data.synth import FAMILIES, family, synthesize
+    from imtune.data.synth import FAMILIES, family, synthesize, write_jsonl
     from imtune.experiments.arms import parse_arms
     from imtune.types import UsageError
 
@@ -272,8 +271,8 @@ def run(args) -> int:
         f"{EVAL['exact_match']} held-out questions (no BLEU: 1-3 word answers are below its 4-gram order)\n"
         f"  -> {out}")
     train, heldout = synthesize(d["family"], d["n"], d["ratio"], d["seed"], d["heldout"])
-    data = write_synth(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train", out)
-    held = write_synth(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout", out)
+    data = write_jsonl(out / "synth" / f"{d['family']}.jsonl", train, d["family"], d["seed"], "train", out)
+    held = write_jsonl(out / "synth" / f"{d['family']}.heldout.jsonl", heldout, d["family"], d["seed"], "heldout", out)
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
     dirs = run_compare(out, base, arms, jobs)
 

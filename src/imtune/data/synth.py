@@ -35,7 +35,9 @@ import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from imtune import files
 from imtune.types import Conversation, Message, UsageError, Where
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,20 +431,17 @@ def synthesize(family_name: str, n: int, ratio: float | None = None, seed: int =
     return out["train"], out["heldout"]
 
 
-def normalize(text: str) -> str:
-    """What exact match compares: whitespace collapsed and stripped, case-folded, trailing periods removed."""
-    return " ".join(text.split()).casefold().rstrip(".").rstrip()
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize(prediction) == normalize(reference)
 
 
-def exact_match_rate(predictions: list[str], heldout: list[Conversation]) -> float:
-    """Share of predictions that exactly match the last assistant message of each held-out conversation."""
-    if len(predictions) != len(heldout):
-        raise ValueError(f"{len(predictions)} predictions for {len(heldout)} held-out examples")
-    refs = [c.messages[-1].content for c in heldout]
-    return sum(map(exact_match, predictions, refs)) / max(len(refs), 1)
 
 
+def write_jsonl(path: str | Path, conversations: list[Conversation], family_name: str, seed: int, split: str,
+                root: Path | None = None) -> Path:
+    """The `messages` format, one record a line, with `id` and `family` beside `messages`, written through
+    imtune.files (a link at `path` is refused; `root`: the imtune directory it lies in)."""
+    rows = [{"id": f"{family_name}-{seed}-{split}-{i}", "family": family_name,
+             "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
+            for i, c in enumerate(conversations)]
+    return files.write_jsonl(path, rows, root)

@@ -25,9 +25,9 @@ from pathlib import Path
 from imtune import files
 from imtune.config import TrainConfig
 from imtune.console import say
-from imtune.data.synth import exact_match
 from imtune.evaluate.answers import Answers
 from imtune.evaluate.bleu import generation_rows, memorisation_bleu
+from imtune.evaluate.exact import exact_match
 from imtune.evaluate.run import DataSet, evaluate_run, scoring_as_trained
 from imtune.experiments.arms import Arm, CompareSettings, file_digest, fmt, read_json
 from imtune.experiments.data import fixed_sample

@@ -117,6 +117,9 @@ def _threshold(key: str, a: str, b: str, summary: dict, metrics: dict) -> tuple[
 
 
 
+VERDICT_VERSION = 1  # compare.json's stored verdict is trusted when it has this version (write_report)
+
+
 def verdict(summary: dict, compare_dir: str | Path) -> dict:
     """Per measure: the values, the decision and the text. Measures with intervals (compare.json "evidence": held-out
     loss final and best, gap, exact match) compare every arm with the reference arm: "won" only when the 95% interval
@@ -177,7 +180,8 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets]
                      + next_text(steps, ((summary.get("commands") or [{}])[-1]).get("cwd")))
-    return {"thresholds": THRESHOLDS, "evidence_method": evidence.get("method"), "measures": measures,
+    return {"version": VERDICT_VERSION, "thresholds": THRESHOLDS, "evidence_method": evidence.get("method"),
+            "measures": measures,
             "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
             if nothing else None, "advice": advice, "bullets": bullets, "undecided": [k for k, _ in why_not],
             "next": steps, "text": text}
@@ -384,11 +388,15 @@ def _notes(summary: dict, curves: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing: plots (imtune.report.plots) + the page (imtune.report.page) as Markdown and HTML (imtune.report.render)
-def write_report(compare_dir: str | Path) -> tuple[Path, Path]:
-    """Plots + report.md + report.html from compare.json and the arms' run directories; returns the two paths."""
+def write_report(compare_dir: str | Path, recompute: bool = False) -> tuple[Path, Path]:
+    """Plots + report.md + report.html from compare.json and the arms' run directories; returns the two paths.
+    The verdict is the one compare.json holds (compare computed it once); it is computed here, and stored back into
+    compare.json, only when asked (`--report-only`: rebuild from the files), absent, or of another VERDICT_VERSION."""
     d = files.owned(compare_dir, "compare")
     summary, metrics, configs = load(d)
-    summary["verdict"] = verdict(summary, d)  # recomputed from the files: the report never trusts a stale text
+    if recompute or (summary.get("verdict") or {}).get("version") != VERDICT_VERSION:
+        summary["verdict"] = verdict(summary, d)
+        files.write_json(d / "compare.json", summary, root=d)
     plots_dir = files.make_dirs(d / "plots", d)
     plots = {"curves": plot_curves(summary, metrics, plots_dir), "gap": plot_bars(summary, plots_dir, "gap"),
              "scores": plot_bars(summary, plots_dir, "scores")}
