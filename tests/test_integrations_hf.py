@@ -91,7 +91,7 @@ def _imtune_run(tmp_path, data, **kw):
     run = train(cfg)
     tok = load_tokenizer(cfg.model)
     prep = prepare_examples(cfg.data, tok, loss_spec(cfg.loss, cfg.prompt_weight), max_length=cfg.max_length)
-    batches = make_batches(prep.examples, cfg.batch_size, cfg.max_length, False, tok.pad_token_id, cfg.seed, 0)
+    batches = make_batches(prep.examples, cfg.batch_size, cfg.max_length, False, cfg.seed, 0)
     return cfg, run, [i for mb in batches for i in mb], len(batches)
 
 

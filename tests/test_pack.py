@@ -37,9 +37,9 @@ def test_pack_examples_invariants(case):
 def test_make_batches_covers_each_example_once_and_collate_reproduces_bins(case, batch_size, packed, seed):
     lengths, max_length = case
     examples = [_ex(n, start=1000 * (i + 1)) for i, n in enumerate(lengths)]  # token id // 1000 - 1 = example
-    batches = make_batches(examples, batch_size, max_length, packed, pad_id=0, seed=seed, epoch=1)
+    batches = make_batches(examples, batch_size, max_length, packed, seed=seed, epoch=1)
     assert sorted(i for mb in batches for i in mb) == list(range(len(lengths)))  # each example once per epoch
-    assert batches == make_batches(examples, batch_size, max_length, packed, pad_id=0, seed=seed, epoch=1)
+    assert batches == make_batches(examples, batch_size, max_length, packed, seed=seed, epoch=1)
     rows = []
     for mb in batches:
         batch = collate([examples[i] for i in mb], packed, max_length)
@@ -60,7 +60,7 @@ def test_split_passes_keeps_rows_whole_and_each_pass_under_the_cap(case, batch_s
     rows (never a row cut or rebuilt differently), and a pass holds more than `cap` positions only as a lone row."""
     lengths, max_length = case
     examples = [_ex(n, start=1000 * (i + 1)) for i, n in enumerate(lengths)]
-    for mb in make_batches(examples, batch_size, max_length, packed, pad_id=0, seed=0, epoch=0):
+    for mb in make_batches(examples, batch_size, max_length, packed, seed=0, epoch=0):
         passes = split_passes(mb, lengths, packed, max_length, cap)
         assert [i for p in passes for i in p] == mb
         whole = collate([examples[i] for i in mb], packed, max_length)
@@ -80,19 +80,19 @@ def test_packed_micro_batches_group_bins_of_similar_length():
     rnd = random.Random(0)
     # LIMA-like: most examples longer than half a row, so bins fill unevenly
     examples = [_ex(rnd.randint(257, 512) if rnd.random() < 0.6 else rnd.randint(1, 256)) for _ in range(600)]
-    batches = make_batches(examples, 4, 512, True, 0, seed=0, epoch=0)
+    batches = make_batches(examples, 4, 512, True, seed=0, epoch=0)
     assert padding_fraction(examples, batches, True, 512) < 0.03  # 1.3%; shuffled bins without grouping: 9.5%
     n_bins = len(pack_examples(examples, 512))
     assert len(batches) == -(-n_bins // 4)
-    assert len(make_batches(examples, 4, 512, True, 0, seed=0, epoch=0, drop_last=True)) == n_bins // 4
+    assert len(make_batches(examples, 4, 512, True, seed=0, epoch=0, drop_last=True)) == n_bins // 4
 
 
 def test_make_batches_shuffles_per_epoch():
     examples = [_ex(n) for n in range(1, 41)]
     for packed in (False, True):
-        e0 = make_batches(examples, 2, 50, packed, 0, seed=0, epoch=0)
-        assert e0 != make_batches(examples, 2, 50, packed, 0, seed=0, epoch=1)
-        assert e0 != make_batches(examples, 2, 50, packed, 0, seed=1, epoch=0)
+        e0 = make_batches(examples, 2, 50, packed, seed=0, epoch=0)
+        assert e0 != make_batches(examples, 2, 50, packed, seed=0, epoch=1)
+        assert e0 != make_batches(examples, 2, 50, packed, seed=1, epoch=0)
 
 
 def test_collate_packed_layout():
@@ -128,7 +128,7 @@ def test_too_long_example_raises_a_clear_error():
         pack_examples(examples, 8)
     for packed in (True, False):
         with pytest.raises(UsageError, match="more than max_length"):
-            make_batches(examples, 2, 8, packed, 0, 0, 0)
+            make_batches(examples, 2, 8, packed, 0, 0)
         with pytest.raises(UsageError, match="more than max_length"):
             collate(examples, packed, max_length=8)
 

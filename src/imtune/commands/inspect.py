@@ -82,7 +82,7 @@ def summary(ex) -> str:
 
 def run(args) -> int:
     from imtune import files
-    from imtune.data.prepare import prepare_examples
+    from imtune.data.prepare import DataSpec, prepare_examples
     from imtune.model.models import load_tokenizer
 
     if args.jsonl:
@@ -92,10 +92,8 @@ def run(args) -> int:
     for w in weight_warnings(spec):
         say(w)
     limit = None if (args.limit == 0 or args.jsonl) else args.limit
-    prep = prepare_examples(args.data, tok, spec, args.template, args.max_length, args.truncation, args.format,
-                            fields_from(args), args.on_invalid, limit=limit,
-                            special_tokens_in_content=args.special_tokens_in_content, roles=roles_from(args),
-                            system_prompt=args.system_prompt)
+    prep = prepare_examples(args.data, tok, spec, DataSpec.of(args, fields=fields_from(args), roles=roles_from(args),
+                                                              limit=limit))
     color = _use_color(args.color)
     by_source = {c.source: c for c in prep.conversations}
     for line in prep.notes():

@@ -154,7 +154,7 @@ def collate(examples: Examples | list[TokenizedExample], packed: bool, max_lengt
 
 
 def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, max_length: int, packed: bool,
-                 pad_id: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+                 seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
     """The micro-batches of one epoch, in order, as lists of example indices; same (seed, epoch) -> same list.
 
     padded: examples shuffled, `batch_size` EXAMPLES per micro-batch.
@@ -167,7 +167,7 @@ def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, m
     Every example appears exactly once per epoch. One micro-batch may be smaller (drop_last=False): the last one when
     padded, any one when packed.
     Micro-batches hold different numbers of tokens and of weighted tokens: the trainer normalises by the weight sum
-    of the whole optimizer step (see imtune.model.loss), never per micro-batch. pad_id is unused (shared signature)."""
+    of the whole optimizer step (see imtune.model.loss), never per micro-batch."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, not {batch_size}")
     rng = np.random.default_rng([seed, epoch])
@@ -194,6 +194,12 @@ def make_batches(examples: Examples | list[TokenizedExample], batch_size: int, m
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def epoch_batches(examples: Examples | list[TokenizedExample], cfg, epoch: int) -> list[list[int]]:
+    """make_batches with a run's settings (cfg: a TrainConfig, or anything with batch_size, max_length, packing
+    and seed): the one way training, evaluation and the step arithmetic cut examples into micro-batches."""
+    return make_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed, epoch)
 
 
 def split_passes(idx: list[int], lengths: list[int], packed: bool, max_length: int,

@@ -20,6 +20,7 @@ that many characters first (the first max_length tokens are unchanged: the cut l
 max_length the bound is findings.MAX_CHARS characters (tokenizers abort natively on a 200 MB line)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -172,26 +173,47 @@ def tokenize_chunks(convs: list[Conversation], renderer: Renderer, tokenizer, ma
     return Tokenized(joined.result(), sources, unfit, specials, cache)
 
 
-def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, template: str | None = None,
-                     max_length: int | None = None, truncation: str = "drop", format: str = "auto",
-                     fields: dict | None = None, on_invalid: str = "error", limit: int | None = None,
-                     cache: bool = True, special_tokens_in_content: str = "split", roles: dict | None = None,
-                     system_prompt: str = "default") -> Prepared:
-    """Data (a path/hub spec or conversations) -> tokenized, weighted examples. Tokenizes once, a chunk at a time,
-    or not at all when the cache holds these rendered texts for this tokenizer (cache=False: always tokenize).
-    special_tokens_in_content: split | keep | error, for content that spells a control token (tokenize.content_policy).
-    """
-    check_truncation(truncation)  # before any work
-    check_special_policy(special_tokens_in_content)
-    convs, skipped, understood = _load(data, format, fields, on_invalid, limit, roles)
-    renderer = Renderer(template, tokenizer, system_prompt)
+@dataclass(frozen=True)
+class DataSpec:
+    """How a data set is read, rendered and fitted: everything between the file and the weighted examples except the
+    tokenizer and the loss. TrainConfig carries the same fields (DataSpec.of(cfg) takes them from it)."""
+    template: str | None = None  # None: the tokenizer's own chat template, else tulu
+    max_length: int | None = None
+    truncation: str = "drop"  # drop | truncate: what happens to an example longer than max_length
+    format: str = "auto"
+    fields: dict | None = None  # canonical field -> the record's field(s)
+    on_invalid: str = "error"  # error | skip
+    limit: int | None = None  # the first N records
+    special_tokens_in_content: str = "split"  # split | keep | error (tokenize.content_policy)
+    roles: dict | None = None  # the record's role name -> user | assistant | system
+    system_prompt: str = "default"
+    cache: bool = True  # False: always tokenize (never read or write the preparation cache)
+
+    @classmethod
+    def of(cls, cfg, **changes) -> DataSpec:
+        """The spec of a TrainConfig (or anything with these attributes), with `changes` applied."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(cfg, f.name)]
+        return dataclasses.replace(cls(**{n: getattr(cfg, n) for n in names}), **changes)
+
+
+def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, reading: DataSpec | None = None,
+                     **changes) -> Prepared:
+    """Data (a path/hub spec or conversations) -> tokenized, weighted examples, read as `reading` says (keyword
+    arguments change single fields: prepare_examples(data, tok, spec, template="tulu")). Tokenizes once, a chunk at a
+    time, or not at all when the cache holds these rendered texts for this tokenizer."""
+    r = dataclasses.replace(reading or DataSpec(), **changes)
+    check_truncation(r.truncation)  # before any work
+    check_special_policy(r.special_tokens_in_content)
+    convs, skipped, understood = _load(data, r.format, r.fields, r.on_invalid, r.limit, r.roles)
+    renderer = Renderer(r.template, tokenizer, r.system_prompt)
     # Rendered texts and spans, token lists and offsets: millions of small objects, no reference cycles. (With the
     # collector on, its full passes over them stalled one render of a million records past the template's 10 s bound.)
     with gc_paused():
-        done = tokenize_chunks(convs, renderer, tokenizer, max_length, truncation, cache, special_tokens_in_content)
-        examples, report = weigh(done.encoded, done.sources, spec, max_length, truncation,
-                                 on_empty="error" if on_invalid == "error" else "skip")
-    report.content_specials, report.special_tokens_in_content = done.specials, special_tokens_in_content
+        done = tokenize_chunks(convs, renderer, tokenizer, r.max_length, r.truncation, r.cache,
+                               r.special_tokens_in_content)
+        examples, report = weigh(done.encoded, done.sources, spec, r.max_length, r.truncation,
+                                 on_empty="error" if r.on_invalid == "error" else "skip")
+    report.content_specials, report.special_tokens_in_content = done.specials, r.special_tokens_in_content
     report.dropped_unfit, report.n_in = done.unfit, report.n_in + len(done.unfit)
     status = done.cache
     del done  # the Encoded arrays (6 bytes a token): the examples own what they need

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from imtune.data.pack import IGNORE, collate
-from imtune.data.prepare import prepare_examples
+from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.model.forward import embed, hidden_states, lm_head
 from imtune.model.loss import token_nll
@@ -101,10 +101,10 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
     "per_example": {"source": [str], "output_nll": [Σ nll of output tokens], "output_tokens": [count]} per scored
     example, in data order. The examples are rendered by `renderer` (its template and system prompt)."""
     # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
+    reading = DataSpec(renderer.name, max_length, truncation, format, fields, on_invalid, limit,
+                       special_tokens_in_content, system_prompt=renderer.system_prompt)
     prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
-                            loss_spec("all"), renderer.name, max_length, truncation, format, fields, on_invalid,
-                            limit=limit, system_prompt=renderer.system_prompt,
-                            special_tokens_in_content=special_tokens_in_content)
+                            loss_spec("all"), reading)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, counts, *ex = class_sums(model, prep.examples, pad_id, batch_size, progress, per_example)
     result = {"n": len(prep.examples), "tokens": int(sum(len(e) for e in prep.examples))}

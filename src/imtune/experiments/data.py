@@ -15,7 +15,7 @@ from imtune import files
 from imtune.analysis.stats import dataset_stats
 from imtune.config import TrainConfig
 from imtune.console import say
-from imtune.data.prepare import load, prepare_examples
+from imtune.data.prepare import DataSpec, load, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.experiments.arms import CompareSettings
 from imtune.model.models import load_tokenizer
@@ -54,8 +54,9 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     tok = load_tokenizer(b.model)
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
-    prep = prepare_examples(train, tok, loss_spec("it"), b.template, b.max_length, b.truncation, on_invalid="skip",
-                            system_prompt=b.system_prompt, special_tokens_in_content=b.special_tokens_in_content)
+    # (the records are already read: format, fields, roles and limit have done their work)
+    prep = prepare_examples(train, tok, loss_spec("it"), DataSpec.of(b, on_invalid="skip", format="auto",
+                                                                     fields=None, roles=None, limit=None))
     examples, renderer, report = prep.examples, prep.renderer, prep.report
     kept = set(examples.sources)
     dropped = [str(c.source) for c in train if c.source not in kept]

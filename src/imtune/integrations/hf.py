@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from imtune.data.pack import IGNORE
-from imtune.data.prepare import Prepared, prepare_examples
+from imtune.data.prepare import DataSpec, Prepared, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.types import UsageError
 
@@ -60,8 +60,8 @@ def to_dataset(data, tokenizer, loss: str = "im", prompt_weight: float | None = 
     loss_weights (float32), one row per kept example, built by imtune.data.prepare.prepare_examples with the loss mode's
     table. What preparation skipped or truncated is printed (quiet=False) and kept in `ds.info.description`."""
     spec = loss_spec(loss, prompt_weight, weights, last_turn_only)
-    prep = prepare_examples(data, tokenizer, spec, template, max_length, truncation, format, fields, on_invalid,
-                            limit=limit)
+    prep = prepare_examples(data, tokenizer, spec, DataSpec(template, max_length, truncation, format, fields,
+                                                            on_invalid, limit))
     if not quiet:
         print(f"imtune: {prep.summary()} (loss {spec.describe()})", file=sys.stderr, flush=True)
     return from_prepared(prep, f"imtune {spec.describe()}: {prep.summary()}")

@@ -60,8 +60,8 @@ from pathlib import Path
 from imtune import files
 from imtune.config import TrainConfig
 from imtune.console import say
-from imtune.data.pack import collate, lengths_of, make_batches, padding_fraction, split_passes
-from imtune.data.prepare import fingerprint, prepare_examples
+from imtune.data.pack import collate, epoch_batches, lengths_of, padding_fraction, split_passes
+from imtune.data.prepare import DataSpec, fingerprint, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.model.memory import pass_tokens
 from imtune.model.models import load_tokenizer, model_shape
@@ -153,8 +153,7 @@ class Run:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
-        return make_batches(self.examples, self.cfg.batch_size, self.cfg.max_length, self.cfg.packing,
-                            self.tokenizer.pad_token_id, self.cfg.seed, epoch)
+        return epoch_batches(self.examples, self.cfg, epoch)
 
     def passes(self, mbs: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
         """This rank's forward/backward passes of an optimizer step's micro-batches `mbs` (every rank's), as
@@ -212,7 +211,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     examples = examples.with_weights(examples.weights.astype(np.float32))  # what collate feeds the loss
     ex_weight = step_normalisers(examples, cfg.normalize)
     # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
-    first = epoch_batches(cfg, examples, tok, 0)
+    first = epoch_batches(examples, cfg, 0)
     sched = schedule(cfg, len(first), acc.num_processes)  # imtune.train.plan: compare estimates with the same function
     # the cost before the first step (imtune.train.cost; --dry-run stops here: dry_run)
     if plan and acc.is_main_process:
@@ -265,7 +264,7 @@ def dry_run(cfg: TrainConfig):
         files.check_claim(cfg.output_dir, "run")  # a directory the real run would refuse is refused now
     tok, prep, examples = read_data(cfg)
     evals = track.eval_sets(cfg, prep, tok)
-    first = epoch_batches(cfg, examples, tok, 0)
+    first = epoch_batches(examples, cfg, 0)
     sched = schedule(cfg, len(first), int(os.environ.get("WORLD_SIZE", "1")))
     return cost.of_run(cfg, examples, sched, evals, saving.save_dtype(cfg, resolve_precision(cfg.precision).used))
 
@@ -275,17 +274,11 @@ def read_data(cfg: TrainConfig) -> tuple:
     rescaled per example for --normalize sequences."""
     tok = load_tokenizer(cfg.model)
     spec = loss_spec(cfg.loss, cfg.prompt_weight, cfg.weights, cfg.last_turn_only)
-    prep = prepare_examples(cfg.data, tok, spec, cfg.template, cfg.max_length, cfg.truncation, cfg.format,
-                            cfg.fields, cfg.on_invalid, limit=cfg.limit, roles=cfg.roles,
-                            system_prompt=cfg.system_prompt,
-                            special_tokens_in_content=cfg.special_tokens_in_content)
+    prep = prepare_examples(cfg.data, tok, spec, DataSpec.of(cfg))
     if not prep.examples:
         raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
     return tok, prep, per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
 
-
-def epoch_batches(cfg: TrainConfig, examples, tok, epoch: int) -> list[list[int]]:
-    return make_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, tok.pad_token_id, cfg.seed, epoch)
 
 
 def resume_optimizer(resume_from: Path, optimizer, scheduler, steps_left: bool) -> None:

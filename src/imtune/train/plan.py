@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from imtune.data.pack import make_batches
+from imtune.data.pack import epoch_batches
 from imtune.types import UsageError
 
 
@@ -60,4 +60,4 @@ def schedule(cfg, micro_batches: int, processes: int) -> Schedule:
 def micro_batches_per_epoch(cfg, examples) -> int:
     """How many micro-batches make_batches cuts one epoch of `examples` into, as the trainer calls it (packed rows
     or padded examples, `batch_size` per micro-batch; the count is the same for every seed and epoch)."""
-    return len(make_batches(examples, cfg.batch_size, cfg.max_length, cfg.packing, 0, cfg.seed, 0))
+    return len(epoch_batches(examples, cfg, 0))

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from imtune.data.pack import make_batches
-from imtune.data.prepare import prepare_examples
+from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.model.objective import batch_args
 from imtune.rundir.checkpoint import converted
@@ -45,12 +45,9 @@ def eval_sets(cfg, prep, tok) -> dict:
     out = {}
     for name, data in [*sets.items(), *([("eval", cfg.eval_data)] if cfg.eval_data else []),
                        *([("val", cfg.val_data)] if cfg.val_data else [])]:
-        p = prepare_examples(data, tok, it, cfg.template, cfg.max_length, cfg.truncation, cfg.format, cfg.fields,
-                             on_invalid="skip", special_tokens_in_content=cfg.special_tokens_in_content,
-                             roles=cfg.roles, system_prompt=cfg.system_prompt)
+        p = prepare_examples(data, tok, it, DataSpec.of(cfg, on_invalid="skip", limit=None))
         if p.examples:
-            out[name] = (p.examples, make_batches(p.examples, cfg.batch_size, cfg.max_length, cfg.packing,
-                                                  tok.pad_token_id, 0, 0))
+            out[name] = (p.examples, make_batches(p.examples, cfg.batch_size, cfg.max_length, cfg.packing, 0, 0))
     return out
 
 
