@@ -12,6 +12,10 @@ ROLES = ("system", "user", "assistant")
 # so content always wins over template text and no data character is ever left without its class.
 CLASSES = ("template", "system", "user", "assistant", "eot")
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
+# The one place that says which classes are the output (what IT trains on and every held-out loss scores) and which
+# the instruction; template tokens are neither.
+OUTPUT = ("assistant", "eot")
+INSTRUCTION = ("user", "system")
 
 
 @dataclass(frozen=True, slots=True)  # slots: millions of these (no __dict__ each)

@@ -20,7 +20,7 @@ from itertools import chain
 
 import numpy as np
 
-from imtune.types import CLASS_ID, DataError, Problem, Rendered, UsageError
+from imtune.types import CLASS_ID, OUTPUT, DataError, Problem, Rendered, UsageError
 
 
 def _class_ids(r: Rendered, offsets: np.ndarray, last_turn_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +33,7 @@ def _class_ids(r: Rendered, offsets: np.ndarray, last_turn_only: bool) -> tuple[
     last_asst = max((s.turn for s in r.spans if s.cls == "assistant"), default=-1)
     for s in r.spans:
         char_cls[s.start:s.end] = CLASS_ID[s.cls]
-        if last_turn_only and s.cls in ("assistant", "eot") and s.turn != last_asst:
+        if last_turn_only and s.cls in OUTPUT and s.turn != last_asst:
             hist[s.start:s.end] = 1
     if len(offsets) == 0:
         return np.zeros(0, np.int8), np.zeros(0, np.int8)
@@ -284,7 +284,7 @@ def _encode(rendered: list[Rendered], tokenizer, split: dict[int, list[tuple[int
         last_asst = max((s.turn for s in r.spans if s.cls == "assistant"), default=-1)
         for s in r.spans:
             char_cls[b + s.start:b + s.end] = CLASS_ID[s.cls]
-            if s.cls in ("assistant", "eot") and s.turn != last_asst:
+            if s.cls in OUTPUT and s.turn != last_asst:
                 hist[b + s.start:b + s.end] = 1
     n = len(input_ids)
     example = np.repeat(np.arange(len(rendered)), lengths)  # [N] example of each token

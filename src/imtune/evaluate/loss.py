@@ -14,11 +14,11 @@ from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
 from imtune.model.forward import embed, hidden_states, lm_head
 from imtune.model.loss import token_nll
-from imtune.types import CLASSES, Conversation
+from imtune.types import CLASSES, INSTRUCTION, OUTPUT, Conversation
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "output": ("assistant", "eot"),
-    "instruction": ("user", "system"),
+    "output": OUTPUT,
+    "instruction": INSTRUCTION,
     "all": CLASSES,
 }
 

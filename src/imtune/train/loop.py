@@ -74,10 +74,10 @@ from imtune.train.build import build_model, build_training, make_accelerator, se
 from imtune.train.clock import Clock
 from imtune.train.distributed import full_tensor, gradient_sync, is_fsdp, resume_supported
 from imtune.train.plan import Schedule, schedule
-from imtune.types import CLASS_ID, CLASSES, UsageError
+from imtune.types import CLASS_ID, CLASSES, INSTRUCTION, OUTPUT, UsageError
 
-OUTPUT_CLASSES = (CLASS_ID["assistant"], CLASS_ID["eot"])
-INSTRUCTION_CLASSES = (CLASS_ID["user"], CLASS_ID["system"])
+OUTPUT_CLASSES = tuple(CLASS_ID[c] for c in OUTPUT)
+INSTRUCTION_CLASSES = tuple(CLASS_ID[c] for c in INSTRUCTION)
 
 
 class TrainingStopped(UsageError):
