@@ -319,7 +319,7 @@ def _analysis(r: dict) -> str:
     L = ["## Optimisations that stayed (before → after, from this run)\n"]
     if p:
         L.append(f"- **Data preparation, one batched tokenizer call + vectorised classes + GC paused while tokens are "
-                 f"built** (`imtune.data.weights.encode/weigh`): time / tokenizer time "
+                 f"built** (`imtune.data.tokenize.encode` + `imtune.data.weights.weigh`): time / tokenizer time "
                  f"{S(p['before_over_tokenizer']).median:.2f}× → {S(p['imtune_over_tokenizer']).median:.2f}× "
                  f"(speed-up {S(p['speedup_vs_before']).fmt('.2f', '×')}). The per-example path it replaced was "
                  "already "
