@@ -1,8 +1,7 @@
 """Training throughput on this CPU: real (non-padding) tokens per second, imtune vs TRL's SFTTrainer.
 
 Both sides train the same randomly initialised llama (imtune.model.models.load_model, same seed, sdpa attention) in the
-same
-precision, the one imtune's `--precision auto` picks on this machine (recorded as "precision"), on
+same precision, the one imtune's `--precision auto` picks on this machine (recorded as "precision"), on
 the same LIMA conversations (those whose rendering with the default template fits in max_length tokens, so neither
 side truncates or drops anything), with the same loss (assistant content + <|im_end|>: imtune `it`, TRL
 assistant_only_loss with the same template marked by {% generation %}), the same rows per micro-batch, accumulation,

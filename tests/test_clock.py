@@ -1,6 +1,5 @@
 """imtune.train.clock: where a comparison's time and memory go. The Clock itself (exclusive seconds per phase, peak RSS
-per
-phase), a compare on random:tiny that records every phase in compare.json (and counts reused runs on a re-run), and
+per phase), a compare on random:tiny that records every phase in compare.json (and counts reused runs on a re-run), and
 the memory guards: a compare never holds two models at once (a finished run's model does not outlive train(), an
 evaluation's model goes before the next is loaded), and the loss holds one chunk of logits at a time."""
 from __future__ import annotations

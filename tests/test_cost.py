@@ -1,6 +1,5 @@
 """imtune.train.cost: the plan `compare` prints before its first step (and alone with --dry-run) counts what the real
-run
-then does: examples, optimizer steps, evaluation points and held-out examples per point."""
+run then does: examples, optimizer steps, evaluation points and held-out examples per point."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,5 @@
 """imtune.model.forward: the one forward pass (training, its KL reference, evaluation) keeps packed examples apart
-under a
-flash attention kernel, with several packed rows per batch.
+under a flash attention kernel, with several packed rows per batch.
 
 There is no flash-attn on a CPU, so the kernels are swapped for torch ones (scaled_dot_product_attention) one level
 below transformers: its own flash_attention_forward / _flash_attention_forward decide, as on a GPU, whether to call

@@ -1,6 +1,5 @@
 """RunDir (imtune.rundir.read) reads a run directory once for everyone, and evaluate_run (imtune.evaluate.run) scores a
-run
-on its data read exactly as training read it: a run trained with a field mapping and --system-prompt TEXT is re-read
+run on its data read exactly as training read it: a run trained with a field mapping and --system-prompt TEXT is re-read
 to the same tokens, per class, that training counted in RUN/data_stats.json."""
 from __future__ import annotations
 

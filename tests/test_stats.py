@@ -1,6 +1,5 @@
 """imtune.analysis.stats and `imtune data stats`: statistics on hand-made data whose answers are worked out here by
-hand, the
-paper's Table 5 rows on the real LIMA and AlpaGasus-Dolly files (words mode), token counts that agree with one
+hand, the paper's Table 5 rows on the real LIMA and AlpaGasus-Dolly files (words mode), token counts that agree with one
 tokenisation under every template, the recommendation rule at its thresholds, and the CLI (table, JSON, plots)."""
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """imtune.data.synth and `imtune data synth`: deterministic for a seed (also across processes with other hash seeds),
 seeds differ, the ratio knob moves the ratio measured by imtune.analysis.stats (words), examples stay short in tokens
-at the
-default ratios, the fair families are fair (an oracle answers every example from its own instruction; no held-out
+at the default ratios, the fair families are fair (an oracle answers every example from its own instruction; no held-out
 answer occurs in training), `recall` is the labelled exception, exact-match scoring, and the written files load back
 as `messages`."""
 from __future__ import annotations

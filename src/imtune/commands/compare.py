@@ -2,8 +2,7 @@
 [--reference ARM] [--val-data V | --val-fraction F] [--flags]`:
 train every arm with the same model, data, order, budget and seeds, evaluate each final and best model, write a report
 (imtune.experiments.compare, imtune.report.write). Every `imtune train` flag applies to all arms. Re-running the same
-command skips
-finished arms. `imtune compare --report-only DIR` rebuilds the report of a finished comparison.
+command skips finished arms. `imtune compare --report-only DIR` rebuilds the report of a finished comparison.
 Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
 from __future__ import annotations
 

@@ -1,13 +1,11 @@
 """`imtune data stats DATA [DATA...]`: lengths, instruction/output ratio, the share of tokens each loss mode trains
 on, and advice on the loss mode (imtune.analysis.stats). One file: a detailed block; several: one row each, side by
-side.
-`--json`: one file prints the stats object; several print a JSON list of them, in the order given, each with its
+side. `--json`: one file prints the stats object; several print a JSON list of them, in the order given, each with its
 `path`. `--plot DIR` writes `<file stem>.lengths.png` and `<file stem>.scatter.png` per file.
 
 Data is analysed as it is: empty outputs, duplicates, near-duplicate long prompts and content that spells control
 tokens are findings (counted, first path:lines), not refusals (imtune.analysis.findings); only unparsable records are
-errors
-(or skipped with --on-invalid skip). Files are streamed, so memory stays bounded on millions of records."""
+errors (or skipped with --on-invalid skip). Files are streamed, so memory stays bounded on millions of records."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,6 @@
 """`imtune study --factor ratio|n --values V1,V2,... [--family F | --data FILE] --arms it,im --seeds 0,1
 --model M [train flags] --out DIR [--budget STEPS]`: the IM paper's two factors, measured (imtune.experiments.study):
-one
-comparison per value, the second arm minus the first (IM − IT) against the factor with intervals and a trend.
+one comparison per value, the second arm minus the first (IM − IT) against the factor with intervals and a trend.
 `imtune study --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 

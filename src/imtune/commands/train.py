@@ -1,8 +1,7 @@
 """`imtune train [CONFIG.yaml] [--flags]`: one run directory (config, data stats, chat template, metrics,
 checkpoints, final model). Every flag is a TrainConfig field (imtune.config); flags override CONFIG.yaml, which
 overrides --preset. The plan (examples, tokens, steps, evaluations, estimated time and disk: imtune.train.cost) is
-printed
-before the first step; `--dry-run` prints only that. Multi-GPU: `accelerate launch -m imtune.cli train ...` (see
+printed before the first step; `--dry-run` prints only that. Multi-GPU: `accelerate launch -m imtune.cli train ...` (see
 configs/)."""
 from __future__ import annotations
 

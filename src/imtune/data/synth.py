@@ -23,8 +23,7 @@ on the held-out answers: the held-out split asks the same kind of question about
             for stats.EVIDENCE or for the README's evidence.
 
 `ratio` targets the instruction/output ratio in words (the paper's convention, imtune.analysis.stats words mode: tags
-count
-one word each) per example, by adding or leaving out instruction sentences or notes, or (reverse) by the number of
+count one word each) per example, by adding or leaving out instruction sentences or notes, or (reverse) by the number of
 facts asked; each family has a floor and `reverse` a ceiling. The ratio reached is approximate; `imtune data synth`
 prints it. Deterministic for a seed: the train split does not depend on `heldout`, and Python's `random.Random` with
 string seeds is stable across runs and platforms.

@@ -12,8 +12,7 @@ is trained once per seed (--seeds; default the one --seed).
       .imtune             the marker: imtune made this directory (imtune.files.claim); any other is refused
       compare.json        settings, command lines, data stats + recommendation, per-arm results (mean over seeds,
                           spread, per-seed runs), intervals against the reference arm (imtune.experiments.aggregate),
-                          the verdict,
-                          versions (imtune, torch, transformers, python, model fingerprint:
+                          the verdict, versions (imtune, torch, transformers, python, model fingerprint:
                           imtune.model.provenance),
                           where the time and memory went per phase ("time", "memory": imtune.train.clock)
       data/train.jsonl    what every arm trains on: F (or F minus the held-out split), in the `messages` format

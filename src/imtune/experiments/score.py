@@ -10,8 +10,7 @@
 Per-example output sums ride along (results["per_example"]) for the intervals (imtune.experiments.aggregate). Greedy
 answers are
 kept in RUN/eval/answers.json (imtune.evaluate.answers): evaluated again with other settings, the same weights are not
-asked
-the same prompt twice (benchmarks included). results["time"]: this evaluation's seconds and peak memory per phase
+asked the same prompt twice (benchmarks included). results["time"]: this evaluation's seconds and peak memory per phase
 (imtune.train.clock: startup = loading the model, final_scoring, generation); a cached evaluation returns them with
 "reused": true."""
 from __future__ import annotations

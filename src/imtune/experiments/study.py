@@ -1,7 +1,6 @@
 """`study(settings) -> STUDY_DIR`: the IM paper's two factors, measured. For each value of one factor, an
 imtune.experiments.compare of the arms (default it,im) over the seeds; then the difference (second arm − first, e.g. IM
-− IT) of
-the held-out output loss, final and best, against the factor, with 95% intervals and a fitted trend.
+− IT) of the held-out output loss, final and best, against the factor, with 95% intervals and a fitted trend.
 
     --factor ratio   the instruction/output length ratio: of `imtune data synth --family F` (imtune.data.synth), one
                      synthetic data set per value (same n, same seed, held-out made alike); or of a real data set

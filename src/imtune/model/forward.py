@@ -2,8 +2,7 @@
 
 Training (imtune.model.objective.Objective, and its KL reference pass) and evaluation (imtune.evaluate.loss) call
 `hidden_states`; the loss (imtune.model.loss) turns its output into Σw·nll with `lm_head`'s weight, so full logits [B,
-T, V]
-never exist. Keeping one function here is what keeps packed examples apart for every caller:
+T, V] never exist. Keeping one function here is what keeps packed examples apart for every caller:
 
 - Packed rows (attention_mask None, position_ids restarting at 0 per example, see imtune.data.pack): transformers splits
   a row into examples from position_ids. sdpa / eager / flex build a block-diagonal causal mask per row

@@ -1,6 +1,5 @@
 """What training holds in memory, estimated from the model's shape (imtune.model.models.Shape): the activations per
-token,
-the pass cap `--micro-batch-tokens auto` derives from them (`pass_tokens`), and a run's peak (`peak_bytes`).
+token, the pass cap `--micro-batch-tokens auto` derives from them (`pass_tokens`), and a run's peak (`peak_bytes`).
 
 Activations dominate a full fine-tune's memory on a CPU. Measured with saved-tensor hooks on models shaped like
 SmolLM2-135M (hidden 576, intermediate 1536, 30 layers, fp32): training keeps ~50.5 KB per token per layer, so the

@@ -292,8 +292,7 @@ def n_params(model) -> int:
 def hash_weights(h, model) -> None:
     """Feed every weight and buffer of `model` (names, dtypes, shapes, bytes) into the hashlib object `h`: what the
     answers it gives depend on (imtune.train.baseline's step-0 key, imtune.evaluate.answers). Tensors off the CPU are
-    copied to it
-    one at a time."""
+    copied to it one at a time."""
     import torch
 
     for name, tensor in model.state_dict().items():

@@ -6,8 +6,7 @@ The model fingerprint is cheap on purpose (a comparison must not re-read gigabyt
 config.json plus the name and byte size of every weight file. It tells two models apart whenever their architecture
 or any weight file's size differs, and a re-download of the same checkpoint gives the same fingerprint; it does not
 prove the weights bit for bit (checkpoint manifests do that: imtune.rundir.checkpoint). A `random:<size>` model is its
-size
-table (the weights come from each run's seed).
+size table (the weights come from each run's seed).
 """
 from __future__ import annotations
 

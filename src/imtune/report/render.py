@@ -1,7 +1,6 @@
 """A page as a list of blocks -> Markdown or self-contained HTML (the PNGs embedded as base64 data URIs). Used by
 the compare, sweep and study reports (imtune.report.write, imtune.experiments.sweep, imtune.experiments.study), so
-every report says the same in
-both files.
+every report says the same in both files.
 
 Blocks: ("h", level, text) ("p", text) ("headline", text) ("warn", text, [items]) ("ul", [items])
 ("table", header, rows[, "text"]) ("img", path, alt) ("code", lang, text). Text may use `code`, **bold** and *em*.

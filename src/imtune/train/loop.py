@@ -3,8 +3,7 @@
 Read it top to bottom: `train()` calls `setup()`, which turns a TrainConfig into a frozen `Run` (data, schedule,
 model, optimizer, resumed state), then `fit()`, the loop, then the final save. Beside it: imtune.train.plan (the step
 arithmetic), imtune.train.build (accelerator, model, optimizer, lr schedule), imtune.train.track (evaluation during
-training,
---keep-best) and imtune.train.saving (checkpoints, final/, best/).
+training, --keep-best) and imtune.train.saving (checkpoints, final/, best/).
 
 The loss. Every token carries a weight (imtune.data.weights: the loss mode's class -> weight table). An optimizer step
 consumes `grad_accum × processes` micro-batches; W = Σw over all of them is known from the data before any forward
@@ -256,8 +255,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
 
 def dry_run(cfg: TrainConfig):
     """`imtune train --dry-run`: the plan setup prints (an imtune.train.cost.Cost), from the same data, evaluation sets
-    and
-    schedule; no run directory is made and nothing is trained."""
+    and schedule; no run directory is made and nothing is trained."""
 
     cfg = cfg.check()
     if cfg.output_dir:
