@@ -13,8 +13,20 @@ def test_every_benchmark_module_satisfies_its_protocol(name):
     protocol = tasks.JudgedTask if name in tasks.JUDGED else tasks.ScoredTask
     mod = tasks.module(name)
     members = [m for m in vars(protocol) if not m.startswith("_")] + list(protocol.__annotations__)
-    assert {"label", "load", "KEY_FIELDS", "Options"} <= set(members)
+    assert {"label", "load", "KEY_FIELDS", "Options", "HEADLINE"} <= set(members)
     assert isinstance(mod, protocol), [m for m in members if not hasattr(mod, m)]
+
+
+def test_each_benchmark_declares_the_number_it_is_reported_by():
+    """compare's benchmark table takes (metric, scale) from the task module, never by sniffing result keys; for a rule-
+    scored task the metric is a key of what its summarize returns."""
+    assert {n: tasks.headline(n) for n in tasks.BENCHMARKS} == {
+        "gsm8k": ("accuracy", "fraction"), "humaneval": ("pass@1", "fraction"), "bbh": ("accuracy", "fraction"),
+        "harness": (None, "fraction"), "alpacaeval": ("win_rate", "fraction"), "mtbench": ("score", "1-10")}
+    gsm8k = tasks.module("gsm8k")
+    opts = tasks.make_options("gsm8k", {})
+    result = gsm8k.summarize([(object(), "The answer is 4.")], [tasks.Verdict(True, "4")], opts)
+    assert gsm8k.HEADLINE in result and result[gsm8k.HEADLINE] == 1.0
 
 
 def test_a_module_missing_a_member_does_not_satisfy_it():

@@ -33,7 +33,7 @@ from imtune.experiments.data import fixed_sample
 from imtune.model.generate import GenerationConfig
 from imtune.model.models import load_model, load_tokenizer
 from imtune.rundir.read import best_info, read_run
-from imtune.tasks import JUDGED, run_benchmark
+from imtune.tasks import JUDGED, headline, run_benchmark
 from imtune.train.clock import Clock
 
 
@@ -147,11 +147,10 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path, answers=
                           gen_cfg=GenerationConfig(max_new_tokens=s.bench_max_new_tokens)
                           if s.bench_max_new_tokens else None, progress=s.base.progress, answers=answers,
                           **(s.judge if judged else {}))
-        metric = next((m for m in ("accuracy", "task_average", "win_rate", "score") if m in b), None) or \
-            next((m for m in b if m.startswith("pass@")), None)
+        metric, scale = headline(name)
         out[b.get("label", name)] = {
             "benchmark": name, "metric": metric, "value": b.get(metric) if metric else None, "n": b.get("n"),
-            "standard_error": b.get("standard_error"), "scale": "1-10" if metric == "score" else "fraction",
+            "standard_error": b.get("standard_error"), "scale": scale,
             "judge": s.judge.get("judge_model") if judged else None}
     return out
 

@@ -71,6 +71,7 @@ class ScoredTask(Protocol):
 
     Options: type  # the module's options (frozen dataclass), built from keyword options by make_options
     KEY_FIELDS: tuple[str, ...]  # the fields that name an example in a samples file (gsm8k: index)
+    HEADLINE: str  # the key of summarize()'s result the benchmark is reported by (compare's tables: headline())
 
     def label(self, opts) -> str: ...  # the result's name, e.g. gsm8k-8shot (file names, tables)
 
@@ -92,6 +93,7 @@ class JudgedTask(Protocol):
 
     Options: type
     KEY_FIELDS: tuple[str, ...]
+    HEADLINE: str  # the key of run()'s result the benchmark is reported by (SCALE: "fraction" unless it says)
 
     def label(self, opts) -> str: ...
 
@@ -112,6 +114,13 @@ def module(name: str):
     if name not in BENCHMARKS:
         raise UsageError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     return importlib.import_module(BENCHMARKS[name])
+
+
+def headline(name: str) -> tuple[str | None, str]:
+    """(metric, scale) a benchmark is reported by, as its module declares them (HEADLINE; SCALE, default
+    "fraction"): never guessed from the keys of a result."""
+    mod = module(name)
+    return mod.HEADLINE, getattr(mod, "SCALE", "fraction")
 
 
 def make_options(name: str, options: dict):

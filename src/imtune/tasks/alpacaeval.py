@@ -24,6 +24,7 @@ from imtune.report.render import md_cell, md_code
 from imtune.tasks import JudgeOptions, make_options, read_rows, text_field, write_outputs
 from imtune.types import Message, UsageError
 
+HEADLINE = "win_rate"  # the one number this benchmark is reported by (imtune.tasks.headline)
 KEY_FIELDS = ("index",)
 MAX_NEW_TOKENS = 1024
 

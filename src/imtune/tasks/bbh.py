@@ -23,6 +23,7 @@ from pathlib import Path
 from imtune.tasks import Verdict, read_rows, text_field
 from imtune.types import Message, UsageError
 
+HEADLINE = "accuracy"  # the one number this benchmark is reported by (imtune.tasks.headline)
 KEY_FIELDS = ("task", "index")
 
 TASKS: tuple[str, ...] = (

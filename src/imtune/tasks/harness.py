@@ -32,6 +32,8 @@ from imtune.report.render import md_cell
 from imtune.tasks import make_options, write_outputs
 from imtune.types import UsageError
 
+HEADLINE = None  # lm-eval tasks each report their own metrics: no single headline number
+
 PAPER_TASKS: tuple[str, ...] = (
     "mmlu", "piqa", "openbookqa", "hellaswag", "lambada",
     "lambada_multilingual", "gpt3_translation_benchmarks",

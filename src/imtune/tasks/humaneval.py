@@ -35,6 +35,7 @@ from imtune.tasks import Verdict, read_rows, text_field
 from imtune.tasks.sandbox import Checked, find_sandbox, run_programs
 from imtune.types import Message, UsageError
 
+HEADLINE = "pass@1"  # the one number this benchmark is reported by (imtune.tasks.headline)
 KEY_FIELDS = ("task_id",)
 INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 

@@ -32,6 +32,8 @@ from imtune.report.render import md_cell, md_code
 from imtune.tasks import JudgeOptions, make_options, read_rows, write_outputs
 from imtune.types import DataError, Message, Problem, UsageError
 
+HEADLINE = "score"  # the one number this benchmark is reported by (imtune.tasks.headline)
+SCALE = "1-10"  # the judge's grades, not a fraction
 KEY_FIELDS = ("question_id",)
 MAX_NEW_TOKENS = 1024  # gen_model_answer.py --max-new-token
 JUDGE_MAX_TOKENS = 2048  # common.py: chat_completion_openai(..., temperature=0, max_tokens=2048)
