@@ -3,6 +3,7 @@ report whose tables and plots come from compare.json and metrics.jsonl alone."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -371,3 +372,25 @@ def test_html_report_renders_in_a_real_browser(tmp_path):
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
                          timeout=180).stdout
     assert v["headline"] in dom and dom.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.parametrize("text, said", [
+    ("{not json", "not readable as JSON"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"version": 9, "arms": []}', "version 9"),
+    ('{"version": 2, "arms": "it"}', '"arms" is not a non-empty list'),
+    ('{"version": 2, "arms": [{"name": "it", "runs": [{"seed": 0}]}]}', "a run without a \"dir\""),
+])
+def test_a_compare_json_imtune_did_not_write_is_refused_with_its_path(tmp_path, text, said):
+    """compare.json is read in one place (report.runs.read_summary), and a damaged or foreign one is a message that
+    names the file and what is wrong, not a traceback from deep inside the report."""
+    from imtune.report.runs import read_summary
+    from imtune.types import UsageError
+
+    (tmp_path / "compare.json").write_text(text)
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'compare.json'}:") + ".*" + re.escape(said)):
+        read_summary(tmp_path)
+    (tmp_path / "compare.json").unlink()
+    (tmp_path / "compare.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UsageError, match="symbolic link"):
+        read_summary(tmp_path)

@@ -6,7 +6,6 @@ command skips finished arms. `imtune compare --report-only DIR` rebuilds the rep
 Multi-GPU: `accelerate launch -m imtune.cli compare ...` (every process trains; rank 0 evaluates and reports)."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -126,9 +125,10 @@ def parse_seeds(text: str | None) -> list[int] | None:
 def show(out: Path) -> None:
     """The results table, the verdict compare.json holds (computed once, by compare or --report-only) and where the
     report is (stdout)."""
+    from imtune.report.runs import read_summary
     from imtune.report.write import text_table
 
-    summary = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    summary = read_summary(out)
     v = summary["verdict"]
     print(v["headline"])  # first, so the one line that matters is not scrolled away by the table
     print()

@@ -8,7 +8,6 @@ The same comparison at scale is one `imtune compare` command (README: "Compare l
 Re-running reuses finished arms; --fresh starts over."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -229,6 +228,7 @@ def run(args) -> int:
     from imtune.config import TrainConfig
     from imtune.data.synth import FAMILIES, family, synthesize, write_jsonl
     from imtune.experiments.arms import parse_arms
+    from imtune.report.runs import read_summary
     from imtune.types import UsageError
 
     t0 = time.perf_counter()
@@ -276,14 +276,14 @@ def run(args) -> int:
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
     dirs = run_compare(out, base, arms, jobs)
 
-    steps = json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))["data"]["steps"]
+    steps = read_summary(dirs[0])["data"]["steps"]
     for cdir in dirs:
         print(f"\n== {cdir}")
         show(cdir)
     print()
     print(regime_text(held_out_curves(out)))
     print()
-    print(verdict_text(json.loads((dirs[0] / "compare.json").read_text(encoding="utf-8"))))
+    print(verdict_text(read_summary(dirs[0])))
     print()
     print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
     print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, jobs))

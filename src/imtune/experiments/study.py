@@ -38,9 +38,10 @@ from imtune.config import TrainConfig
 from imtune.console import is_main_process, say
 from imtune.data.prepare import load
 from imtune.data.synth import synthesize
-from imtune.experiments.arms import CompareSettings, parse_arms, read_json
+from imtune.experiments.arms import CompareSettings, parse_arms
 from imtune.experiments.compare import check_settings, compare, nothing_trained as none_in
 from imtune.experiments.data import write_conversations
+from imtune.report.runs import read_summary
 from imtune.report.write import to_html, to_markdown
 from imtune.train.cost import grid_text
 from imtune.types import Interrupted, UsageError
@@ -222,7 +223,7 @@ def run_study(s: StudySettings, arms: list) -> Path:
             continue
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue
-        rows.append({**value_row(v, read_json(cmp / "compare.json"), cmp.relative_to(out), arms[1].spec), **info})
+        rows.append({**value_row(v, read_summary(cmp), cmp.relative_to(out), arms[1].spec), **info})
         measured = rows[-1]["ratio_measured"]
         if s.family and s.factor == "ratio" and measured and abs(measured / v - 1) > 0.5:
             say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "

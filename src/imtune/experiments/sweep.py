@@ -29,6 +29,7 @@ from imtune.experiments.arms import CompareSettings, parse_arm, read_json
 from imtune.experiments.compare import check_settings, compare
 from imtune.report.checks import PRACTICAL, next_commands
 from imtune.report.page import next_blocks
+from imtune.report.runs import read_summary
 from imtune.report.write import to_html, to_markdown
 from imtune.types import UsageError
 
@@ -78,7 +79,7 @@ def sweep(s: SweepSettings) -> Path:
                                       keep=s.keep, dry_run=s.dry_run))
     if s.dry_run or not is_main_process():  # a plan only; under accelerate launch: rank 0 alone reports
         return out
-    summary = read_json(cmp / "compare.json")
+    summary = read_summary(cmp)
     measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"
     values = summary["evidence"]["measures"][measure]["values"]
     chosen = min(arms, key=lambda a: values[a.spec]["value"])

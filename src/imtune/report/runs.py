@@ -24,14 +24,52 @@ def run_label(arm: dict, run: dict, summary: dict) -> str:
         f"{arm['spec']} seed {run['seed']}"
 
 
+SUMMARY_VERSIONS = (1, 2)  # compare.json "version"s this code reads
+
+
+def read_summary(compare_dir: str | Path) -> dict:
+    """COMPARE_DIR/compare.json: the one reader (report, terminal view, sweep, study, demo). The file may come from
+    elsewhere, so what is not a compare.json imtune wrote — absent, a link, not JSON, another version, arms that are
+    not a list of {name, runs: [{seed, dir}]} — is a UsageError that names the file and what is wrong."""
+    d = Path(compare_dir)
+    path = d / "compare.json"
+    if path.is_symlink():
+        raise UsageError(f"{path} is a symbolic link: imtune reads its own files only as they are")
+    if not path.is_file():
+        raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path}: not readable as JSON ({e}); rerun the comparison to write it again") from None
+    problem = _summary_problem(summary)
+    if problem:
+        raise UsageError(f"{path}: not a compare.json imtune wrote: {problem}")
+    return summary
+
+
+def _summary_problem(summary) -> str | None:
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if summary.get("version", 1) not in SUMMARY_VERSIONS:
+        return f"version {summary.get('version')!r} (this imtune reads {', '.join(map(str, SUMMARY_VERSIONS))})"
+    arms = summary.get("arms")
+    if not isinstance(arms, list) or not arms:
+        return '"arms" is not a non-empty list'
+    for a in arms:  # version 2: "runs" per arm; version 1: one run, the arm's own "dir"
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str):
+            return 'an arm without a "name"'
+        runs = a.get("runs") if "runs" in a else [{"seed": None, "dir": a.get("dir")}]
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("dir"), str) and "seed" in r
+                                                 for r in runs):
+            return f'arm {a["name"]!r}: a run without a "dir" or a "seed"'
+    return None
+
+
 def load(compare_dir: str | Path) -> tuple[dict, dict[str, list[dict]], dict[str, str]]:
     """(compare.json, run dir -> metrics.jsonl records, run dir -> config.yaml text)."""
     d = Path(compare_dir)
-    path = d / "compare.json"
-    if not path.exists():
-        raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
     refuse_links(d)
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = read_summary(d)
     for _, r in runs_of(summary):  # compare.json may come from elsewhere: its run directories stay inside d
         refuse_links(inside(d, r["dir"]))
     texts = {r["dir"]: config_text(d / r["dir"]) for _, r in runs_of(summary)}
