@@ -72,6 +72,10 @@ GSM8K = ("imtune compare --data ../shared/data/train/gsm8k_train.jsonl --format 
          "--field output=answer --limit 102 --heldout-fraction 0.686 --arms it,im --seeds 0,1,2 --model default "
          "--template chatml --batch-size 2 --max-length 512 --lr 1e-4 --epochs 3 --eval-every 7 --eval-train-sample 8 "
          "--bleu-samples 0 --keep none --threads 2 --no-progress --out gsm8k")
+LIMA = ("imtune compare --data ../shared/data/train/lima.jsonl --truncation truncate --limit 102 "
+        "--heldout-fraction 0.686 --arms it,im --seeds 0,1,2 --model default --template chatml --batch-size 4 "
+        "--max-length 256 --lr 1e-4 --epochs 3 --eval-every 8 --eval-train-sample 8 --bleu-samples 0 --keep none "
+        "--threads 2 --no-progress --out lima")
 EVIDENCE: tuple[Evidence, ...] = (
     Evidence(source="the demo's comparison with 3 seeds: SmolLM2-135M-Instruct, fair synthetic 'lookup' data (every "
                     "answer in its own instruction; data: imtune data synth --family lookup --n 8 --ratio 30 --seed 0 "
@@ -120,6 +124,13 @@ EVIDENCE: tuple[Evidence, ...] = (
              command=GSM8K,
              data="gsm8k_train.jsonl", ratio_words=0.93, n=32, seeds=3,
              final=(-0.0103, -0.0159, -0.0052), best=(0.0025, -0.0062, 0.0100), it_final=0.9436, it_best=0.9231),
+    Evidence(source="imtune compare on LIMA: SmolLM2-135M-Instruct, the first 102 records (70 held out: 21 "
+                    "validation, 49 test), 31 training examples cut to 256 tokens, 3 epochs at lr 1e-4, 24 steps "
+                    "(2026-12-07)",
+             command=LIMA,
+             data="lima.jsonl", ratio_words=0.172, n=31, seeds=3,
+             final=(-0.0110, -0.0143, -0.0077), best=(-0.0087, -0.0120, -0.0052),
+             it_final=2.9159, it_best=2.8990),
 )
 
 
