@@ -378,8 +378,10 @@ def test_html_report_renders_in_a_real_browser(tmp_path):
     ("{not json", "not readable as JSON"),
     ('[1, 2]', "not a JSON object"),
     ('{"version": 9, "arms": []}', "version 9"),
-    ('{"version": 2, "arms": "it"}', '"arms" is not a non-empty list'),
-    ('{"version": 2, "arms": [{"name": "it", "runs": [{"seed": 0}]}]}', "a run without a \"dir\""),
+    ('{"version": 2, "arms": []}', '"settings" without a "base_config" object'),
+    ('{"version": 2, "settings": {"base_config": {}}, "arms": "it"}', '"arms" is not a non-empty list'),
+    ('{"version": 2, "settings": {"base_config": {}}, "arms": [{"name": "it", "runs": [{"seed": 0}]}]}',
+     "a run without a \"dir\""),
 ])
 def test_a_compare_json_imtune_did_not_write_is_refused_with_its_path(tmp_path, text, said):
     """compare.json is read in one place (report.runs.read_summary), and a damaged or foreign one is a message that

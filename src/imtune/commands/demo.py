@@ -276,16 +276,16 @@ def run(args) -> int:
     base = TrainConfig(model=args.model, data=str(data), eval_data=str(held), progress=args.progress, **t)
     dirs = run_compare(out, base, arms, jobs)
 
-    steps = read_summary(dirs[0])["data"]["steps"]
+    summary = read_summary(dirs[0])  # read once: the verdict and the steps below
     for cdir in dirs:
         print(f"\n== {cdir}")
         show(cdir)
     print()
     print(regime_text(held_out_curves(out)))
     print()
-    print(verdict_text(read_summary(dirs[0])))
+    print(verdict_text(summary))
     print()
-    print(CAVEATS.format(n=len(train), steps=steps, seeds=len(SEEDS)))
+    print(CAVEATS.format(n=len(train), steps=summary["data"]["steps"], seeds=len(SEEDS)))
     print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, jobs))
     print(f"\nimtune demo: done in {time.perf_counter() - t0:.0f}s wall time")
     return 0

@@ -101,8 +101,9 @@ def evaluate_loss(model, tokenizer, renderer, data: str | Path | list[Conversati
     "per_example": {"source": [str], "output_nll": [Σ nll of output tokens], "output_tokens": [count]} per scored
     example, in data order. The examples are rendered by `renderer` (its template and system prompt)."""
     # Loss mode `all` weights every class, so no example is left out for lack of weight; weights are unused here.
-    reading = DataSpec(renderer.name, max_length, truncation, format, fields, on_invalid, limit,
-                       special_tokens_in_content, system_prompt=renderer.system_prompt)
+    reading = DataSpec(template=renderer.name, max_length=max_length, truncation=truncation, format=format,
+                       fields=fields, on_invalid=on_invalid, limit=limit,
+                       special_tokens_in_content=special_tokens_in_content, system_prompt=renderer.system_prompt)
     prep = prepare_examples(list(data) if isinstance(data, (list, tuple)) else str(data), tokenizer,
                             loss_spec("all"), reading)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -60,8 +60,9 @@ def to_dataset(data, tokenizer, loss: str = "im", prompt_weight: float | None = 
     loss_weights (float32), one row per kept example, built by imtune.data.prepare.prepare_examples with the loss mode's
     table. What preparation skipped or truncated is printed (quiet=False) and kept in `ds.info.description`."""
     spec = loss_spec(loss, prompt_weight, weights, last_turn_only)
-    prep = prepare_examples(data, tokenizer, spec, DataSpec(template, max_length, truncation, format, fields,
-                                                            on_invalid, limit))
+    prep = prepare_examples(data, tokenizer, spec, DataSpec(
+        template=template, max_length=max_length, truncation=truncation, format=format, fields=fields,
+        on_invalid=on_invalid, limit=limit))
     if not quiet:
         print(f"imtune: {prep.summary()} (loss {spec.describe()})", file=sys.stderr, flush=True)
     return from_prepared(prep, f"imtune {spec.describe()}: {prep.summary()}")

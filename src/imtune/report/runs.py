@@ -52,6 +52,8 @@ def _summary_problem(summary) -> str | None:
         return "not a JSON object"
     if summary.get("version", 1) not in SUMMARY_VERSIONS:
         return f"version {summary.get('version')!r} (this imtune reads {', '.join(map(str, SUMMARY_VERSIONS))})"
+    if not isinstance(summary.get("settings"), dict) or not isinstance(summary["settings"].get("base_config"), dict):
+        return '"settings" without a "base_config" object'
     arms = summary.get("arms")
     if not isinstance(arms, list) or not arms:
         return '"arms" is not a non-empty list'
