@@ -22,7 +22,7 @@ _ORIGINAL: dict = {}
 
 # -- before: the checkpointed chunked loss (a8a5635) ------------------------------------------------------------
 def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int = 1024, classes=None,
-                        lm_head_bias=None, groups=None):  # groups: per-example sums, only asked by evaluation
+                        lm_head_bias=None):
     import torch
 
     from imtune.model import loss as L
@@ -37,8 +37,6 @@ def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int
     nll = nll_at(idx)
     w_act = w[idx]
     sums = L.LossSums(nll_sum=(nll * w_act).sum(), weight_sum=w_act.sum().detach())
-    if groups is not None:
-        raise NotImplementedError("the 'before' loss is a training benchmark side: no per-example sums")
     if classes is not None:
         with torch.no_grad():
             rest = (labelled & ~active).nonzero().squeeze(1)

@@ -139,7 +139,7 @@ def test_the_loss_holds_one_chunk_of_logits_at_a_time(grad):
     positions and a 49k vocabulary. cross_entropy on it would hold a second (its log-softmax) in evaluation."""
     import torch
 
-    from imtune.model.loss import token_nll, weighted_nll
+    from imtune.model.loss import class_nll, weighted_nll
 
     if not clock.reset_peak():
         pytest.skip("the kernel does not let this process reset its peak RSS (/proc/self/clear_refs)")
@@ -154,6 +154,7 @@ def test_the_loss_holds_one_chunk_of_logits_at_a_time(grad):
         weighted_nll(hidden, head, labels, torch.ones(8, 128)).nll_sum.backward()
     else:
         with torch.no_grad():
-            token_nll(hidden, head, labels)
+            cls, groups = torch.zeros(8, 128, dtype=torch.int8), torch.zeros(8, 128, dtype=torch.long)
+            class_nll(hidden, head, labels, cls, groups, torch.ones(5, dtype=torch.bool))
     grown = clock.peak_rss_mb() - before
     assert 0.8 * block < grown < 1.5 * block, (grown, block)

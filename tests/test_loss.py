@@ -84,10 +84,19 @@ def test_per_class_sums_cover_every_labelled_token_unweighted():
     assert sum(n for _, n in got.per_class.values()) == (labels != -100).sum().item()  # zero-weight ones included
 
 
-def test_token_nll_matches_naive():
-    hidden, W, _, labels, weights, _ = _data()
+def test_class_nll_sums_each_example_and_class_over_the_scored_classes_only():
+    hidden, W, _, labels, weights, classes = _data()
     _, ref = _naive(hidden, W, None, labels, weights)
-    torch.testing.assert_close(L.token_nll(hidden, W, labels, chunk_size=3), ref, atol=1e-5, rtol=1e-5)
+    groups = torch.arange(B)[:, None].expand(B, T)  # one example per row
+    for scored in ([True] * len(CLASSES), [c in ("assistant", "eot") for c in CLASSES]):
+        sums, counts = L.class_nll(hidden, W, labels, classes, groups, torch.tensor(scored), chunk_size=3)
+        assert sums.shape == counts.shape == (B, len(CLASSES))
+        for b in range(B):
+            for c in range(len(CLASSES)):
+                sel = (classes[b] == c) & (labels[b] != -100)
+                want = ref[b][sel].sum().item() if scored[c] else 0.0
+                assert sums[b, c].item() == pytest.approx(want, abs=1e-4)
+                assert counts[b, c].item() == (sel.sum().item() if scored[c] else 0)
 
 
 def test_bf16_hidden_works():
@@ -150,7 +159,8 @@ def test_sequence_normalisation_gives_mean_over_examples():
     labels = batch.labels.clamp_max(V - 1).where(batch.labels != -100, -100)
     w = batch.weights
     got = L.weighted_nll(hidden, W, labels, w)
-    nll = L.token_nll(hidden, W, labels)[0]
+    nll = torch.nn.functional.cross_entropy((hidden @ W.T).reshape(-1, V), labels.reshape(-1), reduction="none",
+                                            ignore_index=-100).reshape(labels.shape)[0]  # the reference, by hand
     means = [nll[s:e][:-1].mean() for s, e in [(0, 6), (6, 9), (9, 14)]]  # last token of each predicts nothing
     assert got.weight_sum.item() == pytest.approx(3.0)
     assert (got.nll_sum / got.weight_sum).item() == pytest.approx(torch.stack(means).mean().item(), rel=1e-5)

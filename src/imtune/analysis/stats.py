@@ -32,7 +32,7 @@ from imtune.analysis.advice import recommend
 from imtune.analysis.findings import Scan, format_findings
 from imtune.data.load import stream_conversations
 from imtune.data.templates import Renderer
-from imtune.data.tokenize import content_policy, encode
+from imtune.data.tokenize import Encoded, content_policy, encode
 from imtune.data.weights import LOSS_MODES
 from imtune.types import CLASS_ID, CLASSES, ROLES, Conversation, DataError, Problem, UsageError
 
@@ -86,33 +86,42 @@ def _words(conv: Conversation) -> tuple[int, int, list[int]]:
 
 
 def _tokens(conversations: list[Conversation], tokenizer, renderer,
-            special_tokens_in_content: str = "split") -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
-    """Per example: class counts over all tokens, class counts over predicted tokens, sequence length; and the
-    examples whose content spells a control token. One batched tokenisation (tokenize.encode, as training does)."""
+            special_tokens_in_content: str = "split") -> tuple[Encoded, list[Problem]]:
+    """One batched tokenisation (tokenize.encode, as training does) and the examples whose content spells a control
+    token."""
     renderer = renderer or Renderer(None, tokenizer)
     rendered = [renderer.render(c) for c in conversations]
     split, specials = content_policy(rendered, tokenizer, special_tokens_in_content)
-    enc = encode(rendered, tokenizer, split)
-    n, k = len(rendered), len(CLASSES)
+    return encode(rendered, tokenizer, split), specials
+
+
+def _counts(enc: Encoded) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: class counts over all tokens, class counts over predicted tokens, sequence length."""
+    n, k = len(enc.lengths), len(CLASSES)
     example = np.repeat(np.arange(n), enc.lengths)
     every = np.bincount(example * k + enc.classes, minlength=n * k).reshape(n, k)
     predicted_mask = np.ones(len(example), dtype=bool)
     predicted_mask[enc.bounds[:-1][enc.lengths > 0]] = False  # nothing predicts an example's first token
     predicted = np.bincount(example[predicted_mask] * k + enc.classes[predicted_mask], minlength=n * k).reshape(n, k)
-    return every, predicted, enc.lengths.copy(), specials
+    return every, predicted, enc.lengths.copy()
 
 
 def measure_chunk(conversations: list[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
-                  special_tokens_in_content: str = "split") -> tuple[Lengths, list[Problem]]:
-    """One batch of conversations -> their Lengths, and the ones whose content spells a control token."""
+                  special_tokens_in_content: str = "split", encoded: Encoded | None = None) -> tuple[Lengths,
+                                                                                                      list[Problem]]:
+    """One batch of conversations -> their Lengths, and the ones whose content spells a control token. `encoded`:
+    their tokenisation, already made (imtune.experiments.data measures what it prepares): not tokenized again."""
     w = [_words(c) for c in conversations]
     words = np.array([x[:2] for x in w], dtype=np.int64).reshape(-1, 2)
     roles = np.array([[sum(m.role == r for m in c.messages) for r in ROLES] for c in conversations],
                      dtype=np.int32).reshape(-1, len(ROLES))
-    if tokenizer is None:
+    if tokenizer is None and encoded is None:
         counts = np.array([x[2] for x in w], dtype=np.int64).reshape(-1, len(CLASSES))
         return Lengths(unit, words[:, 0], words[:, 1], counts, "words", None, words, roles), []
-    every, predicted, sequence, specials = _tokens(conversations, tokenizer, renderer, special_tokens_in_content)
+    specials = []
+    if encoded is None:
+        encoded, specials = _tokens(conversations, tokenizer, renderer, special_tokens_in_content)
+    every, predicted, sequence = _counts(encoded)
     if unit == "words":
         instruction, output = words[:, 0], words[:, 1]
     else:
@@ -167,13 +176,22 @@ def supervised_share(class_counts: np.ndarray) -> dict[str, float]:
 
 
 def dataset_stats(conversations: Iterable[Conversation], tokenizer=None, renderer=None, unit: str = "tokens",
-                  max_length: int | None = None) -> dict:
-    """The stats object (what `imtune data stats --json` prints for one file and the run directory saves)."""
+                  max_length: int | None = None, encoded: Encoded | None = None) -> dict:
+    """The stats object (what `imtune data stats --json` prints for one file and the run directory saves).
+    `encoded`: the conversations' tokenisation (one row each, in order), already made: measured, not made again."""
     if max_length is not None and tokenizer is None:
         raise UsageError("max_length is in tokens: pass a tokenizer")
     if tokenizer is not None and renderer is None:
         renderer = Renderer(None, tokenizer)  # the tokenizer's own chat template, else tulu (as everywhere)
-    lengths = measure(conversations, tokenizer, renderer, unit)
+    if encoded is None:
+        lengths = measure(conversations, tokenizer, renderer, unit)
+    else:
+        convs = list(conversations)
+        if len(convs) != len(encoded.lengths) or not convs:
+            raise ValueError(f"dataset_stats: {len(convs)} conversations, {len(encoded.lengths)} encoded")
+        lengths = Lengths.concat([measure_chunk(convs[a:a + CHUNK], tokenizer, renderer, unit,
+                                                encoded=encoded.rows(a, a + CHUNK))[0]
+                                  for a in range(0, len(convs), CHUNK)])
     return stats_from_lengths(lengths, max_length, getattr(renderer, "name", None))
 
 

@@ -75,6 +75,18 @@ class Encoded:
     def bounds(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths)])
 
+    def rows(self, a: int, b: int) -> Encoded:
+        """Examples a..b-1 (b past the end: to the end), as views."""
+        b = min(b, len(self.lengths))
+        bounds = self.bounds
+        s, e = int(bounds[a]), int(bounds[b])
+        return Encoded(self.input_ids[s:e], self.classes[s:e], self.history[s:e], self.lengths[a:b])
+
+    @staticmethod
+    def join(parts: list[Encoded]) -> Encoded:
+        return Encoded(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("input_ids", "classes", "history",
+                                                                                 "lengths")))
+
 
 class Appended:
     """Encoded chunks joined as they come: each flat array grows in place (realloc; for a large array the kernel

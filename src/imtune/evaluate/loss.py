@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from imtune.data.pack import IGNORE, collate
+from imtune.data.pack import collate
 from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
-from imtune.model.forward import embed, hidden_states, lm_head
-from imtune.model.loss import token_nll
+from imtune.model.objective import Objective, score_examples
 from imtune.types import CLASSES, INSTRUCTION, OUTPUT, Conversation
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -34,49 +33,29 @@ def class_sums(model, examples, pad_id: int, batch_size: int = 8,
                progress: bool = False, per_example: bool = False) -> tuple:
     """Sum of NLL and number of tokens per class (indexed like CLASSES) over `examples` (TokenizedExample).
 
-    Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded.
-    per_example=True also returns the same sums per example, [n][len(CLASSES)] each, in the order of `examples`
-    (the paired intervals of imtune.analysis.evidence resample them)."""
-    import torch
-
-    sums = torch.zeros(len(CLASSES), dtype=torch.float64)
-    counts = torch.zeros(len(CLASSES), dtype=torch.int64)
-    ex_sums = torch.zeros(len(examples), len(CLASSES), dtype=torch.float64)
-    ex_counts = torch.zeros(len(examples), len(CLASSES), dtype=torch.int64)
+    Token 0 of an example is never predicted, so it counts nowhere. Examples are batched by length, right-padded,
+    and scored by the one evaluation loop training uses (model.objective.score_examples) through an Objective around
+    the model. per_example=True also returns the same sums per example, [n][len(CLASSES)] each, in the order of
+    `examples` (the paired intervals of imtune.analysis.evidence resample them)."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths share a batch
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
-    weight, bias = lm_head(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            starts = range(0, len(order), batch_size)
-            if progress:
-                from tqdm import tqdm
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-                starts = tqdm(starts, desc="loss", unit="batch")
-            for s in starts:
-                batch = collate([examples[i] for i in order[s:s + batch_size]], packed=False, pad_id=pad_id)
-                batch = batch.to(device)
-                hidden = hidden_states(model, embed(model, batch.input_ids), batch.position_ids,
-                                       batch.attention_mask)  # [B, T, H]: the forward pass training uses too
-                nll = token_nll(hidden, weight, batch.labels, lm_head_bias=bias)  # [B, T]
-                # Position t predicts labels[t], whose class is classes[t]; -100 at padding and each last token.
-                mask = batch.labels != IGNORE
-                cls = batch.classes[mask].long().cpu()
-                sums += torch.bincount(cls, weights=nll[mask].double().cpu(), minlength=len(CLASSES))
-                counts += torch.bincount(cls, minlength=len(CLASSES))
-                if per_example:  # one row per example (padded, never packed): bin by (row, class)
-                    rows = torch.tensor(order[s:s + batch_size])[mask.nonzero()[:, 0].cpu()]
-                    key = rows * len(CLASSES) + cls
-                    k = len(examples) * len(CLASSES)
-                    ex_sums += torch.bincount(key, weights=nll[mask].double().cpu(), minlength=k).view_as(ex_sums)
-                    ex_counts += torch.bincount(key, minlength=k).view_as(ex_counts)
+        bar = tqdm(total=len(batches), desc="loss", unit="batch")
+    try:
+        scores = score_examples(Objective(model, chunk_size=1024, neftune_alpha=0.0), examples, batches,
+                                lambda idx, ex: collate([ex[i] for i in idx], packed=False, pad_id=pad_id).to(device),
+                                CLASSES, on_batch=None if bar is None else bar.update)
     finally:
-        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    sums, counts = scores.totals()
     if per_example:
-        return sums.tolist(), counts.tolist(), ex_sums.tolist(), ex_counts.tolist()
-    return sums.tolist(), counts.tolist()
+        return sums, counts, scores.nll, scores.tokens
+    return sums, counts
 
 
 def summarize(sums: list[float], counts: list[int]) -> dict:

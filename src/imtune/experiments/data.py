@@ -15,8 +15,10 @@ from imtune import files
 from imtune.analysis.stats import dataset_stats
 from imtune.config import TrainConfig
 from imtune.console import say
-from imtune.data.prepare import DataSpec, load, prepare_examples
-from imtune.data.weights import loss_spec
+from imtune.data.prepare import DataSpec, load, tokenize_chunks
+from imtune.data.templates import Renderer
+from imtune.data.tokenize import Encoded
+from imtune.data.weights import loss_spec, weigh
 from imtune.experiments.arms import CompareSettings
 from imtune.model.models import load_tokenizer
 from imtune.train.plan import micro_batches_per_epoch, schedule
@@ -27,7 +29,7 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     """Load F (format, fields, limit as given), split off the held-out part unless G is given, and write both in the
     `messages` format to COMPARE_DIR/data/. Deterministic for a seed; refuses to overwrite different data that arms
     were trained on. Also measures F (imtune.analysis.stats) and estimates the optimizer steps (for the eval
-    cadence)."""
+    cadence). The records are read once and tokenized once."""
     import numpy as np
 
     b = s.base
@@ -52,12 +54,21 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
     if not heldout:
         raise UsageError(f"{b.eval_data}: no held-out examples")
     tok = load_tokenizer(b.model)
+    renderer = Renderer(b.template, tok, b.system_prompt)
+    val, test, split["val"] = validation_split(s, heldout)
+    # One tokenisation of the records (the trainer's own: render, one batched encode, through the preparation cache),
+    # one part per file the runs read (train, and val/test where they come from F), so a run's preparation of its
+    # file meets the same cache entries (data under cache.MIN_CHARS is not cached: tokenizing it is faster). The
+    # stats measure these tokens, untruncated; the training part is weighed from them (imtune.data.weights.weigh).
+    from_f = [] if b.eval_data else [part for part in (val if not s.val_data else [], test) if part]
+    spec = DataSpec.of(b)
+    parts = [(convs_, tokenize_chunks(convs_, renderer, tok, None, b.truncation, spec.cache,
+                                      spec.special_tokens_in_content)) for convs_ in (train, *from_f)]
+    tokenized = parts[0][1]
     # Every arm must see the same examples: keep only those IT can train on (an output token within --max-length);
     # any other arm could train on them too. The trainer would drop the rest for IT alone.
-    # (the records are already read: format, fields, roles and limit have done their work)
-    prep = prepare_examples(train, tok, loss_spec("it"), DataSpec.of(b, on_invalid="skip", format="auto",
-                                                                     fields=None, roles=None, limit=None))
-    examples, renderer, report = prep.examples, prep.renderer, prep.report
+    examples, report = weigh(tokenized.encoded, tokenized.sources, loss_spec("it"), b.max_length, b.truncation)
+    report.dropped_unfit, report.n_in = tokenized.unfit, report.n_in + len(tokenized.unfit)
     kept = set(examples.sources)
     dropped = [str(c.source) for c in train if c.source not in kept]
     train = [c for c in train if c.source in kept]
@@ -65,11 +76,13 @@ def materialise_data(s: CompareSettings, out: Path) -> dict:
         say(f"compare: {len(dropped)} training examples left out for every arm ({report.summary()})")
     if not train:
         raise UsageError(f"{b.data}: no training example has an output token within --max-length {b.max_length}")
-    val, test, split["val"] = validation_split(s, heldout)
     paths = {}
     for name, part in (("train", train), ("heldout", heldout), ("val", val), ("test", test)):
         paths[name] = write_conversations(out / "data" / f"{name}.jsonl", part, out) if part else None
-    stats = dataset_stats(convs, tok, renderer, "tokens", b.max_length)
+    measured = [[c for c in convs_ if c.source in tokenized_] for convs_, tokenized_ in
+                ((convs_, set(t.sources)) for convs_, t in parts)]  # what was tokenized: all but records too long
+    stats = dataset_stats([c for m in measured for c in m], tok, renderer, "tokens", b.max_length,
+                          Encoded.join([t.encoded for _, t in parts]))
     return {"source": b.data, "format": b.format, "limit": b.limit, "records": len(convs),
             "skipped": [str(p) for p in skipped], "split": split, "n_train": len(train), "n_heldout": len(heldout),
             "n_val": len(val), "n_test": len(test), "dropped_train": dropped, "train_path": str(paths["train"]),

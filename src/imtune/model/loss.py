@@ -42,7 +42,6 @@ class LossSums:
     nll_sum: torch.Tensor  # Σ w·nll, fp32 scalar, differentiable
     weight_sum: torch.Tensor  # Σ w, fp32 scalar, no grad
     per_class: dict[str, tuple[float, float]] | None = None  # class -> (Σ nll, count), unweighted, labelled tokens
-    per_group: tuple[torch.Tensor, torch.Tensor] | None = None  # (Σ w·nll, Σ w) per group id [G] fp64, no grad
 
 
 def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -133,14 +132,12 @@ def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None,
-                 groups: torch.Tensor | None = None) -> LossSums:
+                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None) -> LossSums:
     """Σ w·nll and Σ w over positions (see the module docstring). hidden [B, T, H] (any float dtype),
     lm_head_weight [V, H], labels [B, T] (-100: none), weights [B, T] (already aligned with labels).
 
     classes [B, T] (optional): also return per-class unweighted (Σ nll, count) over every labelled position,
-    zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions).
-    groups [B, T] (optional, ids >= 0): also return (Σ w·nll, Σ w) per group id, e.g. per example (no extra cost)."""
+    zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions)."""
     y, w = labels.reshape(-1), weights.reshape(-1).float()
     labelled = y != IGNORE
     active = labelled & (w > 0)
@@ -154,13 +151,6 @@ def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: tor
         nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
         nll_sum = (nll * w_act).sum()
     sums = LossSums(nll_sum=nll_sum, weight_sum=w_act.sum().detach())
-    if groups is not None:
-        with torch.no_grad():
-            g = groups.reshape(-1)[idx]
-            n = int(groups.max()) + 1 if groups.numel() else 0
-            zero = torch.zeros(n, dtype=torch.float64, device=g.device)
-            sums.per_group = (zero.index_add(0, g, (nll.detach() * w_act).double()),
-                              zero.index_add(0, g, w_act.double()))
     if classes is not None:
         with torch.no_grad():
             rest = (labelled & ~active).nonzero().squeeze(1)  # labelled but weightless: logged, never trained
@@ -174,11 +164,20 @@ def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: tor
     return sums
 
 
-def token_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
-              lm_head_bias=None) -> torch.Tensor:
-    """Per-token nll [B, T] fp32 (0 where labels == -100), computed in chunks like weighted_nll. For evaluation."""
-    idx = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
-    nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)
-    out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    return out.index_put((idx,), nll).reshape(labels.shape)
-
+@torch.no_grad()
+def class_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
+              groups: torch.Tensor, scored: torch.Tensor, chunk_size: int = 1024,
+              lm_head_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation (no grad): (Σ nll, token count) per (group, class), each [G, len(CLASSES)] float64, over the
+    labelled positions whose class is scored. classes [B, T] (the class of each label, -1 where none), groups [B, T]
+    (ids >= 0, e.g. forward.sequence_ids: one per example), scored [len(CLASSES)] bool. Only scored positions reach
+    the lm head, in chunks, as in weighted_nll (the same positions give the same per-token values)."""
+    y, cls = labels.reshape(-1), classes.reshape(-1).long()
+    on = (y != IGNORE) & (cls >= 0) & scored.to(cls.device)[cls.clamp_min(0)]
+    idx = on.nonzero().squeeze(1)
+    nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
+    k, n = len(CLASSES), int(groups.max()) + 1 if groups.numel() else 0
+    key = groups.reshape(-1)[idx] * k + cls[idx]
+    zero = torch.zeros(n * k, dtype=torch.float64, device=nll.device)
+    return (zero.index_add(0, key, nll.double()).view(n, k),
+            zero.index_add(0, key, torch.ones_like(nll, dtype=torch.float64)).view(n, k))

@@ -9,6 +9,9 @@ normalisation by the global weight sum stays in the trainer (imtune.train.loop);
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from imtune.data.pack import IGNORE
 from imtune.model.forward import embed, hidden_states, lm_head, sequence_ids
-from imtune.model.loss import weighted_nll
+from imtune.model.loss import class_nll, weighted_nll
+from imtune.types import CLASSES
 
 
 class Objective(torch.nn.Module):
     """(Σw·nll, Σw·KL, LossSums) of one micro-batch. Wraps the causal LM (or its peft wrapper). The LossSums carry
-    the per-class sums (`classes`) and, with per_example=True, (Σw·nll, Σw) per example of the batch (in batch order).
+    the per-class sums (`classes`). With `score` (a bool per class) it only evaluates: (Σ nll, count) per (example of
+    the batch, class), loss.class_nll — what score_examples adds up (every evaluation goes through here, so that
+    DDP/FSDP-wrapped weights are gathered as in training).
 
     `ref`: the frozen starting model for the KL term (full fine-tuning); with LoRA the starting model is the
     same module with its adapter switched off. Kept out of the module tree: never trained, never saved."""
@@ -33,7 +39,7 @@ class Objective(torch.nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks here
 
     def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False,
-                per_example: bool = False):
+                score: torch.Tensor | None = None):
         embeds = embed(self.model, input_ids)  # [B, T, H]
         noise = None
         if self.training and self.neftune_alpha:
@@ -41,11 +47,10 @@ class Objective(torch.nn.Module):
             embeds = embeds + noise
         hidden = hidden_states(self.model, embeds, position_ids, attention_mask)  # [B, T, H]
         head_w, head_b = lm_head(self.model)
-        groups = sequence_ids(position_ids) if per_example else None
-        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b, groups)
-        if per_example:  # blocks with weight are the examples, in order; a packed row's padded tail has none
-            nll_g, w_g = sums.per_group
-            sums.per_group = (nll_g[w_g > 0], w_g[w_g > 0])
+        if score is not None:
+            return class_nll(hidden, head_w, labels, classes, sequence_ids(position_ids), score, self.chunk_size,
+                             head_b)
+        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b)
         kl_sum = sums.nll_sum.new_zeros(())
         if kl:
             ref_hidden, ref_w, ref_b = self.reference(input_ids, position_ids, attention_mask, noise)
@@ -101,3 +106,64 @@ def weighted_kl(hidden, head_w, head_b, ref_hidden, ref_w, ref_b, labels, weight
 def batch_args(batch) -> tuple:
     """Objective's positional arguments from a pack.Batch."""
     return batch.input_ids, batch.position_ids, batch.attention_mask, batch.labels, batch.weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring: the one evaluation loop (in-training evaluations, imtune.train.track; final scoring, imtune.evaluate.loss)
+@dataclass(frozen=True)
+class Scores:
+    """Σ nll and token counts of one data set, per example (rows, in the examples' order) and class (columns, as
+    CLASSES), over the predicted tokens of the scored classes (0 in the others)."""
+
+    nll: list[list[float]]
+    tokens: list[list[int]]
+
+    def of(self, names: Sequence[str]) -> tuple[list[float], list[int]]:
+        """Per example: (Σ nll, tokens) over the classes `names` (e.g. types.OUTPUT)."""
+        cols = [CLASSES.index(c) for c in names]
+        return ([math.fsum(row[c] for c in cols) for row in self.nll],
+                [sum(row[c] for c in cols) for row in self.tokens])
+
+    def totals(self) -> tuple[list[float], list[int]]:
+        """Per class: (Σ nll, tokens) over the whole data set."""
+        return ([math.fsum(r[c] for r in self.nll) for c in range(len(CLASSES))],
+                [sum(r[c] for r in self.tokens) for c in range(len(CLASSES))])
+
+
+def score_examples(objective, examples, batches: list[list[int]], collate: Callable, classes: Sequence[str] = CLASSES,
+                   acc=None, on_batch: Callable | None = None) -> Scores:
+    """Score `examples` with the model inside `objective` (an Objective, DDP/FSDP-wrapped or not), micro-batch by
+    micro-batch (`batches`: lists of example indices; `collate(idx, examples)` -> a pack.Batch on the model's device),
+    without gradients and without NEFTune noise. With an accelerate Accelerator `acc` of several processes, rank r
+    takes batches r, r + world, ...; ranks with fewer run a stand-in batch that is not counted (sharded weights are
+    gathered in every forward, so every rank runs as many), and the sums are added up over ranks.
+    Every example must have a predicted token in `classes` (examples prepared with a loss mode that weighs them):
+    the examples of a batch are its groups that have one, in order (a packed row's padded tail has none)."""
+    world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    device = acc.device if acc is not None else next(objective.parameters()).device
+    scored = torch.tensor([c in classes for c in CLASSES])
+    nll = torch.zeros(len(examples), len(CLASSES), dtype=torch.float64, device=device)
+    tokens = torch.zeros_like(nll)
+    was_training = objective.training
+    objective.eval()
+    try:
+        with torch.no_grad():
+            for j in range(math.ceil(len(batches) / world)):
+                k = rank + j * world
+                idx, keep = (batches[k], True) if k < len(batches) else (batches[0], False)  # stand-in: not kept
+                batch = collate(idx, examples)
+                sums, counts = objective(*batch_args(batch), classes=batch.classes, score=scored)
+                if keep:
+                    rows = counts.sum(1) > 0
+                    if int(rows.sum()) != len(idx):
+                        raise ValueError(f"score_examples: {len(idx)} examples in a batch, {int(rows.sum())} with a "
+                                         f"token of {', '.join(classes)} to score")
+                    nll[idx] += sums[rows]
+                    tokens[idx] += counts[rows]
+                if on_batch is not None:
+                    on_batch()
+        if world > 1:
+            nll, tokens = acc.reduce(nll, reduction="sum"), acc.reduce(tokens, reduction="sum")
+    finally:
+        objective.train(was_training)
+    return Scores(nll.tolist(), [[int(x) for x in row] for row in tokens.tolist()])

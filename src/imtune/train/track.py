@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from imtune.data.pack import make_batches
 from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
-from imtune.model.objective import batch_args
+from imtune.model.objective import score_examples
 from imtune.rundir.checkpoint import converted
 from imtune.train import baseline, saving
+from imtune.types import OUTPUT
 
 
 def eval_sets(cfg, prep, tok) -> dict:
@@ -83,37 +84,23 @@ def evaluate(run, step: int, best: Best | None) -> Best | None:
 
 def eval_losses(run, step: int | None = None) -> tuple[dict, dict]:
     """Output-token loss of the model now on every evaluation set: ({"<set>_output_loss", "<set>_output_tokens"},
-    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample). A progress bar
-    (run.log.subtask) counts the micro-batches: the training bar stands still meanwhile."""
-    import torch
-
-    acc, obj, world = run.acc, run.objective, run.acc.num_processes
-    obj.eval()
+    {set: {"source", "output_nll", "output_tokens"} per example}: what compare's intervals resample). The one
+    evaluation loop (model.objective.score_examples, the output classes only). A progress bar (run.log.subtask)
+    counts the micro-batches: the training bar stands still meanwhile."""
+    world = run.acc.num_processes
+    rounds = sum(math.ceil(len(batches) / world) for _, batches in run.eval_sets.values())
+    bar = run.log.subtask(rounds, "evaluating" if step is None else f"evaluating (step {step})")
     rec, per_example = {}, {}
-    rounds = {name: math.ceil(len(batches) / world) for name, (_, batches) in run.eval_sets.items()}
-    bar = run.log.subtask(sum(rounds.values()), "evaluating" if step is None else f"evaluating (step {step})")
-    with torch.no_grad():
-        for name, (examples, batches) in run.eval_sets.items():
-            sums = torch.zeros(2, len(examples), dtype=torch.float64, device=acc.device)  # Σw·nll, Σw per example
-            for j in range(rounds[name]):
-                k = acc.process_index + j * world
-                idx, keep = (batches[k], True) if k < len(batches) else (batches[0], False)  # stand-in: not kept
-                _, _, out = obj(*batch_args(run.collate(idx, examples)), per_example=True)
-                if keep:
-                    sums[:, idx] += torch.stack(out.per_group)
-                if bar is not None:
-                    bar.update()
-            if world > 1:
-                sums = acc.reduce(sums, reduction="sum")
-            nll, w = sums.tolist()
-            total = math.fsum(w)
-            rec[f"{name}_output_loss"] = math.fsum(nll) / total if total else None
-            rec[f"{name}_output_tokens"] = int(total)
-            per_example[name] = {"source": [str(x) for x in examples.sources], "output_nll": nll,
-                                 "output_tokens": [int(x) for x in w]}
+    for name, (examples, batches) in run.eval_sets.items():
+        scores = score_examples(run.objective, examples, batches, run.collate, OUTPUT, run.acc,
+                                None if bar is None else bar.update)
+        nll, w = scores.of(OUTPUT)
+        total = sum(w)
+        rec[f"{name}_output_loss"] = math.fsum(nll) / total if total else None
+        rec[f"{name}_output_tokens"] = int(total)
+        per_example[name] = {"source": [str(x) for x in examples.sources], "output_nll": nll, "output_tokens": w}
     if bar is not None:
         bar.close()
-    obj.train()
     return rec, per_example
 
 
