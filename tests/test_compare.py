@@ -11,6 +11,7 @@ import pytest
 
 from imtune.cli import main
 from imtune.experiments.arms import parse_arm, parse_arms
+from imtune.results import CompareResult
 from imtune.rundir.read import metrics as read_metrics
 from imtune.types import UsageError
 
@@ -51,8 +52,10 @@ def _md_tables(md: str) -> dict[str, list[list[str]]]:
 
 
 def check_report_matches_files(out: Path) -> dict:
-    """The numbers in report.md equal those in compare.json and in each arm's metrics.jsonl."""
+    """The numbers in report.md equal those in compare.json and in each arm's metrics.jsonl; compare.json reads back
+    into its typed record and out again unchanged (imtune.results)."""
     summary = json.loads((out / "compare.json").read_text())
+    assert CompareResult.from_json(summary).to_json() == summary
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     tables = _md_tables(md)

@@ -8,6 +8,7 @@ import yaml
 
 from imtune.cli import main
 from imtune.commands import demo
+from imtune.results import CompareResult
 from imtune.rundir.read import metrics as read_metrics
 
 
@@ -76,12 +77,15 @@ def test_regime_summary_from_held_out_curves(tmp_path):
     assert "regime NOT reached" in demo.regime_text(demo.held_out_curves(flat))
 
 
-def _summary(final: tuple, best: tuple, seeds: int = 3) -> dict:
+def _summary(final: tuple, best: tuple, seeds: int = 3) -> CompareResult:
     m = lambda d: {"values": {"it": {"value": 1.0}, "im": {"value": 1.0 + d[0]}},  # noqa: E731
                    "differences": {"it": {"value": 0.0, "low": 0.0, "high": 0.0},
                                    "im": {"value": d[0], "low": d[1], "high": d[2]}}}
-    return {"evidence": {"reference": "it", "n_seeds": seeds, "n_examples": {"heldout": 17},
-                         "measures": {"heldout_loss": m(final), "best_heldout_loss": m(best)}}}
+    return CompareResult.from_json({
+        "settings": {"base_config": {}},
+        "arms": [{"name": a, "runs": [{"seed": 0, "dir": f"arms/{a}"}]} for a in ("it", "im")],
+        "evidence": {"reference": "it", "n_seeds": seeds, "n_examples": {"heldout": 17},
+                     "measures": {"heldout_loss": m(final), "best_heldout_loss": m(best)}}})
 
 
 def test_verdict_says_a_tie_as_plainly_as_a_win():

@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "imtune"
 # Bottom-up: a unit may import its own modules and the units before it, never one after it. report sits below
 # evaluate and tasks because they write their Markdown with its renderer; experiments (compare, sweep, study) use all
 # of the stages; cli gives the report its parser by registration (imtune.report.checks.register_parser).
-LAYERS = ["imtune", "types", "files", "console", "data", "analysis", "config", "rundir", "model", "train", "report",
-          "evaluate", "tasks", "experiments", "serve", "integrations", "commands", "cli", "__main__"]
+LAYERS = ["imtune", "types", "results", "files", "console", "data", "analysis", "config", "rundir", "model", "train",
+          "report", "evaluate", "tasks", "experiments", "serve", "integrations", "commands", "cli", "__main__"]
 LAZY_ALLOWED = ("commands", "cli")  # the command layer: a stage is imported when its command runs
 
 

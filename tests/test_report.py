@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from imtune.report.runs import THRESHOLDS
-from imtune.report.write import verdict, write_report
+from imtune.report.write import verdict as typed_verdict, write_report
+from imtune.results import CompareResult
+
+
+def verdict(summary: dict, d: Path) -> dict:
+    """The verdict of a compare.json object as the tests build it, read as compare.json is (imtune.results)."""
+    return typed_verdict(CompareResult.from_json(summary), d)
 
 
 def make_dir(tmp_path: Path, heldout: dict, train: dict, curves: dict | None = None, extra: dict | None = None,

@@ -7,6 +7,7 @@ import shlex
 
 from imtune.cli import build_parser, main
 from imtune.report.checks import MIN_HELDOUT, next_commands
+from imtune.results import CompareResult
 
 
 def parsed(command: str, words: str = "compare") -> dict:
@@ -21,14 +22,15 @@ def changed(command: str, argv: list[str], words: str = "compare") -> dict:
     return {k: (old.get(k), new.get(k)) for k in set(new) | set(old) if new.get(k) != old.get(k)}
 
 
-def summary(argv: list[str], **over) -> dict:
+def summary(argv: list[str], **over) -> CompareResult:
     s = {"dir": "runs/compare-d", "commands": [{"argv": argv, "cwd": "/x", "time": "t"}],
+         "arms": [{"name": "it", "spec": "it", "runs": [{"seed": 0, "dir": "arms/it/seed-0"}]}],
          "settings": {"base_config": {"epochs": 2.0, "max_steps": None, "seed": 42}, "seeds": [0, 1]},
          "data": {"n_train": 90, "n_heldout": 10, "n_test": 7, "split": {"kind": "split", "heldout_fraction": 0.1}},
          "evidence": {"n_examples": {"heldout": 7}}}
     for k, v in over.items():
         s[k] = {**s[k], **v} if isinstance(v, dict) else v
-    return s
+    return CompareResult.from_json(s)
 
 
 ARGV = ["imtune", "compare", "d.jsonl", "--arms", "it,im", "--seeds", "0", "1", "--epochs=2", "--limit", "100"]

@@ -129,7 +129,7 @@ def show(out: Path) -> None:
     from imtune.report.write import text_table
 
     summary = read_summary(out)
-    v = summary["verdict"]
+    v = summary.verdict
     print(v["headline"])  # first, so the one line that matters is not scrolled away by the table
     print()
     print(text_table(summary))

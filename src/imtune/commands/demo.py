@@ -186,34 +186,34 @@ def remove_demo_dir(out: Path) -> None:
 
 
 
-def verdict_text(summary: dict) -> str:
+def verdict_text(summary) -> str:
     """IM − IT (or the arms given) of held-out output loss, final and best, with intervals, in words; a tie is said as
     plainly as a win, with what it means for a run this small."""
-    ev = summary["evidence"]
-    ref = ev["reference"]
+    ev = summary.evidence  # imtune.results.CompareResult
+    ref = ev.reference
     lines = ["Verdict (held-out output loss, lower is better; 95% intervals over seeds and examples):"]
     undecided = []
     for key, name in (("heldout_loss", "final models"), ("best_heldout_loss", "best checkpoints")):
-        m = ev["measures"].get(key)
+        m = ev.measures.get(key)
         if m is None:
             continue
-        for arm, d in m["differences"].items():
+        for arm, d in m.differences.items():
             if arm == ref:
                 continue
-            base = m["values"][ref]["value"]
-            pct = f" ({d['value'] / base:+.1%} of {ref}'s)" if base else ""
-            if d["high"] < 0:
+            base = m.values[ref].value
+            pct = f" ({d.value / base:+.1%} of {ref}'s)" if base else ""
+            if d.high < 0:
                 said = f"{arm} lower: {arm} wins"
-            elif d["low"] > 0:
+            elif d.low > 0:
                 said = f"{ref} lower: {ref} wins"
             else:
                 said = "the interval includes zero: a tie"
                 undecided.append(name)
-            lines.append(f"  {name}: {arm} − {ref} = {d['value']:+.4f}{pct} [{d['low']:+.4f}, {d['high']:+.4f}] — "
+            lines.append(f"  {name}: {arm} − {ref} = {d.value:+.4f}{pct} [{d.low:+.4f}, {d.high:+.4f}] — "
                          f"{said}")
     if undecided:
-        lines.append(f"  A tie ({' and '.join(undecided)}) is a finding, not a failure: with {ev['n_seeds']} seeds and "
-                     f"{ev['n_examples']['heldout']} held-out examples per seed, the difference between the arms is "
+        lines.append(f"  A tie ({' and '.join(undecided)}) is a finding, not a failure: with {ev.n_seeds} seeds and "
+                     f"{ev.n_examples['heldout']} held-out examples per seed, the difference between the arms is "
                      "smaller than the spread between seeds and examples. Here every answer can be read from its own "
                      "instruction, so training on instructions (IM) gives no information that IT lacks; any gain has "
                      "to come from overfitting less (the paper's mechanism), and a run this small may not show it. "
@@ -285,7 +285,7 @@ def run(args) -> int:
     print()
     print(verdict_text(summary))
     print()
-    print(CAVEATS.format(n=len(train), steps=summary["data"]["steps"], seeds=len(SEEDS)))
+    print(CAVEATS.format(n=len(train), steps=summary.data["steps"], seeds=len(SEEDS)))
     print("\nThe same comparison by hand:\n  " + equivalent_command(args, d, t, data, held, out, jobs))
     print(f"\nimtune demo: done in {time.perf_counter() - t0:.0f}s wall time")
     return 0

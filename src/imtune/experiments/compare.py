@@ -52,6 +52,8 @@ from imtune.experiments.jobs import Job, train_all
 from imtune.experiments.score import evaluate_arm
 from imtune.model.provenance import versions
 from imtune.report import write as report
+from imtune.report.runs import read_summary
+from imtune.results import VERSION, ArmResult, CompareResult, Evidence
 from imtune.rundir import checkpoint as ckpt
 from imtune.rundir.guard import config_changes
 from imtune.rundir.integrity import latest_checkpoint
@@ -110,7 +112,6 @@ def run_comparison(s: CompareSettings) -> Path:
     with clock.phase("startup"):
         import torch  # noqa: F401  (imported here, their cost shows as start-up)
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-    old = read_json(out / "compare.json")
     seeds, ref = s.seed_list(), s.reference_arm()
     with clock.phase("data"):
         data = materialise_data(s, out)
@@ -152,30 +153,38 @@ def run_comparison(s: CompareSettings) -> Path:
             tidy(s, Path(cfg.output_dir))
             free_memory()
     with clock.phase("report"):  # 3. intervals, verdict, compare.json, report.md/html
-        commands = (old or {}).get("commands", [])
+        commands = earlier_commands(out)
         commands.append({"argv": s.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd()})
         arms = [{"spec": a.spec, "name": a.name, "dir": str(Path("arms") / a.name), "overrides": a.overrides,
                  "runs": [{"seed": seed, "dir": str(Path("arms") / a.name / f"seed-{seed}"),
                            "results": results[a.name, seed]} for seed in seeds]} for a in s.arms]
         evidence = aggregate(arms, ref.name)  # per-arm means, spreads and intervals; strips per-example lists
-        summary = {
-            "version": 2, "dir": str(out), "commands": commands,
-            "settings": {"base_config": base.to_dict(), "eval": s.eval_settings(),
-                         "heldout_fraction": s.heldout_fraction, "seeds": seeds, "reference": ref.spec,
-                         "val_fraction": s.val_fraction},
-            "data": {k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
-            "arms": arms, "evidence": evidence, "versions": versions(base.model),
-        }
-        summary["verdict"] = report.verdict(summary, out)
-        files.write_json(out / "compare.json", summary, root=out)
+        summary = CompareResult(
+            version=VERSION, dir=str(out), commands=commands,
+            settings={"base_config": base.to_dict(), "eval": s.eval_settings(),
+                      "heldout_fraction": s.heldout_fraction, "seeds": seeds, "reference": ref.spec,
+                      "val_fraction": s.val_fraction},
+            data={k: v for k, v in data.items() if k not in ("train", "heldout", "val", "test")},
+            arms=tuple(ArmResult.from_json(a) for a in arms), evidence=Evidence.from_json(evidence),
+            versions=versions(base.model))
+        summary = summary.replace(verdict=report.verdict(summary, out))
+        files.write_json(out / "compare.json", summary.to_json(), root=out)
         report.write_report(out)
     trained = {c.cfg.output_dir for c in todo}
-    summary["time"], summary["memory"], spent = of_comparison(
-        clock, [(cfg.output_dir, cfg.output_dir in trained) for _, _, cfg in runs],
-        [results[arm.name, seed].get("time") for arm, seed, _ in runs])
-    files.write_json(out / "compare.json", summary, root=out)  # again, with the report's own time
+    time_, memory, spent = of_comparison(clock, [(cfg.output_dir, cfg.output_dir in trained) for _, _, cfg in runs],
+                                         [results[arm.name, seed].get("time") for arm, seed, _ in runs])
+    summary = summary.replace(time=time_, memory=memory)
+    files.write_json(out / "compare.json", summary.to_json(), root=out)  # again, with the report's own time
     say(f"compare: {len(s.arms)} arms x {len(seeds)} seeds; {spent}")
     return out
+
+
+def earlier_commands(out: Path) -> list[dict]:
+    """The command lines of the comparison already in `out` (compare.json "commands"; [] when there is none)."""
+    try:
+        return read_summary(out).commands
+    except UsageError:
+        return []
 
 
 def base_config(s: CompareSettings, data: dict) -> TrainConfig:

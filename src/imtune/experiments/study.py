@@ -43,6 +43,7 @@ from imtune.experiments.compare import check_settings, compare, nothing_trained 
 from imtune.experiments.data import write_conversations
 from imtune.report.runs import read_summary
 from imtune.report.write import to_html, to_markdown
+from imtune.results import CompareResult
 from imtune.train.cost import grid_text
 from imtune.types import Interrupted, UsageError
 
@@ -245,17 +246,17 @@ def run_study(s: StudySettings, arms: list) -> Path:
     return out
 
 
-def value_row(v: float, summary: dict, where: Path, arm: str) -> dict:
-    ms = summary["evidence"]["measures"]
-    row = {"value": v, "compare_dir": str(where), "n_train": summary["data"]["n_train"],
-           "n_test": summary["data"]["n_test"],
-           "ratio_measured": summary["data"]["stats"].get("ratio"),  # mean instruction / mean output, tokens
-           "steps": summary["data"]["steps"]}
+def value_row(v: float, summary: CompareResult, where: Path, arm: str) -> dict:
+    ms = summary.evidence.measures
+    row = {"value": v, "compare_dir": str(where), "n_train": summary.data["n_train"],
+           "n_test": summary.data["n_test"],
+           "ratio_measured": summary.data["stats"].get("ratio"),  # mean instruction / mean output, tokens
+           "steps": summary.data["steps"]}
     for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
         if key in ms:
-            ref = ms[key]["per_seed"][summary["evidence"]["reference"]]
-            row[name] = {**ms[key]["differences"][arm],
-                         "per_seed": [a - b for a, b in zip(ms[key]["per_seed"][arm], ref)]}
+            ref = ms[key].per_seed[summary.evidence.reference]
+            row[name] = {**ms[key].differences[arm].to_json(),
+                         "per_seed": [a - b for a, b in zip(ms[key].per_seed[arm], ref)]}
     return row
 
 

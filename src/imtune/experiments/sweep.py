@@ -31,6 +31,7 @@ from imtune.report.checks import PRACTICAL, next_commands
 from imtune.report.page import next_blocks
 from imtune.report.runs import read_summary
 from imtune.report.write import to_html, to_markdown
+from imtune.results import Evidence
 from imtune.types import UsageError
 
 RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
@@ -80,46 +81,47 @@ def sweep(s: SweepSettings) -> Path:
     if s.dry_run or not is_main_process():  # a plan only; under accelerate launch: rank 0 alone reports
         return out
     summary = read_summary(cmp)
-    measure = "best_heldout_loss" if "best_heldout_loss" in summary["evidence"]["measures"] else "heldout_loss"
-    values = summary["evidence"]["measures"][measure]["values"]
-    chosen = min(arms, key=lambda a: values[a.spec]["value"])
-    # Paired differences to the chosen λ: the evidence again, with the chosen arm as the reference.
+    measures = summary.evidence.measures
+    measure = "best_heldout_loss" if "best_heldout_loss" in measures else "heldout_loss"
+    values = measures[measure].values
+    chosen = min(arms, key=lambda a: values[a.spec].value)
+    # Paired differences to the chosen λ: the evidence again, with the chosen arm as the reference (each run's
+    # per-example losses, which compare.json leaves out, from the run's own evaluation).
     runs = [{"spec": a.spec, "name": a.name, "runs": [
-        {"seed": r["seed"], "dir": r["dir"],
-         "results": read_json(files.inside(cmp, r["dir"]) / "eval" / "compare.json")["results"]}
-        for r in next(x for x in summary["arms"] if x["name"] == a.name)["runs"]]} for a in arms]
-    vs_chosen = aggregate(runs, chosen.name)["measures"]
+        {"seed": r.seed, "dir": r.dir,
+         "results": read_json(files.inside(cmp, r.dir) / "eval" / "compare.json")["results"]}
+        for r in summary.arm(a.name).runs]} for a in arms]
+    vs_chosen = Evidence.from_json(aggregate(runs, chosen.name)).measures
     rows = []
     for a in arms:
         row = {"prompt_weight": float(a.overrides["prompt_weight"]), "arm": a.spec}
         for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
-            m = summary["evidence"]["measures"].get(key)
+            m = measures.get(key)
             if m:
-                row[name] = {**m["values"][a.spec], "per_seed": m["per_seed"][a.spec],
-                             "difference_to_recommended": vs_chosen[key]["differences"][a.spec]}
-        arm = next(x for x in summary["arms"] if x["name"] == a.name)
-        row["best_steps"] = arm["results"].get("best", {}).get("steps")
+                row[name] = {**m.values[a.spec].to_json(), "per_seed": m.per_seed[a.spec],
+                             "difference_to_recommended": vs_chosen[key].differences[a.spec].to_json()}
+        row["best_steps"] = summary.arm(a.name).results.get("best", {}).get("steps")
         rows.append(row)
     key = "best" if measure == "best_heldout_loss" else "final"
-    floor = PRACTICAL * abs(values[chosen.spec]["value"])  # smaller differences are not worth choosing on
+    floor = PRACTICAL * abs(values[chosen.spec].value)  # smaller differences are not worth choosing on
     tied = [r["prompt_weight"] for r in rows if r["arm"] != chosen.spec
             and (not _excludes_zero(r[key]["difference_to_recommended"])
                  or abs(r[key]["difference_to_recommended"]["value"]) < floor)]
-    n_seeds = len(summary["settings"]["seeds"] or [1])
+    n_seeds = len(summary.settings["seeds"] or [1])
     rec = {"prompt_weight": float(chosen.overrides["prompt_weight"]), "measure": f"held-out output loss ({key})",
-           "value": values[chosen.spec]["value"], "interval": [values[chosen.spec]["low"], values[chosen.spec]["high"]],
+           "value": values[chosen.spec].value, "interval": [values[chosen.spec].low, values[chosen.spec].high],
            "indistinguishable": tied, "decided": not tied, "rule": RULE,
            "to_decide": None if not tied else (
                f"more seeds (--seeds with {max(3, 2 * n_seeds)} or more), more held-out examples (--eval-data), or "
                "a longer budget (--epochs) where every run was still improving"),
            # the same as commands, from this sweep's own command line (report_checks.next_commands)
            "next": [] if not tied else [{"why": why, "command": cmd} for why, cmd in next_commands(
-               summary, ["tie", *(summary.get("verdict") or {}).get("undecided", [])], out=str(out))]}
+               summary, ["tie", *(summary.verdict or {}).get("undecided", [])], out=str(out))]}
     result = {"version": 1, "compare_dir": "compare", "normalize": s.base.normalize, "weights": s.base.weights,
-              "seeds": summary["settings"]["seeds"], "method": summary["evidence"]["method"],
-              "data": {k: summary["data"][k] for k in ("source", "n_train", "n_val", "n_test")},
+              "seeds": summary.settings["seeds"], "method": summary.evidence.method,
+              "data": {k: summary.data[k] for k in ("source", "n_train", "n_val", "n_test")},
               "prompt_weights": rows, "recommendation": rec,
-              "cwd": (summary.get("commands") or [{}])[-1].get("cwd")}  # where the next commands run
+              "cwd": summary.cwd}  # where the next commands run
     files.write_json(out / "sweep.json", result, root=out)
     write_report(out)
     return out

@@ -21,7 +21,8 @@ import shlex
 from pathlib import Path
 
 from imtune.config import PRESETS
-from imtune.report.runs import eval_points, runs_of, train_points
+from imtune.report.runs import eval_points, train_points
+from imtune.results import ArmResult, CompareResult
 
 MIN_HELDOUT = 30  # fewer held-out (test) examples per seed than this: too few to decide
 PRACTICAL = 0.02  # a difference below 2% of the reference arm's loss is not worth acting on, interval or not
@@ -29,7 +30,7 @@ NEAR_UNIFORM = 0.9  # final training output loss >= this x ln(vocabulary): as ba
 MIN_DROP = 0.01  # ... or less than 1% below its step-0 value
 
 
-def _vocab_size(run_dir: Path, summary: dict) -> int | None:
+def _vocab_size(run_dir: Path, summary: CompareResult) -> int | None:
     for cfg in (run_dir / "final" / "config.json", run_dir / "config.json"):
         try:
             v = json.loads(cfg.read_text(encoding="utf-8")).get("vocab_size")
@@ -37,7 +38,7 @@ def _vocab_size(run_dir: Path, summary: dict) -> int | None:
             continue
         if v:
             return int(v)
-    return ((summary.get("versions") or {}).get("model") or {}).get("vocab_size")
+    return (summary.versions.get("model") or {}).get("vocab_size")
 
 
 def _first_last(records: list[dict]) -> tuple[float, float, int | None, str] | None:
@@ -52,18 +53,18 @@ def _first_last(records: list[dict]) -> tuple[float, float, int | None, str] | N
     return None
 
 
-def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[dict]:
+def learned_nothing(summary: CompareResult, metrics: dict, compare_dir: Path) -> list[dict]:
     """{"run": "arm it seed 0", "said": its numbers, "vocab": vocabulary size} for every run (arm x seed) that learned
     nothing; [] when every run learned."""
     out = []
-    for arm, run in runs_of(summary):
-        res = run.get("results") or arm["results"]
-        trend = _first_last(metrics.get(run["dir"], []))
+    for arm, run in summary.runs():
+        res = run.results or arm.results
+        trend = _first_last(metrics.get(run.dir, []))
         final = res["train"]["output_loss"] if res["train"].get("output_loss") is not None else \
             (trend[1] if trend else None)
         if final is None:
             continue
-        vocab = _vocab_size(Path(compare_dir) / run["dir"], summary)
+        vocab = _vocab_size(Path(compare_dir) / run.dir, summary)
         said = []
         if vocab and final >= NEAR_UNIFORM * math.log(vocab):
             said.append(f"final training output loss {final:.4f} = {final / math.log(vocab):.0%} of ln {vocab:,}")
@@ -71,7 +72,7 @@ def learned_nothing(summary: dict, metrics: dict, compare_dir: Path) -> list[dic
             said.append(f"{trend[3]} {trend[0]:.4f} at step 0 → {trend[1]:.4f} at step {trend[2]} "
                         f"(not {100 * MIN_DROP:g}% lower)")
         if said:
-            out.append({"run": f"arm {arm['spec']} seed {run['seed']}", "said": "; ".join(said), "vocab": vocab})
+            out.append({"run": f"arm {arm.spec} seed {run.seed}", "said": "; ".join(said), "vocab": vocab})
     return out
 
 
@@ -85,14 +86,14 @@ def nothing_warning(stalled: list[dict], n_runs: int) -> tuple[str, list[str]]:
     return head, [f"{s['run']}: {s['said']}" for s in stalled]
 
 
-def _arm_for(rec: dict, arms: list[dict]) -> str | None:
+def _arm_for(rec: dict, arms: tuple[ArmResult, ...]) -> str | None:
     """The spec of the plain arm (no +neftune/+kl) that trains what the recommendation advises, if any."""
     for a in arms:
-        o = a.get("overrides") or {}
-        if o.get("neftune_alpha") or o.get("kl_coef") or o.get("loss", a["spec"]) != rec["mode"]:
+        o = a.overrides
+        if o.get("neftune_alpha") or o.get("kl_coef") or o.get("loss", a.spec) != rec["mode"]:
             continue
         if rec["mode"] != "weighted" or o.get("prompt_weight") == rec.get("prompt_weight"):
-            return a["spec"]
+            return a.spec
     return None
 
 
@@ -110,15 +111,15 @@ def _won_lost(measure: dict, spec: dict) -> tuple[set, set]:
     return won, lost
 
 
-def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
+def advice_vs_outcome(summary: CompareResult, measures: list[dict]) -> dict | None:
     """{"advised", "arm", "outcome", "agreement", "text"}; None when compare.json holds no recommendation."""
-    rec = ((summary.get("data") or {}).get("stats") or {}).get("recommendation")
+    rec = (summary.data.get("stats") or {}).get("recommendation")
     if not rec:
         return None
-    spec = {a["name"]: a["spec"] for a in summary["arms"]}
+    spec = {a.name: a.spec for a in summary.arms}
     lam = f" --prompt-weight {rec['prompt_weight']:g}" if rec.get("prompt_weight") is not None else ""
     advised = f"--loss {rec['mode']}{lam}"
-    arm = _arm_for(rec, summary["arms"])
+    arm = _arm_for(rec, summary.arms)
     m = next((m for m in measures if m["key"] == "heldout_loss"), None)
     won, lost = _won_lost(m, spec) if m else (set(), set())
     outcome = (", ".join(sorted(won)) + " won" + (f" (over {', '.join(sorted(lost - won))})" if lost - won else "")
@@ -139,13 +140,14 @@ def advice_vs_outcome(summary: dict, measures: list[dict]) -> dict | None:
     return {"advised": advised, "arm": arm, "outcome": outcome, "agreement": agreement, "text": text}
 
 
-def undecided(summary: dict, curves: dict[str, list[tuple[int, float]]], primary: dict) -> list[tuple[str, str]]:
+def undecided(summary: CompareResult, curves: dict[str, list[tuple[int, float]]],
+              primary: dict) -> list[tuple[str, str]]:
     """(kind, reason) for each reason the comparison cannot decide, whatever its intervals say (empty: it can); kind
     is "few" (held-out examples), "falling" (every curve) or "small" (the difference), what next_commands acts on.
     `curves`: each run's held-out output loss per evaluation point; `primary`: the held-out loss measure of
     imtune.report.write.verdict."""
     why = []
-    n_ex = ((summary.get("evidence") or {}).get("n_examples") or {}).get("heldout")
+    n_ex = summary.evidence.n_examples.get("heldout") if summary.evidence else None
     if n_ex is not None and n_ex < MIN_HELDOUT:
         why.append(("few", f"only {n_ex} held-out examples per seed (fewer than {MIN_HELDOUT}; more --eval-data, or "
                            "a larger --heldout-fraction)"))
@@ -168,7 +170,7 @@ RERUNNABLE = ("compare", "sweep")  # commands whose argv next_commands edits (ot
 MORE_SEEDS = 5  # at least this many seeds in the suggested command
 
 
-def next_commands(summary: dict, kinds, out: str | None = None) -> list[tuple[str, str | None]]:
+def next_commands(summary: CompareResult, kinds, out: str | None = None) -> list[tuple[str, str | None]]:
     """(why, command) for each step that would help an undecided or tied comparison decide, the command being the
     last one that ran it (compare.json "commands") with one flag changed; None where no command can say it (held-out
     data given as a file). `kinds`: what stands in the way (undecided's kinds, and "tie": no interval excludes
@@ -178,11 +180,11 @@ def next_commands(summary: dict, kinds, out: str | None = None) -> list[tuple[st
     kinds = set(kinds)
     if not kinds:
         return []
-    argv = ((summary.get("commands") or [{}])[-1]).get("argv") or []
+    argv = summary.argv
     words = argv[1] if len(argv) > 1 and argv[1] in RERUNNABLE else None
     parser = _parser(words) if words else None
-    out = _out_of(argv, parser) or out or summary.get("dir") or "runs/next"
-    base = (summary.get("settings") or {}).get("base_config") or {}
+    out = _out_of(argv, parser) or out or summary.dir or "runs/next"
+    base = summary.base_config
 
     def command(changes: list[tuple[str, list[str]]]) -> str | None:
         if parser is None:
@@ -203,7 +205,7 @@ def next_commands(summary: dict, kinds, out: str | None = None) -> list[tuple[st
     if "few" in kinds:
         steps.append(_more_heldout(summary, argv, parser, out, command))
     if kinds & {"tie", "small"}:
-        more = [int(x) for x in (summary.get("settings") or {}).get("seeds") or [base.get("seed", 0)]]
+        more = [int(x) for x in summary.settings.get("seeds") or [base.get("seed", 0)]]
         target, x = max(MORE_SEEDS, 2 * len(more)), 0
         while len(more) < target:  # the seeds that ran, then the smallest unused ones
             more += [x] if x not in more else []
@@ -215,12 +217,12 @@ def next_commands(summary: dict, kinds, out: str | None = None) -> list[tuple[st
     return steps
 
 
-def _more_heldout(summary: dict, argv: list[str], parser, out: str, command) -> tuple[str, str | None]:
+def _more_heldout(summary: CompareResult, argv: list[str], parser, out: str, command) -> tuple[str, str | None]:
     """A larger --heldout-fraction (and --limit, when one is in effect and the fraction alone cannot do it) that
     gives at least MIN_HELDOUT test examples per seed; in words when the held-out data is a file of its own."""
-    data = summary.get("data") or {}
+    data = summary.data
     split = data.get("split") or {}
-    n_test = data.get("n_test") or ((summary.get("evidence") or {}).get("n_examples") or {}).get("heldout") or 0
+    n_test = data.get("n_test") or (summary.evidence.n_examples.get("heldout") if summary.evidence else 0) or 0
     if split.get("kind") != "split" or not n_test:
         return (f"too few held-out examples ({n_test}): a larger --eval-data file, {MIN_HELDOUT} or more examples "
                 "scored per seed", None)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from imtune.analysis.evidence import excludes_zero
 from imtune.analysis.stats import format_one
 from imtune.data.records import read_records
 from imtune.model.provenance import versions_line
-from imtune.report.runs import THRESHOLDS, eval_points, runs_of, show_diff, show_value, train_points
+from imtune.report.runs import THRESHOLDS, eval_points, show_diff, show_value, train_points
+from imtune.results import CompareResult
 from imtune.types import Problem
 
 
@@ -19,21 +19,21 @@ def f4(x) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
-def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+def results_table(summary: CompareResult) -> tuple[list[str], list[list[str]]]:
     """One row per arm: the mean over seeds (one seed: that run), its spread, and the best checkpoint's score."""
-    arms = summary["arms"]
-    r0 = arms[0]["results"]
+    arms = summary.arms
+    r0 = arms[0].results
     header = ["arm", f"train output loss (n={r0['train']['n']})", f"held-out output loss (n={r0['heldout']['n']})",
               "gap (held-out − train)"]
-    seeds = len(arms[0].get("runs") or [0])
+    seeds = len(arms[0].runs)
     if seeds > 1:
         header.append(f"held-out output loss: sd over {seeds} seeds")
-    has_best = all("best" in a["results"] for a in arms)
+    has_best = all("best" in a.results for a in arms)
     if has_best:
         header.append("held-out output loss at the best checkpoint (its step)")
-    if all("bleu" in a["results"] for a in arms):
+    if all("bleu" in a.results for a in arms):
         header.append(f"BLEU vs train outputs (n={r0['bleu']['n']})")
-    if all("exact_match" in a["results"] for a in arms):
+    if all("exact_match" in a.results for a in arms):
         header.append(f"held-out exact match (n={r0['exact_match']['n']})")
     labels = sorted(r0.get("bench", {}))
     header += [f"{label} ({r0['bench'][label]['metric']}"
@@ -41,8 +41,8 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
                + f", n={r0['bench'][label]['n']})" for label in labels]
     rows = []
     for a in arms:
-        r = a["results"]
-        row = [a["spec"], f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
+        r = a.results
+        row = [a.spec, f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
         if seeds > 1:
             row.append(f4(r.get("seeds", {}).get("heldout_loss", {}).get("sd")))
         if has_best:
@@ -59,68 +59,68 @@ def results_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def difference_table(summary: dict) -> tuple[list[str], list[list[str]]] | None:
+def difference_table(summary: CompareResult) -> tuple[list[str], list[list[str]]] | None:
     """Every arm minus the reference arm, per measure with an interval."""
-    ev = summary.get("evidence")
-    if not ev or not ev["measures"]:
+    ev = summary.evidence
+    if not ev or not ev.measures:
         return None
-    header = ["measure", "arm − reference", "difference", f"{100 * ev['level']:g}% interval", "decision"]
+    header = ["measure", "arm − reference", "difference", f"{100 * ev.level:g}% interval", "decision"]
     rows = []
-    for key, m in ev["measures"].items():
-        for arm, iv in m["differences"].items():
-            if arm == ev["reference"]:
+    for key, m in ev.measures.items():
+        for arm, iv in m.differences.items():
+            if arm == ev.reference:
                 continue
             win = None
-            if excludes_zero(iv):
-                win = arm if (iv["value"] < 0) == (m["better"] == "lower") else ev["reference"]
-            rows.append([m["label"], f"{arm} − {ev['reference']}", show_diff(key, iv["value"]),
-                         f"{show_diff(key, iv['low'])} to {show_diff(key, iv['high'])}",
+            if iv.excludes_zero():
+                win = arm if (iv.value < 0) == (m.better == "lower") else ev.reference
+            rows.append([m.label, f"{arm} − {ev.reference}", show_diff(key, iv.value),
+                         f"{show_diff(key, iv.low)} to {show_diff(key, iv.high)}",
                          f"{win} won" if win else "no difference"])
     return header, rows
 
 
-def seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+def seed_table(summary: CompareResult) -> tuple[list[str], list[list[str]]]:
     """One row per run (arm x seed): what the means above are made of."""
     header = ["arm", "seed", "train output loss", "held-out output loss (final)", "best step",
               "held-out output loss (best)", "held-out exact match"]
     rows = []
-    for a, run in runs_of(summary):
-        r = run.get("results") or a["results"]
+    for a, run in summary.runs():
+        r = run.results or a.results
         best = r.get("best")
         em = r.get("exact_match")
-        rows.append([a["spec"], str(run["seed"]), f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]),
+        rows.append([a.spec, str(run.seed), f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]),
                      str(best["step"]) if best else "–", f4(best["heldout"]["output_loss"]) if best else "–",
                      f"{100 * em['accuracy']:.1f}%" if em else "–"])
     return header, rows
 
 
-def curve_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
-    runs = list(runs_of(summary))
-    points = {run["dir"]: eval_points(metrics[run["dir"]]) for _, run in runs}
+def curve_table(summary: CompareResult, metrics: dict) -> tuple[list[str], list[list[str]]]:
+    runs = summary.runs()
+    points = {run.dir: eval_points(metrics[run.dir]) for _, run in runs}
     seeds = True  # every run is an (arm, seed) pair; the column stays even for one seed
     val = any(r.get("val_output_loss") is not None for p in points.values() for r in p)
     header = ["arm", *(["seed"] if seeds else []), "step", "epoch", "train-sample output loss",
               "held-out output loss", "gap", *(["validation output loss"] if val else [])]
     rows = []
     for a, run in runs:
-        for r in points[run["dir"]]:
+        for r in points[run.dir]:
             t, h, v = r.get("train_output_loss"), r.get("eval_output_loss"), r.get("val_output_loss")
-            rows.append([a["spec"], *([str(run["seed"])] if seeds else []), str(r["step"]),
+            rows.append([a.spec, *([str(run.seed)] if seeds else []), str(r["step"]),
                          f"{r.get('epoch', 0):.2f}", f4(t), f4(h),
                          f4(h - t if h is not None and t is not None else None), *([f4(v)] if val else [])])
     return header, rows
 
 
-def training_table(summary: dict, metrics: dict) -> tuple[list[str], list[list[str]]]:
+def training_table(summary: CompareResult, metrics: dict) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "seed", "steps", "tokens", "train time (s)", "output loss, first step", "output loss, last step",
               "objective (loss), last step"]
     rows = []
-    for a, run in runs_of(summary):
-        tp = train_points(metrics[run["dir"]])
+    for a, run in summary.runs():
+        tp = train_points(metrics[run.dir])
         if not tp:
-            rows.append([a["spec"], str(run["seed"]), "0", "–", "–", "–", "–", "–"])
+            rows.append([a.spec, str(run.seed), "0", "–", "–", "–", "–", "–"])
             continue
-        rows.append([a["spec"], str(run["seed"]), str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}",
+        rows.append([a.spec, str(run.seed), str(tp[-1]["step"]), f"{tp[-1].get('tokens', 0):,}",
                      f"{tp[-1].get('time', 0):.0f}", f4(tp[0].get("loss_output")), f4(tp[-1].get("loss_output")),
                      f4(tp[-1].get("loss"))])
     return header, rows
@@ -179,14 +179,14 @@ def _generations(path: Path) -> list[dict]:
             if isinstance(v, dict)]
 
 
-def examples_table(summary: dict, compare_dir: Path) -> tuple[str, list[str], list[list[str]]] | None:
+def examples_table(summary: CompareResult, compare_dir: Path) -> tuple[str, list[str], list[list[str]]] | None:
     """(what they are, header, rows): the first N_EXAMPLES prompts every arm answered (each arm's first seed) with the
     reference and each arm's greedy answer, from the generations compare wrote (RUN/eval/compare-*.jsonl)."""
     first = {}
-    for arm, run in runs_of(summary):
-        first.setdefault(arm["spec"], run)
+    for arm, run in summary.runs():
+        first.setdefault(arm.spec, run)
     for name, what in GENERATIONS:
-        per_arm = {spec: {r.get("source"): r for r in _generations(Path(compare_dir) / run["dir"] / "eval" / name)}
+        per_arm = {spec: {r.get("source"): r for r in _generations(Path(compare_dir) / run.dir / "eval" / name)}
                    for spec, run in first.items()}
         if not per_arm or not all(per_arm.values()):
             continue
@@ -200,7 +200,7 @@ def examples_table(summary: dict, compare_dir: Path) -> tuple[str, list[str], li
                                                     if m.get("role") == "user"), "")
             rows.append([_clip(prompt), _clip(r0.get("reference")), *(_clip(per_arm[a][s].get("output"))
                                                                       for a in per_arm)])
-        seeds = {str(run["seed"]) for run in first.values()}
+        seeds = {str(run.seed) for run in first.values()}
         return (f"{len(rows)} {what}; greedy answers of each arm's final model (seed {', '.join(sorted(seeds))}); "
                 f"cut at {CELL_CHARS} characters", ["prompt", "reference", *per_arm], rows)
     return None
@@ -208,40 +208,40 @@ def examples_table(summary: dict, compare_dir: Path) -> tuple[str, list[str], li
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: the base once, each run as what differs from it
-def config_diff(summary: dict, configs: dict) -> tuple[list[str], list[list[str]]]:
+def config_diff(summary: CompareResult, configs: dict) -> tuple[list[str], list[list[str]]]:
     """One row per run: the arm's own settings (its overrides) and every other field that differs from the base."""
     import yaml
 
-    base = summary["settings"]["base_config"]
+    base = summary.base_config
     rows = []
-    for arm, run in runs_of(summary):
-        text = configs.get(run["dir"], "(missing)")
+    for arm, run in summary.runs():
+        text = configs.get(run.dir, "(missing)")
         cfg = yaml.safe_load(text) if text != "(missing)" else None
         if not isinstance(cfg, dict):
-            rows.append([arm["spec"], str(run["seed"]), f"`{run['dir']}`", "(config.yaml missing)"])
+            rows.append([arm.spec, str(run.seed), f"`{run.dir}`", "(config.yaml missing)"])
             continue
         keys = [k for k in cfg if k not in ("output_dir", "seed") and (k == "loss" or cfg[k] != base.get(k))]
         shown = "; ".join(f"{k}: {'–' if cfg[k] is None else cfg[k]}" for k in keys) or "(same as the base)"
-        rows.append([arm["spec"], str(run["seed"]), f"{run['dir']}/config.yaml", shown])
+        rows.append([arm.spec, str(run.seed), f"{run.dir}/config.yaml", shown])
     return ["arm", "seed", "config", "loss, and the settings of this run that differ from the base config"], rows
 
 
-def _base_yaml(summary: dict) -> str:
+def _base_yaml(summary: CompareResult) -> str:
     """The base config without what each run sets for itself (its arm's loss settings, seed, directory)."""
     import yaml
 
-    own = {"output_dir", "seed"} | {k for a in summary["arms"] for k in a.get("overrides") or {}}
-    base = {k: v for k, v in summary["settings"]["base_config"].items() if k not in own}
+    own = {"output_dir", "seed"} | {k for a in summary.arms for k in a.overrides}
+    base = {k: v for k, v in summary.base_config.items() if k not in own}
     return yaml.safe_dump(base, sort_keys=False, allow_unicode=True).rstrip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The page
-def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir: Path) -> list[tuple]:
-    arms = ", ".join(a["spec"] for a in summary["arms"])
-    data = summary["data"]
-    v = summary["verdict"]
-    seeds = summary["settings"].get("seeds")
+def blocks(summary: CompareResult, metrics: dict, configs: dict, plots: dict, compare_dir: Path) -> list[tuple]:
+    arms = ", ".join(a.spec for a in summary.arms)
+    data = summary.data
+    v = summary.verdict
+    seeds = summary.settings.get("seeds")
     b: list[tuple] = [("h", 1, f"imtune compare: {arms}"), ("headline", v["headline"])]
     if v.get("learned_nothing"):
         b.append(("warn", v["learned_nothing"]["warning"], v["learned_nothing"]["runs"]))
@@ -249,9 +249,9 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
         b.append(("p", "Advice vs outcome: " + v["advice"]["text"]))
     b += [("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "
                 f"{data['n_heldout']} held-out: " + _split_text(data)
-                + f"); model `{summary['settings']['base_config']['model']}`"
+                + f"); model `{summary.base_config['model']}`"
                 + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") + "."),
-          ("h", 2, "Verdict"), ("ul", v["bullets"]), *next_blocks(v.get("next") or [], _cwd(summary)),
+          ("h", 2, "Verdict"), ("ul", v["bullets"]), *next_blocks(v.get("next") or [], summary.cwd),
           ("h", 2, "Results (final models" + (", mean over seeds" if seeds and len(seeds) > 1 else "") + ")"),
           ("table", *results_table(summary)),
           ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT trains on, "
@@ -263,11 +263,11 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
                 f"{THRESHOLDS['standard_errors']:g} SE of the difference.")]
     diffs = difference_table(summary)
     if diffs:
-        b += [("h", 2, f"Differences to the reference arm ({summary['evidence']['reference']})"), ("table", *diffs),
-              ("p", f"Interval method: {summary['evidence']['method']} (imtune.analysis.evidence). A measure "
+        b += [("h", 2, f"Differences to the reference arm ({summary.evidence.reference})"), ("table", *diffs),
+              ("p", f"Interval method: {summary.evidence.method} (imtune.analysis.evidence). A measure "
                "is won only "
                     "when its interval excludes zero.")]
-    if summary.get("evidence"):
+    if summary.evidence:
         b += [("h", 3, "Per seed"), ("table", *seed_table(summary))]
     b.append(("h", 2, "Example answers"))
     ex = examples_table(summary, compare_dir)
@@ -286,20 +286,16 @@ def blocks(summary: dict, metrics: dict, configs: dict, plots: dict, compare_dir
                 "validation loss selects the best checkpoint; held-out = the test part."),
           ("h", 3, "Training (from each run's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
     b += [("h", 2, "Data"), ("code", "text", format_one(data["stats"], data["source"]))]
-    b += [("h", 2, "Versions"), ("p", versions_line(summary.get("versions")))]
+    b += [("h", 2, "Versions"), ("p", versions_line(summary.versions))]
     b += [("h", 2, "Commands")]
     b += [("code", "bash", "\n".join(f"# {c['time']} in {c['cwd']}\n" + " ".join(shlex.quote(x) for x in c["argv"])
-                                     for c in summary["commands"]))]
+                                     for c in summary.commands))]
     b += [("h", 2, "Configs"), ("p", "Each run's `config.yaml` is the base config below with these changes:"),
           ("table", *config_diff(summary, configs), "text"),
           ("h", 3, "Base config (shared by every run; loss settings and seed are per run, above)"),
           ("code", "yaml", _base_yaml(summary))]
     b += [("h", 2, "What this can and cannot show"), ("p", CAN_CANNOT)]
     return b
-
-
-def _cwd(summary: dict) -> str | None:
-    return ((summary.get("commands") or [{}])[-1]).get("cwd")
 
 
 def next_blocks(steps: list[dict], cwd: str | None) -> list[tuple]:
@@ -318,7 +314,7 @@ def next_blocks(steps: list[dict], cwd: str | None) -> list[tuple]:
     return b
 
 
-def text_table(summary: dict) -> str:
+def text_table(summary: CompareResult) -> str:
     """The results table for a terminal."""
     header, rows = results_table(summary)
     width = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

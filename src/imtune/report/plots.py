@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 
 from imtune import files
-from imtune.report.runs import eval_points, run_label, runs_of, train_points
+from imtune.report.runs import eval_points, train_points
+from imtune.results import CompareResult
 
 MIN_SPAN = 0.2  # a loss axis spans at least this share of the largest |value| it shows
 MIN_SPAN_NATS = 0.05  # ... and at least this many nats
@@ -36,7 +37,7 @@ def honest_ylim(ax, values: list, floor_of: list | None = None) -> None:
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
 
 
-def curves_figure(summary: dict, metrics: dict):
+def curves_figure(summary: CompareResult, metrics: dict):
     """Left: output loss of the training batches per step; right: held-out and train-sample output loss at the
     evaluation points. One colour per arm, one line style per seed."""
     from matplotlib.figure import Figure
@@ -44,11 +45,11 @@ def curves_figure(summary: dict, metrics: dict):
 
     fig = Figure(figsize=(12, 4.4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    colour = {a["name"]: f"C{i}" for i, a in enumerate(summary["arms"])}
+    colour = {a.name: f"C{i}" for i, a in enumerate(summary.arms)}
     shown1, shown2 = [], []
-    for a, run in runs_of(summary):
-        c, recs, label = colour[a["name"]], metrics[run["dir"]], run_label(a, run, summary)
-        k = next(i for i, r in enumerate(a.get("runs") or [run]) if r["dir"] == run["dir"])
+    for a, run in summary.runs():
+        c, recs, label = colour[a.name], metrics[run.dir], summary.run_label(a, run)
+        k = a.runs.index(run)
         dash = ["-", "-.", ":", (0, (5, 1))][k % 4]  # one line style per seed
         tp = [r for r in train_points(recs) if r.get("loss_output") is not None]
         ax1.plot([r["step"] for r in tp], [r["loss_output"] for r in tp], color=c, lw=1.2, ls=dash, label=label)
@@ -73,23 +74,23 @@ def curves_figure(summary: dict, metrics: dict):
     return fig
 
 
-def bars_figure(summary: dict, key: str):
+def bars_figure(summary: CompareResult, key: str):
     """key 'gap': final train/held-out gap per arm; key 'scores': exact match and benchmark scores per arm (None
     when there are none)."""
     from matplotlib.figure import Figure
 
-    arms = summary["arms"]
+    arms = summary.arms
     if key == "gap":
-        groups = [("held-out − train output loss", [a["results"]["gap"] for a in arms])]
+        groups = [("held-out − train output loss", [a.results["gap"] for a in arms])]
         ylabel, title, pct = "gap (nats per output token)", "final models: held-out − train output loss\n" \
             "(lower = less overfit)", False
     else:
         groups = []
-        if all("exact_match" in a["results"] for a in arms):
-            groups.append(("held-out exact match", [a["results"]["exact_match"]["accuracy"] for a in arms]))
-        for label in sorted(arms[0]["results"].get("bench", {})):
-            if all(label in a["results"].get("bench", {}) for a in arms):
-                groups.append((label, [a["results"]["bench"][label]["value"] for a in arms]))
+        if all("exact_match" in a.results for a in arms):
+            groups.append(("held-out exact match", [a.results["exact_match"]["accuracy"] for a in arms]))
+        for label in sorted(arms[0].results.get("bench", {})):
+            if all(label in a.results.get("bench", {}) for a in arms):
+                groups.append((label, [a.results["bench"][label]["value"] for a in arms]))
         if not groups:
             return None
         ylabel, title, pct = "score (%)", "scores of the final models (higher is better)", True
@@ -100,7 +101,7 @@ def bars_figure(summary: dict, key: str):
     for i, a in enumerate(arms):
         xs = [g + (i - (len(arms) - 1) / 2) * width for g in range(len(groups))]
         vals = [(v or 0.0) * (100 if pct else 1) for _, g in groups for v in [g[i]]]
-        bars = ax.bar(xs, vals, width * 0.95, color=f"C{i}", label=a["spec"])
+        bars = ax.bar(xs, vals, width * 0.95, color=f"C{i}", label=a.spec)
         ax.bar_label(bars, labels=[f"{v:.1f}" if pct else f"{v:.4f}" for v in vals], fontsize=8)
         shown += vals
     ax.set_xticks(range(len(groups)), [g for g, _ in groups])
@@ -108,19 +109,19 @@ def bars_figure(summary: dict, key: str):
     if pct:
         ax.set_ylim(min(0.0, *shown), max(105.0, *shown))  # the whole 0-100 scale: 0.1 vs 0.2% stays flat
     else:  # a gap is a difference of losses: its axis is scaled to the losses themselves
-        honest_ylim(ax, shown + [0.0], floor_of=[a["results"]["heldout"]["output_loss"] for a in arms] + shown)
+        honest_ylim(ax, shown + [0.0], floor_of=[a.results["heldout"]["output_loss"] for a in arms] + shown)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return fig
 
 
-def plot_curves(summary: dict, metrics: dict, out: Path) -> Path:
+def plot_curves(summary: CompareResult, metrics: dict, out: Path) -> Path:
     p = out / "loss_curves.png"
     return files.save_figure(curves_figure(summary, metrics), p, out)
 
 
-def plot_bars(summary: dict, out: Path, key: str) -> Path | None:
+def plot_bars(summary: CompareResult, out: Path, key: str) -> Path | None:
     fig = bars_figure(summary, key)
     if fig is None:
         return None

@@ -25,39 +25,30 @@ import math
 from pathlib import Path
 
 from imtune import files
-from imtune.analysis.evidence import excludes_zero
 from imtune.report.checks import advice_vs_outcome, learned_nothing, next_commands, nothing_warning, undecided
 from imtune.report.page import blocks, text_table as table
 from imtune.report.plots import plot_bars, plot_curves
 from imtune.report.render import to_html, to_markdown  # noqa: F401 (imtune.experiments.sweep and imtune.experiments.study import them from here)
-from imtune.report.runs import (
-    THRESHOLDS,
-    eval_points,
-    load,
-    load_metrics,
-    run_label,
-    runs_of,
-    show_diff,
-    show_value,
-)
+from imtune.report.runs import THRESHOLDS, eval_points, load, load_metrics, show_diff, show_value
+from imtune.results import CompareResult, Evidence, Interval, Measure
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The verdict
-def _measures(summary: dict) -> list[tuple[str, str, str, dict]]:
+def _measures(summary: CompareResult) -> list[tuple[str, str, str, dict]]:
     """(key, label, 'lower'|'higher', arm -> value) for every measure the arms have."""
-    arms = summary["arms"]
-    get = lambda f: {a["name"]: f(a["results"]) for a in arms}  # noqa: E731
+    arms = summary.arms
+    get = lambda f: {a.name: f(a.results) for a in arms}  # noqa: E731
     out = [("heldout_loss", "held-out output loss", "lower", get(lambda r: r["heldout"]["output_loss"])),
            ("gap", "train/held-out gap", "lower", get(lambda r: r["gap"]))]
-    if all("bleu" in a["results"] and bleu_meaningful(a["results"]["bleu"]) for a in arms):
+    if all("bleu" in a.results and bleu_meaningful(a.results["bleu"]) for a in arms):
         out.append(("bleu", "memorisation (BLEU of greedy answers vs training outputs)", "lower",
                     get(lambda r: r["bleu"]["corpus_bleu"])))
-    if all("exact_match" in a["results"] for a in arms):
+    if all("exact_match" in a.results for a in arms):
         out.append(("exact_match", "held-out exact match", "higher", get(lambda r: r["exact_match"]["accuracy"])))
-    labels = [set(a["results"].get("bench", {})) for a in arms]
+    labels = [set(a.results.get("bench", {})) for a in arms]
     for label in sorted(set.intersection(*labels) if labels else set()):
-        b0 = arms[0]["results"]["bench"][label]
+        b0 = arms[0].results["bench"][label]
         judge = f", judge {b0['judge']}" if b0.get("judge") else ""
         out.append((f"bench:{label}", f"{label} ({b0['metric']}{judge})", "higher",
                     get(lambda r, k=label: r["bench"][k]["value"])))
@@ -85,9 +76,9 @@ def _se_paired(x: list, y: list) -> float | None:
     return math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d))
 
 
-def _threshold(key: str, a: str, b: str, summary: dict, metrics: dict) -> tuple[float, str]:
+def _threshold(key: str, a: str, b: str, summary: CompareResult, metrics: dict) -> tuple[float, str]:
     """(threshold for |value_a - value_b|, how it was set)."""
-    res = {x["name"]: x["results"] for x in summary["arms"]}
+    res = {x.name: x.results for x in summary.arms}
     k = THRESHOLDS["standard_errors"]
     if key in ("heldout_loss", "gap"):
         ref = [res[a]["heldout"]["output_loss"], res[b]["heldout"]["output_loss"]]
@@ -120,30 +111,30 @@ def _threshold(key: str, a: str, b: str, summary: dict, metrics: dict) -> tuple[
 VERDICT_VERSION = 1  # compare.json's stored verdict is trusted when it has this version (write_report)
 
 
-def verdict(summary: dict, compare_dir: str | Path) -> dict:
+def verdict(summary: CompareResult, compare_dir: str | Path) -> dict:
     """Per measure: the values, the decision and the text. Measures with intervals (compare.json "evidence": held-out
     loss final and best, gap, exact match) compare every arm with the reference arm: "won" only when the 95% interval
     of the difference excludes zero. The others (BLEU, benchmarks; and every measure of a version-1 compare.json)
     compare the best arm with the rest against THRESHOLDS. Reads metrics.jsonl and compare.json."""
     d = Path(compare_dir)
     metrics = load_metrics(summary, d)
-    runs = runs_of(summary)
+    runs = summary.runs()
     by_arm = {}
     for a, r in runs:  # the threshold rules look at one run per arm (the first seed)
-        by_arm.setdefault(a["name"], metrics[r["dir"]])
-    spec = {a["name"]: a["spec"] for a in summary["arms"]}
+        by_arm.setdefault(a.name, metrics[r.dir])
+    spec = {a.name: a.spec for a in summary.arms}
     measures, sentences, wins = [], [], {}
-    evidence = summary.get("evidence") or {"measures": {}}
-    for key, m in evidence["measures"].items():
-        rec, sentence = _interval_measure(key, m, evidence["reference"])
+    evidence = summary.evidence or Evidence("", "", 0.95, 1, {}, {})
+    for key, m in evidence.measures.items():
+        rec, sentence = _interval_measure(key, m, evidence.reference)
         measures.append(rec)
         sentences.append(sentence)
         for c in rec["comparisons"]:
             if c["winner"]:
-                wins.setdefault(c["winner"], []).append(m["label"])
+                wins.setdefault(c["winner"], []).append(m.label)
     for key, label, better, values in _measures(summary):
         known = {a: v for a, v in values.items() if v is not None}
-        if len(known) < 2 or key in evidence["measures"]:
+        if len(known) < 2 or key in evidence.measures:
             continue
         order = sorted(known, key=lambda a: known[a] if better == "lower" else -known[a])
         best = order[0]
@@ -159,16 +150,16 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
         sentences.append(_sentence(key, label, better, known, best, rows, spec))
         if len(tied) == 1:
             wins.setdefault(spec[best], []).append(label.split(" (")[0])
-    if {"heldout_loss", "best_heldout_loss"} <= set(evidence["measures"]):
+    if {"heldout_loss", "best_heldout_loss"} <= set(evidence.measures):
         sentences.append(_early_stopping(measures))
-    curves = {run_label(a, r, summary): metrics[r["dir"]] for a, r in runs}
+    curves = {summary.run_label(a, r): metrics[r.dir] for a, r in runs}
     bullets = [x for x in sentences if x] + _notes(summary, curves)
     stalled = learned_nothing(summary, metrics, d)
     nothing = nothing_warning(stalled, len(runs)) if stalled else None
     warnings = [nothing[0] + " " + "; ".join(nothing[1]) + "."] if nothing else []
     advice = advice_vs_outcome(summary, measures)
     primary = next((m for m in measures if m["key"] == "heldout_loss" and "reference" in m), None)
-    held = {r["dir"]: [(e["step"], e["eval_output_loss"]) for e in eval_points(metrics[r["dir"]])
+    held = {r.dir: [(e["step"], e["eval_output_loss"]) for e in eval_points(metrics[r.dir])
                        if e.get("eval_output_loss") is not None] for _, r in runs}
     why_not = undecided(summary, held, primary) if primary else []
     head = headline(summary, measures, wins, [why for _, why in why_not]) + (
@@ -179,8 +170,8 @@ def verdict(summary: dict, compare_dir: str | Path) -> dict:
     text = "\n".join([head, *([f"⚠ Warning: {nothing[0]}", *(f"  {x}" for x in nothing[1])] if nothing else []),
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets]
-                     + next_text(steps, ((summary.get("commands") or [{}])[-1]).get("cwd")))
-    return {"version": VERDICT_VERSION, "thresholds": THRESHOLDS, "evidence_method": evidence.get("method"),
+                     + next_text(steps, summary.cwd))
+    return {"version": VERDICT_VERSION, "thresholds": THRESHOLDS, "evidence_method": evidence.method or None,
             "measures": measures,
             "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
             if nothing else None, "advice": advice, "bullets": bullets, "undecided": [k for k, _ in why_not],
@@ -221,21 +212,21 @@ def _diff_iv(m: dict, c: dict) -> str:
             f"to {_signed(k, c['high'])}")
 
 
-def headline(summary: dict, measures: list[dict], wins: dict, why_not: list[str] | None = None) -> str:
+def headline(summary: CompareResult, measures: list[dict], wins: dict, why_not: list[str] | None = None) -> str:
     """One line: who won, by how much (arm − reference, as in the tables), the 95% interval and how much evidence;
     that no arm won; or "Undecided" and why (report_checks.undecided) when the budget cannot decide, interval or not.
     Held-out output loss (final) first; other interval measures only when it has no winner."""
-    arms = summary["arms"]
+    arms = summary.arms
     if len(arms) < 2:
-        return f"One arm ({arms[0]['spec']}): nothing to compare."
+        return f"One arm ({arms[0].spec}): nothing to compare."
     ivm = [m for m in measures if "reference" in m]
     if not ivm:  # a version-1 compare.json: thresholds, one seed
         if wins:
             return "; ".join(f"{a} won on {', '.join(ms)}" for a, ms in wins.items()) + \
                 " (beyond its thresholds; one seed, no intervals)"
         return "No arm won: every difference is within its threshold (one seed, no intervals)"
-    ev = summary["evidence"]
-    n_seeds, n_ex = ev.get("n_seeds", 1), (ev.get("n_examples") or {}).get("heldout")
+    ev = summary.evidence
+    n_seeds, n_ex = ev.n_seeds, ev.n_examples.get("heldout")
     size = f"{n_seeds} seed{'s' if n_seeds != 1 else ''}" + (f" × {n_ex} held-out examples" if n_ex else "")
     primary = next((m for m in ivm if m["key"] == "heldout_loss"), ivm[0])
     if why_not:
@@ -253,28 +244,27 @@ def headline(summary: dict, measures: list[dict], wins: dict, why_not: list[str]
     return f"No arm won: every interval includes zero ({primary['label']}: {ivs}) — {size}"
 
 
-def _iv(key: str, iv: dict) -> str:
-    return f"{show_diff(key, iv['value'])} (95% interval {show_diff(key, iv['low'])} to {show_diff(key, iv['high'])})"
+def _iv(key: str, iv: Interval) -> str:
+    return f"{show_diff(key, iv.value)} (95% interval {show_diff(key, iv.low)} to {show_diff(key, iv.high)})"
 
 
-def _interval_measure(key: str, m: dict, ref: str) -> tuple[dict, str]:
+def _interval_measure(key: str, m: Measure, ref: str) -> tuple[dict, str]:
     """Each arm minus the reference: the difference, its interval, and who won (None: no difference)."""
     rows, parts = [], []
-    for arm, iv in m["differences"].items():
+    for arm, iv in m.differences.items():
         if arm == ref:
             continue
         winner = None
-        if excludes_zero(iv):
-            winner = arm if (iv["value"] < 0) == (m["better"] == "lower") else ref
-        rows.append({"arm": arm, "reference": ref, "diff": iv["value"], "low": iv["low"], "high": iv["high"],
+        if iv.excludes_zero():
+            winner = arm if (iv.value < 0) == (m.better == "lower") else ref
+        rows.append({"arm": arm, "reference": ref, "diff": iv.value, "low": iv.low, "high": iv.high,
                      "decided": winner is not None, "winner": winner})
-        values = m["values"]
-        vals = f"{arm} {show_value(key, values[arm]['value'])} vs {ref} {show_value(key, values[ref]['value'])}"
+        vals = f"{arm} {show_value(key, m.values[arm].value)} vs {ref} {show_value(key, m.values[ref].value)}"
         parts.append(f"{arm} − {ref} = {_iv(key, iv)}, {vals}: "
                      + (f"**{winner} won**" if winner else "no difference"))
-    rec = {"key": key, "label": m["label"], "better": m["better"], "reference": ref,
-           "values": {a: v["value"] for a, v in m["values"].items()}, "comparisons": rows}
-    return rec, f"On {m['label']} ({m['better']} is better): " + "; ".join(parts) + "."
+    rec = {"key": key, "label": m.label, "better": m.better, "reference": ref,
+           "values": {a: v.value for a, v in m.values.items()}, "comparisons": rows}
+    return rec, f"On {m.label} ({m.better} is better): " + "; ".join(parts) + "."
 
 
 def _early_stopping(measures: list[dict]) -> str:
@@ -342,13 +332,13 @@ def _overfitting(metrics: dict, spec: dict) -> list[str]:
     return out
 
 
-def _effective_lr(summary: dict) -> list[str]:
+def _effective_lr(summary: CompareResult) -> list[str]:
     """At equal steps IM's output tokens get a smaller share of each step: the loss is normalised over every weighted
     token (--normalize tokens), so the outputs' gradient scale is about it-share / im-share of IT's."""
-    share = ((summary.get("data") or {}).get("stats") or {}).get("supervised_share") or {}
-    norm = summary["settings"].get("base_config", {}).get("normalize", "tokens")
+    share = (summary.data.get("stats") or {}).get("supervised_share") or {}
+    norm = summary.base_config.get("normalize", "tokens")
     if norm != "tokens" or not share.get("it") or not share.get("im") or \
-            not any(a["spec"].split("+")[0] == "im" for a in summary["arms"]):
+            not any(a.spec.split("+")[0] == "im" for a in summary.arms):
         return []
     k = share["it"] / share["im"]
     return [f"At equal steps IM is not IT with more tokens: each step's loss is normalised over all weighted tokens "
@@ -358,9 +348,9 @@ def _effective_lr(summary: dict) -> list[str]:
             "the two."]
 
 
-def _notes(summary: dict, curves: dict) -> list[str]:
+def _notes(summary: CompareResult, curves: dict) -> list[str]:
     """The verdict's bullets after the measures: training loss, overfitting, BLEU's limits, seeds and intervals."""
-    res = {a["spec"]: a["results"] for a in summary["arms"]}
+    res = {a.spec: a.results for a in summary.arms}
     tr = {a: r["train"]["output_loss"] for a, r in res.items() if r["train"]["output_loss"] is not None}
     out = []
     if len(tr) >= 2:
@@ -369,15 +359,15 @@ def _notes(summary: dict, curves: dict) -> list[str]:
                    + ", ".join(f"{a} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1]))
                    + " (not a goal: the paper's sign of overfitting is a low training but high held-out loss).")
     out += _overfitting(curves, {k: k for k in curves})  # keyed by run label
-    b = [a["results"]["bleu"] for a in summary["arms"] if "bleu" in a["results"]]
+    b = [a.results["bleu"] for a in summary.arms if "bleu" in a.results]
     if b and not bleu_meaningful(b[0]):
         out.append(f"BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
                    "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
     out += _effective_lr(summary)
-    seeds = summary["settings"].get("seeds") or [summary["settings"]["base_config"].get("seed")]
-    if summary.get("evidence"):
+    seeds = summary.seeds
+    if summary.evidence:
         how = (f"Every arm ran with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); intervals: "
-               f"{summary['evidence']['method']}.")
+               f"{summary.evidence.method}.")
         if len(seeds) == 1:
             how += " With one seed the intervals cover the held-out examples only, not seed-to-seed variation."
     else:
@@ -394,9 +384,9 @@ def write_report(compare_dir: str | Path, recompute: bool = False) -> tuple[Path
     compare.json, only when asked (`--report-only`: rebuild from the files), absent, or of another VERDICT_VERSION."""
     d = files.owned(compare_dir, "compare")
     summary, metrics, configs = load(d)
-    if recompute or (summary.get("verdict") or {}).get("version") != VERDICT_VERSION:
-        summary["verdict"] = verdict(summary, d)
-        files.write_json(d / "compare.json", summary, root=d)
+    if recompute or (summary.verdict or {}).get("version") != VERDICT_VERSION:
+        summary = summary.replace(verdict=verdict(summary, d))
+        files.write_json(d / "compare.json", summary.to_json(), root=d)
     plots_dir = files.make_dirs(d / "plots", d)
     plots = {"curves": plot_curves(summary, metrics, plots_dir), "gap": plot_bars(summary, plots_dir, "gap"),
              "scores": plot_bars(summary, plots_dir, "scores")}
@@ -407,6 +397,6 @@ def write_report(compare_dir: str | Path, recompute: bool = False) -> tuple[Path
     return md, page
 
 
-def text_table(summary: dict) -> str:
+def text_table(summary: CompareResult) -> str:
     """The results table for a terminal (imtune.report.page)."""
     return table(summary)
