@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from imtune.cli import main
+from imtune.results import StudyResult
 
 COMMON = ["--model", "random:tiny", "--arms", "it,im", "--budget", "2", "--eval-every", "2", "--eval-train-sample", "4",
           "--batch-size", "4", "--max-length", "1024", "--lr", "1e-3", "--no-progress", "--threads", "1"]
@@ -14,6 +15,7 @@ COMMON = ["--model", "random:tiny", "--arms", "it,im", "--budget", "2", "--eval-
 
 def _check(out: Path, values: list[float]) -> dict:
     result = json.loads((out / "study.json").read_text())
+    assert StudyResult.from_json(result).to_json() == result  # the typed record reads it back unchanged
     assert [r["value"] for r in result["rows"]] == values and result["difference"] == "im − it"
     for r in result["rows"]:
         cmp = json.loads((out / r["compare_dir"] / "compare.json").read_text())

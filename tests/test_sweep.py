@@ -10,6 +10,7 @@ import torch
 from helpers import WORDS
 from imtune.cli import main
 from imtune.config import TrainConfig
+from imtune.results import SweepResult
 from imtune.rundir.read import metrics as read_metrics
 
 
@@ -68,6 +69,7 @@ def test_sweep_end_to_end_on_random_tiny(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "sweep.json").read_text())
+    assert SweepResult.from_json(result).to_json() == result  # the typed record reads it back unchanged
     rows = result["prompt_weights"]
     assert [r["prompt_weight"] for r in rows] == [0.0, 0.1]  # sorted
     cmp = json.loads((out / "compare" / "compare.json").read_text())
@@ -113,13 +115,18 @@ def test_sweep_refuses_a_per_arm_loss(capsys):
 
 
 def test_a_tie_is_never_recommended():
-    from imtune.experiments.sweep import recommendation_text
+    import dataclasses
 
-    rec = {"prompt_weight": 0.1, "measure": "held-out output loss (best)", "value": 1.0, "interval": [0.9, 1.1],
-           "indistinguishable": [0.5], "decided": False, "rule": "r", "to_decide": "more seeds"}
+    from imtune.experiments.sweep import recommendation_text
+    from imtune.results import Recommendation
+
+    rec = Recommendation.from_json({"prompt_weight": 0.1, "measure": "held-out output loss (best)", "value": 1.0,
+                                    "interval": [0.9, 1.1], "indistinguishable": [0.5], "decided": False, "rule": "r",
+                                    "to_decide": "more seeds"})
     text = recommendation_text(rec, bold=True)
     assert text.startswith("No λ recommended") and "ties with λ = 0.5" in text and "**" not in text
-    assert recommendation_text({**rec, "indistinguishable": [], "decided": True}, bold=True).startswith(
+    decided = dataclasses.replace(rec, indistinguishable=[], decided=True)
+    assert recommendation_text(decided, bold=True).startswith(
         "Recommended: **λ = 0.1**")
 
 

@@ -4,7 +4,6 @@ one comparison per value, the second arm minus the first (IM − IT) against the
 `imtune study --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -94,16 +93,18 @@ def settings_from(args):
 
 
 def show(out: Path) -> None:
-    result = json.loads((out / "study.json").read_text(encoding="utf-8"))
-    print(f"{result['difference']} of held-out output loss against {result['factor']} (95% intervals):")
-    for r in result["rows"]:
-        parts = [f"{k} {r[k]['value']:+.4f} [{r[k]['low']:+.4f}, {r[k]['high']:+.4f}]"
-                 for k in ("final", "best") if k in r]
-        where = (f" (stratum {r['stratum']} of {r['of']}: example ratios {r['ratio_low']:.3g} to {r['ratio_high']:.3g})"
-                 if "stratum" in r else "")
-        print(f"  {result['factor']} = {r['value']:<8.4g}{where} " + ", ".join(parts))
-    for name, t in result["trend"].items():
-        print(f"trend ({name}): {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")
+    from imtune.experiments.study import iv_text, read_study
+
+    result = read_study(out)
+    print(f"{result.difference} of held-out output loss against {result.factor} (95% intervals):")
+    for r in result.rows:
+        parts = [f"{k} {iv_text(e)}" for k, e in (("final", r.final), ("best", r.best)) if e is not None]
+        st = r.stratum
+        where = (f" (stratum {st['stratum']} of {st['of']}: example ratios {st['ratio_low']:.3g} to "
+                 f"{st['ratio_high']:.3g})" if st else "")
+        print(f"  {result.factor} = {r.value:<8.4g}{where} " + ", ".join(parts))
+    for name, t in result.trend.items():
+        print(f"trend ({name}): {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result.factor})")
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 
 

@@ -4,7 +4,6 @@
 `imtune sweep --report-only DIR` rebuilds the report."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,16 +56,16 @@ def settings_from(args):
 
 
 def show(out: Path) -> None:
-    from imtune.experiments.sweep import recommendation_text
+    from imtune.experiments.sweep import read_sweep, recommendation_text
     from imtune.report.write import next_text
 
-    result = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
-    for r in result["prompt_weights"]:
-        parts = [f"{k} {r[k]['value']:.4f} [{r[k]['low']:.4f}, {r[k]['high']:.4f}]"
-                 for k in ("final", "best") if k in r]
-        print(f"λ = {r['prompt_weight']:<8g} held-out output loss: " + ", ".join(parts))
-    print("\n" + recommendation_text(result["recommendation"]))
-    for line in next_text(result["recommendation"].get("next") or [], result.get("cwd")):
+    result = read_sweep(out)
+    for r in result.prompt_weights:
+        parts = [f"{k} {e.value:.4f} [{e.low:.4f}, {e.high:.4f}]" for k, e in (("final", r.final), ("best", r.best))
+                 if e is not None]
+        print(f"λ = {r.prompt_weight:<8g} held-out output loss: " + ", ".join(parts))
+    print("\n" + recommendation_text(result.recommendation))
+    for line in next_text(result.recommendation.next, result.cwd):
         print(line)
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 

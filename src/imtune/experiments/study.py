@@ -25,7 +25,6 @@ same command resumes: finished runs are skipped.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -41,9 +40,9 @@ from imtune.data.synth import synthesize
 from imtune.experiments.arms import CompareSettings, parse_arms
 from imtune.experiments.compare import check_settings, compare, nothing_trained as none_in
 from imtune.experiments.data import write_conversations
-from imtune.report.runs import read_summary
+from imtune.report.runs import read_record, read_summary
 from imtune.report.write import to_html, to_markdown
-from imtune.results import CompareResult
+from imtune.results import CompareResult, Estimate, StudyResult, StudyRow
 from imtune.train.cost import grid_text
 from imtune.types import Interrupted, UsageError
 
@@ -224,10 +223,10 @@ def run_study(s: StudySettings, arms: list) -> Path:
             continue
         if not is_main_process():  # under accelerate launch: every process trains, rank 0 alone reports
             continue
-        rows.append({**value_row(v, read_summary(cmp), cmp.relative_to(out), arms[1].spec), **info})
-        measured = rows[-1]["ratio_measured"]
+        rows.append(value_row(v, read_summary(cmp), cmp.relative_to(out), arms[1].spec, info))
+        measured = rows[-1].ratio_measured
         if s.family and s.factor == "ratio" and measured and abs(measured / v - 1) > 0.5:
-            say(f"study: ratio {_name(v)} asked, {rows[-1]['ratio_measured']:.1f} measured (tokens): family "
+            say(f"study: ratio {_name(v)} asked, {measured:.1f} measured (tokens): family "
                 f"{s.family} cannot make instructions that short or long; the report shows the measured ratio")
     if s.dry_run:
         if plans:
@@ -236,102 +235,104 @@ def run_study(s: StudySettings, arms: list) -> Path:
         return out
     if not is_main_process():
         return out
-    result = {"version": 1, "factor": s.factor, "values": [v for v, *_ in sets], "arms": [a.spec for a in arms],
-              "difference": f"{arms[1].spec} − {arms[0].spec}", "seeds": s.seeds, "family": s.family,
-              "data": None if s.family else s.base.data, "strata": s.strata if s.factor == "ratio" and not s.family
-              else None,
-              "budget": s.budget, "rows": rows, "trend": trends(rows, s.factor)}
-    files.write_json(out / "study.json", result, root=out)
+    result = StudyResult(1, s.factor, [v for v, *_ in sets], [a.spec for a in arms], f"{arms[1].spec} − {arms[0].spec}",
+                         s.seeds, s.family, None if s.family else s.base.data,
+                         s.strata if s.factor == "ratio" and not s.family else None, s.budget, tuple(rows),
+                         trends(rows, s.factor))
+    files.write_json(out / "study.json", result.to_json(), root=out)
     write_report(out)
     return out
 
 
-def value_row(v: float, summary: CompareResult, where: Path, arm: str) -> dict:
+def value_row(v: float, summary: CompareResult, where: Path, arm: str, stratum: dict | None = None) -> StudyRow:
     ms = summary.evidence.measures
-    row = {"value": v, "compare_dir": str(where), "n_train": summary.data["n_train"],
-           "n_test": summary.data["n_test"],
-           "ratio_measured": summary.data["stats"].get("ratio"),  # mean instruction / mean output, tokens
-           "steps": summary.data["steps"]}
+    est = {}
     for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
         if key in ms:
-            ref = ms[key].per_seed[summary.evidence.reference]
-            row[name] = {**ms[key].differences[arm].to_json(),
-                         "per_seed": [a - b for a, b in zip(ms[key].per_seed[arm], ref)]}
-    return row
+            ref, d = ms[key].per_seed[summary.evidence.reference], ms[key].differences[arm]
+            est[name] = Estimate(d.value, d.low, d.high, [a - b for a, b in zip(ms[key].per_seed[arm], ref)])
+    return StudyRow(v, str(where), summary.data["n_train"], summary.data["n_test"],
+                    summary.data["stats"].get("ratio"),  # mean instruction / mean output, tokens
+                    summary.data["steps"], est.get("final"), est.get("best"), stratum or None)
 
 
-def trends(rows: list[dict], factor: str) -> dict:
+def trends(rows: list[StudyRow], factor: str) -> dict:
     out = {}
     for name in ("final", "best"):
-        pts = [(r["value"], r[name]) for r in rows if name in r]
+        pts = [(r.value, getattr(r, name)) for r in rows if getattr(r, name) is not None]
         if len(pts) >= 2:
-            out[name] = linear_trend([x for x, _ in pts], [p["value"] for _, p in pts],
-                                     [(p["high"] - p["low"]) / 3.92 for _, p in pts], log_x=True)
+            out[name] = linear_trend([x for x, _ in pts], [p.value for _, p in pts],
+                                     [(p.high - p.low) / 3.92 for _, p in pts], log_x=True)
     return out
 
 
-def plot(result: dict, path: Path, root: Path) -> Path:
+def plot(result: StudyResult, path: Path, root: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
-    xs_all = [r["value"] for r in result["rows"]]
+    xs_all = [r.value for r in result.rows]
     for i, (name, label) in enumerate((("final", "final models"), ("best", "best checkpoints (validation)"))):
-        pts = [(r["value"], r[name]) for r in result["rows"] if name in r]
+        pts = [(r.value, getattr(r, name)) for r in result.rows if getattr(r, name) is not None]
         if not pts:
             continue
         shift = 1.0 + 0.03 * i  # side by side on the log axis
-        ax.errorbar([x * shift for x, _ in pts], [p["value"] for _, p in pts],
-                    yerr=[[p["value"] - p["low"] for _, p in pts], [p["high"] - p["value"] for _, p in pts]],
+        ax.errorbar([x * shift for x, _ in pts], [p.value for _, p in pts],
+                    yerr=[[p.value - p.low for _, p in pts], [p.high - p.value for _, p in pts]],
                     fmt="o", capsize=4, color=f"C{i}", label=label)
-        t = result["trend"].get(name)
+        t = result.trend.get(name)
         if t:
             grid = np.geomspace(min(xs_all), max(xs_all), 50)
             ax.plot(grid, t["intercept"] + t["slope"] * np.log10(grid), color=f"C{i}", ls="--", lw=1,
                     label=f"trend ({name}): {t['slope']:+.4f} per decade")
     ax.axhline(0, color="k", lw=0.7)
     ax.set_xscale("log")
-    ax.set(xlabel={"ratio": "instruction/output length ratio", "n": "training examples"}[result["factor"]],
-           ylabel=f"held-out output loss: {result['difference']} (nats)")
+    ax.set(xlabel={"ratio": "instruction/output length ratio", "n": "training examples"}[result.factor],
+           ylabel=f"held-out output loss: {result.difference} (nats)")
     ax.set_title("below zero: the second arm has the lower held-out loss; 95% intervals", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return files.save_figure(fig, path, root)
 
 
-def _iv(p: dict | None) -> str:
-    return "–" if p is None else f"{p['value']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
+def iv_text(p: Estimate | None) -> str:
+    return "–" if p is None else f"{p.value:+.4f} [{p.low:+.4f}, {p.high:+.4f}]"
 
 
-def _value_cell(r: dict) -> str:
-    if "stratum" not in r:
-        return f"{r['value']:g}"
-    return (f"{r['value']:.3g} (stratum {r['stratum']} of {r['of']}: examples with ratios {r['ratio_low']:.3g} to "
-            f"{r['ratio_high']:.3g})")
+def value_text(r: StudyRow) -> str:
+    if r.stratum is None:
+        return f"{r.value:g}"
+    st = r.stratum
+    return (f"{r.value:.3g} (stratum {st['stratum']} of {st['of']}: examples with ratios {st['ratio_low']:.3g} to "
+            f"{st['ratio_high']:.3g})")
+
+
+def read_study(study_dir: str | Path) -> StudyResult:
+    return read_record(Path(study_dir) / "study.json", StudyResult)
 
 
 def write_report(study_dir: str | Path) -> tuple[Path, Path]:
     d = files.owned(study_dir, "study")
-    result = json.loads((d / "study.json").read_text(encoding="utf-8"))
+    result = read_study(d)
     png = plot(result, d / "plots" / "study.png", d)
-    diff = result["difference"]
-    header = [result["factor"], "training examples", "test examples", "steps", "measured ratio (tokens)",
+    diff = result.difference
+    header = [result.factor, "training examples", "test examples", "steps", "measured ratio (tokens)",
               f"{diff}, final [95% interval]", f"{diff}, best [95% interval]", "run"]
-    rows = [[_value_cell(r), str(r["n_train"]), str(r["n_test"]), str(r["steps"]),
-             "–" if r["ratio_measured"] is None else f"{r['ratio_measured']:.2f}", _iv(r.get("final")),
-             _iv(r.get("best")), f"`{r['compare_dir']}/report.md`"] for r in result["rows"]]
+    rows = [[value_text(r), str(r.n_train), str(r.n_test), str(r.steps),
+             "–" if r.ratio_measured is None else f"{r.ratio_measured:.2f}", iv_text(r.final),
+             iv_text(r.best), f"`{r.compare_dir}/report.md`"] for r in result.rows]
     said = []
-    for name, t in result["trend"].items():
-        said.append(f"{name}: {diff} ≈ {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result['factor']})")
-    blocks = [("h", 1, f"imtune study: {diff} against {result['factor']}"),
-              ("p", f"Arms {', '.join(result['arms'])}; seeds {result['seeds'] or 'the one --seed'}"
-                    + (f"; synthetic family `{result['family']}`" if result["family"] else "")
-                    + (f"; data `{result['data']}` cut into {result['strata']} equal-size strata by each example's "
+    for name, t in result.trend.items():
+        said.append(f"{name}: {diff} ≈ {t['intercept']:+.4f} {t['slope']:+.4f}·log10({result.factor})")
+    blocks = [("h", 1, f"imtune study: {diff} against {result.factor}"),
+              ("p", f"Arms {', '.join(result.arms)}; seeds {result.seeds or 'the one --seed'}"
+                    + (f"; synthetic family `{result.family}`" if result.family else "")
+                    + (f"; data `{result.data}` cut into {result.strata} equal-size strata by each example's "
                        "instruction/output ratio in words, each with its own held-out examples"
-                       if result.get("strata") else "")
-                    + (f"; at most {result['budget']} optimizer steps per run" if result["budget"] else "") + "."),
-              ("table", header, rows), ("img", png, f"{diff} against {result['factor']}"),
+                       if result.strata else "")
+                    + (f"; at most {result.budget} optimizer steps per run" if result.budget else "") + "."),
+              ("table", header, rows), ("img", png, f"{diff} against {result.factor}"),
               ("p", "Trend (weighted least squares on log10 of the factor, weights 1/SE): "
                     + ("; ".join(said) or "too few points") + ". A difference below zero means the second arm "
                     "reached the lower held-out output loss. Intervals: hierarchical paired bootstrap over seeds "

@@ -16,7 +16,6 @@ finished runs (compare's resumption).
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ from imtune.experiments.arms import CompareSettings, parse_arm, read_json
 from imtune.experiments.compare import check_settings, compare
 from imtune.report.checks import PRACTICAL, next_commands
 from imtune.report.page import next_blocks
-from imtune.report.runs import read_summary
+from imtune.report.runs import read_record, read_summary
 from imtune.report.write import to_html, to_markdown
-from imtune.results import Evidence
+from imtune.results import Estimate, Evidence, Interval, Recommendation, SweepResult, SweepRow
 from imtune.types import UsageError
 
 RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
@@ -94,113 +93,108 @@ def sweep(s: SweepSettings) -> Path:
     vs_chosen = Evidence.from_json(aggregate(runs, chosen.name)).measures
     rows = []
     for a in arms:
-        row = {"prompt_weight": float(a.overrides["prompt_weight"]), "arm": a.spec}
+        est = {}
         for key, name in (("heldout_loss", "final"), ("best_heldout_loss", "best")):
             m = measures.get(key)
             if m:
-                row[name] = {**m.values[a.spec].to_json(), "per_seed": m.per_seed[a.spec],
-                             "difference_to_recommended": vs_chosen[key].differences[a.spec].to_json()}
-        row["best_steps"] = summary.arm(a.name).results.get("best", {}).get("steps")
-        rows.append(row)
+                v = m.values[a.spec]
+                est[name] = Estimate(v.value, v.low, v.high, m.per_seed[a.spec], vs_chosen[key].differences[a.spec])
+        rows.append(SweepRow(float(a.overrides["prompt_weight"]), a.spec, est.get("final"), est.get("best"),
+                             summary.arm(a.name).results.get("best", {}).get("steps")))
     key = "best" if measure == "best_heldout_loss" else "final"
     floor = PRACTICAL * abs(values[chosen.spec].value)  # smaller differences are not worth choosing on
-    tied = [r["prompt_weight"] for r in rows if r["arm"] != chosen.spec
-            and (not _excludes_zero(r[key]["difference_to_recommended"])
-                 or abs(r[key]["difference_to_recommended"]["value"]) < floor)]
+    tied = [r.prompt_weight for r in rows if r.arm != chosen.spec
+            and (not getattr(r, key).difference_to_recommended.excludes_zero()
+                 or abs(getattr(r, key).difference_to_recommended.value) < floor)]
     n_seeds = len(summary.settings["seeds"] or [1])
-    rec = {"prompt_weight": float(chosen.overrides["prompt_weight"]), "measure": f"held-out output loss ({key})",
-           "value": values[chosen.spec].value, "interval": [values[chosen.spec].low, values[chosen.spec].high],
-           "indistinguishable": tied, "decided": not tied, "rule": RULE,
-           "to_decide": None if not tied else (
-               f"more seeds (--seeds with {max(3, 2 * n_seeds)} or more), more held-out examples (--eval-data), or "
-               "a longer budget (--epochs) where every run was still improving"),
-           # the same as commands, from this sweep's own command line (report_checks.next_commands)
-           "next": [] if not tied else [{"why": why, "command": cmd} for why, cmd in next_commands(
-               summary, ["tie", *(summary.verdict or {}).get("undecided", [])], out=str(out))]}
-    result = {"version": 1, "compare_dir": "compare", "normalize": s.base.normalize, "weights": s.base.weights,
-              "seeds": summary.settings["seeds"], "method": summary.evidence.method,
-              "data": {k: summary.data[k] for k in ("source", "n_train", "n_val", "n_test")},
-              "prompt_weights": rows, "recommendation": rec,
-              "cwd": summary.cwd}  # where the next commands run
-    files.write_json(out / "sweep.json", result, root=out)
+    rec = Recommendation(
+        float(chosen.overrides["prompt_weight"]), f"held-out output loss ({key})", values[chosen.spec].value,
+        [values[chosen.spec].low, values[chosen.spec].high], tied, not tied, RULE,
+        None if not tied else (f"more seeds (--seeds with {max(3, 2 * n_seeds)} or more), more held-out examples "
+                               "(--eval-data), or a longer budget (--epochs) where every run was still improving"),
+        # the same as commands, from this sweep's own command line (report_checks.next_commands)
+        [] if not tied else [{"why": why, "command": cmd} for why, cmd in next_commands(
+            summary, ["tie", *(summary.verdict or {}).get("undecided", [])], out=str(out))])
+    data = {k: summary.data[k] for k in ("source", "n_train", "n_val", "n_test")}
+    result = SweepResult(1, "compare", s.base.normalize, s.base.weights, summary.settings["seeds"],
+                         summary.evidence.method, data, tuple(rows), rec, summary.cwd)  # cwd: where next runs
+    files.write_json(out / "sweep.json", result.to_json(), root=out)
     write_report(out)
     return out
 
 
-def _excludes_zero(iv: dict) -> bool:
-    return iv["low"] > 0 or iv["high"] < 0
-
-
-def plot(result: dict, path: Path, root: Path) -> Path:
+def plot(result: SweepResult, path: Path, root: Path) -> Path:
     """The paired difference of each λ's held-out output loss to the lowest λ's (what decides), final and best, with
     95% intervals; one tick per λ, evenly spaced (λ = 0 included), the two measures side by side."""
     from matplotlib.figure import Figure
 
-    rows = result["prompt_weights"]
-    rec = result["recommendation"]
+    rows = result.prompt_weights
+    rec = result.recommendation
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (key, label) in enumerate((("final", "final models"), ("best", "best checkpoints (validation)"))):
-        pts = [(j, r[key]["difference_to_recommended"]) for j, r in enumerate(rows) if key in r]
+        pts = [(j, getattr(r, key).difference_to_recommended) for j, r in enumerate(rows) if getattr(r, key)]
         if not pts:
             continue
-        err = [[p["value"] - p["low"] for _, p in pts], [p["high"] - p["value"] for _, p in pts]]
-        ax.errorbar([j + (i - 0.5) * 0.15 for j, _ in pts], [p["value"] for _, p in pts], yerr=err, fmt="o",
+        err = [[p.value - p.low for _, p in pts], [p.high - p.value for _, p in pts]]
+        ax.errorbar([j + (i - 0.5) * 0.15 for j, _ in pts], [p.value for _, p in pts], yerr=err, fmt="o",
                     capsize=4, color=f"C{i}", label=label)
-    ax.set_xticks(range(len(rows)), [f"{r['prompt_weight']:g}" for r in rows])
+    ax.set_xticks(range(len(rows)), [f"{r.prompt_weight:g}" for r in rows])
     ax.axhline(0, color="k", lw=0.7)
-    verdict = (f"λ = {rec['prompt_weight']:g} lowest and distinguishable from the rest" if rec.get("decided", True)
-               else f"λ = {rec['prompt_weight']:g} lowest, tied with " + ", ".join(f"{x:g}" for x in
-                                                                              rec["indistinguishable"]))
-    ax.set(xlabel="prompt-loss weight λ", ylabel=f"held-out output loss − λ = {rec['prompt_weight']:g}'s (nats)")
-    ax.set_title(f"paired differences to the lowest λ, 95% intervals, seeds {result['seeds']}\n{verdict}",
+    verdict = (f"λ = {rec.prompt_weight:g} lowest and distinguishable from the rest" if rec.decided
+               else f"λ = {rec.prompt_weight:g} lowest, tied with " + ", ".join(f"{x:g}" for x in
+                                                                          rec.indistinguishable))
+    ax.set(xlabel="prompt-loss weight λ", ylabel=f"held-out output loss − λ = {rec.prompt_weight:g}'s (nats)")
+    ax.set_title(f"paired differences to the lowest λ, 95% intervals, seeds {result.seeds}\n{verdict}",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return files.save_figure(fig, path, root)
 
 
-def recommendation_text(rec: dict, bold: bool = False) -> str:
+def recommendation_text(rec: Recommendation, bold: bool = False) -> str:
     """The recommendation in words: a λ only when it is distinguishable from every other, else the tie."""
-    lam = f"λ = {rec['prompt_weight']:g}"
-    found = (f"{rec['measure']} {rec['value']:.4f} (95% interval {rec['interval'][0]:.4f} to "
-             f"{rec['interval'][1]:.4f})")
-    if rec.get("decided", not rec["indistinguishable"]):
+    lam = f"λ = {rec.prompt_weight:g}"
+    found = f"{rec.measure} {rec.value:.4f} (95% interval {rec.interval[0]:.4f} to {rec.interval[1]:.4f})"
+    if rec.decided:
         return (f"Recommended: {'**' + lam + '**' if bold else lam}, {found}; every other λ's paired interval to it "
-                f"excludes zero. Rule: {rec['rule']}.")
-    tied = ", ".join(f"{x:g}" for x in rec["indistinguishable"])
+                f"excludes zero. Rule: {rec.rule}.")
+    tied = ", ".join(f"{x:g}" for x in rec.indistinguishable)
     return (f"No λ recommended: {lam} has the lowest {found}, but it ties with λ = {tied} (their paired intervals to "
-            f"it include zero). To separate them: {rec.get('to_decide') or 'more seeds or held-out examples'}. "
-            f"Rule: {rec['rule']}.")
+            f"it include zero). To separate them: {rec.to_decide or 'more seeds or held-out examples'}. "
+            f"Rule: {rec.rule}.")
 
 
-def _iv(p: dict | None) -> str:
-    return "–" if p is None else f"{p['value']:.4f} [{p['low']:.4f}, {p['high']:.4f}]"
+def _iv(p: Interval | Estimate | None) -> str:
+    return "–" if p is None else f"{p.value:.4f} [{p.low:.4f}, {p.high:.4f}]"
+
+
+def read_sweep(sweep_dir: str | Path) -> SweepResult:
+    return read_record(Path(sweep_dir) / "sweep.json", SweepResult)
 
 
 def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
     d = files.owned(sweep_dir, "sweep")
-    result = json.loads((d / "sweep.json").read_text(encoding="utf-8"))
+    result = read_sweep(d)
     png = plot(result, d / "plots" / "sweep.png", d)
-    rec = result["recommendation"]
+    rec = result.recommendation
     header = ["λ", "held-out output loss, final [95% interval]", "held-out output loss, best [95% interval]",
               "best steps", "difference to recommended λ (best) [95% interval]"]
-    rows = [[f"{r['prompt_weight']:g}", _iv(r.get("final")), _iv(r.get("best")),
-             ", ".join(map(str, r["best_steps"] or [])) or "–",
-             _iv((r.get("best") or r.get("final") or {}).get("difference_to_recommended"))]
-            for r in result["prompt_weights"]]
-    data = result["data"]
+    rows = [[f"{r.prompt_weight:g}", _iv(r.final), _iv(r.best), ", ".join(map(str, r.best_steps or [])) or "–",
+             _iv((r.best or r.final).difference_to_recommended if (r.best or r.final) else None)]
+            for r in result.prompt_weights]
+    data = result.data
     blocks = [("h", 1, "imtune sweep: prompt-loss weight λ"),
               ("p", f"Data `{data['source']}`: {data['n_train']} training examples, {data['n_val']} validation "
-                    f"(selects best checkpoints), {data['n_test']} test (every score); seeds {result['seeds']}; "
-                    f"loss normalisation `{result['normalize']}`"
-                    + (f", class weights `{result['weights']}`" if result["weights"] else "") + "."),
+                    f"(selects best checkpoints), {data['n_test']} test (every score); seeds {result.seeds}; "
+                    f"loss normalisation `{result.normalize}`"
+                    + (f", class weights `{result.weights}`" if result.weights else "") + "."),
               ("h", 2, "Recommendation"),
               ("p", recommendation_text(rec, bold=True)),
               ("table", header, rows), ("img", png, "held-out output loss against λ"),
-              ("p", f"Intervals: {result['method']}. The λ arms' runs, curves and full comparison: "
-                    f"`{result['compare_dir']}/report.md`.")]
-    blocks += next_blocks(rec.get("next") or [], result.get("cwd"))
+              ("p", f"Intervals: {result.method}. The λ arms' runs, curves and full comparison: "
+                    f"`{result.compare_dir}/report.md`.")]
+    blocks += next_blocks(rec.next, result.cwd)
     md, page = d / "report.md", d / "report.html"
     files.write_text(md, to_markdown(blocks, d), d)
     files.write_text(page, to_html(blocks, blocks[0][2]), d)

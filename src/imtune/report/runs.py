@@ -3,36 +3,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 from imtune.files import inside, refuse_links
-from imtune.results import CompareResult
+from imtune.results import CompareResult, StudyResult, SweepResult
 from imtune.rundir.read import config_text, metrics
 from imtune.types import UsageError
 
+R = TypeVar("R", CompareResult, SweepResult, StudyResult)
 THRESHOLDS = {"loss_relative": 0.01, "bleu_points": 1.0, "standard_errors": 2.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 def read_summary(compare_dir: str | Path) -> CompareResult:
-    """COMPARE_DIR/compare.json: the one reader (report, terminal view, sweep, study, demo). The file may come from
-    elsewhere, so what is not a compare.json imtune wrote — absent, a link, not JSON, another version, arms that are
-    not a list of {name, runs: [{seed, dir}]} — is a UsageError that names the file and what is wrong
-    (imtune.results.CompareResult.from_json checks the shape)."""
-    d = Path(compare_dir)
-    path = d / "compare.json"
+    """COMPARE_DIR/compare.json: what the report, the terminal view, sweep, study and the demo read."""
+    if not (Path(compare_dir) / "compare.json").is_file() and not (Path(compare_dir) / "compare.json").is_symlink():
+        raise UsageError(f"{compare_dir}: no compare.json (not a finished `imtune compare` directory)")
+    return read_record(Path(compare_dir) / "compare.json", CompareResult)
+
+
+def read_record(path: Path, kind: type[R]) -> R:
+    """compare.json, sweep.json or study.json as its record (imtune.results): the one reader of these files. They may
+    come from elsewhere, so what imtune did not write — absent, a link, not JSON, another version, the wrong shape
+    (kind.from_json says which) — is a UsageError that names the file and what is wrong."""
+    path = Path(path)
     if path.is_symlink():
         raise UsageError(f"{path} is a symbolic link: imtune reads its own files only as they are")
     if not path.is_file():
-        raise UsageError(f"{d}: no compare.json (not a finished `imtune compare` directory)")
+        raise UsageError(f"{path}: not found (not a finished imtune {path.stem} directory)")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{path}: not readable as JSON ({e}); rerun the comparison to write it again") from None
+        raise UsageError(f"{path}: not readable as JSON ({e}); rerun the command to write it again") from None
     try:
-        return CompareResult.from_json(obj)
+        return kind.from_json(obj)
     except ValueError as e:
-        raise UsageError(f"{path}: not a compare.json imtune wrote: {e}") from None
+        raise UsageError(f"{path}: not a {path.name} imtune wrote: {e}") from None
 
 
 def load(compare_dir: str | Path) -> tuple[CompareResult, dict[str, list[dict]], dict[str, str]]:
