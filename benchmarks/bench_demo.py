@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import child_main  # noqa: E402
@@ -24,13 +23,15 @@ def main(out: str | None = None) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(f"imtune demo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    cmp = json.loads((Path(out) / "compare.json").read_text())
-    arms = {a["name"]: {k: a["results"].get(k) for k in ("gap",)} | {
-        "train_output_loss": a["results"]["train"]["output_loss"],
-        "heldout_output_loss": a["results"]["heldout"]["output_loss"],
-        "exact_match": (a["results"].get("exact_match") or {}).get("accuracy")} for a in cmp["arms"]}
+    from imtune.report.runs import read_summary
+
+    cmp = read_summary(out)
+    arms = {a.name: {"gap": a.results.gap, "train_output_loss": a.results.train.output_loss,
+                     "heldout_output_loss": a.results.heldout.output_loss,
+                     "exact_match": a.results.exact_match.accuracy if a.results.exact_match else None}
+            for a in cmp.arms}
     return {"wall_s": wall, "load_before": load0, "load_after": os.getloadavg(), "arms": arms,
-            "verdict": cmp["verdict"]["text"] if isinstance(cmp.get("verdict"), dict) else cmp.get("verdict")}
+            "verdict": (cmp.verdict or {}).get("text")}
 
 
 if __name__ == "__main__":

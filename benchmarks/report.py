@@ -6,6 +6,7 @@ import json
 import statistics
 
 from common import ROOT, Spread
+from imtune.report.runs import read_summary
 
 GPU_DIR = ROOT / "benchmarks" / "gpu"  # figures from a GPU session (device), committed; make bench has no GPU here
 
@@ -535,19 +536,18 @@ def _issue6_section(demo: dict | None) -> str:
         L.append(f"\nThe demo's verdict: {demo['verdict']}\n")
     cmp_file = GPU_DIR / "compare.json"
     if cmp_file.exists():
-        c = json.loads(cmp_file.read_text())
+        c = read_summary(GPU_DIR)
         ses = json.loads((GPU_DIR / "session.json").read_text())
         L.append(f"**IT vs IM on LIMA, held-out AlpaGasus-Dolly 3k, the default model, on the GPU** ({ses['date']}, "
                  f"one H100): `{ses['commands']['compare']}`. Report: `benchmarks/gpu/report.md` (plots in "
                  "`benchmarks/gpu/plots/`).\n")
         L.append("| arm | train output loss | held-out output loss | gap (held-out − train) | BLEU vs train outputs |\n"
                  "|---|---|---|---|---|")
-        for a in c["arms"]:
-            x = a["results"]
-            L.append(f"| {a['name']} | {x['train']['output_loss']:.4f} (n={x['train']['n']}) | "
-                     f"{x['heldout']['output_loss']:.4f} (n={x['heldout']['n']}) | {x['gap']:+.4f} | "
-                     f"{x['bleu']['corpus_bleu']:.2f} |")
-        L.append(f"\nVerdict (from the report): {c['verdict']['text']}\n")
+        for a in c.arms:
+            x = a.results
+            L.append(f"| {a.name} | {x.train.output_loss:.4f} (n={x.train.n}) | "
+                     f"{x.heldout.output_loss:.4f} (n={x.heldout.n}) | {x.gap:+.4f} | {x.bleu.corpus_bleu:.2f} |")
+        L.append(f"\nVerdict (from the report): {c.verdict['text']}\n")
         L.append("What it shows: the direction the paper reports for the training loss (IM's training output loss "
                  "is higher than IT's, 2.320 vs 2.309) but no held-out difference (2.1861 vs 2.1859): at this size "
                  "and budget neither arm overfits (both held-out curves level off after ~2 epochs), and LIMA is "

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import metrics, tiny, write_conversations
+from helpers import launched, metrics, tiny, write_conversations
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "imtune.cli", "train", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    res = launched(cmd, env, fresh=tmp_path / "two")
     assert res.returncode == 0, res.stderr[-4000:]
     two = tmp_path / "two"
 
@@ -73,7 +73,7 @@ def test_fsdp_two_cpu_processes_equal_one_process_and_resume_exactly(tmp_path):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(root, "configs", "accelerate", "fsdp-cpu.yaml"), "-m", "imtune.cli", "train", *args]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        res = launched(cmd, env, fresh=None if "--resume" in extra else out)
         assert res.returncode == 0, res.stderr[-4000:]
         return res
 
@@ -118,8 +118,7 @@ def test_sweep_and_its_compare_under_accelerate_launch_on_two_cpu_processes(tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               os.path.join(root, "configs", "accelerate", "ddp-cpu.yaml"), "-m", "imtune.cli"]
-    two = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=900)
+    two = launched([*launch, *common, "--out", str(tmp_path / "two")], env, timeout=900, fresh=tmp_path / "two")
     assert two.returncode == 0, two.stderr[-4000:]
     one = subprocess.run([sys.executable, "-m", "imtune.cli", *common, "--grad-accum", "2", "--out",
                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=900)
@@ -155,8 +154,8 @@ def test_two_processes_train_like_one_when_auto_picks_bf16(tmp_path):
         out = tmp_path / f"p{n}"
         launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if n == 2
                   else [sys.executable])
-        res = subprocess.run([*launch, "-m", "imtune.cli", "train", *common, "--grad-accum", accum,
-                              "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        res = launched([*launch, "-m", "imtune.cli", "train", *common, "--grad-accum", accum, "--output-dir", str(out)],
+                       env, fresh=out)
         assert res.returncode == 0, res.stderr[-4000:]
         rec = json.loads((out / "data_stats.json").read_text())["precision"]
         assert rec["used"] == "bf16", rec

@@ -130,15 +130,15 @@ dist.destroy_process_group()  # a gloo group left to interpreter exit can abort 
 def test_several_processes_use_rank_0s_measurement(tmp_path):
     """Two processes (torchrun, gloo) whose own (stubbed) probes would disagree both train in what rank 0 measured."""
     import os
-    import subprocess
     import sys
 
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
     env = {k: v for k, v in os.environ.items() if k != "IMTUNE_CPU_PRECISION"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "out")], env={**env, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    from helpers import launched
+
+    res = launched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), str(tmp_path / "out")], {**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [(tmp_path / f"out.{rank}").read_text() for rank in (0, 1)]
     assert [x.split()[:2] for x in lines] == [["0", "bf16"], ["1", "bf16"]], lines

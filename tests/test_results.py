@@ -60,3 +60,26 @@ def test_what_imtune_did_not_write_is_refused_with_what_is_wrong(change, said):
         CompareResult.from_json(d)
     with pytest.raises(ValueError, match="not a JSON object"):
         CompareResult.from_json([V2])
+
+
+def test_scores_read_every_measure_and_give_the_object_back():
+    from imtune.results import Scores
+
+    run = {"train": {"n": 8, "output_loss": 1.5, "output_tokens": 40, "instruction_loss": None, "truncated": 0},
+           "heldout": {"n": 5, "output_loss": 2.0, "scored": "in training (step 4)"}, "gap": None,
+           "best": {"step": 2, "loss": 1.9, "selected_on": "val_output_loss",
+                    "heldout": {"n": 5, "output_loss": 1.95}},
+           "bleu": {"n": 4, "corpus_bleu": 12.5, "sentence_bleu": [10.0, 15.0], "reference_words_mean": 3.0,
+                    "sentence_bleu_mean": 12.5},
+           "exact_match": {"n": 2, "accuracy": 0.5, "correct": [True, False]},
+           "bench": {"gsm8k": {"metric": "exact_match", "value": 0.25, "n": 4},
+                     "alpacaeval": {"metric": "win rate", "value": 0.5, "n": 4, "standard_error": None,
+                                    "judge": "j", "wins": 2}},
+           "seconds": 1.0, "per_example": {"heldout": {"source": ["a:1"]}}}
+    s = Scores.from_json(run)
+    assert s.to_json() == run
+    assert s.gap is None and s.best.step == 2 and s.best.heldout.output_loss == 1.95
+    assert s.bleu.sentence_bleu == [10.0, 15.0] and not s.bleu.meaningful()  # 3 words: 4-gram BLEU says nothing
+    assert s.exact_match.correct == [True, False] and s.bench["alpacaeval"].judge == "j"
+    assert s.bench["gsm8k"].standard_error is None and s.train.more["output_tokens"] == 40
+    assert Scores.from_json({}).to_json() == {} and not Scores.from_json({})

@@ -138,6 +138,7 @@ def run_comparison(s: CompareSettings) -> Path:
         return out
     with clock.phase(None):  # every run times itself (metrics.jsonl's "timing" line)
         train_all(todo, s.jobs, say, s.ray)
+    with clock.phase("cleanup"):
         free_memory()
     if not is_main_process():
         return out
@@ -150,6 +151,7 @@ def run_comparison(s: CompareSettings) -> Path:
         with clock.phase(None):  # the evaluation times itself (results["time"])
             check_models(s, Path(cfg.output_dir))
             results[arm.name, seed] = evaluate_arm(s, arm, cfg, data, f"[{i}/{len(runs)}] arm {arm.spec} seed {seed}")
+        with clock.phase("cleanup"):  # the models --keep does not keep; the memory of this evaluation's model
             tidy(s, Path(cfg.output_dir))
             free_memory()
     with clock.phase("report"):  # 3. intervals, verdict, compare.json, report.md/html

@@ -60,7 +60,7 @@ def learned_nothing(summary: CompareResult, metrics: dict, compare_dir: Path) ->
     for arm, run in summary.runs():
         res = run.results or arm.results
         trend = _first_last(metrics.get(run.dir, []))
-        final = res["train"]["output_loss"] if res["train"].get("output_loss") is not None else \
+        final = res.train.output_loss if res.train and res.train.output_loss is not None else \
             (trend[1] if trend else None)
         if final is None:
             continue

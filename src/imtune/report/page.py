@@ -23,38 +23,37 @@ def results_table(summary: CompareResult) -> tuple[list[str], list[list[str]]]:
     """One row per arm: the mean over seeds (one seed: that run), its spread, and the best checkpoint's score."""
     arms = summary.arms
     r0 = arms[0].results
-    header = ["arm", f"train output loss (n={r0['train']['n']})", f"held-out output loss (n={r0['heldout']['n']})",
+    header = ["arm", f"train output loss (n={r0.train.n})", f"held-out output loss (n={r0.heldout.n})",
               "gap (held-out − train)"]
     seeds = len(arms[0].runs)
     if seeds > 1:
         header.append(f"held-out output loss: sd over {seeds} seeds")
-    has_best = all("best" in a.results for a in arms)
+    has_best = all(a.results.best for a in arms)
     if has_best:
         header.append("held-out output loss at the best checkpoint (its step)")
-    if all("bleu" in a.results for a in arms):
-        header.append(f"BLEU vs train outputs (n={r0['bleu']['n']})")
-    if all("exact_match" in a.results for a in arms):
-        header.append(f"held-out exact match (n={r0['exact_match']['n']})")
-    labels = sorted(r0.get("bench", {}))
-    header += [f"{label} ({r0['bench'][label]['metric']}"
-               + (f", judge {r0['bench'][label]['judge']}" if r0["bench"][label].get("judge") else "")
-               + f", n={r0['bench'][label]['n']})" for label in labels]
+    if all(a.results.bleu for a in arms):
+        header.append(f"BLEU vs train outputs (n={r0.bleu.n})")
+    if all(a.results.exact_match for a in arms):
+        header.append(f"held-out exact match (n={r0.exact_match.n})")
+    labels = sorted(r0.bench or {})
+    header += [f"{label} ({r0.bench[label].metric}" + (f", judge {r0.bench[label].judge}" if r0.bench[label].judge
+                                                       else "") + f", n={r0.bench[label].n})" for label in labels]
     rows = []
     for a in arms:
         r = a.results
-        row = [a.spec, f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]), f4(r["gap"])]
+        row = [a.spec, f4(r.train.output_loss), f4(r.heldout.output_loss), f4(r.gap)]
         if seeds > 1:
-            row.append(f4(r.get("seeds", {}).get("heldout_loss", {}).get("sd")))
+            row.append(f4((r.seeds or {}).get("heldout_loss", {}).get("sd")))
         if has_best:
-            row.append(f"{f4(r['best']['heldout']['output_loss'])} ({', '.join(map(str, r['best']['steps']))})")
+            row.append(f"{f4(r.best.heldout.output_loss)} ({', '.join(map(str, r.best.steps))})")
         if "BLEU" in " ".join(header):
-            row.append(f"{r['bleu']['corpus_bleu']:.2f}" if r["bleu"]["corpus_bleu"] is not None else "–")
+            row.append(f"{r.bleu.corpus_bleu:.2f}" if r.bleu.corpus_bleu is not None else "–")
         if "exact match" in " ".join(header):
-            e = r["exact_match"]
-            row.append(f"{100 * e['accuracy']:.1f}% ({sum(e['correct'])}/{e['n']})")
+            e = r.exact_match
+            row.append(f"{100 * e.accuracy:.1f}% ({sum(e.correct)}/{e.n})")
         for label in labels:
-            v = r.get("bench", {}).get(label, {}).get("value")
-            row.append(show_value(f"bench:{label}", v))
+            b = (r.bench or {}).get(label)
+            row.append(show_value(f"bench:{label}", b.value if b else None))
         rows.append(row)
     return header, rows
 
@@ -86,11 +85,10 @@ def seed_table(summary: CompareResult) -> tuple[list[str], list[list[str]]]:
     rows = []
     for a, run in summary.runs():
         r = run.results or a.results
-        best = r.get("best")
-        em = r.get("exact_match")
-        rows.append([a.spec, str(run.seed), f4(r["train"]["output_loss"]), f4(r["heldout"]["output_loss"]),
-                     str(best["step"]) if best else "–", f4(best["heldout"]["output_loss"]) if best else "–",
-                     f"{100 * em['accuracy']:.1f}%" if em else "–"])
+        best, em = r.best, r.exact_match
+        rows.append([a.spec, str(run.seed), f4(r.train.output_loss), f4(r.heldout.output_loss),
+                     str(best.step) if best else "–", f4(best.heldout.output_loss) if best else "–",
+                     f"{100 * em.accuracy:.1f}%" if em else "–"])
     return header, rows
 
 

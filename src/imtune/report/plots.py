@@ -81,16 +81,16 @@ def bars_figure(summary: CompareResult, key: str):
 
     arms = summary.arms
     if key == "gap":
-        groups = [("held-out − train output loss", [a.results["gap"] for a in arms])]
+        groups = [("held-out − train output loss", [a.results.gap for a in arms])]
         ylabel, title, pct = "gap (nats per output token)", "final models: held-out − train output loss\n" \
             "(lower = less overfit)", False
     else:
         groups = []
-        if all("exact_match" in a.results for a in arms):
-            groups.append(("held-out exact match", [a.results["exact_match"]["accuracy"] for a in arms]))
-        for label in sorted(arms[0].results.get("bench", {})):
-            if all(label in a.results.get("bench", {}) for a in arms):
-                groups.append((label, [a.results["bench"][label]["value"] for a in arms]))
+        if all(a.results.exact_match for a in arms):
+            groups.append(("held-out exact match", [a.results.exact_match.accuracy for a in arms]))
+        for label in sorted(arms[0].results.bench or {}):
+            if all(label in (a.results.bench or {}) for a in arms):
+                groups.append((label, [a.results.bench[label].value for a in arms]))
         if not groups:
             return None
         ylabel, title, pct = "score (%)", "scores of the final models (higher is better)", True
@@ -109,7 +109,7 @@ def bars_figure(summary: CompareResult, key: str):
     if pct:
         ax.set_ylim(min(0.0, *shown), max(105.0, *shown))  # the whole 0-100 scale: 0.1 vs 0.2% stays flat
     else:  # a gap is a difference of losses: its axis is scaled to the losses themselves
-        honest_ylim(ax, shown + [0.0], floor_of=[a.results["heldout"]["output_loss"] for a in arms] + shown)
+        honest_ylim(ax, shown + [0.0], floor_of=[a.results.heldout.output_loss for a in arms] + shown)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

@@ -39,25 +39,20 @@ def _measures(summary: CompareResult) -> list[tuple[str, str, str, dict]]:
     """(key, label, 'lower'|'higher', arm -> value) for every measure the arms have."""
     arms = summary.arms
     get = lambda f: {a.name: f(a.results) for a in arms}  # noqa: E731
-    out = [("heldout_loss", "held-out output loss", "lower", get(lambda r: r["heldout"]["output_loss"])),
-           ("gap", "train/held-out gap", "lower", get(lambda r: r["gap"]))]
-    if all("bleu" in a.results and bleu_meaningful(a.results["bleu"]) for a in arms):
+    out = [("heldout_loss", "held-out output loss", "lower", get(lambda r: r.heldout.output_loss)),
+           ("gap", "train/held-out gap", "lower", get(lambda r: r.gap))]
+    if all(a.results.bleu and a.results.bleu.meaningful() for a in arms):
         out.append(("bleu", "memorisation (BLEU of greedy answers vs training outputs)", "lower",
-                    get(lambda r: r["bleu"]["corpus_bleu"])))
-    if all("exact_match" in a.results for a in arms):
-        out.append(("exact_match", "held-out exact match", "higher", get(lambda r: r["exact_match"]["accuracy"])))
-    labels = [set(a.results.get("bench", {})) for a in arms]
+                    get(lambda r: r.bleu.corpus_bleu)))
+    if all(a.results.exact_match for a in arms):
+        out.append(("exact_match", "held-out exact match", "higher", get(lambda r: r.exact_match.accuracy)))
+    labels = [set(a.results.bench or {}) for a in arms]
     for label in sorted(set.intersection(*labels) if labels else set()):
-        b0 = arms[0].results["bench"][label]
-        judge = f", judge {b0['judge']}" if b0.get("judge") else ""
-        out.append((f"bench:{label}", f"{label} ({b0['metric']}{judge})", "higher",
-                    get(lambda r, k=label: r["bench"][k]["value"])))
+        b0 = arms[0].results.bench[label]
+        judge = f", judge {b0.judge}" if b0.judge else ""
+        out.append((f"bench:{label}", f"{label} ({b0.metric}{judge})", "higher",
+                    get(lambda r, k=label: r.bench[k].value)))
     return out
-
-
-def bleu_meaningful(b: dict) -> bool:
-    """4-gram BLEU of answers shorter than 4 words is 0 whatever they say: no verdict on it then."""
-    return b.get("reference_words_mean", 4) >= 4
 
 
 def _spread(records: list[dict], key: str) -> float:
@@ -81,26 +76,26 @@ def _threshold(key: str, a: str, b: str, summary: CompareResult, metrics: dict) 
     res = {x.name: x.results for x in summary.arms}
     k = THRESHOLDS["standard_errors"]
     if key in ("heldout_loss", "gap"):
-        ref = [res[a]["heldout"]["output_loss"], res[b]["heldout"]["output_loss"]]
+        ref = [res[a].heldout.output_loss, res[b].heldout.output_loss]
         rel = THRESHOLDS["loss_relative"] * max(abs(v) for v in ref if v is not None)
         spread = max(_spread(metrics.get(a, []), key), _spread(metrics.get(b, []), key))
         return (spread, "eval-to-eval change") if spread > rel else (rel, "1% of the loss")
     if key == "bleu":
-        se = _se_paired(res[a]["bleu"]["sentence_bleu"], res[b]["bleu"]["sentence_bleu"]) or 0.0
+        se = _se_paired(res[a].bleu.sentence_bleu, res[b].bleu.sentence_bleu) or 0.0
         return (k * se, f"{k:g} SE") if k * se > THRESHOLDS["bleu_points"] else (THRESHOLDS["bleu_points"], "1 point")
     if key == "exact_match":
-        se = _se_paired(res[a]["exact_match"]["correct"], res[b]["exact_match"]["correct"])
+        se = _se_paired(res[a].exact_match.correct, res[b].exact_match.correct)
         if se is not None:
             return k * se, f"{k:g} paired SE"
-        n, m = res[a]["exact_match"]["n"], res[b]["exact_match"]["n"]
-        p, q = res[a]["exact_match"]["accuracy"], res[b]["exact_match"]["accuracy"]
+        n, m = res[a].exact_match.n, res[b].exact_match.n
+        p, q = res[a].exact_match.accuracy, res[b].exact_match.accuracy
     else:
         label = key.split(":", 1)[1]
-        sa, sb = res[a]["bench"][label].get("standard_error"), res[b]["bench"][label].get("standard_error")
+        sa, sb = res[a].bench[label].standard_error, res[b].bench[label].standard_error
         if sa is not None and sb is not None:  # judged benchmarks report their own standard errors
             return k * math.sqrt(sa ** 2 + sb ** 2), f"{k:g} SE"
-        n, m = res[a]["bench"][label]["n"] or 1, res[b]["bench"][label]["n"] or 1
-        p, q = res[a]["bench"][label]["value"] or 0.0, res[b]["bench"][label]["value"] or 0.0
+        n, m = res[a].bench[label].n or 1, res[b].bench[label].n or 1
+        p, q = res[a].bench[label].value or 0.0, res[b].bench[label].value or 0.0
     return k * math.sqrt(p * (1 - p) / max(n, 1) + q * (1 - q) / max(m, 1)), f"{k:g} SE"
 
 
@@ -351,7 +346,7 @@ def _effective_lr(summary: CompareResult) -> list[str]:
 def _notes(summary: CompareResult, curves: dict) -> list[str]:
     """The verdict's bullets after the measures: training loss, overfitting, BLEU's limits, seeds and intervals."""
     res = {a.spec: a.results for a in summary.arms}
-    tr = {a: r["train"]["output_loss"] for a, r in res.items() if r["train"]["output_loss"] is not None}
+    tr = {a: r.train.output_loss for a, r in res.items() if r.train and r.train.output_loss is not None}
     out = []
     if len(tr) >= 2:
         lo = min(tr, key=tr.get)
@@ -359,9 +354,9 @@ def _notes(summary: CompareResult, curves: dict) -> list[str]:
                    + ", ".join(f"{a} {v:.4f}" for a, v in sorted(tr.items(), key=lambda kv: kv[1]))
                    + " (not a goal: the paper's sign of overfitting is a low training but high held-out loss).")
     out += _overfitting(curves, {k: k for k in curves})  # keyed by run label
-    b = [a.results["bleu"] for a in summary.arms if "bleu" in a.results]
-    if b and not bleu_meaningful(b[0]):
-        out.append(f"BLEU is not judged: the training outputs average {b[0]['reference_words_mean']:.1f} words, "
+    b = [a.results.bleu for a in summary.arms if a.results.bleu]
+    if b and not b[0].meaningful():
+        out.append(f"BLEU is not judged: the training outputs average {b[0].reference_words_mean:.1f} words, "
                    "fewer than BLEU's 4-gram order, so it is 0 for any answer.")
     out += _effective_lr(summary)
     seeds = summary.seeds
