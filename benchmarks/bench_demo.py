@@ -31,7 +31,7 @@ def main(out: str | None = None) -> dict:
                      "exact_match": a.results.exact_match.accuracy if a.results.exact_match else None}
             for a in cmp.arms}
     return {"wall_s": wall, "load_before": load0, "load_after": os.getloadavg(), "arms": arms,
-            "verdict": (cmp.verdict or {}).get("text")}
+            "verdict": cmp.verdict.text if cmp.verdict else None}
 
 
 if __name__ == "__main__":

@@ -547,7 +547,7 @@ def _issue6_section(demo: dict | None) -> str:
             x = a.results
             L.append(f"| {a.name} | {x.train.output_loss:.4f} (n={x.train.n}) | "
                      f"{x.heldout.output_loss:.4f} (n={x.heldout.n}) | {x.gap:+.4f} | {x.bleu.corpus_bleu:.2f} |")
-        L.append(f"\nVerdict (from the report): {c.verdict['text']}\n")
+        L.append(f"\nVerdict (from the report): {c.verdict.text}\n")
         L.append("What it shows: the direction the paper reports for the training loss (IM's training output loss "
                  "is higher than IT's, 2.320 vs 2.309) but no held-out difference (2.1861 vs 2.1859): at this size "
                  "and budget neither arm overfits (both held-out curves level off after ~2 epochs), and LIMA is "

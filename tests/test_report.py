@@ -15,7 +15,7 @@ from imtune.results import CompareResult
 
 def verdict(summary: dict, d: Path) -> dict:
     """The verdict of a compare.json object as the tests build it, read as compare.json is (imtune.results)."""
-    return typed_verdict(CompareResult.from_json(summary), d)
+    return typed_verdict(CompareResult.from_json(summary), d).to_json()
 
 
 def make_dir(tmp_path: Path, heldout: dict, train: dict, curves: dict | None = None, extra: dict | None = None,

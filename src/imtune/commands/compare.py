@@ -130,11 +130,11 @@ def show(out: Path) -> None:
 
     summary = read_summary(out)
     v = summary.verdict
-    print(v["headline"])  # first, so the one line that matters is not scrolled away by the table
+    print(v.headline)  # first, so the one line that matters is not scrolled away by the table
     print()
     print(text_table(summary))
     print()
-    print(v["text"].removeprefix(v["headline"]).strip().replace("**", ""))
+    print(v.text.removeprefix(v.headline).strip().replace("**", ""))
     print()
     print(f"report: {out / 'report.md'}  (self-contained HTML: {out / 'report.html'})")
 

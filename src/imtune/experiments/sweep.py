@@ -114,7 +114,7 @@ def sweep(s: SweepSettings) -> Path:
                                "(--eval-data), or a longer budget (--epochs) where every run was still improving"),
         # the same as commands, from this sweep's own command line (report_checks.next_commands)
         [] if not tied else [{"why": why, "command": cmd} for why, cmd in next_commands(
-            summary, ["tie", *(summary.verdict or {}).get("undecided", [])], out=str(out))])
+            summary, ["tie", *(summary.verdict.undecided if summary.verdict else [])], out=str(out))])
     data = {k: summary.data[k] for k in ("source", "n_train", "n_val", "n_test")}
     result = SweepResult(1, "compare", s.base.normalize, s.base.weights, summary.settings["seeds"],
                          summary.evidence.method, data, tuple(rows), rec, summary.cwd)  # cwd: where next runs

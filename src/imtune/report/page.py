@@ -240,16 +240,16 @@ def blocks(summary: CompareResult, metrics: dict, configs: dict, plots: dict, co
     data = summary.data
     v = summary.verdict
     seeds = summary.settings.get("seeds")
-    b: list[tuple] = [("h", 1, f"imtune compare: {arms}"), ("headline", v["headline"])]
-    if v.get("learned_nothing"):
-        b.append(("warn", v["learned_nothing"]["warning"], v["learned_nothing"]["runs"]))
-    if v.get("advice"):
-        b.append(("p", "Advice vs outcome: " + v["advice"]["text"]))
+    b: list[tuple] = [("h", 1, f"imtune compare: {arms}"), ("headline", v.headline)]
+    if v.learned_nothing:
+        b.append(("warn", v.learned_nothing["warning"], v.learned_nothing["runs"]))
+    if v.advice:
+        b.append(("p", "Advice vs outcome: " + v.advice["text"]))
     b += [("p", f"Training data `{data['source']}` ({data['n_train']} training examples, "
                 f"{data['n_heldout']} held-out: " + _split_text(data)
                 + f"); model `{summary.base_config['model']}`"
                 + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") + "."),
-          ("h", 2, "Verdict"), ("ul", v["bullets"]), *next_blocks(v.get("next") or [], summary.cwd),
+          ("h", 2, "Verdict"), ("ul", v.bullets), *next_blocks(v.next, summary.cwd),
           ("h", 2, "Results (final models" + (", mean over seeds" if seeds and len(seeds) > 1 else "") + ")"),
           ("table", *results_table(summary)),
           ("p", "Output loss = mean NLL per output token (assistant content + end-of-turn), the tokens IT trains on, "

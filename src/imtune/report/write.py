@@ -30,7 +30,7 @@ from imtune.report.page import blocks, text_table as table
 from imtune.report.plots import plot_bars, plot_curves
 from imtune.report.render import to_html, to_markdown  # noqa: F401 (imtune.experiments.sweep and imtune.experiments.study import them from here)
 from imtune.report.runs import THRESHOLDS, eval_points, load, load_metrics, show_diff, show_value
-from imtune.results import CompareResult, Evidence, Interval, Measure
+from imtune.results import CompareResult, Evidence, Interval, Measure, Verdict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def _threshold(key: str, a: str, b: str, summary: CompareResult, metrics: dict) 
 VERDICT_VERSION = 1  # compare.json's stored verdict is trusted when it has this version (write_report)
 
 
-def verdict(summary: CompareResult, compare_dir: str | Path) -> dict:
+def verdict(summary: CompareResult, compare_dir: str | Path) -> Verdict:
     """Per measure: the values, the decision and the text. Measures with intervals (compare.json "evidence": held-out
     loss final and best, gap, exact match) compare every arm with the reference arm: "won" only when the 95% interval
     of the difference excludes zero. The others (BLEU, benchmarks; and every measure of a version-1 compare.json)
@@ -166,11 +166,9 @@ def verdict(summary: CompareResult, compare_dir: str | Path) -> dict:
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets]
                      + next_text(steps, summary.cwd))
-    return {"version": VERDICT_VERSION, "thresholds": THRESHOLDS, "evidence_method": evidence.method or None,
-            "measures": measures,
-            "headline": head, "warnings": warnings, "learned_nothing": {"warning": nothing[0], "runs": nothing[1]}
-            if nothing else None, "advice": advice, "bullets": bullets, "undecided": [k for k, _ in why_not],
-            "next": steps, "text": text}
+    return Verdict(VERDICT_VERSION, head, text, bullets, warnings,
+                   {"warning": nothing[0], "runs": nothing[1]} if nothing else None, advice, [k for k, _ in why_not],
+                   steps, measures, THRESHOLDS, evidence.method or None)
 
 
 def next_text(steps: list[dict], cwd: str | None) -> list[str]:
@@ -379,7 +377,7 @@ def write_report(compare_dir: str | Path, recompute: bool = False) -> tuple[Path
     compare.json, only when asked (`--report-only`: rebuild from the files), absent, or of another VERDICT_VERSION."""
     d = files.owned(compare_dir, "compare")
     summary, metrics, configs = load(d)
-    if recompute or (summary.verdict or {}).get("version") != VERDICT_VERSION:
+    if recompute or summary.verdict is None or summary.verdict.version != VERDICT_VERSION:
         summary = summary.replace(verdict=verdict(summary, d))
         files.write_json(d / "compare.json", summary.to_json(), root=d)
     plots_dir = files.make_dirs(d / "plots", d)

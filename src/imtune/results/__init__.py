@@ -16,10 +16,20 @@ Modules: compare.py (compare.json), scores.py (a run's or an arm's Scores: Loss,
 BenchScore), grids.py (sweep.json, study.json).
 """
 
-from imtune.results.compare import VERSION, VERSIONS, ArmResult, CompareResult, Evidence, Interval, Measure, RunResult
+from imtune.results.compare import (
+           VERSION,
+           VERSIONS,
+           ArmResult,
+           CompareResult,
+           Evidence,
+           Interval,
+           Measure,
+           RunResult,
+           Verdict,
+)
 from imtune.results.grids import Estimate, Recommendation, StudyResult, StudyRow, SweepResult, SweepRow
 from imtune.results.scores import BenchScore, BestScore, Bleu, ExactMatch, Loss, Scores
 
 __all__ = ["ArmResult", "BenchScore", "BestScore", "Bleu", "CompareResult", "Estimate", "Evidence", "ExactMatch",
            "Interval", "Loss", "Measure", "Recommendation", "RunResult", "Scores", "StudyResult", "StudyRow",
-           "SweepResult", "SweepRow", "VERSION", "VERSIONS"]
+           "SweepResult", "SweepRow", "VERSION", "VERSIONS", "Verdict"]

@@ -75,6 +75,40 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The one verdict of a comparison (imtune.report.write.verdict): computed once, stored in compare.json, shown by
+    the report and the terminal view. `measures`: per measure its values and comparisons (the report's own rows)."""
+
+    version: int
+    headline: str
+    text: str
+    bullets: list
+    warnings: list = field(default_factory=list)
+    learned_nothing: dict | None = None  # {"warning", "runs"}
+    advice: dict | None = None  # {"advised", "arm", "outcome", "agreement", "text"}
+    undecided: list = field(default_factory=list)  # why the budget cannot decide: "few", "falling", "small"
+    next: list = field(default_factory=list)  # [{"why", "command"}]
+    measures: list = field(default_factory=list)
+    thresholds: dict = field(default_factory=dict)
+    evidence_method: str | None = None
+    # Read from a file: the keys it had (an older imtune's verdict lacks some), written back as they were read.
+    keys: tuple | None = field(default=None, compare=False, repr=False)
+
+    ORDER = ("version", "thresholds", "evidence_method", "measures", "headline", "warnings", "learned_nothing",
+             "advice", "bullets", "undecided", "next", "text")
+
+    @classmethod
+    def from_json(cls, d: dict) -> Verdict:
+        return cls(d.get("version", 0), d.get("headline", ""), d.get("text", ""), list(d.get("bullets") or []),
+                   list(d.get("warnings") or []), d.get("learned_nothing"), d.get("advice"),
+                   list(d.get("undecided") or []), list(d.get("next") or []), list(d.get("measures") or []),
+                   dict(d.get("thresholds") or {}), d.get("evidence_method"), tuple(d))
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in (self.keys or self.ORDER) if k in self.ORDER}
+
+
+@dataclass(frozen=True)
 class RunResult:
     seed: int | None
     dir: str  # the run directory, relative to COMPARE_DIR
@@ -119,7 +153,7 @@ class CompareResult:
     arms: tuple[ArmResult, ...]
     evidence: Evidence | None = None
     versions: dict = field(default_factory=dict)
-    verdict: dict | None = None  # the one verdict (report.write.verdict), stored by compare
+    verdict: Verdict | None = None  # the one verdict (report.write.verdict), stored by compare
     time: dict | None = None
     memory: dict | None = None
 
@@ -165,7 +199,9 @@ class CompareResult:
         return cls(d.get("version", 1), d.get("dir", ""), list(d.get("commands") or []), d["settings"],
                    d.get("data") or {}, tuple(ArmResult.from_json(a, seed) for a in d["arms"]),
                    Evidence.from_json(d["evidence"]) if isinstance(d.get("evidence"), dict) else None,
-                   d.get("versions") or {}, d.get("verdict"), d.get("time"), d.get("memory"))
+                   d.get("versions") or {},
+                   Verdict.from_json(d["verdict"]) if isinstance(d.get("verdict"), dict) else None,
+                   d.get("time"), d.get("memory"))
 
     def to_json(self) -> dict:
         """The object compare.json holds; a version-1 file (read from an older imtune, given a verdict by
@@ -177,7 +213,8 @@ class CompareResult:
                "data": self.data, "arms": arms,
                **({"evidence": self.evidence and self.evidence.to_json()} if self.evidence or self.version > 1 else {}),
                **({"versions": self.versions} if self.versions or self.version > 1 else {})}
-        out.update({k: v for k, v in (("verdict", self.verdict), ("time", self.time), ("memory", self.memory))
+        out.update({k: v for k, v in (("verdict", self.verdict and self.verdict.to_json()), ("time", self.time),
+                                      ("memory", self.memory))
                     if v is not None})
         return out
 
