@@ -55,3 +55,29 @@ def test_a_bf16_run_saves_bf16_copies_that_load_back(tmp_path):
     with torch.no_grad():  # and it runs
         ids = torch.tensor([[1, 2, 3]])
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_checkpoints_by_steps_or_by_minutes_of_training():
+    """--save-every: every N steps and at the end; --save-every-minutes: after the step that ends M minutes since the
+    last checkpoint, never at the end (final/ is written then)."""
+    from types import SimpleNamespace
+
+    from imtune.train.saving import checkpoint_due
+
+    one = SimpleNamespace(num_processes=1)
+    steps = TrainConfig(data="d", save_every=2)
+    assert [checkpoint_due(steps, one, d, 5, 0.0) for d in range(1, 6)] == [False, True, False, True, True]
+    minutes = TrainConfig(data="d", save_every_minutes=10)
+    assert not checkpoint_due(minutes, one, 1, 5, 599.0) and checkpoint_due(minutes, one, 1, 5, 600.0)
+    assert not checkpoint_due(minutes, one, 5, 5, 3600.0)  # the end: final/ is written
+    assert not checkpoint_due(TrainConfig(data="d"), one, 3, 5, 1e9)  # neither asked: none
+
+
+def test_a_run_with_save_every_minutes_0_checkpoints_after_every_step_but_the_last(tmp_path):
+    rows, _ = synthesize("lookup", 8, 4.0, seed=0, heldout=2)
+    data = write_jsonl(tmp_path / "d.jsonl", rows, "lookup", 0, "train")
+    run = train(TrainConfig(model="random:tiny", data=str(data), max_steps=3, batch_size=2, max_length=256,
+                            save_every_minutes=0, keep_checkpoints=0, progress=False, threads=1,
+                            output_dir=str(tmp_path / "run")))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert (run / "final").is_dir()

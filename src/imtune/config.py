@@ -127,6 +127,9 @@ class TrainConfig:
     # -- run -----------------------------------------------------------------------------------------------------
     output_dir: str | None = _f(None, "run directory (default: runs/<data>-<loss>-<time>)", str)
     save_every: int | None = _f(None, "write a checkpoint every N optimizer steps (and at the end)", int)
+    save_every_minutes: float | None = _f(None, "write a checkpoint after the optimizer step that ends M minutes of "
+                                                "training since the last one (0: after every step; none at the end, "
+                                                "where final/ is written)", float)
     keep_checkpoints: int = _f(2, "keep only the newest N checkpoints (0: keep all)")
     resume: str | None = _f(None, "continue from the newest complete checkpoint in --output-dir (bare --resume), "
                                   "or from a given checkpoint directory", str)
@@ -224,6 +227,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise UsageError(f"--{_flag(name)} must be a finite number >= 0, not {v}")
+        if self.save_every_minutes is not None and not (math.isfinite(self.save_every_minutes)
+                                                        and self.save_every_minutes >= 0):
+            raise UsageError(f"--save-every-minutes must be a finite number >= 0, not {self.save_every_minutes}")
         mbt = str(self.micro_batch_tokens)
         if mbt not in ("auto", "none") and not (mbt.isdigit() and int(mbt) >= 1):
             raise UsageError(f"--micro-batch-tokens must be auto, none or a number of tokens >= 1, not {mbt!r}")

@@ -28,7 +28,8 @@ from imtune.rundir.read import read_config
 from imtune.types import UsageError
 
 # Fields that do not change what is trained: display, logging, resources, kernels, where and how often to save.
-HARMLESS = ("progress", "tensorboard", "threads", "resume", "save_every", "keep_checkpoints", "output_dir",
+HARMLESS = ("progress", "tensorboard", "threads", "resume", "save_every", "save_every_minutes", "keep_checkpoints",
+            "output_dir",
             "allow_change", "log_class_losses", "chunk_size", "gradient_checkpointing", "compile",
             "attn_implementation", "micro_batch_tokens")
 # Fields a checkpoint's weights depend on: no --allow-change can make a checkpoint fit another model.

@@ -43,6 +43,7 @@ class Cost:
     kept: str = "final/ and best/"  # what disk_bytes counts, in words
     preset: str | None = None  # --preset given: the long-run hint does not offer the one already in use
     save_every: int | None = None  # a checkpoint every N steps (weights + AdamW state: 3× the model in fp32)
+    save_minutes: float | None = None  # or once that many minutes of training have passed since the last one
     checkpoint_bytes: int = 0
     what: str = "comparison"  # or "run": one `imtune train` (of_run)
     epochs: float | None = None  # of a run: the epochs its steps span
@@ -77,6 +78,11 @@ class Cost:
                 lines.append(f"  checkpoints every {self.save_every} step{'s' * (self.save_every != 1)}, so that "
                              f"Ctrl-C loses little (the same command resumes): {each}, the newest kept while a run "
                              "trains")
+        elif self.save_minutes is not None:
+            each = (f"{_size(self.checkpoint_bytes)} each (weights and optimizer state)" if self.checkpoint_bytes
+                    else "the LoRA adapter each")
+            lines.append(f"  a checkpoint after every {self.save_minutes:g} minutes of a run's training, so that "
+                         f"Ctrl-C loses at most that much (the same command resumes): {each}, the newest kept")
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         if load > 0.5 * cores:
             lines.append(f"  (the machine is busy now: load {load:.1f} on {cores} cores; on an idle machine it would "
@@ -120,6 +126,7 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                 eval_examples=eval_examples, generations=gens, max_new_tokens=new, train_tokens_per_s=train_tps,
                 gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * weight_bytes(base) * params,
                 seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
+                save_minutes=base.save_every_minutes if runs else None,
                 checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params), preset=base.preset)
 
 
@@ -145,7 +152,7 @@ def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
                 seconds=seconds(tokens, evals * eval_tokens, 0, train_tps, gen_tps),
                 kept=f"final/{' and best/' if cfg.keep_best else ''} in {save_dtype}"
                      + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""), preset=cfg.preset,
-                save_every=cfg.save_every, checkpoint_bytes=ckpt, what="run",
+                save_every=cfg.save_every, save_minutes=cfg.save_every_minutes, checkpoint_bytes=ckpt, what="run",
                 epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg, params))
 
 

@@ -346,6 +346,7 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
     rank, world = acc.process_index, acc.num_processes
     batches_of = batches_of or functools.lru_cache(maxsize=1)(run.epoch_batches)  # the current epoch's only
     tokens, best, t_start = run.start_tokens, None, time.perf_counter()  # best: --keep-best's lowest loss so far
+    last_save = t_start  # --save-every-minutes counts from here
     clock = clock or Clock()
     if run.start_step == 0 and run.eval_sets:
         with clock.phase("train_eval"):
@@ -398,10 +399,11 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
         if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done < sched.total_steps:
             with clock.phase("train_eval"):
                 best = track.evaluate(run, done, best)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == sched.total_steps):
+        if saving.checkpoint_due(cfg, acc, done, sched.total_steps, time.perf_counter() - last_save):
             with clock.phase("saving"):
                 best = track.flush(run, best)  # a resume from this checkpoint reads the best so far from RUN/best/
                 saving.save_checkpoint(run, done, tokens)
+            last_save = time.perf_counter()
     if run.eval_sets:
         with clock.phase("train_eval"):
             best = track.evaluate(run, sched.total_steps, best)

@@ -139,3 +139,20 @@ def save_final(run, name: str = "final", info: dict | None = None, *, tokens: in
             run.log.note(f"{name} model (step {info['step']}, {info['selected_on']} {info['loss']:.4f}): {final} "
                          f"({took():.1f} s)")
     run.acc.wait_for_everyone()  # every rank, whichever model was saved
+
+def checkpoint_due(cfg, acc, done: int, total: int, elapsed: float) -> bool:
+    """A checkpoint after step `done`: every --save-every steps and at the end, or once --save-every-minutes of
+    training have passed since the last one (not at the end: final/ is written then). Every rank must agree, since
+    saving gathers sharded state: with several processes rank 0's clock decides (a one-number broadcast)."""
+    if cfg.save_every and (done % cfg.save_every == 0 or done == total):
+        return True
+    if cfg.save_every_minutes is None or done >= total:
+        return False
+    due = elapsed >= 60 * cfg.save_every_minutes
+    if acc.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([float(due)], device=acc.device)
+        torch.distributed.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
