@@ -162,3 +162,20 @@ def test_two_processes_train_like_one_when_auto_picks_bf16(tmp_path):
         runs[n] = load_file(out / "final" / "model.safetensors")
     for k in runs[1]:
         assert torch.allclose(runs[1][k], runs[2][k], atol=2e-3, rtol=0), k
+
+
+@pytest.mark.slow
+def test_checkpoints_by_minutes_agree_across_processes(tmp_path):
+    """--save-every-minutes under two processes (torchrun, gloo): rank 0's clock decides and every rank saves with it
+    (saving is a collective), so the run neither hangs nor writes a partial checkpoint."""
+    data = write_conversations(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "imtune.cli",
+           "train", "--model", "random:tiny", "--data", data, "--max-length", "128", "--batch-size", "2",
+           "--max-steps", "3", "--no-packing", "--threads", "1", "--no-progress", "--save-every-minutes", "0",
+           "--keep-checkpoints", "0", "--output-dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    res = launched(cmd, env, timeout=300, fresh=out)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert all((out / "checkpoints" / s / "COMPLETE").exists() for s in ("step-1", "step-2"))
