@@ -22,6 +22,7 @@ assistant); any other spelling is mapped with a role map, `--role bot=assistant,
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ def alternatives(fields: dict, canonical: str) -> tuple[str, ...]:
     """The record keys canonical field `canonical` is read from, in order: `fields[canonical]` as a list or an
     `a|b` string of alternatives, a single key, or (not mapped) the canonical name itself."""
     value = fields.get(canonical, canonical)
+    return _alternatives(value if isinstance(value, str) else tuple(value), canonical)
+
+
+@functools.lru_cache(maxsize=1024)
+def _alternatives(value: str | tuple, canonical: str) -> tuple[str, ...]:  # asked for every field of every record
     keys = value.split("|") if isinstance(value, str) else list(value)
     return tuple(k.strip() for k in keys if k.strip()) or (canonical,)
 

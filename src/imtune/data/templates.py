@@ -145,6 +145,9 @@ def _bos_text(tokenizer) -> str:
     return bos if ids and ids[0] == tokenizer.bos_token_id else ""
 
 
+SKELETONS = 256  # role sequences whose skeleton a Renderer keeps (then it starts over)
+
+
 def _sentinel(i: int) -> str:
     return f"\ue000{i}\ue001"  # private-use characters: never in real data, never touched by templates
 
@@ -178,6 +181,7 @@ class Renderer:
             self.builtin = next((b for b in TEMPLATES.values() if self._bound(b) == self.jinja), None)
         self.name = name
         self._compiled = None
+        self._skeletons: dict[tuple[str, ...], str] = {}  # roles -> the template rendered around sentinels
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         specials |= {t.content if hasattr(t, "content") else str(t)
                      for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
@@ -189,7 +193,7 @@ class Renderer:
         if self.system_prompt != "default" and (self.injected is not None or self.system_prompt != "none"):
             # the template saved with a run (and used to serve it) makes the same choice for requests without one
             self.jinja = _system_wrapper(self.system_message()) + self.jinja
-            self._compiled = None
+            self._compiled, self._skeletons = None, {}
 
     def _bound(self, builtin: Builtin) -> str:
         """A built-in's Jinja with this tokenizer's BOS text written in."""
@@ -212,15 +216,40 @@ class Renderer:
                                 "(use --template tulu|chatml|alpaca, or fix the template)", e.line) from None
 
     def _render_spans_jinja(self, conv: Conversation) -> tuple[str, list[Span]]:
+        """The text and the exact span of every message: the template rendered once with the real contents and once
+        around sentinels (the skeleton, which a template that does not look at contents renders alike for every
+        conversation with the same roles: it is kept per role sequence). The text must equal the skeleton with the
+        contents put back, or nothing is assumed: a kept skeleton that does not fit is rendered again, and a fresh one
+        that does not fit is an error."""
         msgs = conv.messages
+        roles = tuple(m.role for m in msgs)
         try:
-            skeleton = self._render_jinja([{"role": m.role, "content": _sentinel(i)} for i, m in enumerate(msgs)],
-                                          False)
             real = self._render_jinja([{"role": m.role, "content": m.content} for m in msgs], False)
+            kept = self._skeletons.get(roles)
+            found = self._spans(kept, real, conv) if kept is not None else None
+            if found is None:
+                skeleton = self._render_jinja([{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)],
+                                              False)
+                found = self._spans(skeleton, real, conv)
+                if len(self._skeletons) >= SKELETONS:
+                    self._skeletons.clear()
+                self._skeletons[roles] = skeleton
         except TemplateLimit as e:
             raise TemplateLimit(f"{e} (rendering {conv.source})", e.line) from None
+        except UsageError:
+            raise
         except Exception as e:  # Jinja's raise_exception() and template bugs alike
             raise UsageError(f"{conv.source}: template {self.name!r} cannot render this conversation: {e}") from None
+        if found is None:
+            raise UsageError(f"{conv.source}: template {self.name!r} changes message content while rendering, so "
+                             "imtune cannot locate it exactly; use --template tulu|chatml|alpaca or a template that "
+                             "inserts content verbatim")
+        return found
+
+    def _spans(self, skeleton: str, real: str, conv: Conversation) -> tuple[str, list[Span]] | None:
+        """(text, spans) when `real` is `skeleton` with each message's content (stripped or not) in place of its
+        sentinel; None when it is not."""
+        msgs = conv.messages
         # Split the skeleton at the sentinels: pieces[k] is template text, order[k] the message after it.
         pieces, order, rest = [], [], skeleton
         while True:
@@ -241,9 +270,7 @@ class Renderer:
             if text == real:
                 break
         else:
-            raise UsageError(f"{conv.source}: template {self.name!r} changes message content while rendering, so "
-                             "imtune cannot locate it exactly; use --template tulu|chatml|alpaca or a template that "
-                             "inserts content verbatim")
+            return None
         spans, pos = [], len(pieces[0])
         for k, (i, c) in enumerate(zip(order, contents)):
             role = msgs[i].role
