@@ -53,6 +53,32 @@ def test_user_jinja_file_and_trimming_template(tok, tmp_path):
     assert spans_text(r) == [("Hi there", "user", 0), ("Hello!", "assistant", 1), ("<|im_end|>", "eot", 1)]
 
 
+def test_kept_skeletons_change_nothing(tok, tmp_path):
+    """A Renderer keeps the skeleton (the template around sentinels) per role sequence. Whatever the template, each
+    conversation renders as a fresh Renderer renders it — the same text and spans, or the same refusal — including a
+    template whose text depends on the content (which the sentinels cannot show: refused) seen between ones it fits."""
+    f = tmp_path / "looks.jinja"
+    f.write_text("{% for m in messages %}{% if 'code' in m['content'] %}<code>{% endif %}{{ m['role'] }}: "
+                 "{{ m['content'] }}\n{% endfor %}")
+    plain = Conversation((Message("user", "say hi"), Message("assistant", "hi")))
+    code = Conversation((Message("user", "write code"), Message("assistant", "print(1)")))
+    other = Conversation((Message("system", "be brief"), Message("user", "and"), Message("assistant", "ok")))
+
+    def outcome(r, c):
+        try:
+            got = r.render(c)
+            return got.text, [(s.start, s.end, s.cls, s.turn) for s in got.spans]
+        except UsageError as e:
+            return str(e)
+
+    for template in (str(f), "chatml", None):
+        kept = Renderer(template, tok)
+        for c in (plain, code, plain, other, code, other):
+            assert outcome(kept, c) == outcome(Renderer(template, tok), c), (template, c)
+    assert "changes message content" in outcome(Renderer(str(f), tok), code)
+    assert outcome(Renderer(str(f), tok), plain)[0] == "user: say hi\nassistant: hi\n"
+
+
 def test_template_that_rewrites_content_is_refused(tok, tmp_path):
     f = tmp_path / "upper.jinja"
     f.write_text("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
