@@ -76,3 +76,41 @@ def test_a_long_plan_offers_the_quick_preset_only_to_a_run_not_already_using_it(
     assert "--preset cpu-quick" in Cost(**long).text()
     quick = Cost(**long, preset="cpu-quick").text()
     assert "brings it to about a quarter" in quick and "--preset cpu-quick" not in quick
+
+
+def test_the_measured_rates_are_kept_a_day_and_never_trusted_blindly(tmp_path, monkeypatch):
+    """A repeated plan does not load the model again: the rates of (model fingerprint, row, threads, torch, CPU) are
+    kept MEASURE_HOURS in the cache directory (this test's own). A stale, damaged or linked entry, or
+    IMTUNE_NO_CACHE=1, measures again."""
+    import os
+    import time
+
+    from imtune.train import cost
+
+    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)
+    calls = []
+    monkeypatch.setattr(cost, "_measure_now", lambda spec, n: calls.append((spec, n)) or (100.0, 5.0, 1234))
+
+    def rates():
+        cost._measure.cache_clear()  # a new process
+        return cost._measure("random:tiny", 64)
+
+    assert rates() == (100.0, 5.0, 1234) and rates() == (100.0, 5.0, 1234) and len(calls) == 1
+    (entry,) = (tmp_path / "measure").glob("*.json")
+    old = time.time() - 3600 * (cost.MEASURE_HOURS + 1)
+    os.utime(entry, (old, old))
+    assert rates() and len(calls) == 2  # stale: measured again, and kept again
+    for bad in ('{"rates": [-1, 5, 1234]}', '{"rates": [1e999, 5, 1234]}', "not json", '{"rates": [1, 2]}'):
+        entry.write_text(bad)
+        assert rates() == (100.0, 5.0, 1234)
+    assert len(calls) == 6
+    entry.unlink()
+    (tmp_path / "elsewhere.json").write_text('{"rates": [1.0, 1.0, 1]}')
+    entry.symlink_to(tmp_path / "elsewhere.json")
+    assert rates() == (100.0, 5.0, 1234) and len(calls) == 7  # a link is not read (and is not written through)
+    assert (tmp_path / "elsewhere.json").read_text() == '{"rates": [1.0, 1.0, 1]}'
+    monkeypatch.setenv("IMTUNE_NO_CACHE", "1")
+    rates()
+    rates()
+    assert len(calls) == 9

@@ -13,15 +13,22 @@ examples, schedule and evaluation sets train.setup computed (exact counts; the s
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import math
 import os
 import time
 from dataclasses import dataclass
 
+from imtune import files
 from imtune.data.pack import lengths_of
+from imtune.files import cache_dir
 from imtune.model.memory import pass_tokens, peak_bytes
 from imtune.model.models import load_model, model_shape, n_params
 from imtune.model.precision import resolve
+from imtune.model.provenance import model_fingerprint
 from imtune.train.saving import save_dtype
+from imtune.types import UsageError
 
 SLOW = 30 * 60  # seconds: above this, say so and show what brings it down
 
@@ -197,12 +204,70 @@ def grid_text(costs: list[Cost], what: str) -> str:
 def measure(base) -> tuple[float, float, int]:
     """(training tokens/s, generated tokens/s, parameters) of base.model on this machine: one warm-up and one timed
     training step on a row of min(max_length, 256) tokens, then eight greedy tokens. Measured once per model and row
-    length in a process (a study plans one comparison per value)."""
+    length in a process (a study plans one comparison per value), and kept MEASURE_HOURS on disk for the same model
+    (its fingerprint), row, threads, torch and CPU: a repeated compare does not load the model once more to plan
+    (7 s of a 99 s default-model compare here). IMTUNE_NO_CACHE=1 measures every time."""
     return _measure(base.model, min(base.max_length, 256))
+
+
+MEASURE_HOURS = 24.0
 
 
 @functools.lru_cache(maxsize=4)
 def _measure(spec: str, n: int) -> tuple[float, float, int]:
+    key = _measure_key(spec, n)
+    kept = _read_measure(key) if key else None
+    if kept is not None:
+        return kept
+    rates = _measure_now(spec, n)
+    if key:
+        try:
+            files.write_json(cache_dir() / "measure" / f"{key}.json", {"rates": list(rates), "at": time.time()})
+        except (OSError, UsageError):  # a read-only or full cache directory, or a link planted in it: no plan stops
+            pass
+    return rates
+
+
+def _measure_key(spec: str, n: int) -> str | None:
+    """What the measurement depends on, hashed; None (not kept) for a model without a local fingerprint or with the
+    cache off."""
+    import platform
+
+    import torch
+
+    fp = model_fingerprint(spec).get("fingerprint")
+    if not fp or os.environ.get("IMTUNE_NO_CACHE", "") not in ("", "0"):
+        return None
+    what = [fp, spec, n, torch.__version__, torch.get_num_threads(), platform.machine(), _cpu_model(),
+            torch.cuda.is_available()]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def _read_measure(key: str) -> tuple[float, float, int] | None:
+    """A kept measurement, or None: absent, older than MEASURE_HOURS, a link, or not three positive finite numbers
+    (the cache directory is not trusted)."""
+    path = cache_dir() / "measure" / f"{key}.json"
+    try:
+        if path.is_symlink() or time.time() - path.stat().st_mtime > 3600 * MEASURE_HOURS:
+            return None
+        d = json.loads(path.read_text(encoding="utf-8"))
+        train_tps, gen_tps, params = d["rates"]
+        ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                 for x in (train_tps, gen_tps, params))
+        return (float(train_tps), float(gen_tps), int(params)) if ok else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _measure_now(spec: str, n: int) -> tuple[float, float, int]:
     import torch
 
     model = load_model(spec)
