@@ -17,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # so on
 # a bf16-fast CPU (AMX) they must not silently switch. Tests of the probe itself clear this.
 os.environ.setdefault("IMTUNE_CPU_PRECISION", "fp32")
+# Every plan measures this machine afresh (imtune.train.cost keeps its rates a day otherwise: tests would share them).
+os.environ["IMTUNE_MEASURE_HOURS"] = "0"
 # A developer's own server key or probe stand-in must not change what the tests' servers and runs do.
 os.environ.pop("IMTUNE_API_KEY", None)
 os.environ.pop("IMTUNE_CPU_PROBE", None)

@@ -89,6 +89,7 @@ def test_the_measured_rates_are_kept_a_day_and_never_trusted_blindly(tmp_path, m
 
     monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("IMTUNE_NO_CACHE", raising=False)
+    monkeypatch.delenv("IMTUNE_MEASURE_HOURS")  # the suite's own setting (conftest): measure every time
     calls = []
     monkeypatch.setattr(cost, "_measure_now", lambda spec, n: calls.append((spec, n)) or (100.0, 5.0, 1234))
 
@@ -114,3 +115,8 @@ def test_the_measured_rates_are_kept_a_day_and_never_trusted_blindly(tmp_path, m
     rates()
     rates()
     assert len(calls) == 9
+    monkeypatch.delenv("IMTUNE_NO_CACHE")
+    monkeypatch.setenv("IMTUNE_MEASURE_HOURS", "0")
+    rates()
+    rates()
+    assert len(calls) == 11

@@ -204,13 +204,20 @@ def grid_text(costs: list[Cost], what: str) -> str:
 def measure(base) -> tuple[float, float, int]:
     """(training tokens/s, generated tokens/s, parameters) of base.model on this machine: one warm-up and one timed
     training step on a row of min(max_length, 256) tokens, then eight greedy tokens. Measured once per model and row
-    length in a process (a study plans one comparison per value), and kept MEASURE_HOURS on disk for the same model
-    (its fingerprint), row, threads, torch and CPU: a repeated compare does not load the model once more to plan
-    (7 s of a 99 s default-model compare here). IMTUNE_NO_CACHE=1 measures every time."""
+    length in a process (a study plans one comparison per value), and kept MEASURE_HOURS (IMTUNE_MEASURE_HOURS) on
+    disk for the same model (its fingerprint), row, threads, torch and CPU: a repeated compare does not load the
+    model once more to plan (7 s of a 99 s default-model compare here). IMTUNE_NO_CACHE=1 measures every time."""
     return _measure(base.model, min(base.max_length, 256))
 
 
-MEASURE_HOURS = 24.0
+MEASURE_HOURS = 24.0  # IMTUNE_MEASURE_HOURS overrides it (0: measure every time; the test suite's setting)
+
+
+def measure_hours() -> float:
+    try:
+        return max(0.0, float(os.environ.get("IMTUNE_MEASURE_HOURS", MEASURE_HOURS)))
+    except ValueError:
+        return MEASURE_HOURS
 
 
 @functools.lru_cache(maxsize=4)
@@ -235,8 +242,10 @@ def _measure_key(spec: str, n: int) -> str | None:
 
     import torch
 
+    if not measure_hours() or os.environ.get("IMTUNE_NO_CACHE", "") not in ("", "0"):
+        return None
     fp = model_fingerprint(spec).get("fingerprint")
-    if not fp or os.environ.get("IMTUNE_NO_CACHE", "") not in ("", "0"):
+    if not fp:
         return None
     what = [fp, spec, n, torch.__version__, torch.get_num_threads(), platform.machine(), _cpu_model(),
             torch.cuda.is_available()]
@@ -256,7 +265,7 @@ def _read_measure(key: str) -> tuple[float, float, int] | None:
     (the cache directory is not trusted)."""
     path = cache_dir() / "measure" / f"{key}.json"
     try:
-        if path.is_symlink() or time.time() - path.stat().st_mtime > 3600 * MEASURE_HOURS:
+        if path.is_symlink() or time.time() - path.stat().st_mtime > 3600 * measure_hours():
             return None
         d = json.loads(path.read_text(encoding="utf-8"))
         train_tps, gen_tps, params = d["rates"]
