@@ -30,7 +30,7 @@ from imtune.report.checks import PRACTICAL, next_commands
 from imtune.report.page import next_blocks
 from imtune.report.runs import read_record, read_summary
 from imtune.report.write import to_html, to_markdown
-from imtune.results import BestScore, Estimate, Evidence, Interval, Recommendation, SweepResult, SweepRow
+from imtune.results import Estimate, Evidence, Interval, Recommendation, SweepResult, SweepRow
 from imtune.types import UsageError
 
 RULE = ("lowest mean held-out output loss at the best checkpoint (selected on the validation part; the final model "
@@ -99,8 +99,9 @@ def sweep(s: SweepSettings) -> Path:
             if m:
                 v = m.values[a.spec]
                 est[name] = Estimate(v.value, v.low, v.high, m.per_seed[a.spec], vs_chosen[key].differences[a.spec])
+        best = summary.arm(a.name).results.best
         rows.append(SweepRow(float(a.overrides["prompt_weight"]), a.spec, est.get("final"), est.get("best"),
-                             (summary.arm(a.name).results.best or BestScore(None, None)).steps))
+                             best.steps if best else None))
     key = "best" if measure == "best_heldout_loss" else "final"
     floor = PRACTICAL * abs(values[chosen.spec].value)  # smaller differences are not worth choosing on
     tied = [r.prompt_weight for r in rows if r.arm != chosen.spec

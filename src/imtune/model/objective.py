@@ -111,7 +111,7 @@ def batch_args(batch) -> tuple:
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring: the one evaluation loop (in-training evaluations, imtune.train.track; final scoring, imtune.evaluate.loss)
 @dataclass(frozen=True)
-class Scores:
+class ExampleSums:
     """Σ nll and token counts of one data set, per example (rows, in the examples' order) and class (columns, as
     CLASSES), over the predicted tokens of the scored classes (0 in the others)."""
 
@@ -131,7 +131,7 @@ class Scores:
 
 
 def score_examples(objective, examples, batches: list[list[int]], collate: Callable, classes: Sequence[str] = CLASSES,
-                   acc=None, on_batch: Callable | None = None) -> Scores:
+                   acc=None, on_batch: Callable | None = None) -> ExampleSums:
     """Score `examples` with the model inside `objective` (an Objective, DDP/FSDP-wrapped or not), micro-batch by
     micro-batch (`batches`: lists of example indices; `collate(idx, examples)` -> a pack.Batch on the model's device),
     without gradients and without NEFTune noise. With an accelerate Accelerator `acc` of several processes, rank r
@@ -166,4 +166,4 @@ def score_examples(objective, examples, batches: list[list[int]], collate: Calla
             nll, tokens = acc.reduce(nll, reduction="sum"), acc.reduce(tokens, reduction="sum")
     finally:
         objective.train(was_training)
-    return Scores(nll.tolist(), [[int(x) for x in row] for row in tokens.tolist()])
+    return ExampleSums(nll.tolist(), [[int(x) for x in row] for row in tokens.tolist()])

@@ -166,9 +166,10 @@ def verdict(summary: CompareResult, compare_dir: str | Path) -> Verdict:
                       *([f"Advice vs outcome: {advice['text']}"] if advice else []), ""]
                      + [f"- {x}" for x in bullets]
                      + next_text(steps, summary.cwd))
-    return Verdict(VERDICT_VERSION, head, text, bullets, warnings,
-                   {"warning": nothing[0], "runs": nothing[1]} if nothing else None, advice, [k for k, _ in why_not],
-                   steps, measures, THRESHOLDS, evidence.method or None)
+    return Verdict(version=VERDICT_VERSION, thresholds=THRESHOLDS, evidence_method=evidence.method or None,
+                   measures=measures, headline=head, warnings=warnings,
+                   learned_nothing={"warning": nothing[0], "runs": nothing[1]} if nothing else None, advice=advice,
+                   bullets=bullets, undecided=[k for k, _ in why_not], next=steps, text=text)
 
 
 def next_text(steps: list[dict], cwd: str | None) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from imtune.results.scores import Scores
+from imtune.results.scores import Part, Scores
 
 VERSION = 2  # compare.json "version" this code writes
 VERSIONS = (1, 2)  # and the ones it reads (1: one seed per arm, the run in arms/<arm>/)
@@ -75,37 +75,23 @@ class Evidence:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(Part):
     """The one verdict of a comparison (imtune.report.write.verdict): computed once, stored in compare.json, shown by
-    the report and the terminal view. `measures`: per measure its values and comparisons (the report's own rows)."""
+    the report and the terminal view. `measures`: per measure its values and comparisons (the report's own rows). An
+    older imtune's verdict, which lacks some of these keys, is written back with the keys it had (Part)."""
 
-    version: int
-    headline: str
-    text: str
-    bullets: list
+    version: int = 0
+    thresholds: dict = field(default_factory=dict)
+    evidence_method: str | None = None
+    measures: list = field(default_factory=list)
+    headline: str = ""
     warnings: list = field(default_factory=list)
     learned_nothing: dict | None = None  # {"warning", "runs"}
     advice: dict | None = None  # {"advised", "arm", "outcome", "agreement", "text"}
+    bullets: list = field(default_factory=list)
     undecided: list = field(default_factory=list)  # why the budget cannot decide: "few", "falling", "small"
     next: list = field(default_factory=list)  # [{"why", "command"}]
-    measures: list = field(default_factory=list)
-    thresholds: dict = field(default_factory=dict)
-    evidence_method: str | None = None
-    # Read from a file: the keys it had (an older imtune's verdict lacks some), written back as they were read.
-    keys: tuple | None = field(default=None, compare=False, repr=False)
-
-    ORDER = ("version", "thresholds", "evidence_method", "measures", "headline", "warnings", "learned_nothing",
-             "advice", "bullets", "undecided", "next", "text")
-
-    @classmethod
-    def from_json(cls, d: dict) -> Verdict:
-        return cls(d.get("version", 0), d.get("headline", ""), d.get("text", ""), list(d.get("bullets") or []),
-                   list(d.get("warnings") or []), d.get("learned_nothing"), d.get("advice"),
-                   list(d.get("undecided") or []), list(d.get("next") or []), list(d.get("measures") or []),
-                   dict(d.get("thresholds") or {}), d.get("evidence_method"), tuple(d))
-
-    def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in (self.keys or self.ORDER) if k in self.ORDER}
+    text: str = ""
 
 
 @dataclass(frozen=True)
