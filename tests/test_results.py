@@ -52,6 +52,8 @@ def test_a_version_1_file_has_one_run_per_arm():
     (lambda d: d["arms"][1]["runs"][0].pop("dir"), "arm 'im': a run without a \"dir\""),
     (lambda d: d["arms"][0].update(results=[1]), "arm 'it': \"results\" that are not an object"),
     (lambda d: d.update(evidence="x"), '"evidence" is not an object'),
+    (lambda d: d["evidence"]["measures"].update(gap="x"), "measure: expected an object, got str"),
+    (lambda d: d["arms"][0]["runs"][0]["results"].update(best=[1]), "bestscore: expected an object, got list"),
 ])
 def test_what_imtune_did_not_write_is_refused_with_what_is_wrong(change, said):
     d = copy.deepcopy(V2)

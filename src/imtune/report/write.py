@@ -119,7 +119,7 @@ def verdict(summary: CompareResult, compare_dir: str | Path) -> Verdict:
         by_arm.setdefault(a.name, metrics[r.dir])
     spec = {a.name: a.spec for a in summary.arms}
     measures, sentences, wins = [], [], {}
-    evidence = summary.evidence or Evidence("", "", 0.95, 1, {}, {})
+    evidence = summary.evidence or Evidence()
     for key, m in evidence.measures.items():
         rec, sentence = _interval_measure(key, m, evidence.reference)
         measures.append(rec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from imtune.results.scores import Part, Scores
 
@@ -12,66 +13,38 @@ VERSIONS = (1, 2)  # and the ones it reads (1: one seed per arm, the run in arms
 
 
 @dataclass(frozen=True)
-class Interval:
+class Interval(Part):
     """A value with its 95% interval (low/high None where a measure has none, e.g. an arm's own gap)."""
 
-    value: float | None
+    value: float | None = None
     low: float | None = None
     high: float | None = None
 
     def excludes_zero(self) -> bool:
         return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
-    @classmethod
-    def from_json(cls, d: dict) -> Interval:
-        return cls(d.get("value"), d.get("low"), d.get("high"))
-
-    def to_json(self) -> dict:
-        return {"value": self.value, **({} if self.low is None and self.high is None else
-                                        {"low": self.low, "high": self.high})}
-
 
 @dataclass(frozen=True)
-class Measure:
+class Measure(Part):
     """One measure of the evidence: each arm's value and its difference to the reference arm, keyed by arm spec."""
 
-    label: str
-    better: str  # "lower" | "higher"
-    values: dict[str, Interval]
-    differences: dict[str, Interval]
-    per_seed: dict[str, list]
-
-    @classmethod
-    def from_json(cls, d: dict) -> Measure:
-        return cls(d.get("label", ""), d.get("better", "lower"),
-                   {k: Interval.from_json(v) for k, v in (d.get("values") or {}).items()},
-                   {k: Interval.from_json(v) for k, v in (d.get("differences") or {}).items()},
-                   dict(d.get("per_seed") or {}))
-
-    def to_json(self) -> dict:
-        return {"values": {k: v.to_json() for k, v in self.values.items()},
-                "differences": {k: v.to_json() for k, v in self.differences.items()},
-                "per_seed": self.per_seed, "label": self.label, "better": self.better}
+    DICT_OF: ClassVar[dict] = {"values": Interval, "differences": Interval}
+    values: dict[str, Interval] = field(default_factory=dict)
+    differences: dict[str, Interval] = field(default_factory=dict)
+    per_seed: dict[str, list] = field(default_factory=dict)
+    label: str = ""
+    better: str = "lower"  # | "higher"
 
 
 @dataclass(frozen=True)
-class Evidence:
-    reference: str  # the reference arm's spec
-    method: str
-    level: float
-    n_seeds: int
-    n_examples: dict  # {"heldout": n, "train": n}
-    measures: dict[str, Measure]
-
-    @classmethod
-    def from_json(cls, d: dict) -> Evidence:
-        return cls(d.get("reference", ""), d.get("method", ""), d.get("level", 0.95), d.get("n_seeds", 1),
-                   dict(d.get("n_examples") or {}),
-                   {k: Measure.from_json(m) for k, m in (d.get("measures") or {}).items()})
-
-    def to_json(self) -> dict:
-        return {"reference": self.reference, "method": self.method, "level": self.level, "n_seeds": self.n_seeds,
-                "n_examples": self.n_examples, "measures": {k: m.to_json() for k, m in self.measures.items()}}
+class Evidence(Part):
+    DICT_OF: ClassVar[dict] = {"measures": Measure}
+    reference: str = ""  # the reference arm's spec
+    method: str = ""
+    level: float = 0.95
+    n_seeds: int = 1
+    n_examples: dict = field(default_factory=dict)  # {"heldout": n, "train": n}
+    measures: dict[str, Measure] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

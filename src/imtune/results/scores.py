@@ -26,6 +26,9 @@ class Part:
 
     @classmethod
     def from_json(cls, d: dict):
+        """ValueError (what is wrong) for an object that is not one: the file may come from elsewhere."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__.lower()}: expected an object, got {type(d).__name__}")
         names = cls.names()
         values = {n: cls._read(n, d[n]) for n in names if n in d}
         return cls(**values, more={k: v for k, v in d.items() if k not in names}, keys=tuple(values))
@@ -37,6 +40,8 @@ class Part:
         if name in cls.NESTED:
             return cls.NESTED[name].from_json(v)
         if name in cls.DICT_OF:
+            if not isinstance(v, dict):
+                raise ValueError(f"{name}: expected an object, got {type(v).__name__}")
             return {k: cls.DICT_OF[name].from_json(x) for k, x in v.items()}
         return v
 
