@@ -95,7 +95,8 @@ def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():
     from imtune.train import track
 
     model = load_model("random:tiny")
-    run = SimpleNamespace(acc=SimpleNamespace(num_processes=1), cfg=SimpleNamespace(lora=False), model=model)
+    run = SimpleNamespace(acc=SimpleNamespace(num_processes=1), cfg=SimpleNamespace(lora=False), model=model,
+                          memory=None)
     state = track.held_copy(run)
     live = model.state_dict()
     assert state.keys() == live.keys()
@@ -108,8 +109,11 @@ def test_held_copy_is_a_detached_copy_that_keeps_tied_weights_tied():
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # training goes on: the held copy does not move
     assert not torch.equal(next(iter(state.values())), next(iter(model.state_dict().values())))
-    several = SimpleNamespace(acc=SimpleNamespace(num_processes=2), cfg=SimpleNamespace(lora=False), model=model)
+    several = SimpleNamespace(acc=SimpleNamespace(num_processes=2), cfg=SimpleNamespace(lora=False), model=model,
+                              memory=None)
     assert track.held_copy(several) is None  # several processes: written at once, collectively
+    low = SimpleNamespace(**{**vars(run), "memory": SimpleNamespace(hold_best=False)})
+    assert track.held_copy(low) is None  # planned under --memory-limit: best/ written at each improvement
 
 
 def test_compare_scores_final_and_best_on_test_data_disjoint_from_validation(tmp_path):
@@ -167,19 +171,20 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
     from imtune.train.loop import train
 
     train_set, heldout = synthesize("lookup", 8, 4.0, seed=0, heldout=6)
-    data = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
+    data_path = write_jsonl(tmp_path / "d.jsonl", train_set, "lookup", 0, "train")
     held = write_jsonl(tmp_path / "held.jsonl", heldout, "lookup", 0, "heldout")
     test = tmp_path / "test.jsonl"  # as compare does: test.jsonl holds records first read from another file
     test.write_text(Path(held).read_text(encoding="utf-8"), encoding="utf-8")
-    run_dir = train(TrainConfig(model="random:tiny", data=str(data), eval_data=str(test), val_data=str(test),
+    run_dir = train(TrainConfig(model="random:tiny", data=str(data_path), eval_data=str(test), val_data=str(test),
                                 keep_best=True, max_steps=4, batch_size=2, max_length=256, lr=0.3, warmup_ratio=0.0,
-                                eval_every=1, eval_train_sample=0, progress=False, threads=1,
+                                eval_every=1, eval_train_sample=5, progress=False, threads=1,
                                 output_dir=str(tmp_path / "run")))
     run = read_run(run_dir)
     from imtune.data.prepare import load
 
     convs, _ = load(str(held), "auto")  # sources held.jsonl:N, while the trainer read test.jsonl:N
-    data = {"test_path": str(test), "test": convs}
+    train_convs, _ = load(str(data_path), "auto")
+    data = {"test_path": str(test), "test": convs, "train_path": str(data_path), "train": train_convs}
     best_step = json.loads((run_dir / "best" / "best.json").read_text())["step"]
     assert best_step < 4  # best/ holds an earlier point's weights (held in memory, written at the end)
     tok = load_tokenizer(str(run.final))
@@ -191,7 +196,16 @@ def test_scores_reused_from_training_equal_a_fresh_evaluation_of_final_and_best(
         assert per["output_tokens"] == fresh["per_example"]["output_tokens"]
         assert per["output_nll"] == pytest.approx(fresh["per_example"]["output_nll"], rel=1e-5)
         assert reused["output_loss"] == pytest.approx(fresh["output"]["nll"], rel=1e-5)
+    # the train side of the gap: the trainer's fixed sample of 5 training examples, scored at the last step
+    reused, per = scored_in_training(run, data, 4, "train")
+    picked = [c for c in train_convs if str(c.source) in per["source"]]
+    fresh = evaluate_run(run, load_model(str(run.final)), tok, train=DataSet(tuple(picked)), heldout=None,
+                         per_example=True).train.loss
+    assert len(picked) == reused["n"] == 5 and per["source"] == fresh["per_example"]["source"]
+    assert per["output_nll"] == pytest.approx(fresh["per_example"]["output_nll"], rel=1e-5)
+    assert reused["output_loss"] == pytest.approx(fresh["output"]["nll"], rel=1e-5)
     assert scored_in_training(run, {**data, "test_path": str(tmp_path / "other.jsonl")}, 4) is None
+    assert scored_in_training(run, {**data, "train_path": str(tmp_path / "other.jsonl")}, 4, "train") is None
     assert scored_in_training(run, data, 99) is None  # no evaluation at that step: compare scores it afresh
 
 

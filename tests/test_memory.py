@@ -69,3 +69,62 @@ def test_train_dry_run_prints_the_peak(tmp_path, capsys):
                  "--micro-batch-tokens", "64", "--threads", "1", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "peak memory: ~" in err and "activations of a pass of 128 tokens" in err  # a row is never cut
+
+
+def test_a_run_over_its_memory_limit_gives_up_only_what_it_must():
+    """--memory-limit on a CPU (imtune.model.memory.plan): under the limit the run is as asked (and so on a GPU, or with
+    no limit known); over it, best/ is no longer held, then the loss chunk shrinks, then gradient checkpointing, then
+    fewer tokens a pass, in that order, each only if still over; freed memory is given back after every pass."""
+    from imtune.config import TrainConfig
+    from imtune.model.memory import PROCESS_BYTES, plan
+
+    shape = Shape.of(random_config("smollm2-135m", 49152, None))
+    assert shape.params == 134_515_008
+    cfg = TrainConfig(data="x", max_length=512, keep_best=True, eval_data="y")
+    roomy = plan(cfg, shape, "cpu", 20 * 10 ** 9)  # 80% of 20 GB: fits as asked
+    assert (roomy.checkpointing, roomy.pass_tokens, roomy.chunk_size, roomy.hold_best, roomy.trim) == \
+        (False, 989, 1024, True, False) and not roomy.changed and roomy.text() == ""
+    assert plan(cfg, shape, "cpu", 0) == roomy.__class__(**{**vars(roomy), "limit": None})  # unknown: no limit
+    assert not plan(cfg.replace(memory_limit=1.0), shape, "cuda", 0).changed  # accelerators: as asked
+    just_best = plan(cfg.replace(memory_limit=(PROCESS_BYTES + roomy.peak.total - roomy.peak.best_copy) / 1e9),
+                     shape, "cpu", 0)
+    assert just_best.changed == ("best/ written at each improvement, not held",
+                                 "freed memory given back after every pass")
+    assert (just_best.checkpointing, just_best.chunk_size, just_best.hold_best, just_best.trim) == \
+        (False, 1024, False, True)
+    three = plan(cfg.replace(memory_limit=3.0), shape, "cpu", 20 * 10 ** 9)
+    assert (three.checkpointing, three.pass_tokens, three.chunk_size, three.hold_best) == (True, 512, 256, False)
+    assert PROCESS_BYTES + three.peak.total <= 3e9 and "estimated peak ~2.9 GB" in three.text()
+    tight = plan(cfg.replace(memory_limit=2.0), shape, "cpu", 0)  # below weights + gradients + AdamW: said so
+    assert "still above the limit" in tight.text() and tight.pass_tokens == 512  # a row is never cut
+    with pytest.raises(Exception, match="--memory-limit"):
+        cfg.replace(memory_limit=0.0).check()
+
+
+def test_a_run_planned_for_less_memory_makes_the_same_updates(tmp_path, monkeypatch):
+    """A limit far below what a run needs turns on everything plan has (checkpointing, small loss chunks, one row a
+    pass, best/ written at once, memory given back after every pass): the losses and the final weights are those of
+    the run as asked, to float rounding."""
+    from helpers import metrics, tiny, write_conversations
+    from imtune.model.models import load_model
+    from imtune.train import loop
+    from imtune.train.loop import train
+
+    released = []
+    monkeypatch.setattr(loop, "release", lambda: released.append(1))
+    data = write_conversations(tmp_path / "d.jsonl", 12)
+    kw = dict(batch_size=4, max_steps=3, eval_data=str(data), keep_best=True, eval_every=1)
+    fast = train(tiny(data, tmp_path / "fast", **kw))
+    assert not released
+    low = train(tiny(data, tmp_path / "low", memory_limit=0.001, **kw))
+    assert len(released) >= 3  # at least once a pass
+    import yaml
+
+    used = yaml.safe_load((low / "config.yaml").read_text())
+    assert used["gradient_checkpointing"] is True and used["chunk_size"] == 256
+    for a, b in zip(metrics(fast), metrics(low), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = load_model(str(fast / "final")).state_dict(), load_model(str(low / "final")).state_dict()
+    # 3 AdamW steps of lr 1e-3 move a weight by up to 3e-3; summation order moves it by ~3e-6 here
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert (low / "best").is_dir()

@@ -176,7 +176,7 @@ def test_micro_batch_tokens_auto_caps_activations_on_a_cpu_only():
 
     big = Shape.of(random_config("smollm2-135m", 49152, None))
     assert pass_tokens("auto", big, 1024, "cpu") == 953 and pass_tokens("auto", big, 1024, "cuda") is None
-    assert pass_tokens("auto", big, 1024, "cpu", checkpointing=True) > 10_000  # each layer keeps its input only
+    assert pass_tokens("auto", big, 1024, "cpu", checkpointing=True) > 4_000  # each layer keeps its input only
     assert pass_tokens("auto", Shape.of(random_config("tiny", 49152, None)), 128, "cpu") > 100_000  # never splits
     assert pass_tokens("auto", None, 1024, "cpu") is None  # a shape no config gave: no cap
     assert pass_tokens("512", big, 1024, "cuda") == 512 and pass_tokens("none", big, 1024, "cpu") is None

@@ -105,6 +105,12 @@ class TrainConfig:
                                    "while training (L = the example's own length); 0 = off (the paper used 5)")
     kl_coef: float = _f(0.0, "λ of the KL(p_model ‖ p_start) regulariser on weighted positions; 0 = off")
     chunk_size: int = _f(1024, "positions per chunk of the chunked cross-entropy (memory knob)")
+    memory_limit: float | None = _f(None, "GB of memory a run may hold at its peak, on a CPU (default: 80%% of the "
+                                          "memory available when it starts). A run estimated above it is planned "
+                                          "for less, at some speed (imtune.model.memory.plan): best/ written at "
+                                          "once instead of held, a smaller loss chunk, gradient checkpointing, "
+                                          "passes of fewer tokens, freed memory given back after every pass",
+                                    float, metavar="GB")
     # -- optimisation --------------------------------------------------------------------------------------------
     epochs: float = _f(2.0, "passes over the data (ignored when --max-steps is given)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (the schedule spans them)", int)
@@ -230,6 +236,8 @@ class TrainConfig:
         if self.save_every_minutes is not None and not (math.isfinite(self.save_every_minutes)
                                                         and self.save_every_minutes >= 0):
             raise UsageError(f"--save-every-minutes must be a finite number >= 0, not {self.save_every_minutes}")
+        if self.memory_limit is not None and not (math.isfinite(self.memory_limit) and self.memory_limit > 0):
+            raise UsageError(f"--memory-limit must be a number of GB > 0, not {self.memory_limit}")
         mbt = str(self.micro_batch_tokens)
         if mbt not in ("auto", "none") and not (mbt.isdigit() and int(mbt) >= 1):
             raise UsageError(f"--micro-batch-tokens must be auto, none or a number of tokens >= 1, not {mbt!r}")

@@ -53,6 +53,22 @@ def add_jobs_arg(p) -> None:
                         "another); 1: one after another")
 
 
+def add_loss_samples_arg(p) -> None:
+    """--loss-samples N|all (compare, sweep): the training examples whose final output loss is the train side of the
+    gap."""
+    def value(text: str) -> int | str:
+        if text == "all":
+            return text
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'all', not {text!r}")
+        return int(text)
+
+    p.add_argument("--loss-samples", type=value, default=None, metavar="N|all",
+                   help="the train side of the gap: the final model's output loss on a fixed sample of N training "
+                        "examples, or all of them, scored after training (default: the trainer's own fixed sample, "
+                        "--eval-train-sample, as it scored it at the last step; no second pass)")
+
+
 def add_grid_args(p, what: str = "the comparison") -> None:
     """--keep and --dry-run of compare, sweep and study."""
     p.add_argument("--keep", default="both", type=str.lower, choices=["final", "best", "both", "none"],

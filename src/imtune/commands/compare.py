@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, add_loss_samples_arg, ray_plan
 from imtune.console import say
 
 
@@ -32,8 +32,7 @@ def add_arguments(p) -> None:
                         "0: no best checkpoint); --val-data FILE gives the validation data instead")
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="without --eval-data: this share of --data (a seeded split) is held out")
-    g.add_argument("--loss-samples", type=int, default=None, metavar="N",
-                   help="score the final output loss on a fixed sample of N training examples (default: all)")
+    add_loss_samples_arg(g)
     g.add_argument("--bleu-samples", type=int, default=16, metavar="N",
                    help="memorisation: greedy answers to N fixed training prompts vs their outputs (0: skip)")
     g.add_argument("--exact-match", type=int, default=0, metavar="N",
@@ -73,9 +72,9 @@ def settings_from(args):
         if hasattr(args, dest):
             raise UsageError(f"{flag} is set per arm in compare: use --arms (e.g. --arms it,im,weighted:0.1,"
                              "im+neftune:5,it+kl:1)" + (" and --out DIR" if dest == "output_dir" else ""))
-    for name in ("loss_samples", "bleu_samples", "exact_match", "max_new_tokens", "bench_limit"):
+    for name in ("bleu_samples", "exact_match", "max_new_tokens", "bench_limit"):
         v = getattr(args, name)
-        if v is not None and v < (1 if name in ("loss_samples", "max_new_tokens", "bench_limit") else 0):
+        if v is not None and v < (1 if name in ("max_new_tokens", "bench_limit") else 0):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {1 if name != 'bleu_samples' else 0}, not {v}")
     bench = []
     for item in args.bench:

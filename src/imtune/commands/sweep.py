@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, ray_plan
+from imtune.commands.common import CommaList, add_grid_args, add_jobs_arg, add_loss_samples_arg, ray_plan
 from imtune.console import say
 
 
@@ -25,8 +25,7 @@ def add_arguments(p) -> None:
                    help="share of the held-out data that selects best checkpoints (or --val-data FILE)")
     g.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="without --eval-data: this share of --data (a seeded split) is held out")
-    g.add_argument("--loss-samples", type=int, default=None, metavar="N",
-                   help="score the final training output loss on a fixed sample of N examples (default: all)")
+    add_loss_samples_arg(g)
     add_jobs_arg(g)
     add_grid_args(g, "the whole sweep (every λ and seed)")
     g.add_argument("--device", default="auto", help="device for the evaluation: auto (cuda if any), cpu, ...")

@@ -81,7 +81,9 @@ class CompareSettings:
     val_data: str | None = None  # validation data for the selection instead of a split of the held-out data
     max_steps_cap: int | None = None  # at most this many optimizer steps per run (imtune study --budget)
     heldout_fraction: float = 0.1
-    loss_samples: int | None = None  # training examples scored at the end (None: all)
+    # training examples whose final output loss is the train side of the gap: None = the trainer's fixed sample
+    # (eval_train_sample) as it scored it at the last step (else all); N = a fixed sample scored at the end; "all"
+    loss_samples: int | str | None = None
     bleu_samples: int = 16  # training prompts answered greedily for memorisation BLEU
     exact_match: int = 0  # held-out prompts answered greedily and scored by exact match (short-answer data)
     dry_run: bool = False  # print the plan and its estimated cost, train nothing
@@ -102,7 +104,8 @@ class CompareSettings:
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def eval_settings(self) -> dict:
-        return {"loss_samples": self.loss_samples, "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
+        return {"loss_samples": "trainer" if self.loss_samples is None else self.loss_samples,
+                "bleu_samples": self.bleu_samples, "exact_match": self.exact_match,
                 "max_new_tokens": self.max_new_tokens, "bench": [list(b) for b in self.bench],
                 "bench_limit": self.bench_limit,
                 "judge": {k: v for k, v in self.judge.items() if k in ("judge_url", "judge_model")},

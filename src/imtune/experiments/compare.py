@@ -299,7 +299,11 @@ def default_eval_every(steps: int) -> int:
 
 
 def free_memory() -> None:
+    """Between runs: the last run's model and optimizer, collected and given back to the system."""
+    from imtune.model.memory import release
+
     gc.collect()
+    release()
     try:
         import torch
 

@@ -1,9 +1,12 @@
 """compare's final evaluation of one arm's run: `evaluate_arm(...) -> results` (cached in RUN/eval/compare.json).
 
-    output loss on a sample of the training data and on test.jsonl, their gap   imtune.evaluate.run.evaluate_run,
-                                                                               or the trainer's own scores
-                                                                               (scored_in_training) when it scored
-                                                                               the same model on test.jsonl
+    output loss on a sample of the training data and on test.jsonl, their gap   the trainer's own scores of final/
+                                                                               (scored_in_training: its last
+                                                                               evaluation of test.jsonl and of its
+                                                                               fixed train sample), else
+                                                                               imtune.evaluate.run.evaluate_run
+                                                                               (--loss-samples N|all: N or every
+                                                                               training example, scored here)
     memorisation BLEU, test exact match, benchmarks                             generation_scores, benchmarks
     best/ (selected on val.jsonl) scored on test.jsonl like final/; when best/ is the model of the last step it is
     final/ itself, and final/'s test score is its score (never loaded or scored twice)
@@ -66,11 +69,15 @@ def evaluate_arm(s: CompareSettings, arm: Arm, cfg: TrainConfig, data: dict, wha
     steps = json.loads(run.done_text())["steps"]
     with clock.phase("final_scoring"):
         trained = scored_in_training(run, data, steps)  # the trainer scored final/ on test.jsonl already
-        ev = evaluate_run(run, model, tok, train=DataSet(tuple(fixed_sample(data["train"], s.loss_samples, cfg.seed,
-                                                                            1))),
-                          heldout=None if trained else test, per_example=True, progress=bars)
+        # and, by default, its fixed sample of training examples (the same for every run) with the final model
+        trained_train = scored_in_training(run, data, steps, "train") if s.loss_samples is None else None
+        sample = None if s.loss_samples in (None, "all") else s.loss_samples
+        ev = None if trained and trained_train else evaluate_run(
+            run, model, tok, train=None if trained_train else DataSet(tuple(fixed_sample(data["train"], sample,
+                                                                                         cfg.seed, 1))),
+            heldout=None if trained else test, per_example=True, progress=bars)
     res: dict = {"per_example": {}}
-    res["train"], res["per_example"]["train"] = output_loss(ev.train.loss)
+    res["train"], res["per_example"]["train"] = trained_train or output_loss(ev.train.loss)
     res["heldout"], res["per_example"]["heldout"] = trained or output_loss(ev.heldout.loss)
     ho, tr = res["heldout"]["output_loss"], res["train"]["output_loss"]
     res["gap"] = None if ho is None or tr is None else ho - tr  # evaluate.loss.gap's output entry, either way scored
@@ -155,19 +162,22 @@ def benchmarks(s: CompareSettings, model, tok, renderer, run_dir: Path, answers=
     return out
 
 
-def scored_in_training(run, data: dict, step: int) -> tuple[dict, dict] | None:
-    """(summary, per-example output sums) of the model at `step` on the test data, as the trainer scored it
-    (metrics.jsonl "eval_examples": its evaluation set `eval` is test.jsonl, read as training reads data), or None
-    when the run did not score the test data at that step. The model evaluated then is the one saved as final/ (the
-    last step) or best/ (its step), so scoring it again would repeat the same forward passes. Sources are named as
-    evaluate_run names them (the held-out file's records that test.jsonl holds, line by line), so the intervals pair
-    the same examples however each run was scored."""
-    if run.config.eval_data != str(data["test_path"]):
+def scored_in_training(run, data: dict, step: int, part: str = "test") -> tuple[dict, dict] | None:
+    """(summary, per-example output sums) of the model at `step` on the test data (part "test": the trainer's
+    evaluation set `eval` is test.jsonl) or on the trainer's fixed sample of training examples (part "train": its
+    set `train`, drawn from train.jsonl, the same sample for every run of a comparison: imtune.train.track), as the
+    trainer scored it (metrics.jsonl "eval_examples", read as training reads data), or None when the run did not score
+    that part at that step. The model evaluated then is the one saved as final/ (the last step) or best/ (its step),
+    so scoring it again would repeat the same forward passes. Sources are named as evaluate_run names them (the
+    records that the file holds, line by line), so the intervals pair the same examples however each run was scored."""
+    name, path, records, given = {"test": ("eval", data["test_path"], data["test"], run.config.eval_data),
+                                  "train": ("train", data["train_path"], data["train"], run.config.data)}[part]
+    if given != str(path):
         return None
-    at = [r["sets"].get("eval") for r in run.metrics("eval_examples") if r["step"] == step]
+    at = [r["sets"].get(name) for r in run.metrics("eval_examples") if r["step"] == step]
     if not at or at[-1] is None:
         return None
-    p, lines = dict(at[-1]), {f"{data['test_path']}:{i}": str(c.source) for i, c in enumerate(data["test"], 1)}
+    p, lines = dict(at[-1]), {f"{path}:{i}": str(c.source) for i, c in enumerate(records, 1)}
     if not all(x in lines for x in p["source"]):
         return None
     p["source"] = [lines[x] for x in p["source"]]

@@ -47,7 +47,7 @@ class SweepSettings:
     val_fraction: float = 0.3
     val_data: str | None = None
     heldout_fraction: float = 0.1
-    loss_samples: int | None = None
+    loss_samples: int | str | None = None  # CompareSettings.loss_samples
     device: str = "auto"
     jobs: int = 1  # runs trained side by side (imtune.experiments.jobs)
     ray: object = None  # imtune.experiments.ray_jobs.RayPlan: the grid on a Ray cluster

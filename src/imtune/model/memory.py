@@ -26,10 +26,12 @@ ACTIVATION_BUDGET = 1.5 * 2 ** 30
 
 def activation_bytes(shape: Shape, max_length: int, checkpointing: bool = False) -> int:
     """Bytes of activations a training pass keeps per token (fp32; see the module docstring). With gradient
-    checkpointing: each layer's input, plus one layer's activations while it is recomputed."""
+    checkpointing: each layer's input, plus the layer being recomputed: its activations, their gradients and the
+    temporaries of both, ~5 layers' worth (measured, SmolLM2-135M, fp32, passes of 512 and 2,048 tokens: peak RSS
+    rose by ~345 KB a token, where the layer inputs alone are 69 KB)."""
     per_layer = 4 * (8 * shape.hidden + 4 * shape.kv_dim + 5 * shape.intermediate) + 4 * max_length
     if checkpointing:
-        return shape.layers * 4 * shape.hidden + per_layer
+        return shape.layers * 4 * shape.hidden + 5 * per_layer
     return shape.layers * per_layer
 
 
@@ -91,3 +93,107 @@ def peak_bytes(shape: Shape, params: int, cap: int | None, batch_size: int, max_
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+# What a training process holds besides the run's tensors: Python with torch, transformers and the tokenizer, the
+# data and the evaluation sets (measured: ~250 MB after the imports, ~470 MB once SmolLM2-135M's run is set up).
+PROCESS_BYTES = 450 * 10 ** 6
+LIMIT_SHARE = 0.8  # the default --memory-limit: this share of the memory available when a run starts
+LOW_CHUNK = 256  # the loss chunk of a run planned for less memory: [256, vocab] logits and their gradient
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a run spends memory (imtune.model.memory.plan): what setup builds and fit does."""
+
+    checkpointing: bool  # gradient checkpointing
+    pass_tokens: int | None  # positions per forward/backward pass (None: no cap)
+    chunk_size: int  # the loss head's chunk
+    hold_best: bool  # --keep-best may hold the best weights in memory (else best/ is written at each improvement)
+    trim: bool  # give freed memory back to the system after every pass (release())
+    peak: Peak | None  # estimated, of the run's tensors (None: the model's shape is unknown)
+    limit: int | None = None  # bytes the whole process may hold (None: no limit applies)
+    changed: tuple[str, ...] = ()  # what was given up to come under the limit
+
+    def text(self) -> str:
+        """The line setup prints when the plan differs from what was asked."""
+        if not self.changed:
+            return ""
+        total = PROCESS_BYTES + self.peak.total
+        return (f"memory: planned for the limit of {_gb(self.limit)} (--memory-limit; the default is "
+                f"{LIMIT_SHARE:.0%} of the memory available): {', '.join(self.changed)}; estimated peak "
+                f"~{_gb(total)}" + ("" if total <= self.limit else " — still above the limit: --lora, a smaller "
+                                    "--max-length or a smaller model would fit"))
+
+
+def plan(cfg, shape: Shape | None, device: str, available: int, processes: int = 1) -> Plan:
+    """The memory plan of a run of `cfg` (a TrainConfig) on `device`, `available` bytes free (0: unknown), shared by
+    `processes` processes on this machine. On a CPU, a run whose estimated peak is above --memory-limit (default:
+    LIMIT_SHARE of `available`) gives up, in this order and only as far as it must: holding best/ in memory (written at
+    each improvement instead: ~0.5 GB for SmolLM2-135M), the loss chunk (LOW_CHUNK), activations (gradient
+    checkpointing: ~20% slower steps there), then tokens per pass (down to one row of max_length; only with
+    --micro-batch-tokens auto), and gives freed memory back after every pass (release). Measured, SmolLM2-135M, fp32,
+    passes of 512 tokens: peak RSS 3.85 → 2.9 GiB of the process, steps 131 → 106 tokens/s (docs/compare.md)."""
+    cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
+
+    def peak_of(ckpt: bool, cap_: int | None, chunk: int, hold: bool) -> Peak | None:
+        if shape is None:
+            return None
+        return peak_bytes(shape, shape.params, cap_, cfg.batch_size, cfg.max_length, chunk, cfg.keep_best and hold,
+                          cfg.lora, ckpt)
+
+    limit = (int(cfg.memory_limit * 1e9) if cfg.memory_limit else int(LIMIT_SHARE * available / max(1, processes))
+             if available else None)
+    asked = Plan(cfg.gradient_checkpointing, cap, cfg.chunk_size, True, False,
+                 peak_of(cfg.gradient_checkpointing, cap, cfg.chunk_size, True), limit)
+    if device != "cpu" or limit is None or shape is None or PROCESS_BYTES + asked.peak.total <= limit:
+        return asked
+    ckpt, chunk, hold, changed = cfg.gradient_checkpointing, cfg.chunk_size, True, []
+    fits = lambda: PROCESS_BYTES + peak_of(ckpt, cap, chunk, hold).total <= limit  # noqa: E731
+    if cfg.keep_best and not cfg.lora:
+        hold = False
+        changed.append("best/ written at each improvement, not held")
+    if not fits() and chunk > LOW_CHUNK:
+        chunk = LOW_CHUNK
+        changed.append(f"loss chunks of {chunk} positions")
+    if not fits() and not ckpt:
+        ckpt = True
+        cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, True)
+        changed.append("gradient checkpointing")
+    if not fits() and str(cfg.micro_batch_tokens) == "auto":
+        left = limit - PROCESS_BYTES - peak_of(ckpt, 1, chunk, hold).total + peak_of(ckpt, 1, chunk, hold).activations
+        per = activation_bytes(shape, cfg.max_length, ckpt)
+        cap = max(cfg.max_length, min(cap or cfg.batch_size * cfg.max_length, left // per // cfg.max_length
+                                      * cfg.max_length))
+        changed.append(f"passes of at most {cap:,} tokens")
+    changed.append("freed memory given back after every pass")
+    return Plan(ckpt, cap, chunk, hold, True, peak_of(ckpt, cap, chunk, hold), limit, tuple(changed))
+
+
+def available_bytes() -> int:
+    """Bytes of memory available now (Linux: MemAvailable), else 0 (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def release() -> None:
+    """Give the memory freed since the last call back to the system (glibc's malloc_trim: whole free pages, also
+    inside the heap), so that what one pass freed is not still counted while the next one runs. Elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018  (musl, macOS: absent)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

@@ -186,6 +186,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied: bool = True  # the lm head is the embedding matrix
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -194,7 +195,15 @@ class Shape:
         return cls(hidden=hidden, intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
                    layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size)
+                   head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", True)))
+
+    @property
+    def params(self) -> int:
+        """Parameters of a llama-like model of this shape (SmolLM2-135M: 134,515,008, exactly)."""
+        q = self.heads * self.head_dim
+        layer = self.hidden * (2 * q + 2 * self.kv_dim) + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * layer + self.hidden
 
     @property
     def kv_dim(self) -> int:

@@ -279,8 +279,9 @@ def blocks(summary: CompareResult, metrics: dict, configs: dict, plots: dict, co
                 "scores use the whole 0–100% scale. Whether a difference is real is decided by the verdict's "
                 "intervals and thresholds above, not by the plots.")]
     b += [("h", 3, "Evaluation points (from each run's metrics.jsonl)"), ("table", *curve_table(summary, metrics)),
-          ("p", "The train sample is the trainer's fixed sample of training examples (`eval_train_sample`); the final "
-                "results above score the training set (or `--loss-samples` of it) with the final model. The "
+          ("p", "The train sample is the trainer's fixed sample of training examples (`eval_train_sample`, the same "
+                "for every run); the final results above take the train output loss from its last evaluation "
+                "(or, with `--loss-samples N|all`, score N or all training examples with the final model). The "
                 "validation loss selects the best checkpoint; held-out = the test part."),
           ("h", 3, "Training (from each run's metrics.jsonl)"), ("table", *training_table(summary, metrics))]
     b += [("h", 2, "Data"), ("code", "text", format_one(data["stats"], data["source"]))]

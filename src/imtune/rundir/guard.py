@@ -31,7 +31,7 @@ from imtune.types import UsageError
 HARMLESS = ("progress", "tensorboard", "threads", "resume", "save_every", "save_every_minutes", "keep_checkpoints",
             "output_dir",
             "allow_change", "log_class_losses", "chunk_size", "gradient_checkpointing", "compile",
-            "attn_implementation", "micro_batch_tokens")
+            "attn_implementation", "micro_batch_tokens", "memory_limit")
 # Fields a checkpoint's weights depend on: no --allow-change can make a checkpoint fit another model.
 FIXED = ("model", "lora", "lora_r", "lora_targets")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from imtune import files
 from imtune.data.pack import lengths_of
 from imtune.files import cache_dir
-from imtune.model.memory import pass_tokens, peak_bytes
+from imtune.model.memory import available_bytes, plan as memory_plan
 from imtune.model.models import load_model, model_shape, n_params
 from imtune.model.precision import resolve
 from imtune.model.provenance import model_fingerprint
@@ -120,7 +120,10 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
     every = base.eval_every or steps
     evals = 1 + steps // every + (1 if steps % every else 0)
     eval_examples = data["n_val"] + data["n_test"] + (base.eval_train_sample or 0)
-    scored = (s.loss_samples or data["n_train"]) + data["n_test"]
+    # scored after training: the train side of the gap unless the trainer's last evaluation scored it (its fixed
+    # sample); test.jsonl is the trainer's own evaluation set, scored at the last step (imtune.experiments.score)
+    scored = {None: 0 if base.eval_train_sample else data["n_train"], "all": data["n_train"]}.get(
+        s.loss_samples, s.loss_samples)
     ev = s.eval_settings()
     gens = ev.get("exact_match", 0) + ev.get("bleu_samples", 0)
     new = ev.get("max_new_tokens") or 64
@@ -134,7 +137,7 @@ def estimate(s, data: dict, base, runs: int) -> Cost:
                 gen_tokens_per_s=gen_tps, disk_bytes=runs * copies * weight_bytes(base) * params,
                 seconds=runs * per_run, kept=kept, save_every=base.save_every if runs else None,
                 save_minutes=base.save_every_minutes if runs else None,
-                checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base, params), preset=base.preset)
+                checkpoint_bytes=0 if base.lora else 3 * 4 * params, peak=peak(base), preset=base.preset)
 
 
 def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
@@ -160,7 +163,7 @@ def of_run(cfg, examples, sched, eval_sets: dict, save_dtype: str) -> Cost:
                 kept=f"final/{' and best/' if cfg.keep_best else ''} in {save_dtype}"
                      + (f", {n_ckpt} checkpoint{'s' * (n_ckpt != 1)}" if n_ckpt else ""), preset=cfg.preset,
                 save_every=cfg.save_every, save_minutes=cfg.save_every_minutes, checkpoint_bytes=ckpt, what="run",
-                epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg, params))
+                epochs=steps / sched.steps_per_epoch, keep_checkpoints=cfg.keep_checkpoints, peak=peak(cfg))
 
 
 def weight_bytes(cfg) -> int:
@@ -175,20 +178,17 @@ def seconds(train_tokens: float, forward_tokens: float, generated: float, train_
 
 
 
-def peak(cfg, params: int):
+def peak(cfg):
     """The estimated peak memory of training `cfg` (an imtune.model.memory.Peak: weights, gradients and AdamW moments,
-    the
-    --keep-best copy, one pass's activations at --micro-batch-tokens, a loss chunk); None where the model's shape
-    cannot be read from its config."""
+    the --keep-best copy, one pass's activations, a loss chunk) as the run's memory plan will spend it
+    (imtune.model.memory.plan: under --memory-limit); None where the model's shape cannot be read from its config."""
     import torch
 
     shape = model_shape(cfg.model)
     if shape is None:
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
-    return peak_bytes(shape, params, cap, cfg.batch_size, cfg.max_length, cfg.chunk_size, cfg.keep_best, cfg.lora,
-                      cfg.gradient_checkpointing)
+    return memory_plan(cfg, shape, device, available_bytes()).peak
 
 
 def grid_text(costs: list[Cost], what: str) -> str:

@@ -62,7 +62,7 @@ from imtune.console import say
 from imtune.data.pack import collate, epoch_batches, lengths_of, padding_fraction, split_passes
 from imtune.data.prepare import DataSpec, fingerprint, prepare_examples
 from imtune.data.weights import loss_spec
-from imtune.model.memory import pass_tokens
+from imtune.model.memory import available_bytes, plan as memory_plan, release
 from imtune.model.models import load_tokenizer, model_shape
 from imtune.model.objective import batch_args
 from imtune.model.precision import resolve as resolve_precision
@@ -149,6 +149,7 @@ class Run:
     base_dir: str | None  # the base model of a LoRA adapter (final/HOW_TO_LOAD.md)
     log: RunLog
     pass_tokens: int | None = None  # --micro-batch-tokens: positions per forward/backward pass (None: no cap)
+    memory: object = None  # imtune.model.memory.Plan: best/ held or written at once, memory given back per pass
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
@@ -216,10 +217,11 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     if plan and acc.is_main_process:
         say(cost.of_run(cfg, examples, sched, evals, saving.save_dtype(cfg, prec.used)).text())
 
-    # -- model, optimizer, lr schedule, (resume)
+    # -- model, optimizer, lr schedule, (resume); memory: auto caps activations on a CPU, --memory-limit plans less
+    mem = memory_plan(cfg, model_shape(cfg.model), acc.device.type, available_bytes(),
+                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cfg, cap = cfg.replace(gradient_checkpointing=mem.checkpointing, chunk_size=mem.chunk_size), mem.pass_tokens
     model, ref, base_dir = build_model(cfg, acc)
-    cap = pass_tokens(cfg.micro_batch_tokens, model_shape(cfg.model), cfg.max_length, acc.device.type,
-                      cfg.gradient_checkpointing)  # imtune.model.memory: auto caps activations on a CPU
     start_step = start_tokens = 0
     if resume_from is not None:
         state = ckpt.read_trainer_state(resume_from)
@@ -243,14 +245,16 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
             f"epoch; {sched.total_steps} optimizer steps of {sched.grad_accum} × {acc.num_processes} micro-batches"
             + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
         say(f"precision: {prec.used} ({prec.why}); final/ and best/ saved in {saving.save_dtype(cfg, prec.used)}")
-        if cap is not None and cap < cfg.batch_size * cfg.max_length:
+        if cap is not None and cap < cfg.batch_size * cfg.max_length and not mem.changed:
             say(f"memory: each micro-batch runs as passes of at most {cap:,} tokens (--micro-batch-tokens "
                 f"{cfg.micro_batch_tokens}; a longer row is a pass alone); the optimizer step is the same")
+        if mem.changed:
+            say(mem.text())
     acc.wait_for_everyone()
     log = RunLog(run_dir if acc.is_main_process else None, sched.total_steps, start_step, cfg.tensorboard,
                  cfg.progress)
     return Run(cfg, run_dir, sched, start_step, start_tokens, tok, prep.renderer, examples, lengths_of(examples),
-               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log, cap)
+               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log, cap, mem)
 
 
 def dry_run(cfg: TrainConfig):
@@ -367,6 +371,8 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
                 nll, kl, sums = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
                                     kl=cfg.kl_coef > 0)
                 acc.backward((nll + cfg.kl_coef * kl) * (keep * world / W))
+            if run.memory is not None and run.memory.trim:
+                release()  # the pass's activations, freed: not held while the next pass runs
             dev += torch.stack([nll.detach(), kl.detach()]).double() * keep
             add_class_sums(host, sums.per_class, keep)
         stats = torch.cat([dev, torch.tensor(host, dtype=torch.float64, device=acc.device)])

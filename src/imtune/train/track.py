@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from imtune.data.pack import make_batches
 from imtune.data.prepare import DataSpec, prepare_examples
 from imtune.data.weights import loss_spec
+from imtune.model.memory import available_bytes
 from imtune.model.objective import score_examples
 from imtune.rundir.checkpoint import converted
 from imtune.train import baseline, saving
@@ -138,20 +139,11 @@ def held_copy(run) -> dict | None:
     than half the free memory."""
     import torch
 
-    if run.acc.num_processes > 1 or run.cfg.lora:
+    if run.acc.num_processes > 1 or run.cfg.lora or (run.memory is not None and not run.memory.hold_best):
         return None
     state = run.model.state_dict()
     unique = {t.untyped_storage().data_ptr(): t for t in state.values() if isinstance(t, torch.Tensor)}
     size = sum(t.untyped_storage().nbytes() for t in unique.values())
-    if size > free_memory() / 2:
+    if size > available_bytes() / 2:
         return None
     return converted(state, device="cpu")
-
-
-def free_memory() -> int:
-    """Bytes of memory available now (Linux: MemAvailable), else 0 (never hold)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 0
