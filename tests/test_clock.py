@@ -46,7 +46,7 @@ def test_records_add_up_and_the_line_names_the_phases_by_share():
     assert list(t)[:3] == ["train_steps", "saving", "generation"]  # the order they happen in (PHASES)
     assert clock.line(t, m, "1 training(s) and 0 evaluation(s) of it measured by earlier runs") == (
         "time: 100 s (1 training(s) and 0 evaluation(s) of it measured by earlier runs) — optimizer steps 80%, "
-        "generation 16%, saving 4%; peak memory 2.1 GB (optimizer steps)")
+        "generation 16%, saving 4%; peak memory 2.05 GiB (optimizer steps)")
 
 
 def _phase_sum(t: dict) -> float:
@@ -86,7 +86,10 @@ def test_compare_writes_where_its_time_and_memory_went_and_a_rerun_reuses_the_ru
     t, memory = summary["time"], summary["memory"]
     measured = set(PHASES) - {"other"}  # other: the wall time between the measured phases
     assert measured <= set(t) and measured <= set(memory)  # every phase, the cost estimate's too
-    assert all(t[p] > 0 for p in measured) and all(memory[p] > 50 for p in measured)
+    # final scoring has nothing left to do here: the trainer scored final/ on the test part and on its train sample
+    assert all(t[p] > 0 for p in measured - {"final_scoring"}) and all(memory[p] > 50 for p in measured)
+    assert t["final_scoring"] < 0.5 and all(r["results"][part]["scored"] == "in training (step 2)"
+                                            for a in summary["arms"] for r in a["runs"] for part in ("train", "heldout"))
     assert t["total"] == pytest.approx(_phase_sum(t), abs=0.05)
     assert sum(t[p] / t["total"] for p in t if p in PHASES) == pytest.approx(1.0, abs=0.01)  # each rounded to 10 ms
     assert t["train_steps_share"] == pytest.approx(t["train_steps"] / t["total"], abs=1e-3)
@@ -95,7 +98,7 @@ def test_compare_writes_where_its_time_and_memory_went_and_a_rerun_reuses_the_ru
     assert t.get("other", 0) < 0.2 * t["total"]  # and most of them in a named phase
     assert max(memory.values()) < 1500, memory  # random:tiny: torch, transformers, a 13 MB model and its logits
     line = next(x for x in err.splitlines() if x.startswith("compare: 2 arms x 1 seeds; time: "))
-    assert re.search(r"time: \d+ s — (\w[\w -]* \d+%, )+\w[\w -]* \d+%; peak memory \d+\.\d GB \(", line), line
+    assert re.search(r"time: \d+ s — (\w[\w -]* \d+%, )+\w[\w -]* \d+%; peak memory \d+\.\d\d GiB \(", line), line
     runs = [tmp_path / "cmp" / "arms" / a / "seed-42" for a in ("it", "im")]
     timing = [read_metrics(r, "timing") for r in runs]
     for run, (rec,) in zip(runs, timing):  # one line, the last one

@@ -40,7 +40,8 @@ PHASES = {"startup": "start-up", "data": "data", "estimate": "cost estimate", "t
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set size since the last reset_peak() (or since it started), in MB."""
+    """The process's peak resident set size since the last reset_peak() (or since it started), in MiB (2**20 bytes:
+    the "mb" of peak_rss_mb and of compare.json's "memory")."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -162,7 +163,7 @@ def of_comparison(clock: Clock, runs: list[tuple[str, bool]], evaluations: list[
 
 
 def line(time_: dict, memory: dict, note: str = "") -> str:
-    """`time: 412 s — optimizer steps 61%, ...; peak memory 2.1 GB (optimizer steps)` for a summary(); `note` in
+    """`time: 412 s — optimizer steps 61%, ...; peak memory 2.09 GiB (optimizer steps)` for a summary(); `note` in
     brackets after the total (e.g. which parts were measured by earlier runs)."""
     whole = time_.get("total") or 0.0
     shares = sorted(((v / whole if whole else 0.0, k) for k, v in time_.items() if k not in NOT_PHASES),
@@ -171,5 +172,5 @@ def line(time_: dict, memory: dict, note: str = "") -> str:
     text = f"time: {whole:.0f} s" + (f" ({note})" if note else "") + (f" — {parts}" if parts else "")
     if memory:
         top = max(memory, key=memory.get)
-        text += f"; peak memory {memory[top] / 1024:.1f} GB ({PHASES.get(top, top)})"
+        text += f"; peak memory {memory[top] / 1024:.2f} GiB ({PHASES.get(top, top)})"
     return text
