@@ -2,9 +2,9 @@
 of code_alpaca_2k), done two ways in one run, one after the other on the same machine:
 
   imtune       `python -m imtune compare ... --arms it,im --seeds 0,1` in a subprocess (the command is in the JSON
-               as "command"); wall time measured around it (time.perf_counter), its peak resident memory from
-               getrusage(RUSAGE_CHILDREN), its own per-phase time and memory read from OUT/imtune/compare.json, and
-               each arm's held-out (test.jsonl) output loss as imtune reports it.
+               as "command"); wall time measured around it (time.perf_counter), its own per-phase time and peak
+               memory read from OUT/imtune/compare.json (its peak: the largest phase's), and each arm's held-out
+               (test.jsonl) output loss as imtune reports it.
   trl_by_hand  the same arms, data split and budget the way a user would write them with TRL's SFTTrainer and
                transformers, in this process after the subprocess has finished: the split imtune wrote
                (OUT/imtune/data/{train,val,test}.jsonl, so both sides train and score identical records), imtune's
@@ -84,17 +84,19 @@ def imtune_command(data: str, out: Path, w: dict) -> list[str]:
 def run_imtune(cmd: list[str], out: Path) -> dict:
     """The compare subprocess, timed; its output goes to OUT/imtune.log (its tail is shown when it fails)."""
     log = out / "imtune.log"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with open(log, "w", encoding="utf-8") as f:
         t = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; the max over waited-for children
     if rc != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
         raise SystemExit(f"imtune compare failed ({rc}):\n{tail}")
-    return {"wall_s": wall, "peak_rss_mib": after / 1024 if after > before else None, "log": str(log),
-            **imtune_figures(out / "imtune")}
+    figures = imtune_figures(out / "imtune")
+    # the process's peak is the largest of its phases' (compare.json "memory"); getrusage(RUSAGE_CHILDREN) cannot say
+    # it: imtune's clock resets the kernel's high-water mark at every phase (/proc/self/clear_refs), and ru_maxrss is
+    # that mark, so it would give the last phase's peak only
+    return {"wall_s": wall, "peak_rss_mib": max((figures.get("memory") or {}).values(), default=None),
+            "log": str(log), **figures}
 
 
 def imtune_figures(cmp_dir: Path) -> dict:

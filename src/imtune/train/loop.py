@@ -118,6 +118,7 @@ def train(cfg: TrainConfig, plan: bool = False) -> Path:
         # weights of one compare arm stayed alive while the next arm built its model (tests/test_clock.py).
         run = None
         gc.collect()
+        release()  # and what the run freed goes back to the system: the next run in this process starts from less
 
 
 # ----------------------------------------------------------------------------------------------------------------
