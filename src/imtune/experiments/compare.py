@@ -50,6 +50,7 @@ from imtune.experiments.arms import KEEP, Arm, CompareSettings, read_json
 from imtune.experiments.data import materialise_data
 from imtune.experiments.jobs import Job, train_all
 from imtune.experiments.score import evaluate_arm
+from imtune.model.memory import release
 from imtune.model.provenance import versions
 from imtune.report import write as report
 from imtune.report.runs import read_summary
@@ -300,8 +301,6 @@ def default_eval_every(steps: int) -> int:
 
 def free_memory() -> None:
     """Between runs: the last run's model and optimizer, collected and given back to the system."""
-    from imtune.model.memory import release
-
     gc.collect()
     release()
     try:
