@@ -15,7 +15,7 @@ from common import child_main  # noqa: E402
 
 
 def main(out: str | None = None) -> dict:
-    out = out or tempfile.mkdtemp(prefix="bench-demo-")
+    out = out or os.path.join(tempfile.mkdtemp(prefix="bench-demo-"), "demo")  # new: --fresh deletes only its own
     load0 = os.getloadavg()
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "imtune", "demo", "--fresh", "--no-progress", "--out", out],

@@ -51,13 +51,13 @@ def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int
 
 
 # -- before: micro-batches without length grouping -------------------------------------------------------------
-def before_make_batches(examples, batch_size, max_length, packed, pad_id, seed, epoch, drop_last=False):
+def before_make_batches(examples, batch_size, max_length, packed, seed, epoch, drop_last=False):
     import numpy as np
 
     from imtune.data import pack
 
     if not packed:
-        return _ORIGINAL["make_batches"](examples, batch_size, max_length, packed, pad_id, seed, epoch, drop_last)
+        return _ORIGINAL["make_batches"](examples, batch_size, max_length, packed, seed, epoch, drop_last)
     rng = np.random.default_rng([seed, epoch])
     bins = pack.pack_examples(examples, max_length)
     order = rng.permutation(len(bins))
