@@ -128,3 +128,17 @@ def test_a_run_planned_for_less_memory_makes_the_same_updates(tmp_path, monkeypa
     # 3 AdamW steps of lr 1e-3 move a weight by up to 3e-3; summation order moves it by ~3e-6 here
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert (low / "best").is_dir()
+
+
+def test_the_largest_pass_is_what_split_passes_makes():
+    """Rows share a pass while rows × the longest row stays within the cap: two rows of ~490 tokens make one pass of
+    ~980 under a cap of 989, so the estimate counts the cap, not one row of max_length; a row is never cut."""
+    from imtune.data.pack import split_passes
+    from imtune.model.memory import pass_size
+
+    assert pass_size(989, 4, 512) == 989 and pass_size(256, 4, 512) == 512 and pass_size(None, 4, 512) == 2048
+    assert pass_size(10_000, 4, 512) == 2048
+    lengths = [490, 488, 500, 470]  # one example a row (each > 512 / 2)
+    passes = split_passes([0, 1, 2, 3], lengths, True, 512, 989)
+    assert max(len(p) * max(lengths[i] for i in p) for p in passes) <= pass_size(989, 4, 512)
+    assert any(len(p) == 2 for p in passes)  # the pass the old estimate (one row of 512) missed
