@@ -112,10 +112,14 @@ class Plan:
     pass_tokens: int | None  # positions per forward/backward pass (None: no cap)
     chunk_size: int  # the loss head's chunk
     hold_best: bool  # --keep-best may hold the best weights in memory (else best/ is written at each improvement)
-    trim: bool  # give freed memory back to the system after every pass (release())
     peak: Peak | None  # estimated, of the run's tensors (None: the model's shape is unknown)
     limit: int | None = None  # bytes the whole process may hold (None: no limit applies)
     changed: tuple[str, ...] = ()  # what was given up to come under the limit
+
+    @property
+    def trim(self) -> bool:
+        """Give freed memory back to the system after every pass (release()): a run planned for less does."""
+        return bool(self.changed)
 
     def text(self) -> str:
         """The line setup prints when the plan differs from what was asked."""
@@ -133,9 +137,9 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
     `processes` processes on this machine. On a CPU, a run whose estimated peak is above --memory-limit (default:
     LIMIT_SHARE of `available`) gives up, in this order and only as far as it must: holding best/ in memory (written at
     each improvement instead: ~0.5 GB for SmolLM2-135M), the loss chunk (LOW_CHUNK), activations (gradient
-    checkpointing: ~20% slower steps there), then tokens per pass (down to one row of max_length; only with
+    checkpointing: 20-35% slower steps there), then tokens per pass (down to one row of max_length; only with
     --micro-batch-tokens auto), and gives freed memory back after every pass (release). Measured, SmolLM2-135M, fp32,
-    passes of 512 tokens: peak RSS 3.85 → 2.9 GiB of the process, steps 131 → 106 tokens/s (docs/compare.md)."""
+    passes of 512 tokens: peak RSS 3.85 → 2.9 GiB of the process, steps 131 → 106 tokens/s (BENCHMARKS.md)."""
     cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
 
     def peak_of(ckpt: bool, cap_: int | None, chunk: int, hold: bool) -> Peak | None:
@@ -146,7 +150,7 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
 
     limit = (int(cfg.memory_limit * 1e9) if cfg.memory_limit else int(LIMIT_SHARE * available / max(1, processes))
              if available else None)
-    asked = Plan(cfg.gradient_checkpointing, cap, cfg.chunk_size, True, False,
+    asked = Plan(cfg.gradient_checkpointing, cap, cfg.chunk_size, True,
                  peak_of(cfg.gradient_checkpointing, cap, cfg.chunk_size, True), limit)
     if device != "cpu" or limit is None or shape is None or PROCESS_BYTES + asked.peak.total <= limit:
         return asked
@@ -163,13 +167,14 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
         cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, True)
         changed.append("gradient checkpointing")
     if not fits() and str(cfg.micro_batch_tokens) == "auto":
-        left = limit - PROCESS_BYTES - peak_of(ckpt, 1, chunk, hold).total + peak_of(ckpt, 1, chunk, hold).activations
+        row = peak_of(ckpt, 1, chunk, hold)  # one row a pass: what is left for activations beside the rest
+        left = limit - PROCESS_BYTES - row.total + row.activations
         per = activation_bytes(shape, cfg.max_length, ckpt)
         cap = max(cfg.max_length, min(cap or cfg.batch_size * cfg.max_length, left // per // cfg.max_length
                                       * cfg.max_length))
         changed.append(f"passes of at most {cap:,} tokens")
     changed.append("freed memory given back after every pass")
-    return Plan(ckpt, cap, chunk, hold, True, peak_of(ckpt, cap, chunk, hold), limit, tuple(changed))
+    return Plan(ckpt, cap, chunk, hold, peak_of(ckpt, cap, chunk, hold), limit, tuple(changed))
 
 
 def available_bytes() -> int:

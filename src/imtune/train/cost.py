@@ -25,7 +25,7 @@ from imtune.data.pack import lengths_of
 from imtune.files import cache_dir
 from imtune.model.memory import available_bytes, plan as memory_plan
 from imtune.model.models import load_model, model_shape, n_params
-from imtune.model.precision import resolve
+from imtune.model.precision import cpu_model, resolve
 from imtune.model.provenance import model_fingerprint
 from imtune.train.saving import save_dtype
 from imtune.types import UsageError
@@ -247,17 +247,9 @@ def _measure_key(spec: str, n: int) -> str | None:
     fp = model_fingerprint(spec).get("fingerprint")
     if not fp:
         return None
-    what = [fp, spec, n, torch.__version__, torch.get_num_threads(), platform.machine(), _cpu_model(),
+    what = [fp, spec, n, torch.__version__, torch.get_num_threads(), platform.machine(), cpu_model(),
             torch.cuda.is_available()]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 def _read_measure(key: str) -> tuple[float, float, int] | None:

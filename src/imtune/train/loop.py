@@ -149,8 +149,12 @@ class Run:
     scheduler: object  # the lr schedule, stepped once per optimizer step
     base_dir: str | None  # the base model of a LoRA adapter (final/HOW_TO_LOAD.md)
     log: RunLog
-    pass_tokens: int | None = None  # --micro-batch-tokens: positions per forward/backward pass (None: no cap)
-    memory: object = None  # imtune.model.memory.Plan: best/ held or written at once, memory given back per pass
+    memory: object = None  # imtune.model.memory.Plan: tokens a pass, best/ held or not, memory given back per pass
+
+    @property
+    def pass_tokens(self) -> int | None:
+        """Positions per forward/backward pass (--micro-batch-tokens as the memory plan set it; None: no cap)."""
+        return self.memory.pass_tokens if self.memory is not None else None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
@@ -255,7 +259,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     log = RunLog(run_dir if acc.is_main_process else None, sched.total_steps, start_step, cfg.tensorboard,
                  cfg.progress)
     return Run(cfg, run_dir, sched, start_step, start_tokens, tok, prep.renderer, examples, lengths_of(examples),
-               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log, cap, mem)
+               ex_weight, fp, evals, prec, acc, model, objective, optimizer, scheduler, base_dir, log, mem)
 
 
 def dry_run(cfg: TrainConfig):
