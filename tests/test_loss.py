@@ -61,6 +61,24 @@ def test_only_weighted_positions_are_computed_and_chunks_are_bounded(monkeypatch
     assert max(seen) <= 4 and sum(seen) == 18
 
 
+@pytest.mark.parametrize("first", [True, False])  # .grad absent (a step's first pass) or holding earlier passes
+def test_head_grad_puts_the_head_gradient_straight_into_grad(first):
+    """head_grad (the factor backward will apply): the head weight's gradient is in W.grad once forward returns, and
+    after backward W.grad and the hidden states' gradient are those of the autograd path; no [V, H] buffer goes
+    through autograd (backward hands on none for W)."""
+    hidden, W, b, labels, weights, _ = _data(3)
+    scale, before = 0.37, torch.randn(V, H)
+    ref = L.weighted_nll(hidden, W, labels, weights, chunk_size=4).nll_sum * scale
+    g_h, g_w = torch.autograd.grad(ref, [hidden, W])
+    W.grad = None if first else before.clone()
+    out = L.weighted_nll(hidden, W, labels, weights, chunk_size=4, head_grad=scale)
+    assert out.nll_sum.item() * scale == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(W.grad, g_w if first else before + g_w)  # already, before any backward
+    (out.nll_sum * scale).backward()
+    torch.testing.assert_close(W.grad, g_w if first else before + g_w)  # and nothing more came through autograd
+    torch.testing.assert_close(hidden.grad, g_h)
+
+
 def test_all_zero_weights_give_zero_and_backward_works():
     hidden, W, _, labels, _, _ = _data()
     got = L.weighted_nll(hidden, W, labels, torch.zeros(B, T), chunk_size=4)
@@ -137,7 +155,7 @@ def _ex(n, w=1.0):
 
 
 def test_sequence_weights_make_each_example_sum_to_one():
-    from imtune.train.loop import per_sequence
+    from imtune.data.pack import per_sequence
 
     # rows [5, 3], [4] + pad
     batch = collate(per_sequence(Examples.of([_ex(5), _ex(3, 2.0), _ex(4)])), packed=True, max_length=9)
@@ -150,7 +168,7 @@ def test_sequence_weights_make_each_example_sum_to_one():
 
 def test_sequence_normalisation_gives_mean_over_examples():
     # nll_sum / weight_sum with sequence weights == mean over examples of each example's weighted mean nll
-    from imtune.train.loop import per_sequence
+    from imtune.data.pack import per_sequence
 
     g = torch.Generator().manual_seed(1)
     batch = collate(per_sequence(Examples.of([_ex(6), _ex(3), _ex(5)])), packed=True, max_length=16)

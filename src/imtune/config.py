@@ -109,7 +109,7 @@ class TrainConfig:
                                           "memory available when it starts). A run estimated above it is planned "
                                           "for less, at some speed (imtune.model.memory.plan): best/ written at "
                                           "once instead of held, a smaller loss chunk, gradient checkpointing, "
-                                          "passes of fewer tokens, freed memory given back after every pass",
+                                          "passes of fewer tokens, freed memory given back at once",
                                     float, metavar="GB")
     # -- optimisation --------------------------------------------------------------------------------------------
     epochs: float = _f(2.0, "passes over the data (ignored when --max-steps is given)")

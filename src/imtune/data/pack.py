@@ -23,6 +23,7 @@ most N positions (--micro-batch-tokens: the trainer runs a micro-batch as severa
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,3 +255,20 @@ def model_inputs(batch: Batch, flat: bool = False) -> dict:
     if batch.attention_mask is not None:
         kw["attention_mask"] = batch.attention_mask
     return kw
+
+
+def step_normalisers(examples, normalize: str) -> list[float]:
+    """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
+    Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
+    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
+    w32, bounds = examples.weights.astype(np.float32, copy=False), examples.bounds.tolist()
+    if normalize == "nonzero":
+        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def per_sequence(examples):
+    """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
+    w, bounds = examples.weights, examples.bounds.tolist()
+    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
+    return examples.with_weights(w / np.repeat(sums, examples.lengths))

@@ -21,7 +21,7 @@ of a checkpointed chunk (forward, recomputation, two in backward), and one softm
 
 The hidden states and the head come from imtune.model.forward (`hidden_states`, `lm_head`): the one forward pass of
 every
-caller. Per-sequence normalisation (--normalize sequences) needs nothing here: imtune.train.loop.per_sequence rescales
+caller. Per-sequence normalisation (--normalize sequences) needs nothing here: imtune.data.pack.per_sequence rescales
 each example's weights to sum to 1 before batching, so weight_sum counts examples and the same division by the
 step's weight sum gives the mean over examples of each example's weighted mean loss.
 """
@@ -83,10 +83,15 @@ class _WeightedNLL(torch.autograd.Function):
     docstring), so backward only scales dL/dh, dL/dW, dL/db by the incoming gradient. nll is not differentiable."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, y, w, chunk_size):
+    def forward(ctx, h, weight, bias, y, w, chunk_size, head_grad):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros_like(weight) if need_w else None
+        if need_w and head_grad is not None:  # straight into weight.grad, × the factor backward will bring
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            gw, alpha = weight.grad, head_grad
+        else:
+            gw, alpha = (torch.zeros_like(weight) if need_w else None), 1.0
         gb = torch.zeros_like(bias) if need_b else None
         nll = torch.empty(len(y), dtype=torch.float32, device=h.device)
         for s in range(0, len(y), chunk_size):
@@ -96,23 +101,27 @@ class _WeightedNLL(torch.autograd.Function):
             with torch.autocast(device_type=h.device.type, enabled=False):
                 if gh is not None:
                     gh[s:e] = torch.mm(d, weight.to(d.dtype))
-                if gw is not None:
+                if gw is not None and alpha:
                     hc = h[s:e].to(d.dtype)
                     if gw.dtype == d.dtype:
-                        gw.addmm_(d.t(), hc)
+                        gw.addmm_(d.t(), hc, alpha=alpha)
                     else:
-                        gw += torch.mm(d.t(), hc)
+                        gw.add_(torch.mm(d.t(), hc), alpha=alpha)
                 if gb is not None:
                     gb += d.sum(0)
-        ctx.save_for_backward(gh, gw, gb)
+        ctx.grads = (gh, None if head_grad is not None else gw, gb)  # not saved tensors: backward scales them in
+        # place and hands them on
         ctx.mark_non_differentiable(nll)
         return (nll * w).sum(), nll
 
     @staticmethod
     def backward(ctx, g, _):
-        gh, gw, gb = ctx.saved_tensors
-        return (None if gh is None else gh * g, None if gw is None else gw * g, None if gb is None else gb * g,
-                None, None, None)
+        # In place: a copy (gw * g) would hold a second head-sized buffer, 113 MB for SmolLM2-135M, while the rest
+        # of the backward pass runs. So this node's backward runs once (no retain_graph, nothing here uses it).
+        if ctx.grads is None:
+            raise RuntimeError("imtune's loss head cannot run backward twice (retain_graph is not supported)")
+        grads, ctx.grads = ctx.grads, None
+        return (*(None if t is None else t.mul_(g) for t in grads), None, None, None, None)
 
 
 def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -132,9 +141,16 @@ def _nll_at(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None) -> LossSums:
+                 chunk_size: int = 1024, classes: torch.Tensor | None = None, lm_head_bias=None,
+                 head_grad: float | None = None) -> LossSums:
     """Σ w·nll and Σ w over positions (see the module docstring). hidden [B, T, H] (any float dtype),
     lm_head_weight [V, H], labels [B, T] (-100: none), weights [B, T] (already aligned with labels).
+
+    head_grad: the factor the caller's backward will apply to nll_sum (the trainer's keep·world/W). Given, the head
+    weight's gradient goes straight into lm_head_weight.grad during this forward pass, × head_grad, and none of it
+    through autograd: no head-sized buffer is held from here to the end of backward (113 MB for SmolLM2-135M), and
+    for tied weights the lookup's gradient is added in place. Only where nothing else must see that gradient pass
+    through autograd: one process, no sharding (imtune.train.loop.Run.head_grad_direct).
 
     classes [B, T] (optional): also return per-class unweighted (Σ nll, count) over every labelled position,
     zero-weight ones included (computed without grad; costs one extra forward-only pass over those positions)."""
@@ -146,7 +162,7 @@ def weighted_nll(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: tor
     h = hidden.reshape(-1, hidden.shape[-1])[idx]  # [N, H], the only positions that cost anything
     bias_grad = lm_head_bias is not None and lm_head_bias.requires_grad
     if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad or bias_grad):
-        nll_sum, nll = _WeightedNLL.apply(h, lm_head_weight, lm_head_bias, y[idx], w_act, chunk_size)
+        nll_sum, nll = _WeightedNLL.apply(h, lm_head_weight, lm_head_bias, y[idx], w_act, chunk_size, head_grad)
     else:
         nll = _nll_at(hidden, lm_head_weight, lm_head_bias, labels, idx, chunk_size)  # [N]
         nll_sum = (nll * w_act).sum()

@@ -101,7 +101,8 @@ def _gb(n: float) -> str:
 # data and the evaluation sets (measured: ~250 MB after the imports, ~470 MB once SmolLM2-135M's run is set up).
 PROCESS_BYTES = 450 * 10 ** 6
 LIMIT_SHARE = 0.8  # the default --memory-limit: this share of the memory available when a run starts
-LOW_CHUNK = 256  # the loss chunk of a run planned for less memory: [256, vocab] logits and their gradient
+LOW_CHUNK = 128  # the loss chunk of a run planned for less memory: [128, vocab] logits and their gradient
+SYSTEM_THRESHOLD = 2 ** 20  # a run planned for less memory takes buffers of 1 MiB or more from the system (from_system)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,10 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
     LIMIT_SHARE of `available`) gives up, in this order and only as far as it must: holding best/ in memory (written at
     each improvement instead: ~0.5 GB for SmolLM2-135M), the loss chunk (LOW_CHUNK), activations (gradient
     checkpointing: 20-35% slower steps there), then tokens per pass (down to one row of max_length; only with
-    --micro-batch-tokens auto), and gives freed memory back after every pass (release). Measured, SmolLM2-135M, fp32,
-    passes of 512 tokens: peak RSS 3.85 → 2.9 GiB of the process, steps 131 → 106 tokens/s (BENCHMARKS.md)."""
+    --micro-batch-tokens auto), and gives freed memory back: after every pass (release), and buffers of a MiB or more
+    at once (from_system). In one fp32 process the loss head also adds its weight's gradient straight into .grad
+    (imtune.train.loop.Run.head_grad_direct). Measured on issue 27's compare (SmolLM2-135M, fp32, passes of 512
+    tokens, BENCHMARKS.md): peak RSS 5.0 → 2.7 GiB of the process, at ~25% more wall time."""
     cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
 
     def peak_of(ckpt: bool, cap_: int | None, chunk: int, hold: bool) -> Peak | None:
@@ -173,7 +176,7 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
         cap = max(cfg.max_length, min(cap or cfg.batch_size * cfg.max_length, left // per // cfg.max_length
                                       * cfg.max_length))
         changed.append(f"passes of at most {cap:,} tokens")
-    changed.append("freed memory given back after every pass")
+    changed.append("freed memory given back after every pass and large buffers at once")
     return Plan(ckpt, cap, chunk, hold, peak_of(ckpt, cap, chunk, hold), limit, tuple(changed))
 
 
@@ -186,9 +189,27 @@ def available_bytes() -> int:
         return 0
 
 
+def from_system(threshold: int = SYSTEM_THRESHOLD) -> None:
+    """Serve every allocation of `threshold` bytes or more straight from the system from now on, for the rest of the
+    process (glibc's mallopt M_MMAP_THRESHOLD; elsewhere a no-op): freeing one gives its pages back at once, instead
+    of leaving a hole in the heap that counts until the next release(). Costs a page fault per new page. Measured on
+    the issue-27 compare planned for 3 GB (SmolLM2-135M, passes of 512 tokens): peak 3,042-3,088 MiB → 2,868 (1 MB),
+    2,988 (2 MB); wall 242 → 284 s (1 MB), 248 s (2 MB)."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixed from now on: no dynamic raise)
+
+
 def release() -> None:
     """Give the memory freed since the last call back to the system (glibc's malloc_trim: whole free pages, also
     inside the heap), so that what one pass freed is not still counted while the next one runs. Elsewhere a no-op."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library where it is glibc (malloc_trim and mallopt), else False."""
     import ctypes
     import ctypes.util
 
@@ -196,11 +217,10 @@ def release() -> None:
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim  # noqa: B018  (musl, macOS: absent)
+            _libc.malloc_trim, _libc.mallopt  # noqa: B018  (musl, macOS: absent)
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc
 
 
 _libc = None

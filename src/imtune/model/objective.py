@@ -39,7 +39,7 @@ class Objective(torch.nn.Module):
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP auto-wrap looks here
 
     def forward(self, input_ids, position_ids, attention_mask, labels, weights, classes=None, kl: bool = False,
-                score: torch.Tensor | None = None):
+                score: torch.Tensor | None = None, head_grad: float | None = None):
         embeds = embed(self.model, input_ids)  # [B, T, H]
         noise = None
         if self.training and self.neftune_alpha:
@@ -50,7 +50,7 @@ class Objective(torch.nn.Module):
         if score is not None:
             return class_nll(hidden, head_w, labels, classes, sequence_ids(position_ids), score, self.chunk_size,
                              head_b)
-        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b)
+        sums = weighted_nll(hidden, head_w, labels, weights, self.chunk_size, classes, head_b, head_grad)
         kl_sum = sums.nll_sum.new_zeros(())
         if kl:
             ref_hidden, ref_w, ref_b = self.reference(input_ids, position_ids, attention_mask, noise)

@@ -12,7 +12,7 @@ gradients over processes, so the update is that of  Σw·nll / Σw  over the who
 micro-batches, accumulation steps and processes (tests/test_train.py checks 4×2 = 1×8 = 2 processes × 2×2), or
 each micro-batch into passes of fewer rows (--micro-batch-tokens: less activation memory; Run.passes).
 `--normalize sequences` rescales each example's weights to sum to 1 first: W counts examples. `--normalize nonzero`
-divides Σw·nll by the number of tokens with w > 0 instead (step_normalisers).
+divides Σw·nll by the number of tokens with w > 0 instead (imtune.data.pack.step_normalisers).
 
 The run directory (evaluation, comparison and reports read only this; keep the names):
 
@@ -59,10 +59,12 @@ from pathlib import Path
 from imtune import files
 from imtune.config import TrainConfig
 from imtune.console import say
+from imtune.data import pack
 from imtune.data.pack import collate, epoch_batches, lengths_of, padding_fraction, split_passes
 from imtune.data.prepare import DataSpec, fingerprint, prepare_examples
 from imtune.data.weights import loss_spec
-from imtune.model.memory import available_bytes, plan as memory_plan, release
+from imtune.model.forward import lm_head
+from imtune.model.memory import available_bytes, from_system, plan as memory_plan, release
 from imtune.model.models import load_tokenizer, model_shape
 from imtune.model.objective import batch_args
 from imtune.model.precision import resolve as resolve_precision
@@ -138,7 +140,7 @@ class Run:
     renderer: object
     examples: object  # imtune.types.Examples trained on (weights rescaled by --normalize sequences)
     lengths: list  # tokens per example
-    ex_weight: list  # each example's share of W (step_normalisers; float32 values, as collate will make them)
+    ex_weight: list  # each example's share of W (pack.step_normalisers; float32 values, as collate will make them)
     fingerprint: str  # of the examples' ids and weights: a resume must see the same data
     eval_sets: dict  # name -> (examples, micro-batches): imtune.train.track
     precision: object  # imtune.model.precision.Precision: what --precision resolved to, and why
@@ -155,6 +157,14 @@ class Run:
     def pass_tokens(self) -> int | None:
         """Positions per forward/backward pass (--micro-batch-tokens as the memory plan set it; None: no cap)."""
         return self.memory.pass_tokens if self.memory is not None else None
+
+    @property
+    def head_grad_direct(self) -> bool:
+        """Whether the loss head adds its weight's gradient straight into .grad (imtune.model.loss.weighted_nll's
+        head_grad): in a run planned for less memory, in one process (no DDP hook or shard expects that gradient
+        from autograd), in fp32 (the gradient matmul in the weight's own dtype), with the head trained."""
+        return (self.memory is not None and self.memory.trim and self.acc.num_processes == 1
+                and self.precision.used == "fp32" and lm_head(self.model)[0].requires_grad)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
@@ -214,7 +224,7 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     evals = track.eval_sets(cfg, prep, tok)  # lets the conversations go: their memory returns before more is taken
     fp = fingerprint(examples)  # of the float64 weights (as every run before)
     examples = examples.with_weights(examples.weights.astype(np.float32))  # what collate feeds the loss
-    ex_weight = step_normalisers(examples, cfg.normalize)
+    ex_weight = pack.step_normalisers(examples, cfg.normalize)
     # -- schedule: micro-batches per epoch are fixed by the data; an optimizer step takes grad_accum × processes
     first = epoch_batches(examples, cfg, 0)
     sched = schedule(cfg, len(first), acc.num_processes)  # imtune.train.plan: compare estimates with the same function
@@ -226,6 +236,8 @@ def setup(cfg: TrainConfig, plan: bool = False) -> Run | Path:
     mem = memory_plan(cfg, model_shape(cfg.model), acc.device.type, available_bytes(),
                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cfg, cap = cfg.replace(gradient_checkpointing=mem.checkpointing, chunk_size=mem.chunk_size), mem.pass_tokens
+    if mem.trim:
+        from_system()  # large buffers come from and go back to the system: no holes in the heap counted at the peak
     model, ref, base_dir = build_model(cfg, acc)
     start_step = start_tokens = 0
     if resume_from is not None:
@@ -284,7 +296,7 @@ def read_data(cfg: TrainConfig) -> tuple:
     prep = prepare_examples(cfg.data, tok, spec, DataSpec.of(cfg))
     if not prep.examples:
         raise UsageError(f"{cfg.data}: no example left to train on ({prep.summary()})")
-    return tok, prep, per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
+    return tok, prep, pack.per_sequence(prep.examples) if cfg.normalize == "sequences" else prep.examples
 
 
 
@@ -306,29 +318,6 @@ def default_output_dir(cfg: TrainConfig, acc) -> str:
     stem = Path(cfg.data.removeprefix("hf:").split(":")[0]).name.split(".")[0] or "data"
     name = [str(Path("runs") / f"{stem}-{cfg.loss}-{time.strftime('%Y%m%d-%H%M%S')}")]
     return broadcast_object_list(name)[0] if acc.num_processes > 1 else name[0]
-
-
-def step_normalisers(examples, normalize: str) -> list[float]:
-    """Each example's share of W, the divisor of an optimizer step's Σw·nll (W = the sum over the step's examples):
-    Σw over its predicted tokens 1..n-1 (tokens; sequences after per_sequence: 1), or, for nonzero, the number of
-    those tokens with w > 0. float32 weights, as collate makes them; summed exactly (fsum), example by example."""
-    import numpy as np
-
-    w32, bounds = examples.weights.astype(np.float32, copy=False), examples.bounds.tolist()
-    if normalize == "nonzero":
-        return [float(np.count_nonzero(w32[a + 1:b])) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [math.fsum(w32[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def per_sequence(examples):
-    """--normalize sequences: each example's weights rescaled to sum to 1 (over the predicted tokens 1..n-1)."""
-    import numpy as np
-
-    w, bounds = examples.weights, examples.bounds.tolist()
-    sums = np.array([w[a + 1:b].sum() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.float64)
-    return examples.with_weights(w / np.repeat(sums, examples.lengths))
-
-
 
 
 def stats_extra(cfg: TrainConfig, examples, first: list, prec, acc, objective, sched: Schedule, evals: dict) -> dict:
@@ -357,6 +346,7 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
     tokens, best, t_start = run.start_tokens, None, time.perf_counter()  # best: --keep-best's lowest loss so far
     last_save = t_start  # --save-every-minutes counts from here
     clock = clock or Clock()
+    direct = run.head_grad_direct
     if run.start_step == 0 and run.eval_sets:
         with clock.phase("train_eval"):
             best = track.evaluate(run, 0, best)
@@ -373,9 +363,10 @@ def fit(run: Run, batches_of=None, clock: Clock | None = None) -> int:
         for j, (idx, keep) in enumerate(passes):  # keep 0: a stand-in pass, zero loss
             batch = run.collate(idx)
             with gradient_sync(acc, obj, sync=j == len(passes) - 1):
+                scale = keep * world / W  # d loss / d Σw·nll: the head adds its weight's share at once if direct
                 nll, kl, sums = obj(*batch_args(batch), classes=batch.classes if cfg.log_class_losses else None,
-                                    kl=cfg.kl_coef > 0)
-                acc.backward((nll + cfg.kl_coef * kl) * (keep * world / W))
+                                    kl=cfg.kl_coef > 0, head_grad=scale if direct else None)
+                acc.backward((nll + cfg.kl_coef * kl) * scale)
             if run.memory is not None and run.memory.trim:
                 release()  # the pass's activations, freed: not held while the next pass runs
             dev += torch.stack([nll.detach(), kl.detach()]).double() * keep
