@@ -140,8 +140,8 @@ def plan(cfg, shape: Shape | None, device: str, available: int, processes: int =
     each improvement instead: ~0.5 GB for SmolLM2-135M), the loss chunk (LOW_CHUNK), activations (gradient
     checkpointing: 20-35% slower steps there), then tokens per pass (down to one row of max_length; only with
     --micro-batch-tokens auto), and gives freed memory back: after every pass (release), and buffers of a MiB or more
-    at once (from_system). In one fp32 process the loss head also adds its weight's gradient straight into .grad
-    (imtune.train.loop.Run.head_grad_direct). Measured on issue 27's compare (SmolLM2-135M, fp32, passes of 512
+    at once (from_system). (In one fp32 process every run's loss head adds its weight's gradient straight into
+    .grad: imtune.train.loop.Run.head_grad_direct.) Measured on issue 27's compare (SmolLM2-135M, fp32, passes of 512
     tokens, BENCHMARKS.md): peak RSS 5.0 → 2.7 GiB of the process, at ~25% more wall time."""
     cap = pass_tokens(cfg.micro_batch_tokens, shape, cfg.max_length, device, cfg.gradient_checkpointing)
 

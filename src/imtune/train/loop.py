@@ -161,10 +161,11 @@ class Run:
     @property
     def head_grad_direct(self) -> bool:
         """Whether the loss head adds its weight's gradient straight into .grad (imtune.model.loss.weighted_nll's
-        head_grad): in a run planned for less memory, in one process (no DDP hook or shard expects that gradient
-        from autograd), in fp32 (the gradient matmul in the weight's own dtype), with the head trained."""
-        return (self.memory is not None and self.memory.trim and self.acc.num_processes == 1
-                and self.precision.used == "fp32" and lm_head(self.model)[0].requires_grad)
+        head_grad; one head-sized buffer less at the peak of every pass): in one process without FSDP or DeepSpeed
+        (no DDP hook, shard or engine expects that gradient from autograd), in fp32 (the gradient matmul in the
+        weight's own dtype), with the head trained."""
+        return (self.acc.num_processes == 1 and not saving.sharded(self.acc) and self.precision.used == "fp32"
+                and lm_head(self.model)[0].requires_grad)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The micro-batches of `epoch` (lists of example indices; a function of seed and epoch)."""
