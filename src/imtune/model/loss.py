@@ -109,8 +109,8 @@ class _WeightedNLL(torch.autograd.Function):
                         gw.add_(torch.mm(d.t(), hc), alpha=alpha)
                 if gb is not None:
                     gb += d.sum(0)
-        ctx.grads = (gh, None if head_grad is not None else gw, gb)  # not saved tensors: backward scales them in
-        # place and hands them on
+        # Kept on ctx, not saved tensors: backward scales them in place and hands them on (gw: unless already in .grad)
+        ctx.grads = (gh, None if head_grad is not None else gw, gb)
         ctx.mark_non_differentiable(nll)
         return (nll * w).sum(), nll
 
