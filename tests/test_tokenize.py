@@ -26,10 +26,10 @@ def test_starts_from_bytes_equal_the_offsets_of_the_default_tokenizer(tok):
     assert lengths[2] == 0 and len(starts) == int(lengths.sum())
 
 
-def _byte_level(normalizer=None, prefix_space=False, added=()) -> PreTrainedTokenizerFast:
+def _byte_level(normalizer=None, prefix_space=False, added=(), extra=()) -> PreTrainedTokenizerFast:
     """A small byte-level BPE (no merges: one token a byte) like SmolLM2's, with what would break byte starts."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    t = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet()) + list(extra)
+    t = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=True)
     t.decoder = decoders.ByteLevel()
     t.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
@@ -39,10 +39,11 @@ def _byte_level(normalizer=None, prefix_space=False, added=()) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=t)
 
 
-@pytest.mark.parametrize("case", ["plain", "normalizer", "prefix space", "stripping added token"])
+@pytest.mark.parametrize("case", ["plain", "normalizer", "prefix space", "stripping added token", "wider vocabulary"])
 def test_where_bytes_would_not_give_the_offsets_the_offsets_are_read(case):
     tok = _byte_level(normalizers.NFKC() if case == "normalizer" else None, case == "prefix space",
-                      [AddedToken("<sep>", lstrip=True, special=True)] if case == "stripping added token" else [])
+                      [AddedToken("<sep>", lstrip=True, special=True)] if case == "stripping added token" else [],
+                      ["中"] if case == "wider vocabulary" else [])  # a character the byte alphabet lacks
     texts = ["a b <sep> ü 😀", "x"]
     ids, starts, lengths = _tokens(texts, tok)
     assert np.array_equal(starts, _offset_starts(texts, tok))  # whichever way they were found

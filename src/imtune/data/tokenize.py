@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
+from tokenizers import pre_tokenizers
 
 from imtune.types import CLASS_ID, OUTPUT, DataError, Problem, Rendered, UsageError
 
@@ -313,6 +314,7 @@ def _byte_starts(texts: list[str], input_ids: np.ndarray, lengths: np.ndarray, t
     return char_of[csum[:-1]] - np.repeat(base, lengths)
 
 
+_BYTE_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that stand for one byte each
 _BYTE_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _byte_lengths' table
 
 
@@ -327,11 +329,14 @@ def _byte_lengths(tokenizer) -> np.ndarray | None:
         pass
     bk = getattr(tokenizer, "backend_tokenizer", None)
     kind = lambda part: type(part).__name__ if part is not None else None  # noqa: E731
-    table = None
+    table = vocab = None
     if (bk is not None and kind(bk.normalizer) is None and kind(bk.pre_tokenizer) == "ByteLevel"
             and kind(bk.model) == "BPE" and kind(bk.post_processor) in (None, "TemplateProcessing")
             and not getattr(bk.pre_tokenizer, "add_prefix_space", True)):
         vocab, added = bk.get_vocab(with_added_tokens=False), bk.get_added_tokens_decoder()
+        if not set("".join(vocab)) <= _BYTE_ALPHABET:  # a vocabulary character that is not one byte: not such a BPE
+            vocab = None
+    if vocab:
         table = np.zeros(max([*vocab.values(), *added, -1]) + 1, dtype=np.int64)
         table[np.fromiter(vocab.values(), np.int64, len(vocab))] = np.fromiter(map(len, vocab), np.int64, len(vocab))
         for i, tok in added.items():
