@@ -38,9 +38,9 @@ def seen(monkeypatch):
     longest = [0]
     real = tokenize._batch_encode
 
-    def spy(texts, tokenizer):
+    def spy(texts, tokenizer, **kw):
         longest[0] = max([longest[0], *map(len, texts)])
-        return real(texts, tokenizer)
+        return real(texts, tokenizer, **kw)
 
     monkeypatch.setattr(tokenize, "_batch_encode", spy)
     return longest
@@ -248,9 +248,9 @@ def test_only_one_chunk_of_rendered_texts_is_alive_while_tokenizing(tok, tmp_pat
     monkeypatch.setattr(tokenize, "ENCODE_CHUNK", 5)
     alive, real = [], tokenize._batch_encode
 
-    def spy(texts, tokenizer):
+    def spy(texts, tokenizer, **kw):
         alive.append(_live_rendered(data))
-        return real(texts, tokenizer)
+        return real(texts, tokenizer, **kw)
 
     monkeypatch.setattr(tokenize, "_batch_encode", spy)
     chunked = prepare_examples(data, tok, loss_spec("im"), cache=False)

@@ -37,7 +37,9 @@ Bad = validate.Bad
 def alternatives(fields: dict, canonical: str) -> tuple[str, ...]:
     """The record keys canonical field `canonical` is read from, in order: `fields[canonical]` as a list or an
     `a|b` string of alternatives, a single key, or (not mapped) the canonical name itself."""
-    value = fields.get(canonical, canonical)
+    if canonical not in fields:  # not mapped (the common case: asked for every field of every message)
+        return (canonical,)
+    value = fields[canonical]
     return _alternatives(value if isinstance(value, str) else tuple(value), canonical)
 
 
@@ -50,6 +52,8 @@ def _alternatives(value: str | tuple, canonical: str) -> tuple[str, ...]:  # ask
 def key_in(fields: dict, canonical: str, obj) -> str:
     """The key `canonical` is read from in `obj`: the first alternative it has (else the first alternative)."""
     keys = alternatives(fields, canonical)
+    if len(keys) == 1:
+        return keys[0]
     return next((k for k in keys if isinstance(obj, dict) and k in obj), keys[0])
 
 

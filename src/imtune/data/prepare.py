@@ -105,7 +105,12 @@ def chars_per_token(tokenizer) -> int:
     hit = _CPT.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
-    longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+    bk = getattr(tokenizer, "backend_tokenizer", None)
+    if bk is not None:  # the vocabulary without a fresh copy (tokenize reads the same one), plus the added tokens
+        texts = [*tokenize.model_vocabulary(tokenizer), *(t.content for t in bk.get_added_tokens_decoder().values())]
+    else:
+        texts = list(tokenizer.get_vocab())
+    longest = max(map(len, texts), default=16)
     bound = 2 * max(longest, 8)
     _CPT[id(tokenizer)] = (tokenizer, bound)
     return bound
@@ -115,7 +120,7 @@ def fit_before_tokenizing(rendered: list[Rendered], tokenizer, max_length: int |
                           truncation: str) -> tuple[list[Rendered], list[Problem]]:
     """Drop (or, with truncation "truncate", cut) the texts too long to ever fit max_length tokens, before the
     tokenizer sees them. Returns the texts to tokenize and one Problem per dropped record."""
-    per = chars_per_token(tokenizer)
+    per = chars_per_token(tokenizer) if max_length else 0
     limit = max_length * per if max_length else MAX_CHARS
     if all(len(r.text) <= limit for r in rendered):
         return rendered, []

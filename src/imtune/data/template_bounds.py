@@ -192,11 +192,22 @@ def _template_line(e: BaseException) -> int | None:
     return line
 
 
+def reference_environment() -> jinja2.Environment:
+    """The environment transformers compiles chat templates in (its extensions, filters and globals), made once."""
+    global _reference
+    if _reference is None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        _reference = _compile_jinja_template("").environment  # not a real template: its constant folding is unbounded
+    return _reference
+
+
+_reference = None
+
+
 def compile_bounded(jinja: str) -> BoundedTemplate:
     """`jinja` compiled as transformers compiles chat templates (same extensions, filters and globals), bounded."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    ref = _compile_jinja_template("").environment  # not `jinja`: its constant folding is unbounded
+    ref = reference_environment()
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
                              extensions=[type(ext) for ext in ref.extensions.values()])
     for name, f in ref.filters.items():

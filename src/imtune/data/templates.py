@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imtune.data.template_bounds import TemplateLimit, compile_bounded
+from imtune.data.template_verbatim import contents_verbatim
 from imtune.types import Conversation, Message, Rendered, Span, UsageError
 
 # Bounds on one render of a Jinja template (templates are untrusted code: see imtune.data.template_bounds).
@@ -182,6 +183,7 @@ class Renderer:
         self.name = name
         self._compiled = None
         self._skeletons: dict[tuple[str, ...], str] = {}  # roles -> the template rendered around sentinels
+        self._verbatim: bool | None = None  # contents_verbatim(self.jinja), found when first needed
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         specials |= {t.content if hasattr(t, "content") else str(t)
                      for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
@@ -193,7 +195,7 @@ class Renderer:
         if self.system_prompt != "default" and (self.injected is not None or self.system_prompt != "none"):
             # the template saved with a run (and used to serve it) makes the same choice for requests without one
             self.jinja = _system_wrapper(self.system_message()) + self.jinja
-            self._compiled, self._skeletons = None, {}
+            self._compiled, self._skeletons, self._verbatim = None, {}, None
 
     def _bound(self, builtin: Builtin) -> str:
         """A built-in's Jinja with this tokenizer's BOS text written in."""
@@ -220,11 +222,15 @@ class Renderer:
         around sentinels (the skeleton, which a template that does not look at contents renders alike for every
         conversation with the same roles: it is kept per role sequence). The text must equal the skeleton with the
         contents put back, or nothing is assumed: a kept skeleton that does not fit is rendered again, and a fresh one
-        that does not fit is an error."""
+        that does not fit is an error. Where the template provably puts contents in verbatim and reads them for
+        nothing else (template_verbatim), the real render is skipped: the text is the skeleton with the contents."""
         msgs = conv.messages
         roles = tuple(m.role for m in msgs)
+        if self._verbatim is None:
+            self._verbatim = contents_verbatim(self.jinja)
         try:
-            real = self._render_jinja([{"role": m.role, "content": m.content} for m in msgs], False)
+            real = (None if self._verbatim else
+                    self._render_jinja([{"role": m.role, "content": m.content} for m in msgs], False))
             kept = self._skeletons.get(roles)
             found = self._spans(kept, real, conv) if kept is not None else None
             if found is None:
@@ -246,9 +252,9 @@ class Renderer:
                              "inserts content verbatim")
         return found
 
-    def _spans(self, skeleton: str, real: str, conv: Conversation) -> tuple[str, list[Span]] | None:
+    def _spans(self, skeleton: str, real: str | None, conv: Conversation) -> tuple[str, list[Span]] | None:
         """(text, spans) when `real` is `skeleton` with each message's content (stripped or not) in place of its
-        sentinel; None when it is not."""
+        sentinel (real None: the template is known to put them in unchanged); None when it is not."""
         msgs = conv.messages
         # Split the skeleton at the sentinels: pieces[k] is template text, order[k] the message after it.
         pieces, order, rest = [], [], skeleton
@@ -267,7 +273,7 @@ class Renderer:
         for strip in (False, True):
             contents = [msgs[i].content.strip() if strip else msgs[i].content for i in order]
             text = pieces[0] + "".join(c + p for c, p in zip(contents, pieces[1:]))
-            if text == real:
+            if real is None or text == real:
                 break
         else:
             return None
