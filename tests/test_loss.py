@@ -79,6 +79,27 @@ def test_head_grad_puts_the_head_gradient_straight_into_grad(first):
     torch.testing.assert_close(hidden.grad, g_h)
 
 
+@pytest.mark.parametrize("head_grad", [None, 0.37, 0.0])  # through autograd, straight into .grad, a stand-in pass
+@pytest.mark.parametrize("weighted", [True, False])  # positions to score, or none at all
+def test_a_fresh_head_gradient_is_written_not_added_to_garbage(monkeypatch, head_grad, weighted):
+    """The head's gradient buffer is allocated without zeros and written by the first chunk: whatever the fresh
+    memory holds (NaN here) never reaches the gradient, also when no chunk writes it (no position, factor 0)."""
+    hidden, W, _, labels, weights, _ = _data(5)
+    weights = weights if weighted else torch.zeros(B, T)
+    ref = L.weighted_nll(hidden, W, labels, weights, chunk_size=4).nll_sum * (head_grad if head_grad is not None else 1)
+    g_w, = torch.autograd.grad(ref, [W], allow_unused=True)
+    g_w = torch.zeros_like(W) if g_w is None else g_w
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **k: real(t, **k).fill_(float("nan")))
+    W.grad = None
+    out = L.weighted_nll(hidden, W, labels, weights, chunk_size=4, head_grad=head_grad)
+    (out.nll_sum * (head_grad if head_grad is not None else 1)).backward()
+    if not weighted and head_grad is None:
+        assert W.grad is None or not W.grad.any()  # nothing to score: no gradient, or zeros
+    else:
+        torch.testing.assert_close(W.grad, g_w)
+
+
 def test_all_zero_weights_give_zero_and_backward_works():
     hidden, W, _, labels, _, _ = _data()
     got = L.weighted_nll(hidden, W, labels, torch.zeros(B, T), chunk_size=4)

@@ -291,3 +291,18 @@ def test_chunks_give_the_same_examples_reports_and_refusals(tok, tmp_path, monke
                for f in ("input_ids", "weights", "classes", "bounds", "truncated"))
     assert chunked.examples.sources == whole.examples.sources
     assert chunked.report.as_dict() == whole.report.as_dict() and chunked.summary() == whole.summary()
+
+
+def test_the_system_prompts_share_is_of_the_examples_kept(tok, tmp_path):
+    """The template's default system prompt goes into every record without one; its share of the tokens counts
+    those of the examples kept only (records dropped as too long have no tokens in the total)."""
+    import json
+
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (long, short, long)))
+    prep = prepare_examples(str(data), tok, loss_spec("it"), cache=False, max_length=64)
+    note = prep.system_note()
+    assert len(prep.examples) == 1 and note["examples"] == 3
+    assert note["share"] == pytest.approx(note["tokens_each"] / len(prep.examples[0].input_ids))

@@ -48,11 +48,12 @@ class Prepared:
     understood: Understood | None = None  # how the file was read (None for conversations given in code)
     records_loaded: int = 0  # len(conversations) before release()
     without_system: int = 0  # records loaded with no system message of their own (for system_note)
+    kept_without_system: int | None = None  # of them, examples kept (the tokens the share is of)
 
     def system_note(self) -> dict:
         """The system prompt the template adds (or --system-prompt sets), and its share of the tokens."""
         return self.renderer.system_note_counts(self.without_system, self.records_loaded,
-                                                int(self.examples.bounds[-1]))
+                                                int(self.examples.bounds[-1]), self.kept_without_system)
 
     def release(self, keep=()) -> list[Conversation]:
         """The conversations of examples[k] for k in `keep` (in that order); all the conversations are let go
@@ -222,8 +223,14 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     report.dropped_unfit, report.n_in = done.unfit, report.n_in + len(done.unfit)
     status = done.cache
     del done  # the Encoded arrays (6 bytes a token): the examples own what they need
-    without_system = sum(1 for c in convs if not c.messages or c.messages[0].role != "system")
-    return Prepared(examples, report, renderer, convs, skipped, status, understood, len(convs), without_system)
+    without = kept_without = j = 0  # examples keep the records' order: one walk finds which were kept
+    sources = examples.sources
+    for c in convs:
+        kept = j < len(sources) and sources[j] == c.source
+        j += kept
+        if not c.messages or c.messages[0].role != "system":
+            without, kept_without = without + 1, kept_without + kept
+    return Prepared(examples, report, renderer, convs, skipped, status, understood, len(convs), without, kept_without)
 
 
 def fingerprint(examples) -> str:

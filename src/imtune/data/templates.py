@@ -354,9 +354,9 @@ class Renderer:
         n = sum(1 for c in conversations if not c.messages or c.messages[0].role != "system")
         return self.system_note_counts(n, len(conversations), total_tokens)
 
-    def system_note_counts(self, n: int, n_conversations: int, total_tokens: int) -> dict:
+    def system_note_counts(self, n: int, n_conversations: int, total_tokens: int, n_counted: int | None = None) -> dict:
         """system_note from counts (a stream measures them as it goes): `n` of `n_conversations` have no system
-        message of their own."""
+        message of their own; `n_counted` of them are among the examples `total_tokens` counts (default: all n)."""
         if self.system_prompt in ("default", "none") and self.injected is None:
             line = f"system prompt: none added (template {self.name} injects none; records' own system messages kept)"
             return {"mode": self.system_prompt, "text": None, "examples": 0, "tokens_each": 0, "share": 0.0,
@@ -364,7 +364,7 @@ class Renderer:
         content = self.injected if self.system_prompt == "default" else self.system_message()
         before, after = self._system_turn or ("", "")
         each = len(self.tokenizer(before + content + after, add_special_tokens=False).input_ids)
-        share = n * each / total_tokens if total_tokens else 0.0
+        share = (n if n_counted is None else n_counted) * each / total_tokens if total_tokens else 0.0
         cost = f"{each} tokens each with its markers, {share:.1%} of all tokens"
         if self.system_prompt == "default":
             line = (f"system prompt: template {self.name} adds its default system prompt {content!r} to {n:,} of "

@@ -86,12 +86,14 @@ class _WeightedNLL(torch.autograd.Function):
     def forward(ctx, h, weight, bias, y, w, chunk_size, head_grad):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
+        # blank: gw is a fresh buffer, written (not added to) by the first chunk: no pass of zeros over 113 MB a step
         if need_w and head_grad is not None:  # straight into weight.grad, × the factor backward will bring
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
+            blank = weight.grad is None
+            if blank:
+                weight.grad = torch.empty_like(weight)
             gw, alpha = weight.grad, head_grad
         else:
-            gw, alpha = (torch.zeros_like(weight) if need_w else None), 1.0
+            gw, alpha, blank = (torch.empty_like(weight) if need_w else None), 1.0, need_w
         gb = torch.zeros_like(bias) if need_b else None
         nll = torch.empty(len(y), dtype=torch.float32, device=h.device)
         for s in range(0, len(y), chunk_size):
@@ -104,11 +106,16 @@ class _WeightedNLL(torch.autograd.Function):
                 if gw is not None and alpha:
                     hc = h[s:e].to(d.dtype)
                     if gw.dtype == d.dtype:
-                        gw.addmm_(d.t(), hc, alpha=alpha)
+                        gw.addmm_(d.t(), hc, beta=0 if blank else 1, alpha=alpha)  # beta 0: gw is not read
+                    elif blank:
+                        torch.mul(torch.mm(d.t(), hc), alpha, out=gw)
                     else:
                         gw.add_(torch.mm(d.t(), hc), alpha=alpha)
+                    blank = False
                 if gb is not None:
                     gb += d.sum(0)
+        if blank:  # no position, or a stand-in pass (alpha 0): nothing was written
+            gw.zero_()
         # Kept on ctx, not saved tensors: backward scales them in place and hands them on (gw: unless already in .grad)
         ctx.grads = (gh, None if head_grad is not None else gw, gb)
         ctx.mark_non_differentiable(nll)
