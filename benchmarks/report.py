@@ -374,37 +374,46 @@ def _analysis(r: dict) -> str:
     worst = min(S(p["speedup_vs_trl_assistant"]).median, S(p["speedup_vs_trl_completion"]).median) if p else 3
     if worst < 3:
         L.append(f"- **Preparation vs TRL (assistant-only {S(p['speedup_vs_trl_assistant']).median:.2f}×, "
-                 f"completion-only {S(p['speedup_vs_trl_completion']).median:.2f}×; goal 3× on both).** imtune's cost "
-                 "is the tokenizer's batched call plus ~0.25 CPU-s of Python (load 0.02, render 0.06, offsets → arrays "
-                 "0.12, weights and example objects 0.08, measured by CPU time); TRL's is one tokenizer call per "
-                 f"example on one core plus datasets.map. Here TRL took {S(p['trl_over_tokenizer']).median:.1f}× the "
-                 "tokenizer's time, so 3× TRL needs imtune within "
-                 f"{S(p['trl_over_tokenizer']).median / 3:.2f}× of the tokenizer alone. The ratio depends on whether "
-                 "the batched call gets both cores: under load it loses its parallel advantage. To close it: less "
-                 "Python per token — assign classes inside the Rust tokenizer (a post-processor that maps offsets to "
-                 "span classes, so offsets never become Python tuples: −0.12 s) and build examples lazily from the "
-                 "arrays (−0.08 s).")
+                 f"completion-only {S(p['speedup_vs_trl_completion']).median:.2f}×; goal 3× on both).** Here TRL "
+                 f"took {S(p['trl_over_tokenizer']).median:.1f}× the tokenizer's time, so 3× TRL needs imtune within "
+                 f"{S(p['trl_over_tokenizer']).median / 3:.2f}× of the tokenizer alone; what imtune adds to the "
+                 "tokenizer is in the next point.")
     if p and S(p["imtune_over_tokenizer"]).median > 1.15:
         L.append(f"- **Preparation vs the tokenizer alone ({S(p['imtune_over_tokenizer']).median:.2f}×, limit "
-                 "1.15×).** The same ~0.25 CPU-s of Python runs on one core after the tokenizer has used both; on a "
-                 "quiet machine that is ~45% of the tokenizer's wall time. Overlapping it with the tokenizer did not "
-                 "pay on this busy machine (above); the Rust-side class assignment would remove most of it.")
+                 "1.15×).** The Rust tokenizer's batched encode is ~94% of the tokenizer call the goal divides by "
+                 "(backend 0.63 – 0.65 s of 0.68 s, LIMA, 2026-12-07 fifth session) and keeps both cores busy "
+                 "(1.3 CPU-s in 0.65 s), so 1.15× leaves ~0.10 s for everything imtune does besides: reading and "
+                 "validating 1030 JSON records (0.054 s), the chat template (0.025 s, once per role sequence where "
+                 "template_verbatim proves contents go in verbatim), the vocabulary of a fresh tokenizer (0.026 s) "
+                 "and its byte-length table (0.01 s), ids into arrays (0.035 s), token starts from byte lengths "
+                 "(0.026 s) and span classes (0.041 s): ~0.22 s, single-threaded (stage timings, best of 4). "
+                 "Overlapping it with the tokenizer gains nothing while the tokenizer holds both cores (tried, "
+                 "above); what would close it is class assignment inside the Rust tokenizer (a custom "
+                 "post-processor) and a numpy view of the ids (the tokenizers library gives Python lists).")
+    step = r.get("step")
     for t in trains:
         if t["params"] > 1e8 and t["share"].median < 0.8:
-            L.append(f"- **FLOP share, `{t['w']['model']}` ({100 * t['share'].median:.0f}% of the {t['precision']} "
-                     "matmul peak, goal 80%).** Where a step's time goes, measured by sampling (py-spy, 25 Hz) the"
-                     " training steps of `make demo` (SmolLM2-135M, fp32, one ~123-token example per step, 96 "
-                     "steps, 226 s; 2026-12-02, AMD EPYC, 2 cores): backward 46%, forward linear layers 16%, the "
-                     "loss head 15% (logits, softmax and its gradient at the weighted positions, plus the logging-"
-                     "only pass over unweighted instruction positions), fused AdamW 10%, gradient-norm clipping "
-                     "6%, RMSNorm/SiLU/rotary 3.5%, attention 1.4%, Python around the loop ~2%. The matrix "
-                     "products of this model are small (hidden 576, intermediate 1536): at those shapes one fp32 "
-                     "`torch.mm` reaches ~100 GFLOP/s here against 76–129 for 2048³ (the peak used), and a no-grad"
-                     " forward of 12 examples batched was only 1.2× faster per example than one at a time. What "
-                     "would close it: larger products per step (more rows per micro-batch), fewer memory-bound "
-                     "passes (AdamW, clipping and the softmax passes fused or compiled; `--compile` costs minutes "
-                     "of compilation on 2 cores), and bf16 where the CPU has fast bf16 (not this one: bf16 matmul "
-                     "~1 GFLOP/s).")
+            if step:
+                sh = step["shares"]
+                L.append(f"- **FLOP share, `{t['w']['model']}` ({100 * t['share'].median:.0f}% of the "
+                         f"{t['precision']} matmul peak, goal 80%).** Where a step's time goes "
+                         f"(`benchmarks/bench_step_profile.py`, torch.profiler over steps 2–7 of `imtune train`, "
+                         f"{step['tokens_per_step']} tokens a step, this run): matrix products "
+                         f"{100 * sh['matmul']:.0f}%, attention (SDPA's CPU flash kernel, forward and backward) "
+                         f"{100 * sh['attention']:.1f}%, fused AdamW {100 * sh['optimizer']:.1f}%, clipping's norms "
+                         f"{100 * sh['clipping norms']:.1f}%, everything else (elementwise passes: RMSNorm, SiLU, "
+                         f"rotary, softmax of the loss head, residual adds, copies) {100 * sh['the rest']:.1f}%. "
+                         f"This model's own products at that size, timed alone, run at {step['gflops']:.0f} GFLOP/s, "
+                         f"{100 * step['products_over_peak']:.0f}% of the 2048³ peak ({step['peak_2048_gflops']:.0f})."
+                         f" So the step reaches at most ~{100 * step['share_bound']:.0f}% (products' share × their "
+                         "rate; attention's FLOPs add a little), and 80% needs the products at ≥ "
+                         f"{80 / step['products_over_peak']:.0f}% of the step: the non-matmul passes cut by about "
+                         "a quarter. What would do it: attention and the elementwise passes fused (`--compile`: "
+                         "+2–5% here after an 11 s first step, above), more tokens a step (the fixed AdamW and "
+                         "clipping costs shrink per token), or bf16 where the CPU has fast bf16 (not this one).")
+            else:
+                L.append(f"- **FLOP share, `{t['w']['model']}` ({100 * t['share'].median:.0f}% of the "
+                         f"{t['precision']} matmul peak, goal 80%)**: the `step` part of this run was not run.")
     gpu = _gpu_figures()
     if gpu and gpu["best_mfu"] < 0.45:
         L.append(f"- **GPU MFU ({100 * gpu['best_mfu']:.1f}% of the bf16 spec, goal 45%).** The best setting "

@@ -96,8 +96,9 @@ def _sweep() -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one repeat, the small model only (a smoke test)")
-    p.add_argument("--only", default="prep,train,memory,loss,demo",
-                   help="comma-separated parts: prep, train, memory, loss, demo (make demo's work, timed); "
+    p.add_argument("--only", default="prep,train,memory,step,loss,demo",
+                   help="comma-separated parts: prep, train, memory, step (where a 135M step's time goes), loss, "
+                        "demo (make demo's work, timed); "
                         "and trl_settings, not run by default: "
                         "TRL's CPU configurations against imtune, written to benchmarks/trl_settings.json and "
                         "shown in BENCHMARKS.md by later runs")
@@ -129,6 +130,9 @@ def main() -> None:
         SWEEP.write_text(json.dumps(sweep, indent=1))
         if parts == {"trl_settings"}:
             return
+    if "step" in parts:
+        log("where a 135M training step's time goes (torch.profiler) and its products' own rate")
+        res["step"] = run_child("bench_step_profile.py", {}, timeout=900)
     if "loss" in parts:
         log("loss head and optimizer micro-benchmarks")
         res["loss"] = run_child("bench_loss.py", {"threads": THREADS, "repeats": repeats})
