@@ -22,7 +22,9 @@ _ORIGINAL: dict = {}
 
 # -- before: the checkpointed chunked loss (a8a5635) ------------------------------------------------------------
 def before_weighted_nll(hidden, lm_head_weight, labels, weights, chunk_size: int = 1024, classes=None,
-                        lm_head_bias=None):
+                        lm_head_bias=None, head_grad=None):
+    """The loss head as it was (head_grad did not exist: the head's gradient goes through autograd, which is as
+    correct, with a [V, H] buffer held to the end of backward)."""
     import torch
 
     from imtune.model import loss as L
