@@ -224,9 +224,11 @@ def prepare_examples(data: str | list[Conversation], tokenizer, spec: LossSpec, 
     status = done.cache
     del done  # the Encoded arrays (6 bytes a token): the examples own what they need
     without = kept_without = j = 0  # examples keep the records' order: one walk finds which were kept
-    sources = examples.sources
+    src = examples.sources
+    path_no = {p: i for i, p in enumerate(src.paths)}
+    kept_at = list(zip(src.path_of.tolist(), src.lines.tolist(), src.indices.tolist()))  # no Where made per example
     for c in convs:
-        kept = j < len(sources) and sources[j] == c.source
+        kept = j < len(kept_at) and kept_at[j] == (path_no.get(c.source.path, -1), c.source.line, c.source.index)
         j += kept
         if not c.messages or c.messages[0].role != "system":
             without, kept_without = without + 1, kept_without + kept

@@ -15,7 +15,7 @@ contents put back, by construction. It says True only when all of these hold, el
   content; no name `messages` or loop variable is assigned; `loop` is read only for its counters and flags
   (`loop.nextitem`/`previtem` would reach another message);
 - nothing in the template varies between renders (`strftime_now`, `lipsum`, `|random`) and no autoescape block.
-tests/test_templates.py checks each refusal, and that texts are unchanged where it holds.
+tests/test_template_verbatim.py checks each refusal, and that texts are unchanged where it holds.
 """
 from __future__ import annotations
 
