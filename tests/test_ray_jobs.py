@@ -50,7 +50,7 @@ def test_a_sweep_on_ray_survives_a_killed_run_and_ends_where_the_sequential_one_
     equal, every run's weights bit-identical."""
     data = _data(tmp_path / "d.jsonl", 40)
     out = tmp_path / "ray"
-    cmd = [sys.executable, "-m", "imtune.cli", *_argv(data, out, steps=300), "--executor", "ray"]
+    cmd = [sys.executable, "-m", "imtune.cli", *_argv(data, out, steps=100), "--executor", "ray"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim, deadline = None, time.time() + 300
@@ -76,7 +76,7 @@ def test_a_sweep_on_ray_survives_a_killed_run_and_ends_where_the_sequential_one_
     assert again.stderr.count("already trained") == 3 and again.stderr.count("submitted to Ray") == 1
     assert (victim / "train.log").read_text().count("final model:") == 1  # the task's output went to its log
 
-    assert main(_argv(data, tmp_path / "seq", steps=300)) == 0
+    assert main(_argv(data, tmp_path / "seq", steps=100)) == 0
     capsys.readouterr()
     for arm in ("weighted-0", "weighted-1"):
         for seed in (0, 1):
