@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 from imtune.data import tokenize
@@ -34,7 +35,7 @@ from imtune.data.validate import MAX_CHARS
 from imtune.data.weights import LossSpec, TokenizeReport, check_truncation, weigh
 from imtune.types import Conversation, Examples, Problem, Rendered, Span, Where
 
-_CPT: dict[int, tuple[object, int]] = {}  # id(tokenizer) -> (tokenizer, chars per token bound)
+_CPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> chars_per_token's bound
 
 
 @dataclass
@@ -102,19 +103,18 @@ def _load(data, format, fields, on_invalid, limit, roles) -> tuple[list[Conversa
 
 def chars_per_token(tokenizer) -> int:
     """An upper bound on the characters one token covers: twice the longest vocabulary entry (a byte-level entry has
-    one character per byte, so it covers at most that many characters; the factor 2 leaves room for normalizers)."""
-    hit = _CPT.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
+    one character per byte, so it covers at most that many characters; the factor 2 leaves room for normalizers).
+    Found once per tokenizer object."""
+    return tokenize.once_per_tokenizer(_CPT, tokenizer, _chars_per_token)
+
+
+def _chars_per_token(tokenizer) -> int:
     bk = getattr(tokenizer, "backend_tokenizer", None)
     if bk is not None:  # the vocabulary without a fresh copy (tokenize reads the same one), plus the added tokens
         texts = [*tokenize.model_vocabulary(tokenizer), *(t.content for t in bk.get_added_tokens_decoder().values())]
     else:
         texts = list(tokenizer.get_vocab())
-    longest = max(map(len, texts), default=16)
-    bound = 2 * max(longest, 8)
-    _CPT[id(tokenizer)] = (tokenizer, bound)
-    return bound
+    return 2 * max(max(map(len, texts), default=16), 8)
 
 
 def fit_before_tokenizing(rendered: list[Rendered], tokenizer, max_length: int | None,

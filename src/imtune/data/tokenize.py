@@ -329,10 +329,10 @@ def _byte_lengths(tokenizer) -> np.ndarray | None:
     BPE without a normalizer, with a ByteLevel pre-tokenizer and a post-processor that does not trim offsets (each
     vocabulary character one byte; an added token its content's UTF-8). None for any other tokenizer. Computed once
     per tokenizer object (a token added later has an id past the table: the offsets are read then)."""
-    try:
-        return _BYTE_LENGTHS[tokenizer]
-    except (KeyError, TypeError):
-        pass
+    return once_per_tokenizer(_BYTE_LENGTHS, tokenizer, _byte_length_table)
+
+
+def _byte_length_table(tokenizer) -> np.ndarray | None:
     bk = getattr(tokenizer, "backend_tokenizer", None)
     kind = lambda part: type(part).__name__ if part is not None else None  # noqa: E731
     table = vocab = None
@@ -347,10 +347,6 @@ def _byte_lengths(tokenizer) -> np.ndarray | None:
         table[np.fromiter(vocab.values(), np.int64, len(vocab))] = np.fromiter(map(len, vocab), np.int64, len(vocab))
         for i, tok in added.items():
             table[i] = len(tok.content.encode("utf-8"))
-    try:
-        _BYTE_LENGTHS[tokenizer] = table
-    except TypeError:  # not weakly referable: computed again next time
-        pass
     return table
 
 
@@ -360,16 +356,26 @@ _VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokeni
 def model_vocabulary(tokenizer) -> dict[str, int]:
     """The backend model's vocabulary, token text -> id, without added tokens (asked once per tokenizer object: a
     fresh copy of SmolLM2's 49k entries takes ~25 ms)."""
+    return once_per_tokenizer(_VOCABULARIES, tokenizer, _model_vocabulary)
+
+
+def _model_vocabulary(tokenizer) -> dict[str, int]:
+    return tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+
+
+def once_per_tokenizer(cache: weakref.WeakKeyDictionary, tokenizer, make):
+    """make(tokenizer), computed once per tokenizer object and kept while it lives (computed each time for an object
+    that cannot be weakly referenced)."""
     try:
-        return _VOCABULARIES[tokenizer]
+        return cache[tokenizer]
     except (KeyError, TypeError):
         pass
-    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+    value = make(tokenizer)
     try:
-        _VOCABULARIES[tokenizer] = vocab
+        cache[tokenizer] = value
     except TypeError:
         pass
-    return vocab
+    return value
 
 
 ENCODE_CHUNK = 16384  # texts per tokenizer call: the call's Python ids/offsets lists (~1 KB per text) stay bounded
