@@ -34,6 +34,13 @@ def contents_verbatim(jinja: str) -> bool:
         tree = reference_environment().parse(jinja)
     except Exception:  # a template that does not parse is rendered (and its error reported) the ordinary way
         return False
+    try:
+        return _proved(tree)
+    except RecursionError:  # nested past the stack (a hostile template): rendered, and bounded, the ordinary way
+        return False
+
+
+def _proved(tree: nodes.Template) -> bool:
     loops = [f for f in tree.find_all(nodes.For) if _over_messages(f)]
     watched = {"messages"} | {f.target.name for f in loops}
     targets = {id(f.target) for f in loops}
