@@ -7,15 +7,20 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import child_main  # noqa: E402
+from common import child_main, scratch  # noqa: E402
 
 
 def main(out: str | None = None) -> dict:
-    out = out or os.path.join(tempfile.mkdtemp(prefix="bench-demo-"), "demo")  # new: --fresh deletes only its own
+    if out:
+        return timed(out)
+    with scratch("bench-demo-") as where:  # the demo's ~2.6 GB of runs go once its figures are read
+        return timed(os.path.join(where, "demo"))  # a new folder: --fresh deletes only its own
+
+
+def timed(out: str) -> dict:
     load0 = os.getloadavg()
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "imtune", "demo", "--fresh", "--no-progress", "--out", out],

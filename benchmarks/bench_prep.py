@@ -28,7 +28,7 @@ import tempfile
 import types
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GENERATION_TEMPLATE, LIMA, alternate, child_main, fresh_tokenizer, ratios  # noqa: E402
+from common import GENERATION_TEMPLATE, LIMA, alternate, child_main, fresh_tokenizer, ratios, scratch  # noqa: E402
 
 
 def read_records() -> list[dict]:
@@ -119,10 +119,15 @@ def check_same_work(texts, tok) -> dict:
 
 
 def main(repeats: int = 3) -> dict:
+    with scratch("imtune-bench-cache-") as cache:  # imtune's cache for this run only (imtune-cached reads it)
+        os.environ["IMTUNE_CACHE"] = cache
+        return measure(repeats)
+
+
+def measure(repeats: int) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
-    os.environ["IMTUNE_CACHE"] = tempfile.mkdtemp(prefix="imtune-bench-cache-")
     from imtune.data.prepare import load
     from imtune.data.templates import Renderer
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_peak import matmul_peak  # noqa: E402
 from bench_train import subset  # noqa: E402
-from common import child_main  # noqa: E402
+from common import child_main, scratch  # noqa: E402
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -46,10 +45,10 @@ def profile_steps(model: str, max_length: int, batch: int, steps: int) -> dict:
     for mod in list(sys.modules.values()):  # the trainer imported fit by name
         if getattr(mod, "fit", None) is real_fit:
             mod.fit = fit
-    torch.set_num_threads(torch.get_num_threads())
-    cli.main(["train", "--data", subset(max_length), "--model", model, "--max-length", str(max_length),
-              "--batch-size", str(batch), "--max-steps", str(steps), "--threads", str(torch.get_num_threads()),
-              "--output-dir", tempfile.mkdtemp(prefix="imtune-step-profile-") + "/run", "--no-progress"])
+    with scratch("imtune-step-profile-") as where:  # the run's 0.5 GB final/ goes once it has been profiled
+        cli.main(["train", "--data", subset(max_length), "--model", model, "--max-length", str(max_length),
+                  "--batch-size", str(batch), "--max-steps", str(steps), "--threads", str(torch.get_num_threads()),
+                  "--output-dir", os.path.join(where, "run"), "--no-progress"])
     events = got["events"]
     first_step_end = min(e.time_range.end for e in events if e.name.startswith("Optimizer.step"))
     later = [e for e in events if e.time_range.start > first_step_end]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +163,17 @@ def versions() -> dict:
 
 def load() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+@contextmanager
+def scratch(prefix: str):
+    """A temporary directory this benchmark makes and removes when it is done: its runs write models (a
+    preparation cache with the converted default model ~0.5 GB, the demo ~2.6 GB), which used to stay in /tmp."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_child(script: str, args: dict, timeout: float = 600, env: dict | None = None) -> dict:
